@@ -1,0 +1,429 @@
+//! A stateful fake OAuth 2.0 provider that behaves like PandaDoc's, so that
+//! tokend's integration tests, benchmarks and demo can run against something
+//! faithful to `pandadoc/openapi.json` without the network.
+//!
+//! It serves, over HTTP/1.1 with keep-alive:
+//!
+//! * `GET /oauth2/authorize`: issues single-use codes (optionally PKCE-bound) by
+//!   redirecting to the client's `redirect_uri`, as if the user had consented;
+//! * `POST /oauth2/access_token` (operation `accessToken`): code exchange and
+//!   refresh, with refresh-token rotation and reuse detection;
+//! * `GET /public/v1/members/current` (operation `detailsCurrentMember`): the
+//!   cheap call tokend validates access tokens with;
+//! * JSON control routes for the standalone binary, never faulted, delayed or
+//!   recorded: `GET /_admin/stats` ([`Stats`]), `DELETE /_admin/stats` (what
+//!   [`FakeProvider::reset_stats`] does), `GET /_admin/requests`
+//!   ([`RequestRecord`]s), `GET|PUT /_admin/knobs` ([`Knobs`]),
+//!   `POST /_admin/grants` (`{"client_id":..,"scope":..}`, both optional, to
+//!   a [`MintedGrant`]) and `GET /_admin/grants/{id}` ([`GrantInfo`]).
+//!
+//! Anything else is 404; bodies over 64 KiB get 413. Latency and faults apply
+//! to the token and validate endpoints only.
+//!
+//! Tests drive it as a library: [`FakeProvider::start`] runs it on its own
+//! runtime thread, [`Knobs`] change its behaviour at any moment (token
+//! lifetime, latency, injected [`Fault`]s), and [`Stats`] and
+//! [`RequestRecord`]s say exactly what the client sent, so that a test can
+//! assert "exactly one refresh" or "no refresh token was ever reused".
+//!
+//! # JSON shapes
+//!
+//! [`Knobs`] serialize field by field; missing fields take their defaults, so
+//! `PUT /_admin/knobs` with `{"latency_ms":200}` changes only the latency (from
+//! the defaults, not from the current knobs). A [`Fault`] is internally tagged
+//! by `kind`, in snake_case:
+//!
+//! ```json
+//! {"token_lifetime_secs":31535999,"latency_ms":0,"rotate_refresh_tokens":true,
+//!  "strict_reuse":true,"error_rate_5xx":0.0,
+//!  "fault":{"kind":"too_many_requests","retry_after_secs":5},
+//!  "fault_on":"token","fault_count":2,"deny_authorization":false,"code_lifetime_secs":600}
+//! ```
+//!
+//! `kind` is one of `status500`, `status503`, `too_many_requests`, `garbage`,
+//! `truncated`, `drop`, `hang`, `invalid_client`, `invalid_grant`; `fault_on`
+//! one of `token`, `validate`, `both`.
+//!
+//! # Example
+//!
+//! ```
+//! use tokend_fake_provider::{FakeProvider, Knobs};
+//!
+//! let provider = FakeProvider::start(Knobs::default()).unwrap();
+//! let grant = provider.mint_grant(provider.client_id(), "read+write");
+//! assert!(provider.access_token_valid(&grant.access_token));
+//! assert!(grant.refresh_token.starts_with("frt_"));
+//! ```
+
+mod encoding;
+mod http;
+mod oauth;
+mod sha256;
+mod state;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::Shared;
+
+/// The client every provider registers at start, so tests need no set-up.
+pub const DEFAULT_CLIENT_ID: &str = "tokend-test-client";
+
+/// What the provider does, changeable at any time while it runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Knobs {
+    /// `expires_in` of issued access tokens; PandaDoc's is one year minus a second.
+    /// Short lifetimes let tests watch tokens expire.
+    pub token_lifetime_secs: u64,
+    /// Delay before answering token and validate requests, to model a slow provider.
+    pub latency_ms: u64,
+    /// Every refresh returns a new refresh token and the old one dies (on), or
+    /// the same refresh token stays valid forever (off).
+    pub rotate_refresh_tokens: bool,
+    /// Presenting a rotated-out refresh token, or reusing a code, revokes the
+    /// whole grant, as strict providers do (RFC 6749 §4.1.2, RFC 9700 §4.14).
+    pub strict_reuse: bool,
+    /// Probability (0..1) that a token or validate request gets a 503.
+    pub error_rate_5xx: f64,
+    /// A failure injected on every request to `fault_on` while set.
+    pub fault: Option<Fault>,
+    /// Which endpoints `fault` hits.
+    pub fault_on: FaultTarget,
+    /// `None`: the fault stays until cleared; `Some(n)`: it hits the next `n`
+    /// matching requests, then clears itself (`fault` and `fault_count` become `None`).
+    pub fault_count: Option<u64>,
+    /// The authorize endpoint redirects with `error=access_denied`, as when a
+    /// user clicks "Deny".
+    pub deny_authorization: bool,
+    /// How long an authorization code can be exchanged.
+    pub code_lifetime_secs: u64,
+}
+
+impl Default for Knobs {
+    fn default() -> Self {
+        Knobs {
+            token_lifetime_secs: 31_535_999,
+            latency_ms: 0,
+            rotate_refresh_tokens: true,
+            strict_reuse: true,
+            error_rate_5xx: 0.0,
+            fault: None,
+            fault_on: FaultTarget::Both,
+            fault_count: None,
+            deny_authorization: false,
+            code_lifetime_secs: 600,
+        }
+    }
+}
+
+/// A failure the provider can be told to produce, one per way a real provider
+/// (or the network in front of it) lets a client down.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Fault {
+    /// 500 with an HTML body.
+    Status500,
+    /// 503 with an HTML body.
+    Status503,
+    /// 429 `{"type":"throttled","detail":"Request was throttled."}`, with a
+    /// `Retry-After` header only when `retry_after_secs` is set (PandaDoc does
+    /// not promise one).
+    TooManyRequests {
+        #[serde(default)]
+        retry_after_secs: Option<u64>,
+    },
+    /// 200 `text/html` with a body that is not JSON (a captive portal, a proxy page).
+    Garbage,
+    /// 200 `application/json` whose JSON body is cut off.
+    Truncated,
+    /// The connection is closed without an answer.
+    Drop,
+    /// No answer ever; the connection stays open until the client gives up.
+    Hang,
+    /// 401 `{"error":"invalid_client"}`: the client's credentials were revoked.
+    InvalidClient,
+    /// 400 `{"error":"invalid_grant"}`: the grant died on the provider's side.
+    InvalidGrant,
+}
+
+/// The endpoints a [`Fault`] applies to.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultTarget {
+    /// `POST /oauth2/access_token` only.
+    Token,
+    /// `GET /public/v1/members/current` only.
+    Validate,
+    /// Both.
+    #[default]
+    Both,
+}
+
+/// Counters of what the provider saw, so tests can assert on the client's behaviour.
+/// Requests answered by an injected fault are counted as received too.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests to the token endpoint.
+    pub token_requests: u64,
+    /// Token requests with `grant_type=refresh_token`.
+    pub refresh_requests: u64,
+    /// Refreshes answered 200.
+    pub refreshes_ok: u64,
+    /// Token requests with `grant_type=authorization_code`.
+    pub code_exchanges: u64,
+    /// Code exchanges answered 200.
+    pub code_exchanges_ok: u64,
+    /// Requests to `members/current`.
+    pub validations: u64,
+    /// Validations answered 200.
+    pub validations_ok: u64,
+    /// Rotated-out refresh tokens and already-used codes presented.
+    pub reuse_detected: u64,
+    /// Grants revoked because of reuse.
+    pub grants_revoked: u64,
+    /// Requests answered by an injected fault (including `error_rate_5xx`).
+    pub faults_injected: u64,
+    /// Token requests that violate the OpenAPI description: wrong method or
+    /// content type, malformed or repeated parameters, missing required fields,
+    /// an Authorization header alongside (or instead of) form credentials, an
+    /// unknown grant_type, an oversized body.
+    pub bad_requests: u64,
+}
+
+/// One request as the provider saw it, without any secret value.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestRecord {
+    /// Milliseconds since the provider started, at arrival.
+    pub at_ms: u64,
+    /// `token`, `validate`, `authorize` or `other` (admin routes are not recorded).
+    pub endpoint: String,
+    /// The `grant_type` sent to the token endpoint.
+    pub grant_type: Option<String>,
+    /// Form field names in the order received (query parameter names for `authorize`).
+    pub form_fields: Vec<String>,
+    /// The request's Content-Type header.
+    pub content_type: Option<String>,
+    /// `client_secret_post` or `client_secret_basic`, when the token request
+    /// authenticated the client one unambiguous way.
+    pub client_auth: Option<String>,
+    /// The status answered; 0 when the connection was dropped or hung.
+    pub status: u16,
+    /// Whether an injected fault answered.
+    pub fault: bool,
+}
+
+/// A grant (one user's authorization of one client) as it stands now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantInfo {
+    /// Identifies the grant for [`FakeProvider::grant`].
+    pub grant_id: u64,
+    /// The client the grant belongs to.
+    pub client_id: String,
+    /// False once revoked: none of its tokens work any more.
+    pub alive: bool,
+    /// The refresh token that works now.
+    pub refresh_token: String,
+    /// The access token issued last.
+    pub access_token: String,
+    /// Successful refreshes.
+    pub rotations: u64,
+    /// Why the grant was revoked.
+    pub revoked_reason: Option<String>,
+}
+
+/// A grant created directly, as after a user's consent and a code exchange:
+/// what `tokend import` is given.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MintedGrant {
+    /// Identifies the grant for [`FakeProvider::grant`].
+    pub grant_id: u64,
+    /// A valid access token.
+    pub access_token: String,
+    /// The grant's current refresh token.
+    pub refresh_token: String,
+    /// The access token's lifetime in seconds.
+    pub expires_in: u64,
+}
+
+/// A running fake provider. It serves on its own thread and runtime, so it
+/// works the same from sync tests, async tests and benchmarks; dropping it
+/// stops the server, closes every connection and frees the port.
+pub struct FakeProvider {
+    /// Where it listens, for [`FakeProvider::url`].
+    addr: SocketAddr,
+    /// The default client's secret, generated at start.
+    client_secret: String,
+    /// Grants, clients, knobs and counters, shared with the server.
+    shared: Arc<Shared>,
+    /// Tells the server to stop; taken by Drop.
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    /// The server thread, joined by Drop so that the port is free afterwards.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for FakeProvider {
+    /// The address only: the client secret stays out of test output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FakeProvider")
+            .field("url", &self.url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl FakeProvider {
+    /// Starts a provider on 127.0.0.1 with a free port.
+    pub fn start(knobs: Knobs) -> std::io::Result<FakeProvider> {
+        FakeProvider::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), knobs)
+    }
+
+    /// Starts a provider on `addr` (the standalone binary's `--listen`).
+    pub fn start_on(addr: SocketAddr, knobs: Knobs) -> std::io::Result<FakeProvider> {
+        let listener = TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let client_secret = format!("fake-client-secret-{}", state::random_hex(32));
+        let shared = Arc::new(Shared::new(knobs));
+        shared.lock().add_client(DEFAULT_CLIENT_ID, &client_secret);
+
+        let (shutdown, shutdown_rx) = tokio::sync::oneshot::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let server_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("fake-provider".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .thread_name("fake-provider-worker")
+                    .enable_all()
+                    .build();
+                let runtime = match runtime {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            let _ = ready_tx.send(Ok(()));
+                            http::serve(listener, server_shared, shutdown_rx).await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+                // Dropping the runtime here cancels every connection task,
+                // hung ones included, before Drop's join returns.
+            })?;
+        let started = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(std::io::Error::other("fake provider thread died")));
+        if let Err(e) = started {
+            let _ = thread.join();
+            return Err(e);
+        }
+        Ok(FakeProvider {
+            addr,
+            client_secret,
+            shared,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+        })
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT`, without a trailing slash.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The default client's id, registered at start.
+    pub fn client_id(&self) -> &str {
+        DEFAULT_CLIENT_ID
+    }
+
+    /// The default client's secret as generated at start.
+    pub fn client_secret(&self) -> &str {
+        &self.client_secret
+    }
+
+    /// Registers a client (or replaces its secret), for tests with several apps.
+    pub fn add_client(&self, id: &str, secret: &str) {
+        self.shared.lock().add_client(id, secret);
+    }
+
+    /// The knobs in force.
+    pub fn knobs(&self) -> Knobs {
+        self.shared.lock().knobs.clone()
+    }
+
+    /// Replaces all knobs; requests already waiting out their latency see the new ones.
+    pub fn set_knobs(&self, knobs: Knobs) {
+        self.shared.lock().knobs = knobs;
+    }
+
+    /// Changes some knobs atomically with respect to requests.
+    pub fn update_knobs(&self, f: impl FnOnce(&mut Knobs)) {
+        f(&mut self.shared.lock().knobs);
+    }
+
+    /// Creates a grant directly, as if a user authorized `client_id` and the
+    /// code was exchanged: the material for importing a credential. The client
+    /// need not be registered, but refreshing needs it to be.
+    pub fn mint_grant(&self, client_id: &str, scope: &str) -> MintedGrant {
+        self.shared.lock().mint_grant(client_id, scope)
+    }
+
+    /// A grant's current state.
+    pub fn grant(&self, grant_id: u64) -> Option<GrantInfo> {
+        self.shared.lock().grant_info(grant_id)
+    }
+
+    /// The grant a refresh token (current or rotated-out) belongs to.
+    pub fn grant_of_refresh_token(&self, refresh_token: &str) -> Option<GrantInfo> {
+        let state = self.shared.lock();
+        state
+            .grant_of_refresh_token(refresh_token)
+            .and_then(|id| state.grant_info(id))
+    }
+
+    /// Whether `members/current` would accept this token now: known, not
+    /// expired, and its grant alive.
+    pub fn access_token_valid(&self, token: &str) -> bool {
+        self.shared.lock().validate(token).is_some()
+    }
+
+    /// The counters since start or the last [`FakeProvider::reset_stats`].
+    pub fn stats(&self) -> Stats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// The last 20 000 requests, oldest first.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.lock().records.iter().cloned().collect()
+    }
+
+    /// Clears counters and request records (grants, clients and knobs stay),
+    /// so a test can measure one phase.
+    pub fn reset_stats(&self) {
+        let mut state = self.shared.lock();
+        state.stats = Stats::default();
+        state.records.clear();
+    }
+}
+
+impl Drop for FakeProvider {
+    fn drop(&mut self) {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,497 @@
+//! The OAuth 2.0 wire protocol: turning raw token and authorize requests into
+//! typed requests, rejecting whatever violates PandaDoc's OpenAPI description
+//! or RFC 6749, and the error and success bodies the token endpoint answers.
+//! Nothing here touches state, so every rejection is a schema violation.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::encoding::{base64_decode, form_decode, parse_form};
+
+/// An error answer of the token endpoint (RFC 6749 §5.2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OAuthError {
+    /// HTTP status: 400 for most, 401 for invalid_client, 405 for a wrong method.
+    pub status: u16,
+    /// The `error` code.
+    pub error: &'static str,
+    /// The `error_description`, when it helps a developer.
+    pub description: Option<String>,
+}
+
+impl OAuthError {
+    pub fn invalid_request(description: impl Into<String>) -> Self {
+        OAuthError {
+            status: 400,
+            error: "invalid_request",
+            description: Some(description.into()),
+        }
+    }
+
+    pub fn invalid_grant(description: impl Into<String>) -> Self {
+        OAuthError {
+            status: 400,
+            error: "invalid_grant",
+            description: Some(description.into()),
+        }
+    }
+
+    pub fn invalid_client() -> Self {
+        OAuthError {
+            status: 401,
+            error: "invalid_client",
+            description: None,
+        }
+    }
+
+    /// The JSON body: `{"error":..}` plus `error_description` when there is one.
+    pub fn body(&self) -> serde_json::Value {
+        match &self.description {
+            Some(d) => serde_json::json!({"error": self.error, "error_description": d}),
+            None => serde_json::json!({"error": self.error}),
+        }
+    }
+}
+
+/// The token endpoint's success body (OAuth2AccessTokenResponse).
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub refresh_token: String,
+    pub scope: String,
+}
+
+/// A well-formed token request, client credentials included (not yet checked).
+#[derive(Debug)]
+pub struct TokenRequest {
+    pub client_id: String,
+    pub client_secret: String,
+    pub grant: GrantRequest,
+}
+
+/// The grant-specific part of a token request.
+#[derive(Debug)]
+pub enum GrantRequest {
+    /// `grant_type=authorization_code` (OAuth2CreateAccessTokenRequest).
+    Code {
+        code: String,
+        redirect_uri: Option<String>,
+        code_verifier: Option<String>,
+    },
+    /// `grant_type=refresh_token` (OAuth2RefreshAccessTokenRequest).
+    Refresh { refresh_token: String },
+}
+
+/// What a token request said, for the records, and what it asks for.
+pub struct TokenCall {
+    /// The `grant_type` sent, if any.
+    pub grant_type: Option<String>,
+    /// Form field names in order (only when the body is a form: names of
+    /// another format could hold values).
+    pub fields: Vec<String>,
+    /// How the client authenticated, when unambiguous.
+    pub client_auth: Option<&'static str>,
+    /// The request, or why it violates the schema.
+    pub request: Result<TokenRequest, OAuthError>,
+}
+
+/// The media type a token request must have.
+const FORM: &str = "application/x-www-form-urlencoded";
+
+fn is_form(content_type: Option<&str>) -> bool {
+    content_type.is_some_and(|ct| {
+        ct.split(';')
+            .next()
+            .is_some_and(|media| media.trim().eq_ignore_ascii_case(FORM))
+    })
+}
+
+/// Parses a token request from its method, headers and body.
+pub fn parse_token_request(
+    is_post: bool,
+    content_type: Option<&str>,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> TokenCall {
+    let form = if is_form(content_type) {
+        parse_form(body).ok()
+    } else {
+        None
+    };
+    let fields = form
+        .iter()
+        .flatten()
+        .map(|(name, _)| name.clone())
+        .collect();
+    let grant_type = form
+        .iter()
+        .flatten()
+        .find(|(name, _)| name == "grant_type")
+        .map(|(_, value)| value.clone());
+    let basic = authorization.is_some_and(|h| {
+        h.trim_start()
+            .get(..6)
+            .is_some_and(|scheme| scheme.eq_ignore_ascii_case("basic "))
+    });
+    let form_secret = form.iter().flatten().any(|(n, _)| n == "client_secret");
+    let client_auth = match (basic, form_secret) {
+        (true, false) => Some("client_secret_basic"),
+        (false, true) => Some("client_secret_post"),
+        _ => None,
+    };
+    let request = if !is_post {
+        Err(OAuthError {
+            status: 405,
+            error: "invalid_request",
+            description: Some("the token endpoint takes POST".into()),
+        })
+    } else if !is_form(content_type) {
+        Err(OAuthError::invalid_request(format!(
+            "Content-Type must be {FORM}"
+        )))
+    } else {
+        match form {
+            Some(pairs) => token_request(pairs, authorization),
+            None => Err(OAuthError::invalid_request("malformed form body")),
+        }
+    };
+    TokenCall {
+        grant_type,
+        fields,
+        client_auth,
+        request,
+    }
+}
+
+fn token_request(
+    pairs: Vec<(String, String)>,
+    authorization: Option<&str>,
+) -> Result<TokenRequest, OAuthError> {
+    let mut params = single_valued(pairs)?;
+    let mut take = |name: &str| params.remove(name);
+
+    let grant_type = take("grant_type")
+        .ok_or_else(|| OAuthError::invalid_request("missing required parameter grant_type"))?;
+    if grant_type != "authorization_code" && grant_type != "refresh_token" {
+        return Err(OAuthError {
+            status: 400,
+            error: "unsupported_grant_type",
+            description: None,
+        });
+    }
+
+    let form_id = take("client_id");
+    let form_secret = take("client_secret");
+    let (client_id, client_secret) = match (authorization, form_secret) {
+        (Some(_), Some(_)) => {
+            return Err(OAuthError::invalid_request(
+                "client credentials in both the Authorization header and the form",
+            ));
+        }
+        (Some(header), None) => {
+            let (id, secret) = parse_basic(header)?;
+            if form_id.as_ref().is_some_and(|form_id| *form_id != id) {
+                return Err(OAuthError::invalid_request(
+                    "client_id in the form differs from the Basic credentials",
+                ));
+            }
+            (id, secret)
+        }
+        (None, Some(secret)) => {
+            let id = form_id.ok_or_else(|| {
+                OAuthError::invalid_request("missing required parameter client_id")
+            })?;
+            (id, secret)
+        }
+        (None, None) => {
+            return Err(OAuthError::invalid_request(
+                "missing required parameter client_secret",
+            ));
+        }
+    };
+
+    let grant = if grant_type == "authorization_code" {
+        GrantRequest::Code {
+            code: take("code")
+                .ok_or_else(|| OAuthError::invalid_request("missing required parameter code"))?,
+            redirect_uri: take("redirect_uri"),
+            code_verifier: take("code_verifier"),
+        }
+    } else {
+        GrantRequest::Refresh {
+            refresh_token: take("refresh_token").ok_or_else(|| {
+                OAuthError::invalid_request("missing required parameter refresh_token")
+            })?,
+        }
+    };
+    Ok(TokenRequest {
+        client_id,
+        client_secret,
+        grant,
+    })
+}
+
+/// RFC 6749 §3.1: parameters must not repeat, and an empty one counts as omitted.
+fn single_valued(pairs: Vec<(String, String)>) -> Result<HashMap<String, String>, OAuthError> {
+    let mut params = HashMap::new();
+    for (name, value) in pairs {
+        if params.contains_key(&name) {
+            return Err(OAuthError::invalid_request(format!(
+                "parameter {name} is repeated"
+            )));
+        }
+        params.insert(name, value);
+    }
+    params.retain(|_, value| !value.is_empty());
+    Ok(params)
+}
+
+/// Client credentials from `Authorization: Basic` (RFC 6749 §2.3.1: the id
+/// and secret are form-urlencoded, joined by `:`, then base64-encoded). Any
+/// other scheme on the token endpoint is a schema violation.
+fn parse_basic(header: &str) -> Result<(String, String), OAuthError> {
+    let bad = || OAuthError::invalid_request("malformed Basic client credentials");
+    let (scheme, credentials) = header.trim().split_once(' ').ok_or_else(bad)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(OAuthError::invalid_request(
+            "the token endpoint takes no Authorization header other than Basic client credentials",
+        ));
+    }
+    let decoded = base64_decode(credentials.trim()).ok_or_else(bad)?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (id, secret) = text.split_once(':').ok_or_else(bad)?;
+    let id = form_decode(id.as_bytes()).map_err(|_| bad())?;
+    let secret = form_decode(secret.as_bytes()).map_err(|_| bad())?;
+    if id.is_empty() || secret.is_empty() {
+        return Err(bad());
+    }
+    Ok((id, secret))
+}
+
+/// A PKCE code challenge (RFC 7636 §4.3).
+#[derive(Debug, Clone)]
+pub enum Challenge {
+    S256(String),
+    Plain(String),
+}
+
+/// A well-formed authorization request.
+#[derive(Debug)]
+pub struct AuthorizeRequest {
+    pub client_id: String,
+    pub redirect_uri: String,
+    pub scope: String,
+    pub state: Option<String>,
+    pub challenge: Option<Challenge>,
+}
+
+/// Parses `GET /oauth2/authorize`'s query. Returns the parameter names (for
+/// the record) and the request or a reason for the 400 page. Whether the
+/// client exists is checked against state later.
+pub fn parse_authorize(query: &str) -> (Vec<String>, Result<AuthorizeRequest, String>) {
+    let pairs = match parse_form(query.as_bytes()) {
+        Ok(pairs) => pairs,
+        Err(_) => return (Vec::new(), Err("malformed query string".into())),
+    };
+    let names = pairs.iter().map(|(name, _)| name.clone()).collect();
+    let request = single_valued(pairs)
+        .map_err(|e| e.description.unwrap_or_default())
+        .and_then(|mut params| {
+            let mut required = |name: &str| {
+                params
+                    .remove(name)
+                    .ok_or_else(|| format!("missing required parameter {name}"))
+            };
+            let client_id = required("client_id")?;
+            let redirect_uri = required("redirect_uri")?;
+            if required("response_type")? != "code" {
+                return Err("response_type must be code".into());
+            }
+            if redirect_uri.contains('#') {
+                return Err("redirect_uri must not have a fragment".into());
+            }
+            let challenge = match (
+                params.remove("code_challenge"),
+                params.remove("code_challenge_method").as_deref(),
+            ) {
+                (None, _) => None,
+                (Some(c), Some("S256")) => Some(Challenge::S256(c)),
+                (Some(c), None | Some("plain")) => Some(Challenge::Plain(c)),
+                (Some(_), Some(_)) => return Err("unsupported code_challenge_method".into()),
+            };
+            Ok(AuthorizeRequest {
+                client_id,
+                redirect_uri,
+                scope: params.remove("scope").unwrap_or_default(),
+                state: params.remove("state"),
+                challenge,
+            })
+        });
+    (names, request)
+}
+
+/// The token from `Authorization: Bearer T`, if the header has that shape.
+pub fn bearer_token(authorization: Option<&str>) -> Option<&str> {
+    let (scheme, token) = authorization?.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(auth: Option<&str>, body: &str) -> TokenCall {
+        parse_token_request(true, Some(FORM), auth, body.as_bytes())
+    }
+
+    fn error_of(call: TokenCall) -> &'static str {
+        call.request.unwrap_err().error
+    }
+
+    #[test]
+    fn post_credentials() {
+        let c = call(
+            None,
+            "grant_type=refresh_token&client_id=a&client_secret=s%2Bx&refresh_token=r&scope=read+write",
+        );
+        assert_eq!(
+            c.fields,
+            [
+                "grant_type",
+                "client_id",
+                "client_secret",
+                "refresh_token",
+                "scope"
+            ]
+        );
+        assert_eq!(c.client_auth, Some("client_secret_post"));
+        let r = c.request.unwrap();
+        assert_eq!(
+            (r.client_id.as_str(), r.client_secret.as_str()),
+            ("a", "s+x")
+        );
+        assert!(matches!(r.grant, GrantRequest::Refresh { refresh_token } if refresh_token == "r"));
+    }
+
+    #[test]
+    fn basic_credentials() {
+        // "a b:s:1" form-encoded as "a+b:s%3A1".
+        let header = format!("Basic {}", "YStiOnMlM0Ex");
+        let c = call(Some(&header), "grant_type=authorization_code&code=c");
+        assert_eq!(c.client_auth, Some("client_secret_basic"));
+        let r = c.request.unwrap();
+        assert_eq!(
+            (r.client_id.as_str(), r.client_secret.as_str()),
+            ("a b", "s:1")
+        );
+        assert_eq!(
+            error_of(call(
+                Some("Basic !!"),
+                "grant_type=refresh_token&refresh_token=r"
+            )),
+            "invalid_request"
+        );
+        assert_eq!(
+            error_of(call(
+                Some("Bearer x"),
+                "grant_type=refresh_token&refresh_token=r"
+            )),
+            "invalid_request"
+        );
+    }
+
+    #[test]
+    fn schema_violations() {
+        let ok = "grant_type=refresh_token&client_id=a&client_secret=s&refresh_token=r";
+        assert_eq!(
+            error_of(call(
+                None,
+                "grant_type=password&client_id=a&client_secret=s"
+            )),
+            "unsupported_grant_type"
+        );
+        assert_eq!(
+            error_of(call(None, "client_id=a&client_secret=s&refresh_token=r")),
+            "invalid_request"
+        );
+        assert_eq!(
+            error_of(call(
+                None,
+                "grant_type=refresh_token&client_id=a&client_secret=s"
+            )),
+            "invalid_request"
+        );
+        assert_eq!(
+            error_of(call(
+                None,
+                "grant_type=refresh_token&client_id=a&client_secret=s&refresh_token="
+            )),
+            "invalid_request"
+        );
+        assert_eq!(
+            error_of(call(None, &format!("{ok}&refresh_token=r"))),
+            "invalid_request"
+        );
+        assert_eq!(
+            error_of(call(None, &format!("{ok}&x=%zz"))),
+            "invalid_request"
+        );
+        assert_eq!(error_of(call(Some("Basic YTpz"), ok)), "invalid_request");
+        let json = parse_token_request(
+            true,
+            Some("application/json"),
+            None,
+            br#"{"client_secret":"s"}"#,
+        );
+        assert!(json.fields.is_empty());
+        assert_eq!(json.request.unwrap_err().error, "invalid_request");
+        assert!(
+            parse_token_request(
+                true,
+                Some("application/x-www-form-urlencoded; charset=UTF-8"),
+                None,
+                ok.as_bytes()
+            )
+            .request
+            .is_ok()
+        );
+        assert_eq!(
+            parse_token_request(false, Some(FORM), None, ok.as_bytes())
+                .request
+                .unwrap_err()
+                .status,
+            405
+        );
+    }
+
+    #[test]
+    fn authorize_queries() {
+        let (names, r) = parse_authorize(
+            "client_id=c&redirect_uri=http%3A%2F%2Fx%2Fcb&response_type=code&state=s&code_challenge=abc&code_challenge_method=S256",
+        );
+        assert_eq!(names.len(), 6);
+        let r = r.unwrap();
+        assert_eq!(r.redirect_uri, "http://x/cb");
+        assert!(matches!(r.challenge, Some(Challenge::S256(c)) if c == "abc"));
+        assert!(
+            parse_authorize("client_id=c&redirect_uri=x&response_type=token")
+                .1
+                .is_err()
+        );
+        assert!(parse_authorize("client_id=c&response_type=code").1.is_err());
+        assert!(parse_authorize("client_id=c&redirect_uri=x&response_type=code&code_challenge=a&code_challenge_method=S512").1.is_err());
+    }
+
+    #[test]
+    fn bearer() {
+        assert_eq!(bearer_token(Some("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(Some("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(Some("Basic abc")), None);
+        assert_eq!(bearer_token(Some("Bearer ")), None);
+        assert_eq!(bearer_token(None), None);
+    }
+}

@@ -1,0 +1,396 @@
+//! The provider's memory: registered clients, authorization codes, grants and
+//! their tokens, the knobs, and the counters and records of what was seen.
+//! Everything sits behind one mutex that is never held across an await.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::encoding::base64url_nopad;
+use crate::oauth::{
+    AuthorizeRequest, Challenge, GrantRequest, OAuthError, TokenRequest, TokenResponse,
+};
+use crate::{Fault, FaultTarget, GrantInfo, Knobs, MintedGrant, RequestRecord, Stats, sha256};
+
+/// How many request records are kept.
+const MAX_RECORDS: usize = 20_000;
+
+/// The scope a grant gets when the authorization request named none.
+const DEFAULT_SCOPE: &str = "read+write";
+
+/// The state and the clock it is measured against, shared by the handle and the server.
+pub struct Shared {
+    /// Provider start, the origin of [`RequestRecord::at_ms`].
+    started: Instant,
+    state: Mutex<State>,
+}
+
+impl Shared {
+    pub fn new(knobs: Knobs) -> Self {
+        Shared {
+            started: Instant::now(),
+            state: Mutex::new(State::new(knobs)),
+        }
+    }
+
+    /// The state; a panic elsewhere while holding the lock does not make it unusable.
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Milliseconds since start.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+}
+
+/// An issued authorization code.
+struct Code {
+    client_id: String,
+    /// The redirect_uri of the authorization request, which a token request
+    /// that names one must repeat (RFC 6749 §4.1.3).
+    redirect_uri: String,
+    scope: String,
+    challenge: Option<Challenge>,
+    /// `None`: never expires (a lifetime too large for the clock).
+    expires_at: Option<Instant>,
+    /// The grant the code was exchanged for: a second exchange is reuse.
+    used_by: Option<u64>,
+}
+
+/// One user's authorization of one client.
+struct Grant {
+    client_id: String,
+    scope: String,
+    alive: bool,
+    revoked_reason: Option<String>,
+    /// The one refresh token that works; older ones of this grant are rotated out.
+    refresh_token: String,
+    access_token: String,
+    rotations: u64,
+}
+
+/// An issued access token.
+struct AccessToken {
+    grant_id: u64,
+    expires_at: Option<Instant>,
+}
+
+pub struct State {
+    pub knobs: Knobs,
+    pub stats: Stats,
+    pub records: VecDeque<RequestRecord>,
+    /// Client id to secret.
+    clients: HashMap<String, String>,
+    codes: HashMap<String, Code>,
+    /// Grant `n` is at index `n - 1`.
+    grants: Vec<Grant>,
+    access_tokens: HashMap<String, AccessToken>,
+    /// Every refresh token ever issued, current or rotated out, to its grant.
+    refresh_tokens: HashMap<String, u64>,
+}
+
+/// `n` random lowercase hex digits.
+pub fn random_hex(n: usize) -> String {
+    (0..n)
+        .map(|_| b"0123456789abcdef"[fastrand::usize(..16)] as char)
+        .collect()
+}
+
+/// A token of a recognisable kind: `fat_` access, `frt_` refresh, `fcode_` code.
+fn new_token(prefix: &str) -> String {
+    format!("{prefix}{}", random_hex(40))
+}
+
+/// `secs` from now, or `None` (never) when that is beyond the clock's range,
+/// so that a huge knob cannot make the provider panic.
+fn deadline(secs: u64) -> Option<Instant> {
+    Instant::now().checked_add(Duration::from_secs(secs))
+}
+
+fn expired(at: Option<Instant>) -> bool {
+    at.is_some_and(|at| Instant::now() >= at)
+}
+
+impl State {
+    fn new(knobs: Knobs) -> Self {
+        State {
+            knobs,
+            stats: Stats::default(),
+            records: VecDeque::new(),
+            clients: HashMap::new(),
+            codes: HashMap::new(),
+            grants: Vec::new(),
+            access_tokens: HashMap::new(),
+            refresh_tokens: HashMap::new(),
+        }
+    }
+
+    pub fn add_client(&mut self, id: &str, secret: &str) {
+        self.clients.insert(id.to_owned(), secret.to_owned());
+    }
+
+    pub fn has_client(&self, id: &str) -> bool {
+        self.clients.contains_key(id)
+    }
+
+    pub fn record(&mut self, record: RequestRecord) {
+        if self.records.len() == MAX_RECORDS {
+            self.records.pop_front();
+        }
+        self.records.push_back(record);
+    }
+
+    /// The fault (if any) that answers the next request to `endpoint`, with
+    /// `fault_count` consumed; `error_rate_5xx` is drawn only when no fault is set.
+    pub fn take_fault(&mut self, endpoint: FaultTarget) -> Option<Fault> {
+        let knobs = &mut self.knobs;
+        let targeted = knobs.fault_on == FaultTarget::Both || knobs.fault_on == endpoint;
+        let mut fault = None;
+        if targeted && knobs.fault.is_some() {
+            fault = match &mut knobs.fault_count {
+                None => knobs.fault.clone(),
+                Some(0) => None,
+                Some(n) => {
+                    *n -= 1;
+                    knobs.fault.clone()
+                }
+            };
+            if knobs.fault_count == Some(0) {
+                knobs.fault = None;
+                knobs.fault_count = None;
+            }
+        }
+        if fault.is_none() && knobs.error_rate_5xx > 0.0 && fastrand::f64() < knobs.error_rate_5xx {
+            fault = Some(Fault::Status503);
+        }
+        if fault.is_some() {
+            self.stats.faults_injected += 1;
+        }
+        fault
+    }
+
+    /// Issues a code for an authorization request (the client is known).
+    pub fn issue_code(&mut self, request: AuthorizeRequest) -> String {
+        let code = new_token("fcode_");
+        let scope = match request.scope.as_str() {
+            "" => DEFAULT_SCOPE.to_owned(),
+            scope => scope.to_owned(),
+        };
+        self.codes.insert(
+            code.clone(),
+            Code {
+                client_id: request.client_id,
+                redirect_uri: request.redirect_uri,
+                scope,
+                challenge: request.challenge,
+                expires_at: deadline(self.knobs.code_lifetime_secs),
+                used_by: None,
+            },
+        );
+        code
+    }
+
+    /// Answers a well-formed token request: client authentication, then the grant.
+    pub fn token(&mut self, request: TokenRequest) -> Result<TokenResponse, OAuthError> {
+        if self.clients.get(&request.client_id) != Some(&request.client_secret) {
+            return Err(OAuthError::invalid_client());
+        }
+        let client_id = request.client_id;
+        match request.grant {
+            GrantRequest::Code {
+                code,
+                redirect_uri,
+                code_verifier,
+            } => {
+                let response =
+                    self.exchange_code(&client_id, &code, redirect_uri, code_verifier)?;
+                self.stats.code_exchanges_ok += 1;
+                Ok(response)
+            }
+            GrantRequest::Refresh { refresh_token } => {
+                let response = self.refresh(&client_id, &refresh_token)?;
+                self.stats.refreshes_ok += 1;
+                Ok(response)
+            }
+        }
+    }
+
+    fn exchange_code(
+        &mut self,
+        client_id: &str,
+        code: &str,
+        redirect_uri: Option<String>,
+        code_verifier: Option<String>,
+    ) -> Result<TokenResponse, OAuthError> {
+        let strict = self.knobs.strict_reuse;
+        let entry = self
+            .codes
+            .get(code)
+            .ok_or_else(|| OAuthError::invalid_grant("unknown authorization code"))?;
+        if entry.client_id != client_id {
+            return Err(OAuthError::invalid_grant(
+                "code was issued to another client",
+            ));
+        }
+        if let Some(grant_id) = entry.used_by {
+            self.stats.reuse_detected += 1;
+            if strict {
+                self.revoke(grant_id, "authorization code reused");
+            }
+            return Err(OAuthError::invalid_grant("authorization code already used"));
+        }
+        if expired(entry.expires_at) {
+            return Err(OAuthError::invalid_grant("authorization code expired"));
+        }
+        if redirect_uri.is_some_and(|uri| uri != entry.redirect_uri) {
+            return Err(OAuthError::invalid_grant("redirect_uri does not match"));
+        }
+        if let Some(challenge) = &entry.challenge {
+            let verifier =
+                code_verifier.ok_or_else(|| OAuthError::invalid_grant("missing code_verifier"))?;
+            let matches = match challenge {
+                Challenge::S256(c) => base64url_nopad(&sha256::digest(verifier.as_bytes())) == *c,
+                Challenge::Plain(c) => verifier == *c,
+            };
+            if !matches {
+                return Err(OAuthError::invalid_grant("code_verifier does not match"));
+            }
+        }
+        let scope = entry.scope.clone();
+        let grant_id = self.new_grant(client_id, &scope);
+        if let Some(entry) = self.codes.get_mut(code) {
+            entry.used_by = Some(grant_id);
+        }
+        Ok(self.token_response(grant_id))
+    }
+
+    fn refresh(
+        &mut self,
+        client_id: &str,
+        refresh_token: &str,
+    ) -> Result<TokenResponse, OAuthError> {
+        let unknown = || OAuthError::invalid_grant("unknown refresh token");
+        let grant_id = *self.refresh_tokens.get(refresh_token).ok_or_else(unknown)?;
+        let (strict, rotate) = (self.knobs.strict_reuse, self.knobs.rotate_refresh_tokens);
+        let grant = self.grant_mut(grant_id).ok_or_else(unknown)?;
+        if grant.client_id != client_id {
+            return Err(OAuthError::invalid_grant(
+                "refresh token was issued to another client",
+            ));
+        }
+        if grant.refresh_token != refresh_token {
+            self.stats.reuse_detected += 1;
+            if strict {
+                self.revoke(grant_id, "rotated-out refresh token reused");
+            }
+            return Err(OAuthError::invalid_grant("refresh token was rotated out"));
+        }
+        if !grant.alive {
+            return Err(OAuthError::invalid_grant("grant revoked"));
+        }
+        grant.rotations += 1;
+        if rotate {
+            let new = new_token("frt_");
+            grant.refresh_token = new.clone();
+            self.refresh_tokens.insert(new, grant_id);
+        }
+        Ok(self.token_response(grant_id))
+    }
+
+    /// Creates a live grant with a first token pair; returns its id.
+    fn new_grant(&mut self, client_id: &str, scope: &str) -> u64 {
+        let grant_id = self.grants.len() as u64 + 1;
+        let refresh_token = new_token("frt_");
+        self.refresh_tokens.insert(refresh_token.clone(), grant_id);
+        self.grants.push(Grant {
+            client_id: client_id.to_owned(),
+            scope: scope.to_owned(),
+            alive: true,
+            revoked_reason: None,
+            refresh_token,
+            access_token: String::new(),
+            rotations: 0,
+        });
+        grant_id
+    }
+
+    /// Issues a new access token for a grant and answers with the grant's pair.
+    fn token_response(&mut self, grant_id: u64) -> TokenResponse {
+        let access_token = new_token("fat_");
+        let expires_in = self.knobs.token_lifetime_secs;
+        self.access_tokens.insert(
+            access_token.clone(),
+            AccessToken {
+                grant_id,
+                expires_at: deadline(expires_in),
+            },
+        );
+        let grant = &mut self.grants[grant_id as usize - 1];
+        grant.access_token = access_token.clone();
+        TokenResponse {
+            access_token,
+            token_type: "Bearer",
+            expires_in,
+            refresh_token: grant.refresh_token.clone(),
+            scope: grant.scope.clone(),
+        }
+    }
+
+    fn grant_mut(&mut self, grant_id: u64) -> Option<&mut Grant> {
+        self.grants
+            .get_mut(usize::try_from(grant_id).ok()?.checked_sub(1)?)
+    }
+
+    fn revoke(&mut self, grant_id: u64, reason: &str) {
+        if let Some(grant) = self.grant_mut(grant_id)
+            && grant.alive
+        {
+            grant.alive = false;
+            grant.revoked_reason = Some(reason.to_owned());
+            self.stats.grants_revoked += 1;
+        }
+    }
+
+    /// The grant an access token belongs to, if the token works now.
+    pub fn validate(&self, access_token: &str) -> Option<u64> {
+        let token = self.access_tokens.get(access_token)?;
+        let alive = self.grant_info(token.grant_id)?.alive;
+        (alive && !expired(token.expires_at)).then_some(token.grant_id)
+    }
+
+    pub fn mint_grant(&mut self, client_id: &str, scope: &str) -> MintedGrant {
+        let scope = if scope.is_empty() {
+            DEFAULT_SCOPE
+        } else {
+            scope
+        };
+        let grant_id = self.new_grant(client_id, scope);
+        let response = self.token_response(grant_id);
+        MintedGrant {
+            grant_id,
+            access_token: response.access_token,
+            refresh_token: response.refresh_token,
+            expires_in: response.expires_in,
+        }
+    }
+
+    pub fn grant_info(&self, grant_id: u64) -> Option<GrantInfo> {
+        let grant = self
+            .grants
+            .get(usize::try_from(grant_id).ok()?.checked_sub(1)?)?;
+        Some(GrantInfo {
+            grant_id,
+            client_id: grant.client_id.clone(),
+            alive: grant.alive,
+            refresh_token: grant.refresh_token.clone(),
+            access_token: grant.access_token.clone(),
+            rotations: grant.rotations,
+            revoked_reason: grant.revoked_reason.clone(),
+        })
+    }
+
+    pub fn grant_of_refresh_token(&self, refresh_token: &str) -> Option<u64> {
+        self.refresh_tokens.get(refresh_token).copied()
+    }
+}
