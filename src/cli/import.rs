@@ -1,0 +1,119 @@
+//! `tokend import`: a credential from an existing refresh token.
+
+use std::io::Read;
+
+use super::{Args, Exit};
+use crate::clock::now_ms;
+use crate::config;
+use crate::secret::Secret;
+use crate::store::{NewCredential, StoreConn, StoreError};
+
+pub fn run(args: &Args) -> Result<(), Exit> {
+    args.only(
+        "import",
+        &[
+            "provider",
+            "refresh-token",
+            "access-token",
+            "expires-in",
+            "force",
+        ],
+        1,
+    )?;
+    let name = args.name("import")?;
+    let provider = args
+        .provider
+        .clone()
+        .ok_or_else(|| Exit::usage("'import' needs --provider P"))?;
+    let refresh_from = args
+        .refresh_token
+        .as_deref()
+        .ok_or_else(|| Exit::usage("'import' needs --refresh-token FILE (or - for stdin)"))?;
+    if refresh_from == "-" && args.access_token.as_deref() == Some("-") {
+        return Err(Exit::usage(
+            "only one of --refresh-token and --access-token can read stdin",
+        ));
+    }
+    let expires_in =
+        match &args.expires_in {
+            None => None,
+            Some(_) if args.access_token.is_none() => {
+                return Err(Exit::usage(
+                    "--expires-in describes --access-token: give both",
+                ));
+            }
+            Some(s) => Some(s.parse::<u64>().map_err(|_| {
+                Exit::usage(format!("--expires-in {s:?} is not a number of seconds"))
+            })?),
+        };
+    let path = args.config_path();
+    let config = config::load_without_secrets(&path).map_err(Exit::config)?;
+    let Some(p) = config.providers.get(&provider) else {
+        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+        return Err(Exit::usage(format!(
+            "no provider {provider:?} in {} (configured: {})",
+            path.display(),
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        )));
+    };
+    let refresh_token = read_secret("--refresh-token", refresh_from)?;
+    let access_token = match &args.access_token {
+        Some(from) => Some(read_secret("--access-token", from)?),
+        None => None,
+    };
+    let store = StoreConn::open(&config.database, true)
+        .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
+    let new = NewCredential {
+        name: name.clone(),
+        provider: provider.clone(),
+        access_token,
+        refresh_token,
+        scope: p.scope.clone(),
+        expires_at: expires_in.map(|s| now_ms() + s as i64 * 1000),
+    };
+    match store.insert(&new, args.force) {
+        Ok(_) => {
+            println!(
+                "imported {name} (provider {provider}); a running daemon picks it up within seconds"
+            );
+            Ok(())
+        }
+        Err(StoreError::Exists(_)) => Err(Exit::failure(format!(
+            "a credential named {name:?} already exists; add --force to replace its tokens"
+        ))),
+        Err(e) => Err(Exit::failure(format!("cannot store the credential: {e}"))),
+    }
+}
+
+/// Reads a token from a file or, for "-", stdin; surrounding whitespace is
+/// dropped (a trailing newline from `echo` or an editor is not part of it).
+fn read_secret(option: &str, from: &str) -> Result<Secret, Exit> {
+    let mut text = String::new();
+    let read = if from == "-" {
+        std::io::stdin().read_to_string(&mut text).map(|_| ())
+    } else {
+        std::fs::File::open(from).and_then(|mut f| f.read_to_string(&mut text).map(|_| ()))
+    };
+    read.map_err(|e| {
+        Exit::usage(format!(
+            "{option}: cannot read {}: {e}",
+            if from == "-" { "stdin" } else { from }
+        ))
+    })?;
+    let token = text.trim();
+    if token.is_empty() || token.contains(char::is_whitespace) {
+        return Err(Exit::usage(format!(
+            "{option}: expected one token, found {}",
+            if token.is_empty() {
+                "nothing"
+            } else {
+                "several words"
+            }
+        )));
+    }
+    Ok(Secret::new(token))
+}

@@ -1,0 +1,257 @@
+//! The command line (spec §2): parsing, help, exit codes, dispatch.
+//!
+//! Every option is documented next to its definition in [`USAGE`]; each
+//! command lives in its own file. Secrets never come from argv: options that
+//! carry one take a file path or `-` for stdin.
+
+mod check_config;
+mod import;
+mod list;
+mod run;
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::config::{self, ConfigError};
+
+/// Exit codes of the contract: 0 success, 1 the operation failed, 2 usage
+/// or configuration error.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Exit {
+    pub fn usage(message: impl Into<String>) -> Exit {
+        Exit {
+            code: 2,
+            message: format!("{}\nRun 'tokend --help' for usage.", message.into()),
+        }
+    }
+
+    pub fn config(e: ConfigError) -> Exit {
+        Exit {
+            code: 2,
+            message: e.to_string(),
+        }
+    }
+
+    pub fn failure(message: impl Into<String>) -> Exit {
+        Exit {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+pub const USAGE: &str = "\
+tokend keeps OAuth 2.0 access tokens fresh and publishes them to files.
+
+Usage: tokend [-c PATH] COMMAND [ARGS]
+
+Commands:
+  run                   Run the daemon in the foreground (what systemd starts).
+  check-config          Validate the config, its secrets and paths; print every
+                        problem with its key. Exit 0 if all is well, 2 if not.
+  import NAME --provider P --refresh-token FILE|-
+                        Add a credential from an existing refresh token.
+      --access-token FILE|-   Also store its current access token.
+      --expires-in SECS       Seconds the access token has left.
+      --force                 Replace a credential of the same name.
+  list                  One line per credential: name, provider, state,
+                        expiry, last refresh, last error.
+
+Global options:
+  -c, --config PATH     The config file. Default: $TOKEND_CONFIG, else
+                        /etc/tokend/config.toml.
+  -h, --help            Print this help.
+  -V, --version         Print the version.
+
+Secrets are never taken from the command line: FILE is a path to read, '-'
+reads stdin. Logs go to stderr; RUST_LOG sets the level (default: info).
+Exit codes: 0 success, 1 the operation failed, 2 usage or configuration error.
+";
+
+/// Everything the command line said, before each command checks its part.
+#[derive(Default)]
+struct Args {
+    config: Option<PathBuf>,
+    command: Option<String>,
+    positionals: Vec<String>,
+    provider: Option<String>,
+    refresh_token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<String>,
+    force: bool,
+    /// Options given, by name, so a command can refuse those it does not take.
+    given: Vec<&'static str>,
+}
+
+impl Args {
+    fn config_path(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(|| {
+            std::env::var_os("TOKEND_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG))
+        })
+    }
+
+    /// Refuses options and extra arguments this command does not take.
+    fn only(&self, command: &str, options: &[&str], positionals: usize) -> Result<(), Exit> {
+        if let Some(o) = self.given.iter().find(|o| !options.contains(o)) {
+            return Err(Exit::usage(format!("'{command}' does not take --{o}")));
+        }
+        if self.positionals.len() > positionals {
+            return Err(Exit::usage(format!(
+                "'{command}' does not take the argument {:?}",
+                self.positionals[positionals]
+            )));
+        }
+        Ok(())
+    }
+
+    fn name(&self, command: &str) -> Result<String, Exit> {
+        let name = self
+            .positionals
+            .first()
+            .ok_or_else(|| Exit::usage(format!("'{command}' needs a credential NAME")))?;
+        config::check_name(name)
+            .map_err(|e| Exit::usage(format!("bad credential name {name:?}: {e}")))?;
+        Ok(name.clone())
+    }
+}
+
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit> {
+    use lexopt::prelude::*;
+    let mut a = Args::default();
+    let mut p = lexopt::Parser::from_args(args);
+    let bad = |e: lexopt::Error| Exit::usage(e.to_string());
+    while let Some(arg) = p.next().map_err(bad)? {
+        // Options that take a value: note the name, then read the value.
+        let valued = match arg {
+            Short('h') | Long("help") => {
+                print!("{USAGE}");
+                return Ok(None);
+            }
+            Short('V') | Long("version") => {
+                println!("tokend {}", env!("CARGO_PKG_VERSION"));
+                return Ok(None);
+            }
+            Short('c') | Long("config") => "config",
+            Long("provider") => "provider",
+            Long("refresh-token") => "refresh-token",
+            Long("access-token") => "access-token",
+            Long("expires-in") => "expires-in",
+            Long("force") => {
+                a.given.push("force");
+                a.force = true;
+                continue;
+            }
+            Value(v) => {
+                let v = v
+                    .into_string()
+                    .map_err(|_| Exit::usage("arguments must be valid UTF-8"))?;
+                if a.command.is_none() {
+                    a.command = Some(v);
+                } else {
+                    a.positionals.push(v);
+                }
+                continue;
+            }
+            other => return Err(bad(other.unexpected())),
+        };
+        a.given.push(valued);
+        let value = p
+            .value()
+            .map_err(bad)?
+            .into_string()
+            .map_err(|_| Exit::usage(format!("--{valued} is not valid UTF-8")))?;
+        match valued {
+            "config" => a.config = Some(value.into()),
+            "provider" => a.provider = Some(value),
+            "refresh-token" => a.refresh_token = Some(value),
+            "access-token" => a.access_token = Some(value),
+            _ => a.expires_in = Some(value),
+        }
+    }
+    a.given.retain(|o| *o != "config");
+    Ok(Some(a))
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> u8 {
+    let args = match parse(std::env::args_os().skip(1)) {
+        Ok(Some(a)) => a,
+        Ok(None) => return 0,
+        Err(e) => return report(e),
+    };
+    let result = match args.command.as_deref() {
+        Some("run") => run::run(&args),
+        Some("check-config") => check_config::run(&args),
+        Some("import") => import::run(&args),
+        Some("list") => list::run(&args),
+        Some(other) => Err(Exit::usage(format!("unknown command {other:?}"))),
+        None => Err(Exit::usage("no command given")),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => report(e),
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides `default`. tokio-cron-scheduler
+/// announces every start at INFO, so it is held to warnings unless named.
+fn init_logging(default: &str) {
+    use tracing_subscriber::EnvFilter;
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
+    let spec = if spec.contains("tokio_cron_scheduler") {
+        spec
+    } else {
+        format!("{spec},tokio_cron_scheduler=warn")
+    };
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn report(e: Exit) -> u8 {
+    if !e.message.is_empty() {
+        eprintln!("tokend: {}", e.message.replace('\n', "\ntokend: "));
+    }
+    e.code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Option<Args>, Exit> {
+        parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn global_config_anywhere() {
+        let a = p(&["import", "bot", "-c", "/x.toml", "--provider", "pd"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.config, Some(PathBuf::from("/x.toml")));
+        assert_eq!(a.command.as_deref(), Some("import"));
+        assert_eq!(a.positionals, ["bot"]);
+        assert_eq!(a.provider.as_deref(), Some("pd"));
+        assert_eq!(a.given, ["provider"]);
+    }
+
+    #[test]
+    fn commands_refuse_foreign_options() {
+        let a = p(&["list", "--force"]).unwrap().unwrap();
+        let e = a.only("list", &[], 0).unwrap_err();
+        assert_eq!(e.code, 2);
+        assert!(e.message.contains("--force"));
+        assert!(p(&["list", "--bogus"]).is_err());
+    }
+}

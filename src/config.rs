@@ -1,0 +1,1035 @@
+//! The TOML configuration (spec §3): parsing, defaults, validation with errors
+//! that name their key, and loading of client secrets.
+//!
+//! Parsing happens in two passes. serde rejects unknown keys and wrong types
+//! (toml's error shows the offending line); then [`validate`] checks every
+//! value and collects *all* problems, so `check-config` can list them at once
+//! and the daemon never starts half-configured.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+/// Where the config lives when neither `-c` nor `TOKEND_CONFIG` says.
+pub const DEFAULT_CONFIG: &str = "/etc/tokend/config.toml";
+const DEFAULT_DATABASE: &str = "/var/lib/tokend/tokend.db";
+
+/// One problem with the configuration, tied to the key that caused it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `providers.pandadoc.token_url`; empty for the file as a whole.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in one config file.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}: {p}", self.path.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration. Built only by [`load`] or [`parse`], so holding
+/// one means every value was checked and every secret could be read.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, reloaded on SIGHUP.
+    pub path: PathBuf,
+    pub database: PathBuf,
+    pub refresh: RefreshConfig,
+    pub providers: BTreeMap<String, Arc<ProviderConfig>>,
+    pub sinks: Vec<Arc<SinkConfig>>,
+}
+
+/// `[refresh]`: when and how hard tokend talks to providers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshConfig {
+    /// Cron expression, seconds first, of the validation sweep.
+    pub validate_schedule: String,
+    pub refresh_before_expiry: Duration,
+    /// Provider requests in flight across all credentials.
+    pub max_concurrency: usize,
+    pub request_timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// A token with less than this left is refreshed before anything hands it out;
+    /// the refresher therefore never lets a token get this close to expiry.
+    pub min_remaining: Duration,
+}
+
+impl Default for RefreshConfig {
+    fn default() -> Self {
+        RefreshConfig {
+            validate_schedule: "0 */15 * * * *".into(),
+            refresh_before_expiry: Duration::from_secs(600),
+            max_concurrency: 8,
+            request_timeout: Duration::from_secs(30),
+            retry_initial: Duration::from_secs(5),
+            retry_max: Duration::from_secs(900),
+            min_remaining: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RefreshConfig {
+    /// How long before expiry a refresh is due: never closer than `min_remaining`.
+    pub fn lead(&self) -> Duration {
+        self.refresh_before_expiry.max(self.min_remaining)
+    }
+}
+
+/// How the client authenticates at the token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenAuth {
+    /// client_id and client_secret in the form body: what PandaDoc wants.
+    ClientSecretPost,
+    /// HTTP Basic with the client credentials.
+    ClientSecretBasic,
+}
+
+/// `[providers.NAME]`: one OAuth 2.0 client registration.
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    /// Which preset filled in the URLs, if any. PandaDoc's presets also mean
+    /// "send exactly the fields of PandaDoc's OpenAPI description".
+    pub preset: Option<Preset>,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub redirect_uri: Option<Url>,
+    pub scope: Option<String>,
+    pub authorize_url: Url,
+    pub token_url: Url,
+    pub validate_url: Url,
+    pub token_auth: TokenAuth,
+    pub pkce: bool,
+    pub authorize_params: BTreeMap<String, String>,
+}
+
+/// Known providers whose URLs need not be written out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    Pandadoc,
+    PandadocEu,
+}
+
+impl Preset {
+    fn parse(s: &str) -> Option<Preset> {
+        match s {
+            "pandadoc" => Some(Preset::Pandadoc),
+            "pandadoc-eu" => Some(Preset::PandadocEu),
+            _ => None,
+        }
+    }
+
+    /// (authorize_url, token_url, validate_url)
+    fn urls(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Preset::Pandadoc => (
+                "https://app.pandadoc.com/oauth2/authorize",
+                "https://api.pandadoc.com/oauth2/access_token",
+                "https://api.pandadoc.com/public/v1/members/current",
+            ),
+            Preset::PandadocEu => (
+                "https://app.pandadoc.eu/oauth2/authorize",
+                "https://api.pandadoc.eu/oauth2/access_token",
+                "https://api.pandadoc.eu/public/v1/members/current",
+            ),
+        }
+    }
+}
+
+/// What a sink file holds (spec §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Raw,
+    Header,
+    Env,
+    Json,
+}
+
+/// `[[sinks]]`: one family of published files.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// Position in the file, for messages ("sinks[1].path").
+    pub index: usize,
+    /// Glob patterns (`*`, `?`) over credential names.
+    pub credentials: Vec<String>,
+    /// Path template; `{name}` is replaced by the credential's name.
+    pub path: String,
+    pub format: Format,
+    pub mode: u32,
+    /// The group the file is given, resolved to a gid once at load.
+    pub group: Option<(String, u32)>,
+    pub on_change: Option<Vec<String>>,
+    pub on_change_timeout: Duration,
+}
+
+impl SinkConfig {
+    pub fn matches(&self, name: &str) -> bool {
+        self.credentials.iter().any(|p| glob_match(p, name))
+    }
+
+    /// The file this sink writes for a credential.
+    pub fn path_for(&self, name: &str) -> PathBuf {
+        PathBuf::from(self.path.replace("{name}", name))
+    }
+}
+
+/// `*` matches any run of characters, `?` any one; everything else itself.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // Iterative matcher with backtracking to the last `*`: linear in practice.
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
+            pi += 1;
+            ni += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Credential and provider names end up in file paths and URLs: keep them to
+/// a safe alphabet so `{name}` can never climb out of a sink directory.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 128 {
+        return Err("must be 1 to 128 characters".into());
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err("must not start with '.' or '-'".into());
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
+    {
+        return Err("may hold only letters, digits, '-', '_', '.' and '@'".into());
+    }
+    Ok(())
+}
+
+// ---- raw, as written in the file ----
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    database: Option<String>,
+    #[serde(default)]
+    refresh: RawRefresh,
+    #[serde(default)]
+    providers: BTreeMap<String, RawProvider>,
+    #[serde(default)]
+    sinks: Vec<RawSink>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRefresh {
+    validate_schedule: Option<String>,
+    refresh_before_expiry: Option<String>,
+    max_concurrency: Option<i64>,
+    request_timeout: Option<String>,
+    retry_initial: Option<String>,
+    retry_max: Option<String>,
+    min_remaining: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    preset: Option<String>,
+    client_id: Option<String>,
+    client_secret_file: Option<String>,
+    client_secret_env: Option<String>,
+    client_secret_credential: Option<String>,
+    redirect_uri: Option<String>,
+    scope: Option<String>,
+    authorize_url: Option<String>,
+    token_url: Option<String>,
+    validate_url: Option<String>,
+    token_auth: Option<String>,
+    pkce: Option<bool>,
+    #[serde(default)]
+    authorize_params: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    credentials: Option<Vec<String>>,
+    path: Option<String>,
+    format: Option<String>,
+    mode: Option<String>,
+    group: Option<String>,
+    on_change: Option<Vec<String>>,
+    on_change_timeout: Option<String>,
+}
+
+/// What the configuration may read from the process environment; a seam so
+/// tests can give `$STATE_DIRECTORY` and friends without touching the real one.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+
+    /// Whether client secrets are read (and their absence an error).
+    fn read_secrets(&self) -> bool {
+        true
+    }
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+/// Reads and validates a config file, secrets included.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, &ProcessEnv)
+}
+
+/// Reads a config file for a command that never talks to a provider
+/// (`import`, `list`): client secrets are left unread, so an operator who may
+/// not read them can still run it.
+pub fn load_without_secrets(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, &WithoutSecrets)
+}
+
+/// Marks a load that must not read secrets.
+struct WithoutSecrets;
+
+impl Env for WithoutSecrets {
+    fn var(&self, name: &str) -> Option<String> {
+        ProcessEnv.var(name)
+    }
+
+    fn read_secrets(&self) -> bool {
+        false
+    }
+}
+
+fn load_with(path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        path: path.to_owned(),
+        problems: vec![Problem {
+            key: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }],
+    })?;
+    parse(&text, path, env)
+}
+
+/// Parses and validates config text; `path` is used for messages and reloads.
+pub fn parse(text: &str, path: &Path, env: &dyn Env) -> Result<Config, ConfigError> {
+    let fail = |problems| ConfigError {
+        path: path.to_owned(),
+        problems,
+    };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+        fail(vec![Problem {
+            key: String::new(),
+            message: e.to_string().trim_end().to_owned(),
+        }])
+    })?;
+    validate(raw, path, env).map_err(fail)
+}
+
+fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Problem>> {
+    let mut p = Problems::default();
+
+    let database = match raw.database {
+        Some(d) => {
+            let d = PathBuf::from(d);
+            if !d.is_absolute() {
+                p.add("database", "must be an absolute path");
+            }
+            d
+        }
+        None => match env.var("STATE_DIRECTORY") {
+            // systemd may list several directories, separated by ':'.
+            Some(dirs) => PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join("tokend.db"),
+            None => PathBuf::from(DEFAULT_DATABASE),
+        },
+    };
+
+    let refresh = validate_refresh(&raw.refresh, &mut p);
+
+    let mut providers = BTreeMap::new();
+    for (name, rp) in raw.providers {
+        if let Some(pc) = validate_provider(&name, rp, env, &mut p) {
+            providers.insert(name, Arc::new(pc));
+        }
+    }
+
+    let mut sinks = Vec::new();
+    let mut seen_paths = HashSet::new();
+    for (i, rs) in raw.sinks.into_iter().enumerate() {
+        if let Some(s) = validate_sink(i, rs, &mut p) {
+            if !seen_paths.insert(s.path.clone()) {
+                p.add(
+                    format!("sinks[{i}].path"),
+                    "another sink already writes this path",
+                );
+            }
+            sinks.push(Arc::new(s));
+        }
+    }
+
+    p.finish(Config {
+        path: path.to_owned(),
+        database,
+        refresh,
+        providers,
+        sinks,
+    })
+}
+
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, Vec<Problem>> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.0)
+        }
+    }
+
+    fn duration(&mut self, key: &str, value: &Option<String>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.add(
+                        key,
+                        format!(
+                            "{s:?} is not a duration ({e}); write e.g. \"30s\", \"15m\", \"1h\""
+                        ),
+                    );
+                    default
+                }
+            },
+        }
+    }
+}
+
+fn validate_refresh(r: &RawRefresh, p: &mut Problems) -> RefreshConfig {
+    let d = RefreshConfig::default();
+    let validate_schedule = match &r.validate_schedule {
+        None => d.validate_schedule.clone(),
+        Some(s) => {
+            if let Err(e) = check_cron(s) {
+                p.add("refresh.validate_schedule", e);
+            }
+            s.clone()
+        }
+    };
+    let refresh_before_expiry = p.duration(
+        "refresh.refresh_before_expiry",
+        &r.refresh_before_expiry,
+        d.refresh_before_expiry,
+    );
+    let max_concurrency = match r.max_concurrency {
+        None => d.max_concurrency,
+        Some(n) if (1..=4096).contains(&n) => n as usize,
+        Some(n) => {
+            p.add(
+                "refresh.max_concurrency",
+                format!("{n} is out of range: give 1 to 4096"),
+            );
+            d.max_concurrency
+        }
+    };
+    let request_timeout = p.duration(
+        "refresh.request_timeout",
+        &r.request_timeout,
+        d.request_timeout,
+    );
+    if request_timeout.is_zero() || request_timeout > Duration::from_secs(600) {
+        p.add(
+            "refresh.request_timeout",
+            "must be more than 0s and at most 10m",
+        );
+    }
+    let retry_initial = p.duration("refresh.retry_initial", &r.retry_initial, d.retry_initial);
+    if retry_initial < Duration::from_millis(100) {
+        p.add("refresh.retry_initial", "must be at least 100ms");
+    }
+    let retry_max = p.duration("refresh.retry_max", &r.retry_max, d.retry_max);
+    if retry_max < retry_initial {
+        p.add(
+            "refresh.retry_max",
+            "must be at least refresh.retry_initial",
+        );
+    }
+    let min_remaining = p.duration("refresh.min_remaining", &r.min_remaining, d.min_remaining);
+    RefreshConfig {
+        validate_schedule,
+        refresh_before_expiry,
+        max_concurrency,
+        request_timeout,
+        retry_initial,
+        retry_max,
+        min_remaining,
+    }
+}
+
+/// Parses a cron expression the way tokio-cron-scheduler will (seconds first),
+/// but keeps croner's explanation of what is wrong.
+pub fn check_cron(s: &str) -> Result<(), String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(s)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{s:?} is not a cron expression with seconds first ({e}); e.g. \"0 */15 * * * *\""
+            )
+        })
+}
+
+fn check_url(key: &str, s: &str, p: &mut Problems) -> Option<Url> {
+    let url = match Url::parse(s) {
+        Ok(u) => u,
+        Err(e) => {
+            p.add(key, format!("{s:?} is not a URL ({e})"));
+            return None;
+        }
+    };
+    match url.scheme() {
+        "https" => Some(url),
+        // Plain HTTP would send secrets in clear: only to this machine (tests, the demo).
+        "http" if is_loopback(&url) => Some(url),
+        _ => {
+            p.add(
+                key,
+                format!("{s:?} must be https (plain http is allowed only to 127.0.0.1, [::1] or localhost)"),
+            );
+            None
+        }
+    }
+}
+
+/// Whether a URL points at this machine.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host_str() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback()),
+        None => false,
+    }
+}
+
+fn validate_provider(
+    name: &str,
+    r: RawProvider,
+    env: &dyn Env,
+    p: &mut Problems,
+) -> Option<ProviderConfig> {
+    let k = |field: &str| format!("providers.{name}.{field}");
+    let before = p.0.len();
+    if let Err(e) = check_name(name) {
+        p.add(
+            format!("providers.{name}"),
+            format!("bad provider name: {e}"),
+        );
+    }
+    let preset = match r.preset.as_deref() {
+        None => None,
+        Some(s) => {
+            let preset = Preset::parse(s);
+            if preset.is_none() {
+                p.add(
+                    k("preset"),
+                    format!("unknown preset {s:?}: known are \"pandadoc\" and \"pandadoc-eu\""),
+                );
+            }
+            preset
+        }
+    };
+    let client_id = r.client_id.clone().unwrap_or_default();
+    if client_id.is_empty() {
+        p.add(k("client_id"), "is required");
+    }
+    let client_secret = load_secret(name, &r, env, p);
+
+    let urls = preset.map(Preset::urls);
+    let mut url = |field: &str, given: &Option<String>, preset_value: Option<&str>| match given
+        .as_deref()
+        .or(preset_value)
+    {
+        Some(s) => check_url(&k(field), s, p),
+        None => {
+            p.add(k(field), "is required (or set a preset)");
+            None
+        }
+    };
+    let authorize_url = url("authorize_url", &r.authorize_url, urls.map(|u| u.0));
+    let token_url = url("token_url", &r.token_url, urls.map(|u| u.1));
+    let validate_url = url("validate_url", &r.validate_url, urls.map(|u| u.2));
+
+    let redirect_uri = r.redirect_uri.as_deref().and_then(|s| match Url::parse(s) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            p.add(k("redirect_uri"), format!("{s:?} is not a URL ({e})"));
+            None
+        }
+    });
+    let scope = r
+        .scope
+        .clone()
+        .or_else(|| preset.map(|_| "read+write".to_owned()));
+    let token_auth = match r.token_auth.as_deref() {
+        None | Some("client_secret_post") => TokenAuth::ClientSecretPost,
+        Some("client_secret_basic") => TokenAuth::ClientSecretBasic,
+        Some(s) => {
+            p.add(
+                k("token_auth"),
+                format!("{s:?} is not one of \"client_secret_post\", \"client_secret_basic\""),
+            );
+            TokenAuth::ClientSecretPost
+        }
+    };
+    if p.0.len() > before {
+        return None;
+    }
+    Some(ProviderConfig {
+        name: name.to_owned(),
+        preset,
+        client_id,
+        client_secret: client_secret?,
+        redirect_uri,
+        scope,
+        authorize_url: authorize_url?,
+        token_url: token_url?,
+        validate_url: validate_url?,
+        token_auth,
+        pkce: r.pkce.unwrap_or(false),
+        authorize_params: r.authorize_params,
+    })
+}
+
+fn load_secret(name: &str, r: &RawProvider, env: &dyn Env, p: &mut Problems) -> Option<Secret> {
+    let k = |field: &str| format!("providers.{name}.{field}");
+    let given = [
+        r.client_secret_file.is_some(),
+        r.client_secret_env.is_some(),
+        r.client_secret_credential.is_some(),
+    ]
+    .iter()
+    .filter(|&&b| b)
+    .count();
+    if given != 1 {
+        p.add(
+            k("client_secret_file"),
+            "give exactly one of client_secret_file, client_secret_env, client_secret_credential",
+        );
+        return None;
+    }
+    if !env.read_secrets() {
+        return Some(Secret::new(""));
+    }
+    let (key, text) = if let Some(f) = &r.client_secret_file {
+        (k("client_secret_file"), read_secret_file(Path::new(f)))
+    } else if let Some(var) = &r.client_secret_env {
+        (
+            k("client_secret_env"),
+            env.var(var)
+                .ok_or_else(|| format!("the environment variable {var} is not set or empty")),
+        )
+    } else {
+        let cred = r.client_secret_credential.as_deref().unwrap_or_default();
+        let text = match env.var("CREDENTIALS_DIRECTORY") {
+            None => Err(
+                "$CREDENTIALS_DIRECTORY is not set: pass the secret with LoadCredential= in the unit"
+                    .to_owned(),
+            ),
+            Some(_) if check_name(cred).is_err() => Err(format!("{cred:?} is not a credential name")),
+            Some(dir) => read_secret_file(&Path::new(&dir).join(cred)),
+        };
+        (k("client_secret_credential"), text)
+    };
+    match text {
+        Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim())),
+        Ok(_) => {
+            p.add(key, "the secret is empty");
+            None
+        }
+        Err(e) => {
+            p.add(key, e);
+            None
+        }
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
+    let k = |field: &str| format!("sinks[{i}].{field}");
+    let before = p.0.len();
+    let credentials = r.credentials.unwrap_or_else(|| vec!["*".into()]);
+    if credentials.is_empty() {
+        p.add(k("credentials"), "must name at least one pattern");
+    }
+    let path = r.path.unwrap_or_default();
+    if path.is_empty() {
+        p.add(k("path"), "is required");
+    } else if !Path::new(&path).is_absolute() {
+        p.add(k("path"), format!("{path:?} must be an absolute path"));
+    } else if path.ends_with('/') {
+        p.add(k("path"), format!("{path:?} names a directory, not a file"));
+    } else if !path.contains("{name}")
+        && (credentials.len() != 1 || credentials[0].contains(['*', '?']))
+    {
+        p.add(
+            k("path"),
+            "must contain {name} unless credentials names exactly one credential",
+        );
+    }
+    let format = match r.format.as_deref() {
+        None | Some("raw") => Format::Raw,
+        Some("header") => Format::Header,
+        Some("env") => Format::Env,
+        Some("json") => Format::Json,
+        Some(s) => {
+            p.add(
+                k("format"),
+                format!("{s:?} is not one of \"raw\", \"header\", \"env\", \"json\""),
+            );
+            Format::Raw
+        }
+    };
+    let mode = match r.mode.as_deref() {
+        None => 0o600,
+        Some(s) => match u32::from_str_radix(s, 8) {
+            Ok(m) if m <= 0o777 && m & 0o022 == 0 && m & 0o400 != 0 => m,
+            Ok(_) => {
+                p.add(
+                    k("mode"),
+                    format!("{s:?} must let the owner read and nobody but the owner write, e.g. \"0640\""),
+                );
+                0o600
+            }
+            Err(_) => {
+                p.add(
+                    k("mode"),
+                    format!("{s:?} is not an octal mode like \"0640\""),
+                );
+                0o600
+            }
+        },
+    };
+    let group = r.group.as_deref().and_then(|g| match resolve_group(g) {
+        Some(gid) => Some((g.to_owned(), gid)),
+        None => {
+            p.add(k("group"), format!("no group {g:?} on this system"));
+            None
+        }
+    });
+    if let Some(argv) = &r.on_change {
+        match argv.first() {
+            None => p.add(k("on_change"), "must name a program"),
+            Some(prog) if !Path::new(prog).is_absolute() => p.add(
+                k("on_change"),
+                format!("{prog:?} must be an absolute path (no shell, no $PATH lookup)"),
+            ),
+            _ => {}
+        }
+    }
+    let on_change_timeout = p.duration(
+        &k("on_change_timeout"),
+        &r.on_change_timeout,
+        Duration::from_secs(30),
+    );
+    if p.0.len() > before {
+        return None;
+    }
+    Some(SinkConfig {
+        index: i,
+        credentials,
+        path,
+        format,
+        mode,
+        group,
+        on_change: r.on_change,
+        on_change_timeout,
+    })
+}
+
+/// A group name or a numeric gid to a gid.
+fn resolve_group(g: &str) -> Option<u32> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Some(gid);
+    }
+    let name = std::ffi::CString::new(g).ok()?;
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: getgrnam_r writes only into `grp`, `buf` (whose length we pass)
+    // and `result`; all outlive the call.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrnam_r(
+            name.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        );
+        if rc == 0 && !result.is_null() {
+            Some(grp.gr_gid)
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    struct FakeEnv(HashMap<&'static str, String>);
+    impl Env for FakeEnv {
+        fn var(&self, name: &str) -> Option<String> {
+            self.0.get(name).cloned()
+        }
+    }
+
+    fn env() -> FakeEnv {
+        FakeEnv(HashMap::from([("PD_SECRET", "s3cret".to_owned())]))
+    }
+
+    fn parse_ok(text: &str) -> Config {
+        parse(text, Path::new("t.toml"), &env()).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text, Path::new("t.toml"), &env()) {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.problems.iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    const PANDADOC: &str = r#"
+        database = "/tmp/x/tokend.db"
+        [providers.pandadoc]
+        preset = "pandadoc"
+        client_id = "cid"
+        client_secret_env = "PD_SECRET"
+    "#;
+
+    #[test]
+    fn preset_fills_urls_and_defaults_apply() {
+        let c = parse_ok(PANDADOC);
+        let p = &c.providers["pandadoc"];
+        assert_eq!(
+            p.token_url.as_str(),
+            "https://api.pandadoc.com/oauth2/access_token"
+        );
+        assert_eq!(
+            p.validate_url.as_str(),
+            "https://api.pandadoc.com/public/v1/members/current"
+        );
+        assert_eq!(p.scope.as_deref(), Some("read+write"));
+        assert_eq!(p.client_secret.expose(), "s3cret");
+        assert_eq!(p.token_auth, TokenAuth::ClientSecretPost);
+        assert_eq!(c.refresh, RefreshConfig::default());
+    }
+
+    #[test]
+    fn eu_preset_uses_eu_hosts() {
+        let c = parse_ok(&PANDADOC.replace("\"pandadoc\"\n", "\"pandadoc-eu\"\n"));
+        assert_eq!(
+            c.providers["pandadoc"].authorize_url.as_str(),
+            "https://app.pandadoc.eu/oauth2/authorize"
+        );
+    }
+
+    #[test]
+    fn database_defaults_to_state_directory() {
+        let e = FakeEnv(HashMap::from([(
+            "STATE_DIRECTORY",
+            "/var/lib/tokend:/other".to_owned(),
+        )]));
+        let c = parse("", Path::new("t.toml"), &e).unwrap();
+        assert_eq!(c.database, PathBuf::from("/var/lib/tokend/tokend.db"));
+        let c = parse("", Path::new("t.toml"), &FakeEnv(HashMap::new())).unwrap();
+        assert_eq!(c.database, PathBuf::from(DEFAULT_DATABASE));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = problems("[refresh]\nretry_maxx = \"1m\"\n");
+        assert!(e[0].contains("retry_maxx"), "{e:?}");
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_its_key() {
+        let e = problems(
+            r#"
+            [refresh]
+            retry_max = "15x"
+            max_concurrency = 0
+            validate_schedule = "every minute"
+            [providers.generic]
+            client_id = ""
+            client_secret_file = "/nonexistent/secret"
+            token_url = "http://example.com/token"
+            [[sinks]]
+            path = "relative/{name}"
+            format = "yaml"
+            mode = "0666"
+            "#,
+        );
+        let joined = e.join("\n");
+        for key in [
+            "refresh.retry_max:",
+            "refresh.max_concurrency:",
+            "refresh.validate_schedule:",
+            "providers.generic.client_id:",
+            "providers.generic.client_secret_file: cannot read /nonexistent/secret",
+            "providers.generic.token_url: \"http://example.com/token\" must be https",
+            "providers.generic.authorize_url: is required",
+            "sinks[0].path:",
+            "sinks[0].format:",
+            "sinks[0].mode:",
+        ] {
+            assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn generic_provider_over_loopback_http() {
+        let c = parse_ok(
+            r#"
+            [providers.fake]
+            client_id = "c"
+            client_secret_env = "PD_SECRET"
+            authorize_url = "http://127.0.0.1:9/authorize"
+            token_url = "http://127.0.0.1:9/token"
+            validate_url = "http://localhost:9/me"
+            token_auth = "client_secret_basic"
+            "#,
+        );
+        let p = &c.providers["fake"];
+        assert_eq!(p.token_auth, TokenAuth::ClientSecretBasic);
+        assert_eq!(p.scope, None);
+    }
+
+    #[test]
+    fn secret_from_credentials_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pd"), "from-cred\n").unwrap();
+        let e = FakeEnv(HashMap::from([(
+            "CREDENTIALS_DIRECTORY",
+            dir.path().display().to_string(),
+        )]));
+        let text = PANDADOC.replace(
+            "client_secret_env = \"PD_SECRET\"",
+            "client_secret_credential = \"pd\"",
+        );
+        let c = parse(&text, Path::new("t.toml"), &e).unwrap();
+        assert_eq!(c.providers["pandadoc"].client_secret.expose(), "from-cred");
+        let e = problems(&text.replace("\"pd\"", "\"missing\""));
+        assert!(e[0].contains("CREDENTIALS_DIRECTORY"), "{e:?}");
+    }
+
+    #[test]
+    fn sinks_parse_with_defaults() {
+        let c = parse_ok(&format!(
+            "{PANDADOC}\n[[sinks]]\npath = \"/run/t/{{name}}\"\nformat = \"json\"\nmode = \"0640\"\ngroup = \"0\"\n"
+        ));
+        let s = &c.sinks[0];
+        assert_eq!(s.mode, 0o640);
+        assert_eq!(s.format, Format::Json);
+        assert_eq!(s.group, Some(("0".into(), 0)));
+        assert!(s.matches("anything"));
+        assert_eq!(s.path_for("bot"), PathBuf::from("/run/t/bot"));
+    }
+
+    #[test]
+    fn a_single_file_sink_must_name_one_credential() {
+        let e = problems("[[sinks]]\npath = \"/run/t/token\"\n");
+        assert!(e[0].contains("must contain {name}"), "{e:?}");
+        let c = parse_ok("[[sinks]]\ncredentials = [\"bot\"]\npath = \"/run/t/token\"\n");
+        assert!(c.sinks[0].matches("bot"));
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*", ""));
+        assert!(glob_match("sales-*", "sales-bot"));
+        assert!(!glob_match("sales-*", "ops-bot"));
+        assert!(glob_match("a?c*d", "abcxxd"));
+        assert!(glob_match("*-bot", "x-y-bot"));
+        assert!(!glob_match("a*b", "acbc"));
+    }
+
+    #[test]
+    fn names() {
+        assert!(check_name("sales-bot_1@eu").is_ok());
+        assert!(check_name("../etc").is_err());
+        assert!(check_name("a/b").is_err());
+        assert!(check_name("").is_err());
+    }
+}

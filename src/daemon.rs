@@ -1,0 +1,216 @@
+//! Wiring and lifecycle of `tokend run`: start, signals, reload, shutdown.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::sync::watch;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use uuid::Uuid;
+
+use crate::cli::Exit;
+use crate::config::{self, Config};
+use crate::provider;
+use crate::publish;
+use crate::refresher::Refresher;
+use crate::store::Store;
+use crate::watch::DirWatch;
+
+/// How long after a change notice we wait for more before reloading: a
+/// peer's burst of commits costs one reload, not one per commit.
+const CHANGE_DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
+    let config = load(&config_path).await.map_err(Exit::config)?;
+    let config = Arc::new(config);
+    let problems = publish::check_dirs(&config.sinks, true);
+    if !problems.is_empty() {
+        return Err(Exit::config(config::ConfigError {
+            path: config_path,
+            problems,
+        }));
+    }
+    let store = Store::open(&config.database)
+        .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
+    let client = provider::Client::new().map_err(Exit::failure)?;
+    // Signals first: a SIGTERM during start-up must not kill us half-way.
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| Exit::failure(format!("cannot install signal handlers: {e}")))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    let (refresher, tasks) =
+        Refresher::start(config.clone(), store.clone(), client, shutdown_rx.clone())
+            .await
+            .map_err(|e| Exit::failure(format!("cannot load credentials: {e}")))?;
+
+    let mut sweep = Sweep::start(refresher.clone(), &config.refresh.validate_schedule)
+        .await
+        .map_err(Exit::failure)?;
+    let watcher = tokio::spawn(watch_store(
+        config.database.clone(),
+        store,
+        refresher.clone(),
+        shutdown_rx.clone(),
+    ));
+    tracing::info!(
+        config = %config_path.display(),
+        database = %config.database.display(),
+        providers = config.providers.len(),
+        sinks = config.sinks.len(),
+        "tokend running"
+    );
+
+    let mut current = config;
+    while let Some(sig) = signals.next().await {
+        match sig {
+            SIGHUP => {
+                if let Some(new) = reload(&current, &config_path).await {
+                    if new.refresh.validate_schedule != current.refresh.validate_schedule {
+                        match Sweep::start(refresher.clone(), &new.refresh.validate_schedule).await
+                        {
+                            Ok(s) => {
+                                sweep.stop().await;
+                                sweep = s;
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot start the new validation schedule")
+                            }
+                        }
+                    }
+                    refresher.reload(new.clone()).await;
+                    current = new;
+                    tracing::info!("configuration reloaded");
+                }
+            }
+            _ => {
+                tracing::info!(signal = sig, "shutting down");
+                break;
+            }
+        }
+    }
+    signals.handle().close();
+    let _ = shutdown_tx.send(true);
+    sweep.stop().await;
+    watcher.abort();
+    // A refresh in flight completes and commits; its request is bounded by
+    // request_timeout, so that is the longest shutdown waits.
+    tasks
+        .join(current.refresh.request_timeout + Duration::from_secs(2))
+        .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn load(path: &Path) -> Result<Config, config::ConfigError> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || config::load(&path))
+        .await
+        .expect("config loading does not panic")
+}
+
+/// Loads and checks the file again; on any problem, logs every one and
+/// keeps the old configuration.
+async fn reload(current: &Config, path: &Path) -> Option<Arc<Config>> {
+    let new = match load(path).await {
+        Ok(c) => c,
+        Err(e) => {
+            for p in &e.problems {
+                tracing::error!(problem = %p, "configuration rejected; the old one stays in force");
+            }
+            return None;
+        }
+    };
+    let sinks = new.sinks.clone();
+    let problems = tokio::task::spawn_blocking(move || publish::check_dirs(&sinks, true))
+        .await
+        .unwrap_or_default();
+    if !problems.is_empty() {
+        for p in &problems {
+            tracing::error!(problem = %p, "configuration rejected; the old one stays in force");
+        }
+        return None;
+    }
+    let mut new = new;
+    if new.database != current.database {
+        tracing::warn!(
+            database = %new.database.display(),
+            "a new database path takes effect only after a restart; keeping the current one"
+        );
+        new.database = current.database.clone();
+    }
+    if new.refresh.max_concurrency != current.refresh.max_concurrency {
+        tracing::warn!(
+            "a new max_concurrency takes effect for provider requests now, for worker count after a restart"
+        );
+    }
+    Some(Arc::new(new))
+}
+
+/// The cron job that runs the validation sweep.
+struct Sweep {
+    scheduler: JobScheduler,
+    job: Uuid,
+}
+
+impl Sweep {
+    async fn start(refresher: Arc<Refresher>, schedule: &str) -> Result<Sweep, String> {
+        let err = |e: tokio_cron_scheduler::JobSchedulerError| format!("validation schedule: {e}");
+        let scheduler = JobScheduler::new().await.map_err(err)?;
+        let job = Job::new_async(schedule, move |_, _| {
+            let r = refresher.clone();
+            // The sweep only flags work, so overlapping runs are harmless.
+            Box::pin(async move { r.sweep() })
+        })
+        .map_err(err)?;
+        let job = scheduler.add(job).await.map_err(err)?;
+        scheduler.start().await.map_err(err)?;
+        Ok(Sweep { scheduler, job })
+    }
+
+    async fn stop(&mut self) {
+        let _ = self.scheduler.remove(&self.job).await;
+        let _ = self.scheduler.shutdown().await;
+    }
+}
+
+/// Picks up what other processes wrote to the store.
+async fn watch_store(
+    database: PathBuf,
+    store: Store,
+    refresher: Arc<Refresher>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let dir = database
+        .parent()
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("."));
+    let watch = match DirWatch::new(&dir) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the database directory; changes by other processes are seen only after a restart or SIGHUP");
+            return;
+        }
+    };
+    let mut version = store.data_version().await.ok();
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            r = watch.changed() => if let Err(e) = r {
+                tracing::warn!(error = %e, "database watch failed");
+                return;
+            },
+        }
+        tokio::time::sleep(CHANGE_DEBOUNCE).await;
+        // Our own commits wake the watch too; data_version moves only for others'.
+        let now = store.data_version().await.ok();
+        if now.is_some() && now != version {
+            version = now;
+            if let Err(e) = refresher.store_changed().await {
+                tracing::warn!(error = %e, "cannot read changes from the store");
+            }
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! tokend keeps OAuth 2.0 access tokens fresh and publishes them, so that the
+//! programs that call an API never speak OAuth. See README.md for the tour and
+//! `shared/spec.md` for the contract.
+
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod lease;
+pub mod provider;
+pub mod publish;
+pub mod refresher;
+pub mod secret;
+pub mod store;
+pub mod watch;

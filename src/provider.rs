@@ -1,0 +1,534 @@
+//! The OAuth 2.0 client: code exchange, refresh and the validation GET, with
+//! every answer classified (spec §6) so that the refresher never has to look
+//! at a status code.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use serde::Deserialize;
+
+use crate::config::{ProviderConfig, TokenAuth};
+use crate::secret::{Secret, redact};
+
+/// The most we read of any provider answer: a token response is a few
+/// hundred bytes; anything near this is not one.
+const MAX_BODY: usize = 64 * 1024;
+
+/// A token endpoint's successful answer.
+#[derive(Debug)]
+pub struct Tokens {
+    pub access_token: Secret,
+    /// None when the provider did not rotate the refresh token.
+    pub refresh_token: Option<Secret>,
+    pub expires_in: Option<Duration>,
+    pub scope: Option<String>,
+}
+
+/// Why a request did not give us a good token (or a verdict on one).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// Validation: the provider refused the token (401): refresh now.
+    Unauthorized,
+    /// Network, timeout, 5xx, 429, garbage: says nothing about the token; retry later.
+    Transient {
+        reason: String,
+        retry_after: Option<Duration>,
+        /// The request may have reached the provider and been acted on
+        /// (no answer came back): a refresh may have rotated the token.
+        outcome_unknown: bool,
+    },
+    /// The grant is dead (`invalid_grant`, revoked): a human must re-authorize.
+    Permanent { reason: String },
+    /// Our side is wrong (`invalid_client`, a rejected request): fix the config.
+    Misconfigured { reason: String },
+}
+
+impl Failure {
+    pub fn describe(&self) -> String {
+        match self {
+            Failure::Unauthorized => "the provider rejected the access token (401)".into(),
+            Failure::Transient { reason, .. }
+            | Failure::Permanent { reason }
+            | Failure::Misconfigured { reason } => reason.clone(),
+        }
+    }
+
+    fn transient(reason: impl Into<String>) -> Failure {
+        Failure::Transient {
+            reason: reason.into(),
+            retry_after: None,
+            outcome_unknown: false,
+        }
+    }
+}
+
+/// One HTTP client for every provider: connections are pooled per host.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new() -> Result<Client, String> {
+        // reqwest is built without a default crypto provider; install ring's
+        // once. A second call (tests, reloads) finds it installed: fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("tokend/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Client { http })
+    }
+
+    /// The refresh_token grant (RFC 6749 §6).
+    pub async fn refresh(
+        &self,
+        p: &ProviderConfig,
+        refresh_token: &Secret,
+        timeout: Duration,
+    ) -> Result<Tokens, Failure> {
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+        ];
+        if let Some(scope) = &p.scope {
+            form.push(("scope", scope));
+        }
+        self.token_request(p, form, timeout, &[refresh_token]).await
+    }
+
+    /// The authorization_code grant (RFC 6749 §4.1.3).
+    pub async fn exchange_code(
+        &self,
+        p: &ProviderConfig,
+        code: &Secret,
+        pkce_verifier: Option<&Secret>,
+        timeout: Duration,
+    ) -> Result<Tokens, Failure> {
+        let mut form = vec![
+            ("grant_type", "authorization_code"),
+            ("code", code.expose()),
+        ];
+        if let Some(scope) = &p.scope {
+            form.push(("scope", scope));
+        }
+        // PandaDoc's schema has no redirect_uri field; RFC 6749 requires it
+        // when the authorization request carried one, so others get it.
+        let redirect = p.redirect_uri.as_ref().map(|u| u.to_string());
+        if p.preset.is_none() {
+            if let Some(r) = &redirect {
+                form.push(("redirect_uri", r));
+            }
+        }
+        if let Some(v) = pkce_verifier {
+            form.push(("code_verifier", v.expose()));
+        }
+        self.token_request(p, form, timeout, &[code]).await
+    }
+
+    async fn token_request(
+        &self,
+        p: &ProviderConfig,
+        mut form: Vec<(&str, &str)>,
+        timeout: Duration,
+        sent: &[&Secret],
+    ) -> Result<Tokens, Failure> {
+        let mut req = self.http.post(p.token_url.clone()).timeout(timeout);
+        match p.token_auth {
+            TokenAuth::ClientSecretPost => {
+                // PandaDoc's field order: grant_type, client_id, client_secret, …
+                form.insert(1, ("client_id", &p.client_id));
+                form.insert(2, ("client_secret", p.client_secret.expose()));
+            }
+            TokenAuth::ClientSecretBasic => {
+                req = req.basic_auth(
+                    form_encode(&p.client_id),
+                    Some(form_encode(p.client_secret.expose())),
+                );
+            }
+        }
+        let resp = req
+            .header(reqwest::header::ACCEPT, "application/json")
+            .form(&form)
+            .send()
+            .await;
+        let mut secrets: Vec<&Secret> = sent.to_vec();
+        secrets.push(&p.client_secret);
+        let (status, headers, body) = match read(resp).await {
+            Ok(r) => r,
+            Err(f) => return Err(f),
+        };
+        classify_token(status, &headers, &body, &secrets)
+    }
+
+    /// The cheap GET that tells whether an access token still works.
+    pub async fn validate(
+        &self,
+        p: &ProviderConfig,
+        access_token: &Secret,
+        timeout: Duration,
+    ) -> Result<(), Failure> {
+        let resp = self
+            .http
+            .get(p.validate_url.clone())
+            .timeout(timeout)
+            .bearer_auth(access_token.expose())
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await;
+        let (status, headers, body) = read(resp).await?;
+        classify_validation(status, &headers, &body, p.preset.is_some())
+    }
+}
+
+/// RFC 6749 §2.3.1: client credentials in Basic auth are form-encoded first.
+fn form_encode(s: &str) -> String {
+    reqwest::Url::parse_with_params("x:", [("v", s)])
+        .ok()
+        .and_then(|u| u.query().map(|q| q[2..].to_owned()))
+        .unwrap_or_default()
+}
+
+async fn read(
+    resp: reqwest::Result<reqwest::Response>,
+) -> Result<(StatusCode, HeaderMap, Vec<u8>), Failure> {
+    let mut resp = resp.map_err(|e| transport_failure(&e))?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(Failure::transient(format!(
+                        "the provider's answer ({status}) is larger than {MAX_BODY} bytes"
+                    )));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => return Err(transport_failure(&e)),
+        }
+    }
+    Ok((status, headers, body))
+}
+
+fn transport_failure(e: &reqwest::Error) -> Failure {
+    // reqwest's messages carry the URL, never the form or the headers.
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    Failure::Transient {
+        reason: if e.is_timeout() {
+            format!("no answer within the request timeout ({reason})")
+        } else {
+            reason
+        },
+        retry_after: None,
+        // Connect errors happen before anything was sent.
+        outcome_unknown: !e.is_connect(),
+    }
+}
+
+/// Seconds or an HTTP date (RFC 9110 §10.2.3); capped at a day, since a
+/// provider that says "come back next year" is more likely broken than right.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = httpdate::parse_http_date(v).ok()?;
+        at.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+    };
+    Some(d.min(Duration::from_secs(86_400)))
+}
+
+#[derive(Deserialize)]
+struct RawTokens {
+    access_token: Option<String>,
+    token_type: Option<String>,
+    expires_in: Option<serde_json::Value>,
+    refresh_token: Option<String>,
+    scope: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct RawError {
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+fn snippet(body: &[u8], secrets: &[&Secret]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    redact(one_line.trim(), secrets)
+}
+
+fn status_failure(status: StatusCode, headers: &HeaderMap, what: &str) -> Option<Failure> {
+    if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::REQUEST_TIMEOUT {
+        return Some(Failure::Transient {
+            reason: format!("{what}: rate limited ({status})"),
+            retry_after: retry_after(headers),
+            outcome_unknown: false,
+        });
+    }
+    if status.is_server_error() {
+        return Some(Failure::Transient {
+            reason: format!("{what}: provider error ({status})"),
+            retry_after: retry_after(headers),
+            // A 5xx from a gateway may hide a refresh the backend performed.
+            outcome_unknown: status == StatusCode::BAD_GATEWAY
+                || status == StatusCode::GATEWAY_TIMEOUT,
+        });
+    }
+    None
+}
+
+/// Classifies a token endpoint answer. Pure, so every branch is unit-tested.
+pub fn classify_token(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    secrets: &[&Secret],
+) -> Result<Tokens, Failure> {
+    const WHAT: &str = "token endpoint";
+    if let Some(f) = status_failure(status, headers, WHAT) {
+        return Err(f);
+    }
+    if status.is_success() {
+        let Ok(raw) = serde_json::from_slice::<RawTokens>(body) else {
+            return Err(Failure::transient(format!(
+                "{WHAT}: answer {status} is not a JSON token response: {:?}",
+                snippet(body, secrets)
+            )));
+        };
+        let Some(access_token) = raw.access_token.filter(|t| !t.is_empty()) else {
+            return Err(Failure::transient(format!(
+                "{WHAT}: answer {status} has no access_token"
+            )));
+        };
+        if let Some(tt) = &raw.token_type {
+            if !tt.eq_ignore_ascii_case("bearer") {
+                return Err(Failure::Misconfigured {
+                    reason: format!("{WHAT}: token_type {tt:?} is not supported (only Bearer)"),
+                });
+            }
+        }
+        let expires_in = match raw.expires_in {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Number(n)) => n.as_f64(),
+            Some(serde_json::Value::String(s)) => s.trim().parse::<f64>().ok(),
+            Some(_) => None,
+        }
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(10.0 * 365.0 * 86_400.0)));
+        // scope is informational: PandaDoc has answered "read write read+write".
+        let scope = match raw.scope {
+            Some(serde_json::Value::String(s)) => Some(s),
+            _ => None,
+        };
+        return Ok(Tokens {
+            access_token: Secret::new(access_token),
+            refresh_token: raw.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
+            expires_in,
+            scope,
+        });
+    }
+    let err = serde_json::from_slice::<RawError>(body).ok();
+    let code = err.as_ref().and_then(|e| e.error.clone());
+    let desc = err
+        .and_then(|e| e.error_description)
+        .map(|d| {
+            format!(
+                " ({})",
+                redact(&d.chars().take(200).collect::<String>(), secrets)
+            )
+        })
+        .unwrap_or_default();
+    match code.as_deref() {
+        Some("invalid_grant") => Err(Failure::Permanent {
+            reason: format!("{WHAT}: invalid_grant{desc}: the refresh token is dead or revoked"),
+        }),
+        Some(
+            c @ ("invalid_client"
+            | "unauthorized_client"
+            | "unsupported_grant_type"
+            | "invalid_scope"
+            | "invalid_request"),
+        ) => Err(Failure::Misconfigured {
+            reason: format!("{WHAT}: {c}{desc}: check the provider's client_id, secret and scope"),
+        }),
+        Some(other) if status == StatusCode::BAD_REQUEST => Err(Failure::Permanent {
+            reason: format!("{WHAT}: {}{desc}", snippet(other.as_bytes(), secrets)),
+        }),
+        _ if status == StatusCode::UNAUTHORIZED => Err(Failure::Misconfigured {
+            reason: format!("{WHAT}: client authentication failed ({status})"),
+        }),
+        _ => Err(Failure::transient(format!(
+            "{WHAT}: unexpected answer {status}: {:?}",
+            snippet(body, secrets)
+        ))),
+    }
+}
+
+/// Classifies a validation answer: only a 401 (and PandaDoc's 403 for
+/// authentication failures) says the token is bad; anything unexpected says
+/// nothing about it.
+pub fn classify_validation(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    pandadoc: bool,
+) -> Result<(), Failure> {
+    const WHAT: &str = "validation";
+    if let Some(f) = status_failure(status, headers, WHAT) {
+        return Err(f);
+    }
+    if status == StatusCode::UNAUTHORIZED || (pandadoc && status == StatusCode::FORBIDDEN) {
+        return Err(Failure::Unauthorized);
+    }
+    if status.is_success() {
+        // A captive portal or a proxy answers 200 with HTML: that is no verdict.
+        return match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Failure::transient(format!(
+                "{WHAT}: answer {status} is not JSON"
+            ))),
+        };
+    }
+    Err(Failure::transient(format!(
+        "{WHAT}: unexpected answer {status}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn tok(status: u16, body: &str) -> Result<Tokens, Failure> {
+        classify_token(
+            StatusCode::from_u16(status).unwrap(),
+            &HeaderMap::new(),
+            body.as_bytes(),
+            &[],
+        )
+    }
+
+    #[test]
+    fn pandadoc_answer_is_parsed() {
+        let t = tok(
+            200,
+            r#"{"access_token":"a","token_type":"Bearer","expires_in":31535999,"refresh_token":"r","scope":"read write read+write"}"#,
+        )
+        .unwrap();
+        assert_eq!(t.access_token.expose(), "a");
+        assert_eq!(t.refresh_token.unwrap().expose(), "r");
+        assert_eq!(t.expires_in, Some(Duration::from_secs(31_535_999)));
+        assert_eq!(t.scope.as_deref(), Some("read write read+write"));
+    }
+
+    #[test]
+    fn token_errors_are_classified() {
+        assert!(matches!(
+            tok(400, r#"{"error":"invalid_grant"}"#),
+            Err(Failure::Permanent { .. })
+        ));
+        assert!(matches!(
+            tok(401, r#"{"error":"invalid_client"}"#),
+            Err(Failure::Misconfigured { .. })
+        ));
+        assert!(matches!(
+            tok(401, "nope"),
+            Err(Failure::Misconfigured { .. })
+        ));
+        for (status, body) in [
+            (200, "<html>"),
+            (200, r#"{"access_token":"#),
+            (200, r#"{"token_type":"Bearer"}"#),
+            (500, ""),
+            (503, "{}"),
+            (429, r#"{"type":"throttled"}"#),
+            (404, "not found"),
+            (400, "garbage"),
+        ] {
+            assert!(
+                matches!(tok(status, body), Err(Failure::Transient { .. })),
+                "{status} {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_in_seconds_or_date() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        let f = classify_token(StatusCode::TOO_MANY_REQUESTS, &h, b"", &[]).unwrap_err();
+        assert!(matches!(
+            f,
+            Failure::Transient {
+                retry_after: Some(d),
+                ..
+            } if d == Duration::from_secs(7)
+        ));
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn echoed_secrets_are_redacted() {
+        let s = Secret::new("the-refresh-token");
+        let f = classify_token(
+            StatusCode::BAD_REQUEST,
+            &HeaderMap::new(),
+            br#"{"error":"invalid_grant","error_description":"token the-refresh-token is dead"}"#,
+            &[&s],
+        )
+        .unwrap_err();
+        assert!(!f.describe().contains("the-refresh-token"), "{f:?}");
+    }
+
+    #[test]
+    fn validation_only_401_condemns_a_token() {
+        let v = |s: u16, body: &str, pd: bool| {
+            classify_validation(
+                StatusCode::from_u16(s).unwrap(),
+                &HeaderMap::new(),
+                body.as_bytes(),
+                pd,
+            )
+        };
+        assert_eq!(v(200, r#"{"user_id":"x"}"#, true), Ok(()));
+        assert_eq!(v(401, "", false), Err(Failure::Unauthorized));
+        assert_eq!(v(403, "", true), Err(Failure::Unauthorized));
+        assert!(matches!(v(403, "", false), Err(Failure::Transient { .. })));
+        assert!(matches!(
+            v(200, "<html>", true),
+            Err(Failure::Transient { .. })
+        ));
+        assert!(matches!(v(502, "", true), Err(Failure::Transient { .. })));
+        assert!(matches!(v(429, "", true), Err(Failure::Transient { .. })));
+    }
+
+    #[test]
+    fn basic_auth_credentials_are_form_encoded() {
+        assert_eq!(form_encode("a b+c:d"), "a+b%2Bc%3Ad");
+    }
+}

@@ -1,0 +1,356 @@
+//! File sinks (spec §4): atomic replacement with the configured mode and
+//! group, content skipped when unchanged, and the `on_change` hooks.
+//!
+//! Everything here is blocking file I/O; the refresher calls it from
+//! `spawn_blocking`.
+
+use std::collections::HashMap;
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::clock::rfc3339;
+use crate::config::{Format, Problem, SinkConfig};
+use crate::secret::Secret;
+
+/// The files of every sink, and a hook runner for each sink that has one.
+pub struct Publisher {
+    sinks: Vec<Arc<SinkConfig>>,
+    /// Per sink index: a one-slot queue, so that a burst of changes (ten
+    /// thousand rotations at start) runs the hook once more, not ten thousand times.
+    hooks: HashMap<usize, mpsc::Sender<()>>,
+}
+
+impl Publisher {
+    /// Must be called inside a tokio runtime: hooks run as tasks.
+    pub fn new(sinks: &[Arc<SinkConfig>]) -> Publisher {
+        let mut hooks = HashMap::new();
+        for s in sinks {
+            if let Some(argv) = &s.on_change {
+                let (tx, rx) = mpsc::channel(1);
+                tokio::spawn(run_hook(argv.clone(), s.on_change_timeout, s.index, rx));
+                hooks.insert(s.index, tx);
+            }
+        }
+        Publisher {
+            sinks: sinks.to_vec(),
+            hooks,
+        }
+    }
+
+    /// Every file this configuration writes for `name`.
+    pub fn paths_for(&self, name: &str) -> Vec<PathBuf> {
+        self.sinks
+            .iter()
+            .filter(|s| s.matches(name))
+            .map(|s| s.path_for(name))
+            .collect()
+    }
+
+    /// Writes the token to every matching sink whose file differs. Returns
+    /// one message per sink that failed; the others are written regardless.
+    pub fn publish(&self, name: &str, token: &Secret, expires_at: Option<i64>) -> Vec<String> {
+        let mut errors = Vec::new();
+        for s in self.sinks.iter().filter(|s| s.matches(name)) {
+            let path = s.path_for(name);
+            let content = render(s.format, token, expires_at);
+            match write_atomic(&path, &content, s.mode, s.group.as_ref().map(|g| g.1)) {
+                Ok(true) => {
+                    tracing::debug!(credential = name, path = %path.display(), "published");
+                    if let Some(h) = self.hooks.get(&s.index) {
+                        // Full means a run is already queued, which will see this change.
+                        let _ = h.try_send(());
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => errors.push(format!("cannot write {}: {e}", path.display())),
+            }
+        }
+        errors
+    }
+
+    /// Removes the credential's files, so consumers fail fast instead of
+    /// using a dead token.
+    pub fn unpublish(&self, name: &str) -> Vec<String> {
+        let mut errors = Vec::new();
+        for s in self.sinks.iter().filter(|s| s.matches(name)) {
+            let path = s.path_for(name);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(credential = name, path = %path.display(), "removed token file");
+                    if let Some(dir) = path.parent() {
+                        let _ = sync_dir(dir);
+                    }
+                    if let Some(h) = self.hooks.get(&s.index) {
+                        let _ = h.try_send(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(format!("cannot remove {}: {e}", path.display())),
+            }
+        }
+        errors
+    }
+}
+
+/// The bytes of a sink file (spec §4).
+pub fn render(format: Format, token: &Secret, expires_at: Option<i64>) -> Vec<u8> {
+    let t = token.expose();
+    match format {
+        Format::Raw => t.as_bytes().to_vec(),
+        Format::Header => format!("Authorization: Bearer {t}\n").into_bytes(),
+        Format::Env => format!("ACCESS_TOKEN={t}\n").into_bytes(),
+        Format::Json => {
+            // A struct, not json!(), to keep the field order of the spec.
+            #[derive(serde::Serialize)]
+            struct Json<'a> {
+                access_token: &'a str,
+                token_type: &'a str,
+                expires_at: Option<String>,
+            }
+            serde_json::to_vec(&Json {
+                access_token: t,
+                token_type: "Bearer",
+                expires_at: expires_at.map(rfc3339),
+            })
+            .expect("strings serialize")
+        }
+    }
+}
+
+/// Replaces `path` so that a reader sees the old whole file or the new whole
+/// file, never a part, an empty file or a wrong mode: a temp file in the same
+/// directory gets the final mode and group before any byte is written, then
+/// write, fsync, rename over, fsync the directory. Returns false, writing
+/// nothing, when the file already holds exactly this, with this mode and group.
+pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> io::Result<bool> {
+    if unchanged(path, content, mode, gid) {
+        return Ok(false);
+    }
+    let dir = path
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
+    if !dir.exists() {
+        DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    }
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{file_name}.tokend-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let result = (|| {
+        // 0600 whatever the umask (no group or other bits yet); then the
+        // group, then the exact final mode, all before the content.
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::fchown(&f, None, Some(gid))?;
+        }
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| true)
+}
+
+fn unchanged(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> bool {
+    let Ok(mut f) = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    else {
+        return false;
+    };
+    let Ok(meta) = f.metadata() else { return false };
+    if !meta.is_file()
+        || meta.permissions().mode() & 0o7777 != mode
+        || gid.is_some_and(|g| meta.gid() != g)
+        || meta.len() != content.len() as u64
+    {
+        return false;
+    }
+    let mut existing = Vec::with_capacity(content.len());
+    f.read_to_end(&mut existing).is_ok() && existing == content
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Can every sink directory be written? At start-up (`create`), missing
+/// directories are made (0755: consumers must reach their files) and a probe
+/// file is written; `check-config` only asks the kernel, changing nothing.
+/// Directories that depend on `{name}` are made when first needed.
+pub fn check_dirs(sinks: &[Arc<SinkConfig>], create: bool) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for s in sinks {
+        let Some(dir) = Path::new(&s.path).parent() else {
+            continue;
+        };
+        let dir = match dir.to_string_lossy().find("{name}") {
+            // The part of the path that does not depend on the name.
+            Some(i) => match Path::new(&dir.to_string_lossy()[..i]).parent() {
+                Some(d) if !create => d.to_owned(),
+                _ => continue,
+            },
+            None => dir.to_owned(),
+        };
+        let result = if create {
+            probe_dir(&dir, s.group.as_ref().map(|g| g.1))
+        } else {
+            writable(&dir)
+        };
+        if let Err(e) = result {
+            problems.push(Problem {
+                key: format!("sinks[{}].path", s.index),
+                message: format!("cannot write to {}: {e}", dir.display()),
+            });
+        }
+    }
+    problems
+}
+
+/// Whether `path`, or the nearest ancestor that exists, is writable by us.
+pub fn writable(path: &Path) -> io::Result<()> {
+    let mut p = path;
+    while !p.exists() {
+        p = p.parent().unwrap_or(Path::new("/"));
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn probe_dir(dir: &Path, gid: Option<u32>) -> io::Result<()> {
+    if !dir.exists() {
+        DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    }
+    let probe = dir.join(format!(".tokend-probe-{}", std::process::id()));
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&probe)?;
+    let chown = gid.map(|g| std::os::unix::fs::fchown(&f, None, Some(g)));
+    drop(f);
+    fs::remove_file(&probe)?;
+    match chown {
+        Some(Err(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot give files the configured group: {e}"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Runs a sink's `on_change` argv (no shell) each time it is poked, one run
+/// at a time, killing a run that outlives its timeout. The environment is
+/// cleared (but for PATH and LANG) so that a client secret passed to us in an
+/// environment variable never reaches a hook.
+async fn run_hook(argv: Vec<String>, timeout: Duration, index: usize, mut rx: mpsc::Receiver<()>) {
+    while rx.recv().await.is_some() {
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        for var in ["PATH", "LANG"] {
+            if let Ok(v) = std::env::var(var) {
+                cmd.env(var, v);
+            }
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(sink = index, program = %argv[0], error = %e, "on_change hook could not start");
+                continue;
+            }
+        };
+        match tokio::time::timeout(timeout, child.wait()).await {
+            Ok(Ok(status)) if status.success() => {
+                tracing::debug!(sink = index, program = %argv[0], "on_change hook ran");
+            }
+            Ok(Ok(status)) => {
+                tracing::warn!(sink = index, program = %argv[0], %status, "on_change hook failed");
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(sink = index, program = %argv[0], error = %e, "on_change hook failed");
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                tracing::warn!(sink = index, program = %argv[0], ?timeout, "on_change hook timed out and was killed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        let t = Secret::new("TOK");
+        assert_eq!(render(Format::Raw, &t, None), b"TOK");
+        assert_eq!(
+            render(Format::Header, &t, None),
+            b"Authorization: Bearer TOK\n"
+        );
+        assert_eq!(render(Format::Env, &t, None), b"ACCESS_TOKEN=TOK\n");
+        assert_eq!(
+            String::from_utf8(render(Format::Json, &t, Some(0))).unwrap(),
+            r#"{"access_token":"TOK","token_type":"Bearer","expires_at":"1970-01-01T00:00:00Z"}"#
+        );
+    }
+
+    #[test]
+    fn atomic_write_sets_exact_mode_and_skips_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/tok");
+        assert!(write_atomic(&path, b"one", 0o640, None).unwrap());
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o640);
+        assert!(!write_atomic(&path, b"one", 0o640, None).unwrap());
+        assert!(write_atomic(&path, b"one", 0o600, None).unwrap());
+        assert!(write_atomic(&path, b"two", 0o600, None).unwrap());
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        // No temp files are left behind.
+        assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, "keep").unwrap();
+        let link = dir.path().join("tok");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(write_atomic(&link, b"new", 0o600, None).unwrap());
+        assert_eq!(fs::read(&target).unwrap(), b"keep");
+        assert!(fs::symlink_metadata(&link).unwrap().is_file());
+    }
+}

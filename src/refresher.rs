@@ -1,0 +1,1092 @@
+//! The per-credential state machine and the scheduler that drives it.
+//!
+//! * The **scheduler** task keeps one deadline per credential in a heap and
+//!   sleeps until the earliest (no polling); due credentials go on the work
+//!   queue.
+//! * **Workers** take names off the queue. All work on one credential runs
+//!   under that credential's async lock, so refreshes are single-flight in
+//!   this process; the store's lease makes them single-flight across
+//!   processes.
+//! * Provider requests in flight are capped by a semaphore
+//!   (`max_concurrency`); workers are twice as many, so that the semaphore
+//!   stays busy while other workers wait on the store or the file system.
+//!
+//! A refresh goes: lease (notes "refresh started") → token request → commit
+//! as a compare-and-swap on the row's version → publish. Nothing is published
+//! or handed out before its commit.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::clock::now_ms;
+use crate::config::{Config, ProviderConfig, RefreshConfig};
+use crate::provider::{self, Failure};
+use crate::publish::Publisher;
+use crate::secret::Secret;
+use crate::store::{
+    Commit, Credential, FailureUpdate, Lease, State, Store, StoreError, TokenUpdate,
+};
+
+/// The longest the scheduler sleeps without looking at the clock again.
+/// tokio's timers run on the monotonic clock, which stands still while the
+/// machine is suspended, and the wall clock can be stepped; deadlines are
+/// wall-clock instants (token expiry). Waking every five minutes at most
+/// bounds how late a refresh can be after a resume or a clock jump, at a cost
+/// of 12 wake-ups an hour.
+const MAX_SLEEP: Duration = Duration::from_secs(300);
+/// How long a store failure holds a credential back before it is tried again.
+const STORE_RETRY: Duration = Duration::from_secs(5);
+/// Attempts at committing a token pair the provider already issued: losing it
+/// would lose the grant, so we try hard (about a minute) before giving up.
+const COMMIT_ATTEMPTS: u32 = 12;
+
+/// What the config decides, swapped as a whole on reload.
+struct Ctx {
+    config: Arc<Config>,
+    publisher: Arc<Publisher>,
+    /// Provider requests in flight, all credentials.
+    slots: Arc<Semaphore>,
+}
+
+/// Work flagged for a credential, done by the next worker that takes it.
+#[derive(Default)]
+struct Pending {
+    /// On the queue already: don't queue it twice.
+    queued: bool,
+    /// Re-read the row: another process changed it.
+    reload: bool,
+    /// The validation sweep asks for a GET.
+    validate: bool,
+    /// Write the files again (start-up, config reload).
+    republish: bool,
+    /// Forget the backoff and try now (config reload fixed a misconfiguration).
+    retry_now: bool,
+}
+
+struct Entry {
+    /// Held for all work on this credential: single-flight in this process.
+    lock: tokio::sync::Mutex<()>,
+    state: Mutex<EntryState>,
+}
+
+struct EntryState {
+    cred: Arc<Credential>,
+    pending: Pending,
+    /// In [0, 1): how far ahead of the lead time this credential refreshes,
+    /// drawn per token version so that tokens issued together spread out.
+    jitter: f64,
+    /// Not before this instant (ms): set after a store failure or a busy lease.
+    hold_until: i64,
+}
+
+impl Entry {
+    fn new(cred: Credential) -> Entry {
+        Entry {
+            lock: tokio::sync::Mutex::new(()),
+            state: Mutex::new(EntryState {
+                cred: Arc::new(cred),
+                pending: Pending::default(),
+                jitter: fastrand::f64(),
+                hold_until: 0,
+            }),
+        }
+    }
+
+    fn cred(&self) -> Arc<Credential> {
+        self.state.lock().unwrap().cred.clone()
+    }
+
+    /// Adopts a newer row (by `rev`); returns whether the token changed.
+    fn adopt(&self, cred: Credential) -> bool {
+        let mut st = self.state.lock().unwrap();
+        if cred.rev < st.cred.rev && cred.version <= st.cred.version {
+            return false;
+        }
+        let token_changed = cred.version != st.cred.version;
+        if token_changed {
+            st.jitter = fastrand::f64();
+        }
+        st.cred = Arc::new(cred);
+        token_changed
+    }
+
+    fn hold(&self, until: i64) {
+        self.state.lock().unwrap().hold_until = until;
+    }
+}
+
+/// Messages to the scheduler task.
+enum Sched {
+    /// The credential's next deadline (ms), or None to forget it.
+    At(String, Option<i64>),
+}
+
+/// What one worker pass decided to do.
+#[derive(Debug, PartialEq, Eq)]
+enum Do {
+    Nothing,
+    Validate,
+    Refresh,
+}
+
+/// The running refresher. Cheap to share (`Arc`).
+pub struct Refresher {
+    store: Store,
+    client: provider::Client,
+    /// Our id in the store's leases.
+    holder: String,
+    ctx: RwLock<Arc<Ctx>>,
+    entries: RwLock<HashMap<String, Arc<Entry>>>,
+    queue: mpsc::UnboundedSender<String>,
+    sched: mpsc::UnboundedSender<Sched>,
+    /// Refreshes committed and validations passed, since start: the
+    /// benchmark and the logs read them.
+    counters: Counters,
+}
+
+/// Outcome counters since start.
+#[derive(Default)]
+pub struct Counters {
+    pub refreshed: std::sync::atomic::AtomicU64,
+    pub validated: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+/// Handles to the refresher's tasks, for shutdown.
+pub struct Tasks {
+    workers: Vec<JoinHandle<()>>,
+    scheduler: JoinHandle<()>,
+}
+
+impl Tasks {
+    /// Waits for the workers to finish what they hold (a refresh in flight
+    /// completes and commits), at most `grace`; then abandons the rest.
+    pub async fn join(self, grace: Duration) {
+        self.scheduler.abort();
+        let deadline = Instant::now() + grace;
+        for w in self.workers {
+            let abort = w.abort_handle();
+            if tokio::time::timeout_at(deadline, w).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+impl Refresher {
+    /// Loads every credential, publishes every token (a tmpfs /run is empty
+    /// after a boot), schedules them all and starts the workers. Returns once
+    /// the first publish is done.
+    pub async fn start(
+        config: Arc<Config>,
+        store: Store,
+        client: provider::Client,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(Arc<Refresher>, Tasks), StoreError> {
+        let creds = store.load_all().await?;
+        let (queue_tx, queue_rx) = mpsc::unbounded_channel();
+        let (sched_tx, sched_rx) = mpsc::unbounded_channel();
+        let ctx = Ctx::new(config.clone());
+        let r = Arc::new(Refresher {
+            store,
+            client,
+            holder: crate::lease::holder_id(),
+            ctx: RwLock::new(Arc::new(ctx)),
+            entries: RwLock::new(HashMap::new()),
+            queue: queue_tx,
+            sched: sched_tx,
+            counters: Counters::default(),
+        });
+        {
+            let mut entries = r.entries.write().unwrap();
+            for c in creds {
+                entries.insert(c.name.clone(), Arc::new(Entry::new(c)));
+            }
+        }
+        let all: Vec<Arc<Entry>> = r.entries.read().unwrap().values().cloned().collect();
+        let ctx = r.ctx();
+        let now = now_ms();
+        let (published, removed) = tokio::task::spawn_blocking(move || {
+            let (mut p, mut u) = (0, 0);
+            for e in &all {
+                let c = e.cred();
+                if publishable(&c, now) {
+                    p += 1;
+                    log_errors(
+                        &c.name,
+                        ctx.publisher.publish(&c.name, token(&c), c.expires_at),
+                    );
+                } else {
+                    u += 1;
+                    log_errors(&c.name, ctx.publisher.unpublish(&c.name));
+                }
+            }
+            (p, u)
+        })
+        .await
+        .unwrap_or_default();
+        tracing::info!(
+            credentials = published + removed,
+            published,
+            unpublished = removed,
+            "loaded credentials"
+        );
+        let scheduler = tokio::spawn(r.clone().scheduler(sched_rx, shutdown.clone()));
+        let queue_rx = Arc::new(tokio::sync::Mutex::new(queue_rx));
+        let workers = (0..config.refresh.max_concurrency * 2)
+            .map(|_| tokio::spawn(r.clone().worker(queue_rx.clone(), shutdown.clone())))
+            .collect();
+        let names: Vec<String> = r.entries.read().unwrap().keys().cloned().collect();
+        for n in names {
+            r.reschedule(&n);
+        }
+        Ok((r, Tasks { workers, scheduler }))
+    }
+
+    fn ctx(&self) -> Arc<Ctx> {
+        self.ctx.read().unwrap().clone()
+    }
+
+    fn entry(&self, name: &str) -> Option<Arc<Entry>> {
+        self.entries.read().unwrap().get(name).cloned()
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    /// Counts of credentials per state, for the status line and logs.
+    pub fn summary(&self) -> HashMap<State, usize> {
+        let mut m = HashMap::new();
+        for e in self.entries.read().unwrap().values() {
+            *m.entry(e.cred().state).or_default() += 1;
+        }
+        m
+    }
+
+    /// Flags work on a credential and queues it unless it is queued already.
+    fn enqueue(&self, name: &str, flag: impl FnOnce(&mut Pending)) {
+        let Some(e) = self.entry(name) else { return };
+        let mut st = e.state.lock().unwrap();
+        flag(&mut st.pending);
+        if !st.pending.queued {
+            st.pending.queued = true;
+            let _ = self.queue.send(name.to_owned());
+        }
+    }
+
+    /// The cron sweep: validate every credential that holds a live token
+    /// and is not backing off.
+    pub fn sweep(&self) {
+        let names: Vec<String> = self
+            .entries
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| {
+                let c = e.cred();
+                c.state == State::Valid && c.access_token.is_some()
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        tracing::debug!(credentials = names.len(), "validation sweep");
+        for n in names {
+            self.enqueue(&n, |p| p.validate = true);
+        }
+    }
+
+    /// Another process wrote to the store (import, a peer daemon's refresh,
+    /// remove): queue a reload of every row whose revision moved.
+    pub async fn store_changed(&self) -> Result<(), StoreError> {
+        let revs = self.store.revisions().await?;
+        let mut seen = HashSet::with_capacity(revs.len());
+        let mut changed = Vec::new();
+        {
+            let mut entries = self.entries.write().unwrap();
+            for (name, rev) in revs {
+                seen.insert(name.clone());
+                match entries.get(&name) {
+                    Some(e) if e.cred().rev >= rev => {}
+                    Some(_) => changed.push(name),
+                    None => {
+                        // A placeholder until the worker reads the row.
+                        let placeholder = Credential::placeholder(&name);
+                        entries.insert(name.clone(), Arc::new(Entry::new(placeholder)));
+                        changed.push(name);
+                    }
+                }
+            }
+            for name in entries.keys() {
+                if !seen.contains(name) {
+                    changed.push(name.clone());
+                }
+            }
+        }
+        for n in changed {
+            self.enqueue(&n, |p| p.reload = true);
+        }
+        Ok(())
+    }
+
+    /// Puts a new configuration in force: sinks, providers, limits.
+    pub async fn reload(&self, config: Arc<Config>) {
+        let old = self.ctx();
+        let new = Arc::new(Ctx::new(config));
+        *self.ctx.write().unwrap() = new.clone();
+        let names: Vec<String> = self.entries.read().unwrap().keys().cloned().collect();
+        // Files that no sink of the new config writes any more are removed.
+        let retire = names.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for n in &retire {
+                let keep: HashSet<_> = new.publisher.paths_for(n).into_iter().collect();
+                for p in old.publisher.paths_for(n) {
+                    if !keep.contains(&p) {
+                        let _ = std::fs::remove_file(&p);
+                    }
+                }
+            }
+        })
+        .await;
+        for n in names {
+            self.enqueue(&n, |p| {
+                p.republish = true;
+                p.retry_now = true;
+            });
+        }
+    }
+
+    // ---- the scheduler ----
+
+    async fn scheduler(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Sched>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut heap: BinaryHeap<Reverse<(i64, u64, String)>> = BinaryHeap::new();
+        let mut current: HashMap<String, u64> = HashMap::new();
+        let mut seq = 0u64;
+        loop {
+            let now = now_ms();
+            // Pop everything due; stale heap entries (superseded) are skipped.
+            while let Some(Reverse((at, s, _))) = heap.peek() {
+                if *at > now {
+                    break;
+                }
+                let s = *s;
+                let Reverse((_, _, name)) = heap.pop().unwrap();
+                if current.get(&name) == Some(&s) {
+                    current.remove(&name);
+                    self.enqueue(&name, |_| {});
+                }
+            }
+            // Rebuild when stale entries dominate, so the heap stays O(credentials).
+            if heap.len() > 2 * current.len() + 1024 {
+                heap.retain(|Reverse((_, s, n))| current.get(n) == Some(s));
+            }
+            let sleep = heap
+                .peek()
+                .map(|Reverse((at, _, _))| Duration::from_millis((*at - now).max(0) as u64))
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                msg = rx.recv() => match msg {
+                    None => return,
+                    Some(Sched::At(name, at)) => {
+                        seq += 1;
+                        match at {
+                            Some(at) => {
+                                current.insert(name.clone(), seq);
+                                heap.push(Reverse((at, seq, name)));
+                            }
+                            None => {
+                                current.remove(&name);
+                            }
+                        }
+                    }
+                },
+                _ = tokio::time::sleep(sleep) => {}
+            }
+        }
+    }
+
+    /// Tells the scheduler when this credential next needs attention.
+    fn reschedule(&self, name: &str) {
+        let Some(e) = self.entry(name) else {
+            let _ = self.sched.send(Sched::At(name.to_owned(), None));
+            return;
+        };
+        let refresh = self.ctx().config.refresh.clone();
+        let (cred, jitter, hold) = {
+            let st = e.state.lock().unwrap();
+            (st.cred.clone(), st.jitter, st.hold_until)
+        };
+        let at = next_deadline(&cred, now_ms(), &refresh, jitter).map(|t| t.max(hold));
+        let _ = self.sched.send(Sched::At(name.to_owned(), at));
+    }
+
+    // ---- workers ----
+
+    async fn worker(
+        self: Arc<Self>,
+        queue: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            let name = tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
+                name = async { queue.lock().await.recv().await } => match name {
+                    Some(n) => n,
+                    None => return,
+                },
+            };
+            // Not cancelled by shutdown: a refresh in flight completes and commits.
+            self.process(&name).await;
+        }
+    }
+
+    async fn process(&self, name: &str) {
+        let Some(entry) = self.entry(name) else {
+            return;
+        };
+        let _guard = entry.lock.lock().await;
+        let pending = {
+            let mut st = entry.state.lock().unwrap();
+            std::mem::take(&mut st.pending)
+        };
+        let ctx = self.ctx();
+        if pending.reload && !self.reload_row(name, &entry, &ctx).await {
+            return;
+        }
+        let mut cred = entry.cred();
+        if pending.retry_now
+            && matches!(cred.state, State::Misconfigured | State::Retrying)
+            && ctx.config.providers.contains_key(&cred.provider)
+        {
+            if let Ok(Commit::Done(c)) = self.store.reset_backoff(name).await {
+                entry.adopt(*c);
+                cred = entry.cred();
+            }
+        }
+        if pending.republish {
+            self.publish(&ctx, &cred).await;
+        }
+        let now = now_ms();
+        let hold = entry.state.lock().unwrap().hold_until;
+        let action = if hold > now {
+            Do::Nothing
+        } else {
+            decide(
+                &cred,
+                now,
+                &ctx.config.refresh,
+                entry.state.lock().unwrap().jitter,
+                pending.validate,
+            )
+        };
+        if cred.access_token.is_some() && !publishable(&cred, now) {
+            // Expired (or dead) tokens are not left for consumers to trip on.
+            self.unpublish(&ctx, name).await;
+        }
+        if action != Do::Nothing {
+            match ctx.config.providers.get(&cred.provider) {
+                None => {
+                    let reason = format!(
+                        "provider {:?} is not in the configuration: add [providers.{}] and reload",
+                        cred.provider, cred.provider
+                    );
+                    self.fail(
+                        &ctx,
+                        &entry,
+                        &cred,
+                        State::Misconfigured,
+                        reason,
+                        None,
+                        false,
+                        "misconfigured",
+                    )
+                    .await;
+                }
+                Some(p) if action == Do::Validate => self.validate(&ctx, &entry, &cred, p).await,
+                Some(p) => self.refresh(&ctx, &entry, &cred, p).await,
+            }
+        }
+        self.reschedule(name);
+    }
+
+    /// Re-reads a row another process changed. Returns false if it is gone.
+    async fn reload_row(&self, name: &str, entry: &Entry, ctx: &Ctx) -> bool {
+        match self.store.get(name).await {
+            Ok(Some(row)) => {
+                let was_published = publishable(&entry.cred(), now_ms());
+                if entry.adopt(row) || !was_published {
+                    let c = entry.cred();
+                    self.publish(ctx, &c).await;
+                } else if !publishable(&entry.cred(), now_ms()) {
+                    self.unpublish(ctx, name).await;
+                }
+                true
+            }
+            Ok(None) => {
+                tracing::info!(credential = name, "credential removed from the store");
+                self.entries.write().unwrap().remove(name);
+                self.unpublish(ctx, name).await;
+                let _ = self.sched.send(Sched::At(name.to_owned(), None));
+                false
+            }
+            Err(e) => {
+                tracing::warn!(credential = name, error = %e, "cannot read the credential");
+                entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
+                true
+            }
+        }
+    }
+
+    async fn validate(&self, ctx: &Ctx, entry: &Entry, cred: &Credential, p: &ProviderConfig) {
+        let Some(token) = &cred.access_token else {
+            return;
+        };
+        let result = {
+            let _slot = ctx.slots.acquire().await;
+            self.client
+                .validate(p, token, ctx.config.refresh.request_timeout)
+                .await
+        };
+        match result {
+            Ok(()) => {
+                self.counters.validated.fetch_add(1, Relaxed);
+                match self.store.record_validated(&cred.name, cred.version).await {
+                    Ok(Commit::Done(c)) => {
+                        entry.adopt(*c);
+                    }
+                    Ok(Commit::Conflict) => {}
+                    Err(e) => self.store_failed(entry, &cred.name, &e),
+                }
+                tracing::debug!(credential = %cred.name, "token validated");
+            }
+            Err(Failure::Unauthorized) => {
+                tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");
+                self.refresh(ctx, entry, cred, p).await;
+            }
+            Err(f) => {
+                let retry_after = match &f {
+                    Failure::Transient { retry_after, .. } => *retry_after,
+                    _ => None,
+                };
+                // A validation failure that is not a 401 says nothing about
+                // the token: it stays published while we retry.
+                self.fail(
+                    ctx,
+                    entry,
+                    cred,
+                    State::Retrying,
+                    f.describe(),
+                    retry_after,
+                    false,
+                    "validation_failed",
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn refresh(&self, ctx: &Ctx, entry: &Entry, seen: &Credential, p: &ProviderConfig) {
+        let name = &seen.name;
+        let ttl = ctx.config.refresh.request_timeout + Duration::from_secs(30);
+        let (cred, interrupted) = match self
+            .store
+            .take_lease(name, &self.holder, ttl, seen.version)
+            .await
+        {
+            Ok(Lease::Taken {
+                credential,
+                interrupted,
+            }) => (*credential, interrupted),
+            Ok(Lease::Changed(row)) => {
+                // A peer refreshed since we looked: take its result.
+                tracing::debug!(credential = %name, "already refreshed by another process");
+                if entry.adopt(*row) {
+                    let c = entry.cred();
+                    self.publish(ctx, &c).await;
+                }
+                return;
+            }
+            Ok(Lease::Busy { until }) => {
+                tracing::debug!(credential = %name, "another process is refreshing this credential");
+                // Its commit will wake us through the store watch; this is the fallback.
+                entry.hold(until);
+                return;
+            }
+            Ok(Lease::Gone) => return,
+            Err(e) => return self.store_failed(entry, name, &e),
+        };
+        if interrupted {
+            tracing::warn!(
+                credential = %name,
+                "a previous refresh of this credential never finished (tokend stopped, or no answer came); trying the stored refresh token once"
+            );
+        }
+        let result = {
+            let _slot = ctx.slots.acquire().await;
+            self.client
+                .refresh(p, &cred.refresh_token, ctx.config.refresh.request_timeout)
+                .await
+        };
+        match result {
+            Ok(tokens) => self.commit(ctx, entry, &cred, tokens).await,
+            Err(Failure::Permanent { reason }) => {
+                // A peer may have rotated the token under us: re-read first.
+                if let Ok(Some(row)) = self.store.get(name).await {
+                    if row.refresh_token != cred.refresh_token {
+                        tracing::info!(credential = %name, "refresh token was rotated by another process meanwhile");
+                        let _ = self.store.release_lease(name, &self.holder).await;
+                        if entry.adopt(row) {
+                            let c = entry.cred();
+                            self.publish(ctx, &c).await;
+                        }
+                        return;
+                    }
+                }
+                let reason = if interrupted {
+                    format!(
+                        "{reason}; a previous refresh was interrupted before its answer was stored, and the provider had already rotated the refresh token: re-authorize"
+                    )
+                } else {
+                    format!("{reason}: re-authorize")
+                };
+                self.fail(
+                    ctx,
+                    entry,
+                    &cred,
+                    State::NeedsReauthorization,
+                    reason,
+                    None,
+                    false,
+                    "needs_reauthorization",
+                )
+                .await;
+            }
+            Err(Failure::Misconfigured { reason }) => {
+                self.fail(
+                    ctx,
+                    entry,
+                    &cred,
+                    State::Misconfigured,
+                    reason,
+                    None,
+                    false,
+                    "misconfigured",
+                )
+                .await;
+            }
+            Err(f) => {
+                let (retry_after, unknown) = match &f {
+                    Failure::Transient {
+                        retry_after,
+                        outcome_unknown,
+                        ..
+                    } => (*retry_after, *outcome_unknown),
+                    _ => (None, false),
+                };
+                // Keep the "refresh started" mark while the outcome is unknown,
+                // so a later invalid_grant can be explained.
+                self.fail(
+                    ctx,
+                    entry,
+                    &cred,
+                    State::Retrying,
+                    f.describe(),
+                    retry_after,
+                    unknown || interrupted,
+                    "refresh_failed",
+                )
+                .await;
+            }
+        }
+    }
+
+    /// Stores a new token pair, then publishes it. The provider may already
+    /// have killed the old refresh token, so a store failure here is retried
+    /// for a while before the pair is given up.
+    async fn commit(&self, ctx: &Ctx, entry: &Entry, cred: &Credential, tokens: provider::Tokens) {
+        let name = &cred.name;
+        let now = now_ms();
+        let update = || TokenUpdate {
+            access_token: tokens.access_token.clone(),
+            refresh_token: tokens.refresh_token.clone(),
+            scope: tokens.scope.clone(),
+            expires_at: tokens.expires_in.map(|d| now + d.as_millis() as i64),
+        };
+        let mut delay = Duration::from_millis(250);
+        for attempt in 1..=COMMIT_ATTEMPTS {
+            match self
+                .store
+                .commit_refresh(name, &self.holder, cred.version, update())
+                .await
+            {
+                Ok(Commit::Done(c)) => {
+                    self.counters.refreshed.fetch_add(1, Relaxed);
+                    let expires = c.expires_at.map(|e| crate::clock::span(e - now));
+                    entry.adopt(*c);
+                    let c = entry.cred();
+                    self.publish(ctx, &c).await;
+                    tracing::info!(credential = %name, expires_in = expires.as_deref().unwrap_or("unknown"), "token refreshed");
+                    return;
+                }
+                Ok(Commit::Conflict) => {
+                    tracing::error!(
+                        credential = %name,
+                        "refreshed, but the credential was replaced or removed meanwhile; the new token pair was discarded"
+                    );
+                    self.enqueue(name, |p| p.reload = true);
+                    return;
+                }
+                Err(StoreError::Closed) => break,
+                Err(e) => {
+                    tracing::error!(credential = %name, attempt, error = %e, "cannot store the refreshed token pair; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(8));
+                }
+            }
+        }
+        self.counters.failed.fetch_add(1, Relaxed);
+        tracing::error!(
+            credential = %name,
+            "the refreshed token pair could not be stored and is lost; if the provider rotated the refresh token, re-authorize"
+        );
+        entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fail(
+        &self,
+        ctx: &Ctx,
+        entry: &Entry,
+        cred: &Credential,
+        state: State,
+        error: String,
+        retry_after: Option<Duration>,
+        outcome_unknown: bool,
+        event: &'static str,
+    ) {
+        self.counters.failed.fetch_add(1, Relaxed);
+        let r = &ctx.config.refresh;
+        let failures = cred.failures.saturating_add(1);
+        let next = (state == State::Retrying).then(|| {
+            let d = backoff(
+                failures,
+                r.retry_initial,
+                r.retry_max,
+                retry_after,
+                fastrand::f64(),
+            );
+            now_ms() + d.as_millis() as i64
+        });
+        match state {
+            State::Retrying => tracing::warn!(
+                credential = %cred.name, failures, retry_in = %crate::clock::span(next.unwrap_or_default() - now_ms()), error = %error,
+                "transient failure; will retry"
+            ),
+            _ => {
+                tracing::error!(credential = %cred.name, state = state.as_str(), error = %error, "credential stopped")
+            }
+        }
+        let update = FailureUpdate {
+            state,
+            failures,
+            next_attempt_at: next,
+            error,
+            outcome_unknown,
+            event,
+        };
+        match self
+            .store
+            .record_failure(&cred.name, &self.holder, cred.version, update)
+            .await
+        {
+            Ok(Commit::Done(c)) => {
+                entry.adopt(*c);
+            }
+            Ok(Commit::Conflict) => self.enqueue(&cred.name, |p| p.reload = true),
+            Err(e) => return self.store_failed(entry, &cred.name, &e),
+        }
+        if state == State::NeedsReauthorization {
+            self.unpublish(ctx, &cred.name).await;
+        }
+    }
+
+    fn store_failed(&self, entry: &Entry, name: &str, e: &StoreError) {
+        tracing::error!(credential = name, error = %e, "store operation failed; will try again");
+        entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
+    }
+
+    async fn publish(&self, ctx: &Ctx, cred: &Credential) {
+        if !publishable(cred, now_ms()) {
+            return self.unpublish(ctx, &cred.name).await;
+        }
+        let publisher = ctx.publisher.clone();
+        let (name, tok, exp) = (cred.name.clone(), token(cred).clone(), cred.expires_at);
+        let errors = tokio::task::spawn_blocking(move || publisher.publish(&name, &tok, exp))
+            .await
+            .unwrap_or_default();
+        log_errors(&cred.name, errors);
+    }
+
+    async fn unpublish(&self, ctx: &Ctx, name: &str) {
+        let publisher = ctx.publisher.clone();
+        let n = name.to_owned();
+        let errors = tokio::task::spawn_blocking(move || publisher.unpublish(&n))
+            .await
+            .unwrap_or_default();
+        log_errors(name, errors);
+    }
+}
+
+use std::sync::atomic::Ordering::Relaxed;
+
+impl Ctx {
+    fn new(config: Arc<Config>) -> Ctx {
+        Ctx {
+            publisher: Arc::new(Publisher::new(&config.sinks)),
+            slots: Arc::new(Semaphore::new(config.refresh.max_concurrency)),
+            config,
+        }
+    }
+}
+
+fn log_errors(name: &str, errors: Vec<String>) {
+    for e in errors {
+        tracing::error!(credential = name, error = %e, "cannot publish");
+    }
+}
+
+fn token(c: &Credential) -> &Secret {
+    c.access_token.as_ref().unwrap_or(&c.refresh_token)
+}
+
+/// Whether consumers may be given this credential's access token: there is
+/// one, it has not expired, and the grant is not known dead.
+fn publishable(c: &Credential, now: i64) -> bool {
+    c.access_token.is_some()
+        && c.state != State::NeedsReauthorization
+        && c.expires_at.is_none_or(|e| e > now)
+}
+
+/// When the token should be refreshed: `lead` (plus up to a quarter more, by
+/// jitter) before expiry, but never in the first half of its lifetime, so a
+/// provider that issues tokens shorter than the lead cannot drive a loop.
+fn refresh_at(c: &Credential, r: &RefreshConfig, jitter: f64) -> Option<i64> {
+    if c.access_token.is_none() {
+        return Some(0);
+    }
+    let exp = c.expires_at?;
+    let lead = r.lead().as_millis() as f64;
+    let early = exp - (lead * (1.0 + jitter / 4.0)) as i64;
+    let half_life = c.issued_at + (exp - c.issued_at) / 2;
+    Some(early.max(half_life))
+}
+
+/// What a worker does now with a credential.
+fn decide(c: &Credential, now: i64, r: &RefreshConfig, jitter: f64, validate: bool) -> Do {
+    match c.state {
+        State::NeedsReauthorization | State::Misconfigured => Do::Nothing,
+        State::Retrying if c.next_attempt_at.is_some_and(|t| t > now) => Do::Nothing,
+        _ if refresh_at(c, r, jitter).is_some_and(|t| t <= now) => Do::Refresh,
+        // A failed refresh that is not due (a 401 on validation) re-checks first.
+        State::Retrying => Do::Validate,
+        _ if validate || c.last_validated_at.is_none() => Do::Validate,
+        _ => Do::Nothing,
+    }
+}
+
+/// When the scheduler should next look at a credential (ms), if ever.
+fn next_deadline(c: &Credential, now: i64, r: &RefreshConfig, jitter: f64) -> Option<i64> {
+    let expiry = c
+        .expires_at
+        .filter(|&e| e > now && c.access_token.is_some());
+    match c.state {
+        State::NeedsReauthorization => None,
+        // Only to take the files down when the token expires.
+        State::Misconfigured => expiry,
+        State::Retrying => {
+            let retry = c.next_attempt_at.unwrap_or(now);
+            Some(expiry.map_or(retry, |e| e.min(retry)))
+        }
+        State::Valid | State::Refreshing => {
+            if c.last_validated_at.is_none() && c.access_token.is_some() {
+                return Some(now);
+            }
+            let refresh = refresh_at(c, r, jitter);
+            match (refresh, expiry) {
+                (Some(t), _) => Some(t),
+                (None, e) => e,
+            }
+        }
+    }
+}
+
+/// Full jitter between `initial` and a cap that doubles with every failure up
+/// to `max`; never sooner than the provider's Retry-After. The floor of
+/// `initial` bounds the request rate of a long outage at one per `initial`.
+pub fn backoff(
+    failures: u32,
+    initial: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+    rnd: f64,
+) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let cap = initial.saturating_mul(1u32 << exp).min(max).max(initial);
+    let d = initial + (cap - initial).mul_f64(rnd.clamp(0.0, 1.0));
+    d.max(retry_after.unwrap_or_default())
+}
+
+impl Credential {
+    /// A stand-in for a row not yet read: `rev` 0 so the real row wins.
+    fn placeholder(name: &str) -> Credential {
+        Credential {
+            name: name.to_owned(),
+            provider: String::new(),
+            access_token: None,
+            refresh_token: Secret::new(""),
+            scope: None,
+            expires_at: None,
+            issued_at: 0,
+            state: State::Misconfigured,
+            failures: 0,
+            next_attempt_at: None,
+            last_error: None,
+            last_refresh_at: None,
+            last_validated_at: None,
+            refresh_started_at: None,
+            created_at: 0,
+            updated_at: 0,
+            version: 0,
+            rev: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: i64 = 1000;
+
+    fn cred(issued: i64, expires: Option<i64>) -> Credential {
+        let mut c = Credential::placeholder("c");
+        c.state = State::Valid;
+        c.access_token = Some(Secret::new("a"));
+        c.issued_at = issued;
+        c.expires_at = expires;
+        c.last_validated_at = Some(issued);
+        c
+    }
+
+    fn cfg(lead_s: u64) -> RefreshConfig {
+        RefreshConfig {
+            refresh_before_expiry: Duration::from_secs(lead_s),
+            min_remaining: Duration::ZERO,
+            ..RefreshConfig::default()
+        }
+    }
+
+    #[test]
+    fn refresh_is_due_lead_before_expiry_with_jitter() {
+        let c = cred(0, Some(3600 * S));
+        let r = cfg(600);
+        assert_eq!(refresh_at(&c, &r, 0.0), Some(3000 * S));
+        assert_eq!(refresh_at(&c, &r, 1.0), Some(2850 * S));
+        assert_eq!(decide(&c, 2999 * S, &r, 0.0, false), Do::Nothing);
+        assert_eq!(decide(&c, 3000 * S, &r, 0.0, false), Do::Refresh);
+        assert_eq!(decide(&c, 100 * S, &r, 0.0, true), Do::Validate);
+    }
+
+    #[test]
+    fn short_tokens_are_not_refreshed_in_their_first_half() {
+        let c = cred(0, Some(10 * S));
+        assert_eq!(refresh_at(&c, &cfg(600), 0.5), Some(5 * S));
+    }
+
+    #[test]
+    fn min_remaining_extends_the_lead() {
+        let c = cred(0, Some(3600 * S));
+        let r = RefreshConfig {
+            refresh_before_expiry: Duration::from_secs(60),
+            min_remaining: Duration::from_secs(600),
+            ..RefreshConfig::default()
+        };
+        assert_eq!(refresh_at(&c, &r, 0.0), Some(3000 * S));
+    }
+
+    #[test]
+    fn no_access_token_means_refresh_now() {
+        let mut c = cred(0, None);
+        c.access_token = None;
+        assert_eq!(decide(&c, 0, &cfg(600), 0.0, false), Do::Refresh);
+    }
+
+    #[test]
+    fn stopped_states_do_nothing_and_retrying_waits() {
+        let r = cfg(600);
+        let mut c = cred(0, Some(3600 * S));
+        c.state = State::NeedsReauthorization;
+        assert_eq!(decide(&c, 3500 * S, &r, 0.0, true), Do::Nothing);
+        assert_eq!(next_deadline(&c, 0, &r, 0.0), None);
+        c.state = State::Misconfigured;
+        assert_eq!(decide(&c, 3500 * S, &r, 0.0, true), Do::Nothing);
+        assert_eq!(next_deadline(&c, 0, &r, 0.0), Some(3600 * S));
+        c.state = State::Retrying;
+        c.next_attempt_at = Some(100 * S);
+        assert_eq!(decide(&c, 50 * S, &r, 0.0, true), Do::Nothing);
+        assert_eq!(decide(&c, 100 * S, &r, 0.0, false), Do::Validate);
+        assert_eq!(decide(&c, 3100 * S, &r, 0.0, false), Do::Refresh);
+        assert_eq!(next_deadline(&c, 0, &r, 0.0), Some(100 * S));
+    }
+
+    #[test]
+    fn unknown_expiry_relies_on_validation() {
+        let c = cred(0, None);
+        assert_eq!(next_deadline(&c, 0, &cfg(600), 0.0), None);
+        let mut fresh = c.clone();
+        fresh.last_validated_at = None;
+        assert_eq!(next_deadline(&fresh, 7, &cfg(600), 0.0), Some(7));
+    }
+
+    #[test]
+    fn backoff_doubles_with_full_jitter_and_honours_retry_after() {
+        let (i, m) = (Duration::from_secs(5), Duration::from_secs(900));
+        assert_eq!(backoff(1, i, m, None, 1.0), i);
+        assert_eq!(backoff(3, i, m, None, 1.0), Duration::from_secs(20));
+        assert_eq!(backoff(3, i, m, None, 0.0), i);
+        assert_eq!(backoff(30, i, m, None, 1.0), m);
+        assert_eq!(
+            backoff(100, i, m, None, 0.5),
+            Duration::from_millis(452_500)
+        );
+        assert_eq!(
+            backoff(1, i, m, Some(Duration::from_secs(60)), 0.3),
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn publishable_only_while_alive() {
+        let mut c = cred(0, Some(10 * S));
+        assert!(publishable(&c, 5 * S));
+        assert!(!publishable(&c, 10 * S));
+        c.state = State::NeedsReauthorization;
+        assert!(!publishable(&c, 0));
+        c.state = State::Valid;
+        c.access_token = None;
+        assert!(!publishable(&c, 0));
+    }
+}

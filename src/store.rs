@@ -1,0 +1,913 @@
+//! The state store: SQLite behind a narrow interface of our own.
+//!
+//! Nothing outside this module speaks SQL, so that a PostgreSQL backend can
+//! later stand behind the same methods. Two faces:
+//!
+//! * [`StoreConn`], synchronous, for the command line (`import`, `list`);
+//! * [`Store`], for the daemon: one thread owns the connection and runs every
+//!   operation that arrives while the previous commit was in progress in one
+//!   transaction (group commit), each inside its own savepoint. With
+//!   `synchronous=FULL` every commit costs an fsync; grouping lets ten thousand
+//!   refreshes share a few hundred of them. A caller's answer is sent only
+//!   after its transaction committed: *commit, then publish*.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use tokio::sync::oneshot;
+
+use crate::clock::now_ms;
+use crate::secret::Secret;
+
+/// The schema version this build writes; `PRAGMA user_version` holds the file's.
+const SCHEMA_VERSION: i64 = 1;
+/// Events kept per credential: enough to explain the last few days, bounded.
+const EVENTS_KEPT: i64 = 20;
+/// Operations grouped into one transaction at most.
+const MAX_BATCH: usize = 1024;
+
+/// Why a store operation failed.
+#[derive(Debug)]
+pub enum StoreError {
+    Sqlite(rusqlite::Error),
+    Io(PathBuf, std::io::Error),
+    /// `import` of a name that is already there, without `--force`.
+    Exists(String),
+    NotFound(String),
+    /// The file was written by a newer tokend.
+    TooNew(i64),
+    /// The transaction holding the operation did not commit.
+    Commit(String),
+    /// The store thread is gone (the daemon is shutting down).
+    Closed,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Sqlite(e) => write!(f, "database error: {e}"),
+            StoreError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            StoreError::Exists(n) => write!(f, "a credential named {n:?} already exists"),
+            StoreError::NotFound(n) => write!(f, "no credential named {n:?}"),
+            StoreError::TooNew(v) => write!(
+                f,
+                "the database has schema version {v}, newer than this tokend understands ({SCHEMA_VERSION}): upgrade tokend"
+            ),
+            StoreError::Commit(e) => write!(f, "database commit failed: {e}"),
+            StoreError::Closed => write!(f, "the store is closed"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Where a credential stands (spec §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Valid,
+    Refreshing,
+    Retrying,
+    NeedsReauthorization,
+    Misconfigured,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Valid => "valid",
+            State::Refreshing => "refreshing",
+            State::Retrying => "retrying",
+            State::NeedsReauthorization => "needs_reauthorization",
+            State::Misconfigured => "misconfigured",
+        }
+    }
+
+    fn parse(s: &str) -> State {
+        match s {
+            "refreshing" => State::Refreshing,
+            "retrying" => State::Retrying,
+            "needs_reauthorization" => State::NeedsReauthorization,
+            "misconfigured" => State::Misconfigured,
+            _ => State::Valid,
+        }
+    }
+}
+
+/// One stored credential. Instants are milliseconds since the Unix epoch.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub name: String,
+    /// The `[providers.NAME]` it belongs to.
+    pub provider: String,
+    /// None until the first refresh of a credential imported without one.
+    pub access_token: Option<Secret>,
+    pub refresh_token: Secret,
+    pub scope: Option<String>,
+    /// None when the provider did not say (`expires_in` absent).
+    pub expires_at: Option<i64>,
+    /// When the current access token was stored: the start of its lifetime.
+    pub issued_at: i64,
+    pub state: State,
+    /// Consecutive failures, the exponent of the backoff.
+    pub failures: u32,
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_refresh_at: Option<i64>,
+    pub last_validated_at: Option<i64>,
+    /// Set while a refresh request may be in flight. Found set by the next
+    /// lease holder, it means the previous refresh never finished (a crash, or
+    /// a request that got no answer): the provider may have rotated the token.
+    pub refresh_started_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Bumped whenever the token pair changes: refresh commits compare-and-swap on it.
+    pub version: i64,
+    /// Bumped on every write: lets a reader tell which rows changed.
+    pub rev: i64,
+}
+
+/// What `import` (and later `authorize`) stores.
+pub struct NewCredential {
+    pub name: String,
+    pub provider: String,
+    pub access_token: Option<Secret>,
+    pub refresh_token: Secret,
+    pub scope: Option<String>,
+    pub expires_at: Option<i64>,
+}
+
+/// A successful refresh, to be committed.
+pub struct TokenUpdate {
+    pub access_token: Secret,
+    /// None when the provider did not rotate: the old refresh token stays.
+    pub refresh_token: Option<Secret>,
+    pub scope: Option<String>,
+    pub expires_at: Option<i64>,
+}
+
+/// A failed attempt, to be recorded.
+pub struct FailureUpdate {
+    pub state: State,
+    pub failures: u32,
+    pub next_attempt_at: Option<i64>,
+    pub error: String,
+    /// The request got no answer, so the provider may have acted on it: keep
+    /// `refresh_started_at` so the next attempt knows.
+    pub outcome_unknown: bool,
+    /// "refresh_failed", "validation_failed", …: the event recorded.
+    pub event: &'static str,
+}
+
+/// The answer to [`Store::take_lease`].
+pub enum Lease {
+    /// The lease is ours until it expires; here is the row as it is now.
+    Taken {
+        credential: Box<Credential>,
+        /// A previous refresh started and never finished.
+        interrupted: bool,
+    },
+    /// Another process holds it.
+    Busy { until: i64 },
+    /// The token pair changed since it was read (a peer refreshed): no
+    /// lease taken; here is the row.
+    Changed(Box<Credential>),
+    /// The credential no longer exists.
+    Gone,
+}
+
+/// The answer to a compare-and-swap commit.
+pub enum Commit {
+    Done(Box<Credential>),
+    /// The row changed since it was read (a peer refreshed, an operator
+    /// re-imported or removed it): nothing was written.
+    Conflict,
+}
+
+/// A synchronous connection, for the command line and the store thread.
+pub struct StoreConn {
+    conn: Connection,
+}
+
+impl StoreConn {
+    /// Opens the database; with `create`, makes it (0600, in a 0700
+    /// directory) if missing, otherwise a missing file is an error.
+    pub fn open(path: &Path, create: bool) -> Result<StoreConn> {
+        let io = |e| StoreError::Io(path.to_owned(), e);
+        if create {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                if !dir.exists() {
+                    DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .map_err(|e| StoreError::Io(dir.to_owned(), e))?;
+                }
+            }
+            // Create the file ourselves: SQLite would use the umask, and its
+            // -wal and -shm files copy the main file's mode.
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(e)),
+            }
+        } else if !path.exists() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no database here yet (tokend import or tokend authorize creates it)",
+            )));
+        }
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "database file was readable by others; setting mode 0600");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let sc = StoreConn { conn };
+        sc.migrate()?;
+        Ok(sc)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let v: i64 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if v > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(v));
+        }
+        if v < 1 {
+            self.immediate(|c| {
+                c.execute_batch(
+                    "CREATE TABLE IF NOT EXISTS credentials (
+                        name TEXT PRIMARY KEY NOT NULL,
+                        provider TEXT NOT NULL,
+                        access_token TEXT,
+                        refresh_token TEXT NOT NULL,
+                        scope TEXT,
+                        expires_at INTEGER,
+                        issued_at INTEGER NOT NULL,
+                        state TEXT NOT NULL,
+                        failures INTEGER NOT NULL DEFAULT 0,
+                        next_attempt_at INTEGER,
+                        last_error TEXT,
+                        last_refresh_at INTEGER,
+                        last_validated_at INTEGER,
+                        refresh_started_at INTEGER,
+                        created_at INTEGER NOT NULL,
+                        updated_at INTEGER NOT NULL,
+                        version INTEGER NOT NULL,
+                        rev INTEGER NOT NULL
+                    );
+                    CREATE TABLE IF NOT EXISTS events (
+                        id INTEGER PRIMARY KEY,
+                        name TEXT NOT NULL,
+                        at INTEGER NOT NULL,
+                        kind TEXT NOT NULL,
+                        detail TEXT
+                    );
+                    CREATE INDEX IF NOT EXISTS events_by_name ON events(name, id);
+                    CREATE TABLE IF NOT EXISTS leases (
+                        name TEXT PRIMARY KEY NOT NULL,
+                        holder TEXT NOT NULL,
+                        expires_at INTEGER NOT NULL
+                    );
+                    PRAGMA user_version = 1;",
+                )?;
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in a write transaction taken up front, so that a busy peer
+    /// makes us wait (busy_timeout) instead of failing half-way.
+    fn immediate<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(&self.conn) {
+            Ok(v) => match self.conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn load_all(&self) -> Result<Vec<Credential>> {
+        ops::load_all(&self.conn)
+    }
+
+    /// Stores a new credential; with `replace`, overwrites one of that name
+    /// (its version moves on, so a refresh in flight cannot overwrite it back).
+    pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {
+        self.immediate(|c| ops::insert(c, new, replace))
+    }
+}
+
+/// The daemon's handle on the store thread. Cloning is cheap.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Box<dyn Op>>,
+}
+
+impl Store {
+    /// Opens (creating if needed) and starts the store thread.
+    pub fn open(path: &Path) -> Result<Store> {
+        let sc = StoreConn::open(path, true)?;
+        let (tx, rx) = mpsc::channel::<Box<dyn Op>>();
+        std::thread::Builder::new()
+            .name("tokend-store".into())
+            .spawn(move || run_batches(sc, rx))
+            .map_err(|e| StoreError::Io(path.to_owned(), e))?;
+        Ok(Store { jobs: tx })
+    }
+
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let op = CallOp {
+            f: Some(f),
+            result: None,
+            tx,
+        };
+        self.jobs
+            .send(Box::new(op))
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    pub async fn load_all(&self) -> Result<Vec<Credential>> {
+        self.call(ops::load_all).await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<Credential>> {
+        let name = name.to_owned();
+        self.call(move |c| ops::get(c, &name)).await
+    }
+
+    /// `(name, rev)` of every row: cheap enough to tell, after another
+    /// process wrote, which rows to reload.
+    pub async fn revisions(&self) -> Result<Vec<(String, i64)>> {
+        self.call(ops::revisions).await
+    }
+
+    /// SQLite's `data_version`: changes when *another* connection commits.
+    pub async fn data_version(&self) -> Result<i64> {
+        self.call(|c| Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?))
+            .await
+    }
+
+    /// Takes the cross-process lease on a credential for `ttl`, so that only
+    /// one process refreshes it, and notes that a refresh is starting (see
+    /// [`Credential::refresh_started_at`]) — unless the row has moved on from
+    /// token `version`, in which case nothing is taken and the row returned.
+    pub async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        version: i64,
+    ) -> Result<Lease> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| ops::take_lease(c, &name, &holder, ttl, version))
+            .await
+    }
+
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| {
+            c.execute(
+                "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
+                params![name, holder],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Stores a refreshed token pair if the row is still at `version`, and
+    /// releases the lease, in one transaction.
+    pub async fn commit_refresh(
+        &self,
+        name: &str,
+        holder: &str,
+        version: i64,
+        update: TokenUpdate,
+    ) -> Result<Commit> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| ops::commit_refresh(c, &name, &holder, version, &update))
+            .await
+    }
+
+    /// Records a failed refresh or validation against the token `version` it
+    /// was about, and releases the lease if `holder` has it.
+    pub async fn record_failure(
+        &self,
+        name: &str,
+        holder: &str,
+        version: i64,
+        failure: FailureUpdate,
+    ) -> Result<Commit> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| ops::record_failure(c, &name, &holder, version, &failure))
+            .await
+    }
+
+    /// Records that the token at `version` passed validation.
+    pub async fn record_validated(&self, name: &str, version: i64) -> Result<Commit> {
+        let name = name.to_owned();
+        self.call(move |c| ops::record_validated(c, &name, version))
+            .await
+    }
+
+    /// Clears the failure count of a `misconfigured` or `retrying` credential
+    /// so that it is tried again now (after a config reload, say).
+    pub async fn reset_backoff(&self, name: &str) -> Result<Commit> {
+        let name = name.to_owned();
+        self.call(move |c| ops::reset_backoff(c, &name)).await
+    }
+}
+
+// ---- the store thread ----
+
+/// One queued operation: run inside the batch's transaction, then told
+/// whether the transaction committed.
+trait Op: Send {
+    fn run(&mut self, c: &Connection) -> bool;
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+}
+
+struct CallOp<T, F> {
+    f: Option<F>,
+    result: Option<Result<T>>,
+    tx: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Op for CallOp<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> Result<T> + Send,
+{
+    fn run(&mut self, c: &Connection) -> bool {
+        let f = self.f.take().expect("an op runs once");
+        let r = f(c);
+        let ok = r.is_ok();
+        self.result = Some(r);
+        ok
+    }
+
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
+        let r = match (commit, self.result) {
+            (Ok(()), Some(r)) => r,
+            (Err(e), _) => Err(StoreError::Commit(e)),
+            (Ok(()), None) => Err(StoreError::Closed),
+        };
+        let _ = self.tx.send(r);
+    }
+}
+
+fn run_batches(sc: StoreConn, rx: mpsc::Receiver<Box<dyn Op>>) {
+    let c = &sc.conn;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = c.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for op in batch {
+                op.finish(Err(msg.clone()));
+            }
+            continue;
+        }
+        for op in batch.iter_mut() {
+            // A failing op rolls back to its savepoint; the others still commit.
+            let ok = c.execute_batch("SAVEPOINT op").is_ok() && op.run(c);
+            let end = if ok {
+                "RELEASE op"
+            } else {
+                "ROLLBACK TO op; RELEASE op"
+            };
+            let _ = c.execute_batch(end);
+        }
+        let commit = c.execute_batch("COMMIT").map_err(|e| {
+            let _ = c.execute_batch("ROLLBACK");
+            e.to_string()
+        });
+        for op in batch {
+            op.finish(commit.clone());
+        }
+    }
+}
+
+// ---- the SQL ----
+
+mod ops {
+    use super::*;
+
+    const COLUMNS: &str = "name, provider, access_token, refresh_token, scope, expires_at, \
+        issued_at, state, failures, next_attempt_at, last_error, last_refresh_at, \
+        last_validated_at, refresh_started_at, created_at, updated_at, version, rev";
+
+    fn from_row(r: &Row<'_>) -> rusqlite::Result<Credential> {
+        Ok(Credential {
+            name: r.get(0)?,
+            provider: r.get(1)?,
+            access_token: r.get::<_, Option<String>>(2)?.map(Secret::new),
+            refresh_token: Secret::new(r.get::<_, String>(3)?),
+            scope: r.get(4)?,
+            expires_at: r.get(5)?,
+            issued_at: r.get(6)?,
+            state: State::parse(&r.get::<_, String>(7)?),
+            failures: r.get(8)?,
+            next_attempt_at: r.get(9)?,
+            last_error: r.get(10)?,
+            last_refresh_at: r.get(11)?,
+            last_validated_at: r.get(12)?,
+            refresh_started_at: r.get(13)?,
+            created_at: r.get(14)?,
+            updated_at: r.get(15)?,
+            version: r.get(16)?,
+            rev: r.get(17)?,
+        })
+    }
+
+    pub fn load_all(c: &Connection) -> Result<Vec<Credential>> {
+        let mut st =
+            c.prepare_cached(&format!("SELECT {COLUMNS} FROM credentials ORDER BY name"))?;
+        let rows = st.query_map([], from_row)?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    pub fn get(c: &Connection, name: &str) -> Result<Option<Credential>> {
+        let mut st = c.prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM credentials WHERE name = ?1"
+        ))?;
+        Ok(st.query_row([name], from_row).optional()?)
+    }
+
+    pub fn revisions(c: &Connection) -> Result<Vec<(String, i64)>> {
+        let mut st = c.prepare_cached("SELECT name, rev FROM credentials")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn event(c: &Connection, name: &str, kind: &str, detail: Option<&str>) -> Result<()> {
+        c.prepare_cached("INSERT INTO events (name, at, kind, detail) VALUES (?1, ?2, ?3, ?4)")?
+            .execute(params![name, now_ms(), kind, detail])?;
+        c.prepare_cached(
+            "DELETE FROM events WHERE name = ?1 AND id <
+               (SELECT id FROM events WHERE name = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        )?
+        .execute(params![name, EVENTS_KEPT - 1])?;
+        Ok(())
+    }
+
+    pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Credential> {
+        let now = now_ms();
+        let existing = get(c, &n.name)?;
+        if existing.is_some() && !replace {
+            return Err(StoreError::Exists(n.name.clone()));
+        }
+        let (version, rev) = existing.map_or((1, 1), |e| (e.version + 1, e.rev + 1));
+        c.execute(
+            "INSERT OR REPLACE INTO credentials (name, provider, access_token, refresh_token,
+                scope, expires_at, issued_at, state, failures, created_at, updated_at, version, rev)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'valid', 0, ?7, ?7, ?8, ?9)",
+            params![
+                n.name,
+                n.provider,
+                n.access_token.as_ref().map(Secret::expose),
+                n.refresh_token.expose(),
+                n.scope,
+                n.expires_at,
+                now,
+                version,
+                rev
+            ],
+        )?;
+        event(c, &n.name, "imported", None)?;
+        get(c, &n.name)?.ok_or_else(|| StoreError::NotFound(n.name.clone()))
+    }
+
+    pub fn take_lease(
+        c: &Connection,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        version: i64,
+    ) -> Result<Lease> {
+        let now = now_ms();
+        let current: Option<(String, i64)> = c
+            .prepare_cached("SELECT holder, expires_at FROM leases WHERE name = ?1")?
+            .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((other, until)) = current {
+            if other != holder && until > now && crate::lease::holder_alive(&other) {
+                return Ok(Lease::Busy { until });
+            }
+        }
+        let Some(cred) = get(c, name)? else {
+            c.execute("DELETE FROM leases WHERE name = ?1", [name])?;
+            return Ok(Lease::Gone);
+        };
+        if cred.version != version {
+            return Ok(Lease::Changed(Box::new(cred)));
+        }
+        c.prepare_cached(
+            "INSERT OR REPLACE INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![name, holder, now + ttl.as_millis() as i64])?;
+        let interrupted = cred.refresh_started_at.is_some();
+        if interrupted {
+            event(
+                c,
+                name,
+                "refresh_interrupted",
+                Some("a previous refresh never finished"),
+            )?;
+        }
+        c.prepare_cached(
+            "UPDATE credentials SET refresh_started_at = ?2, state = 'refreshing',
+                updated_at = ?2, rev = rev + 1 WHERE name = ?1",
+        )?
+        .execute(params![name, now])?;
+        Ok(Lease::Taken {
+            credential: Box::new(cred),
+            interrupted,
+        })
+    }
+
+    pub fn commit_refresh(
+        c: &Connection,
+        name: &str,
+        holder: &str,
+        version: i64,
+        u: &TokenUpdate,
+    ) -> Result<Commit> {
+        let now = now_ms();
+        let n = c
+            .prepare_cached(
+                "UPDATE credentials SET access_token = ?3,
+                    refresh_token = COALESCE(?4, refresh_token), scope = COALESCE(?5, scope),
+                    expires_at = ?6, issued_at = ?7, state = 'valid', failures = 0,
+                    next_attempt_at = NULL, last_error = NULL, last_refresh_at = ?7,
+                    last_validated_at = ?7, refresh_started_at = NULL, updated_at = ?7,
+                    version = version + 1, rev = rev + 1
+                 WHERE name = ?1 AND version = ?2",
+            )?
+            .execute(params![
+                name,
+                version,
+                u.access_token.expose(),
+                u.refresh_token.as_ref().map(Secret::expose),
+                u.scope,
+                u.expires_at,
+                now
+            ])?;
+        release(c, name, holder)?;
+        if n == 0 {
+            return Ok(Commit::Conflict);
+        }
+        event(c, name, "refreshed", None)?;
+        done(c, name)
+    }
+
+    pub fn record_failure(
+        c: &Connection,
+        name: &str,
+        holder: &str,
+        version: i64,
+        f: &FailureUpdate,
+    ) -> Result<Commit> {
+        let now = now_ms();
+        let n = c
+            .prepare_cached(
+                "UPDATE credentials SET state = ?3, failures = ?4, next_attempt_at = ?5,
+                    last_error = ?6, updated_at = ?7, rev = rev + 1,
+                    refresh_started_at = CASE WHEN ?8 THEN refresh_started_at ELSE NULL END
+                 WHERE name = ?1 AND version = ?2",
+            )?
+            .execute(params![
+                name,
+                version,
+                f.state.as_str(),
+                f.failures,
+                f.next_attempt_at,
+                f.error,
+                now,
+                f.outcome_unknown
+            ])?;
+        release(c, name, holder)?;
+        if n == 0 {
+            return Ok(Commit::Conflict);
+        }
+        event(c, name, f.event, Some(&f.error))?;
+        done(c, name)
+    }
+
+    pub fn record_validated(c: &Connection, name: &str, version: i64) -> Result<Commit> {
+        let now = now_ms();
+        let n = c
+            .prepare_cached(
+                "UPDATE credentials SET last_validated_at = ?3, updated_at = ?3, rev = rev + 1,
+                    state = CASE WHEN state = 'retrying' THEN 'valid' ELSE state END,
+                    failures = CASE WHEN state = 'retrying' THEN 0 ELSE failures END,
+                    next_attempt_at = CASE WHEN state = 'retrying' THEN NULL ELSE next_attempt_at END,
+                    last_error = CASE WHEN state = 'retrying' THEN NULL ELSE last_error END
+                 WHERE name = ?1 AND version = ?2",
+            )?
+            .execute(params![name, version, now])?;
+        if n == 0 {
+            return Ok(Commit::Conflict);
+        }
+        event(c, name, "validated", None)?;
+        done(c, name)
+    }
+
+    pub fn reset_backoff(c: &Connection, name: &str) -> Result<Commit> {
+        let n = c.execute(
+            "UPDATE credentials SET state = 'valid', failures = 0, next_attempt_at = NULL,
+                updated_at = ?2, rev = rev + 1
+             WHERE name = ?1 AND state IN ('misconfigured', 'retrying')",
+            params![name, now_ms()],
+        )?;
+        if n == 0 {
+            return Ok(Commit::Conflict);
+        }
+        done(c, name)
+    }
+
+    fn release(c: &Connection, name: &str, holder: &str) -> Result<()> {
+        c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")?
+            .execute(params![name, holder])?;
+        Ok(())
+    }
+
+    fn done(c: &Connection, name: &str) -> Result<Commit> {
+        get(c, name)?
+            .map(|cred| Commit::Done(Box::new(cred)))
+            .ok_or_else(|| StoreError::NotFound(name.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_cred(name: &str) -> NewCredential {
+        NewCredential {
+            name: name.into(),
+            provider: "p".into(),
+            access_token: Some(Secret::new("at1")),
+            refresh_token: Secret::new("rt1"),
+            scope: None,
+            expires_at: Some(now_ms() + 60_000),
+        }
+    }
+
+    #[test]
+    fn creates_private_file_and_migrates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/tokend.db");
+        let sc = StoreConn::open(&path, true).unwrap();
+        sc.insert(&new_cred("a"), false).unwrap();
+        drop(sc);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dmode, 0o700);
+        let sc = StoreConn::open(&path, false).unwrap();
+        assert_eq!(sc.load_all().unwrap().len(), 1);
+        assert!(StoreConn::open(&dir.path().join("missing.db"), false).is_err());
+    }
+
+    #[test]
+    fn insert_refuses_duplicates_unless_replacing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sc = StoreConn::open(&dir.path().join("t.db"), true).unwrap();
+        let a = sc.insert(&new_cred("a"), false).unwrap();
+        assert!(matches!(
+            sc.insert(&new_cred("a"), false),
+            Err(StoreError::Exists(_))
+        ));
+        let b = sc.insert(&new_cred("a"), true).unwrap();
+        assert_eq!(b.version, a.version + 1);
+    }
+
+    #[tokio::test]
+    async fn refresh_commit_is_a_compare_and_swap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true)
+            .unwrap()
+            .insert(&new_cred("a"), false)
+            .unwrap();
+        let store = Store::open(&path).unwrap();
+        let me = crate::lease::holder_id();
+        let Lease::Taken {
+            credential,
+            interrupted,
+        } = store
+            .take_lease("a", &me, Duration::from_secs(60), 1)
+            .await
+            .unwrap()
+        else {
+            panic!("lease not taken")
+        };
+        assert!(!interrupted);
+        // Another live holder (one we cannot check, on another host) is refused.
+        assert!(matches!(
+            store
+                .take_lease("a", "other-host/1/1", Duration::from_secs(60), 1)
+                .await
+                .unwrap(),
+            Lease::Busy { .. }
+        ));
+        let update = || TokenUpdate {
+            access_token: Secret::new("at2"),
+            refresh_token: Some(Secret::new("rt2")),
+            scope: None,
+            expires_at: None,
+        };
+        let Commit::Done(c) = store
+            .commit_refresh("a", &me, credential.version, update())
+            .await
+            .unwrap()
+        else {
+            panic!("conflict")
+        };
+        assert_eq!(c.refresh_token.expose(), "rt2");
+        assert_eq!(c.state, State::Valid);
+        assert_eq!(c.refresh_started_at, None);
+        // The same old version again is a conflict and writes nothing.
+        assert!(matches!(
+            store
+                .commit_refresh("a", &me, credential.version, update())
+                .await
+                .unwrap(),
+            Commit::Conflict
+        ));
+        assert_eq!(store.get("a").await.unwrap().unwrap().version, c.version);
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_refresh_is_reported_to_the_next_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true)
+            .unwrap()
+            .insert(&new_cred("a"), false)
+            .unwrap();
+        let store = Store::open(&path).unwrap();
+        // A holder from a process that no longer exists.
+        let dead = "other-host/1/1";
+        let _ = store
+            .take_lease("a", dead, Duration::from_millis(1), 1)
+            .await
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        match store
+            .take_lease("a", "next", Duration::from_secs(60), 1)
+            .await
+            .unwrap()
+        {
+            Lease::Taken { interrupted, .. } => assert!(interrupted),
+            _ => panic!("lease not taken"),
+        }
+    }
+}
