@@ -1,0 +1,302 @@
+//! The test harness: a temp directory with a config, the fake provider over
+//! HTTP on 127.0.0.1, and the real `tokend` binary.
+//!
+//! Every daemon's stderr goes to a file; when a [`Daemon`] is dropped, its
+//! log is checked for anything that looks like a token or the client secret
+//! (the fake provider's tokens carry recognisable prefixes), so that every
+//! test is also a secrets test.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub use tokend_fake_provider::{FakeProvider, Fault, FaultTarget, Knobs, MintedGrant};
+
+/// Prefixes of everything secret the fake provider hands out.
+pub const SECRET_MARKERS: [&str; 4] = ["fat_", "frt_", "fcode_", "fake-client-secret"];
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tokend")
+}
+
+/// Polls `f` until it returns Some, or panics naming `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub provider: FakeProvider,
+    pub config_path: PathBuf,
+    pub db: PathBuf,
+    pub tokens: PathBuf,
+    pub secret_file: PathBuf,
+}
+
+/// A `[refresh]` section for tests: short lead times and backoff.
+pub const FAST_REFRESH: &str = r#"
+[refresh]
+refresh_before_expiry = "2s"
+min_remaining = "1s"
+retry_initial = "500ms"
+retry_max = "2s"
+request_timeout = "3s"
+"#;
+
+impl Env {
+    /// A provider with `knobs`, and a config with FAST_REFRESH and one raw sink.
+    pub fn new(knobs: Knobs) -> Env {
+        let env = Env::bare(knobs);
+        env.write_config(FAST_REFRESH, &env.sink("raw", "0600"));
+        env
+    }
+
+    /// A provider and a secret file, but no config yet.
+    pub fn bare(knobs: Knobs) -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = FakeProvider::start(knobs).unwrap();
+        let secret_file = dir.path().join("client.secret");
+        fs::write(&secret_file, provider.client_secret()).unwrap();
+        fs::set_permissions(&secret_file, fs::Permissions::from_mode(0o600)).unwrap();
+        Env {
+            config_path: dir.path().join("config.toml"),
+            db: dir.path().join("state/tokend.db"),
+            tokens: dir.path().join("tokens"),
+            secret_file,
+            provider,
+            dir,
+        }
+    }
+
+    /// A `[[sinks]]` block writing `tokens/{name}` (for format raw) or
+    /// `tokens/{name}.FORMAT`.
+    pub fn sink(&self, format: &str, mode: &str) -> String {
+        let suffix = if format == "raw" {
+            String::new()
+        } else {
+            format!(".{format}")
+        };
+        format!(
+            "[[sinks]]\npath = \"{}/{{name}}{suffix}\"\nformat = \"{format}\"\nmode = \"{mode}\"\n",
+            self.tokens.display()
+        )
+    }
+
+    /// The provider block for the fake provider, named "fake".
+    pub fn provider_block(&self) -> String {
+        let url = self.provider.url();
+        format!(
+            "[providers.fake]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\
+             authorize_url = \"{url}/oauth2/authorize\"\ntoken_url = \"{url}/oauth2/access_token\"\n\
+             validate_url = \"{url}/public/v1/members/current\"\n",
+            self.provider.client_id(),
+            self.secret_file.display()
+        )
+    }
+
+    pub fn write_config(&self, refresh: &str, sinks: &str) {
+        let text = format!(
+            "database = \"{}\"\n{refresh}\n{}\n{sinks}",
+            self.db.display(),
+            self.provider_block()
+        );
+        fs::write(&self.config_path, text).unwrap();
+    }
+
+    pub fn tokend(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(bin());
+        c.arg("-c").arg(&self.config_path).args(args);
+        c.env_remove("RUST_LOG");
+        c
+    }
+
+    /// Runs a CLI command to completion, with `stdin` fed in.
+    pub fn cli(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .tokend(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert_no_secrets(&String::from_utf8_lossy(&out.stderr), "CLI stderr");
+        out
+    }
+
+    /// Mints a grant at the provider and imports it as `name` (refresh token
+    /// on stdin; with the access token from a file when `with_access`).
+    pub fn import(&self, name: &str, with_access: bool) -> MintedGrant {
+        let g = self
+            .provider
+            .mint_grant(self.provider.client_id(), "read+write");
+        let mut args = vec!["import", name, "--provider", "fake", "--refresh-token", "-"];
+        let access_file = self.dir.path().join(format!("{name}.access"));
+        let access_arg = access_file.display().to_string();
+        let lifetime = g.expires_in.to_string();
+        if with_access {
+            fs::write(&access_file, &g.access_token).unwrap();
+            args.extend(["--access-token", &access_arg, "--expires-in", &lifetime]);
+        }
+        let out = self.cli(&args, &g.refresh_token);
+        assert!(
+            out.status.success(),
+            "import failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        g
+    }
+
+    pub fn token_file(&self, name: &str) -> PathBuf {
+        self.tokens.join(name)
+    }
+
+    pub fn read_token(&self, name: &str) -> Option<String> {
+        fs::read_to_string(self.token_file(name)).ok()
+    }
+
+    pub fn start(&self) -> Daemon {
+        Daemon::start(self, "daemon")
+    }
+
+    /// The stored row of a credential, read straight from the SQLite file.
+    pub fn row(&self, name: &str) -> Option<Row> {
+        let c = rusqlite::Connection::open(&self.db).ok()?;
+        c.busy_timeout(Duration::from_secs(5)).unwrap();
+        c.query_row(
+            "SELECT access_token, refresh_token, state, last_error, failures, version
+             FROM credentials WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(Row {
+                    access_token: r.get(0)?,
+                    refresh_token: r.get(1)?,
+                    state: r.get(2)?,
+                    last_error: r.get(3)?,
+                    failures: r.get(4)?,
+                    version: r.get(5)?,
+                })
+            },
+        )
+        .ok()
+    }
+
+    pub fn state(&self, name: &str) -> Option<String> {
+        self.row(name).map(|r| r.state)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub access_token: Option<String>,
+    pub refresh_token: String,
+    pub state: String,
+    pub last_error: Option<String>,
+    pub failures: i64,
+    pub version: i64,
+}
+
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(env: &Env, label: &str) -> Daemon {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let log = env.dir.path().join(format!("{label}-{n}.log"));
+        let child = env
+            .tokend(&["run"])
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon { child, log }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for(&format!("log line {needle:?}"), timeout, || {
+            self.log().contains(needle).then_some(())
+        });
+    }
+
+    /// Polls for exit until `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        wait_for("the daemon to exit", timeout, || {
+            self.child.try_wait().unwrap()
+        })
+    }
+
+    /// SIGTERM, and the exit status within a few seconds.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if !std::thread::panicking() {
+            assert_no_secrets(&self.log(), &self.log.display().to_string());
+        }
+    }
+}
+
+pub fn assert_no_secrets(text: &str, what: &str) {
+    for m in SECRET_MARKERS {
+        if let Some(line) = text.lines().find(|l| l.contains(m)) {
+            panic!("{what} holds something secret ({m}…): {line}");
+        }
+    }
+}
+
+/// Mode bits of a file.
+pub fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
