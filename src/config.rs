@@ -369,13 +369,58 @@ pub fn parse(text: &str, path: &Path, env: &dyn Env) -> Result<Config, ConfigErr
         path: path.to_owned(),
         problems,
     };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
-        fail(vec![Problem {
-            key: String::new(),
-            message: e.to_string().trim_end().to_owned(),
-        }])
-    })?;
+    let raw: RawConfig = toml::from_str(text).map_err(|e| fail(vec![toml_problem(text, &e)]))?;
     validate(raw, path, env).map_err(fail)
+}
+
+/// A TOML error as a problem with a key, but without toml's excerpt of the
+/// offending line: that line may hold a secret (`client_secret = "…"` is a
+/// common slip), and these messages reach logs. Quoted values in the message
+/// are elided for the same reason.
+fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
+    let mut message = String::new();
+    let mut quoted = false;
+    for c in e.message().trim_end().chars() {
+        match (c, quoted) {
+            ('"', false) => {
+                quoted = true;
+                message.push_str("\"…");
+            }
+            ('"', true) => {
+                quoted = false;
+                message.push('"');
+            }
+            (_, false) => message.push(c),
+            (_, true) => {}
+        }
+    }
+    let Some(start) = e.span().map(|s| s.start.min(text.len())) else {
+        return Problem {
+            key: String::new(),
+            message,
+        };
+    };
+    let before = &text[..start];
+    let line_no = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or_default();
+    // The key is what stands left of '='; the table, the last header above.
+    let key = line.split_once('=').map(|(k, _)| k.trim()).unwrap_or("");
+    let table = before
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.starts_with('['))
+        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim())
+        .unwrap_or("");
+    let key = match (table, key) {
+        ("", k) | (k, "") => k.to_owned(),
+        (t, k) => format!("{t}.{k}"),
+    };
+    Problem {
+        key,
+        message: format!("{message} (line {line_no}, column {column})"),
+    }
 }
 
 fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Problem>> {
@@ -920,7 +965,24 @@ mod tests {
     #[test]
     fn unknown_keys_are_named() {
         let e = problems("[refresh]\nretry_maxx = \"1m\"\n");
-        assert!(e[0].contains("retry_maxx"), "{e:?}");
+        assert!(
+            e[0].starts_with("refresh.retry_maxx: unknown field"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("line 2"), "{e:?}");
+    }
+
+    #[test]
+    fn parse_errors_never_echo_values() {
+        let e = problems("[providers.x]\nclient_secret = \"hunter2-secret\"\n");
+        assert!(e[0].starts_with("providers.x.client_secret: "), "{e:?}");
+        assert!(!e[0].contains("hunter2"), "{e:?}");
+        let e = problems("[refresh]\nmax_concurrency = \"hunter2-secret\"\n");
+        assert!(
+            e[0].starts_with("refresh.max_concurrency: invalid type"),
+            "{e:?}"
+        );
+        assert!(!e[0].contains("hunter2"), "{e:?}");
     }
 
     #[test]
@@ -1013,6 +1075,27 @@ mod tests {
         assert!(e[0].contains("must contain {name}"), "{e:?}");
         let c = parse_ok("[[sinks]]\ncredentials = [\"bot\"]\npath = \"/run/t/token\"\n");
         assert!(c.sinks[0].matches("bot"));
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        struct NoSecrets;
+        impl Env for NoSecrets {
+            fn var(&self, _: &str) -> Option<String> {
+                None
+            }
+            fn read_secrets(&self) -> bool {
+                false
+            }
+        }
+        let c = parse(
+            include_str!("../config.example.toml"),
+            Path::new("config.example.toml"),
+            &NoSecrets,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.refresh, RefreshConfig::default());
+        assert_eq!(c.sinks[0].mode, 0o640);
     }
 
     #[test]

@@ -8,7 +8,6 @@ use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::watch;
 use tokio_cron_scheduler::{Job, JobScheduler};
-use uuid::Uuid;
 
 use crate::cli::Exit;
 use crate::config::{self, Config};
@@ -152,7 +151,6 @@ async fn reload(current: &Config, path: &Path) -> Option<Arc<Config>> {
 /// The cron job that runs the validation sweep.
 struct Sweep {
     scheduler: JobScheduler,
-    job: Uuid,
 }
 
 impl Sweep {
@@ -165,13 +163,12 @@ impl Sweep {
             Box::pin(async move { r.sweep() })
         })
         .map_err(err)?;
-        let job = scheduler.add(job).await.map_err(err)?;
+        scheduler.add(job).await.map_err(err)?;
         scheduler.start().await.map_err(err)?;
-        Ok(Sweep { scheduler, job })
+        Ok(Sweep { scheduler })
     }
 
     async fn stop(&mut self) {
-        let _ = self.scheduler.remove(&self.job).await;
         let _ = self.scheduler.shutdown().await;
     }
 }

@@ -98,10 +98,11 @@ fn read_secret(option: &str, from: &str) -> Result<Secret, Exit> {
     } else {
         std::fs::File::open(from).and_then(|mut f| f.read_to_string(&mut text).map(|_| ()))
     };
+    // The path is not echoed: a token given here by mistake would be.
     read.map_err(|e| {
         Exit::usage(format!(
-            "{option}: cannot read {}: {e}",
-            if from == "-" { "stdin" } else { from }
+            "{option}: cannot read {}: {e} (give a file that holds the token, or - for stdin)",
+            if from == "-" { "stdin" } else { "the file" }
         ))
     })?;
     let token = text.trim();

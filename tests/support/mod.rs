@@ -5,7 +5,7 @@
 //! log is checked for anything that looks like a token or the client secret
 //! (the fake provider's tokens carry recognisable prefixes), so that every
 //! test is also a secrets test.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use std::fs;
 use std::io::Write;

@@ -1,0 +1,397 @@
+//! The benchmark command: `cargo bench --bench daemon`.
+//!
+//! Measures, against baselines taken in the same run:
+//!
+//! 1. **Sweep**: 10,000 credentials all due at once, the fake provider
+//!    answering after 20 ms, `max_concurrency = 64`. The ideal is
+//!    10,000 × 20 ms / 64; the baseline is a bare reqwest client sending the
+//!    same 10,000 refresh requests, 64 at a time, to the same provider:
+//!    what this machine can do without tokend's store, files and scheduling.
+//!    Run once without sinks and once with a raw file sink.
+//! 2. **RSS** of the daemon holding those 10,000 credentials.
+//! 3. **Idle**: nothing due; CPU seconds and context switches of the daemon
+//!    over a measured window, scaled to an hour and a minute.
+//!
+//! Environment: TOKEND_BENCH_CREDENTIALS (default 10000),
+//! TOKEND_BENCH_IDLE_SECS (default 60). Prints a Markdown report to stdout;
+//! BENCHMARKS.md holds the latest one.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokend_fake_provider::{FakeProvider, Knobs};
+
+const LATENCY_MS: u64 = 20;
+const CONCURRENCY: usize = 64;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is taken.
+    let n = env_or("TOKEND_BENCH_CREDENTIALS", 10_000) as usize;
+    let idle_secs = env_or("TOKEND_BENCH_IDLE_SECS", 60);
+    let ideal = Duration::from_millis(n as u64 * LATENCY_MS) / CONCURRENCY as u32;
+    println!(
+        "## Daemon benchmark ({n} credentials, {LATENCY_MS} ms provider latency, max_concurrency {CONCURRENCY})\n"
+    );
+    println!(
+        "Machine: {} cores; run: {}\n",
+        cores(),
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    );
+
+    let baseline = baseline_client(n);
+    let plain = sweep(n, false, 0);
+    let sinks = sweep(n, true, idle_secs);
+
+    println!("| measure | result | ratio |");
+    println!("|---|---|---|");
+    println!(
+        "| ideal sweep (n × latency / concurrency) | {:.3} s | 1.00 |",
+        ideal.as_secs_f64()
+    );
+    println!(
+        "| baseline: bare reqwest client, same requests | {:.3} s | {:.2} × ideal |",
+        baseline.as_secs_f64(),
+        ratio(baseline, ideal)
+    );
+    for (label, s) in [
+        ("tokend sweep, no sinks", &plain),
+        ("tokend sweep, raw file sink", &sinks),
+    ] {
+        println!(
+            "| {label} | {:.3} s | {:.2} × ideal, {:.2} × baseline |",
+            s.sweep.as_secs_f64(),
+            ratio(s.sweep, ideal),
+            ratio(s.sweep, baseline)
+        );
+    }
+    for (label, s) in [("no sinks", &plain), ("raw file sink", &sinks)] {
+        println!(
+            "| RSS holding {n} credentials ({label}) | {:.1} MiB now, {:.1} MiB peak | goal ≤ 40 MiB |",
+            s.rss_mib, s.hwm_mib
+        );
+    }
+    if let Some(idle) = &sinks.idle {
+        println!(
+            "| idle CPU (measured over {idle_secs} s) | {:.3} s per hour | goal < 2 |",
+            idle.cpu_per_hour
+        );
+        println!(
+            "| idle context switches | {:.0} per minute | |",
+            idle.switches_per_minute
+        );
+    }
+    println!();
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The same refresh requests, sent by a bare client 64 at a time.
+fn baseline_client(n: usize) -> Duration {
+    let provider = FakeProvider::start(Knobs {
+        latency_ms: LATENCY_MS,
+        ..Knobs::default()
+    })
+    .unwrap();
+    let tokens: Vec<String> = (0..n)
+        .map(|_| {
+            provider
+                .mint_grant(provider.client_id(), "read+write")
+                .refresh_token
+        })
+        .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("{}/oauth2/access_token", provider.url());
+    let (id, secret) = (
+        provider.client_id().to_owned(),
+        provider.client_secret().to_owned(),
+    );
+    let tokens = Arc::new(tokens);
+    let next = Arc::new(AtomicUsize::new(0));
+    let elapsed = rt.block_on(async move {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::new();
+        let start = Instant::now();
+        let tasks: Vec<_> = (0..CONCURRENCY)
+            .map(|_| {
+                let (client, url, id, secret, tokens, next) = (
+                    client.clone(),
+                    url.clone(),
+                    id.clone(),
+                    secret.clone(),
+                    tokens.clone(),
+                    next.clone(),
+                );
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= tokens.len() {
+                            return;
+                        }
+                        let form = [
+                            ("grant_type", "refresh_token"),
+                            ("client_id", &id),
+                            ("client_secret", &secret),
+                            ("refresh_token", &tokens[i]),
+                            ("scope", "read+write"),
+                        ];
+                        let r = client.post(&url).form(&form).send().await.unwrap();
+                        assert!(r.status().is_success());
+                        r.bytes().await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
+    });
+    assert_eq!(provider.stats().refreshes_ok as usize, n);
+    elapsed
+}
+
+struct SweepResult {
+    sweep: Duration,
+    rss_mib: f64,
+    hwm_mib: f64,
+    idle: Option<Idle>,
+}
+
+struct Idle {
+    cpu_per_hour: f64,
+    switches_per_minute: f64,
+}
+
+fn sweep(n: usize, with_sink: bool, idle_secs: u64) -> SweepResult {
+    let provider = FakeProvider::start(Knobs {
+        latency_ms: LATENCY_MS,
+        ..Knobs::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state/tokend.db");
+    let secret = dir.path().join("secret");
+    fs::write(&secret, provider.client_secret()).unwrap();
+    let url = provider.url();
+    let sink = if with_sink {
+        format!(
+            "[[sinks]]\npath = \"{}/tokens/{{name}}\"\nformat = \"raw\"\nmode = \"0640\"\n",
+            dir.path().display()
+        )
+    } else {
+        String::new()
+    };
+    let config = dir.path().join("config.toml");
+    fs::write(
+        &config,
+        format!(
+            "database = \"{}\"\n[refresh]\nmax_concurrency = {CONCURRENCY}\n\
+             validate_schedule = \"0 0 0 1 1 *\"\n\
+             [providers.fake]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\
+             authorize_url = \"{url}/oauth2/authorize\"\ntoken_url = \"{url}/oauth2/access_token\"\n\
+             validate_url = \"{url}/public/v1/members/current\"\n{sink}",
+            db.display(),
+            provider.client_id(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    seed(&db, &provider, n);
+
+    let bin = env!("CARGO_BIN_EXE_tokend");
+    let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(&config)
+        .arg("run")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    wait("the first refresh request", Duration::from_secs(60), || {
+        provider.stats().refresh_requests > 0
+    });
+    let first = Instant::now();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    wait("every refresh committed", Duration::from_secs(300), || {
+        committed(&conn) >= n
+    });
+    let sweep = first.elapsed();
+    eprintln!(
+        "sweep ({}): start-up {:.3} s, sweep {:.3} s",
+        if with_sink { "sink" } else { "no sink" },
+        (first - started).as_secs_f64(),
+        sweep.as_secs_f64()
+    );
+    assert_eq!(
+        provider.stats().refreshes_ok as usize,
+        n,
+        "one refresh each"
+    );
+    assert_eq!(provider.stats().reuse_detected, 0);
+    if with_sink {
+        let files = fs::read_dir(dir.path().join("tokens")).unwrap().count();
+        wait("every file written", Duration::from_secs(60), || {
+            fs::read_dir(dir.path().join("tokens")).unwrap().count() >= n
+        });
+        eprintln!("files written at commit time: {files}");
+    }
+    let pid = child.id();
+    let (rss_mib, hwm_mib) = memory(pid);
+    let idle = (idle_secs > 0).then(|| idle(pid, Duration::from_secs(idle_secs)));
+    stop(&mut child);
+    SweepResult {
+        sweep,
+        rss_mib,
+        hwm_mib,
+        idle,
+    }
+}
+
+/// Writes `n` credentials that need a refresh now (no access token), the
+/// way `tokend import` stores them, in one transaction: importing ten
+/// thousand one by one would only time our fsyncs.
+fn seed(db: &Path, provider: &FakeProvider, n: usize) {
+    // Let tokend create the file and its schema.
+    tokend::store::StoreConn::open(db, true).unwrap();
+    let mut conn = rusqlite::Connection::open(db).unwrap();
+    let tx = conn.transaction().unwrap();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    {
+        let mut st = tx
+            .prepare(
+                "INSERT INTO credentials (name, provider, refresh_token, scope, issued_at, state,
+                   failures, created_at, updated_at, version, rev)
+                 VALUES (?1, 'fake', ?2, 'read+write', ?3, 'valid', 0, ?3, ?3, 1, 1)",
+            )
+            .unwrap();
+        for i in 0..n {
+            let g = provider.mint_grant(provider.client_id(), "read+write");
+            st.execute(rusqlite::params![
+                format!("user-{i:05}"),
+                g.refresh_token,
+                now
+            ])
+            .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+}
+
+fn committed(conn: &rusqlite::Connection) -> usize {
+    conn.query_row(
+        "SELECT count(*) FROM credentials
+         WHERE access_token IS NOT NULL AND refresh_started_at IS NULL",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
+    .unwrap_or(0) as usize
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// (VmRSS, VmHWM) in MiB.
+fn memory(pid: u32) -> (f64, f64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// Per thread: (CPU nanoseconds, context switches). CPU time comes from
+/// schedstat (nanoseconds), since clock ticks (10 ms) are too coarse for an
+/// idle process.
+fn usage(pid: u32) -> HashMap<String, (u64, u64)> {
+    let mut m = HashMap::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let sched = fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let cpu_ns = sched
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let s = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let switches = s
+            .lines()
+            .filter(|l| {
+                l.starts_with("voluntary_ctxt_switches:")
+                    || l.starts_with("nonvoluntary_ctxt_switches:")
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        m.insert(
+            task.file_name().to_string_lossy().into_owned(),
+            (cpu_ns, switches),
+        );
+    }
+    m
+}
+
+fn idle(pid: u32, window: Duration) -> Idle {
+    // Let the tail of the sweep (file writes, WAL checkpoint) finish, and
+    // tokio's idle blocking threads exit (10 s keep-alive), first.
+    std::thread::sleep(Duration::from_secs(12));
+    let before = usage(pid);
+    std::thread::sleep(window);
+    let after = usage(pid);
+    // Per thread, so a thread that exits during the window cannot make the
+    // sum go backwards; a thread born during it counts from zero.
+    let (mut cpu_ns, mut switches) = (0, 0);
+    for (tid, (c1, s1)) in &after {
+        let (c0, s0) = before.get(tid).copied().unwrap_or_default();
+        cpu_ns += c1.saturating_sub(c0);
+        switches += s1.saturating_sub(s0);
+    }
+    let secs = window.as_secs_f64();
+    Idle {
+        cpu_per_hour: cpu_ns as f64 / 1e9 * 3600.0 / secs,
+        switches_per_minute: switches as f64 * 60.0 / secs,
+    }
+}
+
+fn stop(child: &mut Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+}
