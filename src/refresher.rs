@@ -898,6 +898,10 @@ fn refresh_at(c: &Credential, r: &RefreshConfig, jitter: f64) -> Option<i64> {
 fn decide(c: &Credential, now: i64, r: &RefreshConfig, jitter: f64, validate: bool) -> Do {
     match c.state {
         State::NeedsReauthorization | State::Misconfigured => Do::Nothing,
+        // Stored as refreshing but not ours: a refresh that a crash cut off
+        // (or a peer's, whose lease will turn us away). Find out now, not
+        // at the next expiry, whether the stored refresh token still works.
+        State::Refreshing if c.refresh_started_at.is_some() => Do::Refresh,
         State::Retrying if c.next_attempt_at.is_some_and(|t| t > now) => Do::Nothing,
         _ if refresh_at(c, r, jitter).is_some_and(|t| t <= now) => Do::Refresh,
         // A failed refresh that is not due (a 401 on validation) re-checks first.
@@ -920,6 +924,7 @@ fn next_deadline(c: &Credential, now: i64, r: &RefreshConfig, jitter: f64) -> Op
             let retry = c.next_attempt_at.unwrap_or(now);
             Some(expiry.map_or(retry, |e| e.min(retry)))
         }
+        State::Refreshing if c.refresh_started_at.is_some() => Some(now),
         State::Valid | State::Refreshing => {
             if c.last_validated_at.is_none() && c.access_token.is_some() {
                 return Some(now);
@@ -1050,6 +1055,15 @@ mod tests {
         assert_eq!(decide(&c, 100 * S, &r, 0.0, false), Do::Validate);
         assert_eq!(decide(&c, 3100 * S, &r, 0.0, false), Do::Refresh);
         assert_eq!(next_deadline(&c, 0, &r, 0.0), Some(100 * S));
+    }
+
+    #[test]
+    fn an_interrupted_refresh_is_retried_at_once() {
+        let mut c = cred(0, Some(3600 * S));
+        c.state = State::Refreshing;
+        c.refresh_started_at = Some(5);
+        assert_eq!(decide(&c, 10 * S, &cfg(600), 0.0, false), Do::Refresh);
+        assert_eq!(next_deadline(&c, 10 * S, &cfg(600), 0.0), Some(10 * S));
     }
 
     #[test]
