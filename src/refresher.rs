@@ -111,6 +111,8 @@ impl Entry {
         let token_changed = cred.version != st.cred.version;
         if token_changed {
             st.jitter = fastrand::f64();
+            // Whatever held us back (a peer's lease) has produced a new token.
+            st.hold_until = 0;
         }
         st.cred = Arc::new(cred);
         token_changed
@@ -621,8 +623,11 @@ impl Refresher {
             }
             Ok(Lease::Busy { until }) => {
                 tracing::debug!(credential = %name, "another process is refreshing this credential");
-                // Its commit will wake us through the store watch; this is the fallback.
-                entry.hold(until);
+                // Its commit will wake us through the store watch. Should it
+                // die instead, look again soon: a dead holder on this host
+                // is seen at once, one elsewhere when its lease expires.
+                let soon = now_ms() + ctx.config.refresh.retry_initial.as_millis() as i64;
+                entry.hold(until.min(soon));
                 return;
             }
             Ok(Lease::Gone) => return,
