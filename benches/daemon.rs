@@ -206,12 +206,13 @@ fn sweep(n: usize, with_sink: bool, idle_secs: u64) -> SweepResult {
     fs::write(
         &config,
         format!(
-            "database = \"{}\"\n[refresh]\nmax_concurrency = {CONCURRENCY}\n\
+            "database = \"{}\"\nsocket = \"{}/tokend.sock\"\n[refresh]\nmax_concurrency = {CONCURRENCY}\n\
              validate_schedule = \"0 0 0 1 1 *\"\n\
              [providers.fake]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\
              authorize_url = \"{url}/oauth2/authorize\"\ntoken_url = \"{url}/oauth2/access_token\"\n\
              validate_url = \"{url}/public/v1/members/current\"\n{sink}",
             db.display(),
+            dir.path().display(),
             provider.client_id(),
             secret.display()
         ),

@@ -33,6 +33,7 @@ echo "    $url"
 
 cat > "$demo/config.toml" <<CONF
 database = "$demo/state/tokend.db"
+socket   = "$demo/tokend.sock"
 
 [refresh]
 validate_schedule     = "*/5 * * * * *"   # validate every 5 s, for the demo

@@ -20,6 +20,7 @@ use crate::secret::Secret;
 /// Where the config lives when neither `-c` nor `TOKEND_CONFIG` says.
 pub const DEFAULT_CONFIG: &str = "/etc/tokend/config.toml";
 const DEFAULT_DATABASE: &str = "/var/lib/tokend/tokend.db";
+const DEFAULT_SOCKET: &str = "/run/tokend/tokend.sock";
 
 /// One problem with the configuration, tied to the key that caused it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,9 +68,38 @@ pub struct Config {
     /// The file it came from, reloaded on SIGHUP.
     pub path: PathBuf,
     pub database: PathBuf,
+    pub socket: SocketConfig,
     pub refresh: RefreshConfig,
     pub providers: BTreeMap<String, Arc<ProviderConfig>>,
     pub sinks: Vec<Arc<SinkConfig>>,
+    /// `[[access]]`: who, besides root and our own user, may read which tokens.
+    pub access: Vec<AccessRule>,
+}
+
+/// The Unix socket's place and permissions.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketConfig {
+    pub path: PathBuf,
+    pub mode: u32,
+    /// The group given to the socket file, resolved to a gid at load.
+    pub group: Option<(String, u32)>,
+}
+
+/// One `[[access]]` rule: callers with one of these uids, or in one of these
+/// groups, may read the credentials matching these patterns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessRule {
+    pub credentials: Vec<String>,
+    pub uids: Vec<u32>,
+    pub gids: Vec<u32>,
+}
+
+impl AccessRule {
+    /// Whether this rule lets a caller (uid, groups) read `name`.
+    pub fn grants(&self, name: &str, uid: u32, groups: &[u32]) -> bool {
+        (self.uids.contains(&uid) || self.gids.iter().any(|g| groups.contains(g)))
+            && self.credentials.iter().any(|p| glob_match(p, name))
+    }
 }
 
 /// `[refresh]`: when and how hard tokend talks to providers.
@@ -86,6 +116,9 @@ pub struct RefreshConfig {
     /// A token with less than this left is refreshed before anything hands it out;
     /// the refresher therefore never lets a token get this close to expiry.
     pub min_remaining: Duration,
+    /// A consumer's "this token was refused" triggers at most one
+    /// re-validation per credential this often.
+    pub rejected_cooldown: Duration,
 }
 
 impl Default for RefreshConfig {
@@ -98,6 +131,7 @@ impl Default for RefreshConfig {
             retry_initial: Duration::from_secs(5),
             retry_max: Duration::from_secs(900),
             min_remaining: Duration::from_secs(60),
+            rejected_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -256,6 +290,11 @@ pub fn check_name(name: &str) -> Result<(), String> {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     database: Option<String>,
+    socket: Option<String>,
+    socket_mode: Option<String>,
+    socket_group: Option<String>,
+    #[serde(default)]
+    access: Vec<RawAccess>,
     #[serde(default)]
     refresh: RawRefresh,
     #[serde(default)]
@@ -274,6 +313,17 @@ struct RawRefresh {
     retry_initial: Option<String>,
     retry_max: Option<String>,
     min_remaining: Option<String>,
+    rejected_cooldown: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccess {
+    credentials: Option<Vec<String>>,
+    #[serde(default)]
+    uids: Vec<u32>,
+    #[serde(default)]
+    groups: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -324,6 +374,28 @@ pub struct ProcessEnv;
 impl Env for ProcessEnv {
     fn var(&self, name: &str) -> Option<String> {
         std::env::var(name).ok().filter(|v| !v.is_empty())
+    }
+}
+
+/// Only the socket's path, for the quick client commands (`token`): reads
+/// the one key it needs, validates nothing else, and falls back to the
+/// default when the file is missing or unreadable (the connection will then
+/// say whether a daemon listens).
+pub fn socket_path(config: &Path) -> PathBuf {
+    #[derive(Deserialize)]
+    struct OnlySocket {
+        socket: Option<String>,
+    }
+    let from_file = std::fs::read_to_string(config)
+        .ok()
+        .and_then(|t| toml::from_str::<OnlySocket>(&t).ok())
+        .and_then(|c| c.socket);
+    match from_file {
+        Some(s) => PathBuf::from(s),
+        None => match ProcessEnv.var("RUNTIME_DIRECTORY") {
+            Some(d) => PathBuf::from(d.split(':').next().unwrap_or(&d)).join("tokend.sock"),
+            None => PathBuf::from(DEFAULT_SOCKET),
+        },
     }
 }
 
@@ -426,7 +498,7 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
 fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Problem>> {
     let mut p = Problems::default();
 
-    let database = match raw.database {
+    let database = match raw.database.clone() {
         Some(d) => {
             let d = PathBuf::from(d);
             if !d.is_absolute() {
@@ -442,6 +514,7 @@ fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Pr
     };
 
     let refresh = validate_refresh(&raw.refresh, &mut p);
+    let socket = validate_socket(&raw, env, &mut p);
 
     let mut providers = BTreeMap::new();
     for (name, rp) in raw.providers {
@@ -464,12 +537,21 @@ fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Pr
         }
     }
 
+    let access = raw
+        .access
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| validate_access(i, a, &mut p))
+        .collect();
+
     p.finish(Config {
         path: path.to_owned(),
         database,
+        socket,
         refresh,
         providers,
         sinks,
+        access,
     })
 }
 
@@ -508,6 +590,78 @@ impl Problems {
                 }
             },
         }
+    }
+}
+
+fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketConfig {
+    let path = match &raw.socket {
+        Some(s) => {
+            let s = PathBuf::from(s);
+            if !s.is_absolute() {
+                p.add("socket", "must be an absolute path");
+            }
+            s
+        }
+        None => match env.var("RUNTIME_DIRECTORY") {
+            Some(dirs) => {
+                PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join("tokend.sock")
+            }
+            None => PathBuf::from(DEFAULT_SOCKET),
+        },
+    };
+    let mode = match raw.socket_mode.as_deref() {
+        None => 0o660,
+        Some(s) => match u32::from_str_radix(s, 8) {
+            Ok(m) if m <= 0o777 => m,
+            _ => {
+                p.add(
+                    "socket_mode",
+                    format!("{s:?} is not an octal mode like \"0660\""),
+                );
+                0o660
+            }
+        },
+    };
+    let group = raw
+        .socket_group
+        .as_deref()
+        .and_then(|g| match resolve_group(g) {
+            Some(gid) => Some((g.to_owned(), gid)),
+            None => {
+                p.add("socket_group", format!("no group {g:?} on this system"));
+                None
+            }
+        });
+    SocketConfig { path, mode, group }
+}
+
+fn validate_access(i: usize, a: RawAccess, p: &mut Problems) -> AccessRule {
+    let k = |field: &str| format!("access[{i}].{field}");
+    let credentials = a.credentials.unwrap_or_else(|| vec!["*".into()]);
+    if credentials.is_empty() {
+        p.add(k("credentials"), "must name at least one pattern");
+    }
+    if a.uids.is_empty() && a.groups.is_empty() {
+        p.add(
+            k("uids"),
+            "give uids, groups or both: a rule for nobody grants nothing",
+        );
+    }
+    let gids = a
+        .groups
+        .iter()
+        .filter_map(|g| match resolve_group(g) {
+            Some(gid) => Some(gid),
+            None => {
+                p.add(k("groups"), format!("no group {g:?} on this system"));
+                None
+            }
+        })
+        .collect();
+    AccessRule {
+        credentials,
+        uids: a.uids,
+        gids,
     }
 }
 
@@ -561,7 +715,13 @@ fn validate_refresh(r: &RawRefresh, p: &mut Problems) -> RefreshConfig {
         );
     }
     let min_remaining = p.duration("refresh.min_remaining", &r.min_remaining, d.min_remaining);
+    let rejected_cooldown = p.duration(
+        "refresh.rejected_cooldown",
+        &r.rejected_cooldown,
+        d.rejected_cooldown,
+    );
     RefreshConfig {
+        rejected_cooldown,
         validate_schedule,
         refresh_before_expiry,
         max_concurrency,
@@ -1096,6 +1256,29 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.refresh, RefreshConfig::default());
         assert_eq!(c.sinks[0].mode, 0o640);
+    }
+
+    #[test]
+    fn socket_and_access() {
+        let c = parse_ok(
+            "socket = \"/tmp/t.sock\"\nsocket_mode = \"0600\"\n[[access]]\ncredentials = [\"sales-*\"]\nuids = [1001]\ngroups = [\"0\"]\n",
+        );
+        assert_eq!(c.socket.path, PathBuf::from("/tmp/t.sock"));
+        assert_eq!(c.socket.mode, 0o600);
+        let a = &c.access[0];
+        assert!(a.grants("sales-bot", 1001, &[]));
+        assert!(a.grants("sales-bot", 5, &[7, 0]));
+        assert!(!a.grants("ops-bot", 1001, &[]));
+        assert!(!a.grants("sales-bot", 5, &[7]));
+        let e = FakeEnv(HashMap::from([(
+            "RUNTIME_DIRECTORY",
+            "/run/tokend".to_owned(),
+        )]));
+        let c = parse("", Path::new("t.toml"), &e).unwrap();
+        assert_eq!(c.socket.path, PathBuf::from("/run/tokend/tokend.sock"));
+        assert_eq!(c.socket.mode, 0o660);
+        let e = problems("[[access]]\ncredentials = [\"*\"]\n");
+        assert!(e[0].starts_with("access[0].uids"), "{e:?}");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Wiring and lifecycle of `tokend run`: start, signals, reload, shutdown.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -14,6 +14,7 @@ use crate::config::{self, Config};
 use crate::provider;
 use crate::publish;
 use crate::refresher::Refresher;
+use crate::socket::{Access, Server};
 use crate::store::Store;
 use crate::watch::DirWatch;
 
@@ -45,6 +46,17 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
             .await
             .map_err(|e| Exit::failure(format!("cannot load credentials: {e}")))?;
 
+    let access = Arc::new(RwLock::new(Access {
+        rules: config.access.clone(),
+    }));
+    let server = Server::start(
+        &config.socket,
+        refresher.clone(),
+        access.clone(),
+        shutdown_rx.clone(),
+    )
+    .await
+    .map_err(Exit::failure)?;
     let mut sweep = Sweep::start(refresher.clone(), &config.refresh.validate_schedule)
         .await
         .map_err(Exit::failure)?;
@@ -57,6 +69,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     tracing::info!(
         config = %config_path.display(),
         database = %config.database.display(),
+        socket = %config.socket.path.display(),
         providers = config.providers.len(),
         sinks = config.sinks.len(),
         "tokend running"
@@ -79,6 +92,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
                             }
                         }
                     }
+                    access.write().unwrap().rules = new.access.clone();
                     refresher.reload(new.clone()).await;
                     current = new;
                     tracing::info!("configuration reloaded");
@@ -92,6 +106,8 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     }
     signals.handle().close();
     let _ = shutdown_tx.send(true);
+    // The listener closes first; requests in progress get a few seconds.
+    server.stop().await;
     sweep.stop().await;
     watcher.abort();
     // A refresh in flight completes and commits; its request is bounded by
@@ -133,6 +149,13 @@ async fn reload(current: &Config, path: &Path) -> Option<Arc<Config>> {
         return None;
     }
     let mut new = new;
+    if new.socket != current.socket {
+        tracing::warn!(
+            socket = %new.socket.path.display(),
+            "a new socket path, mode or group takes effect only after a restart; keeping the current one"
+        );
+        new.socket = current.socket.clone();
+    }
     if new.database != current.database {
         tracing::warn!(
             database = %new.database.display(),

@@ -24,8 +24,9 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::clock::now_ms;
+use crate::clock::{now_ms, rfc3339};
 use crate::config::{Config, ProviderConfig, RefreshConfig};
+use crate::metrics::{CredentialGauge, Endpoint, Metrics, RefreshOutcome, ValidationOutcome};
 use crate::provider::{self, Failure};
 use crate::publish::Publisher;
 use crate::secret::Secret;
@@ -83,6 +84,11 @@ struct EntryState {
     jitter: f64,
     /// Not before this instant (ms): set after a store failure or a busy lease.
     hold_until: i64,
+    /// Refresh attempts so far: a caller that waited for the lock while one
+    /// ran sees it move, and takes that attempt's outcome (single-flight).
+    attempts: u64,
+    /// When a consumer last reported this token refused (ms).
+    last_rejected: i64,
 }
 
 impl Entry {
@@ -94,6 +100,8 @@ impl Entry {
                 pending: Pending::default(),
                 jitter: fastrand::f64(),
                 hold_until: 0,
+                attempts: 0,
+                last_rejected: 0,
             }),
         }
     }
@@ -147,17 +155,53 @@ pub struct Refresher {
     entries: RwLock<HashMap<String, Arc<Entry>>>,
     queue: mpsc::UnboundedSender<String>,
     sched: mpsc::UnboundedSender<Sched>,
-    /// Refreshes committed and validations passed, since start: the
-    /// benchmark and the logs read them.
-    counters: Counters,
+    /// What `GET /metrics` reports.
+    metrics: Metrics,
 }
 
-/// Outcome counters since start.
-#[derive(Default)]
-pub struct Counters {
-    pub refreshed: std::sync::atomic::AtomicU64,
-    pub validated: std::sync::atomic::AtomicU64,
-    pub failed: std::sync::atomic::AtomicU64,
+/// What the socket API and `tokend status` show of a credential: never a secret.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub provider: String,
+    pub state: String,
+    /// Whether an unexpired access token is published.
+    pub has_token: bool,
+    /// RFC 3339, or null when unknown.
+    pub expires_at: Option<String>,
+    pub expires_in_seconds: Option<i64>,
+    pub last_refresh_at: Option<String>,
+    pub last_validated_at: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+}
+
+impl Status {
+    pub fn of(c: &Credential, now: i64) -> Status {
+        Status {
+            name: c.name.clone(),
+            provider: c.provider.clone(),
+            state: c.state.as_str().to_owned(),
+            has_token: publishable(c, now),
+            expires_at: c.expires_at.map(rfc3339),
+            expires_in_seconds: c.expires_at.map(|e| (e - now) / 1000),
+            last_refresh_at: c.last_refresh_at.map(rfc3339),
+            last_validated_at: c.last_validated_at.map(rfc3339),
+            next_attempt_at: c.next_attempt_at.map(rfc3339),
+            failures: c.failures,
+            last_error: c.last_error.clone(),
+        }
+    }
+}
+
+/// Why no token can be handed out.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenError {
+    Unknown,
+    NeedsReauthorization(Option<String>),
+    /// No token with enough time left, and a refresh did not bring one.
+    NoValidToken(Option<String>),
 }
 
 /// Handles to the refresher's tasks, for shutdown.
@@ -203,7 +247,7 @@ impl Refresher {
             entries: RwLock::new(HashMap::new()),
             queue: queue_tx,
             sched: sched_tx,
-            counters: Counters::default(),
+            metrics: Metrics::default(),
         });
         {
             let mut entries = r.entries.write().unwrap();
@@ -251,6 +295,38 @@ impl Refresher {
         Ok((r, Tasks { workers, scheduler }))
     }
 
+    /// A refresher holding one credential and running no tasks: for
+    /// `tokend refresh` when no daemon runs. It goes through the same lease,
+    /// compare-and-swap commit and publish as the daemon, so it never races
+    /// one. Returns None if there is no such credential.
+    pub async fn single(
+        config: Arc<Config>,
+        store: Store,
+        client: provider::Client,
+        name: &str,
+    ) -> Result<Option<Arc<Refresher>>, StoreError> {
+        let Some(cred) = store.get(name).await? else {
+            return Ok(None);
+        };
+        // Nobody listens on these: there are no workers or scheduler.
+        let (queue, _) = mpsc::unbounded_channel();
+        let (sched, _) = mpsc::unbounded_channel();
+        let r = Refresher {
+            store,
+            client,
+            holder: crate::lease::holder_id(),
+            ctx: RwLock::new(Arc::new(Ctx::new(config))),
+            entries: RwLock::new(HashMap::from([(
+                name.to_owned(),
+                Arc::new(Entry::new(cred)),
+            )])),
+            queue,
+            sched,
+            metrics: Metrics::default(),
+        };
+        Ok(Some(Arc::new(r)))
+    }
+
     fn ctx(&self) -> Arc<Ctx> {
         self.ctx.read().unwrap().clone()
     }
@@ -259,8 +335,151 @@ impl Refresher {
         self.entries.read().unwrap().get(name).cloned()
     }
 
-    pub fn counters(&self) -> &Counters {
-        &self.counters
+    /// The configuration in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.ctx().config.clone()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The metrics exposition, with each credential's gauges.
+    pub fn render_metrics(&self) -> String {
+        let now = now_ms();
+        let creds: Vec<Arc<Credential>> = self
+            .entries
+            .read()
+            .unwrap()
+            .values()
+            .map(|e| e.cred())
+            .collect();
+        let gauges: Vec<CredentialGauge<'_>> = creds
+            .iter()
+            .map(|c| CredentialGauge {
+                name: &c.name,
+                state: c.state.as_str(),
+                expires_in: c
+                    .expires_at
+                    .filter(|_| c.access_token.is_some())
+                    .map(|e| (e - now) as f64 / 1000.0),
+            })
+            .collect();
+        self.metrics.render(&gauges)
+    }
+
+    pub fn status(&self, name: &str) -> Option<Status> {
+        self.entry(name).map(|e| Status::of(&e.cred(), now_ms()))
+    }
+
+    /// Every credential's status, by name.
+    pub fn statuses(&self) -> Vec<Status> {
+        let now = now_ms();
+        let mut v: Vec<Status> = self
+            .entries
+            .read()
+            .unwrap()
+            .values()
+            .map(|e| Status::of(&e.cred(), now))
+            .filter(|s| !s.provider.is_empty())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// A token with at least `min_remaining` left. One with less (or none)
+    /// is refreshed first, joining a refresh already in flight, waiting at
+    /// most `wait`. Returns the token and its expiry.
+    pub async fn fresh_token(
+        &self,
+        name: &str,
+        wait: Duration,
+    ) -> Result<(Secret, Option<i64>), TokenError> {
+        let entry = self.entry(name).ok_or(TokenError::Unknown)?;
+        let min = self.ctx().config.refresh.min_remaining.as_millis() as i64;
+        let fresh = |c: &Credential| {
+            let now = now_ms();
+            match (&c.access_token, c.state) {
+                (_, State::NeedsReauthorization) => None,
+                (Some(t), _) if c.expires_at.is_none_or(|e| e - now >= min) => {
+                    Some((t.clone(), c.expires_at))
+                }
+                _ => None,
+            }
+        };
+        let c = entry.cred();
+        if c.provider.is_empty() {
+            return Err(TokenError::Unknown);
+        }
+        if let Some(t) = fresh(&c) {
+            return Ok(t);
+        }
+        if c.state != State::NeedsReauthorization {
+            let _ = tokio::time::timeout(wait, self.refresh_now(name)).await;
+        }
+        let c = entry.cred();
+        match fresh(&c) {
+            Some(t) => Ok(t),
+            None if c.state == State::NeedsReauthorization => {
+                Err(TokenError::NeedsReauthorization(c.last_error.clone()))
+            }
+            None => Err(TokenError::NoValidToken(c.last_error.clone())),
+        }
+    }
+
+    /// Refreshes now, or joins the refresh in flight. Returns the status
+    /// after it and whether the token changed; None for an unknown name.
+    pub async fn refresh_now(&self, name: &str) -> Option<(Status, bool)> {
+        let entry = self.entry(name)?;
+        let (before, attempts) = {
+            let st = entry.state.lock().unwrap();
+            (st.cred.version, st.attempts)
+        };
+        {
+            let _guard = entry.lock.lock().await;
+            let joined = entry.state.lock().unwrap().attempts != attempts;
+            if !joined {
+                let ctx = self.ctx();
+                let cred = entry.cred();
+                match ctx.config.providers.get(&cred.provider) {
+                    Some(p) => self.refresh(&ctx, &entry, &cred, p).await,
+                    None if cred.provider.is_empty() => return None,
+                    None => {}
+                }
+            }
+        }
+        self.reschedule(name);
+        let c = entry.cred();
+        Some((Status::of(&c, now_ms()), c.version != before))
+    }
+
+    /// A consumer says the provider refused this token: re-validate, at most
+    /// once per `rejected_cooldown`. Returns false for an unknown name.
+    pub fn rejected(&self, name: &str) -> bool {
+        let Some(entry) = self.entry(name) else {
+            return false;
+        };
+        let cooldown = self.ctx().config.refresh.rejected_cooldown.as_millis() as i64;
+        let now = now_ms();
+        let due = {
+            let mut st = entry.state.lock().unwrap();
+            if st.cred.provider.is_empty() {
+                return false;
+            }
+            let due = now - st.last_rejected >= cooldown;
+            if due {
+                st.last_rejected = now;
+            }
+            due
+        };
+        if due {
+            tracing::info!(
+                credential = name,
+                "a consumer reports the token was refused; re-validating"
+            );
+            self.enqueue(name, |p| p.validate = true);
+        }
+        true
     }
 
     /// Counts of credentials per state, for the status line and logs.
@@ -558,13 +777,22 @@ impl Refresher {
         };
         let result = {
             let _slot = ctx.slots.acquire().await;
-            self.client
+            let started = Instant::now();
+            let r = self
+                .client
                 .validate(p, token, ctx.config.refresh.request_timeout)
-                .await
+                .await;
+            self.metrics
+                .provider_latency(Endpoint::Validate, started.elapsed());
+            r
         };
+        self.metrics.validation(match &result {
+            Ok(()) => ValidationOutcome::Ok,
+            Err(Failure::Unauthorized) => ValidationOutcome::Unauthorized,
+            Err(_) => ValidationOutcome::Transient,
+        });
         match result {
             Ok(()) => {
-                self.counters.validated.fetch_add(1, Relaxed);
                 match self.store.record_validated(&cred.name, cred.version).await {
                     Ok(Commit::Done(c)) => {
                         entry.adopt(*c);
@@ -602,6 +830,7 @@ impl Refresher {
 
     async fn refresh(&self, ctx: &Ctx, entry: &Entry, seen: &Credential, p: &ProviderConfig) {
         let name = &seen.name;
+        entry.state.lock().unwrap().attempts += 1;
         let ttl = ctx.config.refresh.request_timeout + Duration::from_secs(30);
         let (cred, interrupted) = match self
             .store
@@ -641,10 +870,21 @@ impl Refresher {
         }
         let result = {
             let _slot = ctx.slots.acquire().await;
-            self.client
+            let started = Instant::now();
+            let r = self
+                .client
                 .refresh(p, &cred.refresh_token, ctx.config.refresh.request_timeout)
-                .await
+                .await;
+            self.metrics
+                .provider_latency(Endpoint::Token, started.elapsed());
+            r
         };
+        self.metrics.refresh(match &result {
+            Ok(_) => RefreshOutcome::Ok,
+            Err(Failure::Permanent { .. }) => RefreshOutcome::Permanent,
+            Err(Failure::Misconfigured { .. }) => RefreshOutcome::Misconfigured,
+            Err(_) => RefreshOutcome::Transient,
+        });
         match result {
             Ok(tokens) => self.commit(ctx, entry, &cred, tokens).await,
             Err(Failure::Permanent { reason }) => {
@@ -738,7 +978,6 @@ impl Refresher {
                 .await
             {
                 Ok(Commit::Done(c)) => {
-                    self.counters.refreshed.fetch_add(1, Relaxed);
                     let expires = c.expires_at.map(|e| crate::clock::span(e - now));
                     entry.adopt(*c);
                     let c = entry.cred();
@@ -762,7 +1001,6 @@ impl Refresher {
                 }
             }
         }
-        self.counters.failed.fetch_add(1, Relaxed);
         tracing::error!(
             credential = %name,
             "the refreshed token pair could not be stored and is lost; if the provider rotated the refresh token, re-authorize"
@@ -782,7 +1020,6 @@ impl Refresher {
         outcome_unknown: bool,
         event: &'static str,
     ) {
-        self.counters.failed.fetch_add(1, Relaxed);
         let r = &ctx.config.refresh;
         let failures = cred.failures.saturating_add(1);
         let next = (state == State::Retrying).then(|| {
@@ -854,8 +1091,6 @@ impl Refresher {
         log_errors(name, errors);
     }
 }
-
-use std::sync::atomic::Ordering::Relaxed;
 
 impl Ctx {
     fn new(config: Arc<Config>) -> Ctx {

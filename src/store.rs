@@ -321,6 +321,16 @@ impl StoreConn {
         ops::load_all(&self.conn)
     }
 
+    /// Forgets a credential: its row, events and lease. Returns whether it existed.
+    pub fn remove(&self, name: &str) -> Result<bool> {
+        self.immediate(|c| {
+            let n = c.execute("DELETE FROM credentials WHERE name = ?1", [name])?;
+            c.execute("DELETE FROM events WHERE name = ?1", [name])?;
+            c.execute("DELETE FROM leases WHERE name = ?1", [name])?;
+            Ok(n > 0)
+        })
+    }
+
     /// Stores a new credential; with `replace`, overwrites one of that name
     /// (its version moves on, so a refresh in flight cannot overwrite it back).
     pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {

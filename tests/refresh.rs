@@ -711,8 +711,9 @@ fn start_peer(env: &Env, tokens: &Path) -> Daemon {
     fs::write(
         &config,
         format!(
-            "database = \"{}\"\n{FAST_REFRESH}\n{}\n{sink}",
+            "database = \"{}\"\nsocket = \"{}\"\n{FAST_REFRESH}\n{}\n{sink}",
             env.db.display(),
+            env.dir.path().join("peer.sock").display(),
             env.provider_block()
         ),
     )

@@ -5,9 +5,13 @@
 //! carry one take a file path or `-` for stdin.
 
 mod check_config;
+mod client;
 mod import;
-mod list;
+mod refresh;
+mod remove;
 mod run;
+mod status;
+mod token;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -61,6 +65,14 @@ Commands:
       --force                 Replace a credential of the same name.
   list                  One line per credential: name, provider, state,
                         expiry, last refresh, last error.
+  status [NAME]         The same, in detail.
+      --json                  For machines.
+  token NAME            Print the current access token (asks the daemon).
+  refresh NAME          Refresh now, through the daemon (directly, under the
+                        store's lease, when no daemon runs); report the outcome.
+  remove NAME           Forget a credential and remove its published files.
+
+list and status ask the daemon, or read the store when no daemon answers.
 
 Global options:
   -c, --config PATH     The config file. Default: $TOKEND_CONFIG, else
@@ -84,6 +96,7 @@ struct Args {
     access_token: Option<String>,
     expires_in: Option<String>,
     force: bool,
+    json: bool,
     /// Options given, by name, so a command can refuse those it does not take.
     given: Vec<&'static str>,
 }
@@ -149,6 +162,11 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit>
                 a.force = true;
                 continue;
             }
+            Long("json") => {
+                a.given.push("json");
+                a.json = true;
+                continue;
+            }
             Value(v) => {
                 let v = v
                     .into_string()
@@ -191,7 +209,11 @@ pub fn main() -> u8 {
         Some("run") => run::run(&args),
         Some("check-config") => check_config::run(&args),
         Some("import") => import::run(&args),
-        Some("list") => list::run(&args),
+        Some("list") => status::list(&args),
+        Some("status") => status::status(&args),
+        Some("token") => token::run(&args),
+        Some("refresh") => refresh::run(&args),
+        Some("remove") => remove::run(&args),
         Some(other) => Err(Exit::usage(format!("unknown command {other:?}"))),
         None => Err(Exit::usage("no command given")),
     };

@@ -45,6 +45,8 @@ pub struct Env {
     pub db: PathBuf,
     pub tokens: PathBuf,
     pub secret_file: PathBuf,
+    /// The daemon's Unix socket.
+    pub socket: PathBuf,
 }
 
 /// A `[refresh]` section for tests: short lead times and backoff.
@@ -76,6 +78,7 @@ impl Env {
             config_path: dir.path().join("config.toml"),
             db: dir.path().join("state/tokend.db"),
             tokens: dir.path().join("tokens"),
+            socket: dir.path().join("tokend.sock"),
             secret_file,
             provider,
             dir,
@@ -110,8 +113,9 @@ impl Env {
 
     pub fn write_config(&self, refresh: &str, sinks: &str) {
         let text = format!(
-            "database = \"{}\"\n{refresh}\n{}\n{sinks}",
+            "database = \"{}\"\nsocket = \"{}\"\n{refresh}\n{}\n{sinks}",
             self.db.display(),
+            self.socket.display(),
             self.provider_block()
         );
         fs::write(&self.config_path, text).unwrap();

@@ -1,0 +1,100 @@
+//! A minimal blocking HTTP/1.1 client over the Unix socket, for the commands
+//! that ask the daemon. No runtime, no config beyond the socket's path: a
+//! shell script calling `tokend token` pays for a connect, a write and a read.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+/// A reply from the daemon.
+pub struct Reply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The `message` of a JSON error reply, or the body as text.
+    pub fn message(&self) -> String {
+        serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).trim().to_owned())
+    }
+}
+
+/// Why the daemon could not be asked.
+pub enum Unreachable {
+    /// No socket, or nobody listening: the daemon is not running.
+    NotRunning(io::Error),
+    /// Connected, but the exchange failed.
+    Broken(io::Error),
+}
+
+/// Sends one request and reads the whole reply. `timeout` bounds each read
+/// and write (a token read may wait for a refresh).
+pub fn request(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    json: bool,
+    timeout: Duration,
+) -> Result<Reply, Unreachable> {
+    let mut s = UnixStream::connect(socket).map_err(Unreachable::NotRunning)?;
+    let mut exchange = || -> io::Result<Reply> {
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
+        let accept = if json { "application/json" } else { "*/*" };
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::with_capacity(1024);
+        s.read_to_end(&mut raw)?;
+        parse(&raw)
+    };
+    exchange().map_err(Unreachable::Broken)
+}
+
+fn parse(raw: &[u8]) -> io::Result<Reply> {
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "malformed reply from the daemon",
+        )
+    };
+    let head_end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
+    let head = std::str::from_utf8(&raw[..head_end]).map_err(|_| bad())?;
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(bad)?;
+    let mut body = raw[head_end + 4..].to_vec();
+    let length = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
+    });
+    if let Some(n) = length {
+        if body.len() < n {
+            return Err(bad());
+        }
+        body.truncate(n);
+    }
+    Ok(Reply { status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_a_reply() {
+        let r = super::parse(b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}").unwrap();
+        assert_eq!(r.status, 404);
+        assert_eq!(r.body, b"{}");
+        assert!(super::parse(b"garbage").is_err());
+    }
+}

@@ -1,0 +1,87 @@
+//! `tokend refresh NAME`: a refresh now, through the daemon; without one,
+//! directly, under the store's lease (so never racing a daemon that starts).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::client::{self, Unreachable};
+use super::{Args, Exit};
+use crate::config;
+use crate::provider;
+use crate::refresher::{Refresher, Status};
+use crate::store::Store;
+
+pub fn run(args: &Args) -> Result<(), Exit> {
+    args.only("refresh", &[], 1)?;
+    let name = args.name("refresh")?;
+    let socket = config::socket_path(&args.config_path());
+    let path = format!("/v1/credentials/{name}/refresh");
+    let (status, refreshed) =
+        match client::request(&socket, "POST", &path, true, Duration::from_secs(90)) {
+            Ok(r) if r.status == 200 => {
+                let v: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| {
+                    Exit::failure(format!("the daemon's answer is not a status: {e}"))
+                })?;
+                let refreshed = v["refreshed"].as_bool().unwrap_or(false);
+                let status: Status = serde_json::from_value(v).map_err(|e| {
+                    Exit::failure(format!("the daemon's answer is not a status: {e}"))
+                })?;
+                (status, refreshed)
+            }
+            Ok(r) => return Err(Exit::failure(r.message())),
+            Err(Unreachable::NotRunning(_)) => directly(args, &name)?,
+            Err(e) => return Err(super::token::unreachable(&socket, e)),
+        };
+    report(&status, refreshed)
+}
+
+fn report(s: &Status, refreshed: bool) -> Result<(), Exit> {
+    if refreshed {
+        println!(
+            "refreshed {}: the new token expires {}",
+            s.name,
+            s.expires_at.as_deref().unwrap_or("at an unknown time")
+        );
+        return Ok(());
+    }
+    let why = s.last_error.as_deref().unwrap_or("no new token");
+    let next = match s.state.as_str() {
+        "needs_reauthorization" => format!(
+            "; re-authorize with 'tokend authorize {} --provider {} --force'",
+            s.name, s.provider
+        ),
+        "misconfigured" => "; fix the provider's config, then 'systemctl reload tokend'".into(),
+        _ => "; tokend keeps retrying with backoff".into(),
+    };
+    Err(Exit::failure(format!(
+        "{} was not refreshed ({}): {why}{next}",
+        s.name, s.state
+    )))
+}
+
+/// No daemon: refresh in this process, through the same lease, commit and
+/// publish path the daemon uses.
+fn directly(args: &Args, name: &str) -> Result<(Status, bool), Exit> {
+    let config = Arc::new(config::load(&args.config_path()).map_err(Exit::config)?);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Exit::failure(format!("cannot start the runtime: {e}")))?;
+    rt.block_on(async {
+        let store = Store::open(&config.database)
+            .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
+        let client = provider::Client::new().map_err(Exit::failure)?;
+        let r = Refresher::single(config, store, client, name)
+            .await
+            .map_err(|e| Exit::failure(format!("cannot read the database: {e}")))?
+            .ok_or_else(|| {
+                Exit::failure(format!(
+                    "no credential named {name:?}; 'tokend list' shows those there are"
+                ))
+            })?;
+        eprintln!("tokend is not running; refreshing {name} directly");
+        r.refresh_now(name)
+            .await
+            .ok_or_else(|| Exit::failure(format!("no credential named {name:?}")))
+    })
+}

@@ -1,0 +1,71 @@
+//! Who is on the other end of a socket connection: SO_PEERCRED's uid and
+//! gid, plus that uid's supplementary groups, for the `[[access]]` rules.
+
+use std::ffi::CStr;
+use std::io;
+
+use tokio::net::UnixStream;
+
+/// The caller of a socket request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub uid: u32,
+    /// Primary gid and the uid's supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Caller {
+    pub fn of(stream: &UnixStream) -> io::Result<Caller> {
+        let cred = stream.peer_cred()?;
+        let (uid, gid) = (cred.uid(), cred.gid());
+        let mut groups = vec![gid];
+        groups.extend(supplementary_groups(uid, gid));
+        groups.sort_unstable();
+        groups.dedup();
+        Ok(Caller { uid, groups })
+    }
+}
+
+pub fn own_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    unsafe { libc::geteuid() }
+}
+
+/// The groups the user database gives `uid` (getgrouplist), or none if the
+/// uid has no passwd entry.
+fn supplementary_groups(uid: u32, gid: u32) -> Vec<u32> {
+    let mut buf = vec![0u8; 16 * 1024];
+    // SAFETY: getpwuid_r writes only into `pw`, `buf` (whose length we
+    // pass) and `result`; getgrouplist only into `groups` up to `n`.
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        if libc::getpwuid_r(
+            uid,
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut result,
+        ) != 0
+            || result.is_null()
+        {
+            return Vec::new();
+        }
+        let name = CStr::from_ptr(pw.pw_name);
+        let mut n: libc::c_int = 64;
+        loop {
+            let mut groups = vec![0 as libc::gid_t; n as usize];
+            let want = n;
+            if libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) >= 0 {
+                groups.truncate(n as usize);
+                return groups;
+            }
+            if n <= want {
+                n = want * 2;
+            }
+            if n > 65_536 {
+                return Vec::new();
+            }
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The routes of spec §5. They ask the refresher; they never write tokens.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Serialize;
+
+use super::Access;
+use super::peer::Caller;
+use crate::clock::rfc3339;
+use crate::config::check_name;
+use crate::refresher::{Refresher, TokenError};
+
+/// The largest request body read (no route needs one).
+const MAX_BODY: usize = 4096;
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every request handler shares.
+pub struct State {
+    pub refresher: Arc<Refresher>,
+    pub access: Arc<RwLock<Access>>,
+    /// Our own uid: like root, it may read everything.
+    pub own_uid: u32,
+}
+
+impl State {
+    fn may_read(&self, caller: &Caller, name: &str) -> bool {
+        caller.uid == 0
+            || caller.uid == self.own_uid
+            || self
+                .access
+                .read()
+                .unwrap()
+                .rules
+                .iter()
+                .any(|r| r.grants(name, caller.uid, &caller.groups))
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Resp {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    text(status, "application/json", body)
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp {
+    #[derive(Serialize)]
+    struct E<'a> {
+        error: &'a str,
+        message: String,
+    }
+    json(
+        status,
+        &E {
+            error: code,
+            message: message.into(),
+        },
+    )
+}
+
+/// Routes a request; records it in the metrics under its route template.
+pub async fn handle(state: &State, caller: &Caller, req: Request<Incoming>) -> Resp {
+    let (route, resp) = route(state, caller, req).await;
+    state
+        .refresher
+        .metrics()
+        .socket_request(route, resp.status().as_u16());
+    resp
+}
+
+async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'static str, Resp) {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let wants_json = req
+        .headers()
+        .get(ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/json"));
+    // Drain (and bound) any body, so a keep-alive connection stays in step.
+    let body = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    )
+    .await;
+    if !matches!(body, Ok(Ok(_))) {
+        return (
+            "bad_request",
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "request body too large or too slow",
+            ),
+        );
+    }
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["health"]) => ("/health", text(StatusCode::OK, "text/plain", "ok")),
+        (&Method::GET, ["metrics"]) => (
+            "/metrics",
+            text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.refresher.render_metrics(),
+            ),
+        ),
+        (&Method::GET, ["v1", "credentials"]) => {
+            let list: Vec<_> = state
+                .refresher
+                .statuses()
+                .into_iter()
+                .filter(|s| state.may_read(caller, &s.name))
+                .collect();
+            ("/v1/credentials", json(StatusCode::OK, &list))
+        }
+        (&Method::GET, ["v1", "credentials", name]) => (
+            "/v1/credentials/{name}",
+            guarded(state, caller, name, |name| async move {
+                match state.refresher.status(name) {
+                    Some(s) => json(StatusCode::OK, &s),
+                    None => unknown(name),
+                }
+            })
+            .await,
+        ),
+        (&Method::POST, ["v1", "credentials", name, "refresh"]) => (
+            "/v1/credentials/{name}/refresh",
+            guarded(state, caller, name, |name| async move {
+                #[derive(Serialize)]
+                struct Refreshed {
+                    refreshed: bool,
+                    #[serde(flatten)]
+                    status: crate::refresher::Status,
+                }
+                match state.refresher.refresh_now(name).await {
+                    Some((status, refreshed)) => {
+                        json(StatusCode::OK, &Refreshed { refreshed, status })
+                    }
+                    None => unknown(name),
+                }
+            })
+            .await,
+        ),
+        (&Method::GET, ["v1", "tokens", name]) => (
+            "/v1/tokens/{name}",
+            guarded(state, caller, name, |name| token(state, name, wants_json)).await,
+        ),
+        (&Method::POST, ["v1", "tokens", name, "rejected"]) => (
+            "/v1/tokens/{name}/rejected",
+            guarded(state, caller, name, |name| async move {
+                if state.refresher.rejected(name) {
+                    text(StatusCode::ACCEPTED, "text/plain", "")
+                } else {
+                    unknown(name)
+                }
+            })
+            .await,
+        ),
+        (_, ["health"] | ["metrics"] | ["v1", "credentials", ..] | ["v1", "tokens", ..]) => (
+            "method_not_allowed",
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}"),
+            ),
+        ),
+        _ => (
+            "not_found",
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {path}"),
+            ),
+        ),
+    }
+}
+
+/// Runs `f` if the caller may read `name`: 403 otherwise (whether or not it
+/// exists, so names are not revealed to those without a grant).
+async fn guarded<'a, F, Fut>(state: &State, caller: &Caller, name: &'a str, f: F) -> Resp
+where
+    F: FnOnce(&'a str) -> Fut,
+    Fut: Future<Output = Resp>,
+{
+    if !state.may_read(caller, name) {
+        return error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "uid {} may not read {name:?}: add an [[access]] rule for it",
+                caller.uid
+            ),
+        );
+    }
+    if check_name(name).is_err() {
+        return unknown(name);
+    }
+    f(name).await
+}
+
+fn unknown(name: &str) -> Resp {
+    error(
+        StatusCode::NOT_FOUND,
+        "unknown_credential",
+        format!("no credential named {name:?}"),
+    )
+}
+
+async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
+    let wait = state.refresher.config().refresh.request_timeout + Duration::from_secs(2);
+    match state.refresher.fresh_token(name, wait).await {
+        Ok((token, expires_at)) if wants_json => {
+            #[derive(Serialize)]
+            struct T<'a> {
+                name: &'a str,
+                access_token: &'a str,
+                token_type: &'a str,
+                expires_at: Option<String>,
+            }
+            json(
+                StatusCode::OK,
+                &T {
+                    name,
+                    access_token: token.expose(),
+                    token_type: "Bearer",
+                    expires_at: expires_at.map(rfc3339),
+                },
+            )
+        }
+        Ok((token, _)) => text(StatusCode::OK, "text/plain", token.expose().to_owned()),
+        Err(TokenError::Unknown) => unknown(name),
+        Err(TokenError::NeedsReauthorization(why)) => {
+            let provider = state
+                .refresher
+                .status(name)
+                .map(|s| s.provider)
+                .unwrap_or_default();
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "needs_reauthorization",
+                format!(
+                    "{name} needs re-authorization ({}): run 'tokend authorize {name} --provider {provider} --force'",
+                    why.unwrap_or_else(|| "the grant is dead".into())
+                ),
+            )
+        }
+        Err(TokenError::NoValidToken(why)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_valid_token",
+            format!(
+                "no token with enough time left for {name}, and refreshing failed ({})",
+                why.unwrap_or_else(|| "no answer in time".into())
+            ),
+        ),
+    }
+}
