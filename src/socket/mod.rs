@@ -134,7 +134,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _slot = slot;
             let caller = match peer::Caller::of(&stream) {
-                Ok(c) => c,
+                Ok(c) => Arc::new(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot identify a socket peer; closing");
                     return;

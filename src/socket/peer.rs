@@ -10,19 +10,31 @@ use tokio::net::UnixStream;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub uid: u32,
-    /// Primary gid and the uid's supplementary groups.
-    pub groups: Vec<u32>,
+    gid: u32,
+    /// Primary gid and the uid's supplementary groups, looked up only when
+    /// an access rule needs them (root and our own user never do): reading
+    /// the user database per connection would cost more than the request.
+    groups: std::sync::OnceLock<Vec<u32>>,
 }
 
 impl Caller {
     pub fn of(stream: &UnixStream) -> io::Result<Caller> {
         let cred = stream.peer_cred()?;
-        let (uid, gid) = (cred.uid(), cred.gid());
-        let mut groups = vec![gid];
-        groups.extend(supplementary_groups(uid, gid));
-        groups.sort_unstable();
-        groups.dedup();
-        Ok(Caller { uid, groups })
+        Ok(Caller {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            groups: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn groups(&self) -> &[u32] {
+        self.groups.get_or_init(|| {
+            let mut groups = vec![self.gid];
+            groups.extend(supplementary_groups(self.uid, self.gid));
+            groups.sort_unstable();
+            groups.dedup();
+            groups
+        })
     }
 }
 

@@ -1,0 +1,300 @@
+//! The socket benchmark: `cargo bench --bench socket`.
+//!
+//! 1. `GET /v1/tokens/NAME` throughput and latency, with 16 keep-alive
+//!    connections and with a new connection per request, against a
+//!    **baseline** measured in the same run: a minimal hyper HTTP/1.1 server
+//!    over a Unix socket answering a constant 40-byte body (this binary,
+//!    re-executed as a separate process, on the same tokio runtime setup).
+//! 2. `tokend token NAME` as a whole process, against spawning `/bin/true`.
+//!
+//! Environment: TOKEND_BENCH_SECS (seconds per load run, default 5).
+//! BENCHMARKS.md holds the latest report.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokend_fake_provider::{FakeProvider, Knobs};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+const CONNECTIONS: usize = 16;
+const BASELINE_FLAG: &str = "--baseline-server";
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == BASELINE_FLAG) {
+        return baseline_server(Path::new(&args[i + 1]));
+    }
+    let secs = std::env::var("TOKEND_BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let window = Duration::from_secs(secs);
+    let dir = tempfile::tempdir().unwrap();
+
+    // The baseline: a constant 40-byte answer.
+    let base_sock = dir.path().join("baseline.sock");
+    let mut base = Command::new(std::env::current_exe().unwrap())
+        .arg(BASELINE_FLAG)
+        .arg(&base_sock)
+        .spawn()
+        .unwrap();
+    wait_for_socket(&base_sock);
+
+    // tokend with one credential.
+    let provider = FakeProvider::start(Knobs::default()).unwrap();
+    let (config, sock) = tokend_config(dir.path(), &provider);
+    let g = provider.mint_grant(provider.client_id(), "read+write");
+    let access = dir.path().join("access");
+    fs::write(&access, &g.access_token).unwrap();
+    let rt_file = dir.path().join("refresh");
+    fs::write(&rt_file, &g.refresh_token).unwrap();
+    let bin = env!("CARGO_BIN_EXE_tokend");
+    let ok = Command::new(bin)
+        .args([
+            "-c",
+            config.to_str().unwrap(),
+            "import",
+            "bench",
+            "--provider",
+            "fake",
+        ])
+        .args(["--refresh-token", rt_file.to_str().unwrap()])
+        .args([
+            "--access-token",
+            access.to_str().unwrap(),
+            "--expires-in",
+            "31535999",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let mut daemon = Command::new(bin)
+        .args(["-c", config.to_str().unwrap(), "run"])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = "/v1/tokens/bench";
+    println!("## Socket benchmark ({CONNECTIONS} connections, {secs} s per run)\n");
+    println!("| load | server | requests/s | p50 | p99 | ratio to baseline |");
+    println!("|---|---|---|---|---|---|");
+    for keep_alive in [true, false] {
+        let label = if keep_alive {
+            "16 keep-alive connections"
+        } else {
+            "new connection per request"
+        };
+        let b = rt.block_on(load(&base_sock, "/", keep_alive, window));
+        let t = rt.block_on(load(&sock, path, keep_alive, window));
+        println!(
+            "| {label} | baseline (hyper, 40-byte constant) | {:.0} | {} | {} | 1.00 |",
+            b.rate,
+            us(b.p50),
+            us(b.p99)
+        );
+        println!(
+            "| {label} | tokend GET {path} | {:.0} | {} | {} | {:.2} |",
+            t.rate,
+            us(t.p50),
+            us(t.p99),
+            t.rate / b.rate
+        );
+    }
+
+    // A whole process per token, as a shell script pays.
+    let runs = 300;
+    let true_med = median_spawn(runs, || {
+        Command::new("/bin/true").status().unwrap();
+    });
+    let token_med = median_spawn(runs, || {
+        let out = Command::new(bin)
+            .args(["-c", config.to_str().unwrap(), "token", "bench"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    });
+    println!("\n| process | median of {runs} | ratio |");
+    println!("|---|---|---|");
+    println!("| /bin/true | {} | 1.00 |", us(true_med));
+    println!(
+        "| tokend token NAME | {} | {:.2} × /bin/true |",
+        us(token_med),
+        token_med.as_secs_f64() / true_med.as_secs_f64()
+    );
+    println!();
+    kill(&mut daemon);
+    kill(&mut base);
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
+}
+
+fn tokend_config(dir: &Path, provider: &FakeProvider) -> (PathBuf, PathBuf) {
+    let secret = dir.join("secret");
+    fs::write(&secret, provider.client_secret()).unwrap();
+    let sock = dir.join("tokend.sock");
+    let url = provider.url();
+    let config = dir.join("config.toml");
+    fs::write(
+        &config,
+        format!(
+            "database = \"{}/state/tokend.db\"\nsocket = \"{}\"\n\
+             [providers.fake]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\
+             authorize_url = \"{url}/oauth2/authorize\"\ntoken_url = \"{url}/oauth2/access_token\"\n\
+             validate_url = \"{url}/public/v1/members/current\"\n",
+            dir.display(),
+            sock.display(),
+            provider.client_id(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    (config, sock)
+}
+
+fn wait_for_socket(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        assert!(Instant::now() < deadline, "no server at {}", path.display());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn kill(child: &mut Child) {
+    // SAFETY: kill(2) on our own child.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let _ = child.wait();
+}
+
+fn median_spawn(runs: usize, mut f: impl FnMut()) -> Duration {
+    let mut times: Vec<Duration> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect();
+    times.sort();
+    times[runs / 2]
+}
+
+struct Load {
+    rate: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+/// CONNECTIONS clients sending requests back to back for `window`.
+async fn load(sock: &Path, path: &str, keep_alive: bool, window: Duration) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes();
+    let request = Arc::new(request);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (stop, request, sock) = (stop.clone(), request.clone(), sock.to_owned());
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(100_000);
+                let mut conn = None;
+                let mut buf = vec![0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    let t = Instant::now();
+                    if conn.is_none() {
+                        conn = Some(UnixStream::connect(&sock).await.unwrap());
+                    }
+                    let s = conn.as_mut().unwrap();
+                    s.write_all(&request).await.unwrap();
+                    read_reply(s, &mut buf).await;
+                    lat.push(t.elapsed());
+                    if !keep_alive {
+                        conn = None;
+                    }
+                }
+                lat
+            })
+        })
+        .collect();
+    tokio::time::sleep(window).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = start.elapsed();
+    all.sort();
+    Load {
+        rate: all.len() as f64 / elapsed.as_secs_f64(),
+        p50: all[all.len() / 2],
+        p99: all[all.len() * 99 / 100],
+    }
+}
+
+/// Reads one HTTP/1.1 reply with a Content-Length body, asserting a 200.
+async fn read_reply(s: &mut UnixStream, buf: &mut [u8]) {
+    let mut have = 0;
+    loop {
+        let n = s.read(&mut buf[have..]).await.unwrap();
+        assert!(n > 0, "the server closed the connection");
+        have += n;
+        let Some(end) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = std::str::from_utf8(&buf[..end]).unwrap();
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap();
+        if have >= end + 4 + len {
+            return;
+        }
+    }
+}
+
+/// The baseline: hyper's HTTP/1.1 server answering 40 constant bytes.
+fn baseline_server(path: &Path) {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use hyper::server::conn::http1;
+    use hyper_util::rt::TokioIo;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let _ = fs::remove_file(path);
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
+                        Bytes::from_static(b"0123456789012345678901234567890123456789"),
+                    )))
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
