@@ -7,7 +7,8 @@
 //!    re-executed as a separate process, on the same tokio runtime setup).
 //! 2. `tokend token NAME` as a whole process, against spawning `/bin/true`.
 //!
-//! Environment: TOKEND_BENCH_SECS (seconds per load run, default 5).
+//! Environment: TOKEND_BENCH_SECS (seconds per load run, default 2; five
+//! alternating rounds of each).
 //! BENCHMARKS.md holds the latest report.
 
 use std::fs;
@@ -22,6 +23,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 const CONNECTIONS: usize = 16;
+/// Alternating rounds of baseline and tokend per load shape.
+const ROUNDS: usize = 5;
 const BASELINE_FLAG: &str = "--baseline-server";
 
 fn main() {
@@ -32,7 +35,7 @@ fn main() {
     let secs = std::env::var("TOKEND_BENCH_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .unwrap_or(2);
     let window = Duration::from_secs(secs);
     let dir = tempfile::tempdir().unwrap();
 
@@ -86,7 +89,9 @@ fn main() {
         .build()
         .unwrap();
     let path = "/v1/tokens/bench";
-    println!("## Socket benchmark ({CONNECTIONS} connections, {secs} s per run)\n");
+    println!(
+        "## Socket benchmark ({CONNECTIONS} connections, {ROUNDS} alternating rounds of {secs} s)\n"
+    );
     println!("| load | server | requests/s | p50 | p99 | ratio to baseline |");
     println!("|---|---|---|---|---|---|");
     for keep_alive in [true, false] {
@@ -95,8 +100,15 @@ fn main() {
         } else {
             "new connection per request"
         };
-        let b = rt.block_on(load(&base_sock, "/", keep_alive, window));
-        let t = rt.block_on(load(&sock, path, keep_alive, window));
+        // Alternate short runs of each, so that whatever else the machine
+        // does weighs on both alike; report the medians.
+        let (mut b, mut t) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            b.push(rt.block_on(load(&base_sock, "/", keep_alive, window)));
+            t.push(rt.block_on(load(&sock, path, keep_alive, window)));
+        }
+        let ratios: Vec<f64> = b.iter().zip(&t).map(|(b, t)| t.rate / b.rate).collect();
+        let (b, t) = (median_load(b), median_load(t));
         println!(
             "| {label} | baseline (hyper, 40-byte constant) | {:.0} | {} | {} | 1.00 |",
             b.rate,
@@ -108,22 +120,27 @@ fn main() {
             t.rate,
             us(t.p50),
             us(t.p99),
-            t.rate / b.rate
+            median(ratios)
         );
     }
 
-    // A whole process per token, as a shell script pays.
-    let runs = 300;
-    let true_med = median_spawn(runs, || {
+    // A whole process per token, as a shell script pays; interleaved with
+    // /bin/true for the same reason.
+    let runs = 400;
+    let (mut true_t, mut token_t) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let t = Instant::now();
         Command::new("/bin/true").status().unwrap();
-    });
-    let token_med = median_spawn(runs, || {
+        true_t.push(t.elapsed());
+        let t = Instant::now();
         let out = Command::new(bin)
             .args(["-c", config.to_str().unwrap(), "token", "bench"])
             .output()
             .unwrap();
+        token_t.push(t.elapsed());
         assert!(out.status.success());
-    });
+    }
+    let (true_med, token_med) = (median(true_t), median(token_t));
     println!("\n| process | median of {runs} | ratio |");
     println!("|---|---|---|");
     println!("| /bin/true | {} | 1.00 |", us(true_med));
@@ -180,16 +197,14 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn median_spawn(runs: usize, mut f: impl FnMut()) -> Duration {
-    let mut times: Vec<Duration> = (0..runs)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[runs / 2]
+fn median<T: PartialOrd + Copy>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn median_load(mut v: Vec<Load>) -> Load {
+    v.sort_by(|a, b| a.rate.partial_cmp(&b.rate).unwrap());
+    v.swap_remove(v.len() / 2)
 }
 
 struct Load {
