@@ -74,6 +74,7 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         refresh_token,
         scope: p.scope.clone(),
         expires_at: expires_in.map(|s| now_ms() + s as i64 * 1000),
+        event: "imported",
     };
     match store.insert(&new, args.force) {
         Ok(_) => {
