@@ -2,6 +2,7 @@
 //! programs that call an API never speak OAuth. See README.md for the tour and
 //! `shared/spec.md` for the contract.
 
+pub mod authorize;
 pub mod cli;
 pub mod clock;
 pub mod config;
