@@ -3,6 +3,7 @@
 //! `shared/spec.md` for the contract.
 
 pub mod authorize;
+pub mod callback;
 pub mod cli;
 pub mod clock;
 pub mod config;
