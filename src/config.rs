@@ -783,6 +783,18 @@ pub fn is_loopback(url: &Url) -> bool {
     }
 }
 
+/// Parameters of the authorization URL that `tokend authorize` sets: a
+/// second copy from `authorize_params` would leave the provider to pick one.
+const AUTHORIZE_OWN_PARAMS: [&str; 7] = [
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "response_type",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+];
+
 fn validate_provider(
     name: &str,
     r: RawProvider,
@@ -853,6 +865,14 @@ fn validate_provider(
             TokenAuth::ClientSecretPost
         }
     };
+    for key in r.authorize_params.keys() {
+        if AUTHORIZE_OWN_PARAMS.contains(&key.as_str()) {
+            p.add(
+                k(&format!("authorize_params.{key}")),
+                "tokend sets this parameter itself (use the provider's own key for it, if any)",
+            );
+        }
+    }
     if p.0.len() > before {
         return None;
     }
@@ -1196,6 +1216,18 @@ mod tests {
         let p = &c.providers["fake"];
         assert_eq!(p.token_auth, TokenAuth::ClientSecretBasic);
         assert_eq!(p.scope, None);
+    }
+
+    #[test]
+    fn authorize_params_cannot_override_what_tokend_sets() {
+        let e = problems(&format!(
+            "{PANDADOC}authorize_params = {{ prompt = \"consent\", state = \"x\" }}\n"
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("providers.pandadoc.authorize_params.state: tokend sets"),
+            "{e:?}"
+        );
     }
 
     #[test]

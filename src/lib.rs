@@ -2,6 +2,8 @@
 //! programs that call an API never speak OAuth. See README.md for the tour and
 //! `shared/spec.md` for the contract.
 
+pub mod authorize;
+pub mod callback;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -15,6 +15,13 @@ use crate::secret::{Secret, redact};
 /// hundred bytes; anything near this is not one.
 const MAX_BODY: usize = 64 * 1024;
 
+/// What `invalid_grant` means after a refresh_token grant.
+const DEAD_REFRESH_TOKEN: &str = "the refresh token is dead or revoked";
+/// What `invalid_grant` means after an authorization_code grant: codes are
+/// single-use and short-lived (RFC 6749 §4.1.2).
+const DEAD_CODE: &str =
+    "the code was already used, has expired, or was issued for another client or redirect URI";
+
 /// A token endpoint's successful answer.
 #[derive(Debug)]
 pub struct Tokens {
@@ -98,7 +105,8 @@ impl Client {
         if let Some(scope) = &p.scope {
             form.push(("scope", scope));
         }
-        self.token_request(p, form, timeout, &[refresh_token]).await
+        self.token_request(p, form, timeout, &[refresh_token], DEAD_REFRESH_TOKEN)
+            .await
     }
 
     /// The authorization_code grant (RFC 6749 §4.1.3).
@@ -127,7 +135,8 @@ impl Client {
         if let Some(v) = pkce_verifier {
             form.push(("code_verifier", v.expose()));
         }
-        self.token_request(p, form, timeout, &[code]).await
+        self.token_request(p, form, timeout, &[code], DEAD_CODE)
+            .await
     }
 
     async fn token_request(
@@ -136,6 +145,7 @@ impl Client {
         mut form: Vec<(&str, &str)>,
         timeout: Duration,
         sent: &[&Secret],
+        dead: &str,
     ) -> Result<Tokens, Failure> {
         let mut req = self.http.post(p.token_url.clone()).timeout(timeout);
         match p.token_auth {
@@ -162,7 +172,7 @@ impl Client {
             Ok(r) => r,
             Err(f) => return Err(f),
         };
-        classify_token(status, &headers, &body, &secrets)
+        classify_token(status, &headers, &body, &secrets, dead)
     }
 
     /// The cheap GET that tells whether an access token still works.
@@ -297,11 +307,13 @@ fn status_failure(status: StatusCode, headers: &HeaderMap, what: &str) -> Option
 }
 
 /// Classifies a token endpoint answer. Pure, so every branch is unit-tested.
+/// `dead` says what an `invalid_grant` means for the grant that was sent.
 pub fn classify_token(
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
     secrets: &[&Secret],
+    dead: &str,
 ) -> Result<Tokens, Failure> {
     const WHAT: &str = "token endpoint";
     if let Some(f) = status_failure(status, headers, WHAT) {
@@ -359,7 +371,7 @@ pub fn classify_token(
         .unwrap_or_default();
     match code.as_deref() {
         Some("invalid_grant") => Err(Failure::Permanent {
-            reason: format!("{WHAT}: invalid_grant{desc}: the refresh token is dead or revoked"),
+            reason: format!("{WHAT}: invalid_grant{desc}: {dead}"),
         }),
         Some(
             c @ ("invalid_client"
@@ -424,6 +436,7 @@ mod tests {
             &HeaderMap::new(),
             body.as_bytes(),
             &[],
+            DEAD_REFRESH_TOKEN,
         )
     }
 
@@ -472,10 +485,27 @@ mod tests {
     }
 
     #[test]
+    fn invalid_grant_says_what_died() {
+        let dead = |what| {
+            classify_token(
+                StatusCode::BAD_REQUEST,
+                &HeaderMap::new(),
+                br#"{"error":"invalid_grant"}"#,
+                &[],
+                what,
+            )
+            .unwrap_err()
+            .describe()
+        };
+        assert!(dead(DEAD_CODE).ends_with("invalid_grant: the code was already used, has expired, or was issued for another client or redirect URI"));
+        assert!(dead(DEAD_REFRESH_TOKEN).ends_with("the refresh token is dead or revoked"));
+    }
+
+    #[test]
     fn retry_after_in_seconds_or_date() {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
-        let f = classify_token(StatusCode::TOO_MANY_REQUESTS, &h, b"", &[]).unwrap_err();
+        let f = classify_token(StatusCode::TOO_MANY_REQUESTS, &h, b"", &[], DEAD_CODE).unwrap_err();
         assert!(matches!(
             f,
             Failure::Transient {
@@ -500,6 +530,7 @@ mod tests {
             &HeaderMap::new(),
             br#"{"error":"invalid_grant","error_description":"token the-refresh-token is dead"}"#,
             &[&s],
+            DEAD_REFRESH_TOKEN,
         )
         .unwrap_err();
         assert!(!f.describe().contains("the-refresh-token"), "{f:?}");

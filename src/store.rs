@@ -138,7 +138,7 @@ pub struct Credential {
     pub rev: i64,
 }
 
-/// What `import` (and later `authorize`) stores.
+/// What `import` and `authorize` store.
 pub struct NewCredential {
     pub name: String,
     pub provider: String,
@@ -146,6 +146,8 @@ pub struct NewCredential {
     pub refresh_token: Secret,
     pub scope: Option<String>,
     pub expires_at: Option<i64>,
+    /// The event recorded ("imported", "authorized"): how the tokens came.
+    pub event: &'static str,
 }
 
 /// A successful refresh, to be committed.
@@ -329,6 +331,12 @@ impl StoreConn {
             c.execute("DELETE FROM leases WHERE name = ?1", [name])?;
             Ok(n > 0)
         })
+    }
+
+    /// One credential: a command looks before it asks the user for work
+    /// that an existing name would waste (`authorize` without `--force`).
+    pub fn get(&self, name: &str) -> Result<Option<Credential>> {
+        ops::get(&self.conn, name)
     }
 
     /// Stores a new credential; with `replace`, overwrites one of that name
@@ -626,7 +634,7 @@ mod ops {
                 rev
             ],
         )?;
-        event(c, &n.name, "imported", None)?;
+        event(c, &n.name, n.event, None)?;
         get(c, &n.name)?.ok_or_else(|| StoreError::NotFound(n.name.clone()))
     }
 
@@ -803,6 +811,7 @@ mod tests {
             refresh_token: Secret::new("rt1"),
             scope: None,
             expires_at: Some(now_ms() + 60_000),
+            event: "imported",
         }
     }
 

@@ -21,10 +21,7 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         1,
     )?;
     let name = args.name("import")?;
-    let provider = args
-        .provider
-        .clone()
-        .ok_or_else(|| Exit::usage("'import' needs --provider P"))?;
+    let provider = args.provider("import")?;
     let refresh_from = args
         .refresh_token
         .as_deref()
@@ -48,18 +45,7 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         };
     let path = args.config_path();
     let config = config::load_without_secrets(&path).map_err(Exit::config)?;
-    let Some(p) = config.providers.get(&provider) else {
-        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
-        return Err(Exit::usage(format!(
-            "no provider {provider:?} in {} (configured: {})",
-            path.display(),
-            if known.is_empty() {
-                "none".into()
-            } else {
-                known.join(", ")
-            }
-        )));
-    };
+    let p = super::provider_config(&config, &path, &provider)?;
     let refresh_token = read_secret("--refresh-token", refresh_from)?;
     let access_token = match &args.access_token {
         Some(from) => Some(read_secret("--access-token", from)?),
@@ -74,6 +60,7 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         refresh_token,
         scope: p.scope.clone(),
         expires_at: expires_in.map(|s| now_ms() + s as i64 * 1000),
+        event: "imported",
     };
     match store.insert(&new, args.force) {
         Ok(_) => {

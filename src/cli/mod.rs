@@ -4,6 +4,7 @@
 //! command lives in its own file. Secrets never come from argv: options that
 //! carry one take a file path or `-` for stdin.
 
+mod authorize;
 mod check_config;
 mod client;
 mod import;
@@ -14,9 +15,10 @@ mod status;
 mod token;
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::config::{self, ConfigError};
+use crate::config::{self, Config, ConfigError, ProviderConfig};
 
 /// Exit codes of the contract: 0 success, 1 the operation failed, 2 usage
 /// or configuration error.
@@ -41,6 +43,15 @@ impl Exit {
         }
     }
 
+    /// A configuration that cannot do what was asked, explained without
+    /// pointing at `--help` (the fix is in the config file).
+    pub fn config_message(message: impl Into<String>) -> Exit {
+        Exit {
+            code: 2,
+            message: message.into(),
+        }
+    }
+
     pub fn failure(message: impl Into<String>) -> Exit {
         Exit {
             code: 1,
@@ -58,6 +69,19 @@ Commands:
   run                   Run the daemon in the foreground (what systemd starts).
   check-config          Validate the config, its secrets and paths; print every
                         problem with its key. Exit 0 if all is well, 2 if not.
+  authorize NAME --provider P
+                        Onboard an API user: print the provider's authorization
+                        URL, wait for the browser to come back to the
+                        provider's loopback redirect_uri, check its state,
+                        exchange the code and store the credential.
+      --paste                 Do not listen: read the address the browser
+                              lands on (or just the code) from stdin. For a
+                              browser on another machine.
+      --code CODE|-           Exchange a code obtained some other way; '-'
+                              reads it from stdin.
+      --timeout DURATION      How long to wait for the browser. Default: 5m.
+      --force                 Replace a credential of the same name, once the
+                              new tokens are obtained.
   import NAME --provider P --refresh-token FILE|-
                         Add a credential from an existing refresh token.
       --access-token FILE|-   Also store its current access token.
@@ -81,7 +105,8 @@ Global options:
   -V, --version         Print the version.
 
 Secrets are never taken from the command line: FILE is a path to read, '-'
-reads stdin. Logs go to stderr; RUST_LOG sets the level (default: info).
+reads stdin (an authorization code may be: it works once). Logs go to
+stderr; RUST_LOG sets the level (default: info).
 Exit codes: 0 success, 1 the operation failed, 2 usage or configuration error.
 ";
 
@@ -95,6 +120,9 @@ struct Args {
     refresh_token: Option<String>,
     access_token: Option<String>,
     expires_in: Option<String>,
+    code: Option<String>,
+    timeout: Option<String>,
+    paste: bool,
     force: bool,
     json: bool,
     /// Options given, by name, so a command can refuse those it does not take.
@@ -123,6 +151,13 @@ impl Args {
             )));
         }
         Ok(())
+    }
+
+    /// `--provider P`, which `command` requires.
+    fn provider(&self, command: &str) -> Result<String, Exit> {
+        self.provider
+            .clone()
+            .ok_or_else(|| Exit::usage(format!("'{command}' needs --provider P")))
     }
 
     fn name(&self, command: &str) -> Result<String, Exit> {
@@ -157,6 +192,8 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit>
             Long("refresh-token") => "refresh-token",
             Long("access-token") => "access-token",
             Long("expires-in") => "expires-in",
+            Long("code") => "code",
+            Long("timeout") => "timeout",
             Long("force") => {
                 a.given.push("force");
                 a.force = true;
@@ -165,6 +202,11 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit>
             Long("json") => {
                 a.given.push("json");
                 a.json = true;
+                continue;
+            }
+            Long("paste") => {
+                a.given.push("paste");
+                a.paste = true;
                 continue;
             }
             Value(v) => {
@@ -191,11 +233,34 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit>
             "provider" => a.provider = Some(value),
             "refresh-token" => a.refresh_token = Some(value),
             "access-token" => a.access_token = Some(value),
-            _ => a.expires_in = Some(value),
+            "expires-in" => a.expires_in = Some(value),
+            "code" => a.code = Some(value),
+            _ => a.timeout = Some(value),
         }
     }
     a.given.retain(|o| *o != "config");
     Ok(Some(a))
+}
+
+/// The configuration of provider `name`, or a usage error that lists the
+/// configured ones.
+fn provider_config<'c>(
+    config: &'c Config,
+    path: &Path,
+    name: &str,
+) -> Result<&'c Arc<ProviderConfig>, Exit> {
+    config.providers.get(name).ok_or_else(|| {
+        let known: Vec<&str> = config.providers.keys().map(String::as_str).collect();
+        Exit::usage(format!(
+            "no provider {name:?} in {} (configured: {})",
+            path.display(),
+            if known.is_empty() {
+                "none".into()
+            } else {
+                known.join(", ")
+            }
+        ))
+    })
 }
 
 /// Runs the command line; returns the process exit code.
@@ -209,6 +274,7 @@ pub fn main() -> u8 {
         Some("run") => run::run(&args),
         Some("check-config") => check_config::run(&args),
         Some("import") => import::run(&args),
+        Some("authorize") => authorize::run(&args),
         Some("list") => status::list(&args),
         Some("status") => status::status(&args),
         Some("token") => token::run(&args),
@@ -266,6 +332,27 @@ mod tests {
         assert_eq!(a.positionals, ["bot"]);
         assert_eq!(a.provider.as_deref(), Some("pd"));
         assert_eq!(a.given, ["provider"]);
+    }
+
+    #[test]
+    fn authorize_options() {
+        let a = p(&[
+            "authorize",
+            "bot",
+            "--provider",
+            "pd",
+            "--code",
+            "-",
+            "--paste",
+            "--timeout",
+            "30s",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(a.code.as_deref(), Some("-"));
+        assert_eq!(a.timeout.as_deref(), Some("30s"));
+        assert!(a.paste);
+        assert_eq!(a.given, ["provider", "code", "paste", "timeout"]);
     }
 
     #[test]
