@@ -14,7 +14,7 @@ use crate::config::{self, Config};
 use crate::provider;
 use crate::publish;
 use crate::refresher::Refresher;
-use crate::socket::{Access, Server};
+use crate::socket::{Access, Bound};
 use crate::store::Store;
 use crate::watch::DirWatch;
 
@@ -40,6 +40,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Exit::failure(format!("cannot install signal handlers: {e}")))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    // The socket before any work: a daemon that cannot take it (another one
+    // runs) must not have refreshed anything on its way out.
+    let bound = Bound::bind(&config.socket).await.map_err(Exit::failure)?;
 
     let (refresher, tasks) =
         Refresher::start(config.clone(), store.clone(), client, shutdown_rx.clone())
@@ -49,14 +52,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     let access = Arc::new(RwLock::new(Access {
         rules: config.access.clone(),
     }));
-    let server = Server::start(
-        &config.socket,
-        refresher.clone(),
-        access.clone(),
-        shutdown_rx.clone(),
-    )
-    .await
-    .map_err(Exit::failure)?;
+    let server = bound.serve(refresher.clone(), access.clone(), shutdown_rx.clone());
     let mut sweep = Sweep::start(refresher.clone(), &config.refresh.validate_schedule)
         .await
         .map_err(Exit::failure)?;

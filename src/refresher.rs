@@ -344,8 +344,9 @@ impl Refresher {
         &self.metrics
     }
 
-    /// The metrics exposition, with each credential's gauges.
-    pub fn render_metrics(&self) -> String {
+    /// The metrics exposition, with the gauges of the credentials `visible`
+    /// lets the caller see (names are not shown to those without a grant).
+    pub fn render_metrics(&self, visible: impl Fn(&str) -> bool) -> String {
         let now = now_ms();
         let creds: Vec<Arc<Credential>> = self
             .entries
@@ -353,6 +354,7 @@ impl Refresher {
             .unwrap()
             .values()
             .map(|e| e.cred())
+            .filter(|c| !c.provider.is_empty() && visible(&c.name))
             .collect();
         let gauges: Vec<CredentialGauge<'_>> = creds
             .iter()
@@ -829,8 +831,20 @@ impl Refresher {
     }
 
     async fn refresh(&self, ctx: &Ctx, entry: &Entry, seen: &Credential, p: &ProviderConfig) {
-        let name = &seen.name;
+        self.refresh_attempt(ctx, entry, seen, p).await;
+        // Counted when it is over: a caller that took its snapshot while
+        // this one ran sees the count move once it gets the lock, and joins.
         entry.state.lock().unwrap().attempts += 1;
+    }
+
+    async fn refresh_attempt(
+        &self,
+        ctx: &Ctx,
+        entry: &Entry,
+        seen: &Credential,
+        p: &ProviderConfig,
+    ) {
+        let name = &seen.name;
         let ttl = ctx.config.refresh.request_timeout + Duration::from_secs(30);
         let (cred, interrupted) = match self
             .store

@@ -38,36 +38,53 @@ pub struct Access {
     pub rules: Vec<AccessRule>,
 }
 
+/// A bound socket, not yet served: binding comes before anything else
+/// starts, so a daemon that cannot take its socket touches nothing.
+pub struct Bound {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
 /// The listening socket and its accept loop.
 pub struct Server {
     path: PathBuf,
     task: JoinHandle<()>,
 }
 
-impl Server {
+impl Bound {
     /// Binds the socket (replacing a stale file left by a crash, refusing a
-    /// live one), sets its mode and group, and starts serving.
-    pub async fn start(
-        cfg: &SocketConfig,
-        refresher: Arc<Refresher>,
-        access: Arc<std::sync::RwLock<Access>>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<Server, String> {
+    /// live one) and sets its mode and group.
+    pub async fn bind(cfg: &SocketConfig) -> Result<Bound, String> {
         let listener = bind(cfg)
             .await
             .map_err(|e| format!("socket {}: {e}", cfg.path.display()))?;
+        Ok(Bound {
+            listener,
+            path: cfg.path.clone(),
+        })
+    }
+
+    /// Starts serving.
+    pub fn serve(
+        self,
+        refresher: Arc<Refresher>,
+        access: Arc<std::sync::RwLock<Access>>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Server {
         let state = Arc::new(routes::State {
             refresher,
             access,
             own_uid: peer::own_uid(),
         });
-        let task = tokio::spawn(accept_loop(listener, state, shutdown));
-        Ok(Server {
-            path: cfg.path.clone(),
+        let task = tokio::spawn(accept_loop(self.listener, state, shutdown));
+        Server {
+            path: self.path,
             task,
-        })
+        }
     }
+}
 
+impl Server {
     /// Waits for the accept loop to drain, then removes the socket file.
     pub async fn stop(self) {
         let _ = self.task.await;

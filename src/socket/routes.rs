@@ -118,7 +118,9 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             text(
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                state.refresher.render_metrics(),
+                state
+                    .refresher
+                    .render_metrics(|name| state.may_read(caller, name)),
             ),
         ),
         (&Method::GET, ["v1", "credentials"]) => {
@@ -173,14 +175,17 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             })
             .await,
         ),
-        (_, ["health"] | ["metrics"] | ["v1", "credentials", ..] | ["v1", "tokens", ..]) => (
-            "method_not_allowed",
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on {path}"),
-            ),
-        ),
+        (
+            _,
+            ["health"]
+            | ["metrics"]
+            | ["v1", "credentials"]
+            | ["v1", "credentials", _]
+            | ["v1", "tokens", _],
+        ) => ("method_not_allowed", not_allowed(&method, &path, "GET")),
+        (_, ["v1", "credentials", _, "refresh"] | ["v1", "tokens", _, "rejected"]) => {
+            ("method_not_allowed", not_allowed(&method, &path, "POST"))
+        }
         _ => (
             "not_found",
             error(
@@ -190,6 +195,17 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             ),
         ),
     }
+}
+
+fn not_allowed(method: &Method, path: &str, allow: &'static str) -> Resp {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!("{method} is not allowed on {path}; use {allow}"),
+    );
+    r.headers_mut()
+        .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    r
 }
 
 /// Runs `f` if the caller may read `name`: 403 otherwise (whether or not it

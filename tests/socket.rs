@@ -1,0 +1,1144 @@
+//! Spec §5 and issue 3: the socket API with a real client (curl), who may
+//! read what, freshness on read, hostile clients, the socket file's
+//! lifecycle and consumer reports of refused tokens.
+
+mod support;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use support::*;
+
+/// What curl got: status, Content-Type and body.
+#[derive(Debug)]
+struct Curl {
+    status: u16,
+    content_type: String,
+    body: String,
+}
+
+impl Curl {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// Asserts a JSON error of the contract: this status and code, a message.
+    fn assert_error(&self, status: u16, code: &str) -> String {
+        assert_eq!(self.status, status, "{self:?}");
+        assert!(
+            self.content_type.starts_with("application/json"),
+            "{self:?}"
+        );
+        let v = self.json();
+        assert_eq!(v["error"], code, "{self:?}");
+        let message = v["message"].as_str().expect("a message").to_owned();
+        assert!(!message.is_empty());
+        assert_no_secrets(&self.body, "an error body");
+        message
+    }
+}
+
+fn curl_command(socket: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("curl");
+    c.args(["-q", "-sS", "--max-time", "60", "--unix-socket"])
+        .arg(socket)
+        .args(["-w", "\n%{http_code} %{content_type}"])
+        .args(args)
+        .current_dir("/");
+    c
+}
+
+fn run_curl(mut c: Command) -> Curl {
+    let out = c
+        .output()
+        .expect("curl runs (install it: apt-get install -y curl)");
+    let stdout = String::from_utf8(out.stdout).expect("curl's output is text");
+    assert!(
+        out.status.success(),
+        "curl failed ({:?}): {} {stdout}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (body, tail) = stdout.rsplit_once('\n').expect("the -w trailer");
+    let (status, content_type) = tail.split_once(' ').unwrap_or((tail, ""));
+    Curl {
+        status: status.parse().expect("an HTTP status"),
+        content_type: content_type.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+/// `curl --unix-socket SOCK ARGS…`, as root (the test's user).
+fn curl(socket: &Path, args: &[&str]) -> Curl {
+    run_curl(curl_command(socket, args))
+}
+
+/// The same, as another user.
+fn curl_as(uid: u32, gid: u32, socket: &Path, args: &[&str]) -> Curl {
+    let mut c = curl_command(socket, args);
+    c.uid(uid).gid(gid).env("HOME", "/");
+    run_curl(c)
+}
+
+fn url(path: &str) -> String {
+    format!("http://localhost{path}")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A `[refresh]` section with FAST_REFRESH's backoff and the given knobs.
+fn refresh(request_timeout: &str, min_remaining: &str, extra: &str) -> String {
+    format!(
+        "\n[refresh]\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"{min_remaining}\"\n\
+         retry_initial = \"500ms\"\nretry_max = \"2s\"\nrequest_timeout = \"{request_timeout}\"\n{extra}\n"
+    )
+}
+
+fn seconds_until(rfc3339: &str) -> f64 {
+    let t = humantime::parse_rfc3339(rfc3339).unwrap();
+    match t.duration_since(SystemTime::now()) {
+        Ok(d) => d.as_secs_f64(),
+        Err(e) => -e.duration().as_secs_f64(),
+    }
+}
+
+// ---- 1. every route and every error code, with curl ----
+
+#[test]
+fn every_route_and_error_code_over_curl() {
+    // The first token request (the refresh of "dead", which has no access
+    // token) gets invalid_grant; nothing else is faulted until later.
+    let env = Env::bare(Knobs {
+        fault: Some(Fault::InvalidGrant),
+        fault_on: FaultTarget::Token,
+        fault_count: Some(1),
+        ..Knobs::default()
+    });
+    env.write_config(&refresh("1s", "1s", ""), &env.sink("raw", "0600"));
+    let bot = env.import("bot", true);
+    env.import("dead", false);
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    wait_for(
+        "dead to need re-authorization",
+        Duration::from_secs(20),
+        || (env.state("dead")? == "needs_reauthorization").then_some(()),
+    );
+
+    // GET /health
+    let r = curl(&sock, &[&url("/health")]);
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"), "{r:?}");
+
+    // GET /v1/tokens/{name}: the token, as text and as JSON.
+    let r = curl(&sock, &[&url("/v1/tokens/bot")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.content_type.starts_with("text/plain"), "{r:?}");
+    assert_eq!(r.body, bot.access_token, "the token, without a newline");
+    let r = curl(
+        &sock,
+        &["-H", "Accept: application/json", &url("/v1/tokens/bot")],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.content_type.starts_with("application/json"), "{r:?}");
+    let v = r.json();
+    assert_eq!(v["name"], "bot");
+    assert_eq!(v["access_token"], bot.access_token.as_str());
+    assert_eq!(v["token_type"], "Bearer");
+    let left = seconds_until(v["expires_at"].as_str().expect("expires_at"));
+    assert!(
+        left > (bot.expires_in - 120) as f64,
+        "expires about a year ahead: {left}"
+    );
+    assert_eq!(v.as_object().unwrap().len(), 4, "{v}");
+
+    // GET /v1/credentials and /v1/credentials/{name}: statuses, never a secret.
+    let r = curl(&sock, &[&url("/v1/credentials")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.content_type.starts_with("application/json"), "{r:?}");
+    assert_no_secrets(&r.body, "GET /v1/credentials");
+    let list = r.json();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["bot", "dead"]);
+    let r = curl(&sock, &[&url("/v1/credentials/bot")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_no_secrets(&r.body, "GET /v1/credentials/bot");
+    let s = r.json();
+    assert_eq!(s["name"], "bot");
+    assert_eq!(s["provider"], "fake");
+    assert_eq!(s["state"], "valid");
+    assert_eq!(s["has_token"], true);
+    let s = curl(&sock, &[&url("/v1/credentials/dead")]).json();
+    assert_eq!(s["state"], "needs_reauthorization");
+    assert_eq!(s["has_token"], false);
+
+    // 404 unknown_credential, on every route that names a credential.
+    for (method, path) in [
+        ("GET", "/v1/tokens/nope"),
+        ("GET", "/v1/credentials/nope"),
+        ("POST", "/v1/credentials/nope/refresh"),
+        ("POST", "/v1/tokens/nope/rejected"),
+    ] {
+        let r = curl(&sock, &["-X", method, &url(path)]);
+        let m = r.assert_error(404, "unknown_credential");
+        assert!(m.contains("nope"), "{method} {path}: {m}");
+    }
+
+    // 503 needs_reauthorization, with the command that fixes it.
+    let r = curl(&sock, &[&url("/v1/tokens/dead")]);
+    let m = r.assert_error(503, "needs_reauthorization");
+    assert!(
+        m.contains("tokend authorize dead --provider fake"),
+        "says what to do: {m}"
+    );
+
+    // POST /v1/credentials/{name}/refresh: a new token, and the status.
+    let r = curl(&sock, &["-X", "POST", &url("/v1/credentials/bot/refresh")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_no_secrets(&r.body, "POST refresh");
+    let v = r.json();
+    assert_eq!(v["refreshed"], true, "{v}");
+    assert_eq!(v["name"], "bot");
+    assert_eq!(v["state"], "valid");
+    let new = env.provider.grant(bot.grant_id).unwrap().access_token;
+    assert_ne!(new, bot.access_token);
+    assert_eq!(curl(&sock, &[&url("/v1/tokens/bot")]).body, new);
+    assert_eq!(env.provider.stats().refreshes_ok, 1);
+
+    // POST /v1/tokens/{name}/rejected: 202.
+    let r = curl(&sock, &["-X", "POST", &url("/v1/tokens/bot/rejected")]);
+    assert_eq!(r.status, 202, "{r:?}");
+
+    // 400 bad_request: a body over 4 KiB, on both POST routes; nothing happens.
+    let big = env.dir.path().join("big.body");
+    fs::write(&big, vec![b'x'; 5000]).unwrap();
+    let data = format!("@{}", big.display());
+    for path in ["/v1/tokens/bot/rejected", "/v1/credentials/bot/refresh"] {
+        let r = curl(&sock, &["-X", "POST", "--data-binary", &data, &url(path)]);
+        r.assert_error(400, "bad_request");
+    }
+    assert_eq!(
+        env.provider.stats().refreshes_ok,
+        1,
+        "a refused request did nothing"
+    );
+
+    // 404 not_found and 405 method_not_allowed.
+    for path in ["/", "/nope", "/v1", "/v1/other/bot", "/v2/tokens/bot"] {
+        curl(&sock, &[&url(path)]).assert_error(404, "not_found");
+    }
+    for (method, path) in [
+        ("DELETE", "/v1/tokens/bot"),
+        ("POST", "/v1/tokens/bot"),
+        ("GET", "/v1/tokens/bot/rejected"),
+        ("GET", "/v1/credentials/bot/refresh"),
+        ("PUT", "/v1/credentials"),
+        ("POST", "/health"),
+        ("DELETE", "/metrics"),
+    ] {
+        curl(&sock, &["-X", method, &url(path)]).assert_error(405, "method_not_allowed");
+    }
+
+    // 503 no_valid_token: a credential without an access token while the
+    // token endpoint is out (request_timeout 1 s, so the read waits ≤ 3 s).
+    env.provider.update_knobs(|k| {
+        k.fault = Some(Fault::Status503);
+        k.fault_count = None;
+    });
+    env.import("starved", false);
+    wait_for(
+        "the daemon to load starved",
+        Duration::from_secs(20),
+        || (get(&sock, "/v1/credentials/starved").status == 200).then_some(()),
+    );
+    let started = Instant::now();
+    let r = curl(&sock, &[&url("/v1/tokens/starved")]);
+    let m = r.assert_error(503, "no_valid_token");
+    assert!(m.contains("503"), "names the provider's answer: {m}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "bounded wait: {:?}",
+        started.elapsed()
+    );
+
+    // GET /metrics: every family, with what happened above.
+    let r = curl(&sock, &[&url("/metrics")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.content_type.starts_with("text/plain"), "{r:?}");
+    assert_no_secrets(&r.body, "GET /metrics");
+    for family in [
+        "tokend_credential_expiry_seconds",
+        "tokend_credential_state",
+        "tokend_refreshes_total",
+        "tokend_validations_total",
+        "tokend_provider_request_duration_seconds_bucket",
+        "tokend_provider_request_duration_seconds_sum",
+        "tokend_provider_request_duration_seconds_count",
+        "tokend_socket_requests_total",
+    ] {
+        assert!(
+            r.body.lines().any(|l| l.starts_with(family)),
+            "no {family} in\n{}",
+            r.body
+        );
+    }
+    for line in [
+        "tokend_credential_state{credential=\"dead\",state=\"needs_reauthorization\"} 1",
+        "tokend_credential_state{credential=\"bot\",state=\"valid\"} 1",
+        "tokend_refreshes_total{outcome=\"ok\"} 1",
+        "tokend_socket_requests_total{route=\"/v1/tokens/{name}\",status=\"200\"}",
+        "tokend_socket_requests_total{route=\"/v1/tokens/{name}\",status=\"404\"} 1",
+        "tokend_socket_requests_total{route=\"/v1/tokens/{name}/rejected\",status=\"202\"} 1",
+    ] {
+        assert!(r.body.contains(line), "no {line} in\n{}", r.body);
+    }
+    assert!(
+        r.body
+            .contains("tokend_credential_expiry_seconds{credential=\"bot\"}"),
+        "{}",
+        r.body
+    );
+    drop(d);
+}
+
+// ---- 2. access rules and the socket file's mode and group ----
+
+/// A user (uid, primary gid, name) who is a listed member of a group other
+/// than its primary one, with that group's name: to show that supplementary
+/// groups (getgrouplist) count.
+fn user_with_supplementary_group() -> Option<(u32, u32, String)> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    let group = fs::read_to_string("/etc/group").ok()?;
+    for g in group.lines() {
+        let f: Vec<&str> = g.split(':').collect();
+        if f.len() < 4 || f[3].is_empty() {
+            continue;
+        }
+        let Ok(gid) = f[2].parse::<u32>() else {
+            continue;
+        };
+        for member in f[3].split(',') {
+            let user = passwd.lines().find_map(|l| {
+                let p: Vec<&str> = l.split(':').collect();
+                (p.len() > 3 && p[0] == member).then(|| (p[2].parse().ok(), p[3].parse().ok()))
+            });
+            if let Some((Some(uid), Some(primary))) = user {
+                if uid != 0 && primary != gid {
+                    return Some((uid, primary, f[0].to_owned()));
+                }
+            }
+        }
+    }
+    None
+}
+
+#[test]
+fn access_rules_decide_what_another_uid_may_read() {
+    if !is_root() {
+        eprintln!("skipping access_rules_decide_what_another_uid_may_read: needs root");
+        return;
+    }
+    let env = Env::bare(Knobs::default());
+    let supplementary = user_with_supplementary_group();
+    let mut rules = "[[access]]\ncredentials = [\"by-uid\", \"by-uid-*\"]\nuids = [65534]\n\
+         [[access]]\ncredentials = [\"by-group\"]\ngroups = [\"nogroup\"]\n"
+        .to_owned();
+    if let Some((_, _, group)) = &supplementary {
+        rules.push_str(&format!(
+            "[[access]]\ncredentials = [\"by-supplementary\"]\ngroups = [\"{group}\"]\n"
+        ));
+    }
+    env.write_config(
+        &format!("socket_mode = \"0666\"\n{FAST_REFRESH}"),
+        &format!("{}{rules}", env.sink("raw", "0600")),
+    );
+    let grants: Vec<(&str, MintedGrant)> = ["by-uid", "by-group", "secret", "by-supplementary"]
+        .into_iter()
+        .map(|n| (n, env.import(n, true)))
+        .collect();
+    let token = |name: &str| {
+        grants
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, g)| g.access_token.clone())
+            .unwrap()
+    };
+    // Others may reach the socket in the (otherwise private) temp dir.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    assert_eq!(mode(&sock), 0o666);
+    let nobody = |args: &[&str]| curl_as(65534, 65534, &sock, args);
+
+    // What no rule grants: 403 on every route that names a credential, and
+    // 403 (not 404) for a name that does not exist, so names do not leak.
+    for (method, path) in [
+        ("GET", "/v1/tokens/secret"),
+        ("GET", "/v1/credentials/secret"),
+        ("POST", "/v1/credentials/secret/refresh"),
+        ("POST", "/v1/tokens/secret/rejected"),
+        ("GET", "/v1/tokens/no-such-thing"),
+        ("GET", "/v1/credentials/no-such-thing"),
+    ] {
+        let r = nobody(&["-X", method, &url(path)]);
+        let m = r.assert_error(403, "forbidden");
+        assert!(m.contains("65534"), "names the uid: {m}");
+    }
+    // Granted by uid, and by group.
+    for name in ["by-uid", "by-group"] {
+        let r = nobody(&[&url(&format!("/v1/tokens/{name}"))]);
+        assert_eq!(r.status, 200, "{name}: {r:?}");
+        assert_eq!(r.body, token(name));
+        let r = nobody(&[&url(&format!("/v1/credentials/{name}"))]);
+        assert_eq!(r.status, 200, "{name}: {r:?}");
+    }
+    // A granted name that does not exist is 404.
+    nobody(&[&url("/v1/tokens/by-uid-x")]).assert_error(404, "unknown_credential");
+    // The list holds only what the caller may read.
+    let r = nobody(&[&url("/v1/credentials")]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let names: Vec<String> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["by-group", "by-uid"]);
+    // Root reads everything.
+    assert_eq!(
+        listed_names(&sock),
+        ["by-group", "by-supplementary", "by-uid", "secret"]
+    );
+    let r = curl(&sock, &[&url("/v1/tokens/secret")]);
+    assert_eq!((r.status, r.body), (200, token("secret")));
+    // A uid without a passwd entry, in no granted group, reads nothing.
+    let r = curl_as(54321, 54321, &sock, &[&url("/v1/tokens/by-group")]);
+    r.assert_error(403, "forbidden");
+    // Supplementary groups count (when this machine has such a user).
+    match &supplementary {
+        Some((uid, gid, group)) => {
+            let r = curl_as(*uid, *gid, &sock, &[&url("/v1/tokens/by-supplementary")]);
+            assert_eq!(r.status, 200, "uid {uid} via group {group}: {r:?}");
+            assert_eq!(r.body, token("by-supplementary"));
+            let r = curl_as(*uid, *gid, &sock, &[&url("/v1/tokens/secret")]);
+            r.assert_error(403, "forbidden");
+        }
+        None => eprintln!(
+            "note: no user on this machine is a listed member of a group other than its \
+             primary one; the supplementary-group case is skipped"
+        ),
+    }
+    // The forbidden refresh and report did nothing at the provider.
+    let s = env.provider.stats();
+    assert_eq!(s.token_requests, 0, "{s:?}");
+    drop(d);
+}
+
+#[test]
+fn the_socket_file_has_the_configured_mode_and_group() {
+    if !is_root() {
+        eprintln!("skipping the_socket_file_has_the_configured_mode_and_group: needs root");
+        return;
+    }
+    let env = Env::bare(Knobs::default());
+    // A gid that is not ours, so that the chown is visible.
+    env.write_config(
+        &format!("socket_mode = \"0640\"\nsocket_group = \"65534\"\n{FAST_REFRESH}"),
+        &env.sink("raw", "0600"),
+    );
+    let g = env.import("bot", true);
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let mut d = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let meta = fs::metadata(&env.socket).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    assert_eq!(meta.gid(), 65534);
+    assert_eq!(meta.uid(), 0, "owned by the daemon's user");
+    // The group may not write, so may not connect: curl exits 7.
+    let out = curl_command(&env.socket, &[&url("/health")])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "uid 65534 cannot connect to a 0640 socket: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The owner can.
+    let r = curl(&env.socket, &[&url("/v1/tokens/bot")]);
+    assert_eq!((r.status, r.body), (200, g.access_token));
+    assert!(d.stop().success());
+}
+
+// ---- 3. freshness on read ----
+
+/// min_remaining 10m, and a token tokend believes has 300 s left: the
+/// scheduler would refresh it only at half-life (150 s), so any refresh within
+/// the test is the read's doing.
+fn nearly_expired_env() -> (Env, MintedGrant) {
+    let env = Env::bare(Knobs::default());
+    env.write_config(&refresh("5s", "10m", ""), &env.sink("raw", "0600"));
+    let g = import_expiring(&env, "bot", 300);
+    (env, g)
+}
+
+#[test]
+fn a_nearly_expired_token_is_refreshed_before_it_is_handed_out() {
+    let (env, g) = nearly_expired_env();
+    let d = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let r = curl(
+        &env.socket,
+        &["-H", "Accept: application/json", &url("/v1/tokens/bot")],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let v = r.json();
+    let token = v["access_token"].as_str().unwrap().to_owned();
+    assert_ne!(token, g.access_token, "not the token with 300 s left");
+    assert_eq!(
+        token,
+        env.provider.grant(g.grant_id).unwrap().access_token,
+        "the provider's newest token"
+    );
+    let left = seconds_until(v["expires_at"].as_str().unwrap());
+    assert!(left > 600.0, "more than min_remaining left: {left}");
+    let s = env.provider.stats();
+    assert_eq!(s.refreshes_ok, 1, "{s:?}");
+    assert_eq!(s.refresh_requests, 1, "{s:?}");
+    // The refreshed token is published too, and the next read reuses it.
+    wait_for(
+        "the file to hold the new token",
+        Duration::from_secs(10),
+        || (env.read_token("bot")? == token).then_some(()),
+    );
+    assert_eq!(curl(&env.socket, &[&url("/v1/tokens/bot")]).body, token);
+    assert_eq!(env.provider.stats().refresh_requests, 1);
+    drop(d);
+}
+
+#[test]
+fn concurrent_reads_of_a_nearly_expired_token_cause_one_refresh() {
+    let (env, g) = nearly_expired_env();
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    // The start-up validation is done before the provider slows down.
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        let s = get(&sock, "/v1/credentials/bot").json();
+        (!s["last_validated_at"].is_null()).then_some(())
+    });
+    assert_eq!(env.provider.stats().refresh_requests, 0);
+    // Each refresh takes 2 s, so the second read arrives while the first's
+    // refresh is in flight and must join it.
+    env.provider.update_knobs(|k| k.latency_ms = 2000);
+    let read = |sock: std::path::PathBuf| {
+        std::thread::spawn(move || {
+            let r = socket_request(
+                &sock,
+                "GET",
+                "/v1/tokens/bot",
+                &[],
+                b"",
+                Duration::from_secs(30),
+            )
+            .unwrap();
+            (r.status, r.text())
+        })
+    };
+    let first = read(sock.clone());
+    wait_for("the first read's refresh", Duration::from_secs(10), || {
+        (env.provider.stats().refresh_requests >= 1).then_some(())
+    });
+    let second = read(sock.clone());
+    let (a, b) = (first.join().unwrap(), second.join().unwrap());
+    assert_eq!(a.0, 200, "{a:?}");
+    assert_eq!(b.0, 200, "{b:?}");
+    let s = env.provider.stats();
+    let current = env.provider.grant(g.grant_id).unwrap().access_token;
+    assert_eq!(
+        s.refresh_requests, 1,
+        "two concurrent reads caused {} refreshes: {s:?}",
+        s.refresh_requests
+    );
+    assert_eq!(s.refreshes_ok, 1, "{s:?}");
+    assert_eq!(a.1, b.1, "both reads got the same token");
+    assert_eq!(a.1, current);
+    assert_ne!(a.1, g.access_token);
+    drop(d);
+}
+
+/// Two reads released at the same instant (no ordering between them).
+#[test]
+fn simultaneous_reads_of_a_nearly_expired_token_cause_one_refresh() {
+    let (env, g) = nearly_expired_env();
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        let s = get(&sock, "/v1/credentials/bot").json();
+        (!s["last_validated_at"].is_null()).then_some(())
+    });
+    env.provider.update_knobs(|k| k.latency_ms = 1000);
+    let barrier = Arc::new(std::sync::Barrier::new(2));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (sock, barrier) = (sock.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = curl(&sock, &[&url("/v1/tokens/bot")]);
+                (r.status, r.body)
+            })
+        })
+        .collect();
+    let got: Vec<(u16, String)> = readers.into_iter().map(|t| t.join().unwrap()).collect();
+    let s = env.provider.stats();
+    assert!(got.iter().all(|r| r.0 == 200), "{got:?}");
+    assert_eq!(s.refresh_requests, 1, "{s:?}");
+    assert_eq!(got[0].1, got[1].1, "both reads got the same token");
+    assert_eq!(
+        got[0].1,
+        env.provider.grant(g.grant_id).unwrap().access_token
+    );
+    drop(d);
+}
+
+// ---- 4. hostile clients ----
+
+/// A cheap pseudo-random byte stream (xorshift), for garbage.
+fn garbage(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 24) as u8
+        })
+        .collect()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// Reads until the peer closes (Ok) or `timeout` passes without it (Err).
+fn closed_within(s: &mut UnixStream, timeout: Duration) -> Result<(), String> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!("still open after {timeout:?}"));
+            }
+            Err(_) => return Ok(()),
+        }
+    }
+}
+
+#[test]
+fn hostile_clients_do_not_stop_a_well_behaved_one() {
+    let env = Env::new(Knobs::default());
+    let g = env.import("bot", true);
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    let pid = d.pid();
+    let rss_before = rss_kib(pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let storm_start = Instant::now();
+
+    // 50 silent connections.
+    let mut silent: Vec<UnixStream> = (0..50)
+        .map(|_| UnixStream::connect(&sock).unwrap())
+        .collect();
+    // 20 slow-loris clients: a partial head, then a byte a second. Each
+    // notes when the daemon cut it off.
+    let cut_off: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let mut threads = Vec::new();
+    for _ in 0..20 {
+        let (sock, stop, cut_off) = (sock.clone(), stop.clone(), cut_off.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            let started = Instant::now();
+            let mut ok = s
+                .write_all(b"GET /v1/tokens/bot HTTP/1.1\r\nHost: localhost\r\nX-Slow: ")
+                .is_ok();
+            while ok && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                ok = s.write_all(b"a").is_ok();
+            }
+            if !ok {
+                cut_off.lock().unwrap().push(started.elapsed());
+            }
+        }));
+    }
+    // 10 garbage clients: random bytes, then whatever comes back.
+    let garbage_replies: Arc<Mutex<Vec<String>>> = Arc::default();
+    for i in 0..10 {
+        let (sock, replies) = (sock.clone(), garbage_replies.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let _ = s.write_all(&garbage(64 * 1024, 0x9E37_79B9_7F4A_7C15 + i));
+            let mut reply = Vec::new();
+            let _ = s.read_to_end(&mut reply);
+            let line = String::from_utf8_lossy(&reply)
+                .lines()
+                .next()
+                .unwrap_or("(closed)")
+                .to_owned();
+            replies.lock().unwrap().push(line);
+        }));
+    }
+    // 5 oversized heads: 1 MB of header data.
+    let oversized_replies: Arc<Mutex<Vec<String>>> = Arc::default();
+    for _ in 0..5 {
+        let (sock, replies) = (sock.clone(), oversized_replies.clone());
+        threads.push(std::thread::spawn(move || {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut req = b"GET /v1/tokens/bot HTTP/1.1\r\nHost: localhost\r\n".to_vec();
+            for i in 0..16_000 {
+                req.extend_from_slice(
+                    format!("X-Filler-{i:05}: {}\r\n", "a".repeat(48)).as_bytes(),
+                );
+            }
+            assert!(req.len() > 1_000_000);
+            let sent = s.write_all(&req);
+            let mut reply = Vec::new();
+            let _ = s.read_to_end(&mut reply);
+            let line = String::from_utf8_lossy(&reply)
+                .lines()
+                .next()
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("(closed; write: {sent:?})"));
+            replies.lock().unwrap().push(line);
+        }));
+    }
+
+    // Meanwhile a well-behaved client, on a new connection each time.
+    let mut slowest = Duration::ZERO;
+    let mut served = 0;
+    let mut max_rss = rss_before;
+    while storm_start.elapsed() < Duration::from_secs(12) {
+        let t = Instant::now();
+        let r = socket_request(
+            &sock,
+            "GET",
+            "/v1/tokens/bot",
+            &[],
+            b"",
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|e| panic!("the well-behaved client failed after {served}: {e}"));
+        let took = t.elapsed();
+        assert_eq!(r.status, 200, "{r:?}");
+        assert_eq!(r.text(), g.access_token);
+        assert!(
+            took < Duration::from_secs(1),
+            "a read took {took:?} during the storm"
+        );
+        slowest = slowest.max(took);
+        served += 1;
+        max_rss = max_rss.max(rss_kib(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "served {served} reads during the storm, slowest {slowest:?}; RSS {rss_before} kB before, {max_rss} kB at most"
+    );
+    assert!(
+        max_rss < 100 * 1024,
+        "the daemon's RSS grew to {max_rss} kB"
+    );
+
+    // The silent ones are dropped by the daemon (headers within 10 s).
+    for (i, s) in silent.iter_mut().enumerate() {
+        let left = Duration::from_secs(25).saturating_sub(storm_start.elapsed());
+        closed_within(s, left.max(Duration::from_millis(100)))
+            .unwrap_or_else(|e| panic!("silent connection {i}: {e}"));
+    }
+    let silent_closed_after = storm_start.elapsed();
+    // So are the slow ones.
+    wait_for(
+        "the slow-loris clients to be cut off",
+        Duration::from_secs(20),
+        || (cut_off.lock().unwrap().len() == 20).then_some(()),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let cut = cut_off.lock().unwrap().clone();
+    assert!(
+        cut.iter().all(|d| *d < Duration::from_secs(20)),
+        "slow-loris clients cut off after {cut:?}"
+    );
+    let garbage_replies = garbage_replies.lock().unwrap().clone();
+    assert!(
+        garbage_replies
+            .iter()
+            .all(|l| l.starts_with("HTTP/1.1 400") || l == "(closed)"),
+        "garbage got {garbage_replies:?}"
+    );
+    let oversized_replies = oversized_replies.lock().unwrap().clone();
+    assert!(
+        oversized_replies
+            .iter()
+            .all(|l| l.starts_with("HTTP/1.1 431")
+                || l.starts_with("HTTP/1.1 400")
+                || l.starts_with("(closed")),
+        "oversized got {oversized_replies:?}"
+    );
+    eprintln!(
+        "silent closed by {silent_closed_after:?}; slow-loris cut off after {:?}..{:?}; garbage: {:?}; oversized: {:?}",
+        cut.iter().min(),
+        cut.iter().max(),
+        garbage_replies.first(),
+        oversized_replies.first()
+    );
+    // Still serving, and not holding on to more memory than before.
+    let r = get(&sock, "/v1/tokens/bot");
+    assert_eq!(r.status, 200);
+    let rss_after = rss_kib(pid);
+    assert!(
+        rss_after < 100 * 1024,
+        "RSS after the storm: {rss_after} kB"
+    );
+    drop(d);
+}
+
+// ---- 5. the socket file's lifecycle ----
+
+#[test]
+fn sigterm_removes_the_socket_file() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let mut d = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    assert!(env.socket.exists());
+    assert!(d.stop().success());
+    assert!(!env.socket.exists(), "the socket file is removed at exit");
+    assert!(UnixStream::connect(&env.socket).is_err());
+}
+
+/// Issue 3: "Shutdown closes the listener first, finishes or cuts open
+/// requests within a bound, and removes the socket file."
+#[test]
+fn sigterm_closes_the_listener_first_and_finishes_a_request_in_flight() {
+    let (env, g) = nearly_expired_env();
+    let mut d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        let s = get(&sock, "/v1/credentials/bot").json();
+        (!s["last_validated_at"].is_null()).then_some(())
+    });
+    // A silent client, and a read whose refresh takes 3 s.
+    let mut silent = UnixStream::connect(&sock).unwrap();
+    env.provider.update_knobs(|k| k.latency_ms = 3000);
+    let reader = {
+        let sock = sock.clone();
+        std::thread::spawn(move || {
+            socket_request(
+                &sock,
+                "GET",
+                "/v1/tokens/bot",
+                &[],
+                b"",
+                Duration::from_secs(30),
+            )
+        })
+    };
+    wait_for("the read's refresh", Duration::from_secs(10), || {
+        (env.provider.stats().refresh_requests == 1).then_some(())
+    });
+    let stopping = Instant::now();
+    d.signal(libc::SIGTERM);
+    wait_for("the listener to close", Duration::from_secs(5), || {
+        UnixStream::connect(&sock).is_err().then_some(())
+    });
+    assert!(
+        !reader.is_finished(),
+        "the listener closed while the read was still in flight"
+    );
+    let r = reader
+        .join()
+        .unwrap()
+        .expect("the read in flight is answered");
+    assert_eq!(r.status, 200, "{r:?}");
+    let new = env.provider.grant(g.grant_id).unwrap().access_token;
+    assert_eq!(r.text(), new);
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(12),
+        "shutdown took {:?}",
+        stopping.elapsed()
+    );
+    assert!(!sock.exists(), "the socket file is removed");
+    closed_within(&mut silent, Duration::from_secs(1)).expect("the silent client is cut off");
+    // The refresh in flight was committed before exit.
+    assert_eq!(
+        env.row("bot").unwrap().access_token.as_deref(),
+        Some(new.as_str())
+    );
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced_at_start() {
+    let env = Env::new(Knobs::default());
+    let g = env.import("bot", true);
+    // A socket file nobody listens on, as a crash leaves it.
+    drop(UnixListener::bind(&env.socket).unwrap());
+    assert!(fs::metadata(&env.socket).unwrap().file_type().is_socket());
+    assert!(UnixStream::connect(&env.socket).is_err());
+    let mut d = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let r = get(&env.socket, "/v1/tokens/bot");
+    assert_eq!((r.status, r.text()), (200, g.access_token));
+    assert_eq!(mode(&env.socket), 0o660, "the default mode");
+    assert!(d.stop().success());
+    assert!(!env.socket.exists());
+}
+
+#[test]
+fn a_second_daemon_on_a_live_socket_fails_and_the_first_keeps_serving() {
+    let env = Env::new(Knobs::default());
+    let g = env.import("bot", true);
+    let mut first = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        (env.provider.stats().validations_ok == 1).then_some(())
+    });
+    let inode = fs::metadata(&env.socket).unwrap().ino();
+
+    let mut second = Daemon::start(&env, "second");
+    let status = second.wait_exit(Duration::from_secs(30));
+    let log = second.log();
+    assert_eq!(status.code(), Some(1), "second daemon: {status:?}\n{log}");
+    assert!(
+        log.contains(&env.socket.display().to_string()),
+        "the message names the socket path:\n{log}"
+    );
+    assert!(
+        !log.contains("tokend running"),
+        "the second daemon did not claim to run:\n{log}"
+    );
+
+    // The first keeps its socket file and serves on.
+    assert_eq!(fs::metadata(&env.socket).unwrap().ino(), inode);
+    let r = get(&env.socket, "/v1/tokens/bot");
+    assert_eq!((r.status, r.text()), (200, g.access_token));
+    assert!(first.child.try_wait().unwrap().is_none());
+    assert!(first.stop().success());
+    assert!(!env.socket.exists());
+}
+
+/// Spec §3: "the daemon never starts half-configured". A daemon that
+/// cannot take its socket (here a plain listener holds it) must exit without
+/// having touched the store or the provider. Credentials without an access
+/// token make any early refresh visible: it would take the store's lease
+/// (state "refreshing") before the token request. The race is narrow, so
+/// the start is tried a few times.
+#[test]
+fn a_daemon_that_cannot_take_its_socket_touches_nothing() {
+    let env = Env::new(Knobs::default());
+    let _held = UnixListener::bind(&env.socket).unwrap();
+    let names: Vec<String> = (0..30).map(|i| format!("c{i:02}")).collect();
+    for n in &names {
+        env.import(n, false);
+    }
+    let before: Vec<(String, i64)> = names
+        .iter()
+        .map(|n| {
+            let r = env.row(n).unwrap();
+            (r.state, r.version)
+        })
+        .collect();
+    for attempt in 1..=5 {
+        let mut d = Daemon::start(&env, "blocked");
+        let status = d.wait_exit(Duration::from_secs(30));
+        let log = d.log();
+        assert_eq!(status.code(), Some(1), "{log}");
+        assert!(log.contains(&env.socket.display().to_string()), "{log}");
+        let after: Vec<(String, i64)> = names
+            .iter()
+            .map(|n| {
+                let r = env.row(n).unwrap();
+                (r.state, r.version)
+            })
+            .collect();
+        let touched: Vec<_> = names
+            .iter()
+            .zip(before.iter().zip(&after))
+            .filter(|(_, (b, a))| b != a)
+            .map(|(n, (_, a))| format!("{n}: {}", a.0))
+            .collect();
+        assert!(
+            touched.is_empty(),
+            "start {attempt} failed on the socket but changed rows first: {touched:?}"
+        );
+        let s = env.provider.stats();
+        assert_eq!(
+            s.token_requests + s.validations,
+            0,
+            "start {attempt}: {s:?}"
+        );
+    }
+}
+
+// ---- 6. consumers' reports of a refused token ----
+
+#[test]
+fn rejected_reports_revalidate_at_most_once_per_cooldown() {
+    let env = Env::bare(Knobs::default());
+    env.write_config(
+        &refresh("3s", "1s", "rejected_cooldown = \"2s\""),
+        &env.sink("raw", "0600"),
+    );
+    let g = env.import("bot", true);
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        (env.provider.stats().validations == 1).then_some(())
+    });
+
+    // A burst of five reports: one validation.
+    let burst = Instant::now();
+    for _ in 0..5 {
+        let r = request(&sock, "POST", "/v1/tokens/bot/rejected");
+        assert_eq!(r.status, 202, "{r:?}");
+    }
+    let burst_took = burst.elapsed();
+    assert!(
+        burst_took < Duration::from_millis(1500),
+        "the burst must fit in the cooldown to mean anything: {burst_took:?}"
+    );
+    wait_for("the re-validation", Duration::from_secs(10), || {
+        (env.provider.stats().validations == 2).then_some(())
+    });
+    // A measurement window up to the end of the cooldown: no more come.
+    std::thread::sleep(Duration::from_millis(2200).saturating_sub(burst.elapsed()));
+    let s = env.provider.stats();
+    assert_eq!(s.validations, 2, "five reports in one cooldown: {s:?}");
+    assert_eq!(s.validations_ok, 2);
+
+    // After the cooldown, another report, another validation.
+    let r = request(&sock, "POST", "/v1/tokens/bot/rejected");
+    assert_eq!(r.status, 202);
+    wait_for("the second re-validation", Duration::from_secs(10), || {
+        (env.provider.stats().validations == 3).then_some(())
+    });
+    // The token was fine: nothing was refreshed, and it is still handed out.
+    let s = env.provider.stats();
+    assert_eq!(s.token_requests, 0, "{s:?}");
+    assert_eq!(get(&sock, "/v1/tokens/bot").text(), g.access_token);
+    let metrics = get(&sock, "/metrics").text();
+    assert!(
+        metrics.contains("tokend_validations_total{outcome=\"ok\"} 3"),
+        "{metrics}"
+    );
+    drop(d);
+}
+
+/// The provider stops accepting a token tokend believes good for an hour
+/// (the fake provider has no revocation, so: it was minted with an 8 s
+/// lifetime and imported with --expires-in 3600). A consumer's report is
+/// what makes tokend notice: the re-validation gets 401, and it refreshes.
+#[test]
+fn a_rejected_report_of_a_dead_token_brings_a_new_one() {
+    let env = Env::bare(Knobs::default());
+    env.write_config(
+        &refresh("3s", "1s", "rejected_cooldown = \"2s\""),
+        &env.sink("raw", "0600"),
+    );
+    env.import("other", true);
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    // Imported while the daemon runs, so that its start-up validation comes
+    // at once, well inside the token's real 8 s.
+    env.provider.update_knobs(|k| k.token_lifetime_secs = 8);
+    let g = import_expiring(&env, "bot", 3600);
+    env.provider
+        .update_knobs(|k| k.token_lifetime_secs = Knobs::default().token_lifetime_secs);
+    wait_for("bot's first validation", Duration::from_secs(20), || {
+        (env.provider.stats().validations_ok == 2).then_some(())
+    });
+    assert_eq!(
+        env.provider.stats().token_requests,
+        0,
+        "the first validation came too late to test anything"
+    );
+    wait_for(
+        "the provider to drop the token",
+        Duration::from_secs(20),
+        || (!env.provider.access_token_valid(&g.access_token)).then_some(()),
+    );
+    // tokend does not know yet: it still hands out the dead token.
+    assert_eq!(get(&sock, "/v1/tokens/bot").text(), g.access_token);
+
+    let r = request(&sock, "POST", "/v1/tokens/bot/rejected");
+    assert_eq!(r.status, 202);
+    let new = wait_for(
+        "a new token over the socket",
+        Duration::from_secs(15),
+        || {
+            let t = get(&sock, "/v1/tokens/bot").text();
+            (t != g.access_token).then_some(t)
+        },
+    );
+    assert_eq!(new, env.provider.grant(g.grant_id).unwrap().access_token);
+    assert!(env.provider.access_token_valid(&new));
+    let validations: Vec<u16> = env
+        .provider
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == "validate")
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(validations.last(), Some(&401), "{validations:?}");
+    let s = env.provider.stats();
+    assert_eq!(s.refreshes_ok, 1, "{s:?}");
+    wait_for(
+        "the file to hold the new token",
+        Duration::from_secs(10),
+        || (env.read_token("bot")? == new).then_some(()),
+    );
+    drop(d);
+}
