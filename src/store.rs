@@ -225,7 +225,7 @@ impl StoreConn {
                 .mode(0o600)
                 .open(path)
             {
-                Ok(_) => {}
+                Ok(f) => give_to_directory_owner(&f, path)?,
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io(e)),
             }
@@ -344,6 +344,29 @@ impl StoreConn {
     pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {
         self.immediate(|c| ops::insert(c, new, replace))
     }
+}
+
+/// When root creates the database (an operator's first `tokend import`) in
+/// a directory that belongs to the daemon's user (systemd's
+/// StateDirectory=), the file goes to that user: otherwise a daemon running
+/// as `tokend` could not open it. SQLite gives its -wal and -shm files the
+/// owner of the database when it runs as root.
+fn give_to_directory_owner(f: &std::fs::File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let meta = std::fs::metadata(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
+    if meta.uid() != 0 {
+        std::os::unix::fs::fchown(f, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| StoreError::Io(path.to_owned(), e))?;
+    }
+    Ok(())
 }
 
 /// The daemon's handle on the store thread. Cloning is cheap.
@@ -617,11 +640,13 @@ mod ops {
         if existing.is_some() && !replace {
             return Err(StoreError::Exists(n.name.clone()));
         }
-        let (version, rev) = existing.map_or((1, 1), |e| (e.version + 1, e.rev + 1));
+        // A replaced credential keeps its creation time; its version moves on.
+        let (version, rev, created) =
+            existing.map_or((1, 1, now), |e| (e.version + 1, e.rev + 1, e.created_at));
         c.execute(
             "INSERT OR REPLACE INTO credentials (name, provider, access_token, refresh_token,
                 scope, expires_at, issued_at, state, failures, created_at, updated_at, version, rev)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'valid', 0, ?7, ?7, ?8, ?9)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'valid', 0, ?10, ?7, ?8, ?9)",
             params![
                 n.name,
                 n.provider,
@@ -631,7 +656,8 @@ mod ops {
                 n.expires_at,
                 now,
                 version,
-                rev
+                rev,
+                created
             ],
         )?;
         event(c, &n.name, n.event, None)?;
@@ -836,6 +862,19 @@ mod tests {
     }
 
     #[test]
+    fn root_gives_a_new_database_to_the_directory_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), 65534);
+    }
+
+    #[test]
     fn insert_refuses_duplicates_unless_replacing() {
         let dir = tempfile::tempdir().unwrap();
         let sc = StoreConn::open(&dir.path().join("t.db"), true).unwrap();
@@ -846,6 +885,7 @@ mod tests {
         ));
         let b = sc.insert(&new_cred("a"), true).unwrap();
         assert_eq!(b.version, a.version + 1);
+        assert_eq!(b.created_at, a.created_at);
     }
 
     #[tokio::test]
