@@ -56,8 +56,9 @@ fn pandadoc_provider(env: &Env, redirect_uri: &str) -> String {
 /// A config with FAST_REFRESH, a raw sink and `providers`.
 fn configure(env: &Env, providers: &str) {
     let text = format!(
-        "database = \"{}\"\n{FAST_REFRESH}\n{providers}\n{}",
+        "database = \"{}\"\nsocket = \"{}\"\n{FAST_REFRESH}\n{providers}\n{}",
         env.db.display(),
+        env.socket.display(),
         env.sink("raw", "0600")
     );
     std::fs::write(&env.config_path, text).unwrap();
