@@ -125,6 +125,9 @@ impl Env {
         let mut c = Command::new(bin());
         c.arg("-c").arg(&self.config_path).args(args);
         c.env_remove("RUST_LOG");
+        // A config that leaves `socket` out still keeps its daemon's socket
+        // in the test's own directory, not on the machine's /run/tokend.
+        c.env("RUNTIME_DIRECTORY", self.dir.path());
         c
     }
 
