@@ -157,6 +157,15 @@ async fn accept_loop(
                     return;
                 }
             };
+            if caller.uid != 0 && caller.uid != state.own_uid {
+                // Access rules will need the caller's groups: look them up
+                // off the runtime's threads (the user database may be LDAP).
+                let c = caller.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    c.groups();
+                })
+                .await;
+            }
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 let caller = caller.clone();
