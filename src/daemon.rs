@@ -11,6 +11,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::cli::Exit;
 use crate::config::{self, Config};
+use crate::notify::Systemd;
 use crate::provider;
 use crate::publish;
 use crate::refresher::Refresher;
@@ -39,6 +40,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
         .map_err(|e| Exit::failure(format!("cannot install signal handlers: {e}")))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let systemd = Systemd::from_env();
 
     let (refresher, tasks) =
         Refresher::start(config.clone(), store.clone(), client, shutdown_rx.clone())
@@ -61,11 +63,16 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
         sinks = config.sinks.len(),
         "tokend running"
     );
+    // The store is open and the first publish is done (Refresher::start
+    // returns after it). When the socket API lands, READY must also wait
+    // for the socket to listen.
+    let notify_tasks = systemd.ready(&refresher);
 
     let mut current = config;
     while let Some(sig) = signals.next().await {
         match sig {
             SIGHUP => {
+                systemd.reloading();
                 if let Some(new) = reload(&current, &config_path).await {
                     if new.refresh.validate_schedule != current.refresh.validate_schedule {
                         match Sweep::start(refresher.clone(), &new.refresh.validate_schedule).await
@@ -83,8 +90,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
                     current = new;
                     tracing::info!("configuration reloaded");
                 }
+                // Refused or applied, the reload is over.
+                systemd.reloaded();
             }
             _ => {
+                systemd.stopping();
                 tracing::info!(signal = sig, "shutting down");
                 break;
             }
@@ -92,6 +102,9 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     }
     signals.handle().close();
     let _ = shutdown_tx.send(true);
+    for t in notify_tasks {
+        t.abort();
+    }
     sweep.stop().await;
     watcher.abort();
     // A refresh in flight completes and commits; its request is bounded by

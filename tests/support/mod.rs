@@ -120,7 +120,20 @@ impl Env {
     pub fn tokend(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
         c.arg("-c").arg(&self.config_path).args(args);
-        c.env_remove("RUST_LOG");
+        // Tests run under systemd too (CI as a service): its variables are
+        // not for the daemons a test starts.
+        for var in [
+            "RUST_LOG",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "JOURNAL_STREAM",
+            "CREDENTIALS_DIRECTORY",
+            "STATE_DIRECTORY",
+            "RUNTIME_DIRECTORY",
+        ] {
+            c.env_remove(var);
+        }
         c
     }
 
