@@ -7,6 +7,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod lease;
+pub mod logging;
 pub mod notify;
 pub mod provider;
 pub mod publish;

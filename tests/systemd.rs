@@ -4,10 +4,11 @@
 mod support;
 
 use std::io::ErrorKind;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -306,4 +307,137 @@ fn a_stalled_scheduler_stops_the_watchdog() {
     d.wait_log("does not answer", Duration::from_secs(5));
     // systemd would kill it now; without systemd, SIGTERM still stops it.
     assert!(d.stop().success());
+}
+
+/// `DEV:INODE` of a file, as systemd puts it in JOURNAL_STREAM.
+fn journal_stream(path: &Path) -> String {
+    let meta = std::fs::metadata(path).unwrap();
+    format!("{}:{}", meta.dev(), meta.ino())
+}
+
+/// Whether a log line carries a timestamp of ours (RFC 3339, as
+/// tracing-subscriber writes it).
+fn has_timestamp(line: &str) -> bool {
+    let b = line.as_bytes();
+    b.windows(11).any(|w| {
+        w[..4].iter().all(u8::is_ascii_digit)
+            && w[4] == b'-'
+            && w[5..7].iter().all(u8::is_ascii_digit)
+            && w[7] == b'-'
+            && w[8..10].iter().all(u8::is_ascii_digit)
+            && w[10] == b'T'
+    })
+}
+
+/// Runs a daemon through a start, a reload that warns (a new database path
+/// waits for a restart), a refused reload and a stop: a line at every level.
+fn a_day_in_the_log(env: &Env, configure: impl FnOnce(&mut Command, &Path)) -> String {
+    let good = std::fs::read_to_string(&env.config_path).unwrap();
+    let mut d = Daemon::start_with(env, "daemon", configure);
+    d.wait_log("tokend running", Duration::from_secs(20));
+    let moved = good.replace("state/tokend.db", "elsewhere/tokend.db");
+    std::fs::write(&env.config_path, moved).unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reloaded", Duration::from_secs(20));
+    std::fs::write(&env.config_path, "[not toml").unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration rejected", Duration::from_secs(20));
+    std::fs::write(&env.config_path, good).unwrap();
+    assert!(d.stop().success());
+    d.log()
+}
+
+#[test]
+fn under_journald_lines_carry_a_priority_and_no_timestamp() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let log = a_day_in_the_log(&env, |cmd, log| {
+        cmd.env("JOURNAL_STREAM", journal_stream(log));
+    });
+    for line in log.lines() {
+        let priority = line.get(..3).unwrap_or(line);
+        assert!(
+            ["<3>", "<4>", "<6>", "<7>"].contains(&priority),
+            "no priority prefix: {line:?}"
+        );
+        assert!(!has_timestamp(line), "a timestamp of our own: {line:?}");
+    }
+    for (priority, text) in [
+        ("<6>", "tokend running"),
+        ("<7>", "token validated"),
+        ("<4>", "takes effect only after a restart"),
+        ("<3>", "configuration rejected"),
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.starts_with(priority) && l.contains(text)),
+            "no {priority} line with {text:?} in:\n{log}"
+        );
+    }
+
+    // A fatal error reaches the journal at error priority too.
+    std::fs::write(&env.config_path, "[not toml").unwrap();
+    let err = env.dir.path().join("fatal.log");
+    let file = std::fs::File::create(&err).unwrap();
+    let status = env
+        .tokend(&["run"])
+        .env("JOURNAL_STREAM", journal_stream(&err))
+        .stdin(Stdio::null())
+        .stderr(file)
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+    let fatal = std::fs::read_to_string(&err).unwrap();
+    assert!(
+        !fatal.is_empty() && fatal.lines().all(|l| l.starts_with("<3>")),
+        "{fatal}"
+    );
+}
+
+#[test]
+fn a_journal_stream_that_is_not_stderr_leaves_text_logs() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let other = env.dir.path().join("not-stderr");
+    std::fs::write(&other, "").unwrap();
+    let mut d = Daemon::start_with(&env, "daemon", |cmd, _| {
+        // Inherited from a parent whose stderr was the journal; ours is not.
+        cmd.env("JOURNAL_STREAM", journal_stream(&other));
+    });
+    d.wait_log("tokend running", Duration::from_secs(20));
+    assert!(d.stop().success());
+    let log = d.log();
+    assert!(log.lines().all(has_timestamp), "{log}");
+    assert!(!log.contains("<6>"), "{log}");
+}
+
+#[test]
+fn with_log_format_json_every_line_is_json() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    // An explicit format beats the journal's.
+    let log = a_day_in_the_log(&env, |cmd, log| {
+        cmd.args(["--log-format", "json"])
+            .env("JOURNAL_STREAM", journal_stream(log));
+    });
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(lines.len() > 5, "{log}");
+    for l in &lines {
+        assert!(l["timestamp"].is_string() && l["level"].is_string(), "{l}");
+    }
+    for (level, text) in [
+        ("INFO", "tokend running"),
+        ("WARN", "takes effect only after a restart"),
+        ("ERROR", "configuration rejected"),
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l["level"] == level && l["message"].as_str().unwrap_or("").contains(text)),
+            "no {level} {text:?} in:\n{log}"
+        );
+    }
 }
