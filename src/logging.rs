@@ -118,7 +118,8 @@ where
         let mut text = String::new();
         self.0.format_event(ctx, Writer::new(&mut text), event)?;
         let priority = priority(*event.metadata().level());
-        for line in text.lines() {
+        // The level is padded to five characters (" INFO"): no need here.
+        for line in text.trim_start().lines() {
             writeln!(writer, "<{priority}>{line}")?;
         }
         Ok(())

@@ -361,6 +361,10 @@ fn under_journald_lines_carry_a_priority_and_no_timestamp() {
             "no priority prefix: {line:?}"
         );
         assert!(!has_timestamp(line), "a timestamp of our own: {line:?}");
+        assert!(
+            !line[3..].starts_with(char::is_whitespace),
+            "padding after the priority: {line:?}"
+        );
     }
     for (priority, text) in [
         ("<6>", "tokend running"),
