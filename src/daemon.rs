@@ -101,10 +101,11 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
         }
     }
     signals.handle().close();
-    let _ = shutdown_tx.send(true);
+    // First, so that the watchdog does not take the scheduler's exit for a wedge.
     for t in notify_tasks {
         t.abort();
     }
+    let _ = shutdown_tx.send(true);
     sweep.stop().await;
     watcher.abort();
     // A refresh in flight completes and commits; its request is bounded by

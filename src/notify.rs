@@ -8,7 +8,7 @@
 //! `sd-notify` crate: that crate connects to `@name` addresses as if they
 //! were file paths (systemd documents `@` for the abstract namespace, which
 //! some container managers use), and opens a new socket for every message,
-//! twice a minute for the watchdog; here one socket is opened at start.
+//! every 15 s for the watchdog; here one socket is opened at start.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
