@@ -19,6 +19,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::refresher::Refresher;
@@ -29,8 +30,8 @@ use crate::store::State;
 /// burst, and costs one STATUS= message, not thousands.
 const STATUS_DEBOUNCE: Duration = Duration::from_secs(1);
 
-/// The service manager, if there is one to tell. Cheap to clone.
-#[derive(Clone, Default)]
+/// The service manager, if there is one to tell.
+#[derive(Default)]
 pub struct Systemd {
     socket: Option<Arc<Socket>>,
 }
@@ -68,11 +69,14 @@ impl Systemd {
         let Some(socket) = &self.socket else {
             return Vec::new();
         };
+        // Subscribed before the first count, so no change falls in between.
+        let changes = refresher.state_changes();
         let status = status_line(&refresher.summary());
         socket.send(&format!("READY=1\nSTATUS={status}"));
         let mut tasks = vec![tokio::spawn(keep_status(
             socket.clone(),
             refresher.clone(),
+            changes,
             status,
         ))];
         let period = watchdog_period(
@@ -136,8 +140,12 @@ impl Socket {
 }
 
 /// Sends STATUS= when the counts per state change.
-async fn keep_status(socket: Arc<Socket>, refresher: Arc<Refresher>, mut last: String) {
-    let mut changes = refresher.state_changes();
+async fn keep_status(
+    socket: Arc<Socket>,
+    refresher: Arc<Refresher>,
+    mut changes: watch::Receiver<()>,
+    mut last: String,
+) {
     while changes.changed().await.is_ok() {
         tokio::time::sleep(STATUS_DEBOUNCE).await;
         changes.borrow_and_update();
@@ -190,7 +198,7 @@ fn watchdog_period(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Dur
 
 /// The STATUS= line: "12 valid, 1 retrying, 0 need re-authorization", then
 /// the rarer states only when there are some.
-pub fn status_line(counts: &HashMap<State, usize>) -> String {
+fn status_line(counts: &HashMap<State, usize>) -> String {
     let n = |s| counts.get(&s).copied().unwrap_or(0);
     let mut line = format!(
         "{} valid, {} retrying, {} need re-authorization",
