@@ -11,6 +11,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::cli::Exit;
 use crate::config::{self, Config};
+use crate::notify::Systemd;
 use crate::provider;
 use crate::publish;
 use crate::refresher::Refresher;
@@ -43,6 +44,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     // The socket before any work: a daemon that cannot take it (another one
     // runs) must not have refreshed anything on its way out.
     let bound = Bound::bind(&config.socket).await.map_err(Exit::failure)?;
+    let systemd = Systemd::from_env();
 
     let (refresher, tasks) =
         Refresher::start(config.clone(), store.clone(), client, shutdown_rx.clone())
@@ -70,11 +72,15 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
         sinks = config.sinks.len(),
         "tokend running"
     );
+    // The store is open, the first publish is done (Refresher::start
+    // returns after it) and the socket listens (bound above, served now).
+    let notify_tasks = systemd.ready(&refresher);
 
     let mut current = config;
     while let Some(sig) = signals.next().await {
         match sig {
             SIGHUP => {
+                systemd.reloading();
                 if let Some(new) = reload(&current, &config_path).await {
                     if new.refresh.validate_schedule != current.refresh.validate_schedule {
                         match Sweep::start(refresher.clone(), &new.refresh.validate_schedule).await
@@ -93,14 +99,21 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
                     current = new;
                     tracing::info!("configuration reloaded");
                 }
+                // Refused or applied, the reload is over.
+                systemd.reloaded();
             }
             _ => {
+                systemd.stopping();
                 tracing::info!(signal = sig, "shutting down");
                 break;
             }
         }
     }
     signals.handle().close();
+    // First, so that the watchdog does not take the scheduler's exit for a wedge.
+    for t in notify_tasks {
+        t.abort();
+    }
     let _ = shutdown_tx.send(true);
     // The listener closes first; requests in progress get a few seconds.
     server.stop().await;

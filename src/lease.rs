@@ -35,13 +35,39 @@ pub fn holder_alive(holder: &str) -> bool {
     let Ok(pid) = pid.parse::<u32>() else {
         return true;
     };
-    start_time(pid).is_some_and(|s| s.to_string() == start)
+    match start_time(pid) {
+        Some(s) => s.to_string() == start,
+        // The unit's ProtectProc=invisible hides other users' processes in
+        // /proc (a `tokend run` started by root by mistake): only a pid
+        // that does not exist at all is known to be gone.
+        None => pid_exists(pid),
+    }
 }
 
+/// Whether any process has this pid, ours to see in /proc or not.
+fn pid_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 sends nothing; it only checks that the pid exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The host name from uname(2): /proc/sys is out of reach under the unit's
+/// ProcSubset=pid, and a fallback name shared by every host would let one
+/// host judge another's pids.
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "localhost".into())
+    // SAFETY: uname fills the utsname we own; nodename is NUL-terminated.
+    unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) != 0 {
+            return "localhost".into();
+        }
+        std::ffi::CStr::from_ptr(u.nodename.as_ptr())
+            .to_string_lossy()
+            .into_owned()
+    }
 }
 
 /// Field 22 of /proc/PID/stat: the process's start time in clock ticks since boot.
@@ -67,5 +93,19 @@ mod tests {
         assert!(!holder_alive(&format!("{host}/{pid}/1")));
         assert!(holder_alive("other-host/1/1"));
         assert!(holder_alive("garbage"));
+    }
+
+    #[test]
+    fn pids_exist_whether_or_not_proc_shows_them() {
+        assert!(pid_exists(std::process::id()));
+        assert!(pid_exists(1));
+        assert!(!pid_exists(999_999_999));
+        assert!(!pid_exists(u32::MAX));
+    }
+
+    #[test]
+    fn the_host_name_is_the_kernel_s() {
+        let proc = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(hostname(), proc.trim());
     }
 }

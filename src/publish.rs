@@ -137,7 +137,7 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) ->
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
     if !dir.exists() {
-        DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+        create_dirs(dir)?;
     }
     let file_name = path
         .file_name()
@@ -247,7 +247,7 @@ pub fn writable(path: &Path) -> io::Result<()> {
 
 fn probe_dir(dir: &Path, gid: Option<u32>) -> io::Result<()> {
     if !dir.exists() {
-        DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+        create_dirs(dir)?;
     }
     let probe = dir.join(format!(".tokend-probe-{}", std::process::id()));
     let f = OpenOptions::new()
@@ -265,6 +265,18 @@ fn probe_dir(dir: &Path, gid: Option<u32>) -> io::Result<()> {
         )),
         _ => Ok(()),
     }
+}
+
+/// Creates `dir` and its missing ancestors 0755 whatever the umask:
+/// consumers must reach their files, and under the unit's `UMask=0077`
+/// `mkdir` alone would make them 0700.
+fn create_dirs(dir: &Path) -> io::Result<()> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    DirBuilder::new().recursive(true).mode(0o755).create(dir)?;
+    for d in missing {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
 }
 
 /// Runs a sink's `on_change` argv (no shell) each time it is poked, one run

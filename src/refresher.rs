@@ -20,7 +20,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -135,7 +135,15 @@ impl Entry {
 enum Sched {
     /// The credential's next deadline (ms), or None to forget it.
     At(String, Option<i64>),
+    /// Answer at once: the watchdog's proof that the scheduler is alive.
+    Ping(oneshot::Sender<()>),
 }
+
+/// Test-only: with `TOKEND_TEST_STALL_SCHEDULER=SECONDS` in its environment,
+/// the scheduler task wedges itself (awaits forever, answering nothing) that
+/// many seconds after it starts, so that a test can watch the systemd
+/// watchdog pings stop. Unset, as it always is outside tests, it does nothing.
+const TEST_STALL_SCHEDULER: &str = "TOKEND_TEST_STALL_SCHEDULER";
 
 /// What one worker pass decided to do.
 #[derive(Debug, PartialEq, Eq)]
@@ -157,6 +165,9 @@ pub struct Refresher {
     sched: mpsc::UnboundedSender<Sched>,
     /// What `GET /metrics` reports.
     metrics: Metrics,
+    /// Bumped when a credential's state changes (or one comes or goes), so
+    /// that the systemd status line is recomputed only then.
+    states: watch::Sender<()>,
 }
 
 /// What the socket API and `tokend status` show of a credential: never a secret.
@@ -248,6 +259,7 @@ impl Refresher {
             queue: queue_tx,
             sched: sched_tx,
             metrics: Metrics::default(),
+            states: watch::Sender::new(()),
         });
         {
             let mut entries = r.entries.write().unwrap();
@@ -323,6 +335,7 @@ impl Refresher {
             queue,
             sched,
             metrics: Metrics::default(),
+            states: watch::Sender::new(()),
         };
         Ok(Some(Arc::new(r)))
     }
@@ -485,12 +498,31 @@ impl Refresher {
     }
 
     /// Counts of credentials per state, for the status line and logs.
+    /// Placeholders for rows not read yet (rev 0) are not credentials yet.
     pub fn summary(&self) -> HashMap<State, usize> {
         let mut m = HashMap::new();
         for e in self.entries.read().unwrap().values() {
-            *m.entry(e.cred().state).or_default() += 1;
+            let c = e.cred();
+            if c.rev > 0 {
+                *m.entry(c.state).or_default() += 1;
+            }
         }
         m
+    }
+
+    /// Marked changed whenever [`Refresher::summary`] may have changed.
+    pub fn state_changes(&self) -> watch::Receiver<()> {
+        self.states.subscribe()
+    }
+
+    /// Whether the scheduler task answers a ping within `patience`. The
+    /// systemd watchdog asks: a wedged scheduler serves no deadline.
+    pub async fn scheduler_alive(&self, patience: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.sched.send(Sched::Ping(tx)).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(patience, rx).await, Ok(Ok(())))
     }
 
     /// Flags work on a credential and queues it unless it is queued already.
@@ -594,6 +626,8 @@ impl Refresher {
         let mut heap: BinaryHeap<Reverse<(i64, u64, String)>> = BinaryHeap::new();
         let mut current: HashMap<String, u64> = HashMap::new();
         let mut seq = 0u64;
+        let stall = test_stall();
+        tokio::pin!(stall);
         loop {
             let now = now_ms();
             // Pop everything due; stale heap entries (superseded) are skipped.
@@ -634,8 +668,15 @@ impl Refresher {
                             }
                         }
                     }
+                    Some(Sched::Ping(reply)) => {
+                        let _ = reply.send(());
+                    }
                 },
                 _ = tokio::time::sleep(sleep) => {}
+                _ = &mut stall => {
+                    tracing::warn!("{TEST_STALL_SCHEDULER}: the scheduler stalls now (test hook)");
+                    std::future::pending::<()>().await;
+                }
             }
         }
     }
@@ -681,12 +722,17 @@ impl Refresher {
             return;
         };
         let _guard = entry.lock.lock().await;
-        let pending = {
+        let (pending, state_before) = {
             let mut st = entry.state.lock().unwrap();
-            std::mem::take(&mut st.pending)
+            (
+                std::mem::take(&mut st.pending),
+                (st.cred.rev > 0).then_some(st.cred.state),
+            )
         };
         let ctx = self.ctx();
         if pending.reload && !self.reload_row(name, &entry, &ctx).await {
+            // Removed from the store: one credential fewer to count.
+            self.states.send_replace(());
             return;
         }
         let mut cred = entry.cred();
@@ -741,6 +787,10 @@ impl Refresher {
                 Some(p) if action == Do::Validate => self.validate(&ctx, &entry, &cred, p).await,
                 Some(p) => self.refresh(&ctx, &entry, &cred, p).await,
             }
+        }
+        let state_after = Some(entry.cred()).filter(|c| c.rev > 0).map(|c| c.state);
+        if state_after != state_before {
+            self.states.send_replace(());
         }
         self.reschedule(name);
     }
@@ -1189,6 +1239,18 @@ fn next_deadline(c: &Credential, now: i64, r: &RefreshConfig, jitter: f64) -> Op
                 (None, e) => e,
             }
         }
+    }
+}
+
+/// Resolves `TOKEND_TEST_STALL_SCHEDULER` seconds from now when the test hook
+/// is set, never otherwise.
+async fn test_stall() {
+    match std::env::var(TEST_STALL_SCHEDULER)
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        Some(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::{self, Config, ConfigError, ProviderConfig};
+use crate::logging::{self, LogFormat};
 
 /// Exit codes of the contract: 0 success, 1 the operation failed, 2 usage
 /// or configuration error.
@@ -67,6 +68,12 @@ Usage: tokend [-c PATH] COMMAND [ARGS]
 
 Commands:
   run                   Run the daemon in the foreground (what systemd starts).
+      --log-format FORMAT     text: timestamped lines for people. journal:
+                              no timestamps, a syslog priority (<3> error ...
+                              <7> debug) before each line, for journald.
+                              json: one JSON object per line. Default:
+                              journal when stderr is the journal
+                              ($JOURNAL_STREAM), else text.
   check-config          Validate the config, its secrets and paths; print every
                         problem with its key. Exit 0 if all is well, 2 if not.
   authorize NAME --provider P
@@ -114,6 +121,7 @@ Exit codes: 0 success, 1 the operation failed, 2 usage or configuration error.
 #[derive(Default)]
 struct Args {
     config: Option<PathBuf>,
+    log_format: Option<LogFormat>,
     command: Option<String>,
     positionals: Vec<String>,
     provider: Option<String>,
@@ -188,6 +196,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit>
                 return Ok(None);
             }
             Short('c') | Long("config") => "config",
+            Long("log-format") => "log-format",
             Long("provider") => "provider",
             Long("refresh-token") => "refresh-token",
             Long("access-token") => "access-token",
@@ -230,6 +239,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit>
             .map_err(|_| Exit::usage(format!("--{valued} is not valid UTF-8")))?;
         match valued {
             "config" => a.config = Some(value.into()),
+            "log-format" => a.log_format = Some(LogFormat::parse(&value).map_err(Exit::usage)?),
             "provider" => a.provider = Some(value),
             "refresh-token" => a.refresh_token = Some(value),
             "access-token" => a.access_token = Some(value),
@@ -289,27 +299,23 @@ pub fn main() -> u8 {
     }
 }
 
-/// Logs to stderr; `RUST_LOG` overrides `default`. tokio-cron-scheduler
-/// announces every start at INFO, so it is held to warnings unless named.
-fn init_logging(default: &str) {
-    use tracing_subscriber::EnvFilter;
-    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
-    let spec = if spec.contains("tokio_cron_scheduler") {
-        spec
-    } else {
-        format!("{spec},tokio_cron_scheduler=warn")
-    };
-    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Logs to stderr in the format `--log-format` chose, else the one that
+/// suits stderr; `RUST_LOG` overrides `default`.
+fn init_logging(args: &Args, default: &str) {
+    logging::init(default, args.log_format.unwrap_or_else(LogFormat::detect));
 }
 
+/// Prints why the command failed. Once logging is set up for the journal or
+/// JSON, the reason is logged as an error instead, so that it reaches the
+/// journal at error priority and a log shipper as a JSON line.
 fn report(e: Exit) -> u8 {
     if !e.message.is_empty() {
-        eprintln!("tokend: {}", e.message.replace('\n', "\ntokend: "));
+        match logging::format() {
+            Some(LogFormat::Journal | LogFormat::Json) => {
+                tracing::error!(exit_code = e.code, "{}", e.message)
+            }
+            _ => eprintln!("tokend: {}", e.message.replace('\n', "\ntokend: ")),
+        }
     }
     e.code
 }
@@ -362,5 +368,14 @@ mod tests {
         assert_eq!(e.code, 2);
         assert!(e.message.contains("--force"));
         assert!(p(&["list", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn log_format_is_checked() {
+        let a = p(&["run", "--log-format", "json"]).unwrap().unwrap();
+        assert_eq!(a.log_format, Some(LogFormat::Json));
+        let e = p(&["run", "--log-format", "xml"]).err().unwrap();
+        assert_eq!(e.code, 2);
+        assert!(e.message.contains("text, journal or json"), "{}", e.message);
     }
 }

@@ -3,8 +3,8 @@
 use super::{Args, Exit};
 
 pub fn run(args: &Args) -> Result<(), Exit> {
-    args.only("run", &[], 0)?;
-    super::init_logging("info");
+    args.only("run", &["log-format"], 0)?;
+    super::init_logging(args, "info");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("tokend")

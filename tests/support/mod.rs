@@ -124,7 +124,20 @@ impl Env {
     pub fn tokend(&self, args: &[&str]) -> Command {
         let mut c = Command::new(bin());
         c.arg("-c").arg(&self.config_path).args(args);
-        c.env_remove("RUST_LOG");
+        // Tests run under systemd too (CI as a service): its variables are
+        // not for the daemons a test starts.
+        for var in [
+            "RUST_LOG",
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "JOURNAL_STREAM",
+            "CREDENTIALS_DIRECTORY",
+            "STATE_DIRECTORY",
+            "RUNTIME_DIRECTORY",
+        ] {
+            c.env_remove(var);
+        }
         // A config that leaves `socket` out still keeps its daemon's socket
         // in the test's own directory, not on the machine's /run/tokend.
         c.env("RUNTIME_DIRECTORY", self.dir.path());
@@ -230,17 +243,27 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(env: &Env, label: &str) -> Daemon {
+        Daemon::start_with(env, label, |_, _| {})
+    }
+
+    /// Like `start`, with `configure` given the command and the log file
+    /// (created, empty) before the spawn: more arguments, environment.
+    pub fn start_with(
+        env: &Env,
+        label: &str,
+        configure: impl FnOnce(&mut Command, &Path),
+    ) -> Daemon {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
         let log = env.dir.path().join(format!("{label}-{n}.log"));
-        let child = env
-            .tokend(&["run"])
-            .env("RUST_LOG", "debug")
+        let file = fs::File::create(&log).unwrap();
+        let mut cmd = env.tokend(&["run"]);
+        cmd.env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+            .stderr(file);
+        configure(&mut cmd, &log);
+        let child = cmd.spawn().unwrap();
         Daemon { child, log }
     }
 
