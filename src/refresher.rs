@@ -854,6 +854,11 @@ impl Refresher {
                     Err(e) => self.store_failed(entry, &cred.name, &e),
                 }
                 tracing::debug!(credential = %cred.name, "token validated");
+                // The validation sweep doubles as a check of the files: one
+                // that was removed (a cleaned /run, a deleted directory) or
+                // altered is written again; an intact one costs a read.
+                let c = entry.cred();
+                self.publish(ctx, &c).await;
             }
             Err(Failure::Unauthorized) => {
                 tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");

@@ -1,5 +1,6 @@
 //! Faults the daemon must ride out without losing a token (issue 6, item 3):
-//! a sink directory on a full file system or made unwritable at runtime.
+//! a sink directory on a full file system, removed or made unwritable at
+//! runtime.
 
 mod support;
 
@@ -273,4 +274,37 @@ fn a_sink_directory_made_unwritable_at_runtime_recovers() {
         };
         (Unwritable::make(&dir).unwrap(), expect)
     });
+}
+
+/// Spec §4: a sink directory removed at runtime (a cleaned /run) is made
+/// again by the next publish, a refresh; and, with no refresh due, the next
+/// successful validation puts a removed file back.
+#[test]
+fn a_sink_directory_removed_at_runtime_is_made_again() {
+    let env = Env::new(Knobs::default());
+    let g = env.import("bot", true);
+    let d = env.start();
+    wait_for("the token file", Duration::from_secs(10), || {
+        (env.read_token("bot")? == g.access_token).then_some(())
+    });
+
+    fs::remove_dir_all(&env.tokens).unwrap();
+    let stderr = force_refresh(&env, "bot");
+    assert!(!stderr.contains("could not be written"), "{stderr}");
+    let stored = stored_token(&env, "bot");
+    assert_eq!(env.read_token("bot").as_deref(), Some(stored.as_str()));
+    assert_eq!(mode(&env.token_file("bot")), 0o600);
+    assert_eq!(mode(&env.tokens), 0o755, "consumers can reach their files");
+
+    // No refresh now: a consumer's report makes the daemon validate, and a
+    // good validation checks the files.
+    fs::remove_dir_all(&env.tokens).unwrap();
+    let r = request(&env.socket, "POST", "/v1/tokens/bot/rejected");
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_for("the file put back", Duration::from_secs(10), || {
+        (env.read_token("bot")? == stored).then_some(())
+    });
+    assert_eq!(env.provider.stats().refreshes_ok, 1, "no second refresh");
+    assert!(status(&env, "bot")["last_publish_error"].is_null());
+    drop(d);
 }
