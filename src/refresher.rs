@@ -94,6 +94,10 @@ struct EntryState {
     attempts: u64,
     /// When a consumer last reported this token refused (ms).
     last_rejected: i64,
+    /// A refresh holds the lease and its request may be out: the status
+    /// says `refreshing` (the row says so too, but the entry keeps the row
+    /// as it was before the lease).
+    refreshing: bool,
     /// Why the files last failed to match the store (full disk, read-only
     /// directory), until a publish succeeds: shown in the status, since
     /// consumers then read an older token than the one stored.
@@ -116,6 +120,7 @@ impl Entry {
                 hold_until: 0,
                 attempts: 0,
                 last_rejected: 0,
+                refreshing: false,
                 publish_error: None,
                 publish_failures: 0,
                 republish_at: None,
@@ -127,10 +132,12 @@ impl Entry {
     /// this process knows (whether its files could be written).
     fn status(&self, now: i64) -> Status {
         let st = self.state.lock().unwrap();
-        Status {
-            last_publish_error: st.publish_error.clone(),
-            ..Status::of(&st.cred, now)
+        let mut status = Status::of(&st.cred, now);
+        if st.refreshing {
+            status.state = State::Refreshing.as_str().to_owned();
         }
+        status.last_publish_error = st.publish_error.clone();
+        status
     }
 
     fn cred(&self) -> Arc<Credential> {
@@ -890,7 +897,9 @@ impl Refresher {
         self.refresh_attempt(ctx, entry, seen, p).await;
         // Counted when it is over: a caller that took its snapshot while
         // this one ran sees the count move once it gets the lock, and joins.
-        entry.state.lock().unwrap().attempts += 1;
+        let mut st = entry.state.lock().unwrap();
+        st.attempts += 1;
+        st.refreshing = false;
     }
 
     async fn refresh_attempt(
@@ -910,7 +919,10 @@ impl Refresher {
             Ok(Lease::Taken {
                 credential,
                 interrupted,
-            }) => (*credential, interrupted),
+            }) => {
+                entry.state.lock().unwrap().refreshing = true;
+                (*credential, interrupted)
+            }
             Ok(Lease::Changed(row)) => {
                 // A peer refreshed since we looked: take its result.
                 tracing::debug!(credential = %name, "already refreshed by another process");

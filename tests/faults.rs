@@ -1,6 +1,6 @@
 //! Faults the daemon must ride out without losing a token (issue 6, item 3):
-//! a sink directory on a full file system, removed or made unwritable at
-//! runtime.
+//! the database locked by another process, a sink directory on a full file
+//! system, removed or made unwritable at runtime.
 
 mod support;
 
@@ -9,9 +9,12 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
+
+/// The daemon's `busy_timeout`: a lock held longer makes its transactions fail.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `tokend status NAME --json`, parsed.
 fn status(env: &Env, name: &str) -> serde_json::Value {
@@ -52,6 +55,98 @@ fn listing(dir: &Path) -> Vec<String> {
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
+}
+
+// ---- the database locked by another process ----
+
+/// Another process's write transaction on the database, as a `sqlite3`
+/// shell holds it after `BEGIN EXCLUSIVE`; rolled back on drop.
+struct DbLock(rusqlite::Connection);
+
+impl DbLock {
+    fn take(db: &Path) -> DbLock {
+        let c = rusqlite::Connection::open(db).unwrap();
+        c.busy_timeout(BUSY_TIMEOUT).unwrap();
+        c.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        DbLock(c)
+    }
+}
+
+impl Drop for DbLock {
+    fn drop(&mut self) {
+        let _ = self.0.execute_batch("ROLLBACK");
+    }
+}
+
+/// Engineering invariant 1 under a busy store: a write lock held by another
+/// process for longer than the busy timeout, first while a refresh is due,
+/// then while the refresh request is in flight (the provider has rotated,
+/// and the new pair waits to be stored). The daemon keeps running and
+/// serving, logs the failures, and the pair is committed once the lock goes:
+/// the stored refresh token is the provider's, none was reused.
+#[test]
+fn a_database_locked_by_another_process_delays_a_refresh_but_loses_nothing() {
+    let env = Env::new(Knobs {
+        latency_ms: 2000,
+        ..Knobs::default()
+    });
+    // No access token: a refresh is due the moment the daemon starts.
+    let g = env.import("bot", false);
+
+    let lock = DbLock::take(&env.db);
+    let locked = Instant::now();
+    let mut d = env.start();
+    // Loading the credentials only reads: start-up does not wait for the lock.
+    wait_serving(&env.socket, Duration::from_secs(10));
+    assert_eq!(status(&env, "bot")["has_token"], false);
+    // The lease (a write) waits out the busy timeout, fails, and is logged.
+    d.wait_log("store operation failed", Duration::from_secs(15));
+    assert!(locked.elapsed() >= BUSY_TIMEOUT);
+    assert!(d.log().contains("database is locked"), "{}", d.log());
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon exited");
+    assert_eq!(
+        env.provider.stats().token_requests,
+        0,
+        "no request without the lease"
+    );
+    drop(lock);
+
+    // The held-back refresh runs; lock the database while its request waits
+    // at the provider (2 s), so that its commit meets the lock.
+    wait_for("the refresh request", Duration::from_secs(15), || {
+        (env.provider.stats().refresh_requests == 1).then_some(())
+    });
+    let lock = DbLock::take(&env.db);
+    d.wait_log(
+        "cannot store the refreshed token pair; retrying",
+        Duration::from_secs(15),
+    );
+    // The socket answers from memory meanwhile.
+    assert_eq!(status(&env, "bot")["state"], "refreshing");
+    assert!(d.child.try_wait().unwrap().is_none(), "the daemon exited");
+    drop(lock);
+
+    let token = wait_for(
+        "the refreshed pair committed and published",
+        Duration::from_secs(20),
+        || {
+            let r = env.row("bot")?;
+            let file = env.read_token("bot")?;
+            (r.state == "valid" && r.access_token.as_deref() == Some(file.as_str())).then_some(file)
+        },
+    );
+    let info = env.provider.grant(g.grant_id).unwrap();
+    assert_eq!(info.access_token, token, "the provider's current token");
+    assert_eq!(
+        env.row("bot").unwrap().refresh_token,
+        info.refresh_token,
+        "the stored refresh token is the live one"
+    );
+    let stats = env.provider.stats();
+    assert_eq!(stats.refreshes_ok, 1, "{stats:?}");
+    assert_eq!(stats.reuse_detected, 0, "{stats:?}");
+    assert!(info.alive);
+    assert!(d.stop().success());
 }
 
 // ---- sink directories that refuse writes ----
