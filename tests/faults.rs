@@ -1,6 +1,7 @@
-//! Faults the daemon must ride out without losing a token (issue 6, item 3):
-//! the database locked by another process, a sink directory on a full file
-//! system, removed or made unwritable at runtime.
+//! Faults the daemon must ride out without losing a token (issue 6, items 2
+//! and 3): the database locked by another process, a sink directory on a
+//! full file system, removed or made unwritable at runtime, and a provider
+//! URL whose TLS handshake fails.
 
 mod support;
 
@@ -401,5 +402,103 @@ fn a_sink_directory_removed_at_runtime_is_made_again() {
     });
     assert_eq!(env.provider.stats().refreshes_ok, 1, "no second refresh");
     assert!(status(&env, "bot")["last_publish_error"].is_null());
+    drop(d);
+}
+
+// ---- TLS failures ----
+
+/// Failure increments of `name` seen while polling for `window`, as
+/// milliseconds since the window opened.
+fn failure_times(env: &Env, name: &str, window: Duration) -> Vec<u128> {
+    let start = Instant::now();
+    let mut last = env.row(name).map_or(0, |r| r.failures);
+    let mut times = Vec::new();
+    while start.elapsed() < window {
+        if let Some(r) = env.row(name) {
+            if r.failures > last {
+                last = r.failures;
+                times.push(start.elapsed().as_millis());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    times
+}
+
+/// Spec §6 (issue 6 item 2, TLS failures): an https provider URL whose
+/// server does not speak TLS (here the fake provider's plain HTTP port).
+/// Every handshake fails; that is transient: a valid token stays stored and
+/// published, nothing is marked in flight (no request left the machine),
+/// and attempts back off between retry_initial and retry_max.
+#[test]
+fn a_tls_handshake_failure_is_transient_keeps_the_token_and_backs_off() {
+    let env = Env::bare(Knobs::default());
+    let provider = env.provider_block().replace("http://", "https://");
+    let text = format!(
+        "database = \"{}\"\nsocket = \"{}\"\n\n[refresh]\nrefresh_before_expiry = \"2s\"\n\
+         min_remaining = \"1s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
+         request_timeout = \"3s\"\n\n{provider}\n{}",
+        env.db.display(),
+        env.socket.display(),
+        env.sink("raw", "0600")
+    );
+    fs::write(&env.config_path, text).unwrap();
+    // A token to validate (the handshake fails) and one to refresh (same).
+    let kept = env.import("kept", true);
+    env.import("due", false);
+    let d = env.start();
+    wait_for("both retrying", Duration::from_secs(15), || {
+        let ok = |n| env.row(n).is_some_and(|r| r.state == "retrying");
+        (ok("kept") && ok("due")).then_some(())
+    });
+
+    let times = failure_times(&env, "due", Duration::from_secs(8));
+    // Delays are drawn in [1 s, 2 s]: 4 to 9 attempts in 8 s.
+    assert!(
+        (3..=9).contains(&times.len()),
+        "{} attempts in 8 s: {times:?}",
+        times.len()
+    );
+    for w in times.windows(2) {
+        let gap = w[1] - w[0];
+        assert!(
+            (900..=3000).contains(&gap),
+            "attempts {gap} ms apart: {times:?}"
+        );
+    }
+    let due = env.row("due").unwrap();
+    let error = due.last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("token endpoint") || error.contains("https://"),
+        "{error}"
+    );
+    assert_eq!(due.access_token, None);
+    let in_flight: Option<i64> = rusqlite::Connection::open(&env.db)
+        .unwrap()
+        .query_row(
+            "SELECT refresh_started_at FROM credentials WHERE name = 'due'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(in_flight, None, "a failed handshake sent nothing");
+
+    let k = env.row("kept").unwrap();
+    assert_eq!(k.state, "retrying");
+    assert_eq!(k.access_token.as_deref(), Some(kept.access_token.as_str()));
+    assert_eq!(
+        env.read_token("kept").as_deref(),
+        Some(kept.access_token.as_str()),
+        "the token stays published"
+    );
+    assert!(env.read_token("due").is_none());
+    // Nothing the provider could parse arrived.
+    let stats = env.provider.stats();
+    assert_eq!(
+        (stats.token_requests, stats.validations),
+        (0, 0),
+        "{stats:?}"
+    );
+    println!("TLS failure as logged: {error}");
     drop(d);
 }
