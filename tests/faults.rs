@@ -502,3 +502,85 @@ fn a_tls_handshake_failure_is_transient_keeps_the_token_and_backs_off() {
     println!("TLS failure as logged: {error}");
     drop(d);
 }
+
+// ---- bad answers from the token endpoint ----
+
+/// Spec §6 (issue 6 item 2): every kind of bad answer the token endpoint
+/// can give (5xx, 429 with and without Retry-After, a non-JSON or truncated
+/// body, a dropped connection, no answer within request_timeout) is
+/// transient: a forced refresh reports it, the published token stays, and
+/// the stored refresh token still works afterwards (the provider did not
+/// rotate, and tokend did not give up on it), so the grant survives all of
+/// them with no reuse. (Retrying on its own schedule is
+/// tests/refresh.rs::an_outage_is_ridden_out_with_bounded_backoff.)
+#[test]
+fn every_bad_token_answer_is_transient_and_the_grant_survives() {
+    let env = Env::new(Knobs::default());
+    let g = env.import("bot", true);
+    let d = env.start();
+    wait_for("the token file", Duration::from_secs(10), || {
+        (env.read_token("bot")? == g.access_token).then_some(())
+    });
+    let faults = [
+        (Fault::Status500, "provider error (500"),
+        (Fault::Status503, "provider error (503"),
+        (
+            Fault::TooManyRequests {
+                retry_after_secs: None,
+            },
+            "rate limited (429",
+        ),
+        (
+            Fault::TooManyRequests {
+                retry_after_secs: Some(1),
+            },
+            "rate limited (429",
+        ),
+        (Fault::Garbage, "not a JSON token response"),
+        (Fault::Truncated, "not a JSON token response"),
+        (Fault::Drop, "connection closed"),
+        (Fault::Hang, "no answer within the request timeout"),
+    ];
+    for (i, (fault, expect)) in faults.iter().enumerate() {
+        let before = env.read_token("bot").expect("the token file");
+        env.provider.update_knobs(|k| {
+            k.fault = Some(fault.clone());
+            k.fault_on = FaultTarget::Token;
+            k.fault_count = Some(1);
+        });
+        let out = env.cli(&["refresh", "bot"], "");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{fault:?}: {stderr}");
+        assert!(
+            stderr.contains("(retrying)") && stderr.contains(expect),
+            "{fault:?}: {stderr}"
+        );
+        assert_eq!(env.provider.stats().faults_injected, i as u64 + 1);
+        assert_eq!(
+            env.read_token("bot").as_deref(),
+            Some(before.as_str()),
+            "{fault:?}: the published token stays"
+        );
+        // The provider is back: the stored refresh token works.
+        force_refresh(&env, "bot");
+        // No answer came for a dropped or hung request: the next attempt
+        // knew it might have been acted on, and tried the stored token once.
+        let unknown = faults[..=i]
+            .iter()
+            .filter(|(f, _)| matches!(f, Fault::Drop | Fault::Hang))
+            .count();
+        assert_eq!(
+            d.log().matches("never finished").count(),
+            unknown,
+            "{fault:?}"
+        );
+        let info = env.provider.grant(g.grant_id).unwrap();
+        assert!(info.alive, "{fault:?}: the grant died");
+        assert_eq!(info.rotations, i as u64 + 1, "{fault:?}");
+        assert_eq!(env.read_token("bot"), Some(info.access_token));
+        assert_eq!(env.row("bot").unwrap().refresh_token, info.refresh_token);
+    }
+    let stats = env.provider.stats();
+    assert_eq!(stats.reuse_detected, 0, "{stats:?}");
+    drop(d);
+}
