@@ -65,6 +65,9 @@ pub struct Metrics {
     refreshes: [AtomicU64; 4],
     validations: [AtomicU64; 3],
     latency: [Histogram; 2],
+    /// Sink files that could not be written or removed: a full or read-only
+    /// file system leaves consumers on an older token, worth an alert.
+    publish_errors: AtomicU64,
     /// (route, status) → count. A mutex: socket requests are not the hot path
     /// of a counter, and the label set is small and fixed.
     requests: Mutex<BTreeMap<(&'static str, u16), u64>>,
@@ -89,6 +92,12 @@ impl Metrics {
 
     pub fn provider_latency(&self, e: Endpoint, d: Duration) {
         self.latency[e as usize].observe(d);
+    }
+
+    pub fn publish_errors(&self, n: usize) {
+        if n > 0 {
+            self.publish_errors.fetch_add(n as u64, Relaxed);
+        }
     }
 
     pub fn socket_request(&self, route: &'static str, status: u16) {
@@ -155,6 +164,11 @@ impl Metrics {
                 self.validations[i].load(Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP tokend_publish_errors_total Token files that could not be written or removed.\n# TYPE tokend_publish_errors_total counter\ntokend_publish_errors_total {}",
+            self.publish_errors.load(Relaxed)
+        );
         out.push_str("# HELP tokend_provider_request_duration_seconds Provider request latency.\n# TYPE tokend_provider_request_duration_seconds histogram\n");
         for (i, e) in ["token", "validate"].iter().enumerate() {
             let h = &self.latency[i];
@@ -196,6 +210,7 @@ mod tests {
         m.validation(ValidationOutcome::Unauthorized);
         m.provider_latency(Endpoint::Token, Duration::from_millis(20));
         m.socket_request("/v1/tokens/{name}", 200);
+        m.publish_errors(2);
         let text = m.render(&[CredentialGauge {
             name: "bot",
             state: "valid",
@@ -207,6 +222,7 @@ mod tests {
             "tokend_credential_state{credential=\"bot\",state=\"retrying\"} 0",
             "tokend_refreshes_total{outcome=\"ok\"} 1",
             "tokend_validations_total{outcome=\"unauthorized\"} 1",
+            "tokend_publish_errors_total 2",
             "tokend_provider_request_duration_seconds_bucket{endpoint=\"token\",le=\"0.025\"} 1",
             "tokend_provider_request_duration_seconds_bucket{endpoint=\"token\",le=\"0.01\"} 0",
             "tokend_provider_request_duration_seconds_count{endpoint=\"token\"} 1",

@@ -321,9 +321,17 @@ pub fn classify_token(
     }
     if status.is_success() {
         let Ok(raw) = serde_json::from_slice::<RawTokens>(body) else {
+            // Not a byte of the body: a truncated or mangled success answer
+            // may hold the new tokens, and this text goes to the log and
+            // the status.
+            let kind = headers
+                .get(reqwest::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(|t| format!(" of {}", snippet(t.as_bytes(), secrets)))
+                .unwrap_or_default();
             return Err(Failure::transient(format!(
-                "{WHAT}: answer {status} is not a JSON token response: {:?}",
-                snippet(body, secrets)
+                "{WHAT}: answer {status} is not a JSON token response ({} bytes{kind})",
+                body.len()
             )));
         };
         let Some(access_token) = raw.access_token.filter(|t| !t.is_empty()) else {
@@ -482,6 +490,24 @@ mod tests {
                 "{status} {body}"
             );
         }
+    }
+
+    #[test]
+    fn a_broken_success_answer_is_not_echoed() {
+        // Cut off after the access token: the body holds a live token.
+        let mut h = HeaderMap::new();
+        h.insert(
+            reqwest::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        let body = br#"{"access_token":"at-secret-123","token_type":"Bea"#;
+        let f = classify_token(StatusCode::OK, &h, body, &[], DEAD_REFRESH_TOKEN).unwrap_err();
+        let text = f.describe();
+        assert!(!text.contains("at-secret"), "{text}");
+        assert!(
+            text.ends_with("is not a JSON token response (49 bytes of application/json)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -46,6 +46,11 @@ const STORE_RETRY: Duration = Duration::from_secs(5);
 /// Attempts at committing a token pair the provider already issued: losing it
 /// would lose the grant, so we try hard (about a minute) before giving up.
 const COMMIT_ATTEMPTS: u32 = 12;
+/// The first wait before files that could not be written are tried again
+/// (a full or read-only file system); it doubles, with jitter, up to
+/// MAX_SLEEP, so that a disk that stays full costs a log line every few
+/// minutes per credential, not every few seconds.
+const PUBLISH_RETRY: Duration = Duration::from_secs(5);
 
 /// What the config decides, swapped as a whole on reload.
 struct Ctx {
@@ -89,6 +94,19 @@ struct EntryState {
     attempts: u64,
     /// When a consumer last reported this token refused (ms).
     last_rejected: i64,
+    /// A refresh holds the lease and its request may be out: the status
+    /// says `refreshing` (the row says so too, but the entry keeps the row
+    /// as it was before the lease).
+    refreshing: bool,
+    /// Why the files last failed to match the store (full disk, read-only
+    /// directory), until a publish succeeds: shown in the status, since
+    /// consumers then read an older token than the one stored.
+    publish_error: Option<String>,
+    /// Consecutive publish failures: the exponent of the retry delay.
+    publish_failures: u32,
+    /// When to write the files again after a failure (ms); None while they
+    /// are in step with the store.
+    republish_at: Option<i64>,
 }
 
 impl Entry {
@@ -102,8 +120,24 @@ impl Entry {
                 hold_until: 0,
                 attempts: 0,
                 last_rejected: 0,
+                refreshing: false,
+                publish_error: None,
+                publish_failures: 0,
+                republish_at: None,
             }),
         }
+    }
+
+    /// The status shown to the socket and the CLI: the row, and what only
+    /// this process knows (whether its files could be written).
+    fn status(&self, now: i64) -> Status {
+        let st = self.state.lock().unwrap();
+        let mut status = Status::of(&st.cred, now);
+        if st.refreshing {
+            status.state = State::Refreshing.as_str().to_owned();
+        }
+        status.last_publish_error = st.publish_error.clone();
+        status
     }
 
     fn cred(&self) -> Arc<Credential> {
@@ -186,6 +220,11 @@ pub struct Status {
     pub next_attempt_at: Option<String>,
     pub failures: u32,
     pub last_error: Option<String>,
+    /// Why the token files could not be written (full disk, read-only or
+    /// vanished directory), while they lag behind the store; null once a
+    /// write succeeds. Known to the daemon only (the store does not hold it).
+    #[serde(default)]
+    pub last_publish_error: Option<String>,
 }
 
 impl Status {
@@ -202,6 +241,7 @@ impl Status {
             next_attempt_at: c.next_attempt_at.map(rfc3339),
             failures: c.failures,
             last_error: c.last_error.clone(),
+            last_publish_error: None,
         }
     }
 }
@@ -270,25 +310,28 @@ impl Refresher {
         let all: Vec<Arc<Entry>> = r.entries.read().unwrap().values().cloned().collect();
         let ctx = r.ctx();
         let now = now_ms();
-        let (published, removed) = tokio::task::spawn_blocking(move || {
-            let (mut p, mut u) = (0, 0);
+        let (published, removed, failed) = tokio::task::spawn_blocking(move || {
+            let (mut p, mut u, mut failed) = (0, 0, Vec::new());
             for e in &all {
                 let c = e.cred();
-                if publishable(&c, now) {
+                let errors = if publishable(&c, now) {
                     p += 1;
-                    log_errors(
-                        &c.name,
-                        ctx.publisher.publish(&c.name, token(&c), c.expires_at),
-                    );
+                    ctx.publisher.publish(&c.name, token(&c), c.expires_at)
                 } else {
                     u += 1;
-                    log_errors(&c.name, ctx.publisher.unpublish(&c.name));
+                    ctx.publisher.unpublish(&c.name)
+                };
+                if !errors.is_empty() {
+                    failed.push((c.name.clone(), errors));
                 }
             }
-            (p, u)
+            (p, u, failed)
         })
         .await
         .unwrap_or_default();
+        for (name, errors) in failed {
+            r.published(&name, errors);
+        }
         tracing::info!(
             credentials = published + removed,
             published,
@@ -384,7 +427,7 @@ impl Refresher {
     }
 
     pub fn status(&self, name: &str) -> Option<Status> {
-        self.entry(name).map(|e| Status::of(&e.cred(), now_ms()))
+        self.entry(name).map(|e| e.status(now_ms()))
     }
 
     /// Every credential's status, by name.
@@ -395,7 +438,7 @@ impl Refresher {
             .read()
             .unwrap()
             .values()
-            .map(|e| Status::of(&e.cred(), now))
+            .map(|e| e.status(now))
             .filter(|s| !s.provider.is_empty())
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -464,8 +507,8 @@ impl Refresher {
             }
         }
         self.reschedule(name);
-        let c = entry.cred();
-        Some((Status::of(&c, now_ms()), c.version != before))
+        let changed = entry.cred().version != before;
+        Some((entry.status(now_ms()), changed))
     }
 
     /// A consumer says the provider refused this token: re-validate, at most
@@ -688,11 +731,16 @@ impl Refresher {
             return;
         };
         let refresh = self.ctx().config.refresh.clone();
-        let (cred, jitter, hold) = {
+        let (cred, jitter, hold, republish) = {
             let st = e.state.lock().unwrap();
-            (st.cred.clone(), st.jitter, st.hold_until)
+            (st.cred.clone(), st.jitter, st.hold_until, st.republish_at)
         };
         let at = next_deadline(&cred, now_ms(), &refresh, jitter).map(|t| t.max(hold));
+        // Files that could not be written are tried again on their own clock.
+        let at = match (at, republish) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        };
         let _ = self.sched.send(Sched::At(name.to_owned(), at));
     }
 
@@ -722,13 +770,23 @@ impl Refresher {
             return;
         };
         let _guard = entry.lock.lock().await;
-        let (pending, state_before) = {
+        let (mut pending, state_before) = {
             let mut st = entry.state.lock().unwrap();
             (
                 std::mem::take(&mut st.pending),
                 (st.cred.rev > 0).then_some(st.cred.state),
             )
         };
+        // Files that failed to be written are due for another try.
+        if entry
+            .state
+            .lock()
+            .unwrap()
+            .republish_at
+            .is_some_and(|t| t <= now_ms())
+        {
+            pending.republish = true;
+        }
         let ctx = self.ctx();
         if pending.reload && !self.reload_row(name, &entry, &ctx).await {
             // Removed from the store: one credential fewer to count.
@@ -853,6 +911,11 @@ impl Refresher {
                     Err(e) => self.store_failed(entry, &cred.name, &e),
                 }
                 tracing::debug!(credential = %cred.name, "token validated");
+                // The validation sweep doubles as a check of the files: one
+                // that was removed (a cleaned /run, a deleted directory) or
+                // altered is written again; an intact one costs a read.
+                let c = entry.cred();
+                self.publish(ctx, &c).await;
             }
             Err(Failure::Unauthorized) => {
                 tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");
@@ -884,7 +947,9 @@ impl Refresher {
         self.refresh_attempt(ctx, entry, seen, p).await;
         // Counted when it is over: a caller that took its snapshot while
         // this one ran sees the count move once it gets the lock, and joins.
-        entry.state.lock().unwrap().attempts += 1;
+        let mut st = entry.state.lock().unwrap();
+        st.attempts += 1;
+        st.refreshing = false;
     }
 
     async fn refresh_attempt(
@@ -904,7 +969,10 @@ impl Refresher {
             Ok(Lease::Taken {
                 credential,
                 interrupted,
-            }) => (*credential, interrupted),
+            }) => {
+                entry.state.lock().unwrap().refreshing = true;
+                (*credential, interrupted)
+            }
             Ok(Lease::Changed(row)) => {
                 // A peer refreshed since we looked: take its result.
                 tracing::debug!(credential = %name, "already refreshed by another process");
@@ -1143,7 +1211,7 @@ impl Refresher {
         let errors = tokio::task::spawn_blocking(move || publisher.publish(&name, &tok, exp))
             .await
             .unwrap_or_default();
-        log_errors(&cred.name, errors);
+        self.published(&cred.name, errors);
     }
 
     async fn unpublish(&self, ctx: &Ctx, name: &str) {
@@ -1152,7 +1220,41 @@ impl Refresher {
         let errors = tokio::task::spawn_blocking(move || publisher.unpublish(&n))
             .await
             .unwrap_or_default();
-        log_errors(name, errors);
+        self.published(name, errors);
+    }
+
+    /// Takes in how writing (or removing) a credential's files went. On
+    /// failure the old files stay as they were (writes are atomic): the
+    /// error is logged, shown in the status and counted, and the files are
+    /// tried again later, since nothing else would write them before the
+    /// next refresh, which may be a year away.
+    fn published(&self, name: &str, errors: Vec<String>) {
+        for e in &errors {
+            tracing::error!(credential = name, error = %e, "cannot publish");
+        }
+        self.metrics.publish_errors(errors.len());
+        let Some(entry) = self.entry(name) else {
+            return;
+        };
+        let mut st = entry.state.lock().unwrap();
+        if errors.is_empty() {
+            if st.publish_error.take().is_some() {
+                tracing::info!(credential = name, "token files written again");
+            }
+            st.publish_failures = 0;
+            st.republish_at = None;
+            return;
+        }
+        st.publish_failures = st.publish_failures.saturating_add(1);
+        let delay = backoff(
+            st.publish_failures,
+            PUBLISH_RETRY,
+            MAX_SLEEP,
+            None,
+            fastrand::f64(),
+        );
+        st.republish_at = Some(now_ms() + delay.as_millis() as i64);
+        st.publish_error = Some(errors.join("; "));
     }
 }
 
@@ -1163,12 +1265,6 @@ impl Ctx {
             slots: Arc::new(Semaphore::new(config.refresh.max_concurrency)),
             config,
         }
-    }
-}
-
-fn log_errors(name: &str, errors: Vec<String>) {
-    for e in errors {
-        tracing::error!(credential = name, error = %e, "cannot publish");
     }
 }
 

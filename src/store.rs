@@ -387,7 +387,28 @@ impl Store {
         Ok(Store { jobs: tx })
     }
 
+    /// Runs `f`, which writes, in the next write transaction.
     async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.send(f, true).await
+    }
+
+    /// Runs `f`, which only reads, in a read transaction: in WAL mode that
+    /// never waits for another process's write lock, so loading the
+    /// credentials at start-up and picking up a peer's changes keep working
+    /// while someone holds the database (a `sqlite3` shell in a transaction).
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.send(f, false).await
+    }
+
+    async fn send<T, F>(&self, f: F, writes: bool) -> Result<T>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
@@ -395,6 +416,7 @@ impl Store {
         let (tx, rx) = oneshot::channel();
         let op = CallOp {
             f: Some(f),
+            writes,
             result: None,
             tx,
         };
@@ -405,23 +427,23 @@ impl Store {
     }
 
     pub async fn load_all(&self) -> Result<Vec<Credential>> {
-        self.call(ops::load_all).await
+        self.read(ops::load_all).await
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<Credential>> {
         let name = name.to_owned();
-        self.call(move |c| ops::get(c, &name)).await
+        self.read(move |c| ops::get(c, &name)).await
     }
 
     /// `(name, rev)` of every row: cheap enough to tell, after another
     /// process wrote, which rows to reload.
     pub async fn revisions(&self) -> Result<Vec<(String, i64)>> {
-        self.call(ops::revisions).await
+        self.read(ops::revisions).await
     }
 
     /// SQLite's `data_version`: changes when *another* connection commits.
     pub async fn data_version(&self) -> Result<i64> {
-        self.call(|c| Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?))
+        self.read(|c| Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?))
             .await
     }
 
@@ -501,12 +523,15 @@ impl Store {
 /// One queued operation: run inside the batch's transaction, then told
 /// whether the transaction committed.
 trait Op: Send {
+    /// Whether it writes: only then does its batch take the write lock.
+    fn writes(&self) -> bool;
     fn run(&mut self, c: &Connection) -> bool;
     fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
 }
 
 struct CallOp<T, F> {
     f: Option<F>,
+    writes: bool,
     result: Option<Result<T>>,
     tx: oneshot::Sender<Result<T>>,
 }
@@ -516,6 +541,10 @@ where
     T: Send,
     F: FnOnce(&Connection) -> Result<T> + Send,
 {
+    fn writes(&self) -> bool {
+        self.writes
+    }
+
     fn run(&mut self, c: &Connection) -> bool {
         let f = self.f.take().expect("an op runs once");
         let r = f(c);
@@ -544,30 +573,45 @@ fn run_batches(sc: StoreConn, rx: mpsc::Receiver<Box<dyn Op>>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = c.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            for op in batch {
-                op.finish(Err(msg.clone()));
-            }
-            continue;
+        // Everything in a batch arrived while the previous one ran, from
+        // callers that each wait for their answer: any order is one they
+        // could have seen. Reads go first, in a transaction of their own
+        // that no other process's write lock can hold up.
+        let (writes, reads): (Vec<_>, Vec<_>) = batch.into_iter().partition(|op| op.writes());
+        run_transaction(c, reads, "BEGIN");
+        run_transaction(c, writes, "BEGIN IMMEDIATE");
+    }
+}
+
+/// Runs `ops` in one transaction opened with `begin`, each in its own
+/// savepoint, and tells each whether the transaction committed.
+fn run_transaction(c: &Connection, mut ops: Vec<Box<dyn Op>>, begin: &str) {
+    if ops.is_empty() {
+        return;
+    }
+    if let Err(e) = c.execute_batch(begin) {
+        let msg = e.to_string();
+        for op in ops {
+            op.finish(Err(msg.clone()));
         }
-        for op in batch.iter_mut() {
-            // A failing op rolls back to its savepoint; the others still commit.
-            let ok = c.execute_batch("SAVEPOINT op").is_ok() && op.run(c);
-            let end = if ok {
-                "RELEASE op"
-            } else {
-                "ROLLBACK TO op; RELEASE op"
-            };
-            let _ = c.execute_batch(end);
-        }
-        let commit = c.execute_batch("COMMIT").map_err(|e| {
-            let _ = c.execute_batch("ROLLBACK");
-            e.to_string()
-        });
-        for op in batch {
-            op.finish(commit.clone());
-        }
+        return;
+    }
+    for op in ops.iter_mut() {
+        // A failing op rolls back to its savepoint; the others still commit.
+        let ok = c.execute_batch("SAVEPOINT op").is_ok() && op.run(c);
+        let end = if ok {
+            "RELEASE op"
+        } else {
+            "ROLLBACK TO op; RELEASE op"
+        };
+        let _ = c.execute_batch(end);
+    }
+    let commit = c.execute_batch("COMMIT").map_err(|e| {
+        let _ = c.execute_batch("ROLLBACK");
+        e.to_string()
+    });
+    for op in ops {
+        op.finish(commit.clone());
     }
 }
 
@@ -942,6 +986,32 @@ mod tests {
             Commit::Conflict
         ));
         assert_eq!(store.get("a").await.unwrap().unwrap().version, c.version);
+    }
+
+    #[tokio::test]
+    async fn reads_do_not_wait_for_another_process_holding_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true)
+            .unwrap()
+            .insert(&new_cred("a"), false)
+            .unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let started = std::time::Instant::now();
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.load_all().await.unwrap().len(), 1);
+        assert!(store.get("a").await.unwrap().is_some());
+        // A read stuck behind the lock would take the 5 s busy timeout.
+        assert!(started.elapsed() < Duration::from_secs(3));
+        other.execute_batch("COMMIT").unwrap();
+        assert!(matches!(
+            store
+                .take_lease("a", "me", Duration::from_secs(60), 1)
+                .await
+                .unwrap(),
+            Lease::Taken { .. }
+        ));
     }
 
     #[tokio::test]

@@ -53,7 +53,10 @@ fn pandadoc_provider(env: &Env, redirect_uri: &str) -> String {
     )
 }
 
-/// A config with FAST_REFRESH, a raw sink and `providers`.
+/// A config with FAST_REFRESH, a raw sink and `providers`. The socket is
+/// the test's own: with the default, daemons of tests running at the same
+/// time (or a real tokend) would share /run/tokend/tokend.sock, and all but
+/// the first would refuse to start.
 fn configure(env: &Env, providers: &str) {
     let text = format!(
         "database = \"{}\"\nsocket = \"{}\"\n{FAST_REFRESH}\n{providers}\n{}",

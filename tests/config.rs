@@ -558,16 +558,9 @@ fn secrets_never_travel_on_argv_or_into_hooks() {
     let first = env.import("bot", true);
 
     let log = env.dir.path().join("argv-daemon.log");
-    let child = env
-        .tokend(&["run"])
-        .env(SECRET_VAR, env.provider.client_secret())
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut d = Daemon { child, log };
+    let mut cmd = env.tokend(&["run"]);
+    cmd.env(SECRET_VAR, env.provider.client_secret());
+    let mut d = Daemon::spawn(cmd, &env.config_path, log);
     // A refresh went through, so the secret from the environment was used...
     wait_for("a refresh", Duration::from_secs(20), || {
         env.read_token("bot")

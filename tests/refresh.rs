@@ -6,7 +6,7 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -718,18 +718,9 @@ fn start_peer(env: &Env, tokens: &Path) -> Daemon {
         ),
     )
     .unwrap();
-    let log = env.dir.path().join("peer.log");
-    let child = Command::new(bin())
-        .arg("-c")
-        .arg(&config)
-        .arg("run")
-        .env("RUST_LOG", "debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Daemon { child, log }
+    let mut cmd = Command::new(bin());
+    cmd.arg("-c").arg(&config).arg("run");
+    Daemon::spawn(cmd, &config, env.dir.path().join("peer.log"))
 }
 
 /// Spec §2: "Two processes never refresh the same credential at once": two

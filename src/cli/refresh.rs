@@ -42,6 +42,12 @@ fn report(s: &Status, refreshed: bool) -> Result<(), Exit> {
             s.name,
             s.expires_at.as_deref().unwrap_or("at an unknown time")
         );
+        // Stored, so not a failure; but file readers do not have it yet.
+        if let Some(e) = &s.last_publish_error {
+            eprintln!(
+                "warning: the new token is stored but its files could not be written ({e}); tokend keeps trying"
+            );
+        }
         return Ok(());
     }
     let why = s.last_error.as_deref().unwrap_or("no new token");

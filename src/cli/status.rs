@@ -129,6 +129,9 @@ pub fn status(args: &Args) -> Result<(), Exit> {
             "  last error:      {}",
             s.last_error.as_deref().unwrap_or("-")
         );
+        if let Some(e) = &s.last_publish_error {
+            println!("  publish error:   {e} (the files hold an older token; tokend retries)");
+        }
         if s.state == "needs_reauthorization" {
             println!(
                 "  to fix:          tokend authorize {} --provider {} --force",
@@ -162,11 +165,21 @@ pub fn list(args: &Args) -> Result<(), Exit> {
             s.state.clone(),
             expires(s, now),
             ms(&s.last_refresh_at).map_or("never".into(), |t| relative(t, now)),
-            s.last_error.clone().unwrap_or_else(|| "-".into()),
+            last_error(s),
         ]);
     }
     print!("{}", table(&rows));
     Ok(())
+}
+
+/// The LAST ERROR column: the provider's or the store's, else a failure to
+/// write the files, which leaves consumers on an older token.
+fn last_error(s: &Status) -> String {
+    match (&s.last_error, &s.last_publish_error) {
+        (Some(e), _) => e.clone(),
+        (None, Some(e)) => format!("publish: {e}"),
+        (None, None) => "-".into(),
+    }
 }
 
 /// Left-aligned columns, two spaces apart; the last column is not padded.

@@ -1,10 +1,20 @@
 //! The test harness: a temp directory with a config, the fake provider over
 //! HTTP on 127.0.0.1, and the real `tokend` binary.
 //!
-//! Every daemon's stderr goes to a file; when a [`Daemon`] is dropped, its
-//! log is checked for anything that looks like a token or the client secret
-//! (the fake provider's tokens carry recognisable prefixes), so that every
-//! test is also a secrets test.
+//! Every test is also a secrets audit (issue 6, item 5). The fake provider's
+//! tokens and client secret carry recognisable prefixes ([`SECRET_MARKERS`]),
+//! and none may show up where tokend promises they never go:
+//!
+//! * when a [`Daemon`] is dropped: its log (stderr, at debug level); while it
+//!   still runs, its `/proc/PID/cmdline` and its children's, `GET /metrics`
+//!   and `tokend status --json` (from the store once it has stopped);
+//! * every CLI command's stderr ([`Env::cli`]);
+//! * when an [`Env`] is dropped: every file under its temp directory except
+//!   the store, the configured sinks and the harness's own inputs (see
+//!   [`Env::audit_files`]); and the store must be 0600 in a 0700 directory.
+//!
+//! The audit runs only when the test has not already failed, so that a
+//! failure is reported as itself.
 #![allow(dead_code, unused_imports)]
 
 use std::fs;
@@ -39,6 +49,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
 }
 
 pub struct Env {
+    /// Dropped last: [`Env`]'s own Drop audits it first.
     pub dir: tempfile::TempDir,
     pub provider: FakeProvider,
     pub config_path: PathBuf,
@@ -58,6 +69,15 @@ retry_initial = "500ms"
 retry_max = "2s"
 request_timeout = "3s"
 "#;
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.audit_store_mode();
+            self.audit_files();
+        }
+    }
+}
 
 impl Env {
     /// A provider with `knobs`, and a config with FAST_REFRESH and one raw sink.
@@ -199,6 +219,55 @@ impl Env {
         Daemon::start(self, "daemon")
     }
 
+    /// The store is private (SECURITY.md): the file and its -wal and -shm
+    /// companions 0600, its directory 0700.
+    pub fn audit_store_mode(&self) {
+        if !self.db.exists() {
+            return;
+        }
+        let dir = self.db.parent().unwrap();
+        assert_eq!(mode(dir), 0o700, "{} is not 0700", dir.display());
+        for suffix in ["", "-wal", "-shm"] {
+            let f = PathBuf::from(format!("{}{suffix}", self.db.display()));
+            if f.exists() {
+                assert_eq!(mode(&f), 0o600, "{} is not 0600", f.display());
+            }
+        }
+    }
+
+    /// No file under the temp directory holds a secret, except those meant
+    /// to: the store (`*.db`, `*.db-wal`, `*.db-shm`, `*.db-journal`), the
+    /// files of every sink configured in a `*.toml` there, and the inputs
+    /// the tests wrote themselves (the client secret file, the `*.access`
+    /// files handed to `tokend import`, and the configs, one of which puts
+    /// a secret under an unknown key on purpose).
+    pub fn audit_files(&self) {
+        let root = self.dir.path();
+        let configs: Vec<PathBuf> = walk(root)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        let sinks: Vec<(String, String)> = configs.iter().flat_map(|c| sink_patterns(c)).collect();
+        for path in walk(root) {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let store = [".db", ".db-wal", ".db-shm", ".db-journal"]
+                .iter()
+                .any(|s| name.ends_with(s));
+            let input = path == self.secret_file
+                || configs.contains(&path)
+                || (path.parent() == Some(root) && name.ends_with(".access"));
+            let text = path.to_string_lossy();
+            let sink = sinks
+                .iter()
+                .any(|(pre, post)| text.starts_with(pre.as_str()) && text.ends_with(post.as_str()));
+            if store || input || sink {
+                continue;
+            }
+            let Ok(bytes) = fs::read(&path) else { continue };
+            assert_no_secrets(&String::from_utf8_lossy(&bytes), &text);
+        }
+    }
+
     /// The stored row of a credential, read straight from the SQLite file.
     pub fn row(&self, name: &str) -> Option<Row> {
         let c = rusqlite::Connection::open(&self.db).ok()?;
@@ -239,6 +308,8 @@ pub struct Row {
 pub struct Daemon {
     pub child: Child,
     pub log: PathBuf,
+    /// The config it runs with: the audit on drop asks its socket.
+    pub config: PathBuf,
 }
 
 impl Daemon {
@@ -264,7 +335,27 @@ impl Daemon {
             .stderr(file);
         configure(&mut cmd, &log);
         let child = cmd.spawn().unwrap();
-        Daemon { child, log }
+        Daemon {
+            child,
+            log,
+            config: env.config_path.clone(),
+        }
+    }
+
+    /// Runs `cmd` (a `tokend -c CONFIG run`) at debug level, its stderr to `log`.
+    pub fn spawn(mut cmd: Command, config: &Path, log: PathBuf) -> Daemon {
+        let child = cmd
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Daemon {
+            child,
+            log,
+            config: config.to_owned(),
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -310,12 +401,140 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let audit = !std::thread::panicking();
+        let running = self.child.try_wait().ok().flatten().is_none();
+        if audit && running {
+            self.audit_running();
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if !std::thread::panicking() {
+        if audit {
             assert_no_secrets(&self.log(), &self.log.display().to_string());
+            if !running {
+                // The store's view, as `tokend status` shows it with no daemon.
+                self.audit_status();
+            }
         }
     }
+}
+
+impl Daemon {
+    /// What a running daemon shows others: its argv and its children's (a
+    /// hook), its metrics and its statuses. Skipped for a stopped (SIGSTOP)
+    /// daemon, which would not answer.
+    fn audit_running(&self) {
+        let pid = self.pid();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('T')
+        {
+            return;
+        }
+        for p in std::iter::once(pid).chain(children(pid)) {
+            if let Ok(argv) = fs::read(format!("/proc/{p}/cmdline")) {
+                assert_no_secrets(
+                    &String::from_utf8_lossy(&argv).replace('\0', " "),
+                    &format!("/proc/{p}/cmdline"),
+                );
+            }
+        }
+        let socket = tokend::config::socket_path(&self.config);
+        // Only a socket of this test's own (never a system daemon's).
+        if self.config.parent().is_some_and(|d| socket.starts_with(d)) {
+            if let Ok(r) =
+                socket_request(&socket, "GET", "/metrics", &[], b"", Duration::from_secs(5))
+            {
+                assert_no_secrets(&r.text(), "GET /metrics");
+            }
+        }
+        self.audit_status();
+    }
+
+    /// `tokend status --json`, from the daemon or the store.
+    fn audit_status(&self) {
+        let out = Command::new(bin())
+            .arg("-c")
+            .arg(&self.config)
+            .args(["status", "--json"])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .output();
+        if let Ok(out) = out {
+            assert_no_secrets(
+                &String::from_utf8_lossy(&out.stdout),
+                "tokend status --json",
+            );
+            assert_no_secrets(
+                &String::from_utf8_lossy(&out.stderr),
+                "tokend status stderr",
+            );
+        }
+    }
+}
+
+/// The pids whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    // "pid (comm) state ppid …": comm may hold spaces.
+                    let rest = s.rsplit_once(')')?.1;
+                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
+/// Every regular file under `dir`, symlinks not followed.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() {
+            out.extend(walk(&e.path()));
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}
+
+/// The `[[sinks]]` paths of a config file, each split at `{name}` into what
+/// a sink file's path starts and ends with. A file that does not parse
+/// yields none.
+fn sink_patterns(config: &Path) -> Vec<(String, String)> {
+    let Some(value) = fs::read_to_string(config)
+        .ok()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+    else {
+        return Vec::new();
+    };
+    value
+        .get("sinks")
+        .and_then(|s| s.as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|s| s.get("path")?.as_str())
+        .map(|p| match p.split_once("{name}") {
+            Some((pre, post)) => (pre.to_owned(), post.to_owned()),
+            None => (p.to_owned(), String::new()),
+        })
+        .collect()
 }
 
 pub fn assert_no_secrets(text: &str, what: &str) {

@@ -1,0 +1,386 @@
+//! The provider chaos figures (issue 6, item 2): `cargo bench --bench chaos`.
+//!
+//! 1. **Herd**: 1,000 credentials whose tokens were issued at the same
+//!    moment with the same lifetime, so that all expire in the same second.
+//!    The refresh start times, from the fake provider's request records,
+//!    show how the jitter (engineering invariant 7) spreads them: offsets
+//!    from the earliest instant a refresh may start (expiry − 1.25 × lead),
+//!    min, p50, p90, max, the busiest second, and a histogram by second.
+//! 2. **Outage**: credentials that need a refresh while the provider answers
+//!    every request with 503, for a window (10 minutes by default). The
+//!    requests sent are compared with the backoff's bound (one per
+//!    `retry_initial`) and with what the backoff is expected to send (its own
+//!    function, simulated 10,000 times over the same window). Then the
+//!    provider returns, and the time each credential takes to recover is
+//!    measured against the last delay's cap.
+//!
+//! Both run with the daemon's default `[refresh]` settings unless told
+//! otherwise. Environment:
+//!
+//! * TOKEND_CHAOS_HERD (default 1000) credentials in the herd; 0 skips it;
+//! * TOKEND_CHAOS_HERD_LEAD (default "10m", the default
+//!   `refresh_before_expiry`; `min_remaining` is set no larger, so that this
+//!   is the lead): the jitter window is a quarter of it;
+//! * TOKEND_CHAOS_OUTAGE_SECS (default 600) the outage window; 0 skips it;
+//! * TOKEND_CHAOS_OUTAGE_CREDENTIALS (default 10);
+//! * TOKEND_CHAOS_RETRY_INITIAL, TOKEND_CHAOS_RETRY_MAX (defaults "5s", "15m").
+//!
+//! Prints a Markdown report to stdout; BENCHMARKS.md holds the latest one.
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokend_fake_provider::{FakeProvider, Fault, FaultTarget, Knobs};
+
+/// PandaDoc's token lifetime: what the herd's tokens were issued with.
+const LIFETIME_SECS: i64 = 31_535_999;
+/// Outages simulated to find the backoff's expected request count.
+const TRIALS: usize = 10_000;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn env_duration(name: &str, default: &str) -> Duration {
+    let v = std::env::var(name).unwrap_or_else(|_| default.to_owned());
+    humantime::parse_duration(&v).unwrap_or_else(|e| panic!("{name}={v:?}: {e}"))
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else is taken.
+    let herd = env_u64("TOKEND_CHAOS_HERD", 1000) as usize;
+    let lead = env_duration("TOKEND_CHAOS_HERD_LEAD", "10m");
+    let outage = Duration::from_secs(env_u64("TOKEND_CHAOS_OUTAGE_SECS", 600));
+    let outage_n = env_u64("TOKEND_CHAOS_OUTAGE_CREDENTIALS", 10) as usize;
+    let initial = env_duration("TOKEND_CHAOS_RETRY_INITIAL", "5s");
+    let max = env_duration("TOKEND_CHAOS_RETRY_MAX", "15m");
+    println!("## Provider chaos benchmark\n");
+    println!(
+        "Machine: {} cores; run: {}\n",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        humantime::format_rfc3339_seconds(SystemTime::now())
+    );
+    if herd > 0 {
+        herd_spread(herd, lead);
+    }
+    if !outage.is_zero() && outage_n > 0 {
+        outage_requests(outage_n, outage, initial, max);
+    }
+}
+
+/// A daemon on its own temp directory, stopped (SIGTERM) on drop.
+struct Daemon {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a config (no sinks, no validation sweep to speak of, `refresh`
+/// lines added to `[refresh]`), lets `rows` fill the database, and starts
+/// the daemon.
+fn start(
+    provider: &FakeProvider,
+    refresh: &str,
+    rows: impl FnOnce(&mut rusqlite::Connection),
+) -> (Daemon, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state/tokend.db");
+    let secret = dir.path().join("secret");
+    fs::write(&secret, provider.client_secret()).unwrap();
+    let url = provider.url();
+    let config = dir.path().join("config.toml");
+    fs::write(
+        &config,
+        format!(
+            "database = \"{}\"\nsocket = \"{}/tokend.sock\"\n[refresh]\n\
+             validate_schedule = \"0 0 0 1 1 *\"\n{refresh}\n\
+             [providers.fake]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\
+             authorize_url = \"{url}/oauth2/authorize\"\ntoken_url = \"{url}/oauth2/access_token\"\n\
+             validate_url = \"{url}/public/v1/members/current\"\n",
+            db.display(),
+            dir.path().display(),
+            provider.client_id(),
+            secret.display()
+        ),
+    )
+    .unwrap();
+    // Let tokend create the file and its schema, then write the rows.
+    tokend::store::StoreConn::open(&db, true).unwrap();
+    rows(&mut rusqlite::Connection::open(&db).unwrap());
+    let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
+        .arg("-c")
+        .arg(&config)
+        .arg("run")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    (Daemon { child, _dir: dir }, db)
+}
+
+/// Inserts credentials `user-00000`… from fresh grants, with `access` (an
+/// access token, its expiry and issue instant) or without (due at once).
+fn insert(
+    c: &mut rusqlite::Connection,
+    provider: &FakeProvider,
+    n: usize,
+    access: Option<(i64, i64)>,
+) {
+    let tx = c.transaction().unwrap();
+    let now = now_ms();
+    {
+        let mut st = tx
+            .prepare(
+                "INSERT INTO credentials (name, provider, access_token, refresh_token, scope,
+                   expires_at, issued_at, state, failures, last_validated_at, created_at,
+                   updated_at, version, rev)
+                 VALUES (?1, 'fake', ?2, ?3, 'read+write', ?4, ?5, 'valid', 0, ?6, ?6, ?6, 1, 1)",
+            )
+            .unwrap();
+        for i in 0..n {
+            let g = provider.mint_grant(provider.client_id(), "read+write");
+            let (token, expires, issued) = match access {
+                Some((expires, issued)) => (Some(g.access_token), Some(expires), issued),
+                None => (None, None, now),
+            };
+            st.execute(rusqlite::params![
+                format!("user-{i:05}"),
+                token,
+                g.refresh_token,
+                expires,
+                issued,
+                now
+            ])
+            .unwrap();
+        }
+    }
+    tx.commit().unwrap();
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The value at quantile `q` of sorted `v`.
+fn quantile<T: Copy>(v: &[T], q: f64) -> T {
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+fn herd_spread(n: usize, lead: Duration) {
+    let p0 = now_ms();
+    let provider = FakeProvider::start(Knobs::default()).unwrap();
+    let lead_ms = lead.as_millis() as i64;
+    // All expire in the same second; the earliest refresh (jitter 1: a
+    // quarter of the lead early) is due 5 s after the daemon starts.
+    let expires = (now_ms() + lead_ms * 5 / 4 + 5_000) / 1000 * 1000;
+    let issued = expires - LIFETIME_SECS * 1000;
+    let earliest = expires - lead_ms * 5 / 4;
+    // min_remaining (default 60 s) also lengthens the lead: keep it within.
+    let refresh = format!(
+        "refresh_before_expiry = \"{}\"\nmin_remaining = \"{}\"",
+        humantime::format_duration(lead),
+        humantime::format_duration(lead.min(Duration::from_secs(60)))
+    );
+    let (daemon, _db) = start(&provider, &refresh, |c| {
+        insert(c, &provider, n, Some((expires, issued)))
+    });
+    let window = lead / 4;
+    wait(
+        "every credential refreshed",
+        window + Duration::from_secs(120),
+        || provider.stats().refreshes_ok as usize >= n,
+    );
+    drop(daemon);
+    // Request records are in ms since the provider started (just after p0).
+    let mut offsets: Vec<i64> = provider
+        .requests()
+        .iter()
+        .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+        .map(|r| p0 + r.at_ms as i64 - earliest)
+        .collect();
+    offsets.sort_unstable();
+    assert_eq!(offsets.len(), n, "one refresh per credential");
+    let seconds = (window.as_secs() as usize).max(1) + 1;
+    let mut histogram = vec![0usize; seconds];
+    for o in &offsets {
+        histogram[((o / 1000).max(0) as usize).min(seconds - 1)] += 1;
+    }
+    let peak = histogram.iter().copied().max().unwrap_or(0);
+    let s = |ms: i64| format!("{:.1} s", ms as f64 / 1000.0);
+    println!(
+        "### Herd: {n} credentials expiring in the same second (lead {}, jitter window {})\n",
+        humantime::format_duration(lead),
+        humantime::format_duration(window)
+    );
+    println!(
+        "Offsets of the refresh requests from the earliest allowed start (expiry − 1.25 × lead):\n"
+    );
+    println!("| measure | result | without jitter |");
+    println!("|---|---|---|");
+    println!(
+        "| min / p50 / p90 / max | {} / {} / {} / {} | all in one second |",
+        s(offsets[0]),
+        s(quantile(&offsets, 0.5)),
+        s(quantile(&offsets, 0.9)),
+        s(offsets[n - 1])
+    );
+    println!(
+        "| busiest second | {peak} refreshes ({:.1} % of {n}) | {n} |",
+        100.0 * peak as f64 / n as f64
+    );
+    println!(
+        "| mean per second over the window | {:.1} | — |",
+        n as f64 / window.as_secs_f64()
+    );
+    println!(
+        "| seconds with no refresh, inside the window | {} of {} | — |",
+        histogram[..seconds - 1].iter().filter(|c| **c == 0).count(),
+        seconds - 1
+    );
+    println!("\nHistogram, refreshes per second from the earliest allowed start:\n");
+    println!("```");
+    for (row, chunk) in histogram.chunks(15).enumerate() {
+        let cells: Vec<String> = chunk.iter().map(|c| format!("{c:3}")).collect();
+        println!("{:4}s {}", row * 15, cells.join(" "));
+    }
+    println!("```\n");
+}
+
+/// Simulates outages of `window` against the daemon's own backoff: the
+/// request counts of `TRIALS` runs, sorted.
+fn simulated_counts(window: Duration, initial: Duration, max: Duration) -> Vec<usize> {
+    let mut counts: Vec<usize> = (0..TRIALS)
+        .map(|_| {
+            let (mut t, mut n) = (Duration::ZERO, 0);
+            while t < window {
+                n += 1;
+                t += tokend::refresher::backoff(n as u32, initial, max, None, fastrand::f64());
+            }
+            n
+        })
+        .collect();
+    counts.sort_unstable();
+    counts
+}
+
+fn outage_requests(n: usize, window: Duration, initial: Duration, max: Duration) {
+    let p0 = Instant::now();
+    let provider = FakeProvider::start(Knobs {
+        fault: Some(Fault::Status503),
+        fault_on: FaultTarget::Both,
+        ..Knobs::default()
+    })
+    .unwrap();
+    let provider_ms = || p0.elapsed().as_millis() as u64;
+    let refresh = format!(
+        "retry_initial = \"{}\"\nretry_max = \"{}\"",
+        humantime::format_duration(initial),
+        humantime::format_duration(max)
+    );
+    let (daemon, db) = start(&provider, &refresh, |c| insert(c, &provider, n, None));
+    wait("the first request", Duration::from_secs(60), || {
+        provider.stats().token_requests > 0
+    });
+    let first = provider.requests()[0].at_ms;
+    eprintln!(
+        "outage: {n} credentials, {} window, started",
+        humantime::format_duration(window)
+    );
+    let elapsed = Duration::from_millis(provider_ms().saturating_sub(first));
+    std::thread::sleep(window.saturating_sub(elapsed));
+    provider.update_knobs(|k| k.fault = None);
+    let end = provider_ms();
+    let in_window = provider
+        .requests()
+        .iter()
+        .filter(|r| r.at_ms < first + window.as_millis() as u64)
+        .count();
+    let failures: Vec<u32> = {
+        let c = rusqlite::Connection::open(&db).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        let mut st = c.prepare("SELECT failures FROM credentials").unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let max_failures = failures.iter().copied().max().unwrap_or(0);
+    let cap = tokend::refresher::backoff(max_failures, initial, max, None, 1.0);
+    eprintln!("outage over; waiting for recovery (at most {cap:?})");
+    wait(
+        "every credential recovered",
+        cap + Duration::from_secs(60),
+        || provider.stats().refreshes_ok as usize >= n,
+    );
+    drop(daemon);
+    let mut recovery: Vec<u64> = provider
+        .requests()
+        .iter()
+        .filter(|r| r.status == 200 && r.at_ms >= end)
+        .map(|r| r.at_ms - end)
+        .collect();
+    recovery.sort_unstable();
+    let sim = simulated_counts(window, initial, max);
+    let minutes = window.as_secs_f64() / 60.0;
+    let per_cred = in_window as f64 / n as f64;
+    let bound = (window.as_secs_f64() / initial.as_secs_f64()).floor() + 1.0;
+    let s = |ms: u64| format!("{:.1} s", ms as f64 / 1000.0);
+    println!(
+        "### Outage: {n} credentials due, the provider answering 503 for {} (retry_initial {}, retry_max {})\n",
+        humantime::format_duration(window),
+        humantime::format_duration(initial),
+        humantime::format_duration(max)
+    );
+    println!("| measure | result | bound / expected |");
+    println!("|---|---|---|");
+    println!(
+        "| requests per credential in the window | {per_cred:.1} | bound {bound:.0} (one per retry_initial); backoff expects {:.1} (p1 {}, p99 {}) |",
+        sim.iter().sum::<usize>() as f64 / TRIALS as f64,
+        quantile(&sim, 0.01),
+        quantile(&sim, 0.99)
+    );
+    println!(
+        "| requests per outage minute, per credential | {:.2} | bound {:.1} |",
+        per_cred / minutes,
+        bound / minutes
+    );
+    println!(
+        "| requests per outage minute, all {n} | {:.1} | — |",
+        in_window as f64 / minutes
+    );
+    println!(
+        "| time to recover after the provider returns: min / median / max | {} / {} / {} | the last delay's cap: {} |",
+        s(recovery[0]),
+        s(quantile(&recovery, 0.5)),
+        s(recovery[recovery.len() - 1]),
+        humantime::format_duration(Duration::from_secs(cap.as_secs()))
+    );
+    println!();
+}
