@@ -43,9 +43,10 @@ use crate::store::{
 const MAX_SLEEP: Duration = Duration::from_secs(300);
 /// How long a store failure holds a credential back before it is tried again.
 const STORE_RETRY: Duration = Duration::from_secs(5);
-/// Attempts at committing a token pair the provider already issued: losing it
-/// would lose the grant, so we try hard (about a minute) before giving up.
-const COMMIT_ATTEMPTS: u32 = 12;
+/// The longest wait between attempts at committing a token pair the
+/// provider already issued. There is no last attempt: giving the pair up
+/// would lose the grant, so only the process's end stops the retries.
+const COMMIT_RETRY_MAX: Duration = Duration::from_secs(30);
 /// The first wait before files that could not be written are tried again
 /// (a full or read-only file system); it doubles, with jitter, up to
 /// MAX_SLEEP, so that a disk that stays full costs a log line every few
@@ -1091,8 +1092,9 @@ impl Refresher {
     }
 
     /// Stores a new token pair, then publishes it. The provider may already
-    /// have killed the old refresh token, so a store failure here is retried
-    /// for a while before the pair is given up.
+    /// have killed the old refresh token, so a store failure here (a locked
+    /// or full database) is retried until it lands or the process stops; if
+    /// it stops first, the "refresh started" mark tells the next start.
     async fn commit(&self, ctx: &Ctx, entry: &Entry, cred: &Credential, tokens: provider::Tokens) {
         let name = &cred.name;
         let now = now_ms();
@@ -1103,7 +1105,7 @@ impl Refresher {
             expires_at: tokens.expires_in.map(|d| now + d.as_millis() as i64),
         };
         let mut delay = Duration::from_millis(250);
-        for attempt in 1..=COMMIT_ATTEMPTS {
+        for attempt in 1u64.. {
             match self
                 .store
                 .commit_refresh(name, &self.holder, cred.version, update())
@@ -1129,15 +1131,14 @@ impl Refresher {
                 Err(e) => {
                     tracing::error!(credential = %name, attempt, error = %e, "cannot store the refreshed token pair; retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(8));
+                    delay = (delay * 2).min(COMMIT_RETRY_MAX);
                 }
             }
         }
         tracing::error!(
             credential = %name,
-            "the refreshed token pair could not be stored and is lost; if the provider rotated the refresh token, re-authorize"
+            "tokend is stopping before the refreshed token pair could be stored; the next start will find the refresh unfinished"
         );
-        entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
     }
 
     #[allow(clippy::too_many_arguments)]
