@@ -82,3 +82,7 @@ while [ "$seconds" = 0 ] || [ $((SECONDS - start)) -lt "$seconds" ]; do
 done
 echo "==> tokend list"
 tokend list
+echo "==> tokend status sales-bot   (asks the daemon over its socket)"
+tokend status sales-bot
+echo "==> tokend token sales-bot     (what a script would use; first 8 characters shown)"
+tokend token sales-bot | cut -c1-8
