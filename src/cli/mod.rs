@@ -20,6 +20,8 @@ use std::sync::Arc;
 
 use crate::config::{self, Config, ConfigError, ProviderConfig};
 
+pub use client::{Reply, parse_reply};
+
 /// Exit codes of the contract: 0 success, 1 the operation failed, 2 usage
 /// or configuration error.
 #[derive(Debug)]
