@@ -1,5 +1,6 @@
 //! The config parser: any text is a config or a list of problems, each
-//! tied to a key where there is one; never a panic, never an empty error.
+//! tied to a key where there is one and short enough to read (values are
+//! cut, not repeated whole); never a panic, never an empty error.
 
 #![no_main]
 
@@ -30,6 +31,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(!e.problems.is_empty(), "an error that names no problem");
         for p in &e.problems {
             assert!(!p.message.is_empty(), "a problem without a message: {p:?}");
+            let line = p.to_string();
+            assert!(line.len() <= 1024, "a problem of {} bytes", line.len());
         }
         let _ = e.to_string();
     }
