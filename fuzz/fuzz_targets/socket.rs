@@ -1,7 +1,8 @@
 //! The socket API: arbitrary bytes as a client's connection, served by the
 //! daemon's own HTTP settings and routes against a real refresher (a store
 //! with one credential, a provider that refuses connections). No panic, no
-//! hang, an HTTP answer or none, and the token only to callers allowed it.
+//! hang, an HTTP answer or none, and the token (or even the credential's
+//! name) only to callers allowed it.
 
 #![no_main]
 
@@ -165,14 +166,17 @@ fuzz_target!(|data: &[u8]| {
         "not an HTTP reply: {:?}",
         String::from_utf8_lossy(&reply)
     );
-    // The token may come back in an echo of the request itself (a 404's
-    // path), so only a request that does not carry it tells.
-    let carries = |hay: &[u8]| hay.windows(TOKEN.len()).any(|w| w == TOKEN.as_bytes());
-    if !may_read && !carries(request) {
-        assert!(
-            !carries(&reply),
-            "uid {uid} was handed the token: {:?}",
-            String::from_utf8_lossy(&reply)
-        );
+    // A uid without a grant gets neither the token nor the name (lists and
+    // metrics leave it out). Either may come back in an echo of the request
+    // itself (a 404's path), so only a request that does not carry it tells.
+    let carries = |hay: &[u8], what: &str| hay.windows(what.len()).any(|w| w == what.as_bytes());
+    for secret in [TOKEN, "bot"] {
+        if !may_read && !carries(request, secret) {
+            assert!(
+                !carries(&reply, secret),
+                "uid {uid} was shown {secret:?}: {:?}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
     }
 });
