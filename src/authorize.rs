@@ -226,6 +226,44 @@ pub fn answer(query: &str, expected_state: &str) -> Result<Secret, Refusal> {
     }
 }
 
+/// What `tokend authorize --paste` read.
+#[derive(Debug)]
+pub struct Pasted {
+    pub code: Secret,
+    /// False for a bare code: it came without a `state` to check.
+    pub state_checked: bool,
+}
+
+/// The code in what the user pasted: the whole redirect address (state is
+/// checked), its query, or the bare code (nothing to check it against).
+/// The error says why nothing usable was pasted.
+pub fn pasted(text: &str, state: &str) -> Result<Pasted, String> {
+    if text.is_empty() {
+        return Err("nothing was pasted".into());
+    }
+    let query = if text.contains("://") {
+        let url =
+            Url::parse(text).map_err(|e| format!("the pasted address cannot be read ({e})"))?;
+        url.query().unwrap_or_default().to_owned()
+    } else if text.contains('=') {
+        text.trim_start_matches('?').to_owned()
+    } else if text.contains(char::is_whitespace) {
+        return Err(
+            "paste the whole address from the browser's address bar, or just the code".into(),
+        );
+    } else {
+        return Ok(Pasted {
+            code: Secret::new(text),
+            state_checked: false,
+        });
+    };
+    let code = answer(&query, state).map_err(|r| r.describe())?;
+    Ok(Pasted {
+        code,
+        state_checked: true,
+    })
+}
+
 /// Whether a query looks like an authorization answer at all (carries
 /// `code`, `error` or `state`), as opposed to a stray visit to the path.
 pub fn is_answer(query: &str) -> bool {
@@ -397,5 +435,22 @@ mod tests {
         ));
         assert!(is_answer("x=1&code=2"));
         assert!(!is_answer("x=1&codes=2"));
+    }
+
+    #[test]
+    fn pasted_addresses_queries_and_codes() {
+        let code = |t| pasted(t, "s").map(|p| (p.code.expose().to_owned(), p.state_checked));
+        assert_eq!(
+            code("http://127.0.0.1:8765/callback?code=c1&state=s").unwrap(),
+            ("c1".into(), true)
+        );
+        assert_eq!(code("?code=c2&state=s").unwrap(), ("c2".into(), true));
+        assert_eq!(code("c3").unwrap(), ("c3".into(), false));
+        let e = code("http://127.0.0.1:8765/callback?code=c1&state=old").unwrap_err();
+        assert!(e.contains("state does not match"), "{e}");
+        assert!(code("").is_err());
+        assert!(code("two words").is_err());
+        let e = code("https://x/cb?error=access_denied&state=s").unwrap_err();
+        assert!(e.contains("access_denied"), "{e}");
     }
 }

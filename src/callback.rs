@@ -172,6 +172,35 @@ async fn serve(mut stream: TcpStream, path: &str) -> Option<Redirect> {
     let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream))
         .await
         .ok()??;
+    match asked(&head, path)? {
+        Asked::Elsewhere => {
+            reply(&mut stream, "404 Not Found", "Not found.").await;
+            None
+        }
+        Asked::NotAnAnswer => {
+            let text = "This address waits for the provider's redirect during 'tokend authorize'.";
+            reply(&mut stream, "400 Bad Request", text).await;
+            None
+        }
+        Asked::Answer(query) => Some(Redirect { query, stream }),
+    }
+}
+
+/// What a request asks of the listener.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// Another path (a browser's `/favicon.ico`): 404.
+    Elsewhere,
+    /// Our path, but not a GET carrying an authorization answer: 400.
+    NotAnAnswer,
+    /// The redirect: its query string, undecoded.
+    Answer(String),
+}
+
+/// Reads a request head (anything a local process or a web page may send
+/// to the port); None when it has no request line worth an answer. Public
+/// for the fuzz target `fuzz/fuzz_targets/authorize.rs`.
+pub fn asked(head: &str, path: &str) -> Option<Asked> {
     let mut words = head.lines().next()?.split(' ');
     let (method, target) = (words.next()?, words.next()?);
     // Origin form ("/callback?…"), or absolute form if a proxy is in between.
@@ -181,16 +210,13 @@ async fn serve(mut stream: TcpStream, path: &str) -> Option<Redirect> {
         Url::parse(target).ok()
     };
     let Some(url) = url.filter(|u| u.path() == path) else {
-        reply(&mut stream, "404 Not Found", "Not found.").await;
-        return None;
+        return Some(Asked::Elsewhere);
     };
     let query = url.query().unwrap_or_default().to_owned();
     if method != "GET" || !authorize::is_answer(&query) {
-        let text = "This address waits for the provider's redirect during 'tokend authorize'.";
-        reply(&mut stream, "400 Bad Request", text).await;
-        return None;
+        return Some(Asked::NotAnAnswer);
     }
-    Some(Redirect { query, stream })
+    Some(Asked::Answer(query))
 }
 
 /// Answers a request that is not the redirect.
@@ -281,6 +307,30 @@ mod tests {
         assert_eq!(addrs("https://127.0.0.1:8765/callback"), None);
         assert_eq!(addrs("http://example.com:8765/callback"), None);
         assert_eq!(addrs("http://10.0.0.1:8765/callback"), None);
+    }
+
+    #[test]
+    fn request_heads() {
+        let a = |head| asked(head, "/cb");
+        assert_eq!(
+            a("GET /cb?code=c&state=s HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Some(Asked::Answer("code=c&state=s".into()))
+        );
+        assert_eq!(
+            a("GET http://127.0.0.1:9/cb?state=s HTTP/1.1\r\n\r\n"),
+            Some(Asked::Answer("state=s".into()))
+        );
+        assert_eq!(
+            a("POST /cb?code=c HTTP/1.1\r\n\r\n"),
+            Some(Asked::NotAnAnswer)
+        );
+        assert_eq!(a("GET /cb HTTP/1.1\r\n\r\n"), Some(Asked::NotAnAnswer));
+        assert_eq!(
+            a("GET /favicon.ico HTTP/1.1\r\n\r\n"),
+            Some(Asked::Elsewhere)
+        );
+        assert_eq!(a("GET\r\n\r\n"), None);
+        assert_eq!(a(""), None);
     }
 
     #[test]

@@ -284,6 +284,37 @@ pub fn check_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The longest duration any setting takes: ten years is past every token's
+/// lifetime, and far from where instants in milliseconds overflow.
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+/// The longest path accepted (Linux's PATH_MAX, less the terminating NUL).
+const MAX_PATH: usize = 4095;
+/// The longest socket path: `sockaddr_un.sun_path` holds 108 bytes with the NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// How much of a value from the file a message repeats.
+const SHOWN: usize = 64;
+/// How much of a library's explanation (which may quote the value) a message keeps.
+const EXPLAINED: usize = 200;
+
+/// Text cut to `max` characters, "…" marking the cut: a megabyte pasted
+/// into the file by mistake still gives a one-line error.
+fn cut(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        None => s.into(),
+        Some((i, _)) => format!("{}…", &s[..i]).into(),
+    }
+}
+
+/// A value from the file, quoted and cut, as messages show it.
+fn shown(s: &str) -> String {
+    format!("{:?}", cut(s, SHOWN))
+}
+
+/// A library's error, cut.
+fn explained(e: impl fmt::Display) -> String {
+    cut(&e.to_string(), EXPLAINED).into_owned()
+}
+
 // ---- raw, as written in the file ----
 
 #[derive(Deserialize, Default)]
@@ -448,22 +479,40 @@ pub fn parse(text: &str, path: &Path, env: &dyn Env) -> Result<Config, ConfigErr
 /// A TOML error as a problem with a key, but without toml's excerpt of the
 /// offending line: that line may hold a secret (`client_secret = "…"` is a
 /// common slip), and these messages reach logs. Quoted values in the message
-/// are elided for the same reason.
+/// are elided for the same reason; names in backquotes (keys, numbers) are
+/// cut to [`SHOWN`] characters.
 fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
     let mut message = String::new();
-    let mut quoted = false;
+    // Inside "…" (elided) or `…` (cut): characters seen so far.
+    let (mut quoted, mut backquoted) = (false, None::<usize>);
     for c in e.message().trim_end().chars() {
-        match (c, quoted) {
-            ('"', false) => {
+        match (c, quoted, backquoted) {
+            ('"', false, None) => {
                 quoted = true;
                 message.push_str("\"…");
             }
-            ('"', true) => {
+            ('"', true, _) => {
                 quoted = false;
                 message.push('"');
             }
-            (_, false) => message.push(c),
-            (_, true) => {}
+            (_, true, _) => {}
+            ('`', false, None) => {
+                backquoted = Some(0);
+                message.push(c);
+            }
+            ('`', false, Some(_)) => {
+                backquoted = None;
+                message.push(c);
+            }
+            (_, false, Some(n)) => {
+                if n < SHOWN {
+                    message.push(c);
+                } else if n == SHOWN {
+                    message.push('…');
+                }
+                backquoted = Some(n + 1);
+            }
+            (_, false, None) => message.push(c),
         }
     }
     let Some(start) = e.span().map(|s| s.start.min(text.len())) else {
@@ -474,19 +523,36 @@ fn toml_problem(text: &str, e: &toml::de::Error) -> Problem {
     };
     let before = &text[..start];
     let line_no = before.matches('\n').count() + 1;
-    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    let line = text.lines().nth(line_no - 1).unwrap_or_default();
-    // The key is what stands left of '='; the table, the last header above.
-    let key = line.split_once('=').map(|(k, _)| k.trim()).unwrap_or("");
-    let table = before
-        .lines()
-        .rev()
-        .map(str::trim)
-        .find(|l| l.starts_with('['))
-        .map(|h| h.trim_matches(|c| c == '[' || c == ']').trim())
-        .unwrap_or("");
-    let key = match (table, key) {
-        ("", k) | (k, "") => k.to_owned(),
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.len() - line_start + 1;
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    // A table header names the table: "[a.b]", "[[sinks]] # comment".
+    fn header(l: &str) -> Option<&str> {
+        let l = l.trim();
+        l.starts_with('[').then(|| {
+            l.trim_start_matches('[')
+                .split(']')
+                .next()
+                .unwrap_or("")
+                .trim()
+        })
+    }
+    // The key is what stands left of '='; the table, the last header above
+    // (or the line itself, when the error is in a header).
+    let (table, key) = match header(line) {
+        Some(h) => (h, ""),
+        None => (
+            text[..line_start]
+                .lines()
+                .rev()
+                .find_map(header)
+                .unwrap_or(""),
+            line.split_once('=').map(|(k, _)| k.trim()).unwrap_or(""),
+        ),
+    };
+    let key = match (cut(table, SHOWN), cut(key, SHOWN)) {
+        (t, k) if t.is_empty() => k.into_owned(),
+        (t, k) if k.is_empty() => t.into_owned(),
         (t, k) => format!("{t}.{k}"),
     };
     Problem {
@@ -500,11 +566,8 @@ fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Pr
 
     let database = match raw.database.clone() {
         Some(d) => {
-            let d = PathBuf::from(d);
-            if !d.is_absolute() {
-                p.add("database", "must be an absolute path");
-            }
-            d
+            p.path("database", &d, MAX_PATH);
+            PathBuf::from(d)
         }
         None => match env.var("STATE_DIRECTORY") {
             // systemd may list several directories, separated by ':'.
@@ -574,16 +637,23 @@ impl Problems {
         }
     }
 
+    /// A duration setting: `default` when absent, at most [`MAX_DURATION`].
     fn duration(&mut self, key: &str, value: &Option<String>, default: Duration) -> Duration {
         match value {
             None => default,
             Some(s) => match humantime::parse_duration(s) {
-                Ok(d) => d,
+                Ok(d) if d <= MAX_DURATION => d,
+                Ok(_) => {
+                    self.add(key, format!("{} is too long: at most 3650 days", shown(s)));
+                    default
+                }
                 Err(e) => {
                     self.add(
                         key,
                         format!(
-                            "{s:?} is not a duration ({e}); write e.g. \"30s\", \"15m\", \"1h\""
+                            "{} is not a duration ({}); write e.g. \"30s\", \"15m\", \"1h\"",
+                            shown(s),
+                            explained(e)
                         ),
                     );
                     default
@@ -591,16 +661,22 @@ impl Problems {
             },
         }
     }
+
+    /// A path setting: absolute, and no longer than the OS takes.
+    fn path(&mut self, key: &str, path: &str, max: usize) {
+        if !Path::new(path).is_absolute() {
+            self.add(key, "must be an absolute path");
+        } else if path.len() > max {
+            self.add(key, format!("is {} bytes long: at most {max}", path.len()));
+        }
+    }
 }
 
 fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketConfig {
     let path = match &raw.socket {
         Some(s) => {
-            let s = PathBuf::from(s);
-            if !s.is_absolute() {
-                p.add("socket", "must be an absolute path");
-            }
-            s
+            p.path("socket", s, MAX_SOCKET_PATH);
+            PathBuf::from(s)
         }
         None => match env.var("RUNTIME_DIRECTORY") {
             Some(dirs) => {
@@ -616,7 +692,7 @@ fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketCo
             _ => {
                 p.add(
                     "socket_mode",
-                    format!("{s:?} is not an octal mode like \"0660\""),
+                    format!("{} is not an octal mode like \"0660\"", shown(s)),
                 );
                 0o660
             }
@@ -628,7 +704,10 @@ fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketCo
         .and_then(|g| match resolve_group(g) {
             Some(gid) => Some((g.to_owned(), gid)),
             None => {
-                p.add("socket_group", format!("no group {g:?} on this system"));
+                p.add(
+                    "socket_group",
+                    format!("no group {} on this system", shown(g)),
+                );
                 None
             }
         });
@@ -653,7 +732,7 @@ fn validate_access(i: usize, a: RawAccess, p: &mut Problems) -> AccessRule {
         .filter_map(|g| match resolve_group(g) {
             Some(gid) => Some(gid),
             None => {
-                p.add(k("groups"), format!("no group {g:?} on this system"));
+                p.add(k("groups"), format!("no group {} on this system", shown(g)));
                 None
             }
         })
@@ -743,7 +822,9 @@ pub fn check_cron(s: &str) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| {
             format!(
-                "{s:?} is not a cron expression with seconds first ({e}); e.g. \"0 */15 * * * *\""
+                "{} is not a cron expression with seconds first ({}); e.g. \"0 */15 * * * *\"",
+                shown(s),
+                explained(e)
             )
         })
 }
@@ -752,7 +833,7 @@ fn check_url(key: &str, s: &str, p: &mut Problems) -> Option<Url> {
     let url = match Url::parse(s) {
         Ok(u) => u,
         Err(e) => {
-            p.add(key, format!("{s:?} is not a URL ({e})"));
+            p.add(key, format!("{} is not a URL ({e})", shown(s)));
             return None;
         }
     };
@@ -763,7 +844,10 @@ fn check_url(key: &str, s: &str, p: &mut Problems) -> Option<Url> {
         _ => {
             p.add(
                 key,
-                format!("{s:?} must be https (plain http is allowed only to 127.0.0.1, [::1] or localhost)"),
+                format!(
+                    "{} must be https (plain http is allowed only to 127.0.0.1, [::1] or localhost)",
+                    shown(s)
+                ),
             );
             None
         }
@@ -801,6 +885,8 @@ fn validate_provider(
     env: &dyn Env,
     p: &mut Problems,
 ) -> Option<ProviderConfig> {
+    // A name too long to be valid is cut in the keys that name it.
+    let name = &*cut(name, SHOWN);
     let k = |field: &str| format!("providers.{name}.{field}");
     let before = p.0.len();
     if let Err(e) = check_name(name) {
@@ -816,7 +902,10 @@ fn validate_provider(
             if preset.is_none() {
                 p.add(
                     k("preset"),
-                    format!("unknown preset {s:?}: known are \"pandadoc\" and \"pandadoc-eu\""),
+                    format!(
+                        "unknown preset {}: known are \"pandadoc\" and \"pandadoc-eu\"",
+                        shown(s)
+                    ),
                 );
             }
             preset
@@ -846,7 +935,10 @@ fn validate_provider(
     let redirect_uri = r.redirect_uri.as_deref().and_then(|s| match Url::parse(s) {
         Ok(u) => Some(u),
         Err(e) => {
-            p.add(k("redirect_uri"), format!("{s:?} is not a URL ({e})"));
+            p.add(
+                k("redirect_uri"),
+                format!("{} is not a URL ({e})", shown(s)),
+            );
             None
         }
     });
@@ -860,7 +952,10 @@ fn validate_provider(
         Some(s) => {
             p.add(
                 k("token_auth"),
-                format!("{s:?} is not one of \"client_secret_post\", \"client_secret_basic\""),
+                format!(
+                    "{} is not one of \"client_secret_post\", \"client_secret_basic\"",
+                    shown(s)
+                ),
             );
             TokenAuth::ClientSecretPost
         }
@@ -868,7 +963,7 @@ fn validate_provider(
     for key in r.authorize_params.keys() {
         if AUTHORIZE_OWN_PARAMS.contains(&key.as_str()) {
             p.add(
-                k(&format!("authorize_params.{key}")),
+                k(&format!("authorize_params.{}", cut(key, SHOWN))),
                 "tokend sets this parameter itself (use the provider's own key for it, if any)",
             );
         }
@@ -917,8 +1012,12 @@ fn load_secret(name: &str, r: &RawProvider, env: &dyn Env, p: &mut Problems) -> 
     } else if let Some(var) = &r.client_secret_env {
         (
             k("client_secret_env"),
-            env.var(var)
-                .ok_or_else(|| format!("the environment variable {var} is not set or empty")),
+            env.var(var).ok_or_else(|| {
+                format!(
+                    "the environment variable {} is not set or empty",
+                    cut(var, SHOWN)
+                )
+            }),
         )
     } else {
         let cred = r.client_secret_credential.as_deref().unwrap_or_default();
@@ -927,7 +1026,9 @@ fn load_secret(name: &str, r: &RawProvider, env: &dyn Env, p: &mut Problems) -> 
                 "$CREDENTIALS_DIRECTORY is not set: pass the secret with LoadCredential= in the unit"
                     .to_owned(),
             ),
-            Some(_) if check_name(cred).is_err() => Err(format!("{cred:?} is not a credential name")),
+            Some(_) if check_name(cred).is_err() => {
+                Err(format!("{} is not a credential name", shown(cred)))
+            }
             Some(dir) => read_secret_file(&Path::new(&dir).join(cred)),
         };
         (k("client_secret_credential"), text)
@@ -946,7 +1047,12 @@ fn load_secret(name: &str, r: &RawProvider, env: &dyn Env, p: &mut Problems) -> 
 }
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    std::fs::read_to_string(path).map_err(|e| {
+        format!(
+            "cannot read {}: {e}",
+            cut(&path.display().to_string(), SHOWN)
+        )
+    })
 }
 
 fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
@@ -960,9 +1066,20 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
     if path.is_empty() {
         p.add(k("path"), "is required");
     } else if !Path::new(&path).is_absolute() {
-        p.add(k("path"), format!("{path:?} must be an absolute path"));
+        p.add(
+            k("path"),
+            format!("{} must be an absolute path", shown(&path)),
+        );
+    } else if path.len() > MAX_PATH {
+        p.add(
+            k("path"),
+            format!("is {} bytes long: at most {MAX_PATH}", path.len()),
+        );
     } else if path.ends_with('/') {
-        p.add(k("path"), format!("{path:?} names a directory, not a file"));
+        p.add(
+            k("path"),
+            format!("{} names a directory, not a file", shown(&path)),
+        );
     } else if !path.contains("{name}")
         && (credentials.len() != 1 || credentials[0].contains(['*', '?']))
     {
@@ -979,7 +1096,10 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
         Some(s) => {
             p.add(
                 k("format"),
-                format!("{s:?} is not one of \"raw\", \"header\", \"env\", \"json\""),
+                format!(
+                    "{} is not one of \"raw\", \"header\", \"env\", \"json\"",
+                    shown(s)
+                ),
             );
             Format::Raw
         }
@@ -991,14 +1111,17 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
             Ok(_) => {
                 p.add(
                     k("mode"),
-                    format!("{s:?} must let the owner read and nobody but the owner write, e.g. \"0640\""),
+                    format!(
+                        "{} must let the owner read and nobody but the owner write, e.g. \"0640\"",
+                        shown(s)
+                    ),
                 );
                 0o600
             }
             Err(_) => {
                 p.add(
                     k("mode"),
-                    format!("{s:?} is not an octal mode like \"0640\""),
+                    format!("{} is not an octal mode like \"0640\"", shown(s)),
                 );
                 0o600
             }
@@ -1007,7 +1130,7 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
     let group = r.group.as_deref().and_then(|g| match resolve_group(g) {
         Some(gid) => Some((g.to_owned(), gid)),
         None => {
-            p.add(k("group"), format!("no group {g:?} on this system"));
+            p.add(k("group"), format!("no group {} on this system", shown(g)));
             None
         }
     });
@@ -1016,7 +1139,10 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
             None => p.add(k("on_change"), "must name a program"),
             Some(prog) if !Path::new(prog).is_absolute() => p.add(
                 k("on_change"),
-                format!("{prog:?} must be an absolute path (no shell, no $PATH lookup)"),
+                format!(
+                    "{} must be an absolute path (no shell, no $PATH lookup)",
+                    shown(prog)
+                ),
             ),
             _ => {}
         }
@@ -1311,6 +1437,139 @@ mod tests {
         assert_eq!(c.socket.mode, 0o660);
         let e = problems("[[access]]\ncredentials = [\"*\"]\n");
         assert!(e[0].starts_with("access[0].uids"), "{e:?}");
+    }
+
+    /// Wrong types, numbers out of range, durations past any use, values of
+    /// megabytes, nesting past toml's limit: each is an error that names its
+    /// key and fits on a line, never a panic and never a value repeated whole.
+    #[test]
+    fn hostile_values_get_clear_errors() {
+        let big = "x".repeat(10 << 20);
+        let cases = [
+            (
+                "[refresh]\nmax_concurrency = 1e30\n".to_owned(),
+                "refresh.max_concurrency: invalid type: floating point",
+            ),
+            (
+                "[refresh]\nmax_concurrency = 99999999999999999999\n".into(),
+                "refresh.max_concurrency: invalid type: integer",
+            ),
+            (
+                "[refresh]\nmax_concurrency = 9223372036854775807\n".into(),
+                "refresh.max_concurrency: 9223372036854775807 is out of range: give 1 to 4096",
+            ),
+            (
+                "[refresh]\nmax_concurrency = nan\n".into(),
+                "refresh.max_concurrency: invalid type: floating point",
+            ),
+            (
+                "[refresh]\nretry_max = 15\n".into(),
+                "refresh.retry_max: invalid type: integer",
+            ),
+            (
+                "database = [\"/a\"]\n".into(),
+                "database: invalid type: sequence",
+            ),
+            ("providers = 3\n".into(), "providers: invalid type: integer"),
+            (
+                "[[access]]\nuids = [4294967296]\n".into(),
+                "access.uids: invalid value: integer",
+            ),
+            (
+                "[refresh]\nretry_max = \"500000000000y\"\n".into(),
+                "refresh.retry_max: \"500000000000y\" is too long: at most 3650 days",
+            ),
+            (
+                "[refresh]\nmin_remaining = \"300000000 years\"\n".into(),
+                "refresh.min_remaining: \"300000000 years\" is too long",
+            ),
+            (
+                "[refresh]\nretry_max = \"99999999999999999999999s\"\n".into(),
+                "refresh.retry_max: \"99999999999999999999999s\" is not a duration",
+            ),
+            ("x = \"\n".into(), "x: invalid basic string"),
+            ("[refresh]\n[refresh]\n".into(), "refresh: "),
+            (
+                format!("database = \"/{big}\"\n"),
+                "database: is 10485761 bytes long: at most 4095",
+            ),
+            (
+                format!("socket = \"/run/{}\"\n", "s".repeat(103)),
+                "socket: is 108 bytes long: at most 107",
+            ),
+            (
+                format!("[[sinks]]\npath = \"/{big}/{{name}}\"\n"),
+                "sinks[0].path: is 10485768 bytes long: at most 4095",
+            ),
+            (
+                format!("[refresh]\nvalidate_schedule = \"{big}\"\n"),
+                "refresh.validate_schedule: \"xxxxxxxx",
+            ),
+            (
+                format!("{PANDADOC}token_url = \"{big}\"\n"),
+                "providers.pandadoc.token_url: \"xxxxxxxx",
+            ),
+            (format!("[providers.{big}]\n"), "providers.xxxxxxxx"),
+            (format!("{big} = 1\n"), "xxxxxxxx"),
+            (
+                format!("a = {}{}", "[".repeat(100_000), "]".repeat(100_000)),
+                "a: cannot recurse further",
+            ),
+            (
+                format!("a = {}{}", "{b=".repeat(100_000), "}".repeat(100_000)),
+                "a: cannot recurse further",
+            ),
+            (
+                format!("[{}]\n", vec!["a"; 100_000].join(".")),
+                "recursion limit",
+            ),
+        ];
+        for (text, start) in cases {
+            let e = problems(&text);
+            let head: String = text.chars().take(40).collect();
+            assert!(e[0].starts_with(start), "{head:?}: {e:?}");
+            for p in &e {
+                assert!(p.len() < 400 && !p.contains('\n'), "{head:?}: {p:?}");
+            }
+        }
+    }
+
+    /// TOML strings are UTF-8, so only the config file's own path can be
+    /// anything else; and a file that is not UTF-8 is not TOML.
+    #[test]
+    fn non_utf8_paths_and_contents() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"conf\xff.toml"));
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("conf\u{fffd}.toml: cannot read the config file: No such file"),
+            "{e}"
+        );
+        std::fs::write(&path, "[refresh]\nretry_max = \"1m\"\n").unwrap();
+        let c = load_without_secrets(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.path, path);
+        assert_eq!(c.refresh.retry_max, Duration::from_secs(60));
+        let e = parse("[refresh]\nretry_max = \"1\"\n", &path, &env())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conf\u{fffd}.toml: refresh.retry_max: "), "{e}");
+        std::fs::write(&path, b"database = \"/x\xff\"\n").unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(
+            e.ends_with("cannot read the config file: stream did not contain valid UTF-8"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn errors_in_table_headers_name_the_table() {
+        let e = problems("[refresh]\n[refresh]\n");
+        assert!(e[0].starts_with("refresh: "), "{e:?}");
+        let e = problems("[[sinks]] # x\npath = \"/a/{name}\"\nmode = 1\n");
+        assert!(e[0].starts_with("sinks.mode: invalid type"), "{e:?}");
     }
 
     #[test]

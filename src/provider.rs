@@ -277,13 +277,16 @@ struct RawError {
     error_description: Option<String>,
 }
 
+/// Provider text fit for a message: secrets redacted first (so that cutting
+/// cannot leave a piece of one), then cut to 200 characters on one line.
 fn snippet(body: &[u8], secrets: &[&Secret]) -> String {
-    let text = String::from_utf8_lossy(&body[..body.len().min(200)]);
+    let text = redact(&String::from_utf8_lossy(body), secrets);
     let one_line: String = text
         .chars()
+        .take(200)
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    redact(one_line.trim(), secrets)
+    one_line.trim().to_owned()
 }
 
 fn status_failure(status: StatusCode, headers: &HeaderMap, what: &str) -> Option<Failure> {
@@ -342,7 +345,10 @@ pub fn classify_token(
         if let Some(tt) = &raw.token_type {
             if !tt.eq_ignore_ascii_case("bearer") {
                 return Err(Failure::Misconfigured {
-                    reason: format!("{WHAT}: token_type {tt:?} is not supported (only Bearer)"),
+                    reason: format!(
+                        "{WHAT}: token_type {:?} is not supported (only Bearer)",
+                        snippet(tt.as_bytes(), secrets)
+                    ),
                 });
             }
         }
@@ -370,12 +376,7 @@ pub fn classify_token(
     let code = err.as_ref().and_then(|e| e.error.clone());
     let desc = err
         .and_then(|e| e.error_description)
-        .map(|d| {
-            format!(
-                " ({})",
-                redact(&d.chars().take(200).collect::<String>(), secrets)
-            )
-        })
+        .map(|d| format!(" ({})", snippet(d.as_bytes(), secrets)))
         .unwrap_or_default();
     match code.as_deref() {
         Some("invalid_grant") => Err(Failure::Permanent {
@@ -560,6 +561,54 @@ mod tests {
         )
         .unwrap_err();
         assert!(!f.describe().contains("the-refresh-token"), "{f:?}");
+    }
+
+    #[test]
+    fn an_echo_in_token_type_is_redacted() {
+        // Found by the fuzz target `provider`.
+        let s = Secret::new("the-refresh-token");
+        let f = classify_token(
+            StatusCode::OK,
+            &HeaderMap::new(),
+            br#"{"access_token":"a","token_type":"the-refresh-token"}"#,
+            &[&s],
+            DEAD_REFRESH_TOKEN,
+        )
+        .unwrap_err();
+        assert!(matches!(f, Failure::Misconfigured { .. }), "{f:?}");
+        assert!(!f.describe().contains("the-refresh"), "{f:?}");
+    }
+
+    #[test]
+    fn a_secret_across_the_cut_leaves_no_piece() {
+        let s = Secret::new("the-refresh-token");
+        let padding = "x".repeat(190);
+        for body in [
+            format!("{padding}the-refresh-token"),
+            format!(
+                r#"{{"error":"invalid_grant","error_description":"{padding}the-refresh-token"}}"#
+            ),
+        ] {
+            let f = classify_token(
+                StatusCode::BAD_REQUEST,
+                &HeaderMap::new(),
+                body.as_bytes(),
+                &[&s],
+                DEAD_REFRESH_TOKEN,
+            )
+            .unwrap_err();
+            assert!(!f.describe().contains("the-ref"), "{f:?}");
+        }
+    }
+
+    #[test]
+    fn provider_text_reaches_messages_on_one_line() {
+        let f = tok(
+            400,
+            r#"{"error":"invalid_grant","error_description":"a\u001b[31mb\nc"}"#,
+        );
+        let text = f.unwrap_err().describe();
+        assert!(text.contains("(a [31mb c)"), "{text}");
     }
 
     #[test]

@@ -236,8 +236,14 @@ impl Flow<'_> {
             .take(MAX_PASTE)
             .read_line(&mut line)
             .map_err(|e| Exit::failure(format!("nothing was stored: cannot read stdin: {e}")))?;
-        let code = pasted_code(line.trim(), &request.state)?;
-        runtime()?.block_on(self.finish(&code, request.verifier.as_ref()))
+        let pasted = authorize::pasted(line.trim(), &request.state)
+            .map_err(|why| Exit::failure(format!("nothing was stored: {why}")))?;
+        if !pasted.state_checked {
+            eprintln!(
+                "note: a bare code carries no state to check; paste the whole address to have it checked"
+            );
+        }
+        runtime()?.block_on(self.finish(&pasted.code, request.verifier.as_ref()))
     }
 
     /// `--code`: a code obtained some other way, from argv or stdin.
@@ -343,32 +349,6 @@ impl Flow<'_> {
     }
 }
 
-/// The code in what the user pasted: the whole redirect address (state is
-/// checked), its query, or the bare code (nothing to check it against).
-fn pasted_code(text: &str, state: &str) -> Result<Secret, Exit> {
-    let refused = |why: String| Exit::failure(format!("nothing was stored: {why}"));
-    if text.is_empty() {
-        return Err(refused("nothing was pasted".into()));
-    }
-    let query = if text.contains("://") {
-        let url = Url::parse(text)
-            .map_err(|e| refused(format!("the pasted address cannot be read ({e})")))?;
-        url.query().unwrap_or_default().to_owned()
-    } else if text.contains('=') {
-        text.trim_start_matches('?').to_owned()
-    } else if text.contains(char::is_whitespace) {
-        return Err(refused(
-            "paste the whole address from the browser's address bar, or just the code".into(),
-        ));
-    } else {
-        eprintln!(
-            "note: a bare code carries no state to check; paste the whole address to have it checked"
-        );
-        return Ok(Secret::new(text));
-    };
-    authorize::answer(&query, state).map_err(|r| refused(r.describe()))
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -395,24 +375,6 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pasted_addresses_queries_and_codes() {
-        let code = |t| pasted_code(t, "s").map(|c| c.expose().to_owned());
-        assert_eq!(
-            code("http://127.0.0.1:8765/callback?code=c1&state=s").unwrap(),
-            "c1"
-        );
-        assert_eq!(code("?code=c2&state=s").unwrap(), "c2");
-        assert_eq!(code("c3").unwrap(), "c3");
-        let e = code("http://127.0.0.1:8765/callback?code=c1&state=old").unwrap_err();
-        assert_eq!(e.code, 1);
-        assert!(e.message.contains("state does not match"), "{}", e.message);
-        assert!(code("").is_err());
-        assert!(code("two words").is_err());
-        let e = code("https://x/cb?error=access_denied&state=s").unwrap_err();
-        assert!(e.message.contains("access_denied"), "{}", e.message);
-    }
 
     #[test]
     fn timeouts() {

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use crate::config::{self, Config, ConfigError, ProviderConfig};
 use crate::logging::{self, LogFormat};
 
+pub use client::{Reply, parse_reply};
+
 /// Exit codes of the contract: 0 success, 1 the operation failed, 2 usage
 /// or configuration error.
 #[derive(Debug)]

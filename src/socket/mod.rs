@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -147,7 +148,7 @@ async fn accept_loop(
             continue;
         };
         let state = state.clone();
-        let mut drain = drain_rx.clone();
+        let drain = drain_rx.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let caller = match peer::Caller::of(&stream) {
@@ -166,27 +167,7 @@ async fn accept_loop(
                 })
                 .await;
             }
-            let service = hyper::service::service_fn(move |req| {
-                let state = state.clone();
-                let caller = caller.clone();
-                async move {
-                    Ok::<_, std::convert::Infallible>(routes::handle(&state, &caller, req).await)
-                }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .max_buf_size(MAX_HEAD)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = drain.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(DRAIN, conn).await;
-                }
-            }
+            serve(stream, state, caller, drain).await;
         });
     }
     // Stop accepting first (the listener drops here), then let requests in
@@ -198,4 +179,60 @@ async fn accept_loop(
         slots.acquire_many(MAX_CONNECTIONS as u32),
     )
     .await;
+}
+
+/// Serves one connection: HTTP/1.1 with the daemon's limits, our routes,
+/// until the client is done or `drain` says the daemon is stopping.
+async fn serve<S>(
+    io: S,
+    state: Arc<routes::State>,
+    caller: Arc<peer::Caller>,
+    mut drain: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let state = state.clone();
+        let caller = caller.clone();
+        async move { Ok::<_, std::convert::Infallible>(routes::handle(&state, &caller, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = drain.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(DRAIN, conn).await;
+        }
+    }
+}
+
+/// Serves one connection over any byte stream exactly as the socket serves
+/// a client (same HTTP settings, limits and routes), with the caller's uid
+/// and gid given instead of read from SO_PEERCRED. It exists for the fuzz
+/// target `fuzz/fuzz_targets/socket.rs`, which feeds hostile bytes through
+/// an in-memory pipe: a Unix socket per input would be slower and would
+/// always report our own uid.
+pub async fn serve_stream<S>(
+    io: S,
+    refresher: Arc<Refresher>,
+    access: Arc<std::sync::RwLock<Access>>,
+    uid: u32,
+    gid: u32,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let state = Arc::new(routes::State {
+        refresher,
+        access,
+        own_uid: peer::own_uid(),
+    });
+    // Held open so that `serve` sees no shutdown.
+    let (_running, drain) = watch::channel(false);
+    serve(io, state, Arc::new(peer::Caller::new(uid, gid)), drain).await;
 }

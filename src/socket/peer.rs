@@ -20,11 +20,16 @@ pub struct Caller {
 impl Caller {
     pub fn of(stream: &UnixStream) -> io::Result<Caller> {
         let cred = stream.peer_cred()?;
-        Ok(Caller {
-            uid: cred.uid(),
-            gid: cred.gid(),
+        Ok(Caller::new(cred.uid(), cred.gid()))
+    }
+
+    /// A caller with this uid and primary gid; groups are looked up later.
+    pub fn new(uid: u32, gid: u32) -> Caller {
+        Caller {
+            uid,
+            gid,
             groups: std::sync::OnceLock::new(),
-        })
+        }
     }
 
     pub fn groups(&self) -> &[u32] {
