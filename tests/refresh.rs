@@ -59,39 +59,6 @@ fn grant(env: &Env, id: u64) -> GrantInfo {
     env.provider.grant(id).unwrap()
 }
 
-/// Imports `name` with the grant's refresh token and the given access token
-/// (which the provider may not know), valid for `expires_in` seconds.
-fn import_with_access(env: &Env, name: &str, access: &str, expires_in: u64) -> MintedGrant {
-    let g = env
-        .provider
-        .mint_grant(env.provider.client_id(), "read+write");
-    let access_file = env.dir.path().join(format!("{name}.access"));
-    fs::write(&access_file, access).unwrap();
-    let access_arg = access_file.display().to_string();
-    let lifetime = expires_in.to_string();
-    let out = env.cli(
-        &[
-            "import",
-            name,
-            "--provider",
-            "fake",
-            "--refresh-token",
-            "-",
-            "--access-token",
-            &access_arg,
-            "--expires-in",
-            &lifetime,
-        ],
-        &g.refresh_token,
-    );
-    assert!(
-        out.status.success(),
-        "import failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    g
-}
-
 /// Validation requests the provider saw, as (arrival ms, status).
 fn validations(env: &Env) -> Vec<(u64, u16)> {
     env.provider
@@ -251,7 +218,7 @@ fn short_lived_tokens_rotate_and_every_rotation_is_published_once() {
 #[test]
 fn a_rejected_access_token_is_refreshed_at_once() {
     let env = Env::new(Knobs::default());
-    let g = import_with_access(&env, "bot", "not-a-real-token-000", 3600);
+    let g = import_with_access(&env, "bot", Some("not-a-real-token-000"), 3600);
     let d = env.start();
     let new = wait_for(
         "the refreshed token in the file",

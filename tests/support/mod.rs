@@ -707,11 +707,22 @@ pub fn listed_names(socket: &Path) -> Vec<String> {
 /// with its access token, telling tokend it has `expires_in` seconds left
 /// (which may differ from what the provider thinks).
 pub fn import_expiring(env: &Env, name: &str, expires_in: u64) -> MintedGrant {
+    import_with_access(env, name, None, expires_in)
+}
+
+/// Like `import_expiring`, with `access` (which the provider may not know)
+/// instead of the grant's own access token when given.
+pub fn import_with_access(
+    env: &Env,
+    name: &str,
+    access: Option<&str>,
+    expires_in: u64,
+) -> MintedGrant {
     let g = env
         .provider
         .mint_grant(env.provider.client_id(), "read+write");
     let access_file = env.dir.path().join(format!("{name}.access"));
-    fs::write(&access_file, &g.access_token).unwrap();
+    fs::write(&access_file, access.unwrap_or(&g.access_token)).unwrap();
     let access_arg = access_file.display().to_string();
     let lifetime = expires_in.to_string();
     let out = env.cli(
