@@ -69,10 +69,10 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let mut headers = HeaderMap::new();
-    if !retry.is_empty() {
-        if let Ok(v) = HeaderValue::from_bytes(retry) {
-            headers.insert(RETRY_AFTER, v);
-        }
+    if !retry.is_empty()
+        && let Ok(v) = HeaderValue::from_bytes(retry)
+    {
+        headers.insert(RETRY_AFTER, v);
     }
     let (sent, client) = (secret(sent), secret(client));
     let body = replace(body, b"$S", sent.expose().as_bytes());
