@@ -35,19 +35,33 @@ pub fn form_decode(s: &[u8]) -> Result<String, FormError> {
     String::from_utf8(out).map_err(|_| FormError::NotUtf8)
 }
 
-/// Parses a whole form body or query string into (name, value) pairs, in order.
-/// Empty segments (`a=1&&b=2`) are skipped; a name without `=` has an empty value.
-pub fn parse_form(s: &[u8]) -> Result<Vec<(String, String)>, FormError> {
+/// The raw (name, value) segments of a form body or query string, still
+/// encoded. Empty segments (`a=1&&b=2`) are skipped; a name without `=` has an
+/// empty value.
+fn raw_pairs(s: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     s.split(|c| *c == b'&')
         .filter(|seg| !seg.is_empty())
-        .map(|seg| {
-            let (name, value) = match seg.iter().position(|c| *c == b'=') {
-                Some(eq) => (&seg[..eq], &seg[eq + 1..]),
-                None => (seg, &[][..]),
-            };
-            Ok((form_decode(name)?, form_decode(value)?))
+        .map(|seg| match seg.iter().position(|c| *c == b'=') {
+            Some(eq) => (&seg[..eq], &seg[eq + 1..]),
+            None => (seg, &[][..]),
         })
+}
+
+/// Parses a whole form body or query string into decoded (name, value) pairs,
+/// in order, with [`raw_pairs`]' segmentation.
+pub fn parse_form(s: &[u8]) -> Result<Vec<(String, String)>, FormError> {
+    raw_pairs(s)
+        .map(|(name, value)| Ok((form_decode(name)?, form_decode(value)?)))
         .collect()
+}
+
+/// The value of the first parameter called `name` (compared decoded), exactly
+/// as it was sent: not decoded, so that a record can show how the client
+/// encoded it. `read%2Bwrite` and `read+write` decode to different scopes
+/// (`read+write` and `read write`), a mistake invisible once decoded. Works on
+/// a body that does not decode as a whole; `None` when there is no such parameter.
+pub fn raw_form_value<'a>(s: &'a [u8], name: &str) -> Option<&'a [u8]> {
+    raw_pairs(s).find_map(|(n, value)| (form_decode(n).ok()? == name).then_some(value))
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters, so that the
@@ -128,6 +142,25 @@ mod tests {
         assert_eq!(parse_form(b"a=%4").unwrap_err(), FormError::BadEscape);
         assert_eq!(parse_form(b"a=%ff").unwrap_err(), FormError::NotUtf8);
         assert_eq!(form_decode(b"caf%C3%A9").unwrap(), "café");
+    }
+
+    #[test]
+    fn raw_values_stay_encoded() {
+        let body = b"grant_type=refresh_token&scope=read%2Bwrite&x=%zz";
+        assert_eq!(raw_form_value(body, "scope"), Some(&b"read%2Bwrite"[..]));
+        assert_eq!(
+            raw_form_value(b"response_type=code&scope=read+write", "scope"),
+            Some(&b"read+write"[..])
+        );
+        // Names are compared decoded; the first of repeated parameters wins.
+        assert_eq!(
+            raw_form_value(b"sc%6Fpe=a%20b&scope=c", "scope"),
+            Some(&b"a%20b"[..])
+        );
+        assert_eq!(raw_form_value(b"a=1&&scope=&b", "scope"), Some(&b""[..]));
+        assert_eq!(raw_form_value(b"a=1&scope", "scope"), Some(&b""[..]));
+        assert_eq!(raw_form_value(b"scopes=x&a=scope", "scope"), None);
+        assert_eq!(raw_form_value(b"", "scope"), None);
     }
 
     #[test]

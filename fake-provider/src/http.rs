@@ -1,5 +1,5 @@
-//! The HTTP face: accepting connections, routing, latency and fault
-//! injection, and PandaDoc-shaped responses around what the state decides.
+//! The HTTP face: accepting connections, routing, latency, answer delay and
+//! fault injection, and PandaDoc-shaped responses around what the state decides.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -143,6 +143,7 @@ async fn handle(request: Request<Incoming>, shared: &Shared) -> Reply {
         client_auth: None,
         status: 0,
         fault: false,
+        scope_raw: None,
     };
     let body = match read_body(&parts.headers, body).await {
         Ok(body) => body,
@@ -211,30 +212,41 @@ async fn token(shared: &Shared, parts: &Parts, body: &[u8], mut record: RequestR
     record.grant_type = call.grant_type;
     record.form_fields = call.fields;
     record.client_auth = call.client_auth.map(str::to_owned);
+    record.scope_raw = call.scope_raw;
 
     delay(shared).await;
-    let mut state = shared.lock();
-    let reply = match state.take_fault(FaultTarget::Token) {
-        Some(fault) => {
-            record.fault = true;
-            fault_reply(&fault)
-        }
-        None => Reply::Send(
-            match call.request.and_then(|request| state.token(request)) {
-                Ok(tokens) => token_json(&tokens),
-                Err(error) => oauth_error(&error),
-            },
-        ),
+    let (reply, answer_delay_ms) = {
+        let mut state = shared.lock();
+        let reply = match state.take_fault(FaultTarget::Token) {
+            Some(fault) => {
+                record.fault = true;
+                fault_reply(&fault)
+            }
+            None => Reply::Send(
+                match call.request.and_then(|request| state.token(request)) {
+                    Ok(tokens) => token_json(&tokens),
+                    Err(error) => oauth_error(&error),
+                },
+            ),
+        };
+        record.status = reply.status();
+        state.record(record);
+        (reply, state.knobs.answer_delay_ms)
     };
-    record.status = reply.status();
-    state.record(record);
-    reply
+    hold_back(reply, answer_delay_ms).await
 }
 
 /// `GET /public/v1/members/current` (operation `detailsCurrentMember`).
-async fn validate(shared: &Shared, parts: &Parts, mut record: RequestRecord) -> Reply {
+async fn validate(shared: &Shared, parts: &Parts, record: RequestRecord) -> Reply {
     shared.lock().stats.validations += 1;
     delay(shared).await;
+    let (reply, answer_delay_ms) = validate_now(shared, parts, record);
+    hold_back(reply, answer_delay_ms).await
+}
+
+/// Answers a validation once its latency is over: the answer, recorded, and
+/// the `answer_delay_ms` in force.
+fn validate_now(shared: &Shared, parts: &Parts, mut record: RequestRecord) -> (Reply, u64) {
     let mut state = shared.lock();
     let reply = if let Some(fault) = state.take_fault(FaultTarget::Validate) {
         record.fault = true;
@@ -265,7 +277,7 @@ async fn validate(shared: &Shared, parts: &Parts, mut record: RequestRecord) -> 
     };
     record.status = reply.status();
     state.record(record);
-    reply
+    (reply, state.knobs.answer_delay_ms)
 }
 
 /// A MemberDetailsResponse for the grant's user.
@@ -290,8 +302,11 @@ fn member_details(grant_id: u64) -> serde_json::Value {
 /// `GET /oauth2/authorize`: the user consents at once (or denies, by knob),
 /// and the browser is sent back to the client's redirect_uri.
 fn authorize(shared: &Shared, parts: &Parts, mut record: RequestRecord) -> Reply {
-    let (names, request) = oauth::parse_authorize(parts.uri.query().unwrap_or(""));
+    let query = parts.uri.query().unwrap_or("");
+    let (names, request) = oauth::parse_authorize(query);
     record.form_fields = names;
+    record.scope_raw = crate::encoding::raw_form_value(query.as_bytes(), "scope")
+        .map(|raw| String::from_utf8_lossy(raw).into_owned());
     let mut state = shared.lock();
     let response = match request {
         _ if parts.method != Method::GET => text(405, "method not allowed\n"),
@@ -388,12 +403,22 @@ fn admin(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<
     }
 }
 
-/// Waits out the `latency_ms` knob.
+/// Waits out the `latency_ms` knob, before the request is processed.
 async fn delay(shared: &Shared) {
     let ms = shared.lock().knobs.latency_ms;
     if ms > 0 {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+}
+
+/// Holds a processed request's answer back for `ms` (the `answer_delay_ms`
+/// knob), so that its effects are visible at the provider before the client
+/// can see them. A dropped or hung connection has nothing to hold back.
+async fn hold_back(reply: Reply, ms: u64) -> Reply {
+    if ms > 0 && matches!(reply, Reply::Send(_)) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    reply
 }
 
 fn fault_reply(fault: &Fault) -> Reply {

@@ -17,14 +17,40 @@
 //!   `POST /_admin/grants` (`{"client_id":..,"scope":..}`, both optional, to
 //!   a [`MintedGrant`]) and `GET /_admin/grants/{id}` ([`GrantInfo`]).
 //!
-//! Anything else is 404; bodies over 64 KiB get 413. Latency and faults apply
-//! to the token and validate endpoints only.
+//! Anything else is 404; bodies over 64 KiB get 413. Latency, answer delay and
+//! faults apply to the token and validate endpoints only.
 //!
 //! Tests drive it as a library: [`FakeProvider::start`] runs it on its own
 //! runtime thread, [`Knobs`] change its behaviour at any moment (token
-//! lifetime, latency, injected [`Fault`]s), and [`Stats`] and
-//! [`RequestRecord`]s say exactly what the client sent, so that a test can
-//! assert "exactly one refresh" or "no refresh token was ever reused".
+//! lifetime, latency, answer delay, scope strictness, injected [`Fault`]s),
+//! and [`Stats`] and [`RequestRecord`]s say exactly what the client sent, so
+//! that a test can assert "exactly one refresh" or "no refresh token was ever
+//! reused".
+//!
+//! # Lost answers
+//!
+//! `latency_ms` delays a request before it is processed; `answer_delay_ms`
+//! delays its answer after. During the second wait the provider has already
+//! acted (rotated the refresh token, revoked a grant for reuse, used up a code)
+//! and recorded the request in [`Stats`] and [`RequestRecord`]s, so a test can
+//! watch "the provider rotated" happen before the client hears of it, and a
+//! client that times out meanwhile holds a refresh token the provider has
+//! rotated out. Fault answers are held back too; `drop` and `hang` are not.
+//!
+//! # Scope
+//!
+//! By default scope is handled as PandaDoc does: a grant's `scope` is what the
+//! authorization request named (or `read+write`), token answers repeat it, and
+//! a refresh's `scope` is accepted and ignored. With `oidc_scopes`, the
+//! provider is a strict standard OpenID provider: scopes are space-separated
+//! lists of names once form-decoded (so `read+write` sent as `read%2Bwrite`
+//! is one name, and sent as `read+write` is two); the refresh token is granted
+//! the authorized scope minus `offline_access`; a refresh whose `scope` names
+//! anything else is answered 400 `invalid_scope` and rotates nothing
+//! ([`Stats::scope_refused`]), one without `scope` gets the whole granted
+//! scope, and one naming a part of it gets an access token of that part. [`GrantInfo::scope`] is the scope granted now,
+//! and [`RequestRecord::scope_raw`] the `scope` parameter exactly as the
+//! client encoded it.
 //!
 //! # JSON shapes
 //!
@@ -34,15 +60,32 @@
 //! by `kind`, in snake_case:
 //!
 //! ```json
-//! {"token_lifetime_secs":31535999,"latency_ms":0,"rotate_refresh_tokens":true,
-//!  "strict_reuse":true,"error_rate_5xx":0.0,
+//! {"token_lifetime_secs":31535999,"latency_ms":0,"answer_delay_ms":1500,
+//!  "rotate_refresh_tokens":true,"strict_reuse":true,"error_rate_5xx":0.0,
 //!  "fault":{"kind":"too_many_requests","retry_after_secs":5},
-//!  "fault_on":"token","fault_count":2,"deny_authorization":false,"code_lifetime_secs":600}
+//!  "fault_on":"token","fault_count":2,"deny_authorization":false,"code_lifetime_secs":600,
+//!  "oidc_scopes":true}
 //! ```
 //!
 //! `kind` is one of `status500`, `status503`, `too_many_requests`, `garbage`,
 //! `truncated`, `drop`, `hang`, `invalid_client`, `invalid_grant`; `fault_on`
 //! one of `token`, `validate`, `both`.
+//!
+//! A [`RequestRecord`] of `GET /_admin/requests`, for a refresh whose form
+//! body had `scope=openid%20offline_access` and was refused under `oidc_scopes`:
+//!
+//! ```json
+//! {"at_ms":1042,"endpoint":"token","grant_type":"refresh_token",
+//!  "form_fields":["grant_type","client_id","client_secret","refresh_token","scope"],
+//!  "content_type":"application/x-www-form-urlencoded","client_auth":"client_secret_post",
+//!  "status":400,"fault":false,"scope_raw":"openid%20offline_access"}
+//! ```
+//!
+//! [`GrantInfo`] (`GET /_admin/grants/{id}`) says which scope is granted, as
+//! in `"scope":"openid profile"`, and [`Stats`] (`GET /_admin/stats`) how many
+//! refreshes were refused for scope, as in `"scope_refused":1`. Like the
+//! knobs, these three fields take their defaults when missing, so JSON written
+//! before they existed still reads.
 //!
 //! # Example
 //!
@@ -79,8 +122,18 @@ pub struct Knobs {
     /// `expires_in` of issued access tokens; PandaDoc's is one year minus a second.
     /// Short lifetimes let tests watch tokens expire.
     pub token_lifetime_secs: u64,
-    /// Delay before answering token and validate requests, to model a slow provider.
+    /// Delay before processing token and validate requests, to model a slow
+    /// provider: a client that gives up meanwhile has changed nothing.
     pub latency_ms: u64,
+    /// Delay between processing a token or validate request and sending its
+    /// answer, on top of `latency_ms`. The request's effects (a refresh token
+    /// rotated, a grant revoked for reuse, a code used up) and its record and
+    /// counters are in place before the wait, so a client that gives up during
+    /// it has lost an answer whose effects already happened: the strictest
+    /// behaviour of a real server, which tokend must survive. Fault answers
+    /// wait too; `Drop` and `Hang` do not. The value in force when the request
+    /// is processed applies.
+    pub answer_delay_ms: u64,
     /// Every refresh returns a new refresh token and the old one dies (on), or
     /// the same refresh token stays valid forever (off).
     pub rotate_refresh_tokens: bool,
@@ -101,6 +154,19 @@ pub struct Knobs {
     pub deny_authorization: bool,
     /// How long an authorization code can be exchanged.
     pub code_lifetime_secs: u64,
+    /// Scope as a strict standard OpenID provider treats it, rather than as
+    /// PandaDoc does (accepted and ignored on refresh). On: scopes are lists
+    /// of names separated by spaces once decoded (RFC 6749 §3.3); a grant's
+    /// refresh token is granted the authorized scope minus `offline_access`,
+    /// which token answers report as `scope`; a refresh may name a `scope`,
+    /// which must list only granted names, or it is answered 400
+    /// `{"error":"invalid_scope","error_description":"refresh token missing requested scope"}`
+    /// and nothing rotates (the refresh token stays valid). A refresh without
+    /// `scope` gets the whole granted scope (RFC 6749 §6); one naming a subset
+    /// gets an access token of that subset, while the refresh token keeps the
+    /// whole. Read when a request is processed, so it also applies to grants
+    /// made before it was turned on.
+    pub oidc_scopes: bool,
 }
 
 impl Default for Knobs {
@@ -116,6 +182,8 @@ impl Default for Knobs {
             fault_count: None,
             deny_authorization: false,
             code_lifetime_secs: 600,
+            answer_delay_ms: 0,
+            oidc_scopes: false,
         }
     }
 }
@@ -192,6 +260,9 @@ pub struct Stats {
     /// an Authorization header alongside (or instead of) form credentials, an
     /// unknown grant_type, an oversized body.
     pub bad_requests: u64,
+    /// Refreshes answered `invalid_scope` (only with the `oidc_scopes` knob).
+    #[serde(default)]
+    pub scope_refused: u64,
 }
 
 /// One request as the provider saw it, without any secret value.
@@ -214,6 +285,12 @@ pub struct RequestRecord {
     pub status: u16,
     /// Whether an injected fault answered.
     pub fault: bool,
+    /// The `scope` parameter of a token request's form body or an authorize
+    /// query exactly as sent, still encoded (`read%2Bwrite` and `read+write`
+    /// are different scopes once decoded); `None` when absent. Scope is no
+    /// secret.
+    #[serde(default)]
+    pub scope_raw: Option<String>,
 }
 
 /// A grant (one user's authorization of one client) as it stands now.
@@ -233,6 +310,10 @@ pub struct GrantInfo {
     pub rotations: u64,
     /// Why the grant was revoked.
     pub revoked_reason: Option<String>,
+    /// The scope granted to the grant's refresh token now: the authorized
+    /// scope, minus `offline_access` while the `oidc_scopes` knob is on.
+    #[serde(default)]
+    pub scope: String,
 }
 
 /// A grant created directly, as after a user's consent and a code exchange:
@@ -425,5 +506,61 @@ impl Drop for FakeProvider {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documented_knobs_json_parses() {
+        let knobs: Knobs = serde_json::from_str(
+            r#"{"token_lifetime_secs":31535999,"latency_ms":0,"answer_delay_ms":1500,
+                "rotate_refresh_tokens":true,"strict_reuse":true,"error_rate_5xx":0.0,
+                "fault":{"kind":"too_many_requests","retry_after_secs":5},
+                "fault_on":"token","fault_count":2,"deny_authorization":false,
+                "code_lifetime_secs":600,"oidc_scopes":true}"#,
+        )
+        .unwrap();
+        assert_eq!((knobs.answer_delay_ms, knobs.oidc_scopes), (1500, true));
+        let defaults: Knobs = serde_json::from_str(r#"{"latency_ms":200}"#).unwrap();
+        assert_eq!((defaults.answer_delay_ms, defaults.oidc_scopes), (0, false));
+        assert_eq!(
+            serde_json::to_value(Knobs::default()).unwrap()["answer_delay_ms"],
+            0
+        );
+    }
+
+    #[test]
+    fn new_fields_may_be_missing() {
+        let record: RequestRecord = serde_json::from_str(
+            r#"{"at_ms":1,"endpoint":"token","grant_type":null,"form_fields":[],
+                "content_type":null,"client_auth":null,"status":200,"fault":false}"#,
+        )
+        .unwrap();
+        assert_eq!(record.scope_raw, None);
+        let record: RequestRecord = serde_json::from_str(
+            r#"{"at_ms":1042,"endpoint":"token","grant_type":"refresh_token",
+                "form_fields":["grant_type","client_id","client_secret","refresh_token","scope"],
+                "content_type":"application/x-www-form-urlencoded",
+                "client_auth":"client_secret_post",
+                "status":400,"fault":false,"scope_raw":"openid%20offline_access"}"#,
+        )
+        .unwrap();
+        assert_eq!(record.scope_raw.as_deref(), Some("openid%20offline_access"));
+        let grant: GrantInfo = serde_json::from_str(
+            r#"{"grant_id":1,"client_id":"c","alive":true,"refresh_token":"frt_x",
+                "access_token":"fat_x","rotations":0,"revoked_reason":null}"#,
+        )
+        .unwrap();
+        assert_eq!(grant.scope, "");
+        let mut stats = serde_json::to_value(Stats::default()).unwrap();
+        assert_eq!(stats["scope_refused"], 0);
+        stats.as_object_mut().unwrap().remove("scope_refused");
+        assert_eq!(
+            serde_json::from_value::<Stats>(stats).unwrap(),
+            Stats::default()
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::encoding::{base64_decode, form_decode, parse_form};
+use crate::encoding::{base64_decode, form_decode, parse_form, raw_form_value};
 
 /// An error answer of the token endpoint (RFC 6749 §5.2).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,16 @@ impl OAuthError {
             status: 400,
             error: "invalid_grant",
             description: Some(description.into()),
+        }
+    }
+
+    /// A refresh asked for a scope name its refresh token was not granted
+    /// (RFC 6749 §6, with the `oidc_scopes` knob).
+    pub fn invalid_scope() -> Self {
+        OAuthError {
+            status: 400,
+            error: "invalid_scope",
+            description: Some("refresh token missing requested scope".into()),
         }
     }
 
@@ -82,7 +92,12 @@ pub enum GrantRequest {
         code_verifier: Option<String>,
     },
     /// `grant_type=refresh_token` (OAuth2RefreshAccessTokenRequest).
-    Refresh { refresh_token: String },
+    Refresh {
+        refresh_token: String,
+        /// The optional `scope` (RFC 6749 §6), decoded; `None` when omitted or
+        /// empty. Only the `oidc_scopes` knob looks at it.
+        scope: Option<String>,
+    },
 }
 
 /// What a token request said, for the records, and what it asks for.
@@ -94,6 +109,9 @@ pub struct TokenCall {
     pub fields: Vec<String>,
     /// How the client authenticated, when unambiguous.
     pub client_auth: Option<&'static str>,
+    /// The `scope` parameter as sent, still form-encoded (only when the body
+    /// is a form, as for `fields`).
+    pub scope_raw: Option<String>,
     /// The request, or why it violates the schema.
     pub request: Result<TokenRequest, OAuthError>,
 }
@@ -136,6 +154,10 @@ pub fn parse_token_request(
             .get(..6)
             .is_some_and(|scheme| scheme.eq_ignore_ascii_case("basic "))
     });
+    let scope_raw = is_form(content_type)
+        .then(|| raw_form_value(body, "scope"))
+        .flatten()
+        .map(|raw| String::from_utf8_lossy(raw).into_owned());
     let form_secret = form.iter().flatten().any(|(n, _)| n == "client_secret");
     let client_auth = match (basic, form_secret) {
         (true, false) => Some("client_secret_basic"),
@@ -162,6 +184,7 @@ pub fn parse_token_request(
         grant_type,
         fields,
         client_auth,
+        scope_raw,
         request,
     }
 }
@@ -225,6 +248,7 @@ fn token_request(
             refresh_token: take("refresh_token").ok_or_else(|| {
                 OAuthError::invalid_request("missing required parameter refresh_token")
             })?,
+            scope: take("scope"),
         }
     };
     Ok(TokenRequest {
@@ -247,6 +271,47 @@ fn single_valued(pairs: Vec<(String, String)>) -> Result<HashMap<String, String>
     }
     params.retain(|_, value| !value.is_empty());
     Ok(params)
+}
+
+/// The names in a scope (RFC 6749 §3.3: separated by spaces, order and
+/// repetition meaningless), each once, in order of first appearance. Runs of
+/// spaces are tolerated rather than refused: the point of `oidc_scopes` is
+/// which names a client asks for, not its whitespace.
+pub fn scope_names(scope: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    for name in scope.split(' ').filter(|name| !name.is_empty()) {
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// What a strict OpenID provider grants a refresh token for an authorized
+/// scope: the same names but `offline_access`, which asked for the refresh
+/// token itself (OpenID Connect Core §11) and is not kept as a scope of it. A
+/// client that repeats its authorization scope on refresh is then refused.
+pub fn oidc_granted_scope(authorized: &str) -> String {
+    scope_names(authorized)
+        .into_iter()
+        .filter(|name| *name != "offline_access")
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The scope a refresh's access token gets under `oidc_scopes` (RFC 6749
+/// §6): the requested names when the request names any and all of them were
+/// granted, else `invalid_scope`; the whole granted scope when it names none.
+pub fn oidc_refresh_scope(granted: &str, requested: Option<&str>) -> Result<String, OAuthError> {
+    let requested = requested.map(scope_names).unwrap_or_default();
+    if requested.is_empty() {
+        return Ok(granted.to_owned());
+    }
+    let granted = scope_names(granted);
+    if requested.iter().any(|name| !granted.contains(name)) {
+        return Err(OAuthError::invalid_scope());
+    }
+    Ok(requested.join(" "))
 }
 
 /// Client credentials from `Authorization: Basic` (RFC 6749 §2.3.1: the id
@@ -374,7 +439,93 @@ mod tests {
             (r.client_id.as_str(), r.client_secret.as_str()),
             ("a", "s+x")
         );
-        assert!(matches!(r.grant, GrantRequest::Refresh { refresh_token } if refresh_token == "r"));
+        assert!(matches!(
+            r.grant,
+            GrantRequest::Refresh { refresh_token, scope }
+                if refresh_token == "r" && scope.as_deref() == Some("read write")
+        ));
+        assert_eq!(c.scope_raw.as_deref(), Some("read+write"));
+    }
+
+    #[test]
+    fn refresh_scope_is_optional_and_single() {
+        let ok = "grant_type=refresh_token&client_id=a&client_secret=s&refresh_token=r";
+        let scope_of = |body: &str| match call(None, body).request.unwrap().grant {
+            GrantRequest::Refresh { scope, .. } => scope,
+            GrantRequest::Code { .. } => panic!("not a refresh"),
+        };
+        assert_eq!(scope_of(ok), None);
+        // An empty parameter counts as omitted (RFC 6749 §3.1).
+        assert_eq!(scope_of(&format!("{ok}&scope=")), None);
+        assert_eq!(
+            scope_of(&format!("{ok}&scope=read%2Bwrite")).as_deref(),
+            Some("read+write")
+        );
+        assert_eq!(
+            scope_of(&format!("scope=openid+profile&{ok}")).as_deref(),
+            Some("openid profile")
+        );
+        let repeated = call(None, &format!("{ok}&scope=a&scope=b"));
+        assert_eq!(repeated.scope_raw.as_deref(), Some("a"));
+        assert_eq!(error_of(repeated), "invalid_request");
+        // A bad escape anywhere still rejects the body, yet the raw scope is recorded.
+        let malformed = call(None, &format!("{ok}&scope=a%2Bb&x=%zz"));
+        assert!(malformed.fields.is_empty());
+        assert_eq!(malformed.scope_raw.as_deref(), Some("a%2Bb"));
+        assert_eq!(error_of(malformed), "invalid_request");
+        // A code exchange may carry one too, ignored as before.
+        let code = call(
+            None,
+            "grant_type=authorization_code&client_id=a&client_secret=s&code=c&scope=x",
+        );
+        assert_eq!(code.scope_raw.as_deref(), Some("x"));
+        assert!(matches!(
+            code.request.unwrap().grant,
+            GrantRequest::Code { .. }
+        ));
+        assert_eq!(call(None, ok).scope_raw, None);
+        // Not a form: neither names nor the scope are read from it.
+        let json = parse_token_request(true, Some("application/json"), None, b"scope=x");
+        assert_eq!(json.scope_raw, None);
+    }
+
+    #[test]
+    fn scope_lists() {
+        assert_eq!(scope_names("openid  read openid "), ["openid", "read"]);
+        assert!(scope_names("").is_empty());
+        assert_eq!(scope_names("read+write"), ["read+write"]);
+        assert_eq!(
+            oidc_granted_scope("openid offline_access read offline_access"),
+            "openid read"
+        );
+        assert_eq!(oidc_granted_scope("offline_access"), "");
+        assert_eq!(oidc_granted_scope("read+write"), "read+write");
+    }
+
+    #[test]
+    fn oidc_refresh_scopes() {
+        let granted = "openid profile read";
+        assert_eq!(oidc_refresh_scope(granted, None).unwrap(), granted);
+        assert_eq!(oidc_refresh_scope(granted, Some(" ")).unwrap(), granted);
+        assert_eq!(
+            oidc_refresh_scope(granted, Some("read  openid read")).unwrap(),
+            "read openid"
+        );
+        assert_eq!(
+            oidc_refresh_scope(granted, Some("read profile openid")).unwrap(),
+            "read profile openid"
+        );
+        let refused = oidc_refresh_scope(granted, Some("openid offline_access")).unwrap_err();
+        assert_eq!(
+            refused.body(),
+            serde_json::json!({"error": "invalid_scope",
+                               "error_description": "refresh token missing requested scope"})
+        );
+        assert_eq!(refused.status, 400);
+        assert!(oidc_refresh_scope("", Some("openid")).is_err());
+        // PandaDoc's scope is one name with a plus in it, not two names.
+        assert!(oidc_refresh_scope("read+write", Some("read write")).is_err());
+        assert!(oidc_refresh_scope("read+write", Some("read+write")).is_ok());
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::encoding::base64url_nopad;
 use crate::oauth::{
     AuthorizeRequest, Challenge, GrantRequest, OAuthError, TokenRequest, TokenResponse,
+    oidc_granted_scope, oidc_refresh_scope,
 };
 use crate::{Fault, FaultTarget, GrantInfo, Knobs, MintedGrant, RequestRecord, Stats, sha256};
 
@@ -61,6 +62,9 @@ struct Code {
 /// One user's authorization of one client.
 struct Grant {
     client_id: String,
+    /// The scope the user authorized, as the authorization request (or
+    /// mint_grant) named it; what is granted follows from it and the knobs
+    /// ([`granted_scope`]).
     scope: String,
     alive: bool,
     revoked_reason: Option<String>,
@@ -110,6 +114,16 @@ fn deadline(secs: u64) -> Option<Instant> {
 
 fn expired(at: Option<Instant>) -> bool {
     at.is_some_and(|at| Instant::now() >= at)
+}
+
+/// The scope granted to a grant's refresh token, from the authorized scope:
+/// verbatim, as PandaDoc does, or the strict OpenID reading with `oidc_scopes`.
+fn granted_scope(authorized: &str, oidc_scopes: bool) -> String {
+    if oidc_scopes {
+        oidc_granted_scope(authorized)
+    } else {
+        authorized.to_owned()
+    }
 }
 
 impl State {
@@ -208,8 +222,11 @@ impl State {
                 self.stats.code_exchanges_ok += 1;
                 Ok(response)
             }
-            GrantRequest::Refresh { refresh_token } => {
-                let response = self.refresh(&client_id, &refresh_token)?;
+            GrantRequest::Refresh {
+                refresh_token,
+                scope,
+            } => {
+                let response = self.refresh(&client_id, &refresh_token, scope.as_deref())?;
                 self.stats.refreshes_ok += 1;
                 Ok(response)
             }
@@ -262,17 +279,23 @@ impl State {
         if let Some(entry) = self.codes.get_mut(code) {
             entry.used_by = Some(grant_id);
         }
-        Ok(self.token_response(grant_id))
+        let granted = granted_scope(&scope, self.knobs.oidc_scopes);
+        Ok(self.token_response(grant_id, granted))
     }
 
+    /// A refresh; `scope` is the request's optional scope, which only
+    /// `oidc_scopes` checks, after the token (so reuse is still detected) and
+    /// before anything changes (so a refused refresh rotates nothing).
     fn refresh(
         &mut self,
         client_id: &str,
         refresh_token: &str,
+        scope: Option<&str>,
     ) -> Result<TokenResponse, OAuthError> {
         let unknown = || OAuthError::invalid_grant("unknown refresh token");
         let grant_id = *self.refresh_tokens.get(refresh_token).ok_or_else(unknown)?;
         let (strict, rotate) = (self.knobs.strict_reuse, self.knobs.rotate_refresh_tokens);
+        let oidc_scopes = self.knobs.oidc_scopes;
         let grant = self.grant_mut(grant_id).ok_or_else(unknown)?;
         if grant.client_id != client_id {
             return Err(OAuthError::invalid_grant(
@@ -289,13 +312,24 @@ impl State {
         if !grant.alive {
             return Err(OAuthError::invalid_grant("grant revoked"));
         }
+        let access_scope = if oidc_scopes {
+            match oidc_refresh_scope(&oidc_granted_scope(&grant.scope), scope) {
+                Ok(access_scope) => access_scope,
+                Err(error) => {
+                    self.stats.scope_refused += 1;
+                    return Err(error);
+                }
+            }
+        } else {
+            grant.scope.clone()
+        };
         grant.rotations += 1;
         if rotate {
             let new = new_token("frt_");
             grant.refresh_token = new.clone();
             self.refresh_tokens.insert(new, grant_id);
         }
-        Ok(self.token_response(grant_id))
+        Ok(self.token_response(grant_id, access_scope))
     }
 
     /// Creates a live grant with a first token pair; returns its id.
@@ -315,8 +349,9 @@ impl State {
         grant_id
     }
 
-    /// Issues a new access token for a grant and answers with the grant's pair.
-    fn token_response(&mut self, grant_id: u64) -> TokenResponse {
+    /// Issues a new access token for a grant and answers with the grant's
+    /// pair and the access token's `scope`.
+    fn token_response(&mut self, grant_id: u64, scope: String) -> TokenResponse {
         let access_token = new_token("fat_");
         let expires_in = self.knobs.token_lifetime_secs;
         self.access_tokens.insert(
@@ -333,7 +368,7 @@ impl State {
             token_type: "Bearer",
             expires_in,
             refresh_token: grant.refresh_token.clone(),
-            scope: grant.scope.clone(),
+            scope,
         }
     }
 
@@ -366,7 +401,8 @@ impl State {
             scope
         };
         let grant_id = self.new_grant(client_id, scope);
-        let response = self.token_response(grant_id);
+        let granted = granted_scope(scope, self.knobs.oidc_scopes);
+        let response = self.token_response(grant_id, granted);
         MintedGrant {
             grant_id,
             access_token: response.access_token,
@@ -387,10 +423,155 @@ impl State {
             access_token: grant.access_token.clone(),
             rotations: grant.rotations,
             revoked_reason: grant.revoked_reason.clone(),
+            scope: granted_scope(&grant.scope, self.knobs.oidc_scopes),
         })
     }
 
     pub fn grant_of_refresh_token(&self, refresh_token: &str) -> Option<u64> {
         self.refresh_tokens.get(refresh_token).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(oidc_scopes: bool) -> State {
+        let mut state = State::new(Knobs {
+            oidc_scopes,
+            ..Knobs::default()
+        });
+        state.add_client("c", "s");
+        state
+    }
+
+    fn refresh(
+        state: &mut State,
+        refresh_token: &str,
+        scope: Option<&str>,
+    ) -> Result<TokenResponse, OAuthError> {
+        state.token(TokenRequest {
+            client_id: "c".into(),
+            client_secret: "s".into(),
+            grant: GrantRequest::Refresh {
+                refresh_token: refresh_token.into(),
+                scope: scope.map(str::to_owned),
+            },
+        })
+    }
+
+    #[test]
+    fn oidc_refresh_gets_the_granted_scope_or_a_subset() {
+        let mut state = state(true);
+        let minted = state.mint_grant("c", "openid offline_access profile");
+        let info = state.grant_info(minted.grant_id).unwrap();
+        assert_eq!(info.scope, "openid profile");
+
+        let first = refresh(&mut state, &minted.refresh_token, None).unwrap();
+        assert_eq!(first.scope, "openid profile");
+        assert_ne!(first.refresh_token, minted.refresh_token);
+        let second = refresh(&mut state, &first.refresh_token, Some("profile")).unwrap();
+        assert_eq!(second.scope, "profile");
+        // The refresh token keeps the whole granted scope (RFC 6749 §6).
+        let third = refresh(&mut state, &second.refresh_token, Some("profile openid")).unwrap();
+        assert_eq!(third.scope, "profile openid");
+        let info = state.grant_info(minted.grant_id).unwrap();
+        assert_eq!((info.scope.as_str(), info.rotations), ("openid profile", 3));
+        assert_eq!(
+            (state.stats.refreshes_ok, state.stats.scope_refused),
+            (3, 0)
+        );
+    }
+
+    #[test]
+    fn oidc_refused_scope_rotates_nothing() {
+        let mut state = state(true);
+        let minted = state.mint_grant("c", "openid offline_access");
+        let before = state.grant_info(minted.grant_id).unwrap();
+
+        let refused = refresh(
+            &mut state,
+            &minted.refresh_token,
+            Some("openid offline_access"),
+        );
+        let error = refused.unwrap_err();
+        assert_eq!(error, OAuthError::invalid_scope());
+        assert_eq!(
+            refresh(&mut state, &minted.refresh_token, Some("email"))
+                .unwrap_err()
+                .error,
+            "invalid_scope"
+        );
+        assert_eq!(state.grant_info(minted.grant_id), Some(before));
+        assert_eq!(
+            (
+                state.stats.scope_refused,
+                state.stats.refreshes_ok,
+                state.stats.reuse_detected
+            ),
+            (2, 0, 0)
+        );
+        assert!(state.validate(&minted.access_token).is_some());
+
+        // The refresh token still works, and once rotated out, reuse is
+        // detected before scope is looked at.
+        let ok = refresh(&mut state, &minted.refresh_token, None).unwrap();
+        assert_eq!(ok.scope, "openid");
+        let reused = refresh(&mut state, &minted.refresh_token, Some("email")).unwrap_err();
+        assert_eq!(reused.error, "invalid_grant");
+        assert_eq!(
+            (state.stats.scope_refused, state.stats.reuse_detected),
+            (2, 1)
+        );
+    }
+
+    #[test]
+    fn scope_is_ignored_without_oidc_scopes() {
+        let mut state = state(false);
+        let minted = state.mint_grant("c", "openid offline_access");
+        assert_eq!(
+            state.grant_info(minted.grant_id).unwrap().scope,
+            "openid offline_access"
+        );
+        let ok = refresh(&mut state, &minted.refresh_token, Some("anything at all")).unwrap();
+        assert_eq!(ok.scope, "openid offline_access");
+        assert_eq!(state.stats.scope_refused, 0);
+        // PandaDoc's default scope, verbatim.
+        let default = state.mint_grant("c", "");
+        assert_eq!(
+            state.grant_info(default.grant_id).unwrap().scope,
+            "read+write"
+        );
+    }
+
+    #[test]
+    fn oidc_scopes_apply_to_code_grants_and_earlier_grants() {
+        let mut state = state(false);
+        let earlier = state.mint_grant("c", "openid offline_access");
+        state.knobs.oidc_scopes = true;
+        assert_eq!(state.grant_info(earlier.grant_id).unwrap().scope, "openid");
+        assert!(refresh(&mut state, &earlier.refresh_token, Some("offline_access")).is_err());
+
+        let code = state.issue_code(AuthorizeRequest {
+            client_id: "c".into(),
+            redirect_uri: "http://x/cb".into(),
+            scope: "offline_access openid read".into(),
+            state: None,
+            challenge: None,
+        });
+        let exchanged = state
+            .token(TokenRequest {
+                client_id: "c".into(),
+                client_secret: "s".into(),
+                grant: GrantRequest::Code {
+                    code,
+                    redirect_uri: None,
+                    code_verifier: None,
+                },
+            })
+            .unwrap();
+        assert_eq!(exchanged.scope, "openid read");
+        let refreshed = refresh(&mut state, &exchanged.refresh_token, Some("read")).unwrap();
+        assert_eq!(refreshed.scope, "read");
     }
 }

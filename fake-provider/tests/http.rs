@@ -996,3 +996,329 @@ async fn usable_and_droppable_inside_an_async_runtime() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     drop(p);
 }
+
+/// A raw refresh request (client_secret_post) with the given extra form text
+/// appended verbatim, so that a test controls how `scope` is encoded.
+fn raw_refresh_request(p: &FakeProvider, refresh_token: &str, extra: &str) -> String {
+    let body = form(&[
+        ("grant_type", "refresh_token"),
+        ("client_id", p.client_id()),
+        ("client_secret", p.client_secret()),
+        ("refresh_token", refresh_token),
+    ]) + extra;
+    format!(
+        "POST /oauth2/access_token HTTP/1.1\r\nHost: x\r\nContent-Type: {FORM}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn answer_delay_holds_back_an_answer_whose_effects_happened() {
+    let p = FakeProvider::start(Knobs {
+        answer_delay_ms: 5_000,
+        ..Knobs::default()
+    })
+    .unwrap();
+    let g = p.mint_grant(p.client_id(), "read+write");
+    let t = Instant::now();
+    let mut stream = connect(&p);
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    stream
+        .write_all(raw_refresh_request(&p, &g.refresh_token, "").as_bytes())
+        .unwrap();
+
+    // The provider rotates, counts and records before it answers.
+    wait_until(|| p.stats().refreshes_ok == 1);
+    let info = p.grant(g.grant_id).unwrap();
+    assert_eq!(info.rotations, 1);
+    assert_ne!(info.refresh_token, g.refresh_token);
+    let records = p.requests();
+    assert_eq!(
+        (records.len(), records[0].status, records[0].fault),
+        (1, 200, false)
+    );
+    let err = stream.read(&mut [0; 16]).unwrap_err();
+    assert!(matches!(
+        err.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ));
+    assert!(t.elapsed() < Duration::from_secs(5), "answered too early");
+
+    // The client gives up: its refresh token is already rotated out, and
+    // retrying with it is reuse, which kills the grant.
+    drop(stream);
+    p.update_knobs(|k| k.answer_delay_ms = 0);
+    let r = refresh(&p, &g.refresh_token);
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    assert!(!p.grant(g.grant_id).unwrap().alive);
+    assert_eq!(p.stats().reuse_detected, 1);
+}
+
+#[test]
+fn answer_delay_applies_to_every_answer_but_drop_and_hang() {
+    let p = FakeProvider::start(Knobs {
+        answer_delay_ms: 300,
+        ..Knobs::default()
+    })
+    .unwrap();
+    let g = p.mint_grant(p.client_id(), "read+write");
+    let timed = |f: &dyn Fn() -> Reply| {
+        let t = Instant::now();
+        let r = f();
+        (r.status, t.elapsed())
+    };
+    let (status, took) = timed(&|| validate(&p, &g.access_token));
+    assert_eq!(status, 200);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    let (status, took) = timed(&|| refresh(&p, &g.refresh_token));
+    assert_eq!(status, 200);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    // A schema violation is processed, then held back, too.
+    let (status, took) = timed(&|| token(&p, &[("grant_type", "refresh_token")]));
+    assert_eq!(status, 400);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+
+    p.update_knobs(|k| k.fault = Some(Fault::Status503));
+    let (status, took) = timed(&|| refresh(&p, "frt_whatever"));
+    assert_eq!(status, 503);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+    let (status, took) = timed(&|| validate(&p, &g.access_token));
+    assert_eq!(status, 503);
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+
+    // A dropped connection closes at once, delay or not.
+    p.update_knobs(|k| {
+        k.fault = Some(Fault::Drop);
+        k.answer_delay_ms = 60_000;
+    });
+    let t = Instant::now();
+    let mut stream = connect(&p);
+    stream
+        .write_all(raw_refresh_request(&p, "frt_whatever", "").as_bytes())
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    assert!(got.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(5));
+
+    // Admin routes are never held back.
+    let t = Instant::now();
+    assert_eq!(request(&p, "GET", "/_admin/stats", &[], "").status, 200);
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let faulted: Vec<u16> = p
+        .requests()
+        .iter()
+        .filter(|r| r.fault)
+        .map(|r| r.status)
+        .collect();
+    assert_eq!(faulted, [503, 503, 0]);
+}
+
+#[test]
+fn scope_raw_is_recorded_as_sent() {
+    let p = start();
+    let g = p.mint_grant(p.client_id(), "read+write");
+    // `refresh` form-encodes "read+write" as read%2Bwrite.
+    assert_eq!(refresh(&p, &g.refresh_token).status, 200);
+    let info = p.grant(g.grant_id).unwrap();
+    let mut stream = connect(&p);
+    stream
+        .write_all(raw_refresh_request(&p, &info.refresh_token, "&scope=read+write").as_bytes())
+        .unwrap();
+    assert_eq!(read_reply(&mut BufReader::new(stream)).unwrap().status, 200);
+    let info = p.grant(g.grant_id).unwrap();
+    let mut stream = connect(&p);
+    stream
+        .write_all(raw_refresh_request(&p, &info.refresh_token, "").as_bytes())
+        .unwrap();
+    assert_eq!(read_reply(&mut BufReader::new(stream)).unwrap().status, 200);
+    let r = request(
+        &p,
+        "GET",
+        "/oauth2/authorize?client_id=tokend-test-client&redirect_uri=http://x/cb&response_type=code&scope=read+write",
+        &[],
+        "",
+    );
+    assert_eq!(r.status, 302);
+    assert_eq!(authorize(&p, &[]).status, 302);
+    assert_eq!(validate(&p, &g.access_token).status, 200);
+
+    let recorded: Vec<(String, Option<String>)> = p
+        .requests()
+        .into_iter()
+        .map(|r| (r.endpoint, r.scope_raw))
+        .collect();
+    let expect = [
+        ("token", Some("read%2Bwrite")),
+        ("token", Some("read+write")),
+        ("token", None),
+        ("authorize", Some("read+write")),
+        ("authorize", Some("read%2Bwrite")),
+        ("validate", None),
+    ];
+    assert_eq!(recorded.len(), expect.len());
+    for ((endpoint, raw), (e_endpoint, e_raw)) in recorded.iter().zip(expect) {
+        assert_eq!((endpoint.as_str(), raw.as_deref()), (e_endpoint, e_raw));
+    }
+    let json = request(&p, "GET", "/_admin/requests", &[], "").json();
+    assert_eq!(json[0]["scope_raw"], "read%2Bwrite");
+    assert!(json[2]["scope_raw"].is_null());
+}
+
+#[test]
+fn oidc_scopes_refuse_ungranted_scope_on_refresh() {
+    let p = FakeProvider::start(Knobs {
+        oidc_scopes: true,
+        ..Knobs::default()
+    })
+    .unwrap();
+    let r = request(
+        &p,
+        "GET",
+        &format!(
+            "/oauth2/authorize?{}",
+            form(&[
+                ("client_id", p.client_id()),
+                ("redirect_uri", "http://x/cb"),
+                ("response_type", "code"),
+                ("scope", "openid offline_access profile"),
+            ])
+        ),
+        &[],
+        "",
+    );
+    let code = query_param(r.header("location").unwrap(), "code").unwrap();
+    let r = token(
+        &p,
+        &[
+            ("grant_type", "authorization_code"),
+            ("client_id", p.client_id()),
+            ("client_secret", p.client_secret()),
+            ("code", &code),
+        ],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["scope"], "openid profile");
+    let refresh_token = r.json()["refresh_token"].as_str().unwrap().to_owned();
+    let grant = p.grant_of_refresh_token(&refresh_token).unwrap();
+    assert_eq!(grant.scope, "openid profile");
+
+    // Repeating the authorization scope names offline_access: refused,
+    // nothing rotated.
+    let refused = token(
+        &p,
+        &[
+            ("grant_type", "refresh_token"),
+            ("client_id", p.client_id()),
+            ("client_secret", p.client_secret()),
+            ("refresh_token", &refresh_token),
+            ("scope", "openid offline_access profile"),
+        ],
+    );
+    assert_eq!(
+        (refused.status, refused.body.as_str()),
+        (
+            400,
+            r#"{"error":"invalid_scope","error_description":"refresh token missing requested scope"}"#
+        )
+    );
+    let after = p.grant(grant.grant_id).unwrap();
+    assert_eq!(after, grant);
+    let s = p.stats();
+    assert_eq!(
+        (
+            s.refresh_requests,
+            s.refreshes_ok,
+            s.scope_refused,
+            s.bad_requests
+        ),
+        (1, 0, 1, 0)
+    );
+    let admin = request(
+        &p,
+        "GET",
+        &format!("/_admin/grants/{}", grant.grant_id),
+        &[],
+        "",
+    );
+    assert_eq!(admin.json()["scope"], "openid profile");
+    assert_eq!(
+        request(&p, "GET", "/_admin/stats", &[], "").json()["scope_refused"],
+        1
+    );
+
+    // Without scope, the whole granted scope; with a subset, that subset.
+    let mut stream = connect(&p);
+    stream
+        .write_all(raw_refresh_request(&p, &refresh_token, "").as_bytes())
+        .unwrap();
+    let r = read_reply(&mut BufReader::new(stream)).unwrap();
+    assert_eq!(
+        (r.status, r.json()["scope"].as_str()),
+        (200, Some("openid profile"))
+    );
+    let refresh_token = r.json()["refresh_token"].as_str().unwrap().to_owned();
+    let mut stream = connect(&p);
+    stream
+        .write_all(raw_refresh_request(&p, &refresh_token, "&scope=profile").as_bytes())
+        .unwrap();
+    let r = read_reply(&mut BufReader::new(stream)).unwrap();
+    assert_eq!(
+        (r.status, r.json()["scope"].as_str()),
+        (200, Some("profile"))
+    );
+    assert_eq!(p.grant(grant.grant_id).unwrap().scope, "openid profile");
+}
+
+#[test]
+fn oidc_scopes_split_on_decoded_spaces() {
+    let p = FakeProvider::start(Knobs {
+        oidc_scopes: true,
+        ..Knobs::default()
+    })
+    .unwrap();
+    // PandaDoc's scope, "read+write", is a single name once decoded.
+    let g = p.mint_grant(p.client_id(), "read+write");
+    let send = |refresh_token: &str, extra: &str| {
+        let mut stream = connect(&p);
+        stream
+            .write_all(raw_refresh_request(&p, refresh_token, extra).as_bytes())
+            .unwrap();
+        read_reply(&mut BufReader::new(stream)).unwrap()
+    };
+    // read+write on the wire decodes to two names, "read" and "write".
+    let r = send(&g.refresh_token, "&scope=read+write");
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("invalid_scope"))
+    );
+    // read%2Bwrite decodes to the one granted name.
+    let r = send(&g.refresh_token, "&scope=read%2Bwrite");
+    assert_eq!(
+        (r.status, r.json()["scope"].as_str()),
+        (200, Some("read+write"))
+    );
+    // Still a bad request when repeated, before any scope check.
+    let refresh_token = r.json()["refresh_token"].as_str().unwrap().to_owned();
+    let r = send(&refresh_token, "&scope=read%2Bwrite&scope=read%2Bwrite");
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    let s = p.stats();
+    assert_eq!((s.scope_refused, s.bad_requests, s.refreshes_ok), (1, 1, 1));
+    let raws: Vec<Option<String>> = p.requests().into_iter().map(|r| r.scope_raw).collect();
+    assert_eq!(
+        raws,
+        [
+            Some("read+write".to_owned()),
+            Some("read%2Bwrite".to_owned()),
+            Some("read%2Bwrite".to_owned())
+        ]
+    );
+}
