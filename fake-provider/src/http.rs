@@ -217,11 +217,19 @@ async fn token(shared: &Shared, parts: &Parts, body: &[u8], mut record: RequestR
     delay(shared).await;
     let (reply, answer_delay_ms) = {
         let mut state = shared.lock();
-        let reply = match state.take_fault(FaultTarget::Token) {
-            Some(fault) => {
-                record.fault = true;
-                fault_reply(&fault)
-            }
+        let fault = state.take_fault(FaultTarget::Token);
+        record.fault = fault.is_some();
+        let reply = match fault {
+            Some(Fault::TokenType { token_type }) => Reply::Send(
+                match call.request.and_then(|request| state.token(request)) {
+                    Ok(tokens) => token_json(&TokenResponse {
+                        token_type,
+                        ..tokens
+                    }),
+                    Err(error) => oauth_error(&error),
+                },
+            ),
+            Some(fault) => fault_reply(&fault),
             None => Reply::Send(
                 match call.request.and_then(|request| state.token(request)) {
                     Ok(tokens) => token_json(&tokens),
@@ -248,7 +256,11 @@ async fn validate(shared: &Shared, parts: &Parts, record: RequestRecord) -> Repl
 /// the `answer_delay_ms` in force.
 fn validate_now(shared: &Shared, parts: &Parts, mut record: RequestRecord) -> (Reply, u64) {
     let mut state = shared.lock();
-    let reply = if let Some(fault) = state.take_fault(FaultTarget::Validate) {
+    // A token_type fault has nothing to change in a validation: it answers as usual.
+    let fault = state
+        .take_fault(FaultTarget::Validate)
+        .filter(|f| !matches!(f, Fault::TokenType { .. }));
+    let reply = if let Some(fault) = fault {
         record.fault = true;
         fault_reply(&fault)
     } else if parts.method != Method::GET {
@@ -454,6 +466,9 @@ fn fault_reply(fault: &Fault) -> Reply {
         Fault::Hang => return Reply::Hang,
         Fault::InvalidClient => json(401, &json!({"error": "invalid_client"})),
         Fault::InvalidGrant => json(400, &json!({"error": "invalid_grant"})),
+        Fault::OauthError { status, error } => json(*status, &json!({"error": error})),
+        // Answered by `token` itself, which processes the request first.
+        Fault::TokenType { .. } => json(500, &json!({"error": "server_error"})),
     })
 }
 

@@ -68,7 +68,9 @@
 //! ```
 //!
 //! `kind` is one of `status500`, `status503`, `too_many_requests`, `garbage`,
-//! `truncated`, `drop`, `hang`, `invalid_client`, `invalid_grant`; `fault_on`
+//! `truncated`, `drop`, `hang`, `invalid_client`, `invalid_grant`,
+//! `oauth_error` (with `status` and `error`), `token_type` (with
+//! `token_type`: processed as usual, answered with that type); `fault_on`
 //! one of `token`, `validate`, `both`.
 //!
 //! A [`RequestRecord`] of `GET /_admin/requests`, for a refresh whose form
@@ -216,6 +218,14 @@ pub enum Fault {
     InvalidClient,
     /// 400 `{"error":"invalid_grant"}`: the grant died on the provider's side.
     InvalidGrant,
+    /// `status` with `{"error": error}`: any other error code, such as RFC
+    /// 6749 §5.2's `temporarily_unavailable` or a provider's own.
+    OauthError { status: u16, error: String },
+    /// The request is processed as usual (a refresh rotates the refresh
+    /// token), but the success answer says this `token_type` instead of
+    /// Bearer: the rotated refresh token is in an answer a client may be
+    /// tempted to throw away.
+    TokenType { token_type: String },
 }
 
 /// The endpoints a [`Fault`] applies to.

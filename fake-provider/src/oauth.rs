@@ -68,7 +68,7 @@ impl OAuthError {
 #[derive(Debug, Clone, Serialize)]
 pub struct TokenResponse {
     pub access_token: String,
-    pub token_type: &'static str,
+    pub token_type: String,
     pub expires_in: u64,
     pub refresh_token: String,
     pub scope: String,

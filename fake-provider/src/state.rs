@@ -365,7 +365,7 @@ impl State {
         grant.access_token = access_token.clone();
         TokenResponse {
             access_token,
-            token_type: "Bearer",
+            token_type: "Bearer".to_owned(),
             expires_in,
             refresh_token: grant.refresh_token.clone(),
             scope,
