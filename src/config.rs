@@ -163,12 +163,33 @@ pub struct ProviderConfig {
     pub client_secret: Secret,
     pub redirect_uri: Option<Url>,
     pub scope: Option<String>,
+    /// Whether refresh requests carry `scope`. RFC 6749 §6 makes it optional
+    /// and a standard OpenID provider refuses names the refresh token was not
+    /// granted (`offline_access`), so only PandaDoc's presets send it, as
+    /// PandaDoc's OpenAPI example of the refresh request does.
+    pub refresh_scope: bool,
     pub authorize_url: Url,
     pub token_url: Url,
     pub validate_url: Url,
     pub token_auth: TokenAuth,
     pub pkce: bool,
     pub authorize_params: BTreeMap<String, String>,
+}
+
+impl ProviderConfig {
+    /// The `scope` of a token request's form. PandaDoc's one scope is named
+    /// `read+write` (its OpenAPI description, and its SDK sends that name,
+    /// which form encoding writes `read%2Bwrite`): presets send the name as
+    /// configured. Other providers get the RFC 6749 §3.3 list, names
+    /// separated by spaces, whichever of `+` and spaces the config used.
+    pub fn token_scope(&self) -> Option<String> {
+        let scope = self.scope.as_deref()?;
+        if self.preset.is_some() {
+            return Some(scope.to_owned());
+        }
+        let names: Vec<&str> = scope.split([' ', '+']).filter(|n| !n.is_empty()).collect();
+        (!names.is_empty()).then(|| names.join(" "))
+    }
 }
 
 /// Known providers whose URLs need not be written out.
@@ -367,6 +388,7 @@ struct RawProvider {
     client_secret_credential: Option<String>,
     redirect_uri: Option<String>,
     scope: Option<String>,
+    refresh_scope: Option<bool>,
     authorize_url: Option<String>,
     token_url: Option<String>,
     validate_url: Option<String>,
@@ -978,6 +1000,7 @@ fn validate_provider(
         client_secret: client_secret?,
         redirect_uri,
         scope,
+        refresh_scope: r.refresh_scope.unwrap_or(preset.is_some()),
         authorize_url: authorize_url?,
         token_url: token_url?,
         validate_url: validate_url?,
@@ -1242,6 +1265,10 @@ mod tests {
             "https://api.pandadoc.com/public/v1/members/current"
         );
         assert_eq!(p.scope.as_deref(), Some("read+write"));
+        assert!(
+            p.refresh_scope,
+            "PandaDoc's OpenAPI example sends scope on refresh"
+        );
         assert_eq!(p.client_secret.expose(), "s3cret");
         assert_eq!(p.token_auth, TokenAuth::ClientSecretPost);
         assert_eq!(c.refresh, RefreshConfig::default());
@@ -1342,6 +1369,7 @@ mod tests {
         let p = &c.providers["fake"];
         assert_eq!(p.token_auth, TokenAuth::ClientSecretBasic);
         assert_eq!(p.scope, None);
+        assert!(!p.refresh_scope, "RFC 6749 §6: omitted unless asked for");
     }
 
     #[test]

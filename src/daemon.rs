@@ -14,7 +14,7 @@ use crate::config::{self, Config};
 use crate::notify::Systemd;
 use crate::provider;
 use crate::publish;
-use crate::refresher::Refresher;
+use crate::refresher::{self, Refresher};
 use crate::socket::{Access, Bound};
 use crate::store::Store;
 use crate::watch::DirWatch;
@@ -114,16 +114,19 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     for t in notify_tasks {
         t.abort();
     }
+    // No provider request starts from now on; those in flight finish.
+    refresher.stop();
     let _ = shutdown_tx.send(true);
-    // The listener closes first; requests in progress get a few seconds.
-    server.stop().await;
     sweep.stop().await;
     watcher.abort();
-    // A refresh in flight completes and commits; its request is bounded by
-    // request_timeout, so that is the longest shutdown waits.
-    tasks
-        .join(current.refresh.request_timeout + Duration::from_secs(2))
-        .await;
+    // The listener closes at once; requests in progress get a few seconds
+    // (they only wait for refreshes, never own them). Meanwhile a refresh in
+    // flight completes and commits: its request is bounded by
+    // request_timeout, its commit by the grace after it.
+    tokio::join!(
+        server.stop(),
+        tasks.join(current.refresh.request_timeout + refresher::SHUTDOWN_COMMIT_GRACE)
+    );
     tracing::info!("stopped");
     Ok(())
 }

@@ -30,6 +30,11 @@ pub struct Tokens {
     pub refresh_token: Option<Secret>,
     pub expires_in: Option<Duration>,
     pub scope: Option<String>,
+    /// Set when `token_type` is not Bearer: the access token is of no use to
+    /// consumers, but a rotated refresh token in the same answer is the only
+    /// one that works now, so the refresher stores the pair before it calls
+    /// the credential misconfigured. The text says why.
+    pub unsupported: Option<String>,
 }
 
 /// Why a request did not give us a good token (or a verdict on one).
@@ -102,7 +107,8 @@ impl Client {
             ("grant_type", "refresh_token"),
             ("refresh_token", refresh_token.expose()),
         ];
-        if let Some(scope) = &p.scope {
+        let scope = p.token_scope().filter(|_| p.refresh_scope);
+        if let Some(scope) = &scope {
             form.push(("scope", scope));
         }
         self.token_request(p, form, timeout, &[refresh_token], DEAD_REFRESH_TOKEN)
@@ -121,7 +127,8 @@ impl Client {
             ("grant_type", "authorization_code"),
             ("code", code.expose()),
         ];
-        if let Some(scope) = &p.scope {
+        let scope = p.token_scope();
+        if let Some(scope) = &scope {
             form.push(("scope", scope));
         }
         // PandaDoc's schema has no redirect_uri field; RFC 6749 requires it
@@ -135,8 +142,15 @@ impl Client {
         if let Some(v) = pkce_verifier {
             form.push(("code_verifier", v.expose()));
         }
-        self.token_request(p, form, timeout, &[code], DEAD_CODE)
-            .await
+        let tokens = self
+            .token_request(p, form, timeout, &[code], DEAD_CODE)
+            .await?;
+        // Nothing is stored yet and the code is spent: a human runs the
+        // authorization again once the provider is fixed.
+        match tokens.unsupported {
+            Some(reason) => Err(Failure::Misconfigured { reason }),
+            None => Ok(tokens),
+        }
     }
 
     async fn token_request(
@@ -332,26 +346,34 @@ pub fn classify_token(
                 .and_then(|v| v.to_str().ok())
                 .map(|t| format!(" of {}", snippet(t.as_bytes(), secrets)))
                 .unwrap_or_default();
-            return Err(Failure::transient(format!(
-                "{WHAT}: answer {status} is not a JSON token response ({} bytes{kind})",
-                body.len()
-            )));
+            // A success the provider acted on: the refresh token it rotated
+            // may be in the part we could not read.
+            return Err(Failure::Transient {
+                reason: format!(
+                    "{WHAT}: answer {status} is not a JSON token response ({} bytes{kind})",
+                    body.len()
+                ),
+                retry_after: None,
+                outcome_unknown: true,
+            });
         };
         let Some(access_token) = raw.access_token.filter(|t| !t.is_empty()) else {
-            return Err(Failure::transient(format!(
-                "{WHAT}: answer {status} has no access_token"
-            )));
+            return Err(Failure::Transient {
+                reason: format!("{WHAT}: answer {status} has no access_token"),
+                retry_after: None,
+                outcome_unknown: true,
+            });
         };
-        if let Some(tt) = &raw.token_type {
-            if !tt.eq_ignore_ascii_case("bearer") {
-                return Err(Failure::Misconfigured {
-                    reason: format!(
-                        "{WHAT}: token_type {:?} is not supported (only Bearer)",
-                        snippet(tt.as_bytes(), secrets)
-                    ),
-                });
-            }
-        }
+        let unsupported = raw
+            .token_type
+            .as_deref()
+            .filter(|tt| !tt.eq_ignore_ascii_case("bearer"))
+            .map(|tt| {
+                format!(
+                    "{WHAT}: token_type {:?} is not supported (only Bearer)",
+                    snippet(tt.as_bytes(), secrets)
+                )
+            });
         let expires_in = match raw.expires_in {
             None | Some(serde_json::Value::Null) => None,
             Some(serde_json::Value::Number(n)) => n.as_f64(),
@@ -370,6 +392,7 @@ pub fn classify_token(
             refresh_token: raw.refresh_token.filter(|t| !t.is_empty()).map(Secret::new),
             expires_in,
             scope,
+            unsupported,
         });
     }
     let err = serde_json::from_slice::<RawError>(body).ok();
@@ -391,9 +414,13 @@ pub fn classify_token(
         ) => Err(Failure::Misconfigured {
             reason: format!("{WHAT}: {c}{desc}: check the provider's client_id, secret and scope"),
         }),
-        Some(other) if status == StatusCode::BAD_REQUEST => Err(Failure::Permanent {
-            reason: format!("{WHAT}: {}{desc}", snippet(other.as_bytes(), secrets)),
-        }),
+        // `temporarily_unavailable`, `server_error`, `slow_down` or a code of
+        // the provider's own: nothing says the grant is dead, and calling it
+        // dead would take a live token away from its consumers.
+        Some(other) if status != StatusCode::UNAUTHORIZED => Err(Failure::transient(format!(
+            "{WHAT}: {} ({status}){desc}",
+            snippet(other.as_bytes(), secrets)
+        ))),
         _ if status == StatusCode::UNAUTHORIZED => Err(Failure::Misconfigured {
             reason: format!("{WHAT}: client authentication failed ({status})"),
         }),
@@ -567,16 +594,58 @@ mod tests {
     fn an_echo_in_token_type_is_redacted() {
         // Found by the fuzz target `provider`.
         let s = Secret::new("the-refresh-token");
-        let f = classify_token(
+        let t = classify_token(
             StatusCode::OK,
             &HeaderMap::new(),
-            br#"{"access_token":"a","token_type":"the-refresh-token"}"#,
+            br#"{"access_token":"a","token_type":"the-refresh-token","refresh_token":"r2"}"#,
             &[&s],
             DEAD_REFRESH_TOKEN,
         )
-        .unwrap_err();
-        assert!(matches!(f, Failure::Misconfigured { .. }), "{f:?}");
-        assert!(!f.describe().contains("the-refresh"), "{f:?}");
+        .unwrap();
+        let why = t.unsupported.expect("not Bearer");
+        assert!(!why.contains("the-refresh"), "{why}");
+        // The rotated refresh token is kept, to be stored before anything else.
+        assert_eq!(t.refresh_token.unwrap().expose(), "r2");
+    }
+
+    #[test]
+    fn only_invalid_grant_kills_a_grant() {
+        for code in [
+            "temporarily_unavailable",
+            "server_error",
+            "slow_down",
+            "invalid_token_of_our_own",
+        ] {
+            let body = format!(r#"{{"error":"{code}"}}"#);
+            assert!(
+                matches!(tok(400, &body), Err(Failure::Transient { .. })),
+                "{code}"
+            );
+        }
+        assert!(matches!(
+            tok(400, r#"{"error":"invalid_grant"}"#),
+            Err(Failure::Permanent { .. })
+        ));
+    }
+
+    #[test]
+    fn a_success_we_cannot_read_may_have_rotated() {
+        for body in [
+            "<html>",
+            r#"{"access_token":"#,
+            r#"{"token_type":"Bearer"}"#,
+        ] {
+            assert!(
+                matches!(
+                    tok(200, body),
+                    Err(Failure::Transient {
+                        outcome_unknown: true,
+                        ..
+                    })
+                ),
+                "{body}"
+            );
+        }
     }
 
     #[test]

@@ -11,12 +11,27 @@
 //!   (`max_concurrency`); workers are twice as many, so that the semaphore
 //!   stays busy while other workers wait on the store or the file system.
 //!
-//! A refresh goes: lease (notes "refresh started") → token request → commit
-//! as a compare-and-swap on the row's version → publish. Nothing is published
-//! or handed out before its commit.
+//! A refresh goes: provider slot → lease (notes "refresh started", takes a
+//! fencing value) → token request → commit as a compare-and-swap on the
+//! row's version and the lease's fence → publish. Nothing is published or
+//! handed out before its commit.
+//!
+//! A refresh belongs to the refresher, never to whoever asked for it: the
+//! socket and the CLI start one as a task of its own ([`Refresher::refresh_now`])
+//! and wait for its outcome, and may stop waiting (a client that hangs up,
+//! a wait that times out) without touching the refresh. Once a request may
+//! have reached the provider, only its committed answer (or its failure)
+//! ends it; on shutdown no new request starts and those in flight finish
+//! (see `docs/design.md`).
+//!
+//! Every path that could send a provider request asks one policy first,
+//! [`gate`]: nothing for `misconfigured` or `needs_reauthorization`, nothing
+//! before a `retrying` credential's next attempt or the provider's
+//! Retry-After.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -47,6 +62,20 @@ const STORE_RETRY: Duration = Duration::from_secs(5);
 /// provider already issued. There is no last attempt: giving the pair up
 /// would lose the grant, so only the process's end stops the retries.
 const COMMIT_RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long a lease outlives its request's timeout: the commit of the
+/// answer (one store write, which a busy database holds up for its 5 s
+/// busy timeout) must fit in it. A commit that is retried renews it.
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
+/// How long shutdown waits, beyond `request_timeout`, for refreshes in
+/// flight to commit. The systemd unit's TimeoutStopSec leaves room for both.
+pub const SHUTDOWN_COMMIT_GRACE: Duration = Duration::from_secs(30);
+/// When a credential of a provider succeeds after failures, the provider is
+/// back: its other `retrying` credentials are tried again within this long,
+/// spread at random, instead of sleeping out backoffs of up to `retry_max`.
+const RECOVERY_SPREAD: Duration = Duration::from_secs(5);
+/// At most one such nudge per provider this often, so that a provider that
+/// flaps costs each credential one extra request per interval at most.
+const RECOVERY_INTERVAL: Duration = Duration::from_secs(30);
 /// The first wait before files that could not be written are tried again
 /// (a full or read-only file system); it doubles, with jitter, up to
 /// MAX_SLEEP, so that a disk that stays full costs a log line every few
@@ -72,7 +101,7 @@ struct Pending {
     validate: bool,
     /// Write the files again (start-up, config reload).
     republish: bool,
-    /// Forget the backoff and try now (config reload fixed a misconfiguration).
+    /// Try a `misconfigured` credential again (a config reload may have fixed it).
     retry_now: bool,
 }
 
@@ -99,6 +128,9 @@ struct EntryState {
     /// says `refreshing` (the row says so too, but the entry keeps the row
     /// as it was before the lease).
     refreshing: bool,
+    /// An on-demand refresh task's outcome, while it runs: later callers
+    /// wait on it too instead of starting another (single-flight).
+    running: Option<watch::Receiver<bool>>,
     /// Why the files last failed to match the store (full disk, read-only
     /// directory), until a publish succeeds: shown in the status, since
     /// consumers then read an older token than the one stored.
@@ -122,6 +154,7 @@ impl Entry {
                 attempts: 0,
                 last_rejected: 0,
                 refreshing: false,
+                running: None,
                 publish_error: None,
                 publish_failures: 0,
                 republish_at: None,
@@ -166,6 +199,21 @@ impl Entry {
     }
 }
 
+/// Why an attempt did not bring a good token, as it is recorded.
+struct Setback {
+    state: State,
+    error: String,
+    /// The provider's Retry-After: a floor for the next attempt, on every path.
+    retry_after: Option<Duration>,
+    /// Keep the "refresh started" mark: the provider may have rotated.
+    outcome_unknown: bool,
+    /// The fencing value of the lease a refresh ran under; None for a
+    /// validation, which holds no lease.
+    lease: Option<i64>,
+    /// The event recorded in the store.
+    event: &'static str,
+}
+
 /// Messages to the scheduler task.
 enum Sched {
     /// The credential's next deadline (ms), or None to forget it.
@@ -203,6 +251,42 @@ pub struct Refresher {
     /// Bumped when a credential's state changes (or one comes or goes), so
     /// that the systemd status line is recomputed only then.
     states: watch::Sender<()>,
+    /// Set on shutdown: no new provider request starts.
+    stopping: AtomicBool,
+    /// On-demand refresh tasks running: shutdown waits for them.
+    inflight: InFlight,
+    /// When each provider's `retrying` credentials were last brought
+    /// forward after one of its credentials recovered (ms).
+    recovered_at: Mutex<HashMap<String, i64>>,
+}
+
+/// Counts tasks that may hold a provider's answer not yet committed, so that
+/// shutdown can wait for them (completion is observed, never forced).
+#[derive(Clone, Default)]
+struct InFlight(Arc<watch::Sender<usize>>);
+
+/// One task counted by [`InFlight`] until dropped.
+struct InFlightGuard(Arc<watch::Sender<usize>>);
+
+impl InFlight {
+    fn enter(&self) -> InFlightGuard {
+        self.0.send_modify(|n| *n += 1);
+        InFlightGuard(self.0.clone())
+    }
+
+    fn count(&self) -> usize {
+        *self.0.borrow()
+    }
+
+    async fn idle(&self) {
+        let _ = self.0.subscribe().wait_for(|n| *n == 0).await;
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }
 
 /// What the socket API and `tokend status` show of a credential: never a secret.
@@ -252,27 +336,82 @@ impl Status {
 pub enum TokenError {
     Unknown,
     NeedsReauthorization(Option<String>),
-    /// No token with enough time left, and a refresh did not bring one.
-    NoValidToken(Option<String>),
+    /// No unexpired token, and none could be had now: the last error, and
+    /// when the next attempt is due (ms) if one is planned.
+    NoValidToken {
+        why: Option<String>,
+        next_attempt: Option<i64>,
+    },
+}
+
+/// Whether a provider request for a credential may be sent now: the one
+/// policy every path asks (the schedule, socket reads, forced refreshes, the
+/// CLI without a daemon).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Gate {
+    Go,
+    /// Not before this instant (ms): the backoff of a `retrying` credential,
+    /// the provider's Retry-After, or a hold (a peer's lease, a store failure).
+    NotBefore(i64),
+    /// `misconfigured` (until a reload) or `needs_reauthorization` (until
+    /// someone authorizes again): nothing is sent.
+    Stopped,
+}
+
+/// The policy behind [`Gate`]. `hold` is the entry's own hold (ms).
+pub fn gate(c: &Credential, now: i64, hold: i64) -> Gate {
+    if matches!(c.state, State::NeedsReauthorization | State::Misconfigured) {
+        return Gate::Stopped;
+    }
+    let mut not_before = hold.max(c.not_before.unwrap_or(0));
+    if c.state == State::Retrying {
+        not_before = not_before.max(c.next_attempt_at.unwrap_or(0));
+    }
+    if not_before > now {
+        Gate::NotBefore(not_before)
+    } else {
+        Gate::Go
+    }
 }
 
 /// Handles to the refresher's tasks, for shutdown.
 pub struct Tasks {
     workers: Vec<JoinHandle<()>>,
     scheduler: JoinHandle<()>,
+    inflight: InFlight,
 }
 
 impl Tasks {
-    /// Waits for the workers to finish what they hold (a refresh in flight
-    /// completes and commits), at most `grace`; then abandons the rest.
+    /// Waits for the workers and the on-demand refreshes to finish what they
+    /// hold (a refresh in flight completes and commits), at most `grace`;
+    /// then abandons the rest (their "refresh started" mark tells the next
+    /// start). Call [`Refresher::stop`] first, so that nothing new starts.
     pub async fn join(self, grace: Duration) {
         self.scheduler.abort();
         let deadline = Instant::now() + grace;
+        let n = self.inflight.count();
+        if n > 0 {
+            tracing::info!(
+                refreshes = n,
+                "waiting for refreshes in flight to finish and commit"
+            );
+        }
         for w in self.workers {
             let abort = w.abort_handle();
             if tokio::time::timeout_at(deadline, w).await.is_err() {
+                tracing::error!(
+                    "a refresh did not finish within the shutdown grace; the next start will find it unfinished"
+                );
                 abort.abort();
             }
+        }
+        if tokio::time::timeout_at(deadline, self.inflight.idle())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "a refresh did not finish within the shutdown grace; the next start will find it unfinished"
+            );
         }
     }
 }
@@ -301,6 +440,9 @@ impl Refresher {
             sched: sched_tx,
             metrics: Metrics::default(),
             states: watch::Sender::new(()),
+            stopping: AtomicBool::new(false),
+            inflight: InFlight::default(),
+            recovered_at: Mutex::new(HashMap::new()),
         });
         {
             let mut entries = r.entries.write().unwrap();
@@ -348,7 +490,15 @@ impl Refresher {
         for n in names {
             r.reschedule(&n);
         }
-        Ok((r, Tasks { workers, scheduler }))
+        let inflight = r.inflight.clone();
+        Ok((
+            r,
+            Tasks {
+                workers,
+                scheduler,
+                inflight,
+            },
+        ))
     }
 
     /// A refresher holding one credential and running no tasks: for
@@ -380,6 +530,9 @@ impl Refresher {
             sched,
             metrics: Metrics::default(),
             states: watch::Sender::new(()),
+            stopping: AtomicBool::new(false),
+            inflight: InFlight::default(),
+            recovered_at: Mutex::new(HashMap::new()),
         };
         Ok(Some(Arc::new(r)))
     }
@@ -448,9 +601,13 @@ impl Refresher {
 
     /// A token with at least `min_remaining` left. One with less (or none)
     /// is refreshed first, joining a refresh already in flight, waiting at
-    /// most `wait`. Returns the token and its expiry.
+    /// most `wait`, if the backoff allows a request now. When no fresh token
+    /// can be had (the provider fails, the backoff or Retry-After says not
+    /// yet, the credential is misconfigured), the current token is handed
+    /// out while it has not expired, as the files keep it published.
+    /// Returns the token and its expiry.
     pub async fn fresh_token(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         wait: Duration,
     ) -> Result<(Secret, Option<i64>), TokenError> {
@@ -473,43 +630,113 @@ impl Refresher {
         if let Some(t) = fresh(&c) {
             return Ok(t);
         }
-        if c.state != State::NeedsReauthorization {
-            let _ = tokio::time::timeout(wait, self.refresh_now(name)).await;
+        if let Some(mut done) = self.start_refresh(name, &entry) {
+            let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
         }
         let c = entry.cred();
-        match fresh(&c) {
-            Some(t) => Ok(t),
-            None if c.state == State::NeedsReauthorization => {
-                Err(TokenError::NeedsReauthorization(c.last_error.clone()))
-            }
-            None => Err(TokenError::NoValidToken(c.last_error.clone())),
+        if let Some(t) = fresh(&c) {
+            return Ok(t);
+        }
+        if c.state == State::NeedsReauthorization {
+            return Err(TokenError::NeedsReauthorization(c.last_error.clone()));
+        }
+        match &c.access_token {
+            Some(t) if publishable(&c, now_ms()) => Ok((t.clone(), c.expires_at)),
+            _ => Err(TokenError::NoValidToken {
+                why: c.last_error.clone(),
+                next_attempt: c.next_attempt_at.filter(|_| c.state == State::Retrying),
+            }),
         }
     }
 
-    /// Refreshes now, or joins the refresh in flight. Returns the status
-    /// after it and whether the token changed; None for an unknown name.
-    pub async fn refresh_now(&self, name: &str) -> Option<(Status, bool)> {
+    /// Refreshes now, or joins the refresh in flight, if the backoff allows
+    /// a request now ([`gate`]); otherwise sends nothing. Returns the status
+    /// after it and whether the token changed; None for an unknown name. The
+    /// refresh runs as a task of its own: dropping this future stops the
+    /// waiting, never the refresh.
+    pub async fn refresh_now(self: &Arc<Self>, name: &str) -> Option<(Status, bool)> {
         let entry = self.entry(name)?;
-        let (before, attempts) = {
-            let st = entry.state.lock().unwrap();
-            (st.cred.version, st.attempts)
+        let before = {
+            let c = entry.cred();
+            if c.provider.is_empty() {
+                return None;
+            }
+            c.version
         };
-        {
+        if let Some(mut done) = self.start_refresh(name, &entry) {
+            let _ = done.wait_for(|d| *d).await;
+        }
+        // A pair stored without a usable access token (not Bearer) is no
+        // refresh to report: the credential is misconfigured.
+        let c = entry.cred();
+        let changed = c.version != before && c.state != State::Misconfigured;
+        Some((entry.status(now_ms()), changed))
+    }
+
+    /// Starts an on-demand refresh as a task owned by the refresher, or
+    /// joins the one running; returns what to wait on for its end. None when
+    /// nothing may be sent now ([`gate`]) or tokend is stopping.
+    fn start_refresh(
+        self: &Arc<Self>,
+        name: &str,
+        entry: &Arc<Entry>,
+    ) -> Option<watch::Receiver<bool>> {
+        let mut st = entry.state.lock().unwrap();
+        if let Some(done) = &st.running {
+            return Some(done.clone());
+        }
+        if self.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        // A refresh in flight (the scheduler's) is joined whatever the gate
+        // says now; otherwise the gate decides.
+        if !st.refreshing && gate(&st.cred, now_ms(), st.hold_until) != Gate::Go {
+            return None;
+        }
+        let attempts = st.attempts;
+        let (tx, rx) = watch::channel(false);
+        st.running = Some(rx.clone());
+        drop(st);
+        let (r, entry, name) = (self.clone(), entry.clone(), name.to_owned());
+        let guard = self.inflight.enter();
+        tokio::spawn(async move {
+            let _guard = guard;
+            r.run_refresh(&name, &entry, attempts).await;
+            entry.state.lock().unwrap().running = None;
+            let _ = tx.send(true);
+        });
+        Some(rx)
+    }
+
+    /// The body of an on-demand refresh task: under the credential's lock,
+    /// unless a refresh ended since it was asked for (then that one is the
+    /// answer), and only if the gate still says go.
+    async fn run_refresh(&self, name: &str, entry: &Entry, attempts: u64) {
+        let state_before = {
             let _guard = entry.lock.lock().await;
+            let state_before = entry.cred().state;
             let joined = entry.state.lock().unwrap().attempts != attempts;
-            if !joined {
+            let cred = entry.cred();
+            let hold = entry.state.lock().unwrap().hold_until;
+            if !joined && gate(&cred, now_ms(), hold) == Gate::Go {
                 let ctx = self.ctx();
-                let cred = entry.cred();
                 match ctx.config.providers.get(&cred.provider) {
-                    Some(p) => self.refresh(&ctx, &entry, &cred, p).await,
-                    None if cred.provider.is_empty() => return None,
-                    None => {}
+                    Some(p) => self.refresh(&ctx, entry, &cred, p).await,
+                    None => self.provider_missing(&ctx, entry, &cred).await,
                 }
             }
+            state_before
+        };
+        if entry.cred().state != state_before {
+            self.states.send_replace(());
         }
         self.reschedule(name);
-        let changed = entry.cred().version != before;
-        Some((entry.status(now_ms()), changed))
+    }
+
+    /// Stops starting provider requests: those in flight finish and commit
+    /// ([`Tasks::join`] waits for them). For shutdown.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
     }
 
     /// A consumer says the provider refused this token: re-validate, at most
@@ -795,8 +1022,10 @@ impl Refresher {
             return;
         }
         let mut cred = entry.cred();
+        // A reload may have fixed a misconfiguration; a `retrying`
+        // credential keeps its backoff (the provider set it, not us).
         if pending.retry_now
-            && matches!(cred.state, State::Misconfigured | State::Retrying)
+            && cred.state == State::Misconfigured
             && ctx.config.providers.contains_key(&cred.provider)
         {
             if let Ok(Commit::Done(c)) = self.store.reset_backoff(name).await {
@@ -809,7 +1038,7 @@ impl Refresher {
         }
         let now = now_ms();
         let hold = entry.state.lock().unwrap().hold_until;
-        let action = if hold > now {
+        let action = if gate(&cred, now, hold) != Gate::Go {
             Do::Nothing
         } else {
             decide(
@@ -826,23 +1055,7 @@ impl Refresher {
         }
         if action != Do::Nothing {
             match ctx.config.providers.get(&cred.provider) {
-                None => {
-                    let reason = format!(
-                        "provider {:?} is not in the configuration: add [providers.{}] and reload",
-                        cred.provider, cred.provider
-                    );
-                    self.fail(
-                        &ctx,
-                        &entry,
-                        &cred,
-                        State::Misconfigured,
-                        reason,
-                        None,
-                        false,
-                        "misconfigured",
-                    )
-                    .await;
-                }
+                None => self.provider_missing(&ctx, &entry, &cred).await,
                 Some(p) if action == Do::Validate => self.validate(&ctx, &entry, &cred, p).await,
                 Some(p) => self.refresh(&ctx, &entry, &cred, p).await,
             }
@@ -888,6 +1101,9 @@ impl Refresher {
         };
         let result = {
             let _slot = ctx.slots.acquire().await;
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
             let started = Instant::now();
             let r = self
                 .client
@@ -908,10 +1124,13 @@ impl Refresher {
                     Ok(Commit::Done(c)) => {
                         entry.adopt(*c);
                     }
-                    Ok(Commit::Conflict) => {}
+                    Ok(Commit::Conflict | Commit::LeaseLost) => {}
                     Err(e) => self.store_failed(entry, &cred.name, &e),
                 }
                 tracing::debug!(credential = %cred.name, "token validated");
+                if cred.failures > 0 {
+                    self.recovered(&cred.provider);
+                }
                 // The validation sweep doubles as a check of the files: one
                 // that was removed (a cleaned /run, a deleted directory) or
                 // altered is written again; an intact one costs a read.
@@ -929,17 +1148,15 @@ impl Refresher {
                 };
                 // A validation failure that is not a 401 says nothing about
                 // the token: it stays published while we retry.
-                self.fail(
-                    ctx,
-                    entry,
-                    cred,
-                    State::Retrying,
-                    f.describe(),
+                let setback = Setback {
+                    state: State::Retrying,
+                    error: f.describe(),
                     retry_after,
-                    false,
-                    "validation_failed",
-                )
-                .await;
+                    outcome_unknown: false,
+                    lease: None,
+                    event: "validation_failed",
+                };
+                self.fail(ctx, entry, cred, setback).await;
             }
         }
     }
@@ -953,6 +1170,22 @@ impl Refresher {
         st.refreshing = false;
     }
 
+    /// A credential whose provider is not in the configuration.
+    async fn provider_missing(&self, ctx: &Ctx, entry: &Entry, cred: &Credential) {
+        let setback = Setback {
+            state: State::Misconfigured,
+            error: format!(
+                "provider {:?} is not in the configuration: add [providers.{}] and reload",
+                cred.provider, cred.provider
+            ),
+            retry_after: None,
+            outcome_unknown: false,
+            lease: None,
+            event: "misconfigured",
+        };
+        self.fail(ctx, entry, cred, setback).await;
+    }
+
     async fn refresh_attempt(
         &self,
         ctx: &Ctx,
@@ -961,8 +1194,14 @@ impl Refresher {
         p: &ProviderConfig,
     ) {
         let name = &seen.name;
-        let ttl = ctx.config.refresh.request_timeout + Duration::from_secs(30);
-        let (cred, interrupted) = match self
+        // The provider slot first: the lease's lifetime covers the request
+        // and its commit, not the wait for a slot.
+        let slot = ctx.slots.acquire().await;
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
+        let (cred, interrupted, fence) = match self
             .store
             .take_lease(name, &self.holder, ttl, seen.version)
             .await
@@ -970,11 +1209,13 @@ impl Refresher {
             Ok(Lease::Taken {
                 credential,
                 interrupted,
+                fence,
             }) => {
                 entry.state.lock().unwrap().refreshing = true;
-                (*credential, interrupted)
+                (*credential, interrupted, fence)
             }
             Ok(Lease::Changed(row)) => {
+                drop(slot);
                 // A peer refreshed since we looked: take its result.
                 tracing::debug!(credential = %name, "already refreshed by another process");
                 if entry.adopt(*row) {
@@ -1002,7 +1243,7 @@ impl Refresher {
             );
         }
         let result = {
-            let _slot = ctx.slots.acquire().await;
+            let _slot = slot;
             let started = Instant::now();
             let r = self
                 .client
@@ -1013,13 +1254,14 @@ impl Refresher {
             r
         };
         self.metrics.refresh(match &result {
-            Ok(_) => RefreshOutcome::Ok,
+            Ok(t) if t.unsupported.is_none() => RefreshOutcome::Ok,
+            Ok(_) => RefreshOutcome::Misconfigured,
             Err(Failure::Permanent { .. }) => RefreshOutcome::Permanent,
             Err(Failure::Misconfigured { .. }) => RefreshOutcome::Misconfigured,
             Err(_) => RefreshOutcome::Transient,
         });
-        match result {
-            Ok(tokens) => self.commit(ctx, entry, &cred, tokens).await,
+        let setback = match result {
+            Ok(tokens) => return self.commit(ctx, entry, &cred, fence, tokens).await,
             Err(Failure::Permanent { reason }) => {
                 // A peer may have rotated the token under us: re-read first.
                 if let Ok(Some(row)) = self.store.get(name).await {
@@ -1033,38 +1275,30 @@ impl Refresher {
                         return;
                     }
                 }
-                let reason = if interrupted {
+                let error = if interrupted {
                     format!(
                         "{reason}; a previous refresh was interrupted before its answer was stored, and the provider had already rotated the refresh token: re-authorize"
                     )
                 } else {
                     format!("{reason}: re-authorize")
                 };
-                self.fail(
-                    ctx,
-                    entry,
-                    &cred,
-                    State::NeedsReauthorization,
-                    reason,
-                    None,
-                    false,
-                    "needs_reauthorization",
-                )
-                .await;
+                Setback {
+                    state: State::NeedsReauthorization,
+                    error,
+                    retry_after: None,
+                    outcome_unknown: false,
+                    lease: Some(fence),
+                    event: "needs_reauthorization",
+                }
             }
-            Err(Failure::Misconfigured { reason }) => {
-                self.fail(
-                    ctx,
-                    entry,
-                    &cred,
-                    State::Misconfigured,
-                    reason,
-                    None,
-                    false,
-                    "misconfigured",
-                )
-                .await;
-            }
+            Err(Failure::Misconfigured { reason }) => Setback {
+                state: State::Misconfigured,
+                error: reason,
+                retry_after: None,
+                outcome_unknown: false,
+                lease: Some(fence),
+                event: "misconfigured",
+            },
             Err(f) => {
                 let (retry_after, unknown) = match &f {
                     Failure::Transient {
@@ -1076,47 +1310,76 @@ impl Refresher {
                 };
                 // Keep the "refresh started" mark while the outcome is unknown,
                 // so a later invalid_grant can be explained.
-                self.fail(
-                    ctx,
-                    entry,
-                    &cred,
-                    State::Retrying,
-                    f.describe(),
+                Setback {
+                    state: State::Retrying,
+                    error: f.describe(),
                     retry_after,
-                    unknown || interrupted,
-                    "refresh_failed",
-                )
-                .await;
+                    outcome_unknown: unknown || interrupted,
+                    lease: Some(fence),
+                    event: "refresh_failed",
+                }
             }
-        }
+        };
+        self.fail(ctx, entry, &cred, setback).await;
     }
 
     /// Stores a new token pair, then publishes it. The provider may already
     /// have killed the old refresh token, so a store failure here (a locked
-    /// or full database) is retried until it lands or the process stops; if
-    /// it stops first, the "refresh started" mark tells the next start.
-    async fn commit(&self, ctx: &Ctx, entry: &Entry, cred: &Credential, tokens: provider::Tokens) {
+    /// or full database) is retried, renewing the lease, until it lands or
+    /// the process stops; if it stops first, the "refresh started" mark
+    /// tells the next start. A pair whose lease passed to another holder
+    /// meanwhile is not stored: the new holder's view stands.
+    async fn commit(
+        &self,
+        ctx: &Ctx,
+        entry: &Entry,
+        cred: &Credential,
+        fence: i64,
+        tokens: provider::Tokens,
+    ) {
         let name = &cred.name;
         let now = now_ms();
         let update = || TokenUpdate {
-            access_token: tokens.access_token.clone(),
+            // A token that is not Bearer is of no use to consumers: the
+            // stored one stays, beside the rotated refresh token.
+            access_token: tokens
+                .unsupported
+                .is_none()
+                .then(|| tokens.access_token.clone()),
             refresh_token: tokens.refresh_token.clone(),
             scope: tokens.scope.clone(),
             expires_at: tokens.expires_in.map(|d| now + d.as_millis() as i64),
         };
+        let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
         let mut delay = Duration::from_millis(250);
         for attempt in 1u64.. {
             match self
                 .store
-                .commit_refresh(name, &self.holder, cred.version, update())
+                .commit_refresh(name, &self.holder, fence, cred.version, update())
                 .await
             {
                 Ok(Commit::Done(c)) => {
                     let expires = c.expires_at.map(|e| crate::clock::span(e - now));
                     entry.adopt(*c);
                     let c = entry.cred();
+                    if let Some(reason) = tokens.unsupported {
+                        let setback = Setback {
+                            state: State::Misconfigured,
+                            error: format!(
+                                "{reason}; the rotated refresh token is stored, the old access token stays in use"
+                            ),
+                            retry_after: None,
+                            outcome_unknown: false,
+                            lease: None,
+                            event: "misconfigured",
+                        };
+                        return self.fail(ctx, entry, &c, setback).await;
+                    }
                     self.publish(ctx, &c).await;
                     tracing::info!(credential = %name, expires_in = expires.as_deref().unwrap_or("unknown"), "token refreshed");
+                    if cred.failures > 0 {
+                        self.recovered(&cred.provider);
+                    }
                     return;
                 }
                 Ok(Commit::Conflict) => {
@@ -1127,9 +1390,20 @@ impl Refresher {
                     self.enqueue(name, |p| p.reload = true);
                     return;
                 }
+                Ok(Commit::LeaseLost) => {
+                    tracing::error!(
+                        credential = %name,
+                        "refreshed, but this process's lease had expired and passed to another holder; the new token pair was not stored (the other holder's result stands)"
+                    );
+                    self.enqueue(name, |p| p.reload = true);
+                    return;
+                }
                 Err(StoreError::Closed) => break,
                 Err(e) => {
                     tracing::error!(credential = %name, attempt, error = %e, "cannot store the refreshed token pair; retrying");
+                    // Keep the lease while we retry, so that no peer takes
+                    // over and spends the old refresh token meanwhile.
+                    let _ = self.store.renew_lease(name, &self.holder, fence, ttl).await;
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(COMMIT_RETRY_MAX);
                 }
@@ -1141,46 +1415,40 @@ impl Refresher {
         );
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn fail(
-        &self,
-        ctx: &Ctx,
-        entry: &Entry,
-        cred: &Credential,
-        state: State,
-        error: String,
-        retry_after: Option<Duration>,
-        outcome_unknown: bool,
-        event: &'static str,
-    ) {
+    /// Records a failed attempt: the state, the backoff (never shorter than
+    /// the provider's Retry-After) and the error.
+    async fn fail(&self, ctx: &Ctx, entry: &Entry, cred: &Credential, s: Setback) {
         let r = &ctx.config.refresh;
         let failures = cred.failures.saturating_add(1);
-        let next = (state == State::Retrying).then(|| {
+        let now = now_ms();
+        let next = (s.state == State::Retrying).then(|| {
             let d = backoff(
                 failures,
                 r.retry_initial,
                 r.retry_max,
-                retry_after,
+                s.retry_after,
                 fastrand::f64(),
             );
-            now_ms() + d.as_millis() as i64
+            now + d.as_millis() as i64
         });
-        match state {
+        match s.state {
             State::Retrying => tracing::warn!(
-                credential = %cred.name, failures, retry_in = %crate::clock::span(next.unwrap_or_default() - now_ms()), error = %error,
+                credential = %cred.name, failures, retry_in = %crate::clock::span(next.unwrap_or_default() - now), error = %s.error,
                 "transient failure; will retry"
             ),
             _ => {
-                tracing::error!(credential = %cred.name, state = state.as_str(), error = %error, "credential stopped")
+                tracing::error!(credential = %cred.name, state = s.state.as_str(), error = %s.error, "credential stopped")
             }
         }
         let update = FailureUpdate {
-            state,
+            state: s.state,
             failures,
             next_attempt_at: next,
-            error,
-            outcome_unknown,
-            event,
+            error: s.error,
+            not_before: s.retry_after.map(|d| now + d.as_millis() as i64),
+            lease: s.lease,
+            outcome_unknown: s.outcome_unknown,
+            event: s.event,
         };
         match self
             .store
@@ -1191,11 +1459,83 @@ impl Refresher {
                 entry.adopt(*c);
             }
             Ok(Commit::Conflict) => self.enqueue(&cred.name, |p| p.reload = true),
+            Ok(Commit::LeaseLost) => {
+                tracing::error!(
+                    credential = %cred.name,
+                    "this process's lease had passed to another holder; its outcome was not stored"
+                );
+                self.enqueue(&cred.name, |p| p.reload = true);
+                return;
+            }
             Err(e) => return self.store_failed(entry, &cred.name, &e),
         }
-        if state == State::NeedsReauthorization {
+        if s.state == State::NeedsReauthorization {
             self.unpublish(ctx, &cred.name).await;
         }
+    }
+
+    /// One credential of `provider` just succeeded after failures: the
+    /// provider is back. Its other `retrying` credentials are tried again
+    /// within RECOVERY_SPREAD (never before a Retry-After), at most once per
+    /// RECOVERY_INTERVAL per provider.
+    fn recovered(&self, provider: &str) {
+        let now = now_ms();
+        {
+            let mut last = self.recovered_at.lock().unwrap();
+            let prev = last.get(provider).copied().unwrap_or(i64::MIN);
+            if now.saturating_sub(prev) < RECOVERY_INTERVAL.as_millis() as i64 {
+                return;
+            }
+            last.insert(provider.to_owned(), now);
+        }
+        let spread = RECOVERY_SPREAD.as_millis() as i64;
+        let items: Vec<(String, i64, i64)> = self
+            .entries
+            .read()
+            .unwrap()
+            .values()
+            .map(|e| e.cred())
+            .filter(|c| {
+                c.provider == provider
+                    && c.state == State::Retrying
+                    && c.next_attempt_at.is_some_and(|t| t > now + spread)
+            })
+            .map(|c| {
+                let at = now + (spread as f64 * fastrand::f64()) as i64;
+                (c.name.clone(), c.version, at)
+            })
+            .collect();
+        if items.is_empty() {
+            return;
+        }
+        tracing::info!(
+            provider,
+            credentials = items.len(),
+            "the provider answers again; trying its retrying credentials again soon"
+        );
+        let (store, sched) = (self.store.clone(), self.sched.clone());
+        let entries: HashMap<String, Arc<Entry>> = items
+            .iter()
+            .filter_map(|(n, _, _)| Some((n.clone(), self.entry(n)?)))
+            .collect();
+        let refresh = self.ctx().config.refresh.clone();
+        tokio::spawn(async move {
+            let Ok(rows) = store.bring_forward(items).await else {
+                return;
+            };
+            for row in rows {
+                let Some(e) = entries.get(&row.name) else {
+                    continue;
+                };
+                e.adopt(row);
+                let (c, jitter, hold) = {
+                    let st = e.state.lock().unwrap();
+                    (st.cred.clone(), st.jitter, st.hold_until)
+                };
+                let at = next_deadline(&c, now_ms(), &refresh, jitter).map(|t| t.max(hold));
+                let _ = sched.send(Sched::At(c.name.clone(), at));
+            }
+        });
     }
 
     fn store_failed(&self, entry: &Entry, name: &str, e: &StoreError) {
@@ -1385,6 +1725,7 @@ impl Credential {
             last_refresh_at: None,
             last_validated_at: None,
             refresh_started_at: None,
+            not_before: None,
             created_at: 0,
             updated_at: 0,
             version: 0,

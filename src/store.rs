@@ -24,7 +24,7 @@ use crate::clock::now_ms;
 use crate::secret::Secret;
 
 /// The schema version this build writes; `PRAGMA user_version` holds the file's.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// Events kept per credential: enough to explain the last few days, bounded.
 const EVENTS_KEPT: i64 = 20;
 /// Operations grouped into one transaction at most.
@@ -130,6 +130,9 @@ pub struct Credential {
     /// lease holder, it means the previous refresh never finished (a crash, or
     /// a request that got no answer): the provider may have rotated the token.
     pub refresh_started_at: Option<i64>,
+    /// The provider's Retry-After, as an instant (ms): no request before it,
+    /// whatever else would bring the next attempt forward.
+    pub not_before: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
     /// Bumped whenever the token pair changes: refresh commits compare-and-swap on it.
@@ -152,7 +155,10 @@ pub struct NewCredential {
 
 /// A successful refresh, to be committed.
 pub struct TokenUpdate {
-    pub access_token: Secret,
+    /// None keeps the stored access token and its expiry: the provider's
+    /// new one is unusable (not Bearer), but the rotated refresh token
+    /// beside it must be stored all the same.
+    pub access_token: Option<Secret>,
     /// None when the provider did not rotate: the old refresh token stays.
     pub refresh_token: Option<Secret>,
     pub scope: Option<String>,
@@ -165,6 +171,13 @@ pub struct FailureUpdate {
     pub failures: u32,
     pub next_attempt_at: Option<i64>,
     pub error: String,
+    /// The provider's Retry-After as an instant (ms), if it sent one.
+    pub not_before: Option<i64>,
+    /// The lease (its fencing value) a failed refresh ran under: the failure
+    /// is recorded only while that lease is still the current one, and then
+    /// clears the refresh's "started" mark unless `outcome_unknown`. None for
+    /// a validation, which never touches a refresh's mark (a peer's, maybe).
+    pub lease: Option<i64>,
     /// The request got no answer, so the provider may have acted on it: keep
     /// `refresh_started_at` so the next attempt knows.
     pub outcome_unknown: bool,
@@ -179,6 +192,9 @@ pub enum Lease {
         credential: Box<Credential>,
         /// A previous refresh started and never finished.
         interrupted: bool,
+        /// This lease's fencing value, bumped with every lease taken on the
+        /// credential: a commit under an older one is refused.
+        fence: i64,
     },
     /// Another process holds it.
     Busy { until: i64 },
@@ -195,6 +211,10 @@ pub enum Commit {
     /// The row changed since it was read (a peer refreshed, an operator
     /// re-imported or removed it): nothing was written.
     Conflict,
+    /// The lease this write was made under has passed to another holder
+    /// (it expired while this one stalled): nothing was written but an
+    /// event that says so, since the new holder's view is the true one.
+    LeaseLost,
 }
 
 /// A synchronous connection, for the command line and the store thread.
@@ -293,6 +313,24 @@ impl StoreConn {
                         expires_at INTEGER NOT NULL
                     );
                     PRAGMA user_version = 1;",
+                )?;
+                Ok(())
+            })?;
+        }
+        if v < 2 {
+            // Lease fencing, and the provider's Retry-After kept apart from
+            // the backoff so that nothing brings an attempt before it.
+            self.immediate(|c| {
+                // Another process may have migrated while we waited for the lock.
+                let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
+                if v >= 2 {
+                    return Ok(());
+                }
+                c.execute_batch(
+                    "ALTER TABLE credentials ADD COLUMN not_before INTEGER;
+                    ALTER TABLE credentials ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+                    ALTER TABLE leases ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+                    PRAGMA user_version = 2;",
                 )?;
                 Ok(())
             })?;
@@ -475,18 +513,67 @@ impl Store {
         .await
     }
 
-    /// Stores a refreshed token pair if the row is still at `version`, and
-    /// releases the lease, in one transaction.
+    /// Stores a refreshed token pair if the row is still at `version` and the
+    /// lease `fence` is still `holder`'s, and releases the lease, in one
+    /// transaction.
     pub async fn commit_refresh(
         &self,
         name: &str,
         holder: &str,
+        fence: i64,
         version: i64,
         update: TokenUpdate,
     ) -> Result<Commit> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.call(move |c| ops::commit_refresh(c, &name, &holder, version, &update))
+        self.call(move |c| ops::commit_refresh(c, &name, &holder, fence, version, &update))
             .await
+    }
+
+    /// Extends `holder`'s lease `fence` to `ttl` from now, while a commit of
+    /// what the provider answered is being retried. Returns whether the
+    /// lease is still ours.
+    pub async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        fence: i64,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE leases SET expires_at = ?4 WHERE name = ?1 AND holder = ?2 AND fence = ?3",
+                )?
+                .execute(params![name, holder, fence, now_ms() + ttl.as_millis() as i64])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Brings the next attempt of `retrying` credentials forward to the
+    /// given instants (never before their Retry-After), each only while its
+    /// token is still at the given version and its attempt is later. Returns
+    /// the rows that moved.
+    pub async fn bring_forward(&self, items: Vec<(String, i64, i64)>) -> Result<Vec<Credential>> {
+        self.call(move |c| {
+            let mut moved = Vec::new();
+            for (name, version, at) in &items {
+                let n = c
+                    .prepare_cached(
+                        "UPDATE credentials SET next_attempt_at = MAX(?3, COALESCE(not_before, 0)),
+                            rev = rev + 1
+                         WHERE name = ?1 AND version = ?2 AND state = 'retrying'
+                            AND next_attempt_at > MAX(?3, COALESCE(not_before, 0))",
+                    )?
+                    .execute(params![name, version, at])?;
+                if n > 0 {
+                    moved.extend(ops::get(c, name)?);
+                }
+            }
+            Ok(moved)
+        })
+        .await
     }
 
     /// Records a failed refresh or validation against the token `version` it
@@ -510,8 +597,8 @@ impl Store {
             .await
     }
 
-    /// Clears the failure count of a `misconfigured` or `retrying` credential
-    /// so that it is tried again now (after a config reload, say).
+    /// Clears the failure count of a `misconfigured` credential so that it is
+    /// tried again now (after a config reload that may have fixed it).
     pub async fn reset_backoff(&self, name: &str) -> Result<Commit> {
         let name = name.to_owned();
         self.call(move |c| ops::reset_backoff(c, &name)).await
@@ -622,7 +709,7 @@ mod ops {
 
     const COLUMNS: &str = "name, provider, access_token, refresh_token, scope, expires_at, \
         issued_at, state, failures, next_attempt_at, last_error, last_refresh_at, \
-        last_validated_at, refresh_started_at, created_at, updated_at, version, rev";
+        last_validated_at, refresh_started_at, created_at, updated_at, version, rev, not_before";
 
     fn from_row(r: &Row<'_>) -> rusqlite::Result<Credential> {
         Ok(Credential {
@@ -644,6 +731,7 @@ mod ops {
             updated_at: r.get(15)?,
             version: r.get(16)?,
             rev: r.get(17)?,
+            not_before: r.get(18)?,
         })
     }
 
@@ -732,10 +820,15 @@ mod ops {
         if cred.version != version {
             return Ok(Lease::Changed(Box::new(cred)));
         }
+        let fence: i64 = c
+            .prepare_cached(
+                "UPDATE credentials SET fence = fence + 1 WHERE name = ?1 RETURNING fence",
+            )?
+            .query_row([name], |r| r.get(0))?;
         c.prepare_cached(
-            "INSERT OR REPLACE INTO leases (name, holder, expires_at) VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO leases (name, holder, expires_at, fence) VALUES (?1, ?2, ?3, ?4)",
         )?
-        .execute(params![name, holder, now + ttl.as_millis() as i64])?;
+        .execute(params![name, holder, now + ttl.as_millis() as i64, fence])?;
         let interrupted = cred.refresh_started_at.is_some();
         if interrupted {
             event(
@@ -753,23 +846,61 @@ mod ops {
         Ok(Lease::Taken {
             credential: Box::new(cred),
             interrupted,
+            fence,
         })
+    }
+
+    /// Whether `holder`'s lease `fence` is the credential's current lease.
+    /// One that expired but that nobody took since still is: nobody else
+    /// can have acted on the credential meanwhile.
+    fn holds(c: &Connection, name: &str, holder: &str, fence: i64) -> Result<bool> {
+        Ok(
+            c.prepare_cached(
+                "SELECT 1 FROM leases WHERE name = ?1 AND holder = ?2 AND fence = ?3",
+            )?
+            .query_row(params![name, holder, fence], |_| Ok(()))
+            .optional()?
+            .is_some(),
+        )
+    }
+
+    /// The only write of a holder that lost its lease: an event.
+    fn lease_lost(c: &Connection, name: &str, what: &str) -> Result<Commit> {
+        if get(c, name)?.is_some() {
+            event(
+                c,
+                name,
+                "lease_lost",
+                Some(&format!(
+                    "{what} arrived after this process's lease had passed to another; not stored"
+                )),
+            )?;
+        }
+        Ok(Commit::LeaseLost)
     }
 
     pub fn commit_refresh(
         c: &Connection,
         name: &str,
         holder: &str,
+        fence: i64,
         version: i64,
         u: &TokenUpdate,
     ) -> Result<Commit> {
+        if !holds(c, name, holder, fence)? {
+            return lease_lost(c, name, "a refreshed token pair");
+        }
         let now = now_ms();
+        // Without a new access token (?3 NULL), the stored one keeps its
+        // expiry and its lifetime's start.
         let n = c
             .prepare_cached(
-                "UPDATE credentials SET access_token = ?3,
+                "UPDATE credentials SET access_token = COALESCE(?3, access_token),
                     refresh_token = COALESCE(?4, refresh_token), scope = COALESCE(?5, scope),
-                    expires_at = ?6, issued_at = ?7, state = 'valid', failures = 0,
-                    next_attempt_at = NULL, last_error = NULL, last_refresh_at = ?7,
+                    expires_at = CASE WHEN ?3 IS NULL THEN expires_at ELSE ?6 END,
+                    issued_at = CASE WHEN ?3 IS NULL THEN issued_at ELSE ?7 END,
+                    state = 'valid', failures = 0,
+                    next_attempt_at = NULL, not_before = NULL, last_error = NULL, last_refresh_at = ?7,
                     last_validated_at = ?7, refresh_started_at = NULL, updated_at = ?7,
                     version = version + 1, rev = rev + 1
                  WHERE name = ?1 AND version = ?2",
@@ -777,7 +908,7 @@ mod ops {
             .execute(params![
                 name,
                 version,
-                u.access_token.expose(),
+                u.access_token.as_ref().map(Secret::expose),
                 u.refresh_token.as_ref().map(Secret::expose),
                 u.scope,
                 u.expires_at,
@@ -798,12 +929,19 @@ mod ops {
         version: i64,
         f: &FailureUpdate,
     ) -> Result<Commit> {
+        if let Some(fence) = f.lease {
+            if !holds(c, name, holder, fence)? {
+                return lease_lost(c, name, "a failed refresh's outcome");
+            }
+        }
         let now = now_ms();
+        // Only the holder of the refresh's lease may clear its mark.
+        let clear_mark = f.lease.is_some() && !f.outcome_unknown;
         let n = c
             .prepare_cached(
                 "UPDATE credentials SET state = ?3, failures = ?4, next_attempt_at = ?5,
-                    last_error = ?6, updated_at = ?7, rev = rev + 1,
-                    refresh_started_at = CASE WHEN ?8 THEN refresh_started_at ELSE NULL END
+                    last_error = ?6, updated_at = ?7, rev = rev + 1, not_before = ?9,
+                    refresh_started_at = CASE WHEN ?8 THEN NULL ELSE refresh_started_at END
                  WHERE name = ?1 AND version = ?2",
             )?
             .execute(params![
@@ -814,9 +952,12 @@ mod ops {
                 f.next_attempt_at,
                 f.error,
                 now,
-                f.outcome_unknown
+                clear_mark,
+                f.not_before
             ])?;
-        release(c, name, holder)?;
+        if f.lease.is_some() {
+            release(c, name, holder)?;
+        }
         if n == 0 {
             return Ok(Commit::Conflict);
         }
@@ -832,6 +973,7 @@ mod ops {
                     state = CASE WHEN state = 'retrying' THEN 'valid' ELSE state END,
                     failures = CASE WHEN state = 'retrying' THEN 0 ELSE failures END,
                     next_attempt_at = CASE WHEN state = 'retrying' THEN NULL ELSE next_attempt_at END,
+                    not_before = CASE WHEN state = 'retrying' THEN NULL ELSE not_before END,
                     last_error = CASE WHEN state = 'retrying' THEN NULL ELSE last_error END
                  WHERE name = ?1 AND version = ?2",
             )?
@@ -846,8 +988,8 @@ mod ops {
     pub fn reset_backoff(c: &Connection, name: &str) -> Result<Commit> {
         let n = c.execute(
             "UPDATE credentials SET state = 'valid', failures = 0, next_attempt_at = NULL,
-                updated_at = ?2, rev = rev + 1
-             WHERE name = ?1 AND state IN ('misconfigured', 'retrying')",
+                not_before = NULL, updated_at = ?2, rev = rev + 1
+             WHERE name = ?1 AND state = 'misconfigured'",
             params![name, now_ms()],
         )?;
         if n == 0 {
@@ -945,6 +1087,7 @@ mod tests {
         let Lease::Taken {
             credential,
             interrupted,
+            fence,
         } = store
             .take_lease("a", &me, Duration::from_secs(60), 1)
             .await
@@ -962,13 +1105,13 @@ mod tests {
             Lease::Busy { .. }
         ));
         let update = || TokenUpdate {
-            access_token: Secret::new("at2"),
+            access_token: Some(Secret::new("at2")),
             refresh_token: Some(Secret::new("rt2")),
             scope: None,
             expires_at: None,
         };
         let Commit::Done(c) = store
-            .commit_refresh("a", &me, credential.version, update())
+            .commit_refresh("a", &me, fence, credential.version, update())
             .await
             .unwrap()
         else {
@@ -978,14 +1121,146 @@ mod tests {
         assert_eq!(c.state, State::Valid);
         assert_eq!(c.refresh_started_at, None);
         // The same old version again is a conflict and writes nothing.
+        let Lease::Taken { fence, .. } = store
+            .take_lease("a", &me, Duration::from_secs(60), c.version)
+            .await
+            .unwrap()
+        else {
+            panic!("lease not taken")
+        };
         assert!(matches!(
             store
-                .commit_refresh("a", &me, credential.version, update())
+                .commit_refresh("a", &me, fence, credential.version, update())
                 .await
                 .unwrap(),
             Commit::Conflict
         ));
         assert_eq!(store.get("a").await.unwrap().unwrap().version, c.version);
+    }
+
+    #[tokio::test]
+    async fn a_holder_whose_lease_passed_on_writes_nothing_but_an_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true)
+            .unwrap()
+            .insert(&new_cred("a"), false)
+            .unwrap();
+        let store = Store::open(&path).unwrap();
+        let stale = "other-host/1/1";
+        let Lease::Taken { fence: old, .. } = store
+            .take_lease("a", stale, Duration::from_millis(1), 1)
+            .await
+            .unwrap()
+        else {
+            panic!("lease not taken")
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        // The lease expired; another holder takes it.
+        let Lease::Taken { fence: new, .. } = store
+            .take_lease("a", "next", Duration::from_secs(60), 1)
+            .await
+            .unwrap()
+        else {
+            panic!("lease not taken")
+        };
+        assert!(new > old);
+        let update = TokenUpdate {
+            access_token: Some(Secret::new("at-stale")),
+            refresh_token: Some(Secret::new("rt-stale")),
+            scope: None,
+            expires_at: None,
+        };
+        assert!(matches!(
+            store
+                .commit_refresh("a", stale, old, 1, update)
+                .await
+                .unwrap(),
+            Commit::LeaseLost
+        ));
+        let failure = FailureUpdate {
+            state: State::Retrying,
+            failures: 1,
+            next_attempt_at: None,
+            error: "x".into(),
+            not_before: None,
+            lease: Some(old),
+            outcome_unknown: false,
+            event: "refresh_failed",
+        };
+        assert!(matches!(
+            store.record_failure("a", stale, 1, failure).await.unwrap(),
+            Commit::LeaseLost
+        ));
+        let row = store.get("a").await.unwrap().unwrap();
+        assert_eq!(row.refresh_token.expose(), "rt1");
+        assert_eq!(row.version, 1);
+        assert!(
+            row.refresh_started_at.is_some(),
+            "the new holder's mark stays"
+        );
+        assert!(
+            !store
+                .renew_lease("a", stale, old, Duration::from_secs(9))
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .renew_lease("a", "next", new, Duration::from_secs(9))
+                .await
+                .unwrap()
+        );
+        let kinds: Vec<String> = Connection::open(&path)
+            .unwrap()
+            .prepare("SELECT kind FROM events WHERE name = 'a' ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            kinds.iter().filter(|k| *k == "lease_lost").count(),
+            2,
+            "{kinds:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true)
+            .unwrap()
+            .insert(&new_cred("a"), false)
+            .unwrap();
+        let store = Store::open(&path).unwrap();
+        let _ = store
+            .take_lease("a", "peer-host/1/1", Duration::from_secs(60), 1)
+            .await
+            .unwrap();
+        let failure = FailureUpdate {
+            state: State::Retrying,
+            failures: 1,
+            next_attempt_at: None,
+            error: "validation: provider error (503)".into(),
+            not_before: None,
+            lease: None,
+            outcome_unknown: false,
+            event: "validation_failed",
+        };
+        let Commit::Done(row) = store.record_failure("a", "me", 1, failure).await.unwrap() else {
+            panic!("not recorded")
+        };
+        assert!(row.refresh_started_at.is_some());
+        // Nor the peer's lease.
+        assert!(matches!(
+            store
+                .take_lease("a", "me", Duration::from_secs(60), 1)
+                .await
+                .unwrap(),
+            Lease::Busy { .. }
+        ));
     }
 
     #[tokio::test]

@@ -791,6 +791,65 @@ fn pandadoc_requests_match_the_openapi_description() {
             );
         }
         assert_eq!(r.status, 200, "{r:?}");
+        // PandaDoc's one scope is named `read+write`; form encoding writes
+        // the name's '+' as %2B, as PandaDoc's own SDK sends it. Refreshes
+        // carry it too, as PandaDoc's OpenAPI example does.
+        assert_eq!(r.scope_raw.as_deref(), Some("read%2Bwrite"), "{r:?}");
     }
+    // In the authorization URL it is `scope=read+write`, as PandaDoc documents.
+    assert_eq!(
+        records(&env, "authorize")[0].scope_raw.as_deref(),
+        Some("read+write")
+    );
     assert_eq!(env.provider.stats().bad_requests, 0);
+}
+
+#[test]
+fn a_standard_openid_provider_is_onboarded_and_refreshed_without_scope_on_refresh() {
+    // A refresh token of a standard OpenID provider is not granted
+    // offline_access, and asking for it on refresh is refused (invalid_scope).
+    let env = Env::bare(Knobs {
+        oidc_scopes: true,
+        ..Knobs::default()
+    });
+    let oidc = |r: &str| fake_provider(&env, r, "scope = \"openid offline_access\"\n");
+    let (run, url, _) = listening(&env, oidc, &["authorize", "bot", "--provider", "fake"]);
+    assert!(url.contains("&scope=openid+offline_access&"), "{url}");
+    browse(&url);
+    let out = run.finish();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    // No daemon: `tokend refresh` refreshes directly, twice (two rotations).
+    for _ in 0..2 {
+        let out = cli(&env, &["refresh", "bot"], "");
+        assert_eq!(out.code, 0, "{}", out.stderr);
+    }
+    assert_eq!(env.state("bot").as_deref(), Some("valid"));
+    let s = env.provider.stats();
+    assert_eq!((s.refreshes_ok, s.scope_refused), (2, 0), "{s:?}");
+    for r in records(&env, "token")
+        .iter()
+        .filter(|r| r.grant_type.as_deref() == Some("refresh_token"))
+    {
+        assert!(!r.form_fields.contains(&"scope".to_owned()), "{r:?}");
+    }
+    // An operator who asks for scope on refresh gets what the provider says.
+    let port = free_port();
+    configure(
+        &env,
+        &fake_provider(
+            &env,
+            &redirect(port),
+            "scope = \"openid offline_access\"\nrefresh_scope = true\n",
+        ),
+    );
+    let out = cli(&env, &["refresh", "bot"], "");
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(out.stderr.contains("invalid_scope"), "{}", out.stderr);
+    let refused = records(&env, "token").pop().unwrap();
+    assert_eq!(
+        refused.scope_raw.as_deref(),
+        Some("openid+offline_access"),
+        "{refused:?}"
+    );
+    assert_eq!(env.provider.stats().scope_refused, 1);
 }

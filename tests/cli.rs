@@ -306,8 +306,10 @@ fn token_prints_only_the_token_and_a_newline() {
     // min_remaining 10m: "fresh" was imported with 300 s left, so reading it
     // makes the daemon refresh first; the output is the same shape.
     env.write_config(
-        "\n[refresh]\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"10m\"\n\
-         retry_initial = \"500ms\"\nretry_max = \"2s\"\nrequest_timeout = \"5s\"\n",
+        &format!(
+            "\n[refresh]\n{QUIET_SWEEP}\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"10m\"\n\
+         retry_initial = \"500ms\"\nretry_max = \"2s\"\nrequest_timeout = \"5s\"\n"
+        ),
         &env.sink("raw", "0600"),
     );
     let bot = env.import("bot", true);

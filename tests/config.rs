@@ -117,8 +117,8 @@ fn a_bad_config_exits_2_naming_the_key_and_creates_nothing() {
             "bad cron",
             edit(
                 &base,
-                "[refresh]\n",
-                "[refresh]\nvalidate_schedule = \"every minute\"\n",
+                "validate_schedule = \"0 0 0 1 1 *\"\n",
+                "validate_schedule = \"every minute\"\n",
             ),
             "refresh.validate_schedule",
             true,

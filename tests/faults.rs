@@ -435,7 +435,7 @@ fn a_tls_handshake_failure_is_transient_keeps_the_token_and_backs_off() {
     let env = Env::bare(Knobs::default());
     let provider = env.provider_block().replace("http://", "https://");
     let text = format!(
-        "database = \"{}\"\nsocket = \"{}\"\n\n[refresh]\nrefresh_before_expiry = \"2s\"\n\
+        "database = \"{}\"\nsocket = \"{}\"\n\n[refresh]\n{QUIET_SWEEP}\nrefresh_before_expiry = \"2s\"\n\
          min_remaining = \"1s\"\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\
          request_timeout = \"3s\"\n\n{provider}\n{}",
         env.db.display(),
@@ -561,13 +561,32 @@ fn every_bad_token_answer_is_transient_and_the_grant_survives() {
             Some(before.as_str()),
             "{fault:?}: the published token stays"
         );
-        // The provider is back: the stored refresh token works.
-        force_refresh(&env, "bot");
-        // No answer came for a dropped or hung request: the next attempt
-        // knew it might have been acted on, and tried the stored token once.
+        // The provider is back: once the backoff (or Retry-After) has
+        // passed, the stored refresh token works. Until then a forced
+        // refresh sends nothing.
+        let sent = env.provider.stats().token_requests;
+        wait_for("the backoff to pass", Duration::from_secs(15), || {
+            env.cli(&["refresh", "bot"], "")
+                .status
+                .success()
+                .then_some(())
+        });
+        assert_eq!(
+            env.provider.stats().token_requests,
+            sent + 1,
+            "{fault:?}: forced refreshes during the backoff sent nothing"
+        );
+        // No answer came for a dropped or hung request, and a success that
+        // could not be read may hold a rotated token: the next attempt knew
+        // it might have been acted on, and tried the stored token once.
         let unknown = faults[..=i]
             .iter()
-            .filter(|(f, _)| matches!(f, Fault::Drop | Fault::Hang))
+            .filter(|(f, _)| {
+                matches!(
+                    f,
+                    Fault::Drop | Fault::Hang | Fault::Garbage | Fault::Truncated
+                )
+            })
             .count();
         assert_eq!(
             d.log().matches("never finished").count(),

@@ -15,7 +15,7 @@ use tokend_fake_provider::GrantInfo;
 /// A `[refresh]` section like FAST_REFRESH, with the timing knobs a test needs.
 fn refresh_section(request_timeout: &str, retry_initial: &str, retry_max: &str) -> String {
     format!(
-        "\n[refresh]\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"1s\"\n\
+        "\n[refresh]\n{QUIET_SWEEP}\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"1s\"\n\
          request_timeout = \"{request_timeout}\"\nretry_initial = \"{retry_initial}\"\n\
          retry_max = \"{retry_max}\"\n"
     )

@@ -101,7 +101,7 @@ fn is_root() -> bool {
 /// A `[refresh]` section with FAST_REFRESH's backoff and the given knobs.
 fn refresh(request_timeout: &str, min_remaining: &str, extra: &str) -> String {
     format!(
-        "\n[refresh]\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"{min_remaining}\"\n\
+        "\n[refresh]\n{QUIET_SWEEP}\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"{min_remaining}\"\n\
          retry_initial = \"500ms\"\nretry_max = \"2s\"\nrequest_timeout = \"{request_timeout}\"\n{extra}\n"
     )
 }

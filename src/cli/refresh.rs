@@ -56,7 +56,17 @@ fn report(s: &Status, refreshed: bool) -> Result<(), Exit> {
             "; re-authorize with 'tokend authorize {} --provider {} --force'",
             s.name, s.provider
         ),
-        "misconfigured" => "; fix the provider's config, then 'systemctl reload tokend'".into(),
+        "misconfigured" => {
+            "; nothing is sent until the provider's config is fixed and reloaded ('systemctl reload tokend')".into()
+        }
+        "retrying" => match &s.next_attempt_at {
+            // The backoff (and the provider's Retry-After) binds every path:
+            // a forced refresh does not send early.
+            Some(at) => format!(
+                "; backing off: the next attempt is due at {at}, and nothing is sent before it"
+            ),
+            None => "; tokend keeps retrying with backoff".into(),
+        },
         _ => "; tokend keeps retrying with backoff".into(),
     };
     Err(Exit::failure(format!(

@@ -277,13 +277,16 @@ async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
                 ),
             )
         }
-        Err(TokenError::NoValidToken(why)) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_valid_token",
-            format!(
-                "no token with enough time left for {name}, and refreshing failed ({})",
-                why.unwrap_or_else(|| "no answer in time".into())
-            ),
-        ),
+        Err(TokenError::NoValidToken { why, next_attempt }) => {
+            let why = why.unwrap_or_else(|| "no answer in time".into());
+            let message = match next_attempt {
+                Some(at) => format!(
+                    "no unexpired token for {name} ({why}); the next attempt is due at {}",
+                    rfc3339(at)
+                ),
+                None => format!("no unexpired token for {name}, and refreshing failed ({why})"),
+            };
+            error(StatusCode::SERVICE_UNAVAILABLE, "no_valid_token", message)
+        }
     }
 }

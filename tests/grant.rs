@@ -1,0 +1,565 @@
+//! Issue 9: every path that starts a refresh keeps the grant alive and the
+//! provider calm. The fake provider rotates refresh tokens and revokes the
+//! whole grant when an old one comes back, and `answer_delay_ms` makes it
+//! act on a request before its answer is sent: the strictest server there
+//! is. Each test here failed on the code before issue 9.
+
+mod support;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A `[refresh]` section with short backoffs and the given knobs.
+fn section(request_timeout: &str, min_remaining: &str) -> String {
+    format!(
+        "\n[refresh]\n{QUIET_SWEEP}\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"{min_remaining}\"\n\
+         retry_initial = \"500ms\"\nretry_max = \"2s\"\nrequest_timeout = \"{request_timeout}\"\n"
+    )
+}
+
+/// No rotation was lost: the grant lives, and the store holds the refresh
+/// token that works now.
+fn assert_grant_kept(env: &Env, grant_id: u64, name: &str) {
+    let info = env.provider.grant(grant_id).unwrap();
+    assert!(info.alive, "the grant died: {:?}", info.revoked_reason);
+    assert!(
+        env.row(name).unwrap().refresh_token == info.refresh_token,
+        "the store does not hold the current refresh token of {name}"
+    );
+    assert_eq!(env.provider.stats().reuse_detected, 0);
+}
+
+/// Waits until the store holds the grant's current refresh token.
+fn wait_committed(env: &Env, grant_id: u64, name: &str) {
+    wait_for("the rotated pair in the store", PATIENCE, || {
+        let info = env.provider.grant(grant_id)?;
+        (env.row(name)?.refresh_token == info.refresh_token && info.rotations > 0).then_some(())
+    });
+}
+
+/// A column of a credential's row that `Env::row` does not read.
+fn column<T: rusqlite::types::FromSql>(env: &Env, name: &str, column: &str) -> T {
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.query_row(
+        &format!("SELECT {column} FROM credentials WHERE name = ?1"),
+        [name],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// How many events of `kind` the store holds for `name`.
+fn events(env: &Env, name: &str, kind: &str) -> i64 {
+    let c = rusqlite::Connection::open(&env.db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.query_row(
+        "SELECT COUNT(*) FROM events WHERE name = ?1 AND kind = ?2",
+        [name, kind],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+/// Sends a request over the socket and returns the open connection without
+/// reading anything: dropping it hangs up, as `curl --max-time 1` does.
+fn send_and_hold(socket: &Path, method: &str, path: &str) -> UnixStream {
+    let mut s = UnixStream::connect(socket).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    s
+}
+
+// ---- 1. a refresh that may have reached the provider runs to its commit ----
+
+#[test]
+fn a_caller_that_hangs_up_never_cancels_a_refresh() {
+    // The provider rotates at once and answers 3 s later; the callers give
+    // up after the rotation, long before the answer.
+    let env = Env::bare(Knobs::default());
+    env.write_config(&section("10s", "10m"), &env.sink("raw", "0600"));
+    // "forced" has a year; "reader" 300 s, under min_remaining, so a read
+    // refreshes it first (the scheduler would only at half its life).
+    let forced = env.import("forced", true);
+    let reader = import_expiring(&env, "reader", 300);
+    let d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    wait_for("the start-up validations", PATIENCE, || {
+        (env.provider.stats().validations_ok == 2).then_some(())
+    });
+    env.provider.update_knobs(|k| k.answer_delay_ms = 3000);
+
+    for (name, grant, method, path) in [
+        ("forced", &forced, "POST", "/v1/credentials/forced/refresh"),
+        ("reader", &reader, "GET", "/v1/tokens/reader"),
+    ] {
+        let rotated = env.provider.stats().refreshes_ok + 1;
+        let caller = send_and_hold(&env.socket, method, path);
+        wait_for("the provider to rotate", PATIENCE, || {
+            (env.provider.stats().refreshes_ok == rotated).then_some(())
+        });
+        drop(caller);
+        // The refresh goes on without its caller: the answer is committed
+        // and published.
+        wait_committed(&env, grant.grant_id, name);
+        let info = env.provider.grant(grant.grant_id).unwrap();
+        wait_for("the new token in the file", PATIENCE, || {
+            (env.read_token(name)? == info.access_token).then_some(())
+        });
+    }
+    // The stored refresh tokens are the live ones: the next refreshes work.
+    env.provider.update_knobs(|k| k.answer_delay_ms = 0);
+    for name in ["forced", "reader"] {
+        let out = env.cli(&["refresh", name], "");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_grant_kept(&env, forced.grant_id, "forced");
+    assert_grant_kept(&env, reader.grant_id, "reader");
+    drop(d);
+}
+
+#[test]
+fn sigterm_lets_a_refresh_in_flight_commit_and_starts_no_other() {
+    let env = Env::bare(Knobs::default());
+    env.write_config(&section("10s", "1s"), &env.sink("raw", "0600"));
+    let g = env.import("bot", true);
+    let mut d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    wait_for("the start-up validation", PATIENCE, || {
+        (env.provider.stats().validations_ok == 1).then_some(())
+    });
+    // The answer takes 7 s, more than the socket's 5 s drain.
+    env.provider.update_knobs(|k| k.answer_delay_ms = 7000);
+    let caller = send_and_hold(&env.socket, "POST", "/v1/credentials/bot/refresh");
+    wait_for("the provider to rotate", PATIENCE, || {
+        (env.provider.stats().refreshes_ok == 1).then_some(())
+    });
+    let asked = Instant::now();
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "{status}");
+    assert!(
+        asked.elapsed() >= Duration::from_secs(4),
+        "stopped before the answer came: {:?}",
+        asked.elapsed()
+    );
+    drop(caller);
+    let log = d.log();
+    assert!(
+        log.contains("waiting for refreshes in flight to finish and commit"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("did not finish within the shutdown grace"),
+        "{log}"
+    );
+    // Committed before the exit.
+    let info = env.provider.grant(g.grant_id).unwrap();
+    assert!(env.row("bot").unwrap().refresh_token == info.refresh_token);
+    assert_eq!(env.provider.stats().token_requests, 1);
+    drop(d);
+
+    // After a restart the stored refresh token works.
+    env.provider.update_knobs(|k| k.answer_delay_ms = 0);
+    let d = env.start();
+    let out = env.cli(&["refresh", "bot"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_grant_kept(&env, g.grant_id, "bot");
+    drop(d);
+}
+
+/// A second daemon on the same database, with its own socket.
+fn second_daemon(env: &Env) -> (Daemon, PathBuf) {
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let socket = env.dir.path().join("b.sock");
+    let config = env.dir.path().join("b.toml");
+    std::fs::write(
+        &config,
+        text.replace(
+            &env.socket.display().to_string(),
+            &socket.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.arg("-c").arg(&config).arg("run");
+    for var in [
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "JOURNAL_STREAM",
+        "CREDENTIALS_DIRECTORY",
+        "STATE_DIRECTORY",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.env("RUNTIME_DIRECTORY", env.dir.path());
+    let d = Daemon::spawn(cmd, &config, env.dir.path().join("b.log"));
+    wait_serving(&socket, PATIENCE);
+    (d, socket)
+}
+
+/// Another process's write transaction, as a `sqlite3` shell holds it.
+struct DbLock(rusqlite::Connection);
+
+impl Drop for DbLock {
+    fn drop(&mut self) {
+        let _ = self.0.execute_batch("ROLLBACK");
+    }
+}
+
+#[test]
+fn a_holder_whose_lease_passed_on_stores_nothing() {
+    let env = Env::bare(Knobs::default());
+    // request_timeout 3s: a lease lives 13 s.
+    env.write_config(&section("3s", "1s"), &env.sink("raw", "0600"));
+    let g = env.import("bot", true);
+    let a = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    let (b, b_socket) = second_daemon(&env);
+    wait_for("the start-up validations", PATIENCE, || {
+        (env.provider.stats().validations_ok >= 1).then_some(())
+    });
+
+    // A refreshes; the provider takes a second before it rotates.
+    env.provider.update_knobs(|k| k.latency_ms = 1000);
+    let a_socket = env.socket.clone();
+    let _caller = std::thread::spawn(move || {
+        let _ = socket_request(
+            &a_socket,
+            "POST",
+            "/v1/credentials/bot/refresh",
+            &[],
+            b"",
+            Duration::from_secs(60),
+        );
+    });
+    wait_for("A's request", PATIENCE, || {
+        (env.provider.stats().refresh_requests == 1).then_some(())
+    });
+    // Someone holds the database, so A's commit of the rotated pair waits;
+    // then A stalls (a VM paused, a swap storm) past its lease.
+    let lock = {
+        let c = rusqlite::Connection::open(&env.db).unwrap();
+        c.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        DbLock(c)
+    };
+    a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
+    a.signal(libc::SIGSTOP);
+    drop(lock);
+    env.provider.update_knobs(|k| k.latency_ms = 0);
+
+    // B takes the lease once it expires and spends the refresh token the
+    // store still holds: the provider sees the reuse and revokes the grant.
+    let answer = wait_for("B to take over", Duration::from_secs(60), || {
+        let r = request(&b_socket, "POST", "/v1/credentials/bot/refresh");
+        let state = r.json()["state"].as_str().unwrap_or_default().to_owned();
+        (state == "needs_reauthorization").then_some(r)
+    });
+    assert_eq!(answer.status, 200);
+    assert!(!env.provider.grant(g.grant_id).unwrap().alive);
+
+    // A wakes up with the answer it got before B's turn: its lease has
+    // passed on, so it stores nothing but an event that says so.
+    a.signal(libc::SIGCONT);
+    a.wait_log("lease had expired and passed to another holder", PATIENCE);
+    wait_for("the lease_lost event", PATIENCE, || {
+        (events(&env, "bot", "lease_lost") == 1).then_some(())
+    });
+    let row = env.row("bot").unwrap();
+    assert_eq!(row.state, "needs_reauthorization");
+    assert!(
+        row.refresh_token == g.refresh_token,
+        "the stale holder overwrote the store"
+    );
+    wait_for("the token file to go", PATIENCE, || {
+        env.read_token("bot").is_none().then_some(())
+    });
+    drop(b);
+    drop(a);
+}
+
+// ---- 3. on-demand requests obey the backoff, Retry-After and misconfigured ----
+
+#[test]
+fn reads_and_forced_refreshes_during_a_backoff_send_nothing() {
+    let env = Env::bare(Knobs {
+        fault: Some(Fault::TooManyRequests {
+            retry_after_secs: Some(30),
+        }),
+        fault_on: FaultTarget::Token,
+        ..Knobs::default()
+    });
+    env.write_config(&section("3s", "10m"), &env.sink("raw", "0600"));
+    // 300 s left, under min_remaining: every read wants a refresh.
+    let g = import_expiring(&env, "bot", 300);
+    // No access token at all: the scheduler refreshes it at once.
+    env.import("empty", false);
+    let mut d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    wait_for("the start-up refresh of empty", PATIENCE, || {
+        (env.state("empty")? == "retrying").then_some(())
+    });
+
+    // The first read tries once, is refused with Retry-After 30, and gets
+    // the current token: unexpired, it is still the best there is.
+    let r = get(&env.socket, "/v1/tokens/bot");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text() == g.access_token);
+    assert_eq!(env.provider.stats().token_requests, 2);
+    assert_eq!(env.state("bot").as_deref(), Some("retrying"));
+
+    // 40 reads and 10 forced refreshes: answered at once, nothing sent.
+    let burst = Instant::now();
+    for _ in 0..40 {
+        let r = get(&env.socket, "/v1/tokens/bot");
+        assert_eq!(r.status, 200);
+        assert!(r.text() == g.access_token);
+    }
+    for _ in 0..10 {
+        let r = request(&env.socket, "POST", "/v1/credentials/bot/refresh");
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["refreshed"], false);
+        assert_eq!(v["state"], "retrying");
+        let next = humantime::parse_rfc3339(v["next_attempt_at"].as_str().unwrap()).unwrap();
+        let left = next
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        assert!(
+            left > Duration::from_secs(20),
+            "Retry-After 30 is a floor: {left:?}"
+        );
+    }
+    let out = env.cli(&["refresh", "bot"], "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the next attempt is due at")
+            && stderr.contains("nothing is sent before it"),
+        "{stderr}"
+    );
+    assert!(burst.elapsed() < Duration::from_secs(20));
+    // Without a token to fall back on, a read says when the next try is.
+    let r = get(&env.socket, "/v1/tokens/empty");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"], "no_valid_token");
+    assert!(
+        r.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("the next attempt is due at"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(env.provider.stats().token_requests, 2);
+
+    // SIGHUP does not clear a backoff the provider asked for.
+    d.signal(libc::SIGHUP);
+    d.wait_log("configuration reloaded", PATIENCE);
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(get(&env.socket, "/v1/tokens/bot").status, 200);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(env.provider.stats().token_requests, 2);
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_misconfigured_credential_sends_nothing_until_a_reload() {
+    let env = Env::bare(Knobs::default());
+    env.write_config(&section("3s", "1s"), &env.sink("raw", "0600"));
+    let g = env.import("bot", true);
+    let mut d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    env.provider.update_knobs(|k| {
+        k.fault = Some(Fault::InvalidClient);
+        k.fault_on = FaultTarget::Token;
+        k.fault_count = Some(1);
+    });
+    let out = env.cli(&["refresh", "bot"], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(env.state("bot").as_deref(), Some("misconfigured"));
+    assert_eq!(env.provider.stats().token_requests, 1);
+    // The provider is fine again, but until a reload nothing is sent.
+    for _ in 0..5 {
+        let out = env.cli(&["refresh", "bot"], "");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains("nothing is sent until"), "{stderr}");
+        // The token stays published until it expires, and is handed out.
+        assert!(get(&env.socket, "/v1/tokens/bot").text() == g.access_token);
+    }
+    assert_eq!(env.provider.stats().token_requests, 1);
+    // A reload (the fix, in real life) lets it try again.
+    d.signal(libc::SIGHUP);
+    wait_for("the reload to clear the state", PATIENCE, || {
+        (env.state("bot")? == "valid").then_some(())
+    });
+    let out = env.cli(&["refresh", "bot"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.provider.stats().refreshes_ok, 1);
+    assert_grant_kept(&env, g.grant_id, "bot");
+    assert!(d.stop().success());
+}
+
+// ---- 4. classification never kills a live grant nor hides a rotation ----
+
+#[test]
+fn only_invalid_grant_declares_a_grant_dead() {
+    let env = Env::bare(Knobs::default());
+    env.write_config(&section("3s", "1s"), &env.sink("raw", "0600"));
+    let g = env.import("bot", true);
+    let d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    for code in [
+        "temporarily_unavailable",
+        "server_error",
+        "slow_down",
+        "quota_exceeded",
+    ] {
+        env.provider.update_knobs(|k| {
+            k.fault = Some(Fault::OauthError {
+                status: 400,
+                error: code.into(),
+            });
+            k.fault_on = FaultTarget::Token;
+            k.fault_count = Some(1);
+        });
+        let out = env.cli(&["refresh", "bot"], "");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{code}: {stderr}");
+        assert!(stderr.contains("(retrying)"), "{code}: {stderr}");
+        assert_eq!(env.state("bot").as_deref(), Some("retrying"), "{code}");
+        assert!(env.read_token("bot").is_some(), "{code}: the files stay");
+        // Once the backoff has passed, the grant still works.
+        wait_for("the backoff to pass", PATIENCE, || {
+            env.cli(&["refresh", "bot"], "")
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+    assert_grant_kept(&env, g.grant_id, "bot");
+    drop(d);
+}
+
+#[test]
+fn a_token_type_that_is_not_bearer_still_stores_the_rotated_refresh_token() {
+    let env = Env::bare(Knobs::default());
+    env.write_config(&section("3s", "1s"), &env.sink("raw", "0600"));
+    let g = env.import("bot", true);
+    let mut d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    env.provider.update_knobs(|k| {
+        k.fault = Some(Fault::TokenType {
+            token_type: "mac".into(),
+        });
+        k.fault_on = FaultTarget::Token;
+        k.fault_count = Some(1);
+    });
+    let out = env.cli(&["refresh", "bot"], "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("token_type"), "{stderr}");
+    assert_eq!(env.state("bot").as_deref(), Some("misconfigured"));
+    // The provider rotated: the store holds the new refresh token, and the
+    // old access token, still valid, stays in the store and the file.
+    let info = env.provider.grant(g.grant_id).unwrap();
+    assert_eq!(info.rotations, 1);
+    let row = env.row("bot").unwrap();
+    assert!(
+        row.refresh_token == info.refresh_token,
+        "the rotation was lost"
+    );
+    assert!(row.access_token.as_deref() == Some(g.access_token.as_str()));
+    assert!(env.read_token("bot").unwrap() == g.access_token);
+    // After a reload, a refresh with the stored refresh token works.
+    d.signal(libc::SIGHUP);
+    wait_for("the reload to clear the state", PATIENCE, || {
+        (env.state("bot")? == "valid").then_some(())
+    });
+    let out = env.cli(&["refresh", "bot"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.provider.stats().refreshes_ok, 2);
+    assert_grant_kept(&env, g.grant_id, "bot");
+    assert!(d.stop().success());
+}
+
+#[test]
+fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
+    let env = Env::bare(Knobs::default());
+    env.write_config(&section("5s", "1s"), &env.sink("raw", "0600"));
+    env.import("bot", true);
+    let d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    wait_for("the start-up validation", PATIENCE, || {
+        (env.provider.stats().validations_ok == 1).then_some(())
+    });
+    // A consumer reports the token refused: the re-validation takes 2 s and
+    // gets a 503. Meanwhile a peer on another host starts a refresh.
+    env.provider.update_knobs(|k| {
+        k.latency_ms = 2000;
+        k.fault = Some(Fault::Status503);
+        k.fault_on = FaultTarget::Validate;
+    });
+    assert_eq!(
+        request(&env.socket, "POST", "/v1/tokens/bot/rejected").status,
+        202
+    );
+    wait_for("the re-validation", PATIENCE, || {
+        (env.provider.stats().validations == 2).then_some(())
+    });
+    {
+        let c = rusqlite::Connection::open(&env.db).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        c.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             UPDATE credentials SET fence = fence + 1, refresh_started_at = {now},
+                state = 'refreshing', rev = rev + 1 WHERE name = 'bot';
+             INSERT OR REPLACE INTO leases (name, holder, expires_at, fence)
+                SELECT 'bot', 'peer-host/1/1', {}, fence FROM credentials WHERE name = 'bot';
+             COMMIT;",
+            now + 600_000
+        ))
+        .unwrap();
+    }
+    d.wait_log("transient failure; will retry", PATIENCE);
+    wait_for("the failure in the store", PATIENCE, || {
+        (events(&env, "bot", "validation_failed") == 1).then_some(())
+    });
+    let mark: Option<i64> = column(&env, "bot", "refresh_started_at");
+    assert!(mark.is_some(), "the validation cleared the peer's mark");
+    drop(d);
+}
