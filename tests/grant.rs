@@ -546,10 +546,10 @@ fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
             .as_millis() as i64;
         c.execute_batch(&format!(
             "BEGIN IMMEDIATE;
-             UPDATE credentials SET fence = fence + 1, refresh_started_at = {now},
+             UPDATE credentials SET refresh_started_at = {now},
                 state = 'refreshing', rev = rev + 1 WHERE name = 'bot';
-             INSERT OR REPLACE INTO leases (name, holder, expires_at, fence)
-                SELECT 'bot', 'peer-host/1/1', {}, fence FROM credentials WHERE name = 'bot';
+             INSERT OR REPLACE INTO leases (name, holder, expires_at)
+                VALUES ('bot', 'peer-host/1/1', {});
              COMMIT;",
             now + 600_000
         ))
