@@ -80,7 +80,7 @@ fn base64url(bytes: &[u8]) -> String {
 }
 
 /// The authorization URL, its parameters in the order PandaDoc documents
-/// (spec §7): client_id, redirect_uri, scope, response_type, then state, the
+/// (README "Using it with PandaDoc"): client_id, redirect_uri, scope, response_type, then state, the
 /// PKCE challenge and `authorize_params`.
 fn url(p: &ProviderConfig, redirect_uri: &Url, state: &str, challenge: Option<&str>) -> String {
     let mut query = vec![

@@ -1,4 +1,4 @@
-//! The TOML configuration (spec §3): parsing, defaults, validation with errors
+//! The TOML configuration (README "Configuration"): parsing, defaults, validation with errors
 //! that name their key, and loading of client secrets.
 //!
 //! Parsing happens in two passes. serde rejects unknown keys and wrong types
@@ -225,7 +225,7 @@ impl Preset {
     }
 }
 
-/// What a sink file holds (spec §4).
+/// What a sink file holds (README "File sinks").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
     Raw,

@@ -1,6 +1,7 @@
 //! tokend keeps OAuth 2.0 access tokens fresh and publishes them, so that the
 //! programs that call an API never speak OAuth. See README.md for the tour and
-//! `shared/spec.md` for the contract.
+//! the contract (commands, config keys, socket routes, file formats, states),
+//! and docs/design.md for the rules of the refresh path.
 
 pub mod authorize;
 pub mod callback;

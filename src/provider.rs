@@ -1,5 +1,5 @@
 //! The OAuth 2.0 client: code exchange, refresh and the validation GET, with
-//! every answer classified (spec §6) so that the refresher never has to look
+//! every answer classified (README "Credential states") so that the refresher never has to look
 //! at a status code.
 
 use std::time::Duration;

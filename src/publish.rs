@@ -1,4 +1,4 @@
-//! File sinks (spec §4): atomic replacement with the configured mode and
+//! File sinks (README "File sinks"): atomic replacement with the configured mode and
 //! group, content skipped when unchanged, and the `on_change` hooks.
 //!
 //! Everything here is blocking file I/O; the refresher calls it from
@@ -99,7 +99,7 @@ impl Publisher {
     }
 }
 
-/// The bytes of a sink file (spec §4).
+/// The bytes of a sink file (README "File sinks").
 pub fn render(format: Format, token: &Secret, expires_at: Option<i64>) -> Vec<u8> {
     let t = token.expose();
     match format {

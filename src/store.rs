@@ -73,7 +73,7 @@ impl From<rusqlite::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Where a credential stands (spec §6).
+/// Where a credential stands (README "Credential states").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
     Valid,

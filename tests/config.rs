@@ -239,7 +239,7 @@ fn every_problem_is_reported_at_once() {
 /// An operator who writes the client secret straight into the file (a key
 /// many tools have, but tokend does not) gets an "unknown field" error; that
 /// error must not repeat the secret, since it goes to a terminal or, from the
-/// daemon, to the journal (engineering invariant 6).
+/// daemon, to the journal (invariant 6 of docs/design.md).
 #[test]
 fn a_secret_under_an_unknown_key_is_not_echoed_back() {
     let env = Env::bare(Knobs::default());

@@ -1,8 +1,8 @@
 //! Crash safety: SIGKILL at any moment loses no rotated refresh token, except
 //! in the one unavoidable case (killed while the provider's answer was in
 //! flight), which the next start detects and reports; and readers of the token
-//! files never see a torn, empty or wrongly-moded file (engineering invariants
-//! 1, 2 and 4; spec §4 and §6).
+//! files never see a torn, empty or wrongly-moded file (docs/design.md rules
+//! 1 and 3; README "File sinks" and "Credential states").
 
 mod support;
 
@@ -473,7 +473,7 @@ fn readers_never_see_a_torn_empty_or_wrongly_moded_file() {
     let log = d.log();
 
     // The daemon removes a file on purpose only when its token expired
-    // before the refresh came (a starved machine): spec §6 allows that, and
+    // before the refresh came (a starved machine): the README's "Credential states" allows that, and
     // it says so in the log. Any other disappearance is a publishing bug.
     let removed = |name: &str| {
         log.lines()

@@ -79,7 +79,7 @@ impl Drop for DbLock {
     }
 }
 
-/// Engineering invariant 1 under a busy store: a write lock held by another
+/// Invariant 1 of docs/design.md under a busy store: a write lock held by another
 /// process for longer than the busy timeout, first while a refresh is due,
 /// then while the refresh request is in flight (the provider has rotated,
 /// and the new pair waits to be stored). The daemon keeps running and

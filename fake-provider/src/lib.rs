@@ -1,6 +1,7 @@
 //! A stateful fake OAuth 2.0 provider that behaves like PandaDoc's, so that
 //! tokend's integration tests, benchmarks and demo can run against something
-//! faithful to `pandadoc/openapi.json` without the network.
+//! faithful to PandaDoc's OpenAPI description (v8.8.0; the parts tokend
+//! uses are in `tests/data/pandadoc-openapi-excerpt.json`) without the network.
 //!
 //! It serves, over HTTP/1.1 with keep-alive:
 //!

@@ -1,5 +1,5 @@
 //! `tokend authorize`: onboarding, the authorization-code flow from the
-//! command line (spec §2). Three ways for the code to reach us: the browser's
+//! command line (README "Commands"). Three ways for the code to reach us: the browser's
 //! redirect to a loopback listener (the default), the redirect's address
 //! pasted on stdin (`--paste`, for a browser on another machine), or a code
 //! obtained some other way (`--code`). Whatever goes wrong, nothing is stored:

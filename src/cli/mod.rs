@@ -1,4 +1,4 @@
-//! The command line (spec §2): parsing, help, exit codes, dispatch.
+//! The command line (README "Commands"): parsing, help, exit codes, dispatch.
 //!
 //! Every option is documented next to its definition in [`USAGE`]; each
 //! command lives in its own file. Secrets never come from argv: options that

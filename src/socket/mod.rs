@@ -1,4 +1,4 @@
-//! The socket API (spec §5): HTTP/1.1 over a Unix socket, so that
+//! The socket API (README "The socket API"): HTTP/1.1 over a Unix socket, so that
 //! `curl --unix-socket … http://localhost/v1/tokens/NAME` is all a consumer needs.
 //!
 //! Every connection is bounded: a cap on connections (one more is closed at

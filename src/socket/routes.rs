@@ -1,4 +1,4 @@
-//! The routes of spec §5. They ask the refresher; they never write tokens.
+//! The routes of the README's "The socket API". They ask the refresher; they never write tokens.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
