@@ -192,10 +192,11 @@ impl Sweep {
     async fn start(refresher: Arc<Refresher>, schedule: &str) -> Result<Sweep, String> {
         let err = |e: tokio_cron_scheduler::JobSchedulerError| format!("validation schedule: {e}");
         let scheduler = JobScheduler::new().await.map_err(err)?;
+        let spread = sweep_spread(schedule);
         let job = Job::new_async(schedule, move |_, _| {
             let r = refresher.clone();
             // The sweep only flags work, so overlapping runs are harmless.
-            Box::pin(async move { r.sweep() })
+            Box::pin(async move { r.sweep(spread) })
         })
         .map_err(err)?;
         scheduler.add(job).await.map_err(err)?;
@@ -206,6 +207,28 @@ impl Sweep {
     async fn stop(&mut self) {
         let _ = self.scheduler.shutdown().await;
     }
+}
+
+/// Over how long one validation sweep spreads its requests: three quarters
+/// of the time between two runs of `schedule` (so a sweep is over before the
+/// next starts), at most an hour. Zero if the schedule's runs cannot be found.
+fn sweep_spread(schedule: &str) -> Duration {
+    let Ok(cron) = croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(schedule)
+    else {
+        return Duration::ZERO;
+    };
+    let now = chrono::Utc::now();
+    let interval = cron
+        .find_next_occurrence(&now, false)
+        .and_then(|a| Ok((a, cron.find_next_occurrence(&a, false)?)))
+        .ok()
+        .and_then(|(a, b)| (b - a).to_std().ok())
+        .unwrap_or_default();
+    (interval * 3 / 4).min(Duration::from_secs(3600))
 }
 
 /// Picks up what other processes wrote to the store.
@@ -244,5 +267,18 @@ async fn watch_store(
                 tracing::warn!(error = %e, "cannot read changes from the store");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_spreads_over_three_quarters_of_its_interval_at_most_an_hour() {
+        assert_eq!(sweep_spread("0 */15 * * * *"), Duration::from_secs(675));
+        assert_eq!(sweep_spread("*/10 * * * * *"), Duration::from_millis(7500));
+        assert_eq!(sweep_spread("0 0 0 1 1 *"), Duration::from_secs(3600));
+        assert_eq!(sweep_spread("every minute"), Duration::ZERO);
     }
 }

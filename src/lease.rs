@@ -45,7 +45,7 @@ pub fn holder_alive(holder: &str) -> bool {
 }
 
 /// Whether any process has this pid, ours to see in /proc or not.
-fn pid_exists(pid: u32) -> bool {
+pub fn pid_exists(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

@@ -29,6 +29,9 @@ pub enum ValidationOutcome {
     Ok,
     Unauthorized,
     Transient,
+    /// A 403 from a token just refreshed for a 403: the account may not do
+    /// this, whatever its token (a plan or permission problem).
+    Forbidden,
 }
 
 /// Which provider endpoint a request went to.
@@ -63,7 +66,7 @@ impl Histogram {
 #[derive(Default)]
 pub struct Metrics {
     refreshes: [AtomicU64; 4],
-    validations: [AtomicU64; 3],
+    validations: [AtomicU64; 4],
     latency: [Histogram; 2],
     /// Sink files that could not be written or removed: a full or read-only
     /// file system leaves consumers on an older token, worth an alert.
@@ -157,7 +160,10 @@ impl Metrics {
             );
         }
         out.push_str("# HELP tokend_validations_total Validations by outcome.\n# TYPE tokend_validations_total counter\n");
-        for (i, o) in ["ok", "unauthorized", "transient"].iter().enumerate() {
+        for (i, o) in ["ok", "unauthorized", "transient", "forbidden"]
+            .iter()
+            .enumerate()
+        {
             let _ = writeln!(
                 out,
                 "tokend_validations_total{{outcome=\"{o}\"}} {}",

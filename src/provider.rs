@@ -42,6 +42,10 @@ pub struct Tokens {
 pub enum Failure {
     /// Validation: the provider refused the token (401): refresh now.
     Unauthorized,
+    /// Validation: PandaDoc's 403, which its OpenAPI lists for authentication
+    /// failures but which a plan or permission problem also gives: refresh
+    /// once; from a token just refreshed for it, it is not the token.
+    Forbidden,
     /// Network, timeout, 5xx, 429, garbage: says nothing about the token; retry later.
     Transient {
         reason: String,
@@ -60,6 +64,7 @@ impl Failure {
     pub fn describe(&self) -> String {
         match self {
             Failure::Unauthorized => "the provider rejected the access token (401)".into(),
+            Failure::Forbidden => "the provider refused the access token (403)".into(),
             Failure::Transient { reason, .. }
             | Failure::Permanent { reason }
             | Failure::Misconfigured { reason } => reason.clone(),
@@ -134,10 +139,10 @@ impl Client {
         // PandaDoc's schema has no redirect_uri field; RFC 6749 requires it
         // when the authorization request carried one, so others get it.
         let redirect = p.redirect_uri.as_ref().map(|u| u.to_string());
-        if p.preset.is_none() {
-            if let Some(r) = &redirect {
-                form.push(("redirect_uri", r));
-            }
+        if p.preset.is_none()
+            && let Some(r) = &redirect
+        {
+            form.push(("redirect_uri", r));
         }
         if let Some(v) = pkce_verifier {
             form.push(("code_verifier", v.expose()));
@@ -444,8 +449,11 @@ pub fn classify_validation(
     if let Some(f) = status_failure(status, headers, WHAT) {
         return Err(f);
     }
-    if status == StatusCode::UNAUTHORIZED || (pandadoc && status == StatusCode::FORBIDDEN) {
+    if status == StatusCode::UNAUTHORIZED {
         return Err(Failure::Unauthorized);
+    }
+    if pandadoc && status == StatusCode::FORBIDDEN {
+        return Err(Failure::Forbidden);
     }
     if status.is_success() {
         // A captive portal or a proxy answers 200 with HTML: that is no verdict.
@@ -692,7 +700,7 @@ mod tests {
         };
         assert_eq!(v(200, r#"{"user_id":"x"}"#, true), Ok(()));
         assert_eq!(v(401, "", false), Err(Failure::Unauthorized));
-        assert_eq!(v(403, "", true), Err(Failure::Unauthorized));
+        assert_eq!(v(403, "", true), Err(Failure::Forbidden));
         assert!(matches!(v(403, "", false), Err(Failure::Transient { .. })));
         assert!(matches!(
             v(200, "<html>", true),

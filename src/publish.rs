@@ -75,6 +75,16 @@ impl Publisher {
         errors
     }
 
+    /// Removes the temp files a crash left behind (`.FILE.tokend-PID-RAND`,
+    /// written with the sink's mode and holding a token): ours only (owned
+    /// by our uid, named by our pattern), and not those of a live process,
+    /// which may be in the middle of a write. `names` are the credentials
+    /// whose directories to look in (every one at start, a removed one at
+    /// removal); each directory is read once. Returns how many went.
+    pub fn sweep_temp_files<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> usize {
+        sweep_temp_files(&self.sinks, names)
+    }
+
     /// Removes the credential's files, so consumers fail fast instead of
     /// using a dead token.
     pub fn unpublish(&self, name: &str) -> Vec<String> {
@@ -190,6 +200,72 @@ fn unchanged(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> bool {
     }
     let mut existing = Vec::with_capacity(content.len());
     f.read_to_end(&mut existing).is_ok() && existing == content
+}
+
+/// What [`Publisher::sweep_temp_files`] does, for a command without a
+/// runtime (`tokend remove`).
+pub fn sweep_temp_files<'a>(
+    sinks: &[Arc<SinkConfig>],
+    names: impl IntoIterator<Item = &'a str>,
+) -> usize {
+    let mut dirs = std::collections::HashSet::new();
+    for name in names {
+        for s in sinks.iter().filter(|s| s.matches(name)) {
+            if let Some(d) = s.path_for(name).parent() {
+                dirs.insert(d.to_owned());
+            }
+        }
+    }
+    dirs.iter().map(|d| sweep_dir(d)).sum()
+}
+
+/// The pid in a temp file name of ours: `.FILE.tokend-PID-XXXXXXXX`.
+fn temp_file_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix('.')?;
+    let (_, tail) = rest.rsplit_once(".tokend-")?;
+    let (pid, rand) = tail.split_once('-')?;
+    let hex = rand.len() == 8 && rand.bytes().all(|b| b.is_ascii_hexdigit());
+    let digits = !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
+    (hex && digits).then(|| pid.parse().ok()).flatten()
+}
+
+/// Removes `dir`'s stale temp files of ours (see `sweep_temp_files`).
+fn sweep_dir(dir: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let me = std::process::id();
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(temp_file_pid) else {
+            continue;
+        };
+        let Ok(meta) = e.path().symlink_metadata() else {
+            continue;
+        };
+        // Another process's write in progress is left alone; so is a file
+        // of ours from now (a write of this process, which cleans up after
+        // itself).
+        if !meta.is_file() || meta.uid() != uid || pid == me || crate::lease::pid_exists(pid) {
+            continue;
+        }
+        match fs::remove_file(e.path()) {
+            Ok(()) => {
+                removed += 1;
+                tracing::info!(path = %e.path().display(), "removed a temp file left by an earlier run");
+            }
+            Err(err) => {
+                tracing::warn!(path = %e.path().display(), error = %err, "cannot remove a stale temp file")
+            }
+        }
+    }
+    if removed > 0 {
+        let _ = sync_dir(dir);
+    }
+    removed
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -352,6 +428,23 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         // No temp files are left behind.
         assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn temp_file_names_are_recognised() {
+        assert_eq!(temp_file_pid(".bot.tokend-123-0a1b2c3d"), Some(123));
+        assert_eq!(temp_file_pid(".a.b.json.tokend-7-ffffffff"), Some(7));
+        for other in [
+            "bot",
+            ".bot",
+            ".bot.tokend-123",
+            ".bot.tokend-x-0a1b2c3d",
+            ".bot.tokend-123-0a1b2c3",
+            "bot.tokend-123-0a1b2c3d",
+            ".tokend-probe-12",
+        ] {
+            assert_eq!(temp_file_pid(other), None, "{other}");
+        }
     }
 
     #[test]

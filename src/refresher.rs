@@ -135,6 +135,10 @@ struct EntryState {
     /// directory), until a publish succeeds: shown in the status, since
     /// consumers then read an older token than the one stored.
     publish_error: Option<String>,
+    /// The token version a refresh brought because its predecessor got
+    /// PandaDoc's 403: a 403 for this one is not the token's fault, and
+    /// refreshing again would not help (a plan or permission problem).
+    refreshed_for_403: Option<i64>,
     /// Consecutive publish failures: the exponent of the retry delay.
     publish_failures: u32,
     /// When to write the files again after a failure (ms); None while they
@@ -155,6 +159,7 @@ impl Entry {
                 last_rejected: 0,
                 refreshing: false,
                 running: None,
+                refreshed_for_403: None,
                 publish_error: None,
                 publish_failures: 0,
                 republish_at: None,
@@ -218,6 +223,9 @@ struct Setback {
 enum Sched {
     /// The credential's next deadline (ms), or None to forget it.
     At(String, Option<i64>),
+    /// Look at the credential by this instant (ms) at the latest: its
+    /// deadline becomes the earlier of the two.
+    By(String, i64),
     /// Answer at once: the watchdog's proof that the scheduler is alive.
     Ping(oneshot::Sender<()>),
 }
@@ -258,6 +266,10 @@ pub struct Refresher {
     /// When each provider's `retrying` credentials were last brought
     /// forward after one of its credentials recovered (ms).
     recovered_at: Mutex<HashMap<String, i64>>,
+    /// Held for reading while files are written or removed, for writing
+    /// while a reload swaps the sinks and retires the old paths: no file
+    /// is written to a path a reload has retired.
+    publishing: tokio::sync::RwLock<()>,
 }
 
 /// Counts tasks that may hold a provider's answer not yet committed, so that
@@ -443,6 +455,7 @@ impl Refresher {
             stopping: AtomicBool::new(false),
             inflight: InFlight::default(),
             recovered_at: Mutex::new(HashMap::new()),
+            publishing: tokio::sync::RwLock::new(()),
         });
         {
             let mut entries = r.entries.write().unwrap();
@@ -454,6 +467,11 @@ impl Refresher {
         let ctx = r.ctx();
         let now = now_ms();
         let (published, removed, failed) = tokio::task::spawn_blocking(move || {
+            // Temp files an earlier run left when it died mid-write hold
+            // tokens that nothing else would ever remove.
+            let names: Vec<Arc<Credential>> = all.iter().map(|e| e.cred()).collect();
+            ctx.publisher
+                .sweep_temp_files(names.iter().map(|c| c.name.as_str()));
             let (mut p, mut u, mut failed) = (0, 0, Vec::new());
             for e in &all {
                 let c = e.cred();
@@ -533,6 +551,7 @@ impl Refresher {
             stopping: AtomicBool::new(false),
             inflight: InFlight::default(),
             recovered_at: Mutex::new(HashMap::new()),
+            publishing: tokio::sync::RwLock::new(()),
         };
         Ok(Some(Arc::new(r)))
     }
@@ -808,8 +827,10 @@ impl Refresher {
     }
 
     /// The cron sweep: validate every credential that holds a live token
-    /// and is not backing off.
-    pub fn sweep(&self) {
+    /// and is not backing off, each at a random instant within `spread`, so
+    /// that ten thousand credentials do not all ask the provider in the
+    /// same second.
+    pub fn sweep(&self, spread: Duration) {
         let names: Vec<String> = self
             .entries
             .read()
@@ -821,9 +842,15 @@ impl Refresher {
             })
             .map(|(n, _)| n.clone())
             .collect();
-        tracing::debug!(credentials = names.len(), "validation sweep");
+        tracing::debug!(credentials = names.len(), spread = %crate::clock::span(spread.as_millis() as i64), "validation sweep");
+        let now = now_ms();
         for n in names {
-            self.enqueue(&n, |p| p.validate = true);
+            let Some(e) = self.entry(&n) else { continue };
+            // Flagged now, done when the credential's turn comes (or sooner,
+            // if other work on it comes first).
+            e.state.lock().unwrap().pending.validate = true;
+            let at = now + (spread.as_millis() as f64 * fastrand::f64()) as i64;
+            let _ = self.sched.send(Sched::By(n, at));
         }
     }
 
@@ -862,9 +889,11 @@ impl Refresher {
 
     /// Puts a new configuration in force: sinks, providers, limits.
     pub async fn reload(&self, config: Arc<Config>) {
-        let old = self.ctx();
         let new = Arc::new(Ctx::new(config));
-        *self.ctx.write().unwrap() = new.clone();
+        // Publishes hold this for reading: once we have it, every publish
+        // that used the old sinks is done, and every later one uses the new.
+        let _swap = self.publishing.write().await;
+        let old = std::mem::replace(&mut *self.ctx.write().unwrap(), new.clone());
         let names: Vec<String> = self.entries.read().unwrap().keys().cloned().collect();
         // Files that no sink of the new config writes any more are removed.
         let retire = names.clone();
@@ -879,6 +908,7 @@ impl Refresher {
             }
         })
         .await;
+        drop(_swap);
         for n in names {
             self.enqueue(&n, |p| {
                 p.republish = true;
@@ -895,7 +925,8 @@ impl Refresher {
         mut shutdown: watch::Receiver<bool>,
     ) {
         let mut heap: BinaryHeap<Reverse<(i64, u64, String)>> = BinaryHeap::new();
-        let mut current: HashMap<String, u64> = HashMap::new();
+        // Per credential: the heap entry in force (its sequence number) and its instant.
+        let mut current: HashMap<String, (u64, i64)> = HashMap::new();
         let mut seq = 0u64;
         let stall = test_stall();
         tokio::pin!(stall);
@@ -908,14 +939,14 @@ impl Refresher {
                 }
                 let s = *s;
                 let Reverse((_, _, name)) = heap.pop().unwrap();
-                if current.get(&name) == Some(&s) {
+                if current.get(&name).is_some_and(|c| c.0 == s) {
                     current.remove(&name);
                     self.enqueue(&name, |_| {});
                 }
             }
             // Rebuild when stale entries dominate, so the heap stays O(credentials).
             if heap.len() > 2 * current.len() + 1024 {
-                heap.retain(|Reverse((_, s, n))| current.get(n) == Some(s));
+                heap.retain(|Reverse((_, s, n))| current.get(n).is_some_and(|c| c.0 == *s));
             }
             let sleep = heap
                 .peek()
@@ -931,12 +962,19 @@ impl Refresher {
                         seq += 1;
                         match at {
                             Some(at) => {
-                                current.insert(name.clone(), seq);
+                                current.insert(name.clone(), (seq, at));
                                 heap.push(Reverse((at, seq, name)));
                             }
                             None => {
                                 current.remove(&name);
                             }
+                        }
+                    }
+                    Some(Sched::By(name, at)) => {
+                        if current.get(&name).is_none_or(|c| c.1 > at) {
+                            seq += 1;
+                            current.insert(name.clone(), (seq, at));
+                            heap.push(Reverse((at, seq, name)));
                         }
                     }
                     Some(Sched::Ping(reply)) => {
@@ -1016,7 +1054,7 @@ impl Refresher {
             pending.republish = true;
         }
         let ctx = self.ctx();
-        if pending.reload && !self.reload_row(name, &entry, &ctx).await {
+        if pending.reload && !self.reload_row(name, &entry).await {
             // Removed from the store: one credential fewer to count.
             self.states.send_replace(());
             return;
@@ -1027,14 +1065,13 @@ impl Refresher {
         if pending.retry_now
             && cred.state == State::Misconfigured
             && ctx.config.providers.contains_key(&cred.provider)
+            && let Ok(Commit::Done(c)) = self.store.reset_backoff(name).await
         {
-            if let Ok(Commit::Done(c)) = self.store.reset_backoff(name).await {
-                entry.adopt(*c);
-                cred = entry.cred();
-            }
+            entry.adopt(*c);
+            cred = entry.cred();
         }
         if pending.republish {
-            self.publish(&ctx, &cred).await;
+            self.publish(&cred).await;
         }
         let now = now_ms();
         let hold = entry.state.lock().unwrap().hold_until;
@@ -1051,7 +1088,7 @@ impl Refresher {
         };
         if cred.access_token.is_some() && !publishable(&cred, now) {
             // Expired (or dead) tokens are not left for consumers to trip on.
-            self.unpublish(&ctx, name).await;
+            self.unpublish(name).await;
         }
         if action != Do::Nothing {
             match ctx.config.providers.get(&cred.provider) {
@@ -1068,22 +1105,27 @@ impl Refresher {
     }
 
     /// Re-reads a row another process changed. Returns false if it is gone.
-    async fn reload_row(&self, name: &str, entry: &Entry, ctx: &Ctx) -> bool {
+    async fn reload_row(&self, name: &str, entry: &Entry) -> bool {
         match self.store.get(name).await {
             Ok(Some(row)) => {
                 let was_published = publishable(&entry.cred(), now_ms());
                 if entry.adopt(row) || !was_published {
                     let c = entry.cred();
-                    self.publish(ctx, &c).await;
+                    self.publish(&c).await;
                 } else if !publishable(&entry.cred(), now_ms()) {
-                    self.unpublish(ctx, name).await;
+                    self.unpublish(name).await;
                 }
                 true
             }
             Ok(None) => {
                 tracing::info!(credential = name, "credential removed from the store");
                 self.entries.write().unwrap().remove(name);
-                self.unpublish(ctx, name).await;
+                self.unpublish(name).await;
+                let (publisher, n) = (self.ctx().publisher.clone(), name.to_owned());
+                let _ = tokio::task::spawn_blocking(move || {
+                    publisher.sweep_temp_files([n.as_str()]);
+                })
+                .await;
                 let _ = self.sched.send(Sched::At(name.to_owned(), None));
                 false
             }
@@ -1113,11 +1155,35 @@ impl Refresher {
                 .provider_latency(Endpoint::Validate, started.elapsed());
             r
         };
+        let fresh_403 = entry.state.lock().unwrap().refreshed_for_403 == Some(cred.version);
         self.metrics.validation(match &result {
             Ok(()) => ValidationOutcome::Ok,
-            Err(Failure::Unauthorized) => ValidationOutcome::Unauthorized,
+            Err(Failure::Forbidden) if fresh_403 => ValidationOutcome::Forbidden,
+            Err(Failure::Unauthorized | Failure::Forbidden) => ValidationOutcome::Unauthorized,
             Err(_) => ValidationOutcome::Transient,
         });
+        let result = match result {
+            Err(Failure::Forbidden) if fresh_403 => {
+                let error = "validation: 403 Forbidden from a token just refreshed for a 403: \
+                    the account may not call the validation endpoint (a plan or permission \
+                    problem); not refreshing again for it"
+                    .to_owned();
+                tracing::warn!(credential = %cred.name, error = %error, "validation refused");
+                match self
+                    .store
+                    .record_note(&cred.name, cred.version, error)
+                    .await
+                {
+                    Ok(Commit::Done(c)) => {
+                        entry.adopt(*c);
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.store_failed(entry, &cred.name, &e),
+                }
+                return;
+            }
+            other => other,
+        };
         match result {
             Ok(()) => {
                 match self.store.record_validated(&cred.name, cred.version).await {
@@ -1135,11 +1201,19 @@ impl Refresher {
                 // that was removed (a cleaned /run, a deleted directory) or
                 // altered is written again; an intact one costs a read.
                 let c = entry.cred();
-                self.publish(ctx, &c).await;
+                self.publish(&c).await;
             }
             Err(Failure::Unauthorized) => {
                 tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");
                 self.refresh(ctx, entry, cred, p).await;
+            }
+            Err(Failure::Forbidden) => {
+                tracing::info!(credential = %cred.name, "the provider refused the access token (403); refreshing once");
+                self.refresh(ctx, entry, cred, p).await;
+                let now = entry.cred();
+                if now.version != cred.version {
+                    entry.state.lock().unwrap().refreshed_for_403 = Some(now.version);
+                }
             }
             Err(f) => {
                 let retry_after = match &f {
@@ -1220,7 +1294,7 @@ impl Refresher {
                 tracing::debug!(credential = %name, "already refreshed by another process");
                 if entry.adopt(*row) {
                     let c = entry.cred();
-                    self.publish(ctx, &c).await;
+                    self.publish(&c).await;
                 }
                 return;
             }
@@ -1264,16 +1338,16 @@ impl Refresher {
             Ok(tokens) => return self.commit(ctx, entry, &cred, fence, tokens).await,
             Err(Failure::Permanent { reason }) => {
                 // A peer may have rotated the token under us: re-read first.
-                if let Ok(Some(row)) = self.store.get(name).await {
-                    if row.refresh_token != cred.refresh_token {
-                        tracing::info!(credential = %name, "refresh token was rotated by another process meanwhile");
-                        let _ = self.store.release_lease(name, &self.holder).await;
-                        if entry.adopt(row) {
-                            let c = entry.cred();
-                            self.publish(ctx, &c).await;
-                        }
-                        return;
+                if let Ok(Some(row)) = self.store.get(name).await
+                    && row.refresh_token != cred.refresh_token
+                {
+                    tracing::info!(credential = %name, "refresh token was rotated by another process meanwhile");
+                    let _ = self.store.release_lease(name, &self.holder).await;
+                    if entry.adopt(row) {
+                        let c = entry.cred();
+                        self.publish(&c).await;
                     }
+                    return;
                 }
                 let error = if interrupted {
                     format!(
@@ -1375,7 +1449,7 @@ impl Refresher {
                         };
                         return self.fail(ctx, entry, &c, setback).await;
                     }
-                    self.publish(ctx, &c).await;
+                    self.publish(&c).await;
                     tracing::info!(credential = %name, expires_in = expires.as_deref().unwrap_or("unknown"), "token refreshed");
                     if cred.failures > 0 {
                         self.recovered(&cred.provider);
@@ -1470,7 +1544,7 @@ impl Refresher {
             Err(e) => return self.store_failed(entry, &cred.name, &e),
         }
         if s.state == State::NeedsReauthorization {
-            self.unpublish(ctx, &cred.name).await;
+            self.unpublish(&cred.name).await;
         }
     }
 
@@ -1543,11 +1617,15 @@ impl Refresher {
         entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
     }
 
-    async fn publish(&self, ctx: &Ctx, cred: &Credential) {
+    /// Writes the credential's files with the sinks of the config in force
+    /// now, not of the one a worker started with: a reload may have retired
+    /// a path since (see [`Refresher::reload`]).
+    async fn publish(&self, cred: &Credential) {
         if !publishable(cred, now_ms()) {
-            return self.unpublish(ctx, &cred.name).await;
+            return self.unpublish(&cred.name).await;
         }
-        let publisher = ctx.publisher.clone();
+        let _in_force = self.publishing.read().await;
+        let publisher = self.ctx().publisher.clone();
         let (name, tok, exp) = (cred.name.clone(), token(cred).clone(), cred.expires_at);
         let errors = tokio::task::spawn_blocking(move || publisher.publish(&name, &tok, exp))
             .await
@@ -1555,8 +1633,9 @@ impl Refresher {
         self.published(&cred.name, errors);
     }
 
-    async fn unpublish(&self, ctx: &Ctx, name: &str) {
-        let publisher = ctx.publisher.clone();
+    async fn unpublish(&self, name: &str) {
+        let _in_force = self.publishing.read().await;
+        let publisher = self.ctx().publisher.clone();
         let n = name.to_owned();
         let errors = tokio::task::spawn_blocking(move || publisher.unpublish(&n))
             .await

@@ -228,14 +228,14 @@ impl StoreConn {
     pub fn open(path: &Path, create: bool) -> Result<StoreConn> {
         let io = |e| StoreError::Io(path.to_owned(), e);
         if create {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                if !dir.exists() {
-                    DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(dir)
-                        .map_err(|e| StoreError::Io(dir.to_owned(), e))?;
-                }
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                && !dir.exists()
+            {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| StoreError::Io(dir.to_owned(), e))?;
             }
             // Create the file ourselves: SQLite would use the umask, and its
             // -wal and -shm files copy the main file's mode.
@@ -260,6 +260,7 @@ impl StoreConn {
             tracing::warn!(path = %path.display(), "database file was readable by others; setting mode 0600");
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
         }
+        keep_private(path)?;
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -382,6 +383,81 @@ impl StoreConn {
     pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {
         self.immediate(|c| ops::insert(c, new, replace))
     }
+}
+
+/// An existing store is kept as private as a new one: its directory 0700,
+/// its `-wal`, `-shm` and `-journal` companions 0600. What is ours is
+/// tightened (a directory only while it holds nothing but the store, so
+/// that a shared directory is never closed to others behind their back);
+/// anything else is refused with the fix, before the database is opened.
+fn keep_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let io = |p: &Path, e| StoreError::Io(p.to_owned(), e);
+    let refuse = |p: &Path, why: String| {
+        StoreError::Io(
+            p.to_owned(),
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+        )
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let f = PathBuf::from(format!("{}{suffix}", path.display()));
+        let Ok(meta) = std::fs::symlink_metadata(&f) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 == 0 {
+            continue;
+        }
+        if !meta.is_file() || (meta.uid() != euid && euid != 0) {
+            return Err(refuse(
+                &f,
+                format!(
+                    "is readable by others (mode {mode:04o}) and not ours to fix: make it 0600"
+                ),
+            ));
+        }
+        tracing::warn!(path = %f.display(), "database file was readable by others; setting mode 0600");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io(&f, e))?;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let meta = std::fs::metadata(dir).map_err(|e| io(dir, e))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let store_only = std::fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .flatten()
+        .all(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(file_name.as_str())
+                .is_some_and(|rest| ["", "-wal", "-shm", "-journal"].contains(&rest))
+        });
+    if (meta.uid() != euid && euid != 0) || !store_only {
+        return Err(refuse(
+            dir,
+            format!(
+                "the database's directory is open to others (mode {mode:04o}){}: make it 0700, or give the database a directory of its own (tokend creates it 0700)",
+                if store_only {
+                    " and not ours to fix"
+                } else {
+                    " and holds other files"
+                }
+            ),
+        ));
+    }
+    tracing::warn!(dir = %dir.display(), "the database's directory was open to others; setting mode 0700");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io(dir, e))
 }
 
 /// When root creates the database (an operator's first `tokend import`) in
@@ -597,6 +673,27 @@ impl Store {
             .await
     }
 
+    /// Records `error` as the last error of the token at `version` without
+    /// changing its state: a problem the token cannot fix (a 403 from a
+    /// fresh token), shown in the status while it lasts.
+    pub async fn record_note(&self, name: &str, version: i64, error: String) -> Result<Commit> {
+        let name = name.to_owned();
+        self.call(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE credentials SET last_error = ?3, last_validated_at = ?4,
+                        updated_at = ?4, rev = rev + 1 WHERE name = ?1 AND version = ?2",
+                )?
+                .execute(params![name, version, error, now_ms()])?;
+            if n == 0 {
+                return Ok(Commit::Conflict);
+            }
+            ops::event(c, &name, "validation_forbidden", Some(&error))?;
+            ops::done(c, &name)
+        })
+        .await
+    }
+
     /// Clears the failure count of a `misconfigured` credential so that it is
     /// tried again now (after a config reload that may have fixed it).
     pub async fn reset_backoff(&self, name: &str) -> Result<Commit> {
@@ -755,7 +852,7 @@ mod ops {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    fn event(c: &Connection, name: &str, kind: &str, detail: Option<&str>) -> Result<()> {
+    pub fn event(c: &Connection, name: &str, kind: &str, detail: Option<&str>) -> Result<()> {
         c.prepare_cached("INSERT INTO events (name, at, kind, detail) VALUES (?1, ?2, ?3, ?4)")?
             .execute(params![name, now_ms(), kind, detail])?;
         c.prepare_cached(
@@ -808,10 +905,12 @@ mod ops {
             .prepare_cached("SELECT holder, expires_at FROM leases WHERE name = ?1")?
             .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        if let Some((other, until)) = current {
-            if other != holder && until > now && crate::lease::holder_alive(&other) {
-                return Ok(Lease::Busy { until });
-            }
+        if let Some((other, until)) = current
+            && other != holder
+            && until > now
+            && crate::lease::holder_alive(&other)
+        {
+            return Ok(Lease::Busy { until });
         }
         let Some(cred) = get(c, name)? else {
             c.execute("DELETE FROM leases WHERE name = ?1", [name])?;
@@ -929,10 +1028,10 @@ mod ops {
         version: i64,
         f: &FailureUpdate,
     ) -> Result<Commit> {
-        if let Some(fence) = f.lease {
-            if !holds(c, name, holder, fence)? {
-                return lease_lost(c, name, "a failed refresh's outcome");
-            }
+        if let Some(fence) = f.lease
+            && !holds(c, name, holder, fence)?
+        {
+            return lease_lost(c, name, "a failed refresh's outcome");
         }
         let now = now_ms();
         // Only the holder of the refresh's lease may clear its mark.
@@ -974,7 +1073,7 @@ mod ops {
                     failures = CASE WHEN state = 'retrying' THEN 0 ELSE failures END,
                     next_attempt_at = CASE WHEN state = 'retrying' THEN NULL ELSE next_attempt_at END,
                     not_before = CASE WHEN state = 'retrying' THEN NULL ELSE not_before END,
-                    last_error = CASE WHEN state = 'retrying' THEN NULL ELSE last_error END
+                    last_error = NULL
                  WHERE name = ?1 AND version = ?2",
             )?
             .execute(params![name, version, now])?;
@@ -1004,7 +1103,7 @@ mod ops {
         Ok(())
     }
 
-    fn done(c: &Connection, name: &str) -> Result<Commit> {
+    pub fn done(c: &Connection, name: &str) -> Result<Commit> {
         get(c, name)?
             .map(|cred| Commit::Done(Box::new(cred)))
             .ok_or_else(|| StoreError::NotFound(name.to_owned()))
@@ -1045,6 +1144,36 @@ mod tests {
         let sc = StoreConn::open(&path, false).unwrap();
         assert_eq!(sc.load_all().unwrap().len(), 1);
         assert!(StoreConn::open(&dir.path().join("missing.db"), false).is_err());
+    }
+
+    #[test]
+    fn an_existing_store_is_made_private_or_refused() {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let set = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state");
+        let path = dir.join("t.db");
+        drop(StoreConn::open(&path, true).unwrap());
+        // A directory of its own, opened up, and a -wal made readable.
+        set(&dir, 0o755);
+        let wal = dir.join("t.db-wal");
+        std::fs::write(&wal, b"").unwrap();
+        set(&wal, 0o644);
+        let sc = StoreConn::open(&path, false).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&wal), 0o600);
+        drop(sc);
+        // A shared directory is not closed behind others' back: refused.
+        set(&dir, 0o755);
+        std::fs::write(dir.join("other-service.conf"), b"").unwrap();
+        let e = StoreConn::open(&path, false)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("holds other files") && e.contains("0700"), "{e}");
+        assert_eq!(mode(&dir), 0o755);
     }
 
     #[test]

@@ -414,11 +414,11 @@ fn failure_times(env: &Env, name: &str, window: Duration) -> Vec<u128> {
     let mut last = env.row(name).map_or(0, |r| r.failures);
     let mut times = Vec::new();
     while start.elapsed() < window {
-        if let Some(r) = env.row(name) {
-            if r.failures > last {
-                last = r.failures;
-                times.push(start.elapsed().as_millis());
-            }
+        if let Some(r) = env.row(name)
+            && r.failures > last
+        {
+            last = r.failures;
+            times.push(start.elapsed().as_millis());
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -339,10 +339,11 @@ fn user_with_supplementary_group() -> Option<(u32, u32, String)> {
                 let p: Vec<&str> = l.split(':').collect();
                 (p.len() > 3 && p[0] == member).then(|| (p[2].parse().ok(), p[3].parse().ok()))
             });
-            if let Some((Some(uid), Some(primary))) = user {
-                if uid != 0 && primary != gid {
-                    return Some((uid, primary, f[0].to_owned()));
-                }
+            if let Some((Some(uid), Some(primary))) = user
+                && uid != 0
+                && primary != gid
+            {
+                return Some((uid, primary, f[0].to_owned()));
             }
         }
     }

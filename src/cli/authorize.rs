@@ -295,7 +295,7 @@ impl Flow<'_> {
                 "check client_id, the client secret, scope and redirect_uri of providers.{}",
                 self.p.name
             ),
-            Failure::Transient { .. } | Failure::Unauthorized => {
+            Failure::Transient { .. } | Failure::Unauthorized | Failure::Forbidden => {
                 "the code may be spent already: run 'tokend authorize' again".to_owned()
             }
         };

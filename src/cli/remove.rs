@@ -36,6 +36,8 @@ pub fn run(args: &Args) -> Result<(), Exit> {
             Err(e) => eprintln!("tokend: cannot remove {}: {e}", path.display()),
         }
     }
+    // Temp files a crash left beside them hold a token too.
+    crate::publish::sweep_temp_files(&config.sinks, [name.as_str()]);
     println!("removed {name} and {removed} published file(s)");
     Ok(())
 }

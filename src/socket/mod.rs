@@ -95,10 +95,10 @@ impl Server {
 
 async fn bind(cfg: &SocketConfig) -> io::Result<UnixListener> {
     let path = &cfg.path;
-    if let Some(dir) = path.parent() {
-        if !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).create(dir)?;
-        }
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new().recursive(true).create(dir)?;
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
