@@ -53,6 +53,10 @@ pub enum Failure {
         /// The request may have reached the provider and been acted on
         /// (no answer came back): a refresh may have rotated the token.
         outcome_unknown: bool,
+        /// The provider itself looks down (a 5xx, no connection, no answer),
+        /// not just unhappy with this one credential (a per-user 429): its
+        /// other credentials would fare no better now.
+        provider_down: bool,
     },
     /// The grant is dead (`invalid_grant`, revoked): a human must re-authorize.
     Permanent { reason: String },
@@ -76,6 +80,7 @@ impl Failure {
             reason: reason.into(),
             retry_after: None,
             outcome_unknown: false,
+            provider_down: false,
         }
     }
 }
@@ -264,6 +269,7 @@ fn transport_failure(e: &reqwest::Error) -> Failure {
         retry_after: None,
         // Connect errors happen before anything was sent.
         outcome_unknown: !e.is_connect(),
+        provider_down: true,
     }
 }
 
@@ -314,6 +320,9 @@ fn status_failure(status: StatusCode, headers: &HeaderMap, what: &str) -> Option
             reason: format!("{what}: rate limited ({status})"),
             retry_after: retry_after(headers),
             outcome_unknown: false,
+            // PandaDoc's limits are per user: one user's 429 says nothing
+            // about the others.
+            provider_down: false,
         });
     }
     if status.is_server_error() {
@@ -323,6 +332,7 @@ fn status_failure(status: StatusCode, headers: &HeaderMap, what: &str) -> Option
             // A 5xx from a gateway may hide a refresh the backend performed.
             outcome_unknown: status == StatusCode::BAD_GATEWAY
                 || status == StatusCode::GATEWAY_TIMEOUT,
+            provider_down: true,
         });
     }
     None
@@ -360,6 +370,7 @@ pub fn classify_token(
                 ),
                 retry_after: None,
                 outcome_unknown: true,
+                provider_down: false,
             });
         };
         let Some(access_token) = raw.access_token.filter(|t| !t.is_empty()) else {
@@ -367,6 +378,7 @@ pub fn classify_token(
                 reason: format!("{WHAT}: answer {status} has no access_token"),
                 retry_after: None,
                 outcome_unknown: true,
+                provider_down: false,
             });
         };
         let unsupported = raw

@@ -76,6 +76,12 @@ const RECOVERY_SPREAD: Duration = Duration::from_secs(5);
 /// At most one such nudge per provider this often, so that a provider that
 /// flaps costs each credential one extra request per interval at most.
 const RECOVERY_INTERVAL: Duration = Duration::from_secs(30);
+/// While a provider looks down (two or more of its credentials failed with
+/// a 5xx or no answer since its last success), one request probes it this
+/// often (or every `retry_max`, if shorter) and the others wait: an outage
+/// costs a provider about two requests a minute, however many credentials
+/// it has, and its return is seen within this long.
+const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// The first wait before files that could not be written are tried again
 /// (a full or read-only file system); it doubles, with jitter, up to
 /// MAX_SLEEP, so that a disk that stays full costs a log line every few
@@ -212,6 +218,8 @@ struct Setback {
     retry_after: Option<Duration>,
     /// Keep the "refresh started" mark: the provider may have rotated.
     outcome_unknown: bool,
+    /// The provider itself looks down (a 5xx, no answer): see [`Outage`].
+    provider_down: bool,
     /// The fencing value of the lease a refresh ran under; None for a
     /// validation, which holds no lease.
     lease: Option<i64>,
@@ -266,10 +274,27 @@ pub struct Refresher {
     /// When each provider's `retrying` credentials were last brought
     /// forward after one of its credentials recovered (ms).
     recovered_at: Mutex<HashMap<String, i64>>,
+    /// Per provider that looks down: see [`Outage`].
+    outages: Mutex<HashMap<String, Outage>>,
     /// Held for reading while files are written or removed, for writing
     /// while a reload swaps the sinks and retires the old paths: no file
     /// is written to a path a reload has retired.
     publishing: tokio::sync::RwLock<()>,
+}
+
+/// A provider that may be down: which of its credentials failed with a 5xx
+/// or no answer since its last success, and when it may next be probed.
+#[derive(Default)]
+struct Outage {
+    failing: HashSet<String>,
+    next_probe: i64,
+}
+
+impl Outage {
+    /// Two credentials failing alike is the provider, not a credential.
+    fn down(&self) -> bool {
+        self.failing.len() >= 2
+    }
 }
 
 /// Counts tasks that may hold a provider's answer not yet committed, so that
@@ -455,6 +480,7 @@ impl Refresher {
             stopping: AtomicBool::new(false),
             inflight: InFlight::default(),
             recovered_at: Mutex::new(HashMap::new()),
+            outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
         });
         {
@@ -551,6 +577,7 @@ impl Refresher {
             stopping: AtomicBool::new(false),
             inflight: InFlight::default(),
             recovered_at: Mutex::new(HashMap::new()),
+            outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
         };
         Ok(Some(Arc::new(r)))
@@ -694,13 +721,14 @@ impl Refresher {
 
     /// Starts an on-demand refresh as a task owned by the refresher, or
     /// joins the one running; returns what to wait on for its end. None when
-    /// nothing may be sent now ([`gate`]) or tokend is stopping.
+    /// nothing may be sent now (the credential's [`gate`], or its provider
+    /// looks down and is not due for a probe) or tokend is stopping.
     fn start_refresh(
         self: &Arc<Self>,
         name: &str,
         entry: &Arc<Entry>,
     ) -> Option<watch::Receiver<bool>> {
-        let mut st = entry.state.lock().unwrap();
+        let st = entry.state.lock().unwrap();
         if let Some(done) = &st.running {
             return Some(done.clone());
         }
@@ -708,9 +736,15 @@ impl Refresher {
             return None;
         }
         // A refresh in flight (the scheduler's) is joined whatever the gate
-        // says now; otherwise the gate decides.
-        if !st.refreshing && gate(&st.cred, now_ms(), st.hold_until) != Gate::Go {
+        // says now; otherwise the gates decide.
+        let (refreshing, cred) = (st.refreshing, st.cred.clone());
+        drop(st);
+        if !refreshing && !self.may_send(entry, &cred, now_ms(), false) {
             return None;
+        }
+        let mut st = entry.state.lock().unwrap();
+        if let Some(done) = &st.running {
+            return Some(done.clone());
         }
         let attempts = st.attempts;
         let (tx, rx) = watch::channel(false);
@@ -736,8 +770,7 @@ impl Refresher {
             let state_before = entry.cred().state;
             let joined = entry.state.lock().unwrap().attempts != attempts;
             let cred = entry.cred();
-            let hold = entry.state.lock().unwrap().hold_until;
-            if !joined && gate(&cred, now_ms(), hold) == Gate::Go {
+            if !joined && self.may_send(entry, &cred, now_ms(), true) {
                 let ctx = self.ctx();
                 match ctx.config.providers.get(&cred.provider) {
                     Some(p) => self.refresh(&ctx, entry, &cred, p).await,
@@ -750,6 +783,44 @@ impl Refresher {
             self.states.send_replace(());
         }
         self.reschedule(name);
+    }
+
+    /// Whether a request to `provider` may go now. While it looks down (see
+    /// [`Outage`]), one request per probe interval: with `claim`, the
+    /// caller that gets Go is that probe and the next one is due an
+    /// interval later; the others are told when to ask again.
+    fn provider_gate(&self, provider: &str, now: i64, claim: bool) -> Gate {
+        let mut outages = self.outages.lock().unwrap();
+        let Some(o) = outages.get_mut(provider).filter(|o| o.down()) else {
+            return Gate::Go;
+        };
+        if now < o.next_probe {
+            return Gate::NotBefore(o.next_probe);
+        }
+        if claim {
+            let every = PROBE_INTERVAL.min(self.ctx().config.refresh.retry_max);
+            o.next_probe = now + every.as_millis() as i64;
+            tracing::debug!(provider, "probing a provider that looks down");
+        }
+        Gate::Go
+    }
+
+    /// Both gates, for a request about to be decided on: the credential's
+    /// own backoff ([`gate`]), then its provider's outage. A credential held
+    /// back by the outage is held until the next probe.
+    fn may_send(&self, entry: &Entry, cred: &Credential, now: i64, claim: bool) -> bool {
+        let hold = entry.state.lock().unwrap().hold_until;
+        if gate(cred, now, hold) != Gate::Go {
+            return false;
+        }
+        match self.provider_gate(&cred.provider, now, claim) {
+            Gate::Go => true,
+            Gate::NotBefore(t) => {
+                entry.hold(t);
+                false
+            }
+            Gate::Stopped => false,
+        }
     }
 
     /// Stops starting provider requests: those in flight finish and commit
@@ -1086,6 +1157,12 @@ impl Refresher {
                 pending.validate,
             )
         };
+        // A provider that looks down gets one probe per interval.
+        let action = if action != Do::Nothing && !self.may_send(&entry, &cred, now, true) {
+            Do::Nothing
+        } else {
+            action
+        };
         if cred.access_token.is_some() && !publishable(&cred, now) {
             // Expired (or dead) tokens are not left for consumers to trip on.
             self.unpublish(name).await;
@@ -1194,9 +1271,7 @@ impl Refresher {
                     Err(e) => self.store_failed(entry, &cred.name, &e),
                 }
                 tracing::debug!(credential = %cred.name, "token validated");
-                if cred.failures > 0 {
-                    self.recovered(&cred.provider);
-                }
+                self.answered(&cred.provider, cred.failures > 0);
                 // The validation sweep doubles as a check of the files: one
                 // that was removed (a cleaned /run, a deleted directory) or
                 // altered is written again; an intact one costs a read.
@@ -1216,9 +1291,13 @@ impl Refresher {
                 }
             }
             Err(f) => {
-                let retry_after = match &f {
-                    Failure::Transient { retry_after, .. } => *retry_after,
-                    _ => None,
+                let (retry_after, provider_down) = match &f {
+                    Failure::Transient {
+                        retry_after,
+                        provider_down,
+                        ..
+                    } => (*retry_after, *provider_down),
+                    _ => (None, false),
                 };
                 // A validation failure that is not a 401 says nothing about
                 // the token: it stays published while we retry.
@@ -1227,6 +1306,7 @@ impl Refresher {
                     error: f.describe(),
                     retry_after,
                     outcome_unknown: false,
+                    provider_down,
                     lease: None,
                     event: "validation_failed",
                 };
@@ -1254,6 +1334,7 @@ impl Refresher {
             ),
             retry_after: None,
             outcome_unknown: false,
+            provider_down: false,
             lease: None,
             event: "misconfigured",
         };
@@ -1361,6 +1442,7 @@ impl Refresher {
                     error,
                     retry_after: None,
                     outcome_unknown: false,
+                    provider_down: false,
                     lease: Some(fence),
                     event: "needs_reauthorization",
                 }
@@ -1370,17 +1452,19 @@ impl Refresher {
                 error: reason,
                 retry_after: None,
                 outcome_unknown: false,
+                provider_down: false,
                 lease: Some(fence),
                 event: "misconfigured",
             },
             Err(f) => {
-                let (retry_after, unknown) = match &f {
+                let (retry_after, unknown, provider_down) = match &f {
                     Failure::Transient {
                         retry_after,
                         outcome_unknown,
+                        provider_down,
                         ..
-                    } => (*retry_after, *outcome_unknown),
-                    _ => (None, false),
+                    } => (*retry_after, *outcome_unknown, *provider_down),
+                    _ => (None, false, false),
                 };
                 // Keep the "refresh started" mark while the outcome is unknown,
                 // so a later invalid_grant can be explained.
@@ -1389,6 +1473,7 @@ impl Refresher {
                     error: f.describe(),
                     retry_after,
                     outcome_unknown: unknown || interrupted,
+                    provider_down,
                     lease: Some(fence),
                     event: "refresh_failed",
                 }
@@ -1444,6 +1529,7 @@ impl Refresher {
                             ),
                             retry_after: None,
                             outcome_unknown: false,
+                            provider_down: false,
                             lease: None,
                             event: "misconfigured",
                         };
@@ -1451,9 +1537,7 @@ impl Refresher {
                     }
                     self.publish(&c).await;
                     tracing::info!(credential = %name, expires_in = expires.as_deref().unwrap_or("unknown"), "token refreshed");
-                    if cred.failures > 0 {
-                        self.recovered(&cred.provider);
-                    }
+                    self.answered(&cred.provider, cred.failures > 0);
                     return;
                 }
                 Ok(Commit::Conflict) => {
@@ -1492,6 +1576,18 @@ impl Refresher {
     /// Records a failed attempt: the state, the backoff (never shorter than
     /// the provider's Retry-After) and the error.
     async fn fail(&self, ctx: &Ctx, entry: &Entry, cred: &Credential, s: Setback) {
+        if s.provider_down {
+            let mut outages = self.outages.lock().unwrap();
+            let o = outages.entry(cred.provider.clone()).or_default();
+            let was_down = o.down();
+            o.failing.insert(cred.name.clone());
+            if o.down() && !was_down {
+                tracing::warn!(
+                    provider = %cred.provider,
+                    "the provider looks down; probing it with one request at a time until it answers"
+                );
+            }
+        }
         let r = &ctx.config.refresh;
         let failures = cred.failures.saturating_add(1);
         let now = now_ms();
@@ -1548,6 +1644,23 @@ impl Refresher {
         }
     }
 
+    /// A request to `provider` succeeded: it is not down. If it looked down,
+    /// or this credential had failed, the provider is back: see [`Refresher::recovered`].
+    fn answered(&self, provider: &str, after_failures: bool) {
+        let was_down = self
+            .outages
+            .lock()
+            .unwrap()
+            .remove(provider)
+            .is_some_and(|o| o.down());
+        if was_down {
+            tracing::info!(provider, "the provider answers again");
+        }
+        if was_down || after_failures {
+            self.recovered(provider);
+        }
+    }
+
     /// One credential of `provider` just succeeded after failures: the
     /// provider is back. Its other `retrying` credentials are tried again
     /// within RECOVERY_SPREAD (never before a Retry-After), at most once per
@@ -1563,6 +1676,28 @@ impl Refresher {
             last.insert(provider.to_owned(), now);
         }
         let spread = RECOVERY_SPREAD.as_millis() as i64;
+        // Those the outage held back (their own next attempt is due): each
+        // at a random instant within the spread.
+        let held: Vec<Arc<Entry>> = self
+            .entries
+            .read()
+            .unwrap()
+            .values()
+            .filter(|e| {
+                let st = e.state.lock().unwrap();
+                st.cred.provider == provider
+                    && st.cred.state == State::Retrying
+                    && st.hold_until > now
+                    && st.cred.next_attempt_at.is_none_or(|t| t <= now + spread)
+            })
+            .cloned()
+            .collect();
+        for e in held {
+            let at = now + (spread as f64 * fastrand::f64()) as i64;
+            e.hold(at);
+            let name = e.cred().name.clone();
+            self.reschedule(&name);
+        }
         let items: Vec<(String, i64, i64)> = self
             .entries
             .read()

@@ -1,4 +1,4 @@
-//! Spec §2 `authorize` and §7: onboarding through the browser step, played
+//! README "Commands" (`authorize`) and "Using it with PandaDoc": onboarding through the browser step, played
 //! by curl against the fake provider's authorize endpoint; every way it can
 //! fail stores nothing; the PandaDoc preset's requests match the OpenAPI
 //! description.
@@ -722,7 +722,7 @@ fn pandadoc_requests_match_the_openapi_description() {
         |r| pandadoc_provider(&env, r),
         &["authorize", "bot", "--provider", "pd"],
     );
-    // Spec §7's shape, state added.
+    // README "Using it with PandaDoc"'s shape, state added.
     let expected = format!(
         "{}/oauth2/authorize?client_id={}&redirect_uri=http%3A%2F%2F127.0.0.1%3A{port}%2Fcallback\
          &scope=read+write&response_type=code&state=",

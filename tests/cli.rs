@@ -1,4 +1,4 @@
-//! Spec §2 and issue 3: `tokend token|status|list|refresh|remove`, with a
+//! README "Commands" and issue 3: `tokend token|status|list|refresh|remove`, with a
 //! daemon running and without one.
 
 mod support;

@@ -1,4 +1,4 @@
-//! Spec §2 and §3: configuration errors name their key and stop everything
+//! README "Commands" and "Configuration": configuration errors name their key and stop everything
 //! before anything is created; SIGHUP applies a good file and keeps the old
 //! one when the new one is bad; `import` and `list` validate their input; and
 //! no secret travels on a command line.

@@ -563,3 +563,61 @@ fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
     assert!(mark.is_some(), "the validation cleared the peer's mark");
     drop(d);
 }
+
+#[test]
+fn an_outage_costs_a_provider_one_probe_per_interval_and_its_return_is_seen_soon() {
+    // Six credentials due at once while the provider answers 503. With
+    // retry_max 2 s the provider is probed every 2 s: each credential's own
+    // backoff (0.5 to 2 s) would send about four times as much.
+    let env = Env::bare(Knobs {
+        fault: Some(Fault::Status503),
+        fault_on: FaultTarget::Token,
+        ..Knobs::default()
+    });
+    env.write_config(&section("3s", "1s"), &env.sink("raw", "0600"));
+    let names: Vec<String> = (0..6).map(|i| format!("c{i}")).collect();
+    for n in &names {
+        env.import(n, false);
+    }
+    let d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    wait_for("every credential to fail once", PATIENCE, || {
+        names
+            .iter()
+            .all(|n| env.state(n).as_deref() == Some("retrying"))
+            .then_some(())
+    });
+    d.wait_log("the provider looks down", PATIENCE);
+    let before = env.provider.stats().token_requests;
+    let window = Instant::now();
+    // Consumers keep asking meanwhile: nothing of theirs reaches the provider.
+    while window.elapsed() < Duration::from_secs(8) {
+        for n in &names {
+            assert_eq!(get(&env.socket, &format!("/v1/tokens/{n}")).status, 503);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let during = env.provider.stats().token_requests - before;
+    assert!(
+        (2..=6).contains(&during),
+        "{during} requests in 8 s of outage: the provider was not probed one request at a time"
+    );
+
+    // The provider returns: the next probe sees it, and the others follow
+    // within a few seconds, without waiting out their backoffs.
+    env.provider.update_knobs(|k| k.fault = None);
+    let back = Instant::now();
+    wait_for("every credential to recover", PATIENCE, || {
+        names
+            .iter()
+            .all(|n| env.state(n).as_deref() == Some("valid"))
+            .then_some(())
+    });
+    assert!(
+        back.elapsed() < Duration::from_secs(10),
+        "recovery took {:?}",
+        back.elapsed()
+    );
+    d.wait_log("the provider answers again", PATIENCE);
+    drop(d);
+}

@@ -1,4 +1,4 @@
-//! Spec §1 and §6: the refresh cycle against the fake provider over HTTP:
+//! README "What it does" and "Credential states": the refresh cycle against the fake provider over HTTP:
 //! rotation, validation and what each kind of failure does to a credential,
 //! its published files and the requests the provider sees.
 
@@ -98,7 +98,7 @@ fn list(env: &Env) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// Spec §1.3 and §4: with 2 s tokens the daemon rotates about every second;
+/// README "What it does" and "File sinks": with 2 s tokens the daemon rotates about every second;
 /// each rotation is one successful refresh at the provider, committed before
 /// it is published, and every token the provider issued reaches the file.
 #[test]
@@ -214,7 +214,7 @@ fn short_lived_tokens_rotate_and_every_rotation_is_published_once() {
     assert!(info.alive);
 }
 
-/// Spec §6: a 401 on validation means "refresh now", never "delete".
+/// README "Credential states": a 401 on validation means "refresh now", never "delete".
 #[test]
 fn a_rejected_access_token_is_refreshed_at_once() {
     let env = Env::new(Knobs::default());
@@ -248,7 +248,7 @@ fn a_rejected_access_token_is_refreshed_at_once() {
     drop(d);
 }
 
-/// Spec §6: a validation failure that is not a 401 says nothing about the
+/// README "Credential states": a validation failure that is not a 401 says nothing about the
 /// token: it stays stored and published, the credential is `retrying`, no
 /// refresh is attempted, and it is `valid` again once the provider recovers.
 fn transient_validation_failure_keeps_the_token(fault: Fault, expect_in_error: &str) {
@@ -368,7 +368,7 @@ fn validation_timeout_keeps_the_token() {
     );
 }
 
-/// Spec §3 (backoff "honouring Retry-After"): with retry_initial 500ms and
+/// README "Configuration" (backoff "honouring Retry-After"): with retry_initial 500ms and
 /// retry_max 2s the daemon would come back within 2 s, but the provider
 /// said 3 s.
 #[test]
@@ -414,7 +414,7 @@ fn retry_after_is_honoured() {
     drop(d);
 }
 
-/// Spec §3: during an outage the daemon keeps trying, at most once per
+/// README "Configuration": during an outage the daemon keeps trying, at most once per
 /// retry_initial and backing off towards retry_max, then recovers promptly.
 #[test]
 fn an_outage_is_ridden_out_with_bounded_backoff() {
@@ -504,7 +504,7 @@ fn an_outage_is_ridden_out_with_bounded_backoff() {
     drop(d);
 }
 
-/// Spec §6 and §4: invalid_grant is permanent: the credential needs
+/// README "Credential states" and "File sinks": invalid_grant is permanent: the credential needs
 /// re-authorization, its files go, and the provider hears no more of it.
 #[test]
 fn invalid_grant_stops_the_credential_and_removes_its_files() {
@@ -555,7 +555,7 @@ fn invalid_grant_stops_the_credential_and_removes_its_files() {
     drop(d);
 }
 
-/// Spec §6: invalid_client is our side's fault: misconfigured, no retry
+/// README "Credential states": invalid_client is our side's fault: misconfigured, no retry
 /// loop, and a token that was valid stays published until it expires.
 #[test]
 fn invalid_client_is_misconfigured_without_a_retry_loop() {
@@ -607,7 +607,7 @@ fn invalid_client_is_misconfigured_without_a_retry_loop() {
     drop(d);
 }
 
-/// Spec §2: `import` while the daemon runs is picked up without a restart.
+/// README "Commands": `import` while the daemon runs is picked up without a restart.
 #[test]
 fn a_credential_imported_while_running_is_picked_up() {
     let env = Env::new(Knobs::default());
@@ -690,7 +690,7 @@ fn start_peer(env: &Env, tokens: &Path) -> Daemon {
     Daemon::spawn(cmd, &config, env.dir.path().join("peer.log"))
 }
 
-/// Spec §2: "Two processes never refresh the same credential at once": two
+/// README "Commands": "Two processes never refresh the same credential at once": two
 /// daemons on one database rotate each refresh token exactly once, and both
 /// publish what is stored.
 #[test]
@@ -769,7 +769,7 @@ fn two_daemons_on_one_database_rotate_each_token_exactly_once() {
     );
 }
 
-/// Spec §1.3 and the SIGTERM contract: a refresh in flight completes and is
+/// README "What it does" and the SIGTERM contract: a refresh in flight completes and is
 /// committed before the daemon exits, so the rotated refresh token is not lost.
 #[test]
 fn sigterm_lets_a_refresh_in_flight_commit() {
@@ -812,8 +812,8 @@ fn sigterm_lets_a_refresh_in_flight_commit() {
     assert_eq!(stats.refresh_requests, 1);
 }
 
-/// Spec §2 ("two processes never refresh the same credential at once") with
-/// §3 (min_remaining: the refresher never lets a token get close to expiry):
+/// README "Commands" ("two processes never refresh the same credential at once") with
+/// "Configuration" (min_remaining: the refresher never lets a token get close to expiry):
 /// of two daemons on one database, the one that found the other refreshing
 /// must carry on alone once the other stops, not sit out the lease.
 #[test]

@@ -1,4 +1,4 @@
-//! Spec §4: what the files hold, their modes, and when they are written.
+//! README "File sinks": what the files hold, their modes, and when they are written.
 
 mod support;
 

@@ -1,4 +1,4 @@
-//! Spec §5 and issue 3: the socket API with a real client (curl), who may
+//! README "The socket API" and issue 3: the socket API with a real client (curl), who may
 //! read what, freshness on read, hostile clients, the socket file's
 //! lifecycle and consumer reports of refused tokens.
 
@@ -969,7 +969,7 @@ fn a_second_daemon_on_a_live_socket_fails_and_the_first_keeps_serving() {
     assert!(!env.socket.exists());
 }
 
-/// Spec §3: "the daemon never starts half-configured". A daemon that
+/// README "Configuration": "the daemon never starts half-configured". A daemon that
 /// cannot take its socket (here a plain listener holds it) must exit without
 /// having touched the store or the provider. Credentials without an access
 /// token make any early refresh visible: it would take the store's lease

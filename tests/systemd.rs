@@ -1,4 +1,4 @@
-//! Spec §1.5: tokend as a systemd service. The daemon runs as the unit runs
+//! README "What it does": tokend as a systemd service. The daemon runs as the unit runs
 //! it (`UMask=0077`); the tests play the service manager's part.
 
 mod support;
