@@ -7,7 +7,7 @@ mod support;
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -600,4 +600,187 @@ fn secrets_never_travel_on_argv_or_into_hooks() {
     }
     let status = d.stop();
     assert!(status.success(), "stop: {status}");
+}
+
+// ---- issue 10, item 2: entries larger than a lookup's first buffer ----
+
+/// A group with thousands of members, as an LDAP group has, and a user
+/// whose passwd entry is long: each is larger than the 16 KiB buffer that
+/// tokend's lookups used to be limited to.
+const BIG_GROUP: (&str, u32) = ("tokend-big", 4343);
+const WIDE_USER: (&str, u32) = ("tokend-wide", 4344);
+
+/// Copies of this machine's /etc/passwd and /etc/group, with BIG_GROUP
+/// (WIDE_USER among its 3,000 members) and WIDE_USER added.
+fn big_user_database(env: &Env) -> (PathBuf, PathBuf) {
+    let passwd = env.dir.path().join("passwd");
+    let group = env.dir.path().join("group");
+    let mut p = fs::read_to_string("/etc/passwd").unwrap();
+    p.push_str(&format!(
+        "{}:x:{uid}:{uid}:{}:/nonexistent:/usr/sbin/nologin\n",
+        WIDE_USER.0,
+        "w".repeat(20_000),
+        uid = WIDE_USER.1
+    ));
+    let mut g = fs::read_to_string("/etc/group").unwrap();
+    let members: Vec<String> = (0..3000).map(|i| format!("member{i:05}")).collect();
+    g.push_str(&format!(
+        "{}:x:{}:{},{}\n",
+        BIG_GROUP.0,
+        BIG_GROUP.1,
+        members.join(","),
+        WIDE_USER.0
+    ));
+    fs::write(&passwd, p).unwrap();
+    fs::write(&group, g).unwrap();
+    (passwd, group)
+}
+
+/// Makes `cmd` run in a mount namespace of its own, in which /etc/passwd
+/// and /etc/group are `passwd` and `group` (the rest of the machine sees
+/// its own). Returns false, and the test should skip, where this machine
+/// cannot (it takes root, or CAP_SYS_ADMIN).
+fn with_user_database(cmd: &mut Command, passwd: &Path, group: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    fn setup(passwd: &CString, group: &CString) -> std::io::Result<()> {
+        let fail = || Err(std::io::Error::last_os_error());
+        let none = std::ptr::null();
+        // SAFETY: plain syscalls on NUL-terminated strings that outlive
+        // them; nothing here allocates (this runs between fork and exec).
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return fail();
+            }
+            // Private first, so that the binds never reach the machine's namespace.
+            if libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return fail();
+            }
+            for (from, to) in [(passwd, c"/etc/passwd"), (group, c"/etc/group")] {
+                if libc::mount(
+                    from.as_ptr(),
+                    to.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail();
+                }
+            }
+        }
+        Ok(())
+    }
+    let passwd = CString::new(passwd.as_os_str().as_bytes()).unwrap();
+    let group = CString::new(group.as_os_str().as_bytes()).unwrap();
+    let probe = {
+        let (passwd, group) = (passwd.clone(), group.clone());
+        let mut probe = Command::new("true");
+        // SAFETY: `setup` only makes syscalls.
+        unsafe { probe.pre_exec(move || setup(&passwd, &group)) };
+        probe.status()
+    };
+    if !probe.as_ref().is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot make a mount namespace here ({probe:?}); run as root");
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { cmd.pre_exec(move || setup(&passwd, &group)) };
+    true
+}
+
+/// getgrnam_r: a sink's `group`, an `[[access]]` rule's `groups` and
+/// `socket_group` naming a group whose entry is larger than 16 KiB are
+/// found, not reported as "no group".
+#[test]
+fn a_group_larger_than_16_kib_is_found() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::bare(Knobs::default());
+    let (passwd, group) = big_user_database(&env);
+    let (name, gid) = BIG_GROUP;
+    // Imported first: `import` reads the config, and outside the namespace
+    // there is no such group.
+    env.write_config(FAST_REFRESH, &env.sink("raw", "0640"));
+    env.import("bot", true);
+    let sink = format!("{}group = \"{name}\"\n", env.sink("raw", "0640"));
+    env.write_config(
+        &format!("socket_group = \"{name}\"\n{FAST_REFRESH}"),
+        &format!("{sink}\n[[access]]\ncredentials = [\"*\"]\ngroups = [\"{name}\"]\n"),
+    );
+    let mut cmd = env.tokend(&["check-config"]);
+    if !with_user_database(&mut cmd, &passwd, &group) {
+        return;
+    }
+    let (status, stdout, stderr) = run_bounded(&env, cmd, Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stdout.contains(": ok ("), "{stdout}");
+
+    // And the daemon gives the file that group.
+    let mut cmd = env.tokend(&["run"]);
+    assert!(with_user_database(&mut cmd, &passwd, &group));
+    let d = Daemon::spawn(cmd, &env.config_path, env.dir.path().join("big-group.log"));
+    let file = wait_for("the file with the group", Duration::from_secs(20), || {
+        fs::metadata(env.token_file("bot"))
+            .ok()
+            .filter(|m| m.gid() == gid)
+    });
+    assert_eq!(file.gid(), gid);
+    drop(d);
+}
+
+/// getpwuid_r: a caller of the socket whose passwd entry is larger than
+/// 16 KiB still gets the groups an `[[access]]` rule grants by.
+#[test]
+fn a_caller_with_a_passwd_entry_larger_than_16_kib_keeps_its_groups() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::bare(Knobs::default());
+    let (passwd, group) = big_user_database(&env);
+    // By number, so that only the caller's lookup is put to the test.
+    env.write_config(
+        &format!("socket_mode = \"0666\"\n{FAST_REFRESH}"),
+        &format!(
+            "{}\n[[access]]\ncredentials = [\"*\"]\ngroups = [\"{}\"]\n",
+            env.sink("raw", "0600"),
+            BIG_GROUP.1
+        ),
+    );
+    // The caller must reach the socket: search (not read) on the directory.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let g = env.import("bot", true);
+    let mut cmd = env.tokend(&["run"]);
+    if !with_user_database(&mut cmd, &passwd, &group) {
+        return;
+    }
+    let d = Daemon::spawn(cmd, &env.config_path, env.dir.path().join("wide-user.log"));
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&env.socket)
+        .arg("http://localhost/v1/tokens/bot")
+        .uid(WIDE_USER.1)
+        .gid(WIDE_USER.1)
+        .env("HOME", "/")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    assert_eq!(
+        code,
+        "200",
+        "uid {} (in group {} by the user database): {body} {}",
+        WIDE_USER.1,
+        BIG_GROUP.1,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(body, g.access_token);
+    drop(d);
 }
