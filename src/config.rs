@@ -979,6 +979,30 @@ fn validate_provider(
             TokenAuth::ClientSecretPost
         }
     };
+    // PandaDoc's presets send exactly what PandaDoc's OpenAPI description
+    // has (accessToken): client_id and client_secret in the form body, and
+    // no PKCE parameters, which it does not describe.
+    if let Some(preset) = r.preset.as_deref().filter(|_| preset.is_some()) {
+        if token_auth == TokenAuth::ClientSecretBasic {
+            p.add(
+                k("token_auth"),
+                format!(
+                    "\"client_secret_basic\" cannot be used with preset \"{preset}\": PandaDoc's \
+                     OpenAPI description has the token request carry client_id and client_secret \
+                     in the form body (\"client_secret_post\", the preset's default); remove the key"
+                ),
+            );
+        }
+        if r.pkce == Some(true) {
+            p.add(
+                k("pkce"),
+                format!(
+                    "cannot be used with preset \"{preset}\": PandaDoc's OpenAPI description has \
+                     no PKCE parameters (code_challenge, code_verifier); remove the key"
+                ),
+            );
+        }
+    }
     for key in r.authorize_params.keys() {
         if AUTHORIZE_OWN_PARAMS.contains(&key.as_str()) {
             p.add(
@@ -1417,6 +1441,58 @@ mod tests {
             c.providers["pandadoc"].authorize_url.as_str(),
             "https://app.pandadoc.eu/oauth2/authorize"
         );
+    }
+
+    /// Issue 10: PandaDoc's OpenAPI description has the token request carry
+    /// client_id and client_secret in the form body and knows no PKCE; a
+    /// preset that sent anything else would send requests it does not
+    /// describe.
+    #[test]
+    fn pandadoc_presets_refuse_basic_auth_and_pkce() {
+        for preset in ["pandadoc", "pandadoc-eu"] {
+            let base = PANDADOC.replace("\"pandadoc\"\n", &format!("\"{preset}\"\n"));
+            let e = problems(&format!("{base}token_auth = \"client_secret_basic\"\n"));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("providers.pandadoc.token_auth: "), "{e:?}");
+            assert!(
+                e[0].contains("client_id and client_secret in the form body"),
+                "{e:?}"
+            );
+            assert!(e[0].contains(preset), "{e:?}");
+            let e = problems(&format!("{base}pkce = true\n"));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("providers.pandadoc.pkce: "), "{e:?}");
+            assert!(e[0].contains("PKCE"), "{e:?}");
+            let e = problems(&format!(
+                "{base}token_auth = \"client_secret_basic\"\npkce = true\n"
+            ));
+            assert_eq!(e.len(), 2, "both at once: {e:?}");
+            // What the presets do anyway may be written out.
+            let c = parse_ok(&format!(
+                "{base}token_auth = \"client_secret_post\"\npkce = false\n"
+            ));
+            let p = &c.providers["pandadoc"];
+            assert_eq!(p.token_auth, TokenAuth::ClientSecretPost);
+            assert!(!p.pkce);
+        }
+        // A provider without a preset takes both.
+        let c = parse_ok(
+            r#"
+            [providers.other]
+            client_id = "c"
+            client_secret_env = "PD_SECRET"
+            authorize_url = "https://id.example.com/authorize"
+            token_url = "https://id.example.com/token"
+            validate_url = "https://api.example.com/me"
+            token_auth = "client_secret_basic"
+            pkce = true
+            "#,
+        );
+        assert_eq!(
+            c.providers["other"].token_auth,
+            TokenAuth::ClientSecretBasic
+        );
+        assert!(c.providers["other"].pkce);
     }
 
     #[test]

@@ -323,6 +323,38 @@ fn check_config_on_a_good_config_says_ok_and_creates_nothing() {
     assert_nothing_created(&env, "check-config");
 }
 
+/// Issue 10, item 4: a PandaDoc preset with `token_auth =
+/// "client_secret_basic"` or `pkce = true` would send requests PandaDoc's
+/// OpenAPI description does not describe: check-config (and run) refuse
+/// it, naming each key.
+#[test]
+fn check_config_refuses_pandadoc_presets_with_basic_auth_or_pkce() {
+    let env = Env::bare(Knobs::default());
+    let base = base_config(&env);
+    let path = env.config_path.display().to_string();
+    let text = format!(
+        "{base}\n[providers.pd]\npreset = \"pandadoc-eu\"\nclient_id = \"cid\"\n\
+         client_secret_file = \"{}\"\ntoken_auth = \"client_secret_basic\"\npkce = true\n",
+        env.secret_file.display()
+    );
+    fs::write(&env.config_path, text).unwrap();
+    for command in ["check-config", "run"] {
+        let (status, stdout, stderr) =
+            run_bounded(&env, env.tokend(&[command]), Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{command}: {stderr}");
+        for key in ["providers.pd.token_auth", "providers.pd.pkce"] {
+            let line = format!("tokend: {path}: {key}: ");
+            assert!(
+                stderr.contains(&line),
+                "{command}: no {line:?} in: {stderr}"
+            );
+        }
+        assert!(stderr.contains("OpenAPI"), "{command}: says why: {stderr}");
+        assert!(!stdout.contains("ok"), "{command}: {stdout}");
+        assert_nothing_created(&env, command);
+    }
+}
+
 /// The current raw file, once it differs from `old`.
 fn wait_change(env: &Env, name: &str, old: &str, what: &str) -> String {
     wait_for(what, Duration::from_secs(20), || {
