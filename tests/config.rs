@@ -816,3 +816,154 @@ fn a_caller_with_a_passwd_entry_larger_than_16_kib_keeps_its_groups() {
     assert_eq!(body, g.access_token);
     drop(d);
 }
+
+// ---- issue 10, item 3: check-config as the service user ----
+
+const NOBODY: u32 = 65534;
+
+/// A directory under the test's own, with this owner and mode.
+fn dir_owned(env: &Env, name: &str, uid: u32, gid: u32, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = env.dir.path().join(name);
+    fs::create_dir_all(&d).unwrap();
+    std::os::unix::fs::chown(&d, Some(uid), Some(gid)).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(mode)).unwrap();
+    d
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// As root, `check-config --as-user nobody` meets the directories and
+/// groups as nobody would: what root may write, nobody may not.
+#[test]
+fn check_config_as_root_checks_paths_and_groups_as_the_service_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let env = Env::bare(Knobs::default());
+    // nobody may search the test's directory, not read it.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let state = dir_owned(&env, "state-nobody", NOBODY, NOBODY, 0o700);
+    let root_dir = dir_owned(&env, "root-0755", 0, 0, 0o755);
+    let nobody_dir = dir_owned(&env, "nobody-0755", NOBODY, NOBODY, 0o755);
+    let group_dir = dir_owned(&env, "nogroup-0775", 0, NOBODY, 0o775);
+    let closed = dir_owned(&env, "root-0700", 0, 0, 0o700);
+    let config = |database: &Path, sink_dir: &Path, group: Option<&str>| {
+        let text = format!(
+            "database = \"{}\"\nsocket = \"{}\"\n{FAST_REFRESH}\n{}\n\
+             [[sinks]]\npath = \"{}/{{name}}\"\nmode = \"0640\"\n{}",
+            database.display(),
+            env.socket.display(),
+            env.provider_block(),
+            sink_dir.display(),
+            group.map_or(String::new(), |g| format!("group = \"{g}\"\n"))
+        );
+        fs::write(&env.config_path, text).unwrap();
+    };
+    let path = env.config_path.display().to_string();
+    let check = |args: &[&str]| {
+        let mut all = vec!["check-config"];
+        all.extend(args);
+        run_bounded(&env, env.tokend(&all), Duration::from_secs(20))
+    };
+    let db = state.join("tokend.db");
+
+    // Writable by nobody: as owner, through the group, or a directory
+    // nobody may search on the way to one that does not exist yet (systemd
+    // makes RuntimeDirectory= at start).
+    for (what, dir) in [
+        ("owned by nobody", nobody_dir.clone()),
+        ("group nogroup, 0775", group_dir.clone()),
+        ("not there yet", nobody_dir.join("later/tokens")),
+    ] {
+        config(&db, &dir, None);
+        let (status, stdout, stderr) = check(&["--as-user", "nobody"]);
+        assert_eq!(status.code(), Some(0), "{what}: {stderr}");
+        assert!(
+            stdout.contains(": ok (") && stdout.contains("checked as user nobody"),
+            "{what}: {stdout}"
+        );
+    }
+
+    // Root's 0755 directory: root may write it, nobody may not.
+    config(&db, &root_dir, None);
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = format!("tokend: {path}: sinks[0].path: user nobody ");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+    assert!(stderr.contains(&root_dir.display().to_string()), "{stderr}");
+    assert!(stderr.contains("mode 0755"), "{stderr}");
+    assert!(
+        stderr.contains("ACLs"),
+        "says what it does not read: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one problem: {stderr}");
+
+    // On the way to a directory that does not exist yet: one nobody may
+    // not search.
+    config(&db, &closed.join("later"), None);
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+    assert!(stderr.contains(&closed.display().to_string()), "{stderr}");
+
+    // A sink group nobody is not in (root), and one it is in (its own).
+    config(&db, &nobody_dir, Some("root"));
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = format!("tokend: {path}: sinks[0].group: user nobody is not in group \"root\"");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+    config(&db, &nobody_dir, Some(&NOBODY.to_string()));
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    // The database's directory too.
+    config(&root_dir.join("tokend.db"), &nobody_dir, None);
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = format!("tokend: {path}: database: user nobody ");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+
+    // As root, for root, as before: everything is writable.
+    config(&root_dir.join("tokend.db"), &root_dir, Some("root"));
+    let (status, stdout, stderr) = check(&["--as-user", "root"]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(!stdout.contains("checked as user"), "{stdout}");
+    if tokend::config::User::named("tokend").unwrap().is_none() {
+        // No service user on this machine: checked as root, as before.
+        let (status, stdout, stderr) = check(&[]);
+        assert_eq!(status.code(), Some(0), "{stderr}");
+        assert!(!stdout.contains("checked as user"), "{stdout}");
+    }
+
+    // A user that does not exist is a usage error.
+    let (status, _, stderr) = check(&["--as-user", "no-such-user-tokend"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no user \"no-such-user-tokend\""),
+        "{stderr}"
+    );
+    assert_nothing_created(&env, "check-config --as-user");
+}
+
+/// Not root: check-config checks as itself, as it always did; it cannot
+/// check as anyone else.
+#[test]
+fn check_config_as_another_user_needs_root() {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        eprintln!("skipped: needs root (to run as nobody)");
+        return;
+    }
+    let env = Env::bare(Knobs::default());
+    let mut cmd = env.tokend(&["check-config", "--as-user", "root"]);
+    cmd.uid(NOBODY).gid(NOBODY);
+    let (status, _, stderr) = run_bounded(&env, cmd, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--as-user needs root"), "{stderr}");
+}
