@@ -724,12 +724,9 @@ fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketCo
         .socket_group
         .as_deref()
         .and_then(|g| match resolve_group(g) {
-            Some(gid) => Some((g.to_owned(), gid)),
-            None => {
-                p.add(
-                    "socket_group",
-                    format!("no group {} on this system", shown(g)),
-                );
+            Ok(gid) => Some((g.to_owned(), gid)),
+            Err(e) => {
+                p.add("socket_group", e);
                 None
             }
         });
@@ -752,9 +749,9 @@ fn validate_access(i: usize, a: RawAccess, p: &mut Problems) -> AccessRule {
         .groups
         .iter()
         .filter_map(|g| match resolve_group(g) {
-            Some(gid) => Some(gid),
-            None => {
-                p.add(k("groups"), format!("no group {} on this system", shown(g)));
+            Ok(gid) => Some(gid),
+            Err(e) => {
+                p.add(k("groups"), e);
                 None
             }
         })
@@ -982,6 +979,30 @@ fn validate_provider(
             TokenAuth::ClientSecretPost
         }
     };
+    // PandaDoc's presets send exactly what PandaDoc's OpenAPI description
+    // has (accessToken): client_id and client_secret in the form body, and
+    // no PKCE parameters, which it does not describe.
+    if let Some(preset) = r.preset.as_deref().filter(|_| preset.is_some()) {
+        if token_auth == TokenAuth::ClientSecretBasic {
+            p.add(
+                k("token_auth"),
+                format!(
+                    "\"client_secret_basic\" cannot be used with preset \"{preset}\": PandaDoc's \
+                     OpenAPI description has the token request carry client_id and client_secret \
+                     in the form body (\"client_secret_post\", the preset's default); remove the key"
+                ),
+            );
+        }
+        if r.pkce == Some(true) {
+            p.add(
+                k("pkce"),
+                format!(
+                    "cannot be used with preset \"{preset}\": PandaDoc's OpenAPI description has \
+                     no PKCE parameters (code_challenge, code_verifier); remove the key"
+                ),
+            );
+        }
+    }
     for key in r.authorize_params.keys() {
         if AUTHORIZE_OWN_PARAMS.contains(&key.as_str()) {
             p.add(
@@ -1151,9 +1172,9 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
         },
     };
     let group = r.group.as_deref().and_then(|g| match resolve_group(g) {
-        Some(gid) => Some((g.to_owned(), gid)),
-        None => {
-            p.add(k("group"), format!("no group {} on this system", shown(g)));
+        Ok(gid) => Some((g.to_owned(), gid)),
+        Err(e) => {
+            p.add(k("group"), e);
             None
         }
     });
@@ -1190,29 +1211,168 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
     })
 }
 
-/// A group name or a numeric gid to a gid.
-fn resolve_group(g: &str) -> Option<u32> {
-    if let Ok(gid) = g.parse::<u32>() {
-        return Some(gid);
+// ---- the user database ----
+
+/// The buffer a reentrant user-database lookup starts with, and the most it
+/// grows to: a group of a few thousand members (an LDAP group) needs more
+/// than the first, and nothing sane needs more than the last.
+const LOOKUP_BUFFER: usize = 16 * 1024;
+const LOOKUP_BUFFER_MAX: usize = 1 << 20;
+
+/// Runs a reentrant user-database lookup (`getgrnam_r`, `getpwnam_r`,
+/// `getpwuid_r`) with a buffer that doubles, from 16 KiB up to 1 MiB, while
+/// the call answers ERANGE (too small). `call` is given the buffer and
+/// returns the function's result code and, when that is 0, what it found
+/// (None: no such entry), copied out of the buffer.
+pub(crate) fn lookup_r<T>(
+    mut call: impl FnMut(&mut [u8]) -> (libc::c_int, Option<T>),
+) -> std::io::Result<Option<T>> {
+    let mut len = LOOKUP_BUFFER;
+    loop {
+        let mut buf = vec![0u8; len];
+        match call(&mut buf) {
+            (0, found) => return Ok(found),
+            (libc::ERANGE, _) if len < LOOKUP_BUFFER_MAX => len = (len * 2).min(LOOKUP_BUFFER_MAX),
+            (libc::ERANGE, _) => {
+                return Err(std::io::Error::other(format!(
+                    "its entry is larger than {} KiB",
+                    LOOKUP_BUFFER_MAX / 1024
+                )));
+            }
+            // What some libcs answer for "no such entry" (getpwnam(3), NOTES).
+            (libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM, _) => return Ok(None),
+            (rc, _) => return Err(std::io::Error::from_raw_os_error(rc)),
+        }
     }
-    let name = std::ffi::CString::new(g).ok()?;
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: getgrnam_r writes only into `grp`, `buf` (whose length we pass)
-    // and `result`; all outlive the call.
-    unsafe {
-        let mut grp: libc::group = std::mem::zeroed();
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        let rc = libc::getgrnam_r(
-            name.as_ptr(),
-            &mut grp,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        );
-        if rc == 0 && !result.is_null() {
-            Some(grp.gr_gid)
-        } else {
-            None
+}
+
+/// A group name or a numeric gid to a gid; else what is wrong, for a
+/// problem's message.
+fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Ok(gid);
+    }
+    let missing = || format!("no group {} on this system", shown(g));
+    let Ok(name) = std::ffi::CString::new(g) else {
+        return Err(missing());
+    };
+    let found = lookup_r(|buf| {
+        // SAFETY: getgrnam_r writes only into `grp`, `buf` (whose length we
+        // pass) and `result`, all of which outlive the call; the gid is
+        // copied out before `buf` goes.
+        unsafe {
+            let mut grp: libc::group = std::mem::zeroed();
+            let mut result: *mut libc::group = std::ptr::null_mut();
+            let rc = libc::getgrnam_r(
+                name.as_ptr(),
+                &mut grp,
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                &mut result,
+            );
+            (rc, (!result.is_null()).then_some(grp.gr_gid))
+        }
+    });
+    match found {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => Err(missing()),
+        Err(e) => Err(format!("cannot look up group {}: {e}", shown(g))),
+    }
+}
+
+/// An entry of the user database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: std::ffi::CString,
+    pub uid: u32,
+    /// The primary group.
+    pub gid: u32,
+}
+
+impl User {
+    /// The user named `name`; None if there is none.
+    pub fn named(name: &str) -> std::io::Result<Option<User>> {
+        let Ok(c_name) = std::ffi::CString::new(name) else {
+            return Ok(None);
+        };
+        lookup_r(|buf| {
+            // SAFETY: getpwnam_r writes only into `pw`, `buf` (whose length
+            // we pass) and `result`, all of which outlive the call; what we
+            // keep is copied out before `buf` goes.
+            unsafe {
+                let mut pw: libc::passwd = std::mem::zeroed();
+                let mut result: *mut libc::passwd = std::ptr::null_mut();
+                let rc = libc::getpwnam_r(
+                    c_name.as_ptr(),
+                    &mut pw,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &mut result,
+                );
+                (rc, (!result.is_null()).then(|| User::of(&pw)))
+            }
+        })
+    }
+
+    /// The user with this uid; None if there is none.
+    pub fn with_uid(uid: u32) -> std::io::Result<Option<User>> {
+        lookup_r(|buf| {
+            // SAFETY: as in `named`, with getpwuid_r.
+            unsafe {
+                let mut pw: libc::passwd = std::mem::zeroed();
+                let mut result: *mut libc::passwd = std::ptr::null_mut();
+                let rc = libc::getpwuid_r(
+                    uid,
+                    &mut pw,
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    &mut result,
+                );
+                (rc, (!result.is_null()).then(|| User::of(&pw)))
+            }
+        })
+    }
+
+    /// # Safety
+    /// `pw` must be a passwd entry that a successful lookup filled in.
+    unsafe fn of(pw: &libc::passwd) -> User {
+        User {
+            // SAFETY: the lookup left a NUL-terminated name in its buffer.
+            name: unsafe { std::ffi::CStr::from_ptr(pw.pw_name) }.to_owned(),
+            uid: pw.pw_uid,
+            gid: pw.pw_gid,
+        }
+    }
+
+    /// The name, for messages.
+    pub fn display_name(&self) -> String {
+        self.name.to_string_lossy().into_owned()
+    }
+
+    /// The groups the user database gives this user with `gid` as its
+    /// primary group (getgrouplist): `gid` itself and every group that lists
+    /// the user, sorted. Empty if they cannot be read.
+    pub fn groups(&self, gid: u32) -> Vec<u32> {
+        let mut n: libc::c_int = 64;
+        loop {
+            let mut groups = vec![0 as libc::gid_t; n as usize];
+            let want = n;
+            // SAFETY: getgrouplist writes at most `n` gids into `groups`,
+            // and the needed count into `n`.
+            if unsafe { libc::getgrouplist(self.name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) }
+                >= 0
+            {
+                groups.truncate(n as usize);
+                groups.sort_unstable();
+                groups.dedup();
+                return groups;
+            }
+            if n <= want {
+                n = want * 2;
+            }
+            if n > 65_536 {
+                return Vec::new();
+            }
         }
     }
 }
@@ -1281,6 +1441,58 @@ mod tests {
             c.providers["pandadoc"].authorize_url.as_str(),
             "https://app.pandadoc.eu/oauth2/authorize"
         );
+    }
+
+    /// Issue 10: PandaDoc's OpenAPI description has the token request carry
+    /// client_id and client_secret in the form body and knows no PKCE; a
+    /// preset that sent anything else would send requests it does not
+    /// describe.
+    #[test]
+    fn pandadoc_presets_refuse_basic_auth_and_pkce() {
+        for preset in ["pandadoc", "pandadoc-eu"] {
+            let base = PANDADOC.replace("\"pandadoc\"\n", &format!("\"{preset}\"\n"));
+            let e = problems(&format!("{base}token_auth = \"client_secret_basic\"\n"));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("providers.pandadoc.token_auth: "), "{e:?}");
+            assert!(
+                e[0].contains("client_id and client_secret in the form body"),
+                "{e:?}"
+            );
+            assert!(e[0].contains(preset), "{e:?}");
+            let e = problems(&format!("{base}pkce = true\n"));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("providers.pandadoc.pkce: "), "{e:?}");
+            assert!(e[0].contains("PKCE"), "{e:?}");
+            let e = problems(&format!(
+                "{base}token_auth = \"client_secret_basic\"\npkce = true\n"
+            ));
+            assert_eq!(e.len(), 2, "both at once: {e:?}");
+            // What the presets do anyway may be written out.
+            let c = parse_ok(&format!(
+                "{base}token_auth = \"client_secret_post\"\npkce = false\n"
+            ));
+            let p = &c.providers["pandadoc"];
+            assert_eq!(p.token_auth, TokenAuth::ClientSecretPost);
+            assert!(!p.pkce);
+        }
+        // A provider without a preset takes both.
+        let c = parse_ok(
+            r#"
+            [providers.other]
+            client_id = "c"
+            client_secret_env = "PD_SECRET"
+            authorize_url = "https://id.example.com/authorize"
+            token_url = "https://id.example.com/token"
+            validate_url = "https://api.example.com/me"
+            token_auth = "client_secret_basic"
+            pkce = true
+            "#,
+        );
+        assert_eq!(
+            c.providers["other"].token_auth,
+            TokenAuth::ClientSecretBasic
+        );
+        assert!(c.providers["other"].pkce);
     }
 
     #[test]
@@ -1598,6 +1810,58 @@ mod tests {
         assert!(e[0].starts_with("refresh: "), "{e:?}");
         let e = problems("[[sinks]] # x\npath = \"/a/{name}\"\nmode = 1\n");
         assert!(e[0].starts_with("sinks.mode: invalid type"), "{e:?}");
+    }
+
+    /// Issue 10: a group of thousands of members (LDAP) does not fit in
+    /// getgrnam_r's first buffer; the lookup grows it instead of reporting
+    /// "no group".
+    #[test]
+    fn lookups_grow_their_buffer_while_the_libc_says_erange() {
+        let mut sizes = Vec::new();
+        let found = lookup_r(|buf| {
+            sizes.push(buf.len());
+            if buf.len() < 100_000 {
+                (libc::ERANGE, None)
+            } else {
+                (0, Some(buf.len()))
+            }
+        });
+        assert_eq!(found.unwrap(), Some(128 << 10));
+        assert_eq!(sizes, [16 << 10, 32 << 10, 64 << 10, 128 << 10]);
+
+        // Bounded: at most 1 MiB, then an error that says why.
+        sizes.clear();
+        let e = lookup_r(|buf| {
+            sizes.push(buf.len());
+            (libc::ERANGE, None::<()>)
+        })
+        .unwrap_err();
+        assert_eq!(sizes.len(), 7, "{sizes:?}");
+        assert_eq!(sizes.last(), Some(&(1 << 20)));
+        assert!(e.to_string().contains("larger than 1024 KiB"), "{e}");
+
+        // No such entry, however the libc says it; and other errors.
+        for rc in [0, libc::ENOENT, libc::ESRCH, libc::EBADF, libc::EPERM] {
+            assert!(matches!(lookup_r(|_| (rc, None::<()>)), Ok(None)), "{rc}");
+        }
+        let e = lookup_r(|_| (libc::EIO, None::<()>)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO));
+    }
+
+    #[test]
+    fn users_and_groups_of_this_system() {
+        let root = User::named("root").unwrap().expect("a root user");
+        assert_eq!((root.uid, root.gid), (0, 0));
+        assert_eq!(User::with_uid(0).unwrap(), Some(root.clone()));
+        assert!(root.groups(0).contains(&0));
+        assert_eq!(User::named("no-such-user-tokend").unwrap(), None);
+        assert_eq!(User::named("a\0b").unwrap(), None);
+        assert_eq!(resolve_group("root"), Ok(0));
+        assert_eq!(resolve_group("4242"), Ok(4242));
+        assert_eq!(
+            resolve_group("no-such-group-tokend"),
+            Err("no group \"no-such-group-tokend\" on this system".into())
+        );
     }
 
     #[test]

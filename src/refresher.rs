@@ -176,12 +176,30 @@ impl Entry {
     /// The status shown to the socket and the CLI: the row, and what only
     /// this process knows (whether its files could be written).
     fn status(&self, now: i64) -> Status {
-        let st = self.state.lock().unwrap();
-        let mut status = Status::of(&st.cred, now);
-        if st.refreshing {
+        // Copied under the lock, built after it: nothing that computes or
+        // formats runs while the lock is held, so however that goes, it
+        // cannot poison the entry for the scheduler and the workers.
+        let (cred, refreshing, publish_error) = {
+            let st = self.state.lock().unwrap();
+            (st.cred.clone(), st.refreshing, st.publish_error.clone())
+        };
+        // An expiry anyone may have written into the row (an older import
+        // took milliseconds for seconds): within what an instant can show,
+        // so that `Status::of`'s `expires_at - now` cannot overflow.
+        let bounded = crate::clock::bounded(cred.expires_at);
+        let cred = if bounded == cred.expires_at {
+            cred
+        } else {
+            Arc::new(Credential {
+                expires_at: bounded,
+                ..(*cred).clone()
+            })
+        };
+        let mut status = Status::of(&cred, now);
+        if refreshing {
             status.state = State::Refreshing.as_str().to_owned();
         }
-        status.last_publish_error = st.publish_error.clone();
+        status.last_publish_error = publish_error;
         status
     }
 

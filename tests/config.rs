@@ -7,7 +7,7 @@ mod support;
 
 use std::fs;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -323,6 +323,38 @@ fn check_config_on_a_good_config_says_ok_and_creates_nothing() {
     assert_nothing_created(&env, "check-config");
 }
 
+/// Issue 10, item 4: a PandaDoc preset with `token_auth =
+/// "client_secret_basic"` or `pkce = true` would send requests PandaDoc's
+/// OpenAPI description does not describe: check-config (and run) refuse
+/// it, naming each key.
+#[test]
+fn check_config_refuses_pandadoc_presets_with_basic_auth_or_pkce() {
+    let env = Env::bare(Knobs::default());
+    let base = base_config(&env);
+    let path = env.config_path.display().to_string();
+    let text = format!(
+        "{base}\n[providers.pd]\npreset = \"pandadoc-eu\"\nclient_id = \"cid\"\n\
+         client_secret_file = \"{}\"\ntoken_auth = \"client_secret_basic\"\npkce = true\n",
+        env.secret_file.display()
+    );
+    fs::write(&env.config_path, text).unwrap();
+    for command in ["check-config", "run"] {
+        let (status, stdout, stderr) =
+            run_bounded(&env, env.tokend(&[command]), Duration::from_secs(20));
+        assert_eq!(status.code(), Some(2), "{command}: {stderr}");
+        for key in ["providers.pd.token_auth", "providers.pd.pkce"] {
+            let line = format!("tokend: {path}: {key}: ");
+            assert!(
+                stderr.contains(&line),
+                "{command}: no {line:?} in: {stderr}"
+            );
+        }
+        assert!(stderr.contains("OpenAPI"), "{command}: says why: {stderr}");
+        assert!(!stdout.contains("ok"), "{command}: {stdout}");
+        assert_nothing_created(&env, command);
+    }
+}
+
 /// The current raw file, once it differs from `old`.
 fn wait_change(env: &Env, name: &str, old: &str, what: &str) -> String {
     wait_for(what, Duration::from_secs(20), || {
@@ -600,4 +632,338 @@ fn secrets_never_travel_on_argv_or_into_hooks() {
     }
     let status = d.stop();
     assert!(status.success(), "stop: {status}");
+}
+
+// ---- issue 10, item 2: entries larger than a lookup's first buffer ----
+
+/// A group with thousands of members, as an LDAP group has, and a user
+/// whose passwd entry is long: each is larger than the 16 KiB buffer that
+/// tokend's lookups used to be limited to.
+const BIG_GROUP: (&str, u32) = ("tokend-big", 4343);
+const WIDE_USER: (&str, u32) = ("tokend-wide", 4344);
+
+/// Copies of this machine's /etc/passwd and /etc/group, with BIG_GROUP
+/// (WIDE_USER among its 3,000 members) and WIDE_USER added.
+fn big_user_database(env: &Env) -> (PathBuf, PathBuf) {
+    let passwd = env.dir.path().join("passwd");
+    let group = env.dir.path().join("group");
+    let mut p = fs::read_to_string("/etc/passwd").unwrap();
+    p.push_str(&format!(
+        "{}:x:{uid}:{uid}:{}:/nonexistent:/usr/sbin/nologin\n",
+        WIDE_USER.0,
+        "w".repeat(20_000),
+        uid = WIDE_USER.1
+    ));
+    let mut g = fs::read_to_string("/etc/group").unwrap();
+    let members: Vec<String> = (0..3000).map(|i| format!("member{i:05}")).collect();
+    g.push_str(&format!(
+        "{}:x:{}:{},{}\n",
+        BIG_GROUP.0,
+        BIG_GROUP.1,
+        members.join(","),
+        WIDE_USER.0
+    ));
+    fs::write(&passwd, p).unwrap();
+    fs::write(&group, g).unwrap();
+    (passwd, group)
+}
+
+/// Makes `cmd` run in a mount namespace of its own, in which /etc/passwd
+/// and /etc/group are `passwd` and `group` (the rest of the machine sees
+/// its own). Returns false, and the test should skip, where this machine
+/// cannot (it takes root, or CAP_SYS_ADMIN).
+fn with_user_database(cmd: &mut Command, passwd: &Path, group: &Path) -> bool {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::CommandExt;
+    fn setup(passwd: &CString, group: &CString) -> std::io::Result<()> {
+        let fail = || Err(std::io::Error::last_os_error());
+        let none = std::ptr::null();
+        // SAFETY: plain syscalls on NUL-terminated strings that outlive
+        // them; nothing here allocates (this runs between fork and exec).
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return fail();
+            }
+            // Private first, so that the binds never reach the machine's namespace.
+            if libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return fail();
+            }
+            for (from, to) in [(passwd, c"/etc/passwd"), (group, c"/etc/group")] {
+                if libc::mount(
+                    from.as_ptr(),
+                    to.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return fail();
+                }
+            }
+        }
+        Ok(())
+    }
+    let passwd = CString::new(passwd.as_os_str().as_bytes()).unwrap();
+    let group = CString::new(group.as_os_str().as_bytes()).unwrap();
+    let probe = {
+        let (passwd, group) = (passwd.clone(), group.clone());
+        let mut probe = Command::new("true");
+        // SAFETY: `setup` only makes syscalls.
+        unsafe { probe.pre_exec(move || setup(&passwd, &group)) };
+        probe.status()
+    };
+    if !probe.as_ref().is_ok_and(|s| s.success()) {
+        eprintln!("skipped: cannot make a mount namespace here ({probe:?}); run as root");
+        return false;
+    }
+    // SAFETY: as above.
+    unsafe { cmd.pre_exec(move || setup(&passwd, &group)) };
+    true
+}
+
+/// getgrnam_r: a sink's `group`, an `[[access]]` rule's `groups` and
+/// `socket_group` naming a group whose entry is larger than 16 KiB are
+/// found, not reported as "no group".
+#[test]
+fn a_group_larger_than_16_kib_is_found() {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::bare(Knobs::default());
+    let (passwd, group) = big_user_database(&env);
+    let (name, gid) = BIG_GROUP;
+    // Imported first: `import` reads the config, and outside the namespace
+    // there is no such group.
+    env.write_config(FAST_REFRESH, &env.sink("raw", "0640"));
+    env.import("bot", true);
+    let sink = format!("{}group = \"{name}\"\n", env.sink("raw", "0640"));
+    env.write_config(
+        &format!("socket_group = \"{name}\"\n{FAST_REFRESH}"),
+        &format!("{sink}\n[[access]]\ncredentials = [\"*\"]\ngroups = [\"{name}\"]\n"),
+    );
+    let mut cmd = env.tokend(&["check-config"]);
+    if !with_user_database(&mut cmd, &passwd, &group) {
+        return;
+    }
+    let (status, stdout, stderr) = run_bounded(&env, cmd, Duration::from_secs(20));
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stdout.contains(": ok ("), "{stdout}");
+
+    // And the daemon gives the file that group.
+    let mut cmd = env.tokend(&["run"]);
+    assert!(with_user_database(&mut cmd, &passwd, &group));
+    let d = Daemon::spawn(cmd, &env.config_path, env.dir.path().join("big-group.log"));
+    let file = wait_for("the file with the group", Duration::from_secs(20), || {
+        fs::metadata(env.token_file("bot"))
+            .ok()
+            .filter(|m| m.gid() == gid)
+    });
+    assert_eq!(file.gid(), gid);
+    drop(d);
+}
+
+/// getpwuid_r: a caller of the socket whose passwd entry is larger than
+/// 16 KiB still gets the groups an `[[access]]` rule grants by.
+#[test]
+fn a_caller_with_a_passwd_entry_larger_than_16_kib_keeps_its_groups() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let env = Env::bare(Knobs::default());
+    let (passwd, group) = big_user_database(&env);
+    // By number, so that only the caller's lookup is put to the test.
+    env.write_config(
+        &format!("socket_mode = \"0666\"\n{FAST_REFRESH}"),
+        &format!(
+            "{}\n[[access]]\ncredentials = [\"*\"]\ngroups = [\"{}\"]\n",
+            env.sink("raw", "0600"),
+            BIG_GROUP.1
+        ),
+    );
+    // The caller must reach the socket: search (not read) on the directory.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let g = env.import("bot", true);
+    let mut cmd = env.tokend(&["run"]);
+    if !with_user_database(&mut cmd, &passwd, &group) {
+        return;
+    }
+    let d = Daemon::spawn(cmd, &env.config_path, env.dir.path().join("wide-user.log"));
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code}", "--unix-socket"])
+        .arg(&env.socket)
+        .arg("http://localhost/v1/tokens/bot")
+        .uid(WIDE_USER.1)
+        .gid(WIDE_USER.1)
+        .env("HOME", "/")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+    assert_eq!(
+        code,
+        "200",
+        "uid {} (in group {} by the user database): {body} {}",
+        WIDE_USER.1,
+        BIG_GROUP.1,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(body, g.access_token);
+    drop(d);
+}
+
+// ---- issue 10, item 3: check-config as the service user ----
+
+const NOBODY: u32 = 65534;
+
+/// A directory under the test's own, with this owner and mode.
+fn dir_owned(env: &Env, name: &str, uid: u32, gid: u32, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let d = env.dir.path().join(name);
+    fs::create_dir_all(&d).unwrap();
+    std::os::unix::fs::chown(&d, Some(uid), Some(gid)).unwrap();
+    fs::set_permissions(&d, fs::Permissions::from_mode(mode)).unwrap();
+    d
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// As root, `check-config --as-user nobody` meets the directories and
+/// groups as nobody would: what root may write, nobody may not.
+#[test]
+fn check_config_as_root_checks_paths_and_groups_as_the_service_user() {
+    use std::os::unix::fs::PermissionsExt;
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let env = Env::bare(Knobs::default());
+    // nobody may search the test's directory, not read it.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    let state = dir_owned(&env, "state-nobody", NOBODY, NOBODY, 0o700);
+    let root_dir = dir_owned(&env, "root-0755", 0, 0, 0o755);
+    let nobody_dir = dir_owned(&env, "nobody-0755", NOBODY, NOBODY, 0o755);
+    let group_dir = dir_owned(&env, "nogroup-0775", 0, NOBODY, 0o775);
+    let closed = dir_owned(&env, "root-0700", 0, 0, 0o700);
+    let config = |database: &Path, sink_dir: &Path, group: Option<&str>| {
+        let text = format!(
+            "database = \"{}\"\nsocket = \"{}\"\n{FAST_REFRESH}\n{}\n\
+             [[sinks]]\npath = \"{}/{{name}}\"\nmode = \"0640\"\n{}",
+            database.display(),
+            env.socket.display(),
+            env.provider_block(),
+            sink_dir.display(),
+            group.map_or(String::new(), |g| format!("group = \"{g}\"\n"))
+        );
+        fs::write(&env.config_path, text).unwrap();
+    };
+    let path = env.config_path.display().to_string();
+    let check = |args: &[&str]| {
+        let mut all = vec!["check-config"];
+        all.extend(args);
+        run_bounded(&env, env.tokend(&all), Duration::from_secs(20))
+    };
+    let db = state.join("tokend.db");
+
+    // Writable by nobody: as owner, through the group, or a directory
+    // nobody may search on the way to one that does not exist yet (systemd
+    // makes RuntimeDirectory= at start).
+    for (what, dir) in [
+        ("owned by nobody", nobody_dir.clone()),
+        ("group nogroup, 0775", group_dir.clone()),
+        ("not there yet", nobody_dir.join("later/tokens")),
+    ] {
+        config(&db, &dir, None);
+        let (status, stdout, stderr) = check(&["--as-user", "nobody"]);
+        assert_eq!(status.code(), Some(0), "{what}: {stderr}");
+        assert!(
+            stdout.contains(": ok (") && stdout.contains("checked as user nobody"),
+            "{what}: {stdout}"
+        );
+    }
+
+    // Root's 0755 directory: root may write it, nobody may not.
+    config(&db, &root_dir, None);
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = format!("tokend: {path}: sinks[0].path: user nobody ");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+    assert!(stderr.contains(&root_dir.display().to_string()), "{stderr}");
+    assert!(stderr.contains("mode 0755"), "{stderr}");
+    assert!(
+        stderr.contains("ACLs"),
+        "says what it does not read: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "one problem: {stderr}");
+
+    // On the way to a directory that does not exist yet: one nobody may
+    // not search.
+    config(&db, &closed.join("later"), None);
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+    assert!(stderr.contains(&closed.display().to_string()), "{stderr}");
+
+    // A sink group nobody is not in (root), and one it is in (its own).
+    config(&db, &nobody_dir, Some("root"));
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = format!("tokend: {path}: sinks[0].group: user nobody is not in group \"root\"");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+    config(&db, &nobody_dir, Some(&NOBODY.to_string()));
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+
+    // The database's directory too.
+    config(&root_dir.join("tokend.db"), &nobody_dir, None);
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = format!("tokend: {path}: database: user nobody ");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+
+    // As root, for root, as before: everything is writable.
+    config(&root_dir.join("tokend.db"), &root_dir, Some("root"));
+    let (status, stdout, stderr) = check(&["--as-user", "root"]);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert!(!stdout.contains("checked as user"), "{stdout}");
+    if tokend::config::User::named("tokend").unwrap().is_none() {
+        // No service user on this machine: checked as root, as before.
+        let (status, stdout, stderr) = check(&[]);
+        assert_eq!(status.code(), Some(0), "{stderr}");
+        assert!(!stdout.contains("checked as user"), "{stdout}");
+    }
+
+    // A user that does not exist is a usage error.
+    let (status, _, stderr) = check(&["--as-user", "no-such-user-tokend"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no user \"no-such-user-tokend\""),
+        "{stderr}"
+    );
+    assert_nothing_created(&env, "check-config --as-user");
+}
+
+/// Not root: check-config checks as itself, as it always did; it cannot
+/// check as anyone else.
+#[test]
+fn check_config_as_another_user_needs_root() {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        eprintln!("skipped: needs root (to run as nobody)");
+        return;
+    }
+    let env = Env::bare(Knobs::default());
+    let mut cmd = env.tokend(&["check-config", "--as-user", "root"]);
+    cmd.uid(NOBODY).gid(NOBODY);
+    let (status, _, stderr) = run_bounded(&env, cmd, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--as-user needs root"), "{stderr}");
 }

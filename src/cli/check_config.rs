@@ -1,31 +1,342 @@
 //! `tokend check-config`: every problem with the config, at once.
+//!
+//! Paths are checked with access(2), which answers for whoever runs the
+//! command. Run as root, that says little about the service: root may write
+//! anywhere and chown to any group. So as root, when the service user exists
+//! (`tokend`, what systemd/tokend.service runs as, or `--as-user USER`),
+//! directories and groups are also checked as that user meets them: the
+//! mode bits of each directory on the way against its uid and groups (ACLs
+//! are not read, and messages say so), and its membership of each group
+//! tokend must give a file or the socket.
+
+use std::fs::{self, Metadata};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use super::{Args, Exit};
-use crate::config::{self, ConfigError};
+use crate::config::{self, Config, ConfigError, Problem, SinkConfig, User};
 use crate::publish;
 
+/// The user systemd/tokend.service runs tokend as.
+const SERVICE_USER: &str = "tokend";
+
 pub fn run(args: &Args) -> Result<(), Exit> {
-    args.only("check-config", &[], 0)?;
+    args.only("check-config", &["as-user"], 0)?;
+    let user = service_user(args.as_user.as_deref())?;
     let path = args.config_path();
     let config = config::load(&path).map_err(Exit::config)?;
     let mut problems = publish::check_dirs(&config.sinks, false);
     if let Err(e) = publish::writable(config.database.parent().unwrap_or(&config.database)) {
-        problems.push(config::Problem {
+        problems.push(Problem {
             key: "database".into(),
             message: format!("cannot create or write {}: {e}", config.database.display()),
         });
+    }
+    if let Some(user) = &user {
+        let found = user.check(&config, &problems);
+        problems.extend(found);
     }
     if !problems.is_empty() {
         return Err(Exit::config(ConfigError { path, problems }));
     }
     println!(
-        "{}: ok ({} provider{}, {} sink{}, database {})",
+        "{}: ok ({} provider{}, {} sink{}, database {}{})",
         path.display(),
         config.providers.len(),
         if config.providers.len() == 1 { "" } else { "s" },
         config.sinks.len(),
         if config.sinks.len() == 1 { "" } else { "s" },
-        config.database.display()
+        config.database.display(),
+        user.map_or(String::new(), |u| format!("; checked as user {}", u.name))
     );
     Ok(())
+}
+
+/// Whom paths and groups are checked for besides ourselves: the service
+/// user, when we are root and it exists (and is not root).
+fn service_user(asked: Option<&str>) -> Result<Option<AsUser>, Exit> {
+    // SAFETY: geteuid cannot fail and has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let name = asked.unwrap_or(SERVICE_USER);
+    if euid != 0 {
+        // access(2) answers for ourselves, exactly; for anyone else the
+        // directories on the way may not even be ours to look at.
+        return match asked {
+            None => Ok(None),
+            Some(_)
+                if User::named(name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|u| u.uid == euid) =>
+            {
+                Ok(None)
+            }
+            Some(_) => Err(Exit::usage(format!(
+                "check-config --as-user needs root (as uid {euid}, it can check paths only as \
+                 itself): run it as root, or as user {name:?} without --as-user"
+            ))),
+        };
+    }
+    match User::named(name) {
+        Ok(Some(u)) if u.uid == 0 => Ok(None),
+        Ok(Some(u)) => Ok(Some(AsUser::new(u))),
+        Ok(None) if asked.is_some() => Err(Exit::usage(format!(
+            "--as-user: no user {name:?} on this system"
+        ))),
+        Ok(None) => Ok(None),
+        Err(e) if asked.is_some() => Err(Exit::usage(format!(
+            "--as-user: cannot look up user {name:?}: {e}"
+        ))),
+        Err(e) => {
+            eprintln!("tokend: cannot look up user {name:?} ({e}): paths are checked as root only");
+            Ok(None)
+        }
+    }
+}
+
+/// Mode bits, as in each class's rwx.
+const R: u32 = 0o4;
+const W: u32 = 0o2;
+const X: u32 = 0o1;
+
+/// The service user, and the groups it runs with.
+struct AsUser {
+    name: String,
+    uid: u32,
+    groups: Vec<u32>,
+}
+
+impl AsUser {
+    fn new(user: User) -> AsUser {
+        // systemd starts the service with the user's primary group and the
+        // groups the user database lists it in (initgroups).
+        let mut groups = user.groups(user.gid);
+        if !groups.contains(&user.gid) {
+            groups.push(user.gid);
+        }
+        AsUser {
+            name: user.display_name(),
+            uid: user.uid,
+            groups,
+        }
+    }
+
+    /// Every problem the service user would meet, but for paths whose key
+    /// `found` (the checks as ourselves) already names.
+    fn check(&self, config: &Config, found: &[Problem]) -> Vec<Problem> {
+        let known = |key: &str| found.iter().any(|p| p.key == key);
+        let mut problems = Vec::new();
+        let mut add = |key: String, message: String| problems.push(Problem { key, message });
+        for s in &config.sinks {
+            let key = format!("sinks[{}].path", s.index);
+            if let Some(dir) = sink_dir(s).filter(|_| !known(&key)) {
+                if let Err(e) = self.can_create_in(&dir) {
+                    add(key, e);
+                }
+            }
+            if let Some((name, gid)) = &s.group {
+                if !self.groups.contains(gid) {
+                    add(
+                        format!("sinks[{}].group", s.index),
+                        self.not_in(name, *gid, "its files"),
+                    );
+                }
+            }
+        }
+        if let Some((name, gid)) = &config.socket.group {
+            if !self.groups.contains(gid) {
+                add("socket_group".into(), self.not_in(name, *gid, "the socket"));
+            }
+        }
+        if !known("database") {
+            let db = &config.database;
+            let dir = db.parent().unwrap_or(Path::new("/"));
+            let result = self
+                .can_create_in(dir)
+                .and_then(|()| match fs::metadata(db) {
+                    Ok(meta) if !self.may(&meta, R | W) => Err(format!(
+                        "{} cannot read and write {}: it has {}",
+                        self.who(),
+                        db.display(),
+                        described(&meta)
+                    )),
+                    _ => Ok(()),
+                });
+            if let Err(e) = result {
+                add("database".into(), e);
+            }
+        }
+        problems
+    }
+
+    /// "user tokend (uid 998)"
+    fn who(&self) -> String {
+        format!("user {} (uid {})", self.name, self.uid)
+    }
+
+    fn not_in(&self, group: &str, gid: u32, what: &str) -> String {
+        format!(
+            "user {} is not in group {group:?} (gid {gid}), so tokend, which runs without \
+             capabilities, cannot give {what} that group: add the user to it (systemd-sysusers: \
+             \"m {} {group}\") or name one of its groups",
+            self.name, self.name
+        )
+    }
+
+    /// Whether the mode bits give this user `want` of `meta`: the owner's
+    /// class if it owns the file, else the group's if it is in the group,
+    /// else the others', as the kernel decides (ACLs are not read).
+    fn may(&self, meta: &Metadata, want: u32) -> bool {
+        let mode = meta.mode();
+        let bits = if meta.uid() == self.uid {
+            mode >> 6
+        } else if self.groups.contains(&meta.gid()) {
+            mode >> 3
+        } else {
+            mode
+        };
+        bits & want == want
+    }
+
+    /// Whether the user can create files in `dir` (tokend writes a temp
+    /// file there and renames it over the last): search on every directory
+    /// on the way, as written and as symlinks resolve, then write and search
+    /// on `dir`. A directory that does not exist yet is made later, by
+    /// systemd (`RuntimeDirectory=`, owned by the user) or by tokend: then
+    /// only the way to the nearest one that exists is checked.
+    fn can_create_in(&self, dir: &Path) -> Result<(), String> {
+        let mut existing = dir;
+        while !existing.exists() {
+            existing = existing.parent().unwrap_or(Path::new("/"));
+        }
+        let resolved = fs::canonicalize(existing)
+            .map_err(|e| format!("cannot resolve {}: {e}", existing.display()))?;
+        let mut on_the_way: Vec<&Path> = existing.ancestors().skip(1).collect();
+        on_the_way.reverse();
+        let mut real: Vec<&Path> = resolved.ancestors().skip(1).collect();
+        real.reverse();
+        on_the_way.extend(real);
+        for d in on_the_way {
+            let meta = fs::metadata(d).map_err(|e| format!("cannot read {}: {e}", d.display()))?;
+            if !self.may(&meta, X) {
+                return Err(format!(
+                    "{} cannot reach {}: {} has {}",
+                    self.who(),
+                    dir.display(),
+                    d.display(),
+                    described(&meta)
+                ));
+            }
+        }
+        let meta = fs::metadata(&resolved)
+            .map_err(|e| format!("cannot read {}: {e}", resolved.display()))?;
+        if !meta.is_dir() {
+            return Err(format!("{} is not a directory", existing.display()));
+        }
+        if existing != dir {
+            return match self.may(&meta, X) {
+                true => Ok(()),
+                false => Err(format!(
+                    "{} cannot reach {}: {} has {}",
+                    self.who(),
+                    dir.display(),
+                    existing.display(),
+                    described(&meta)
+                )),
+            };
+        }
+        match self.may(&meta, W | X) {
+            true => Ok(()),
+            false => Err(format!(
+                "{} cannot write to {}: it has {}",
+                self.who(),
+                dir.display(),
+                described(&meta)
+            )),
+        }
+    }
+}
+
+/// Owner, group and mode, and how they were read.
+fn described(meta: &Metadata) -> String {
+    format!(
+        "owner uid {}, group gid {}, mode {:04o} (checked by the mode bits; ACLs are not read)",
+        meta.uid(),
+        meta.gid(),
+        meta.mode() & 0o7777
+    )
+}
+
+/// The directory in which a sink's files, or the directories named after
+/// credentials, are created: everything before the first `{name}`, up to
+/// its last `/`.
+fn sink_dir(s: &SinkConfig) -> Option<PathBuf> {
+    let at = s.path.find("{name}").unwrap_or(s.path.len());
+    let prefix = &s.path[..at];
+    let cut = prefix.rfind('/')?;
+    Some(PathBuf::from(&prefix[..cut.max(1)]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn nobody() -> AsUser {
+        AsUser {
+            name: "nobody".into(),
+            uid: 65534,
+            groups: vec![65534],
+        }
+    }
+
+    #[test]
+    fn the_mode_class_that_matches_decides() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        let meta = |mode: u32| {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+            fs::metadata(p).unwrap()
+        };
+        // The directory is ours (the test's uid), not nobody's.
+        let u = nobody();
+        assert!(u.may(&meta(0o707), W | X));
+        assert!(!u.may(&meta(0o775), W | X));
+        let owner = AsUser {
+            uid: fs::metadata(p).unwrap().uid(),
+            ..nobody()
+        };
+        // The owner's class decides for the owner, even with fewer bits.
+        assert!(!owner.may(&meta(0o077), X));
+        assert!(owner.may(&meta(0o300), W | X));
+        let member = AsUser {
+            groups: vec![fs::metadata(p).unwrap().gid()],
+            ..nobody()
+        };
+        assert!(member.may(&meta(0o030), W | X));
+        assert!(!member.may(&meta(0o707), X));
+    }
+
+    #[test]
+    fn sink_dirs() {
+        let sink = |path: &str| SinkConfig {
+            index: 0,
+            credentials: vec!["*".into()],
+            path: path.into(),
+            format: config::Format::Raw,
+            mode: 0o600,
+            group: None,
+            on_change: None,
+            on_change_timeout: std::time::Duration::from_secs(30),
+        };
+        for (path, dir) in [
+            ("/run/tokend/tokens/{name}", "/run/tokend/tokens"),
+            ("/run/tokend/tokens/{name}/token", "/run/tokend/tokens"),
+            ("/run/tokend/tok-{name}/token", "/run/tokend"),
+            ("/run/token", "/run"),
+            ("/{name}", "/"),
+        ] {
+            assert_eq!(sink_dir(&sink(path)), Some(PathBuf::from(dir)), "{path}");
+        }
+    }
 }

@@ -31,18 +31,15 @@ pub fn run(args: &Args) -> Result<(), Exit> {
             "only one of --refresh-token and --access-token can read stdin",
         ));
     }
-    let expires_in =
-        match &args.expires_in {
-            None => None,
-            Some(_) if args.access_token.is_none() => {
-                return Err(Exit::usage(
-                    "--expires-in describes --access-token: give both",
-                ));
-            }
-            Some(s) => Some(s.parse::<u64>().map_err(|_| {
-                Exit::usage(format!("--expires-in {s:?} is not a number of seconds"))
-            })?),
-        };
+    let expires_in = match &args.expires_in {
+        None => None,
+        Some(_) if args.access_token.is_none() => {
+            return Err(Exit::usage(
+                "--expires-in describes --access-token: give both",
+            ));
+        }
+        Some(s) => Some(expires_in(s)?),
+    };
     let path = args.config_path();
     let config = config::load_without_secrets(&path).map_err(Exit::config)?;
     let p = super::provider_config(&config, &path, &provider)?;
@@ -74,6 +71,27 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         ))),
         Err(e) => Err(Exit::failure(format!("cannot store the credential: {e}"))),
     }
+}
+
+/// The longest lifetime `--expires-in` takes: ten years, as for the
+/// `expires_in` of a provider's answer (src/provider.rs caps it alike).
+/// Every instant in the store then stays far from what RFC 3339 can write
+/// (year 9999) and from where milliseconds overflow an i64.
+const MAX_EXPIRES_IN: u64 = 3650 * 86_400;
+
+/// `--expires-in SECS`: a number of seconds, at most [`MAX_EXPIRES_IN`].
+fn expires_in(s: &str) -> Result<u64, Exit> {
+    let secs = s
+        .parse::<u64>()
+        .map_err(|_| Exit::usage(format!("--expires-in {s:?} is not a number of seconds")))?;
+    if secs > MAX_EXPIRES_IN {
+        return Err(Exit::usage(format!(
+            "--expires-in {secs} is more than ten years ({MAX_EXPIRES_IN} seconds): is it \
+             milliseconds, or an epoch timestamp? Give the seconds the access token has \
+             left (the provider's expires_in, e.g. 3600)"
+        )));
+    }
+    Ok(secs)
 }
 
 /// Reads a token from a file or, for "-", stdin; surrounding whitespace is

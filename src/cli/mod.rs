@@ -78,6 +78,11 @@ Commands:
                               ($JOURNAL_STREAM), else text.
   check-config          Validate the config, its secrets and paths; print every
                         problem with its key. Exit 0 if all is well, 2 if not.
+                        Run as root, it checks the sink and database
+                        directories and the sink and socket groups as the
+                        service user meets them (by mode bits; ACLs are not
+                        read), if that user exists.
+      --as-user USER          The service user. Default: tokend.
   authorize NAME --provider P
                         Onboard an API user: print the provider's authorization
                         URL, wait for the browser to come back to the
@@ -132,6 +137,7 @@ struct Args {
     expires_in: Option<String>,
     code: Option<String>,
     timeout: Option<String>,
+    as_user: Option<String>,
     paste: bool,
     force: bool,
     json: bool,
@@ -205,6 +211,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit>
             Long("expires-in") => "expires-in",
             Long("code") => "code",
             Long("timeout") => "timeout",
+            Long("as-user") => "as-user",
             Long("force") => {
                 a.given.push("force");
                 a.force = true;
@@ -247,6 +254,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Args>, Exit>
             "access-token" => a.access_token = Some(value),
             "expires-in" => a.expires_in = Some(value),
             "code" => a.code = Some(value),
+            "as-user" => a.as_user = Some(value),
             _ => a.timeout = Some(value),
         }
     }
@@ -370,6 +378,17 @@ mod tests {
         assert_eq!(e.code, 2);
         assert!(e.message.contains("--force"));
         assert!(p(&["list", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn check_config_takes_as_user() {
+        let a = p(&["check-config", "--as-user", "tokend"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.as_user.as_deref(), Some("tokend"));
+        assert!(a.only("check-config", &["as-user"], 0).is_ok());
+        let a = p(&["list", "--as-user", "x"]).unwrap().unwrap();
+        assert!(a.only("list", &[], 0).is_err());
     }
 
     #[test]

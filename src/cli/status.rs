@@ -5,10 +5,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use super::client::{self, Unreachable};
 use super::{Args, Exit};
-use crate::clock::{now_ms, relative};
+use crate::clock::{self, now_ms, relative};
 use crate::config;
 use crate::refresher::Status;
-use crate::store::{StoreConn, StoreError};
+use crate::store::{Credential, StoreConn, StoreError};
 
 /// Statuses of every credential, or of one.
 fn fetch(args: &Args, name: Option<&str>) -> Result<Vec<Status>, Exit> {
@@ -51,12 +51,30 @@ fn from_store(args: &Args, name: Option<&str>) -> Result<Vec<Status>, Exit> {
     let statuses: Vec<Status> = all
         .iter()
         .filter(|c| name.is_none_or(|n| c.name == n))
-        .map(|c| Status::of(c, now))
+        .map(|c| status_of(c, now))
         .collect();
     if let (Some(n), true) = (name, statuses.is_empty()) {
         return Err(unknown(n));
     }
     Ok(statuses)
+}
+
+/// A row's status. Its expiry is whatever was written into the store (an
+/// older `import` took epoch milliseconds for seconds): it is shown within
+/// what an instant can show, which also keeps `Status::of`'s
+/// `expires_at - now` from overflowing.
+fn status_of(c: &Credential, now: i64) -> Status {
+    let expires_at = clock::bounded(c.expires_at);
+    if expires_at == c.expires_at {
+        return Status::of(c, now);
+    }
+    Status::of(
+        &Credential {
+            expires_at,
+            ..c.clone()
+        },
+        now,
+    )
 }
 
 fn unknown(name: &str) -> Exit {

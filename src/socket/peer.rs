@@ -1,7 +1,6 @@
 //! Who is on the other end of a socket connection: SO_PEERCRED's uid and
 //! gid, plus that uid's supplementary groups, for the `[[access]]` rules.
 
-use std::ffi::CStr;
 use std::io;
 
 use tokio::net::UnixStream;
@@ -49,40 +48,10 @@ pub fn own_uid() -> u32 {
 }
 
 /// The groups the user database gives `uid` (getgrouplist), or none if the
-/// uid has no passwd entry.
+/// uid has no passwd entry (or it cannot be read).
 fn supplementary_groups(uid: u32, gid: u32) -> Vec<u32> {
-    let mut buf = vec![0u8; 16 * 1024];
-    // SAFETY: getpwuid_r writes only into `pw`, `buf` (whose length we
-    // pass) and `result`; getgrouplist only into `groups` up to `n`.
-    unsafe {
-        let mut pw: libc::passwd = std::mem::zeroed();
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        if libc::getpwuid_r(
-            uid,
-            &mut pw,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            &mut result,
-        ) != 0
-            || result.is_null()
-        {
-            return Vec::new();
-        }
-        let name = CStr::from_ptr(pw.pw_name);
-        let mut n: libc::c_int = 64;
-        loop {
-            let mut groups = vec![0 as libc::gid_t; n as usize];
-            let want = n;
-            if libc::getgrouplist(name.as_ptr(), gid, groups.as_mut_ptr(), &mut n) >= 0 {
-                groups.truncate(n as usize);
-                return groups;
-            }
-            if n <= want {
-                n = want * 2;
-            }
-            if n > 65_536 {
-                return Vec::new();
-            }
-        }
+    match crate::config::User::with_uid(uid) {
+        Ok(Some(user)) => user.groups(gid),
+        _ => Vec::new(),
     }
 }
