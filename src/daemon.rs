@@ -250,19 +250,29 @@ async fn watch_store(
         }
     };
     let mut version = store.data_version().await.ok();
+    // A wake whose change is not visible yet (the commit's last write still
+    // on its way, on a slow disk or a loaded machine) brings no second
+    // event: look again a few times, later and later, before giving up.
+    let mut rechecks: u32 = 0;
     loop {
+        let recheck = CHANGE_DEBOUNCE * 4u32.saturating_pow(4 - rechecks.min(4));
         tokio::select! {
             _ = shutdown.changed() => return,
-            r = watch.changed() => if let Err(e) = r {
-                tracing::warn!(error = %e, "database watch failed");
-                return;
+            r = watch.changed() => match r {
+                Ok(()) => rechecks = 3,
+                Err(e) => {
+                    tracing::warn!(error = %e, "database watch failed");
+                    return;
+                }
             },
+            _ = tokio::time::sleep(recheck), if rechecks > 0 => rechecks -= 1,
         }
         tokio::time::sleep(CHANGE_DEBOUNCE).await;
         // Our own commits wake the watch too; data_version moves only for others'.
         let now = store.data_version().await.ok();
         if now.is_some() && now != version {
             version = now;
+            rechecks = 0;
             if let Err(e) = refresher.store_changed().await {
                 tracing::warn!(error = %e, "cannot read changes from the store");
             }

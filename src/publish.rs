@@ -283,9 +283,11 @@ pub fn check_dirs(sinks: &[Arc<SinkConfig>], create: bool) -> Vec<Problem> {
             continue;
         };
         let dir = match dir.to_string_lossy().find("{name}") {
-            // The part of the path that does not depend on the name.
-            Some(i) => match Path::new(&dir.to_string_lossy()[..i]).parent() {
-                Some(d) if !create => d.to_owned(),
+            // The part of the path that does not depend on the name:
+            // `/run/tokens/{name}/token` → `/run/tokens`, and
+            // `/run/tokens/app-{name}/token` → `/run/tokens` too.
+            Some(i) => match name_free_dir(&dir.to_string_lossy()[..i]) {
+                Some(d) if !create => d,
                 _ => continue,
             },
             None => dir.to_owned(),
@@ -303,6 +305,16 @@ pub fn check_dirs(sinks: &[Arc<SinkConfig>], create: bool) -> Vec<Problem> {
         }
     }
     problems
+}
+
+/// The directory of a sink path's part before `{name}`: that part itself
+/// when it ends at a `/`, else its parent.
+fn name_free_dir(prefix: &str) -> Option<PathBuf> {
+    match prefix.strip_suffix('/') {
+        Some("") => Some(PathBuf::from("/")),
+        Some(d) => Some(PathBuf::from(d)),
+        None => Path::new(prefix).parent().map(Path::to_owned),
+    }
 }
 
 /// Whether `path`, or the nearest ancestor that exists, is writable by us.
@@ -428,6 +440,19 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         // No temp files are left behind.
         assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_directory_before_a_name_is_the_one_checked() {
+        assert_eq!(
+            name_free_dir("/run/tokens/"),
+            Some(PathBuf::from("/run/tokens"))
+        );
+        assert_eq!(
+            name_free_dir("/run/tokens/app-"),
+            Some(PathBuf::from("/run/tokens"))
+        );
+        assert_eq!(name_free_dir("/"), Some(PathBuf::from("/")));
     }
 
     #[test]

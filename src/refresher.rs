@@ -1163,17 +1163,15 @@ impl Refresher {
             self.publish(&cred).await;
         }
         let now = now_ms();
-        let hold = entry.state.lock().unwrap().hold_until;
+        // Copied out: no std lock is held across the policy's arithmetic.
+        let (hold, jitter) = {
+            let st = entry.state.lock().unwrap();
+            (st.hold_until, st.jitter)
+        };
         let action = if gate(&cred, now, hold) != Gate::Go {
             Do::Nothing
         } else {
-            decide(
-                &cred,
-                now,
-                &ctx.config.refresh,
-                entry.state.lock().unwrap().jitter,
-                pending.validate,
-            )
+            decide(&cred, now, &ctx.config.refresh, jitter, pending.validate)
         };
         // A provider that looks down gets one probe per interval.
         let action = if action != Do::Nothing && !self.may_send(&entry, &cred, now, true) {

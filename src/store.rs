@@ -815,8 +815,11 @@ mod ops {
             access_token: r.get::<_, Option<String>>(2)?.map(Secret::new),
             refresh_token: Secret::new(r.get::<_, String>(3)?),
             scope: r.get(4)?,
-            expires_at: r.get(5)?,
-            issued_at: r.get(6)?,
+            // Every instant the refresher computes with is within what a
+            // clock can show, whatever a row holds (an older import's epoch
+            // milliseconds, a hand-edited row, a REAL).
+            expires_at: instant(r, 5)?,
+            issued_at: instant(r, 6)?.unwrap_or(0),
             state: State::parse(&r.get::<_, String>(7)?),
             failures: r.get(8)?,
             next_attempt_at: r.get(9)?,
@@ -830,6 +833,24 @@ mod ops {
             rev: r.get(17)?,
             not_before: r.get(18)?,
         })
+    }
+
+    /// An instant column, clamped to what can be shown ([`crate::clock::clamp`]);
+    /// a REAL (written by hand) is taken too, rather than failing every read.
+    fn instant(r: &Row<'_>, i: usize) -> rusqlite::Result<Option<i64>> {
+        use rusqlite::types::ValueRef;
+        Ok(match r.get_ref(i)? {
+            ValueRef::Integer(v) => Some(v),
+            ValueRef::Real(v) if v.is_finite() => {
+                Some(v.clamp(i64::MIN as f64, i64::MAX as f64) as i64)
+            }
+            ValueRef::Null | ValueRef::Real(_) => None,
+            ValueRef::Text(t) => std::str::from_utf8(t)
+                .ok()
+                .and_then(|t| t.trim().parse().ok()),
+            ValueRef::Blob(_) => None,
+        }
+        .map(crate::clock::clamp))
     }
 
     pub fn load_all(c: &Connection) -> Result<Vec<Credential>> {

@@ -191,12 +191,14 @@ fn write_expiry(env: &Env, name: &str, value: &Value, marker: &str) {
 /// How SQLite stores a u64 in an INTEGER column: as itself up to i64::MAX,
 /// else as a REAL (which tokend cannot read as an instant); and the same
 /// bits as an i64, which is what a program that wrote `u64 as i64` stored.
-fn stored(v: u64) -> Vec<(Value, Option<i64>)> {
+fn stored(v: u64) -> Vec<(Value, i64)> {
     match i64::try_from(v) {
-        Ok(i) => vec![(Value::Integer(i), Some(i))],
+        Ok(i) => vec![(Value::Integer(i), i)],
+        // Past i64, SQLite stores a REAL: read as the largest instant (and
+        // shown clamped), not refused.
         Err(_) => vec![
-            (Value::Real(v as f64), None),
-            (Value::Integer(v as i64), Some(v as i64)),
+            (Value::Real(v as f64), i64::MAX),
+            (Value::Integer(v as i64), v as i64),
         ],
     }
 }
@@ -320,25 +322,11 @@ fn any_stored_expiry_is_shown_without_a_daemon() {
         for (value, ms) in stored(v) {
             let what = format!("expires_at {value:?} (u64 {v})");
             write_expiry(&env, "bot", &value, &format!("case {i}"));
-            match ms {
-                Some(ms) => {
-                    let s = statuses(&env, "bot", &what);
-                    check_expiry(&s, ms, now_ms(), &what);
-                    let json = tokend::publish::render(Format::Json, &Secret::new("T"), Some(ms));
-                    let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
-                    assert_eq!(json["expires_at"], shown(ms), "json sink, {what}");
-                }
-                None => {
-                    // Not an instant: an error that says where, no panic.
-                    let o = env.cli(&["status", "--json"], "");
-                    assert_eq!(code(&o, &what), 1, "{what}");
-                    assert!(
-                        stderr(&o).contains("cannot read the database"),
-                        "{what}: {}",
-                        stderr(&o)
-                    );
-                }
-            }
+            let s = statuses(&env, "bot", &what);
+            check_expiry(&s, ms, now_ms(), &what);
+            let json = tokend::publish::render(Format::Json, &Secret::new("T"), Some(ms));
+            let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+            assert_eq!(json["expires_at"], shown(ms), "json sink, {what}");
         }
     }
 }
@@ -360,48 +348,35 @@ fn any_stored_expiry_is_served_by_a_daemon() {
         let s = get(&env.socket, "/v1/credentials/bot").json();
         (!s["last_validated_at"].is_null()).then_some(())
     });
-    let mut refused = 0;
     let mut rng = fastrand::Rng::with_seed(seed());
     for (i, v) in u64_values(&mut rng, 30).into_iter().enumerate() {
         for (j, (value, ms)) in stored(v).into_iter().enumerate() {
             let what = format!("expires_at {value:?} (u64 {v})");
             let marker = format!("case {i}.{j}");
             write_expiry(&env, "bot", &value, &marker);
-            // Read by the daemon: the row's marker in its status, or for
-            // a REAL, the log line that says it cannot read the row.
-            let unread = |d: &Daemon| d.log().matches("cannot read the credential").count();
+            // Read by the daemon: the row's marker in its status.
             let start = std::time::Instant::now();
             let mut nudged = start;
             let s = loop {
                 let r = get(&env.socket, "/v1/credentials/bot");
                 assert_eq!(r.status, 200, "{what}: {}", r.text());
                 let last = r.json();
-                match ms {
-                    Some(_) if last["last_error"] == marker.as_str() => break last,
-                    None if unread(&d) > refused => break last,
-                    _ => {}
+                if last["last_error"] == marker.as_str() {
+                    break last;
                 }
                 assert!(
                     start.elapsed() < Duration::from_secs(30),
                     "{what}: the daemon did not read it: {last}"
                 );
-                // The daemon's watch wakes on the first write to the WAL
-                // and reads the store 100 ms later: a commit that becomes
-                // visible later still (a slow fsync, a loaded machine) is
-                // seen only at the next write. Not what this test is about:
-                // write again.
+                // The daemon's watch looks again a few times after a wake
+                // whose commit was not visible yet (up to about 8 s later);
+                // should even that miss it on a loaded machine, this test
+                // is not about the watch: write again.
                 if nudged.elapsed() > Duration::from_secs(2) {
                     write_expiry(&env, "bot", &value, &marker);
                     nudged = std::time::Instant::now();
                 }
                 std::thread::sleep(Duration::from_millis(20));
-            };
-            let Some(ms) = ms else {
-                // The daemon cannot read the row: it said so in its log,
-                // keeps what it had, and keeps serving.
-                refused = unread(&d);
-                assert_eq!(get(&env.socket, "/health").status, 200, "{what}");
-                continue;
             };
             let now = now_ms();
             check_expiry(&s, ms, now, &format!("socket, {what}"));

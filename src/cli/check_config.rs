@@ -129,24 +129,24 @@ impl AsUser {
         let mut add = |key: String, message: String| problems.push(Problem { key, message });
         for s in &config.sinks {
             let key = format!("sinks[{}].path", s.index);
-            if let Some(dir) = sink_dir(s).filter(|_| !known(&key)) {
-                if let Err(e) = self.can_create_in(&dir) {
-                    add(key, e);
-                }
+            if let Some(dir) = sink_dir(s).filter(|_| !known(&key))
+                && let Err(e) = self.can_create_in(&dir)
+            {
+                add(key, e);
             }
-            if let Some((name, gid)) = &s.group {
-                if !self.groups.contains(gid) {
-                    add(
-                        format!("sinks[{}].group", s.index),
-                        self.not_in(name, *gid, "its files"),
-                    );
-                }
+            if let Some((name, gid)) = &s.group
+                && !self.groups.contains(gid)
+            {
+                add(
+                    format!("sinks[{}].group", s.index),
+                    self.not_in(name, *gid, "its files"),
+                );
             }
         }
-        if let Some((name, gid)) = &config.socket.group {
-            if !self.groups.contains(gid) {
-                add("socket_group".into(), self.not_in(name, *gid, "the socket"));
-            }
+        if let Some((name, gid)) = &config.socket.group
+            && !self.groups.contains(gid)
+        {
+            add("socket_group".into(), self.not_in(name, *gid, "the socket"));
         }
         if !known("database") {
             let db = &config.database;
