@@ -7,6 +7,7 @@ use reqwest::Url;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::config::ProviderConfig;
+use crate::provider::form_encode;
 use crate::secret::Secret;
 
 /// Random bytes behind `state` and the PKCE verifier: 256 bits, twice the
@@ -84,20 +85,20 @@ fn base64url(bytes: &[u8]) -> String {
 /// PKCE challenge and `authorize_params`.
 fn url(p: &ProviderConfig, redirect_uri: &Url, state: &str, challenge: Option<&str>) -> String {
     let mut query = vec![
-        format!("client_id={}", encode(&p.client_id)),
-        format!("redirect_uri={}", encode(redirect_uri.as_str())),
+        format!("client_id={}", form_encode(&p.client_id)),
+        format!("redirect_uri={}", form_encode(redirect_uri.as_str())),
     ];
     if let Some(scope) = &p.scope {
         query.push(format!("scope={}", encode_scope(scope)));
     }
     query.push("response_type=code".into());
-    query.push(format!("state={}", encode(state)));
+    query.push(format!("state={}", form_encode(state)));
     if let Some(c) = challenge {
-        query.push(format!("code_challenge={}", encode(c)));
+        query.push(format!("code_challenge={}", form_encode(c)));
         query.push("code_challenge_method=S256".into());
     }
     for (k, v) in &p.authorize_params {
-        query.push(format!("{}={}", encode(k), encode(v)));
+        query.push(format!("{}={}", form_encode(k), form_encode(v)));
     }
     let base = p.authorize_url.as_str();
     let sep = match p.authorize_url.query() {
@@ -108,22 +109,6 @@ fn url(p: &ProviderConfig, redirect_uri: &Url, state: &str, challenge: Option<&s
     format!("{base}{sep}{}", query.join("&"))
 }
 
-/// application/x-www-form-urlencoded, as a query string is read: unreserved
-/// characters stay, a space is '+', everything else is %XX.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 /// A scope is a list of names (RFC 6749 §3.3) separated by spaces; PandaDoc
 /// writes that list with '+' (`scope=read+write`, the form encoding of a
 /// space), and so may the config. Either separator goes out as a literal '+'.
@@ -131,7 +116,7 @@ fn encode_scope(scope: &str) -> String {
     scope
         .split(|c: char| c == '+' || c.is_whitespace())
         .filter(|s| !s.is_empty())
-        .map(encode)
+        .map(form_encode)
         .collect::<Vec<_>>()
         .join("+")
 }
