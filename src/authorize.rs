@@ -3,10 +3,13 @@
 //! redirect brings back. Pure, apart from drawing randomness, so that every
 //! shape and every refusal is unit-tested; `tokend authorize` drives it.
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use reqwest::Url;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::config::ProviderConfig;
+use crate::provider::form_encode;
 use crate::secret::Secret;
 
 /// Random bytes behind `state` and the PKCE verifier: 256 bits, twice the
@@ -54,29 +57,16 @@ fn random_token() -> Result<String, String> {
     SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| "the operating system's random number generator failed".to_owned())?;
-    Ok(base64url(&bytes))
+    // Base64url without padding (RFC 4648 §5): URL-safe as it is.
+    Ok(URL_SAFE_NO_PAD.encode(bytes))
 }
 
-/// RFC 7636 §4.2, S256: BASE64URL(SHA256(verifier)).
+/// RFC 7636 §4.2, S256: BASE64URL(SHA256(verifier)), without padding.
 fn pkce_challenge(verifier: &str) -> String {
-    base64url(ring::digest::digest(&ring::digest::SHA256, verifier.as_bytes()).as_ref())
-}
-
-/// Base64url without padding (RFC 4648 §5), what PKCE and our `state` use.
-fn base64url(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
-        // One more character than the chunk has bytes: 2, 3 or 4.
-        for i in 0..=chunk.len() {
-            out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
+    URL_SAFE_NO_PAD.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        verifier.as_bytes(),
+    ))
 }
 
 /// The authorization URL, its parameters in the order PandaDoc documents
@@ -84,20 +74,20 @@ fn base64url(bytes: &[u8]) -> String {
 /// PKCE challenge and `authorize_params`.
 fn url(p: &ProviderConfig, redirect_uri: &Url, state: &str, challenge: Option<&str>) -> String {
     let mut query = vec![
-        format!("client_id={}", encode(&p.client_id)),
-        format!("redirect_uri={}", encode(redirect_uri.as_str())),
+        format!("client_id={}", form_encode(&p.client_id)),
+        format!("redirect_uri={}", form_encode(redirect_uri.as_str())),
     ];
     if let Some(scope) = &p.scope {
         query.push(format!("scope={}", encode_scope(scope)));
     }
     query.push("response_type=code".into());
-    query.push(format!("state={}", encode(state)));
+    query.push(format!("state={}", form_encode(state)));
     if let Some(c) = challenge {
-        query.push(format!("code_challenge={}", encode(c)));
+        query.push(format!("code_challenge={}", form_encode(c)));
         query.push("code_challenge_method=S256".into());
     }
     for (k, v) in &p.authorize_params {
-        query.push(format!("{}={}", encode(k), encode(v)));
+        query.push(format!("{}={}", form_encode(k), form_encode(v)));
     }
     let base = p.authorize_url.as_str();
     let sep = match p.authorize_url.query() {
@@ -108,22 +98,6 @@ fn url(p: &ProviderConfig, redirect_uri: &Url, state: &str, challenge: Option<&s
     format!("{base}{sep}{}", query.join("&"))
 }
 
-/// application/x-www-form-urlencoded, as a query string is read: unreserved
-/// characters stay, a space is '+', everything else is %XX.
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                out.push(b as char)
-            }
-            b' ' => out.push('+'),
-            _ => out.push_str(&format!("%{b:02X}")),
-        }
-    }
-    out
-}
-
 /// A scope is a list of names (RFC 6749 §3.3) separated by spaces; PandaDoc
 /// writes that list with '+' (`scope=read+write`, the form encoding of a
 /// space), and so may the config. Either separator goes out as a literal '+'.
@@ -131,7 +105,7 @@ fn encode_scope(scope: &str) -> String {
     scope
         .split(|c: char| c == '+' || c.is_whitespace())
         .filter(|s| !s.is_empty())
-        .map(encode)
+        .map(form_encode)
         .collect::<Vec<_>>()
         .join("+")
 }
@@ -380,16 +354,6 @@ mod tests {
             pkce_challenge("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk"),
             "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
         );
-    }
-
-    #[test]
-    fn base64url_without_padding() {
-        assert_eq!(base64url(b""), "");
-        assert_eq!(base64url(b"f"), "Zg");
-        assert_eq!(base64url(b"fo"), "Zm8");
-        assert_eq!(base64url(b"foo"), "Zm9v");
-        assert_eq!(base64url(b"foob"), "Zm9vYg");
-        assert_eq!(base64url(&[0xfb, 0xff]), "-_8");
     }
 
     #[test]

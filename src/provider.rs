@@ -219,12 +219,12 @@ impl Client {
     }
 }
 
-/// RFC 6749 §2.3.1: client credentials in Basic auth are form-encoded first.
-fn form_encode(s: &str) -> String {
-    reqwest::Url::parse_with_params("x:", [("v", s)])
-        .ok()
-        .and_then(|u| u.query().map(|q| q[2..].to_owned()))
-        .unwrap_or_default()
+/// application/x-www-form-urlencoded, one value: alphanumerics and `*-._`
+/// stay, a space is '+', everything else is %XX. RFC 6749 §2.3.1 has Basic
+/// client credentials form-encoded first; the authorization URL's query is
+/// written with it too.
+pub(crate) fn form_encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 async fn read(
@@ -725,5 +725,6 @@ mod tests {
     #[test]
     fn basic_auth_credentials_are_form_encoded() {
         assert_eq!(form_encode("a b+c:d"), "a+b%2Bc%3Ad");
+        assert_eq!(form_encode("~*é"), "%7E*%C3%A9");
     }
 }

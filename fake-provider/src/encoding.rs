@@ -1,7 +1,18 @@
-//! The wire encodings the provider must read and write by hand:
+//! The wire encodings the provider reads and writes:
 //! `application/x-www-form-urlencoded` (token bodies, authorize queries),
 //! percent-encoding (redirect URLs), base64 (HTTP Basic client auth, RFC 6749
 //! §2.3.1) and base64url without padding (PKCE S256 challenges, RFC 7636).
+//! The crates do the coding; what is ours is the strictness a provider needs
+//! (a malformed escape or non-UTF-8 text is an error, not a guess) and the
+//! raw, undecoded view of a parameter that the request records show.
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use base64::alphabet;
+use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode, utf8_percent_encode};
 
 /// Why a form-encoded string could not be decoded.
 #[derive(Debug, PartialEq, Eq)]
@@ -13,31 +24,30 @@ pub enum FormError {
 }
 
 /// Decodes one form-urlencoded component: `+` is a space, `%XX` a byte.
+/// Stricter than `form_urlencoded::parse`, which keeps a malformed escape as
+/// it is and replaces bytes that are not UTF-8: both are errors here.
 pub fn form_decode(s: &[u8]) -> Result<String, FormError> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hi = s.get(i + 1).and_then(|c| hex_val(*c));
-                let lo = s.get(i + 2).and_then(|c| hex_val(*c));
-                match (hi, lo) {
-                    (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
-                    _ => return Err(FormError::BadEscape),
-                }
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
+    let escapes_well_formed = s.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || s.get(i + 1..i + 3)
+                .is_some_and(|hex| hex.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !escapes_well_formed {
+        return Err(FormError::BadEscape);
     }
-    String::from_utf8(out).map_err(|_| FormError::NotUtf8)
+    let spaced: Vec<u8> = s
+        .iter()
+        .map(|c| if *c == b'+' { b' ' } else { *c })
+        .collect();
+    percent_decode(&spaced)
+        .decode_utf8()
+        .map(Cow::into_owned)
+        .map_err(|_| FormError::NotUtf8)
 }
 
 /// The raw (name, value) segments of a form body or query string, still
-/// encoded. Empty segments (`a=1&&b=2`) are skipped; a name without `=` has an
-/// empty value.
+/// encoded (`form_urlencoded::parse` only yields them decoded). Empty
+/// segments (`a=1&&b=2`) are skipped; a name without `=` has an empty value.
 fn raw_pairs(s: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     s.split(|c| *c == b'&')
         .filter(|seg| !seg.is_empty())
@@ -48,7 +58,8 @@ fn raw_pairs(s: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
 }
 
 /// Parses a whole form body or query string into decoded (name, value) pairs,
-/// in order, with [`raw_pairs`]' segmentation.
+/// in order, with [`raw_pairs`]' segmentation (so that the decoded and the
+/// raw view of a request always agree on what its parameters are).
 pub fn parse_form(s: &[u8]) -> Result<Vec<(String, String)>, FormError> {
     raw_pairs(s)
         .map(|(name, value)| Ok((form_decode(name)?, form_decode(value)?)))
@@ -64,66 +75,38 @@ pub fn raw_form_value<'a>(s: &'a [u8], name: &str) -> Option<&'a [u8]> {
     raw_pairs(s).find_map(|(n, value)| (form_decode(n).ok()? == name).then_some(value))
 }
 
+/// Everything but RFC 3986 unreserved characters.
+const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes everything but RFC 3986 unreserved characters, so that the
 /// result is safe as a query value (and as a form value).
 pub fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    utf8_percent_encode(s, NOT_UNRESERVED).to_string()
 }
-
-fn hex_val(c: u8) -> Option<u8> {
-    (c as char).to_digit(16).map(|d| d as u8)
-}
-
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
 /// base64url without padding (RFC 4648 §5), the PKCE S256 challenge encoding.
 pub fn base64url_nopad(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (*b as u32) << (16 - 8 * i));
-        for i in 0..=chunk.len() {
-            out.push(B64URL[(n >> (18 - 6 * i)) as usize & 63] as char);
-        }
-    }
-    out
+    URL_SAFE_NO_PAD.encode(data)
 }
+
+/// Standard base64 as Basic credentials are read: padding optional (any
+/// trailing `=` are dropped before decoding), unused low bits of the last
+/// character ignored.
+const LENIENT_STANDARD: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::RequireNone)
+        .with_decode_allow_trailing_bits(true),
+);
 
 /// Decodes standard base64 (RFC 4648 §4), padding optional; `None` on any
 /// invalid character, so a garbage Basic header becomes a 400, not a panic.
 pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let s = s.trim_end_matches('=');
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        };
-        acc = acc << 6 | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    // A single leftover character cannot encode a byte.
-    (bits < 6).then_some(out)
+    LENIENT_STANDARD.decode(s.trim_end_matches('=')).ok()
 }
 
 #[cfg(test)]
@@ -181,5 +164,9 @@ mod tests {
         assert_eq!(base64_decode("Zm9vYmFy").unwrap(), b"foobar");
         assert!(base64_decode("Zm9v!").is_none());
         assert!(base64_decode("Z").is_none());
+        // As lenient as before the base64 crate: extra padding, and unused
+        // low bits in the last character, are accepted.
+        assert_eq!(base64_decode("Zm9v==").unwrap(), b"foo");
+        assert_eq!(base64_decode("Zh==").unwrap(), b"f");
     }
 }

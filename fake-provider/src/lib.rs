@@ -104,7 +104,6 @@
 mod encoding;
 mod http;
 mod oauth;
-mod sha256;
 mod state;
 
 use std::net::{SocketAddr, TcpListener};

@@ -6,12 +6,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use ring::digest::{SHA256, digest};
+
 use crate::encoding::base64url_nopad;
 use crate::oauth::{
     AuthorizeRequest, Challenge, GrantRequest, OAuthError, TokenRequest, TokenResponse,
     oidc_granted_scope, oidc_refresh_scope,
 };
-use crate::{Fault, FaultTarget, GrantInfo, Knobs, MintedGrant, RequestRecord, Stats, sha256};
+use crate::{Fault, FaultTarget, GrantInfo, Knobs, MintedGrant, RequestRecord, Stats};
 
 /// How many request records are kept.
 const MAX_RECORDS: usize = 20_000;
@@ -267,7 +269,9 @@ impl State {
             let verifier =
                 code_verifier.ok_or_else(|| OAuthError::invalid_grant("missing code_verifier"))?;
             let matches = match challenge {
-                Challenge::S256(c) => base64url_nopad(&sha256::digest(verifier.as_bytes())) == *c,
+                Challenge::S256(c) => {
+                    base64url_nopad(digest(&SHA256, verifier.as_bytes()).as_ref()) == *c
+                }
                 Challenge::Plain(c) => verifier == *c,
             };
             if !matches {
