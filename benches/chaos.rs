@@ -3,7 +3,7 @@
 //! 1. **Herd**: 1,000 credentials whose tokens were issued at the same
 //!    moment with the same lifetime, so that all expire in the same second.
 //!    The refresh start times, from the fake provider's request records,
-//!    show how the jitter (engineering invariant 7) spreads them: offsets
+//!    show how the jitter (invariant 7 of docs/design.md) spreads them: offsets
 //!    from the earliest instant a refresh may start (expiry − 1.25 × lead),
 //!    min, p50, p90, max, the busiest second, and a histogram by second.
 //! 2. **Outage**: credentials that need a refresh while the provider answers

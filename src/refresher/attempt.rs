@@ -1,0 +1,511 @@
+//! One attempt at a credential: a validation, or a refresh under the
+//! store's lease, and what it leaves behind: a committed pair, or a setback
+//! recorded with its backoff.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::entry::Entry;
+use super::policy::backoff;
+use super::{Ctx, Refresher};
+use crate::clock::now_ms;
+use crate::config::ProviderConfig;
+use crate::metrics::{Endpoint, RefreshOutcome, ValidationOutcome};
+use crate::provider::{self, Failure};
+use crate::store::{Commit, Credential, FailureUpdate, Lease, State, StoreError, TokenUpdate};
+
+/// How long a store failure holds a credential back before it is tried again.
+pub(super) const STORE_RETRY: Duration = Duration::from_secs(5);
+
+/// The longest wait between attempts at committing a token pair the
+/// provider already issued. There is no last attempt: giving the pair up
+/// would lose the grant, so only the process's end stops the retries.
+pub(super) const COMMIT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How long a lease outlives its request's timeout: the commit of the
+/// answer (one store write, which a busy database holds up for its 5 s
+/// busy timeout) must fit in it. A commit that is retried renews it.
+pub(super) const LEASE_MARGIN: Duration = Duration::from_secs(10);
+
+/// Why an attempt did not bring a good token, as it is recorded. `lease` is
+/// the fencing value of the lease a refresh ran under (None for what holds
+/// no lease: a validation, a provider missing from the config): only the
+/// lease's holder records, and only it may clear the refresh's mark.
+pub(super) enum Setback {
+    /// Our side is wrong: nothing is sent until a reload.
+    Misconfigured { error: String, lease: Option<i64> },
+    /// The grant is dead (`invalid_grant`): a human must authorize again.
+    NeedsReauthorization { error: String, lease: i64 },
+    /// Transient: try again after the backoff.
+    Retry {
+        error: String,
+        /// The provider's Retry-After: a floor for the next attempt, on every path.
+        retry_after: Option<Duration>,
+        /// Keep the "refresh started" mark: the provider may have rotated.
+        outcome_unknown: bool,
+        /// The provider itself looks down (a 5xx, no answer): see [`Outage`].
+        provider_down: bool,
+        lease: Option<i64>,
+        /// "refresh_failed" or "validation_failed": the event recorded.
+        event: &'static str,
+    },
+}
+
+impl Setback {
+    fn state(&self) -> State {
+        match self {
+            Setback::Misconfigured { .. } => State::Misconfigured,
+            Setback::NeedsReauthorization { .. } => State::NeedsReauthorization,
+            Setback::Retry { .. } => State::Retrying,
+        }
+    }
+}
+
+impl Refresher {
+    pub(super) async fn validate(
+        &self,
+        ctx: &Ctx,
+        entry: &Entry,
+        cred: &Credential,
+        p: &ProviderConfig,
+    ) {
+        let Some(token) = &cred.access_token else {
+            return;
+        };
+        let result = {
+            let _slot = ctx.slots.acquire().await;
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let started = Instant::now();
+            let r = self
+                .client
+                .validate(p, token, ctx.config.refresh.request_timeout)
+                .await;
+            self.metrics
+                .provider_latency(Endpoint::Validate, started.elapsed());
+            r
+        };
+        let fresh_403 = entry.state.lock().unwrap().refreshed_for_403 == Some(cred.version);
+        self.metrics.validation(match &result {
+            Ok(()) => ValidationOutcome::Ok,
+            Err(Failure::Forbidden) if fresh_403 => ValidationOutcome::Forbidden,
+            Err(Failure::Unauthorized | Failure::Forbidden) => ValidationOutcome::Unauthorized,
+            Err(_) => ValidationOutcome::Transient,
+        });
+        let result = match result {
+            Err(Failure::Forbidden) if fresh_403 => {
+                let error = "validation: 403 Forbidden from a token just refreshed for a 403: \
+                    the account may not call the validation endpoint (a plan or permission \
+                    problem); not refreshing again for it"
+                    .to_owned();
+                tracing::warn!(credential = %cred.name, error = %error, "validation refused");
+                match self
+                    .store
+                    .record_note(&cred.name, cred.version, error)
+                    .await
+                {
+                    Ok(Commit::Done(c)) => {
+                        entry.adopt(*c);
+                    }
+                    Ok(_) => {}
+                    Err(e) => self.store_failed(entry, &cred.name, &e),
+                }
+                return;
+            }
+            other => other,
+        };
+        match result {
+            Ok(()) => {
+                match self.store.record_validated(&cred.name, cred.version).await {
+                    Ok(Commit::Done(c)) => {
+                        entry.adopt(*c);
+                    }
+                    Ok(Commit::Conflict | Commit::LeaseLost) => {}
+                    Err(e) => self.store_failed(entry, &cred.name, &e),
+                }
+                tracing::debug!(credential = %cred.name, "token validated");
+                self.answered(&cred.provider, cred.failures > 0);
+                // The validation sweep doubles as a check of the files: one
+                // that was removed (a cleaned /run, a deleted directory) or
+                // altered is written again; an intact one costs a read.
+                let c = entry.cred();
+                self.publish(&c).await;
+            }
+            Err(Failure::Unauthorized) => {
+                tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");
+                self.refresh(ctx, entry, cred, p).await;
+            }
+            Err(Failure::Forbidden) => {
+                tracing::info!(credential = %cred.name, "the provider refused the access token (403); refreshing once");
+                self.refresh(ctx, entry, cred, p).await;
+                let now = entry.cred();
+                if now.version != cred.version {
+                    entry.state.lock().unwrap().refreshed_for_403 = Some(now.version);
+                }
+            }
+            Err(f) => {
+                let (retry_after, provider_down) = match &f {
+                    Failure::Transient {
+                        retry_after,
+                        provider_down,
+                        ..
+                    } => (*retry_after, *provider_down),
+                    _ => (None, false),
+                };
+                // A validation failure that is not a 401 says nothing about
+                // the token: it stays published while we retry.
+                let setback = Setback::Retry {
+                    error: f.describe(),
+                    retry_after,
+                    outcome_unknown: false,
+                    provider_down,
+                    lease: None,
+                    event: "validation_failed",
+                };
+                self.fail(ctx, entry, cred, setback).await;
+            }
+        }
+    }
+
+    pub(super) async fn refresh(
+        &self,
+        ctx: &Ctx,
+        entry: &Entry,
+        seen: &Credential,
+        p: &ProviderConfig,
+    ) {
+        self.refresh_attempt(ctx, entry, seen, p).await;
+        // Counted when it is over: a caller that took its snapshot while
+        // this one ran sees the count move once it gets the lock, and joins.
+        let mut st = entry.state.lock().unwrap();
+        st.attempts += 1;
+        st.refreshing = false;
+    }
+
+    /// A credential whose provider is not in the configuration.
+    pub(super) async fn provider_missing(&self, ctx: &Ctx, entry: &Entry, cred: &Credential) {
+        let setback = Setback::Misconfigured {
+            error: format!(
+                "provider {:?} is not in the configuration: add [providers.{}] and reload",
+                cred.provider, cred.provider
+            ),
+            lease: None,
+        };
+        self.fail(ctx, entry, cred, setback).await;
+    }
+
+    pub(super) async fn refresh_attempt(
+        &self,
+        ctx: &Ctx,
+        entry: &Entry,
+        seen: &Credential,
+        p: &ProviderConfig,
+    ) {
+        let name = &seen.name;
+        // The provider slot first: the lease's lifetime covers the request
+        // and its commit, not the wait for a slot.
+        let slot = ctx.slots.acquire().await;
+        if self.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
+        let (cred, interrupted, fence) = match self
+            .store
+            .take_lease(name, &self.holder, ttl, seen.version)
+            .await
+        {
+            Ok(Lease::Taken {
+                credential,
+                interrupted,
+                fence,
+            }) => {
+                entry.state.lock().unwrap().refreshing = true;
+                (*credential, interrupted, fence)
+            }
+            Ok(Lease::Changed(row)) => {
+                drop(slot);
+                // A peer refreshed since we looked: take its result.
+                tracing::debug!(credential = %name, "already refreshed by another process");
+                if entry.adopt(*row) {
+                    let c = entry.cred();
+                    self.publish(&c).await;
+                }
+                return;
+            }
+            Ok(Lease::Busy { until }) => {
+                tracing::debug!(credential = %name, "another process is refreshing this credential");
+                // Its commit will wake us through the store watch. Should it
+                // die instead, look again soon: a dead holder on this host
+                // is seen at once, one elsewhere when its lease expires.
+                let soon = now_ms() + ctx.config.refresh.retry_initial.as_millis() as i64;
+                entry.hold(until.min(soon));
+                return;
+            }
+            Ok(Lease::Gone) => return,
+            Err(e) => return self.store_failed(entry, name, &e),
+        };
+        if interrupted {
+            tracing::warn!(
+                credential = %name,
+                "a previous refresh of this credential never finished (tokend stopped, or no answer came); trying the stored refresh token once"
+            );
+        }
+        let result = {
+            let _slot = slot;
+            let started = Instant::now();
+            let r = self
+                .client
+                .refresh(p, &cred.refresh_token, ctx.config.refresh.request_timeout)
+                .await;
+            self.metrics
+                .provider_latency(Endpoint::Token, started.elapsed());
+            r
+        };
+        self.metrics.refresh(match &result {
+            Ok(t) if t.unsupported.is_none() => RefreshOutcome::Ok,
+            Ok(_) => RefreshOutcome::Misconfigured,
+            Err(Failure::Permanent { .. }) => RefreshOutcome::Permanent,
+            Err(Failure::Misconfigured { .. }) => RefreshOutcome::Misconfigured,
+            Err(_) => RefreshOutcome::Transient,
+        });
+        let setback = match result {
+            Ok(tokens) => return self.commit(ctx, entry, &cred, fence, tokens).await,
+            Err(Failure::Permanent { reason }) => {
+                // A peer may have rotated the token under us: re-read first.
+                if let Ok(Some(row)) = self.store.get(name).await
+                    && row.refresh_token != cred.refresh_token
+                {
+                    tracing::info!(credential = %name, "refresh token was rotated by another process meanwhile");
+                    let _ = self.store.release_lease(name, &self.holder).await;
+                    if entry.adopt(row) {
+                        let c = entry.cred();
+                        self.publish(&c).await;
+                    }
+                    return;
+                }
+                let error = if interrupted {
+                    format!(
+                        "{reason}; a previous refresh was interrupted before its answer was stored, and the provider had already rotated the refresh token: re-authorize"
+                    )
+                } else {
+                    format!("{reason}: re-authorize")
+                };
+                Setback::NeedsReauthorization {
+                    error,
+                    lease: fence,
+                }
+            }
+            Err(Failure::Misconfigured { reason }) => Setback::Misconfigured {
+                error: reason,
+                lease: Some(fence),
+            },
+            Err(f) => {
+                let (retry_after, unknown, provider_down) = match &f {
+                    Failure::Transient {
+                        retry_after,
+                        outcome_unknown,
+                        provider_down,
+                        ..
+                    } => (*retry_after, *outcome_unknown, *provider_down),
+                    _ => (None, false, false),
+                };
+                // Keep the "refresh started" mark while the outcome is unknown,
+                // so a later invalid_grant can be explained.
+                Setback::Retry {
+                    error: f.describe(),
+                    retry_after,
+                    outcome_unknown: unknown || interrupted,
+                    provider_down,
+                    lease: Some(fence),
+                    event: "refresh_failed",
+                }
+            }
+        };
+        self.fail(ctx, entry, &cred, setback).await;
+    }
+
+    /// Stores a new token pair, then publishes it. The provider may already
+    /// have killed the old refresh token, so a store failure here (a locked
+    /// or full database) is retried, renewing the lease, until it lands or
+    /// the process stops; if it stops first, the "refresh started" mark
+    /// tells the next start. A pair whose lease passed to another holder
+    /// meanwhile is not stored: the new holder's view stands.
+    pub(super) async fn commit(
+        &self,
+        ctx: &Ctx,
+        entry: &Entry,
+        cred: &Credential,
+        fence: i64,
+        tokens: provider::Tokens,
+    ) {
+        let name = &cred.name;
+        let now = now_ms();
+        let update = || TokenUpdate {
+            // A token that is not Bearer is of no use to consumers: the
+            // stored one stays, beside the rotated refresh token.
+            access_token: tokens
+                .unsupported
+                .is_none()
+                .then(|| tokens.access_token.clone()),
+            refresh_token: tokens.refresh_token.clone(),
+            scope: tokens.scope.clone(),
+            expires_at: tokens.expires_in.map(|d| now + d.as_millis() as i64),
+        };
+        let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
+        let mut delay = Duration::from_millis(250);
+        for attempt in 1u64.. {
+            match self
+                .store
+                .commit_refresh(name, &self.holder, fence, cred.version, update())
+                .await
+            {
+                Ok(Commit::Done(c)) => {
+                    let expires = c.expires_at.map(|e| crate::clock::span(e - now));
+                    entry.adopt(*c);
+                    let c = entry.cred();
+                    if let Some(reason) = tokens.unsupported {
+                        let setback = Setback::Misconfigured {
+                            error: format!(
+                                "{reason}; the rotated refresh token is stored, the old access token stays in use"
+                            ),
+                            lease: None,
+                        };
+                        return self.fail(ctx, entry, &c, setback).await;
+                    }
+                    self.publish(&c).await;
+                    tracing::info!(credential = %name, expires_in = expires.as_deref().unwrap_or("unknown"), "token refreshed");
+                    self.answered(&cred.provider, cred.failures > 0);
+                    return;
+                }
+                Ok(Commit::Conflict) => {
+                    tracing::error!(
+                        credential = %name,
+                        "refreshed, but the credential was replaced or removed meanwhile; the new token pair was discarded"
+                    );
+                    self.enqueue(name, |p| p.reload = true);
+                    return;
+                }
+                Ok(Commit::LeaseLost) => {
+                    tracing::error!(
+                        credential = %name,
+                        "refreshed, but this process's lease had expired and passed to another holder; the new token pair was not stored (the other holder's result stands)"
+                    );
+                    self.enqueue(name, |p| p.reload = true);
+                    return;
+                }
+                Err(StoreError::Closed) => break,
+                Err(e) => {
+                    tracing::error!(credential = %name, attempt, error = %e, "cannot store the refreshed token pair; retrying");
+                    // Keep the lease while we retry, so that no peer takes
+                    // over and spends the old refresh token meanwhile.
+                    let _ = self.store.renew_lease(name, &self.holder, fence, ttl).await;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(COMMIT_RETRY_MAX);
+                }
+            }
+        }
+        tracing::error!(
+            credential = %name,
+            "tokend is stopping before the refreshed token pair could be stored; the next start will find the refresh unfinished"
+        );
+    }
+
+    /// Records a failed attempt: the state, the backoff (never shorter than
+    /// the provider's Retry-After) and the error.
+    pub(super) async fn fail(&self, ctx: &Ctx, entry: &Entry, cred: &Credential, s: Setback) {
+        let state = s.state();
+        let failures = cred.failures.saturating_add(1);
+        let now = now_ms();
+        let update = match s {
+            Setback::Misconfigured { error, lease } => FailureUpdate {
+                state,
+                failures,
+                next_attempt_at: None,
+                error,
+                not_before: None,
+                lease,
+                outcome_unknown: false,
+                event: "misconfigured",
+            },
+            Setback::NeedsReauthorization { error, lease } => FailureUpdate {
+                state,
+                failures,
+                next_attempt_at: None,
+                error,
+                not_before: None,
+                lease: Some(lease),
+                outcome_unknown: false,
+                event: "needs_reauthorization",
+            },
+            Setback::Retry {
+                error,
+                retry_after,
+                outcome_unknown,
+                provider_down,
+                lease,
+                event,
+            } => {
+                if provider_down {
+                    self.provider_failed(&cred.provider, &cred.name);
+                }
+                let r = &ctx.config.refresh;
+                let delay = backoff(
+                    failures,
+                    r.retry_initial,
+                    r.retry_max,
+                    retry_after,
+                    fastrand::f64(),
+                );
+                FailureUpdate {
+                    state,
+                    failures,
+                    next_attempt_at: Some(now + delay.as_millis() as i64),
+                    error,
+                    not_before: retry_after.map(|d| now + d.as_millis() as i64),
+                    lease,
+                    outcome_unknown,
+                    event,
+                }
+            }
+        };
+        match update.next_attempt_at {
+            Some(next) => tracing::warn!(
+                credential = %cred.name, failures, retry_in = %crate::clock::span(next - now), error = %update.error,
+                "transient failure; will retry"
+            ),
+            None => {
+                tracing::error!(credential = %cred.name, state = state.as_str(), error = %update.error, "credential stopped")
+            }
+        }
+        match self
+            .store
+            .record_failure(&cred.name, &self.holder, cred.version, update)
+            .await
+        {
+            Ok(Commit::Done(c)) => {
+                entry.adopt(*c);
+            }
+            Ok(Commit::Conflict) => self.enqueue(&cred.name, |p| p.reload = true),
+            Ok(Commit::LeaseLost) => {
+                tracing::error!(
+                    credential = %cred.name,
+                    "this process's lease had passed to another holder; its outcome was not stored"
+                );
+                self.enqueue(&cred.name, |p| p.reload = true);
+                return;
+            }
+            Err(e) => return self.store_failed(entry, &cred.name, &e),
+        }
+        if state == State::NeedsReauthorization {
+            self.unpublish(&cred.name).await;
+        }
+    }
+
+    pub(super) fn store_failed(&self, entry: &Entry, name: &str, e: &StoreError) {
+        tracing::error!(credential = name, error = %e, "store operation failed; will try again");
+        entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
+    }
+}

@@ -1,0 +1,194 @@
+//! What the refresher remembers per credential: the row as last read, the
+//! work flagged for it, the lock that makes its work single-flight, and the
+//! health of its published files.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::policy::backoff;
+use super::scheduler::MAX_SLEEP;
+use super::status::Status;
+use crate::clock::rfc3339;
+use crate::store::{Credential, State};
+
+/// The first wait before files that could not be written are tried again
+/// (a full or read-only file system); it doubles, with jitter, up to
+/// MAX_SLEEP, so that a disk that stays full costs a log line every few
+/// minutes per credential, not every few seconds.
+const PUBLISH_RETRY: Duration = Duration::from_secs(5);
+
+/// Whether a credential's files match the store; while they do not, why,
+/// and when to write them again.
+#[derive(Default)]
+pub(super) struct PublishHealth {
+    /// Why the files last failed to match the store (full disk, read-only
+    /// directory): shown in the status, since consumers then read an older
+    /// token than the one stored.
+    pub(super) error: Option<String>,
+    /// Consecutive failures: the exponent of the retry delay.
+    failures: u32,
+    /// When to write the files again (ms); None while they are in step.
+    pub(super) retry_at: Option<i64>,
+}
+
+impl PublishHealth {
+    /// The files were written; returns whether they had been failing.
+    pub(super) fn written(&mut self) -> bool {
+        self.failures = 0;
+        self.retry_at = None;
+        self.error.take().is_some()
+    }
+
+    /// The files could not be written: try again after a doubling delay.
+    pub(super) fn failed(&mut self, error: String, now: i64) {
+        self.failures = self.failures.saturating_add(1);
+        let delay = backoff(
+            self.failures,
+            PUBLISH_RETRY,
+            MAX_SLEEP,
+            None,
+            fastrand::f64(),
+        );
+        self.retry_at = Some(now + delay.as_millis() as i64);
+        self.error = Some(error);
+    }
+
+    /// Whether a failed write is due for another try.
+    pub(super) fn due(&self, now: i64) -> bool {
+        self.retry_at.is_some_and(|t| t <= now)
+    }
+}
+
+/// Work flagged for a credential, done by the next worker that takes it.
+#[derive(Default)]
+pub(super) struct Pending {
+    /// On the queue already: don't queue it twice.
+    pub(super) queued: bool,
+    /// Re-read the row: another process changed it.
+    pub(super) reload: bool,
+    /// The validation sweep asks for a GET.
+    pub(super) validate: bool,
+    /// Write the files again (start-up, config reload).
+    pub(super) republish: bool,
+    /// Try a `misconfigured` credential again (a config reload may have fixed it).
+    pub(super) retry_now: bool,
+}
+
+pub(super) struct Entry {
+    /// Held for all work on this credential: single-flight in this process.
+    pub(super) lock: tokio::sync::Mutex<()>,
+    pub(super) state: Mutex<EntryState>,
+}
+
+pub(super) struct EntryState {
+    pub(super) cred: Arc<Credential>,
+    pub(super) pending: Pending,
+    /// In [0, 1): how far ahead of the lead time this credential refreshes,
+    /// drawn per token version so that tokens issued together spread out.
+    pub(super) jitter: f64,
+    /// Not before this instant (ms): set after a store failure or a busy lease.
+    pub(super) hold_until: i64,
+    /// Refresh attempts so far: a caller that waited for the lock while one
+    /// ran sees it move, and takes that attempt's outcome (single-flight).
+    pub(super) attempts: u64,
+    /// When a consumer last reported this token refused (ms).
+    pub(super) last_rejected: i64,
+    /// A refresh holds the lease and its request may be out: the status
+    /// says `refreshing` (the row says so too, but the entry keeps the row
+    /// as it was before the lease).
+    pub(super) refreshing: bool,
+    /// An on-demand refresh task's outcome, while it runs: later callers
+    /// wait on it too instead of starting another (single-flight).
+    pub(super) running: Option<watch::Receiver<bool>>,
+    /// Whether the files match the store.
+    pub(super) files: PublishHealth,
+    /// The token version a refresh brought because its predecessor got
+    /// PandaDoc's 403: a 403 for this one is not the token's fault, and
+    /// refreshing again would not help (a plan or permission problem).
+    pub(super) refreshed_for_403: Option<i64>,
+}
+
+impl Entry {
+    pub(super) fn new(cred: Credential) -> Entry {
+        Entry {
+            lock: tokio::sync::Mutex::new(()),
+            state: Mutex::new(EntryState {
+                cred: Arc::new(cred),
+                pending: Pending::default(),
+                jitter: fastrand::f64(),
+                hold_until: 0,
+                attempts: 0,
+                last_rejected: 0,
+                refreshing: false,
+                running: None,
+                refreshed_for_403: None,
+                files: PublishHealth::default(),
+            }),
+        }
+    }
+
+    /// The status shown to the socket and the CLI: the row, and what only
+    /// this process knows (a refresh in flight, whether its files could be
+    /// written, a hold that delays the next attempt).
+    pub(super) fn status(&self, now: i64) -> Status {
+        // Copied under the lock, built after it: nothing that computes or
+        // formats runs while the lock is held, so however that goes, it
+        // cannot poison the entry for the scheduler and the workers. (The
+        // store clamps every instant it reads, so nothing here overflows.)
+        let (cred, refreshing, publish_error, hold) = {
+            let st = self.state.lock().unwrap();
+            (
+                st.cred.clone(),
+                st.refreshing,
+                st.files.error.clone(),
+                st.hold_until,
+            )
+        };
+        let mut status = Status::of(&cred, now);
+        if refreshing {
+            status.state = State::Refreshing.as_str().to_owned();
+        }
+        // Held back (its provider is down and probed by another credential):
+        // the next attempt is the later of the two.
+        if cred.state == State::Retrying
+            && hold > now
+            && cred.next_attempt_at.is_none_or(|t| t < hold)
+        {
+            status.next_attempt_at = Some(rfc3339(hold));
+        }
+        status.last_publish_error = publish_error;
+        status
+    }
+
+    pub(super) fn cred(&self) -> Arc<Credential> {
+        self.state.lock().unwrap().cred.clone()
+    }
+
+    /// Adopts a newer row (by `rev`); returns whether the token changed.
+    pub(super) fn adopt(&self, cred: Credential) -> bool {
+        let mut st = self.state.lock().unwrap();
+        if cred.rev < st.cred.rev && cred.version <= st.cred.version {
+            return false;
+        }
+        // A row that no longer says `refreshing` carries the refresh's
+        // outcome: the status stops saying so at once, not when the worker
+        // gets round to it.
+        if cred.state != State::Refreshing {
+            st.refreshing = false;
+        }
+        let token_changed = cred.version != st.cred.version;
+        if token_changed {
+            st.jitter = fastrand::f64();
+            // Whatever held us back (a peer's lease) has produced a new token.
+            st.hold_until = 0;
+        }
+        st.cred = Arc::new(cred);
+        token_changed
+    }
+
+    pub(super) fn hold(&self, until: i64) {
+        self.state.lock().unwrap().hold_until = until;
+    }
+}

@@ -1,0 +1,110 @@
+//! What the socket API and `tokend status` show of credentials, and the
+//! metrics exposition: never a secret.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::Refresher;
+use super::policy::publishable;
+use crate::clock::{now_ms, rfc3339};
+use crate::metrics::CredentialGauge;
+use crate::store::{Credential, State};
+
+/// What the socket API and `tokend status` show of a credential: never a secret.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub name: String,
+    pub provider: String,
+    pub state: String,
+    /// Whether an unexpired access token is published.
+    pub has_token: bool,
+    /// RFC 3339, or null when unknown.
+    pub expires_at: Option<String>,
+    pub expires_in_seconds: Option<i64>,
+    pub last_refresh_at: Option<String>,
+    pub last_validated_at: Option<String>,
+    pub next_attempt_at: Option<String>,
+    pub failures: u32,
+    pub last_error: Option<String>,
+    /// Why the token files could not be written (full disk, read-only or
+    /// vanished directory), while they lag behind the store; null once a
+    /// write succeeds. Known to the daemon only (the store does not hold it).
+    #[serde(default)]
+    pub last_publish_error: Option<String>,
+}
+
+impl Status {
+    pub fn of(c: &Credential, now: i64) -> Status {
+        Status {
+            name: c.name.clone(),
+            provider: c.provider.clone(),
+            state: c.state.as_str().to_owned(),
+            has_token: publishable(c, now).is_some(),
+            expires_at: c.expires_at.map(rfc3339),
+            expires_in_seconds: c.expires_at.map(|e| (e - now) / 1000),
+            last_refresh_at: c.last_refresh_at.map(rfc3339),
+            last_validated_at: c.last_validated_at.map(rfc3339),
+            next_attempt_at: c.next_attempt_at.map(rfc3339),
+            failures: c.failures,
+            last_error: c.last_error.clone(),
+            last_publish_error: None,
+        }
+    }
+}
+
+impl Refresher {
+    /// The metrics exposition, with the gauges of the credentials `visible`
+    /// lets the caller see (names are not shown to those without a grant).
+    pub fn render_metrics(&self, visible: impl Fn(&str) -> bool) -> String {
+        let now = now_ms();
+        let creds: Vec<Arc<Credential>> = self
+            .entries
+            .read()
+            .unwrap()
+            .values()
+            .map(|e| e.cred())
+            .filter(|c| visible(&c.name))
+            .collect();
+        let gauges: Vec<CredentialGauge<'_>> = creds
+            .iter()
+            .map(|c| CredentialGauge {
+                name: &c.name,
+                state: c.state.as_str(),
+                expires_in: c
+                    .expires_at
+                    .filter(|_| c.access_token.is_some())
+                    .map(|e| (e - now) as f64 / 1000.0),
+            })
+            .collect();
+        self.metrics.render(&gauges)
+    }
+
+    pub fn status(&self, name: &str) -> Option<Status> {
+        self.entry(name).map(|e| e.status(now_ms()))
+    }
+
+    /// Every credential's status, by name.
+    pub fn statuses(&self) -> Vec<Status> {
+        let now = now_ms();
+        let mut v: Vec<Status> = self
+            .entries
+            .read()
+            .unwrap()
+            .values()
+            .map(|e| e.status(now))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Counts of credentials per state, for the status line and logs.
+    /// Placeholders for rows not read yet (rev 0) are not credentials yet.
+    pub fn summary(&self) -> HashMap<State, usize> {
+        let mut m = HashMap::new();
+        for e in self.entries.read().unwrap().values() {
+            let c = e.cred();
+            *m.entry(c.state).or_default() += 1;
+        }
+        m
+    }
+}
