@@ -12,7 +12,7 @@ cd "$(dirname "$0")/../fuzz"
 seconds=${1:-60}
 [ $# -gt 0 ] && shift
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(config provider socket authorize reply)
+[ ${#targets[@]} -gt 0 ] || targets=(config provider socket authorize reply instants)
 
 # About 45 s to install, once.
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked --version 0.13.2
