@@ -14,21 +14,18 @@
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
-use tokio::sync::oneshot;
 
 use crate::clock::now_ms;
 use crate::secret::Secret;
 
 mod ops;
+mod thread;
 
 /// The schema version this build writes; `PRAGMA user_version` holds the file's.
 const SCHEMA_VERSION: i64 = 2;
-/// Operations grouped into one transaction at most.
-const MAX_BATCH: usize = 1024;
 
 /// Why a store operation failed.
 #[derive(Debug)]
@@ -486,19 +483,16 @@ fn give_to_directory_owner(f: &std::fs::File, path: &Path) -> Result<()> {
 /// The daemon's handle on the store thread. Cloning is cheap.
 #[derive(Clone)]
 pub struct Store {
-    jobs: mpsc::Sender<Box<dyn Op>>,
+    jobs: thread::Jobs,
 }
 
 impl Store {
     /// Opens (creating if needed) and starts the store thread.
     pub fn open(path: &Path) -> Result<Store> {
         let sc = StoreConn::open(path, true)?;
-        let (tx, rx) = mpsc::channel::<Box<dyn Op>>();
-        std::thread::Builder::new()
-            .name("tokend-store".into())
-            .spawn(move || run_batches(sc, rx))
-            .map_err(|e| StoreError::Io(path.to_owned(), e))?;
-        Ok(Store { jobs: tx })
+        Ok(Store {
+            jobs: thread::Jobs::start(sc, path)?,
+        })
     }
 
     /// Runs `f`, which writes, in the next write transaction.
@@ -507,7 +501,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.send(f, true).await
+        self.jobs.send(f, true).await
     }
 
     /// Runs `f`, which only reads, in a read transaction: in WAL mode that
@@ -519,25 +513,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T> + Send + 'static,
     {
-        self.send(f, false).await
-    }
-
-    async fn send<T, F>(&self, f: F, writes: bool) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        let op = CallOp {
-            f: Some(f),
-            writes,
-            result: None,
-            tx,
-        };
-        self.jobs
-            .send(Box::new(op))
-            .map_err(|_| StoreError::Closed)?;
-        rx.await.unwrap_or(Err(StoreError::Closed))
+        self.jobs.send(f, false).await
     }
 
     pub async fn load_all(&self) -> Result<Vec<Credential>> {
@@ -699,103 +675,6 @@ impl Store {
     pub async fn reset_backoff(&self, name: &str) -> Result<Commit> {
         let name = name.to_owned();
         self.call(move |c| ops::reset_backoff(c, &name)).await
-    }
-}
-
-// ---- the store thread ----
-
-/// One queued operation: run inside the batch's transaction, then told
-/// whether the transaction committed.
-trait Op: Send {
-    /// Whether it writes: only then does its batch take the write lock.
-    fn writes(&self) -> bool;
-    fn run(&mut self, c: &Connection) -> bool;
-    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
-}
-
-struct CallOp<T, F> {
-    f: Option<F>,
-    writes: bool,
-    result: Option<Result<T>>,
-    tx: oneshot::Sender<Result<T>>,
-}
-
-impl<T, F> Op for CallOp<T, F>
-where
-    T: Send,
-    F: FnOnce(&Connection) -> Result<T> + Send,
-{
-    fn writes(&self) -> bool {
-        self.writes
-    }
-
-    fn run(&mut self, c: &Connection) -> bool {
-        let f = self.f.take().expect("an op runs once");
-        let r = f(c);
-        let ok = r.is_ok();
-        self.result = Some(r);
-        ok
-    }
-
-    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
-        let r = match (commit, self.result) {
-            (Ok(()), Some(r)) => r,
-            (Err(e), _) => Err(StoreError::Commit(e)),
-            (Ok(()), None) => Err(StoreError::Closed),
-        };
-        let _ = self.tx.send(r);
-    }
-}
-
-fn run_batches(sc: StoreConn, rx: mpsc::Receiver<Box<dyn Op>>) {
-    let c = &sc.conn;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        // Everything in a batch arrived while the previous one ran, from
-        // callers that each wait for their answer: any order is one they
-        // could have seen. Reads go first, in a transaction of their own
-        // that no other process's write lock can hold up.
-        let (writes, reads): (Vec<_>, Vec<_>) = batch.into_iter().partition(|op| op.writes());
-        run_transaction(c, reads, "BEGIN");
-        run_transaction(c, writes, "BEGIN IMMEDIATE");
-    }
-}
-
-/// Runs `ops` in one transaction opened with `begin`, each in its own
-/// savepoint, and tells each whether the transaction committed.
-fn run_transaction(c: &Connection, mut ops: Vec<Box<dyn Op>>, begin: &str) {
-    if ops.is_empty() {
-        return;
-    }
-    if let Err(e) = c.execute_batch(begin) {
-        let msg = e.to_string();
-        for op in ops {
-            op.finish(Err(msg.clone()));
-        }
-        return;
-    }
-    for op in ops.iter_mut() {
-        // A failing op rolls back to its savepoint; the others still commit.
-        let ok = c.execute_batch("SAVEPOINT op").is_ok() && op.run(c);
-        let end = if ok {
-            "RELEASE op"
-        } else {
-            "ROLLBACK TO op; RELEASE op"
-        };
-        let _ = c.execute_batch(end);
-    }
-    let commit = c.execute_batch("COMMIT").map_err(|e| {
-        let _ = c.execute_batch("ROLLBACK");
-        e.to_string()
-    });
-    for op in ops {
-        op.finish(commit.clone());
     }
 }
 
