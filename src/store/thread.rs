@@ -142,3 +142,38 @@ fn run_transaction(c: &Connection, mut ops: Vec<Box<dyn Op>>, begin: &str) {
         op.finish(commit.clone());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::tests::new_cred;
+    use crate::store::{Lease, Store};
+
+    #[tokio::test]
+    async fn reads_do_not_wait_for_another_process_holding_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true)
+            .unwrap()
+            .insert(&new_cred("a"), false)
+            .unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let started = std::time::Instant::now();
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.load_all().await.unwrap().len(), 1);
+        assert!(store.get("a").await.unwrap().is_some());
+        // A read stuck behind the lock would take the 5 s busy timeout.
+        assert!(started.elapsed() < Duration::from_secs(3));
+        other.execute_batch("COMMIT").unwrap();
+        assert!(matches!(
+            store
+                .take_lease("a", "me", Duration::from_secs(60), 1)
+                .await
+                .unwrap(),
+            Lease::Taken { .. }
+        ));
+    }
+}
