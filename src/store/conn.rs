@@ -68,69 +68,22 @@ impl StoreConn {
     }
 
     fn migrate(&self) -> Result<()> {
-        let v: i64 = self
-            .conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let v = ops::user_version(&self.conn)?;
         if v > SCHEMA_VERSION {
             return Err(StoreError::TooNew(v));
         }
         if v < 1 {
-            self.immediate(|c| {
-                c.execute_batch(
-                    "CREATE TABLE IF NOT EXISTS credentials (
-                        name TEXT PRIMARY KEY NOT NULL,
-                        provider TEXT NOT NULL,
-                        access_token TEXT,
-                        refresh_token TEXT NOT NULL,
-                        scope TEXT,
-                        expires_at INTEGER,
-                        issued_at INTEGER NOT NULL,
-                        state TEXT NOT NULL,
-                        failures INTEGER NOT NULL DEFAULT 0,
-                        next_attempt_at INTEGER,
-                        last_error TEXT,
-                        last_refresh_at INTEGER,
-                        last_validated_at INTEGER,
-                        refresh_started_at INTEGER,
-                        created_at INTEGER NOT NULL,
-                        updated_at INTEGER NOT NULL,
-                        version INTEGER NOT NULL,
-                        rev INTEGER NOT NULL
-                    );
-                    CREATE TABLE IF NOT EXISTS events (
-                        id INTEGER PRIMARY KEY,
-                        name TEXT NOT NULL,
-                        at INTEGER NOT NULL,
-                        kind TEXT NOT NULL,
-                        detail TEXT
-                    );
-                    CREATE INDEX IF NOT EXISTS events_by_name ON events(name, id);
-                    CREATE TABLE IF NOT EXISTS leases (
-                        name TEXT PRIMARY KEY NOT NULL,
-                        holder TEXT NOT NULL,
-                        expires_at INTEGER NOT NULL
-                    );
-                    PRAGMA user_version = 1;",
-                )?;
-                Ok(())
-            })?;
+            self.immediate(ops::migrate_to_1)?;
         }
         if v < 2 {
             // Lease fencing, and the provider's Retry-After kept apart from
             // the backoff so that nothing brings an attempt before it.
             self.immediate(|c| {
                 // Another process may have migrated while we waited for the lock.
-                let v: i64 = c.pragma_query_value(None, "user_version", |r| r.get(0))?;
-                if v >= 2 {
+                if ops::user_version(c)? >= 2 {
                     return Ok(());
                 }
-                c.execute_batch(
-                    "ALTER TABLE credentials ADD COLUMN not_before INTEGER;
-                    ALTER TABLE credentials ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
-                    ALTER TABLE leases ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
-                    PRAGMA user_version = 2;",
-                )?;
-                Ok(())
+                ops::migrate_to_2(c)
             })?;
         }
         Ok(())
@@ -161,12 +114,7 @@ impl StoreConn {
 
     /// Forgets a credential: its row, events and lease. Returns whether it existed.
     pub fn remove(&self, name: &str) -> Result<bool> {
-        self.immediate(|c| {
-            let n = c.execute("DELETE FROM credentials WHERE name = ?1", [name])?;
-            c.execute("DELETE FROM events WHERE name = ?1", [name])?;
-            c.execute("DELETE FROM leases WHERE name = ?1", [name])?;
-            Ok(n > 0)
-        })
+        self.immediate(|c| ops::remove(c, name))
     }
 
     /// One credential: a command looks before it asks the user for work

@@ -14,9 +14,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
-use crate::clock::now_ms;
 use crate::secret::Secret;
 
 mod conn;
@@ -269,8 +268,7 @@ impl Store {
 
     /// SQLite's `data_version`: changes when *another* connection commits.
     pub async fn data_version(&self) -> Result<i64> {
-        self.read(|c| Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?))
-            .await
+        self.read(ops::data_version).await
     }
 
     /// Takes the cross-process lease on a credential for `ttl`, so that only
@@ -291,14 +289,7 @@ impl Store {
 
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.call(move |c| {
-            c.execute(
-                "DELETE FROM leases WHERE name = ?1 AND holder = ?2",
-                params![name, holder],
-            )?;
-            Ok(())
-        })
-        .await
+        self.call(move |c| ops::release(c, &name, &holder)).await
     }
 
     /// Stores a refreshed token pair if the row is still at `version` and the
@@ -328,15 +319,8 @@ impl Store {
         ttl: Duration,
     ) -> Result<bool> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.call(move |c| {
-            let n = c
-                .prepare_cached(
-                    "UPDATE leases SET expires_at = ?4 WHERE name = ?1 AND holder = ?2 AND fence = ?3",
-                )?
-                .execute(params![name, holder, fence, now_ms() + ttl.as_millis() as i64])?;
-            Ok(n > 0)
-        })
-        .await
+        self.call(move |c| ops::renew_lease(c, &name, &holder, fence, ttl))
+            .await
     }
 
     /// Brings the next attempt of `retrying` credentials forward to the
@@ -344,24 +328,7 @@ impl Store {
     /// token is still at the given version and its attempt is later. Returns
     /// the rows that moved.
     pub async fn bring_forward(&self, items: Vec<(String, i64, i64)>) -> Result<Vec<Credential>> {
-        self.call(move |c| {
-            let mut moved = Vec::new();
-            for (name, version, at) in &items {
-                let n = c
-                    .prepare_cached(
-                        "UPDATE credentials SET next_attempt_at = MAX(?3, COALESCE(not_before, 0)),
-                            rev = rev + 1
-                         WHERE name = ?1 AND version = ?2 AND state = 'retrying'
-                            AND next_attempt_at > MAX(?3, COALESCE(not_before, 0))",
-                    )?
-                    .execute(params![name, version, at])?;
-                if n > 0 {
-                    moved.extend(ops::get(c, name)?);
-                }
-            }
-            Ok(moved)
-        })
-        .await
+        self.call(move |c| ops::bring_forward(c, &items)).await
     }
 
     /// Records a failed refresh or validation against the token `version` it
@@ -390,20 +357,8 @@ impl Store {
     /// fresh token), shown in the status while it lasts.
     pub async fn record_note(&self, name: &str, version: i64, error: String) -> Result<Commit> {
         let name = name.to_owned();
-        self.call(move |c| {
-            let n = c
-                .prepare_cached(
-                    "UPDATE credentials SET last_error = ?3, last_validated_at = ?4,
-                        updated_at = ?4, rev = rev + 1 WHERE name = ?1 AND version = ?2",
-                )?
-                .execute(params![name, version, error, now_ms()])?;
-            if n == 0 {
-                return Ok(Commit::Conflict);
-            }
-            ops::event(c, &name, "validation_forbidden", Some(&error))?;
-            ops::done(c, &name)
-        })
-        .await
+        self.call(move |c| ops::record_note(c, &name, version, &error))
+            .await
     }
 
     /// Clears the failure count of a `misconfigured` credential so that it is

@@ -1,7 +1,8 @@
-//! The SQL: every statement the store runs on its tables is here, and
-//! nowhere else, so that another backend can stand behind the same
-//! functions. Each takes the connection (inside whatever transaction its
-//! caller holds) and returns the store's own types.
+//! The SQL: every statement the store runs on its tables, and its schema,
+//! is here and nowhere else, so that another backend can stand behind the
+//! same functions. Each takes the connection, inside a transaction its
+//! caller holds (a [`StoreConn`](super::StoreConn)'s `immediate`, or the
+//! store thread's batch), and returns the store's own types.
 
 use std::time::Duration;
 
@@ -82,6 +83,11 @@ pub fn revisions(c: &Connection) -> Result<Vec<(String, i64)>> {
     let mut st = c.prepare_cached("SELECT name, rev FROM credentials")?;
     let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<rusqlite::Result<_>>()?)
+}
+
+/// SQLite's `data_version`: changes when *another* connection commits.
+pub fn data_version(c: &Connection) -> Result<i64> {
+    Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?)
 }
 
 pub fn event(c: &Connection, name: &str, kind: &str, detail: Option<&str>) -> Result<()> {
@@ -177,6 +183,27 @@ pub fn take_lease(
         interrupted,
         fence,
     })
+}
+
+/// Extends `holder`'s lease `fence` to `ttl` from now; whether it is still ours.
+pub fn renew_lease(
+    c: &Connection,
+    name: &str,
+    holder: &str,
+    fence: i64,
+    ttl: Duration,
+) -> Result<bool> {
+    let n = c
+        .prepare_cached(
+            "UPDATE leases SET expires_at = ?4 WHERE name = ?1 AND holder = ?2 AND fence = ?3",
+        )?
+        .execute(params![
+            name,
+            holder,
+            fence,
+            now_ms() + ttl.as_millis() as i64
+        ])?;
+    Ok(n > 0)
 }
 
 /// Whether `holder`'s lease `fence` is the credential's current lease.
@@ -312,6 +339,41 @@ pub fn record_validated(c: &Connection, name: &str, version: i64) -> Result<Comm
     done(c, name)
 }
 
+/// Sets the last error of the token at `version`, its state untouched.
+pub fn record_note(c: &Connection, name: &str, version: i64, error: &str) -> Result<Commit> {
+    let n = c
+        .prepare_cached(
+            "UPDATE credentials SET last_error = ?3, last_validated_at = ?4,
+                updated_at = ?4, rev = rev + 1 WHERE name = ?1 AND version = ?2",
+        )?
+        .execute(params![name, version, error, now_ms()])?;
+    if n == 0 {
+        return Ok(Commit::Conflict);
+    }
+    event(c, name, "validation_forbidden", Some(error))?;
+    done(c, name)
+}
+
+/// Moves the next attempt of each `retrying` `(name, version, at)` forward
+/// to `at`, never before its Retry-After; returns the rows that moved.
+pub fn bring_forward(c: &Connection, items: &[(String, i64, i64)]) -> Result<Vec<Credential>> {
+    let mut moved = Vec::new();
+    for (name, version, at) in items {
+        let n = c
+            .prepare_cached(
+                "UPDATE credentials SET next_attempt_at = MAX(?3, COALESCE(not_before, 0)),
+                    rev = rev + 1
+                 WHERE name = ?1 AND version = ?2 AND state = 'retrying'
+                    AND next_attempt_at > MAX(?3, COALESCE(not_before, 0))",
+            )?
+            .execute(params![name, version, at])?;
+        if n > 0 {
+            moved.extend(get(c, name)?);
+        }
+    }
+    Ok(moved)
+}
+
 pub fn reset_backoff(c: &Connection, name: &str) -> Result<Commit> {
     let n = c.execute(
         "UPDATE credentials SET state = 'valid', failures = 0, next_attempt_at = NULL,
@@ -325,7 +387,7 @@ pub fn reset_backoff(c: &Connection, name: &str) -> Result<Commit> {
     done(c, name)
 }
 
-fn release(c: &Connection, name: &str, holder: &str) -> Result<()> {
+pub fn release(c: &Connection, name: &str, holder: &str) -> Result<()> {
     c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")?
         .execute(params![name, holder])?;
     Ok(())
@@ -335,4 +397,76 @@ pub fn done(c: &Connection, name: &str) -> Result<Commit> {
     get(c, name)?
         .map(|cred| Commit::Done(Box::new(cred)))
         .ok_or_else(|| StoreError::NotFound(name.to_owned()))
+}
+
+/// Forgets a credential: its row, events and lease. Returns whether it existed.
+pub fn remove(c: &Connection, name: &str) -> Result<bool> {
+    let n = c.execute("DELETE FROM credentials WHERE name = ?1", [name])?;
+    c.execute("DELETE FROM events WHERE name = ?1", [name])?;
+    c.execute("DELETE FROM leases WHERE name = ?1", [name])?;
+    Ok(n > 0)
+}
+
+// ---- the schema ----
+//
+// The statements' text, indentation included, is what earlier builds ran:
+// SQLite keeps a table's CREATE text (and every column added) in
+// sqlite_master, and every database keeps the same one.
+
+/// The file's schema version, `PRAGMA user_version`.
+pub fn user_version(c: &Connection) -> Result<i64> {
+    Ok(c.pragma_query_value(None, "user_version", |r| r.get(0))?)
+}
+
+/// Version 1: the credentials, their events and their leases.
+pub fn migrate_to_1(c: &Connection) -> Result<()> {
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS credentials (
+                        name TEXT PRIMARY KEY NOT NULL,
+                        provider TEXT NOT NULL,
+                        access_token TEXT,
+                        refresh_token TEXT NOT NULL,
+                        scope TEXT,
+                        expires_at INTEGER,
+                        issued_at INTEGER NOT NULL,
+                        state TEXT NOT NULL,
+                        failures INTEGER NOT NULL DEFAULT 0,
+                        next_attempt_at INTEGER,
+                        last_error TEXT,
+                        last_refresh_at INTEGER,
+                        last_validated_at INTEGER,
+                        refresh_started_at INTEGER,
+                        created_at INTEGER NOT NULL,
+                        updated_at INTEGER NOT NULL,
+                        version INTEGER NOT NULL,
+                        rev INTEGER NOT NULL
+                    );
+                    CREATE TABLE IF NOT EXISTS events (
+                        id INTEGER PRIMARY KEY,
+                        name TEXT NOT NULL,
+                        at INTEGER NOT NULL,
+                        kind TEXT NOT NULL,
+                        detail TEXT
+                    );
+                    CREATE INDEX IF NOT EXISTS events_by_name ON events(name, id);
+                    CREATE TABLE IF NOT EXISTS leases (
+                        name TEXT PRIMARY KEY NOT NULL,
+                        holder TEXT NOT NULL,
+                        expires_at INTEGER NOT NULL
+                    );
+                    PRAGMA user_version = 1;",
+    )?;
+    Ok(())
+}
+
+/// Version 2: lease fencing, and the provider's Retry-After kept apart from
+/// the backoff so that nothing brings an attempt before it.
+pub fn migrate_to_2(c: &Connection) -> Result<()> {
+    c.execute_batch(
+        "ALTER TABLE credentials ADD COLUMN not_before INTEGER;
+                    ALTER TABLE credentials ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+                    ALTER TABLE leases ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+                    PRAGMA user_version = 2;",
+    )?;
+    Ok(())
 }
