@@ -10,6 +10,11 @@
 //!   `synchronous=FULL` every commit costs an fsync; grouping lets ten thousand
 //!   refreshes share a few hundred of them. A caller's answer is sent only
 //!   after its transaction committed: *commit, then publish*.
+//!
+//! Here are the types both faces speak and the [`Store`] handle, whose
+//! methods only send work to the store thread (`thread.rs`: the batches,
+//! their transactions). `conn.rs` opens the database (private, migrated);
+//! `ops.rs` holds every SQL statement.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
