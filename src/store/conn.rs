@@ -1,0 +1,312 @@
+//! [`StoreConn`]: a synchronous connection, for the command line, and the
+//! one the store thread owns. Opening makes the database private (0600, in
+//! a 0700 directory) and brings its schema up to date.
+
+use std::fs::{DirBuilder, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::{Credential, NewCredential, Result, StoreError, ops};
+
+/// The schema version this build writes; `PRAGMA user_version` holds the file's.
+pub(super) const SCHEMA_VERSION: i64 = 2;
+
+/// A synchronous connection, for the command line and the store thread.
+pub struct StoreConn {
+    pub(super) conn: Connection,
+}
+
+impl StoreConn {
+    /// Opens the database; with `create`, makes it (0600, in a 0700
+    /// directory) if missing, otherwise a missing file is an error.
+    pub fn open(path: &Path, create: bool) -> Result<StoreConn> {
+        let io = |e| StoreError::Io(path.to_owned(), e);
+        if create {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                && !dir.exists()
+            {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(|e| StoreError::Io(dir.to_owned(), e))?;
+            }
+            // Create the file ourselves: SQLite would use the umask, and its
+            // -wal and -shm files copy the main file's mode.
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(f) => give_to_directory_owner(&f, path)?,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io(e)),
+            }
+        } else if !path.exists() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no database here yet (tokend import or tokend authorize creates it)",
+            )));
+        }
+        let meta = std::fs::metadata(path).map_err(io)?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), "database file was readable by others; setting mode 0600");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        }
+        keep_private(path)?;
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        let sc = StoreConn { conn };
+        sc.migrate()?;
+        Ok(sc)
+    }
+
+    fn migrate(&self) -> Result<()> {
+        let v = ops::user_version(&self.conn)?;
+        if v > SCHEMA_VERSION {
+            return Err(StoreError::TooNew(v));
+        }
+        if v < 1 {
+            self.immediate(ops::migrate_to_1)?;
+        }
+        if v < 2 {
+            // Lease fencing, and the provider's Retry-After kept apart from
+            // the backoff so that nothing brings an attempt before it.
+            self.immediate(|c| {
+                // Another process may have migrated while we waited for the lock.
+                if ops::user_version(c)? >= 2 {
+                    return Ok(());
+                }
+                ops::migrate_to_2(c)
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in a write transaction taken up front, so that a busy peer
+    /// makes us wait (busy_timeout) instead of failing half-way.
+    fn immediate<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        match f(&self.conn) {
+            Ok(v) => match self.conn.execute_batch("COMMIT") {
+                Ok(()) => Ok(v),
+                Err(e) => {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                    Err(e.into())
+                }
+            },
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn load_all(&self) -> Result<Vec<Credential>> {
+        ops::load_all(&self.conn)
+    }
+
+    /// Forgets a credential: its row, events and lease. Returns whether it existed.
+    pub fn remove(&self, name: &str) -> Result<bool> {
+        self.immediate(|c| ops::remove(c, name))
+    }
+
+    /// One credential: a command looks before it asks the user for work
+    /// that an existing name would waste (`authorize` without `--force`).
+    pub fn get(&self, name: &str) -> Result<Option<Credential>> {
+        ops::get(&self.conn, name)
+    }
+
+    /// Stores a new credential; with `replace`, overwrites one of that name
+    /// (its version moves on, so a refresh in flight cannot overwrite it back).
+    pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {
+        self.immediate(|c| ops::insert(c, new, replace))
+    }
+}
+
+/// An existing store is kept as private as a new one: its directory 0700,
+/// its `-wal`, `-shm` and `-journal` companions 0600. What is ours is
+/// tightened (a directory only while it holds nothing but the store, so
+/// that a shared directory is never closed to others behind their back);
+/// anything else is refused with the fix, before the database is opened.
+fn keep_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let io = |p: &Path, e| StoreError::Io(p.to_owned(), e);
+    let refuse = |p: &Path, why: String| {
+        StoreError::Io(
+            p.to_owned(),
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, why),
+        )
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let f = PathBuf::from(format!("{}{suffix}", path.display()));
+        let Ok(meta) = std::fs::symlink_metadata(&f) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o077 == 0 {
+            continue;
+        }
+        if !meta.is_file() || (meta.uid() != euid && euid != 0) {
+            return Err(refuse(
+                &f,
+                format!(
+                    "is readable by others (mode {mode:04o}) and not ours to fix: make it 0600"
+                ),
+            ));
+        }
+        tracing::warn!(path = %f.display(), "database file was readable by others; setting mode 0600");
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io(&f, e))?;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let meta = std::fs::metadata(dir).map_err(|e| io(dir, e))?;
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let store_only = std::fs::read_dir(dir)
+        .map_err(|e| io(dir, e))?
+        .flatten()
+        .all(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.strip_prefix(file_name.as_str())
+                .is_some_and(|rest| ["", "-wal", "-shm", "-journal"].contains(&rest))
+        });
+    if (meta.uid() != euid && euid != 0) || !store_only {
+        return Err(refuse(
+            dir,
+            format!(
+                "the database's directory is open to others (mode {mode:04o}){}: make it 0700, or give the database a directory of its own (tokend creates it 0700)",
+                if store_only {
+                    " and not ours to fix"
+                } else {
+                    " and holds other files"
+                }
+            ),
+        ));
+    }
+    tracing::warn!(dir = %dir.display(), "the database's directory was open to others; setting mode 0700");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| io(dir, e))
+}
+
+/// When root creates the database (an operator's first `tokend import`) in
+/// a directory that belongs to the daemon's user (systemd's
+/// StateDirectory=), the file goes to that user: otherwise a daemon running
+/// as `tokend` could not open it. SQLite gives its -wal and -shm files the
+/// owner of the database when it runs as root.
+fn give_to_directory_owner(f: &std::fs::File, path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let meta = std::fs::metadata(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
+    if meta.uid() != 0 {
+        std::os::unix::fs::fchown(f, Some(meta.uid()), Some(meta.gid()))
+            .map_err(|e| StoreError::Io(path.to_owned(), e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::new_cred;
+
+    #[test]
+    fn creates_private_file_and_migrates_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/tokend.db");
+        let sc = StoreConn::open(&path, true).unwrap();
+        sc.insert(&new_cred("a"), false).unwrap();
+        drop(sc);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let dmode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(dmode, 0o700);
+        let sc = StoreConn::open(&path, false).unwrap();
+        assert_eq!(sc.load_all().unwrap().len(), 1);
+        assert!(StoreConn::open(&dir.path().join("missing.db"), false).is_err());
+    }
+
+    #[test]
+    fn an_existing_store_is_made_private_or_refused() {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let set = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("state");
+        let path = dir.join("t.db");
+        drop(StoreConn::open(&path, true).unwrap());
+        // A directory of its own, opened up, and a -wal made readable.
+        set(&dir, 0o755);
+        let wal = dir.join("t.db-wal");
+        std::fs::write(&wal, b"").unwrap();
+        set(&wal, 0o644);
+        let sc = StoreConn::open(&path, false).unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&wal), 0o600);
+        drop(sc);
+        // A shared directory is not closed behind others' back: refused.
+        set(&dir, 0o755);
+        std::fs::write(dir.join("other-service.conf"), b"").unwrap();
+        let e = StoreConn::open(&path, false)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("holds other files") && e.contains("0700"), "{e}");
+        assert_eq!(mode(&dir), 0o755);
+    }
+
+    #[test]
+    fn root_gives_a_new_database_to_the_directory_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().uid(), 65534);
+    }
+
+    #[test]
+    fn insert_refuses_duplicates_unless_replacing() {
+        let dir = tempfile::tempdir().unwrap();
+        let sc = StoreConn::open(&dir.path().join("t.db"), true).unwrap();
+        let a = sc.insert(&new_cred("a"), false).unwrap();
+        assert!(matches!(
+            sc.insert(&new_cred("a"), false),
+            Err(StoreError::Exists(_))
+        ));
+        let b = sc.insert(&new_cred("a"), true).unwrap();
+        assert_eq!(b.version, a.version + 1);
+        assert_eq!(b.created_at, a.created_at);
+    }
+}

@@ -1,0 +1,375 @@
+//! The state store: SQLite behind a narrow interface of our own.
+//!
+//! Nothing outside this module speaks SQL, so that a PostgreSQL backend can
+//! later stand behind the same methods. Two faces:
+//!
+//! * [`StoreConn`], synchronous, for the command line (`import`, `list`);
+//! * [`Store`], for the daemon: one thread owns the connection and runs every
+//!   operation that arrives while the previous commit was in progress in one
+//!   transaction (group commit), each inside its own savepoint. With
+//!   `synchronous=FULL` every commit costs an fsync; grouping lets ten thousand
+//!   refreshes share a few hundred of them. A caller's answer is sent only
+//!   after its transaction committed: *commit, then publish*.
+//!
+//! Here are the types both faces speak and the [`Store`] handle, whose
+//! methods only send work to the store thread (`thread.rs`: the batches,
+//! their transactions). `conn.rs` opens the database (private, migrated);
+//! `ops.rs` holds every SQL statement.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::secret::Secret;
+
+mod conn;
+mod ops;
+mod thread;
+
+#[cfg(test)]
+mod tests;
+
+pub use conn::StoreConn;
+
+/// Why a store operation failed.
+#[derive(Debug)]
+pub enum StoreError {
+    Sqlite(rusqlite::Error),
+    Io(PathBuf, std::io::Error),
+    /// `import` of a name that is already there, without `--force`.
+    Exists(String),
+    NotFound(String),
+    /// The file was written by a newer tokend.
+    TooNew(i64),
+    /// The transaction holding the operation did not commit.
+    Commit(String),
+    /// The store thread is gone (the daemon is shutting down).
+    Closed,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Sqlite(e) => write!(f, "database error: {e}"),
+            StoreError::Io(p, e) => write!(f, "{}: {e}", p.display()),
+            StoreError::Exists(n) => write!(f, "a credential named {n:?} already exists"),
+            StoreError::NotFound(n) => write!(f, "no credential named {n:?}"),
+            StoreError::TooNew(v) => write!(
+                f,
+                "the database has schema version {v}, newer than this tokend understands ({}): upgrade tokend",
+                conn::SCHEMA_VERSION
+            ),
+            StoreError::Commit(e) => write!(f, "database commit failed: {e}"),
+            StoreError::Closed => write!(f, "the store is closed"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Sqlite(e)
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Where a credential stands (README "Credential states").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Valid,
+    Refreshing,
+    Retrying,
+    NeedsReauthorization,
+    Misconfigured,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Valid => "valid",
+            State::Refreshing => "refreshing",
+            State::Retrying => "retrying",
+            State::NeedsReauthorization => "needs_reauthorization",
+            State::Misconfigured => "misconfigured",
+        }
+    }
+
+    fn parse(s: &str) -> State {
+        match s {
+            "refreshing" => State::Refreshing,
+            "retrying" => State::Retrying,
+            "needs_reauthorization" => State::NeedsReauthorization,
+            "misconfigured" => State::Misconfigured,
+            _ => State::Valid,
+        }
+    }
+}
+
+/// One stored credential. Instants are milliseconds since the Unix epoch.
+#[derive(Debug, Clone)]
+pub struct Credential {
+    pub name: String,
+    /// The `[providers.NAME]` it belongs to.
+    pub provider: String,
+    /// None until the first refresh of a credential imported without one.
+    pub access_token: Option<Secret>,
+    pub refresh_token: Secret,
+    pub scope: Option<String>,
+    /// None when the provider did not say (`expires_in` absent).
+    pub expires_at: Option<i64>,
+    /// When the current access token was stored: the start of its lifetime.
+    pub issued_at: i64,
+    pub state: State,
+    /// Consecutive failures, the exponent of the backoff.
+    pub failures: u32,
+    pub next_attempt_at: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_refresh_at: Option<i64>,
+    pub last_validated_at: Option<i64>,
+    /// Set while a refresh request may be in flight. Found set by the next
+    /// lease holder, it means the previous refresh never finished (a crash, or
+    /// a request that got no answer): the provider may have rotated the token.
+    pub refresh_started_at: Option<i64>,
+    /// The provider's Retry-After, as an instant (ms): no request before it,
+    /// whatever else would bring the next attempt forward.
+    pub not_before: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    /// Bumped whenever the token pair changes: refresh commits compare-and-swap on it.
+    pub version: i64,
+    /// Bumped on every write: lets a reader tell which rows changed.
+    pub rev: i64,
+}
+
+/// What `import` and `authorize` store.
+pub struct NewCredential {
+    pub name: String,
+    pub provider: String,
+    pub access_token: Option<Secret>,
+    pub refresh_token: Secret,
+    pub scope: Option<String>,
+    pub expires_at: Option<i64>,
+    /// The event recorded ("imported", "authorized"): how the tokens came.
+    pub event: &'static str,
+}
+
+/// A successful refresh, to be committed.
+pub struct TokenUpdate {
+    /// None keeps the stored access token and its expiry: the provider's
+    /// new one is unusable (not Bearer), but the rotated refresh token
+    /// beside it must be stored all the same.
+    pub access_token: Option<Secret>,
+    /// None when the provider did not rotate: the old refresh token stays.
+    pub refresh_token: Option<Secret>,
+    pub scope: Option<String>,
+    pub expires_at: Option<i64>,
+}
+
+/// A failed attempt, to be recorded.
+pub struct FailureUpdate {
+    pub state: State,
+    pub failures: u32,
+    pub next_attempt_at: Option<i64>,
+    pub error: String,
+    /// The provider's Retry-After as an instant (ms), if it sent one.
+    pub not_before: Option<i64>,
+    /// The lease (its fencing value) a failed refresh ran under: the failure
+    /// is recorded only while that lease is still the current one, and then
+    /// clears the refresh's "started" mark unless `outcome_unknown`. None for
+    /// a validation, which never touches a refresh's mark (a peer's, maybe).
+    pub lease: Option<i64>,
+    /// The request got no answer, so the provider may have acted on it: keep
+    /// `refresh_started_at` so the next attempt knows.
+    pub outcome_unknown: bool,
+    /// "refresh_failed", "validation_failed", …: the event recorded.
+    pub event: &'static str,
+}
+
+/// The answer to [`Store::take_lease`].
+pub enum Lease {
+    /// The lease is ours until it expires; here is the row as it is now.
+    Taken {
+        credential: Box<Credential>,
+        /// A previous refresh started and never finished.
+        interrupted: bool,
+        /// This lease's fencing value, bumped with every lease taken on the
+        /// credential: a commit under an older one is refused.
+        fence: i64,
+    },
+    /// Another process holds it.
+    Busy { until: i64 },
+    /// The token pair changed since it was read (a peer refreshed): no
+    /// lease taken; here is the row.
+    Changed(Box<Credential>),
+    /// The credential no longer exists.
+    Gone,
+}
+
+/// The answer to a compare-and-swap commit.
+pub enum Commit {
+    Done(Box<Credential>),
+    /// The row changed since it was read (a peer refreshed, an operator
+    /// re-imported or removed it): nothing was written.
+    Conflict,
+    /// The lease this write was made under has passed to another holder
+    /// (it expired while this one stalled): nothing was written but an
+    /// event that says so, since the new holder's view is the true one.
+    LeaseLost,
+}
+
+/// The daemon's handle on the store thread. Cloning is cheap.
+#[derive(Clone)]
+pub struct Store {
+    jobs: thread::Jobs,
+}
+
+impl Store {
+    /// Opens (creating if needed) and starts the store thread.
+    pub fn open(path: &Path) -> Result<Store> {
+        let sc = StoreConn::open(path, true)?;
+        Ok(Store {
+            jobs: thread::Jobs::start(sc, path)?,
+        })
+    }
+
+    /// Runs `f`, which writes, in the next write transaction.
+    async fn call<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.jobs.send(f, true).await
+    }
+
+    /// Runs `f`, which only reads, in a read transaction: in WAL mode that
+    /// never waits for another process's write lock, so loading the
+    /// credentials at start-up and picking up a peer's changes keep working
+    /// while someone holds the database (a `sqlite3` shell in a transaction).
+    async fn read<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        self.jobs.send(f, false).await
+    }
+
+    pub async fn load_all(&self) -> Result<Vec<Credential>> {
+        self.read(ops::load_all).await
+    }
+
+    pub async fn get(&self, name: &str) -> Result<Option<Credential>> {
+        let name = name.to_owned();
+        self.read(move |c| ops::get(c, &name)).await
+    }
+
+    /// `(name, rev)` of every row: cheap enough to tell, after another
+    /// process wrote, which rows to reload.
+    pub async fn revisions(&self) -> Result<Vec<(String, i64)>> {
+        self.read(ops::revisions).await
+    }
+
+    /// SQLite's `data_version`: changes when *another* connection commits.
+    pub async fn data_version(&self) -> Result<i64> {
+        self.read(ops::data_version).await
+    }
+
+    /// Takes the cross-process lease on a credential for `ttl`, so that only
+    /// one process refreshes it, and notes that a refresh is starting (see
+    /// [`Credential::refresh_started_at`]) — unless the row has moved on from
+    /// token `version`, in which case nothing is taken and the row returned.
+    pub async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+        version: i64,
+    ) -> Result<Lease> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| ops::take_lease(c, &name, &holder, ttl, version))
+            .await
+    }
+
+    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| ops::release(c, &name, &holder)).await
+    }
+
+    /// Stores a refreshed token pair if the row is still at `version` and the
+    /// lease `fence` is still `holder`'s, and releases the lease, in one
+    /// transaction.
+    pub async fn commit_refresh(
+        &self,
+        name: &str,
+        holder: &str,
+        fence: i64,
+        version: i64,
+        update: TokenUpdate,
+    ) -> Result<Commit> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| ops::commit_refresh(c, &name, &holder, fence, version, &update))
+            .await
+    }
+
+    /// Extends `holder`'s lease `fence` to `ttl` from now, while a commit of
+    /// what the provider answered is being retried. Returns whether the
+    /// lease is still ours.
+    pub async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        fence: i64,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| ops::renew_lease(c, &name, &holder, fence, ttl))
+            .await
+    }
+
+    /// Brings the next attempt of `retrying` credentials forward to the
+    /// given instants (never before their Retry-After), each only while its
+    /// token is still at the given version and its attempt is later. Returns
+    /// the rows that moved.
+    pub async fn bring_forward(&self, items: Vec<(String, i64, i64)>) -> Result<Vec<Credential>> {
+        self.call(move |c| ops::bring_forward(c, &items)).await
+    }
+
+    /// Records a failed refresh or validation against the token `version` it
+    /// was about, and releases the lease if `holder` has it.
+    pub async fn record_failure(
+        &self,
+        name: &str,
+        holder: &str,
+        version: i64,
+        failure: FailureUpdate,
+    ) -> Result<Commit> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        self.call(move |c| ops::record_failure(c, &name, &holder, version, &failure))
+            .await
+    }
+
+    /// Records that the token at `version` passed validation.
+    pub async fn record_validated(&self, name: &str, version: i64) -> Result<Commit> {
+        let name = name.to_owned();
+        self.call(move |c| ops::record_validated(c, &name, version))
+            .await
+    }
+
+    /// Records `error` as the last error of the token at `version` without
+    /// changing its state: a problem the token cannot fix (a 403 from a
+    /// fresh token), shown in the status while it lasts.
+    pub async fn record_note(&self, name: &str, version: i64, error: String) -> Result<Commit> {
+        let name = name.to_owned();
+        self.call(move |c| ops::record_note(c, &name, version, &error))
+            .await
+    }
+
+    /// Clears the failure count of a `misconfigured` credential so that it is
+    /// tried again now (after a config reload that may have fixed it).
+    pub async fn reset_backoff(&self, name: &str) -> Result<Commit> {
+        let name = name.to_owned();
+        self.call(move |c| ops::reset_backoff(c, &name)).await
+    }
+}

@@ -1,0 +1,179 @@
+//! The store thread: it owns the daemon's connection and runs what the
+//! [`Store`](super::Store) handle sends it, grouped (see the module docs of
+//! [`super`]: group commit, and reads that never wait for a writer).
+
+use std::path::Path;
+use std::sync::mpsc;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use super::{Result, StoreConn, StoreError};
+
+/// Operations grouped into one transaction at most.
+const MAX_BATCH: usize = 1024;
+
+/// The store thread's queue: what a [`Store`](super::Store) holds.
+#[derive(Clone)]
+pub(super) struct Jobs(mpsc::Sender<Box<dyn Op>>);
+
+impl Jobs {
+    /// Starts the store thread, which owns `sc` from now on; `path` names
+    /// the database if the thread cannot be started.
+    pub(super) fn start(sc: StoreConn, path: &Path) -> Result<Jobs> {
+        let (tx, rx) = mpsc::channel::<Box<dyn Op>>();
+        std::thread::Builder::new()
+            .name("tokend-store".into())
+            .spawn(move || run_batches(sc, rx))
+            .map_err(|e| StoreError::Io(path.to_owned(), e))?;
+        Ok(Jobs(tx))
+    }
+
+    /// Queues `f` for the next batch, in its write transaction if `writes`,
+    /// and waits for its answer, which comes once that transaction committed.
+    pub(super) async fn send<T, F>(&self, f: F, writes: bool) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let op = CallOp {
+            f: Some(f),
+            writes,
+            result: None,
+            tx,
+        };
+        self.0.send(Box::new(op)).map_err(|_| StoreError::Closed)?;
+        rx.await.unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+/// One queued operation: run inside the batch's transaction, then told
+/// whether the transaction committed.
+trait Op: Send {
+    /// Whether it writes: only then does its batch take the write lock.
+    fn writes(&self) -> bool;
+    fn run(&mut self, c: &Connection) -> bool;
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>);
+}
+
+struct CallOp<T, F> {
+    f: Option<F>,
+    writes: bool,
+    result: Option<Result<T>>,
+    tx: oneshot::Sender<Result<T>>,
+}
+
+impl<T, F> Op for CallOp<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> Result<T> + Send,
+{
+    fn writes(&self) -> bool {
+        self.writes
+    }
+
+    fn run(&mut self, c: &Connection) -> bool {
+        let f = self.f.take().expect("an op runs once");
+        let r = f(c);
+        let ok = r.is_ok();
+        self.result = Some(r);
+        ok
+    }
+
+    fn finish(self: Box<Self>, commit: std::result::Result<(), String>) {
+        let r = match (commit, self.result) {
+            (Ok(()), Some(r)) => r,
+            (Err(e), _) => Err(StoreError::Commit(e)),
+            (Ok(()), None) => Err(StoreError::Closed),
+        };
+        let _ = self.tx.send(r);
+    }
+}
+
+fn run_batches(sc: StoreConn, rx: mpsc::Receiver<Box<dyn Op>>) {
+    let c = &sc.conn;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        // Everything in a batch arrived while the previous one ran, from
+        // callers that each wait for their answer: any order is one they
+        // could have seen. Reads go first, in a transaction of their own
+        // that no other process's write lock can hold up.
+        let (writes, reads): (Vec<_>, Vec<_>) = batch.into_iter().partition(|op| op.writes());
+        run_transaction(c, reads, "BEGIN");
+        run_transaction(c, writes, "BEGIN IMMEDIATE");
+    }
+}
+
+/// Runs `ops` in one transaction opened with `begin`, each in its own
+/// savepoint, and tells each whether the transaction committed.
+fn run_transaction(c: &Connection, mut ops: Vec<Box<dyn Op>>, begin: &str) {
+    if ops.is_empty() {
+        return;
+    }
+    if let Err(e) = c.execute_batch(begin) {
+        let msg = e.to_string();
+        for op in ops {
+            op.finish(Err(msg.clone()));
+        }
+        return;
+    }
+    for op in ops.iter_mut() {
+        // A failing op rolls back to its savepoint; the others still commit.
+        let ok = c.execute_batch("SAVEPOINT op").is_ok() && op.run(c);
+        let end = if ok {
+            "RELEASE op"
+        } else {
+            "ROLLBACK TO op; RELEASE op"
+        };
+        let _ = c.execute_batch(end);
+    }
+    let commit = c.execute_batch("COMMIT").map_err(|e| {
+        let _ = c.execute_batch("ROLLBACK");
+        e.to_string()
+    });
+    for op in ops {
+        op.finish(commit.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::tests::new_cred;
+    use crate::store::{Lease, Store};
+
+    #[tokio::test]
+    async fn reads_do_not_wait_for_another_process_holding_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        StoreConn::open(&path, true)
+            .unwrap()
+            .insert(&new_cred("a"), false)
+            .unwrap();
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("BEGIN EXCLUSIVE").unwrap();
+        let started = std::time::Instant::now();
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.load_all().await.unwrap().len(), 1);
+        assert!(store.get("a").await.unwrap().is_some());
+        // A read stuck behind the lock would take the 5 s busy timeout.
+        assert!(started.elapsed() < Duration::from_secs(3));
+        other.execute_batch("COMMIT").unwrap();
+        assert!(matches!(
+            store
+                .take_lease("a", "me", Duration::from_secs(60), 1)
+                .await
+                .unwrap(),
+            Lease::Taken { .. }
+        ));
+    }
+}
