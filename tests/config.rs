@@ -670,8 +670,8 @@ fn big_user_database(env: &Env) -> (PathBuf, PathBuf) {
 
 /// Makes `cmd` run in a mount namespace of its own, in which /etc/passwd
 /// and /etc/group are `passwd` and `group` (the rest of the machine sees
-/// its own). Returns false, and the test should skip, where this machine
-/// cannot (it takes root, or CAP_SYS_ADMIN).
+/// its own). Where this machine cannot (it takes root, or CAP_SYS_ADMIN),
+/// fails the test, or returns false when skipping is allowed ([`skip`]).
 fn with_user_database(cmd: &mut Command, passwd: &Path, group: &Path) -> bool {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
@@ -721,7 +721,9 @@ fn with_user_database(cmd: &mut Command, passwd: &Path, group: &Path) -> bool {
         probe.status()
     };
     if !probe.as_ref().is_ok_and(|s| s.success()) {
-        eprintln!("skipped: cannot make a mount namespace here ({probe:?}); run as root");
+        skip(&format!(
+            "cannot make a mount namespace here ({probe:?}); run as root"
+        ));
         return false;
     }
     // SAFETY: as above.
@@ -841,8 +843,7 @@ fn is_root() -> bool {
 #[test]
 fn check_config_as_root_checks_paths_and_groups_as_the_service_user() {
     use std::os::unix::fs::PermissionsExt;
-    if !is_root() {
-        eprintln!("skipped: needs root");
+    if !is_root() && skip("needs root") {
         return;
     }
     let env = Env::bare(Knobs::default());
@@ -956,8 +957,7 @@ fn check_config_as_root_checks_paths_and_groups_as_the_service_user() {
 #[test]
 fn check_config_as_another_user_needs_root() {
     use std::os::unix::process::CommandExt;
-    if !is_root() {
-        eprintln!("skipped: needs root (to run as nobody)");
+    if !is_root() && skip("needs root (to run as nobody)") {
         return;
     }
     let env = Env::bare(Knobs::default());

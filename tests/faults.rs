@@ -327,10 +327,7 @@ fn a_full_file_system_keeps_the_old_file_and_catches_up_when_space_returns() {
     let tmpfs = match Tmpfs::mount(&env.tokens, "64k") {
         Ok(m) => m,
         Err(why) => {
-            // The same code path (a write that fails, the old file kept,
-            // the error shown and retried) is covered by
-            // a_sink_directory_made_unwritable_at_runtime_recovers.
-            eprintln!("skipping the full file system test: {why}");
+            skip(&format!("the full file system test: {why}"));
             return;
         }
     };
@@ -357,7 +354,7 @@ fn a_sink_directory_made_unwritable_at_runtime_recovers() {
     let probe = env.dir.path().join("probe");
     fs::create_dir(&probe).unwrap();
     if let Err(why) = Unwritable::make(&probe).map(drop) {
-        eprintln!("skipping the unwritable directory test: {why}");
+        skip(&format!("the unwritable directory test: {why}"));
         return;
     }
     fs::remove_dir(&probe).unwrap();

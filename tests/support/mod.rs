@@ -34,6 +34,21 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_tokend")
 }
 
+/// The environment variable that lets a test skip what this machine cannot
+/// do (no root, no tmpfs, no `chattr`). Unset, as in CI (which runs as
+/// root), such a test fails instead: no test passes by skipping.
+pub const MAY_SKIP: &str = "TOKEND_TESTS_MAY_SKIP";
+
+/// Whether a test that cannot run here (`why`) should return early: only
+/// when [`MAY_SKIP`] is set, saying so; otherwise it fails, naming `why`.
+pub fn skip(why: &str) -> bool {
+    if std::env::var_os(MAY_SKIP).is_some_and(|v| !v.is_empty()) {
+        eprintln!("skipped ({MAY_SKIP} is set): {why}");
+        return true;
+    }
+    panic!("this test cannot run here: {why} (set {MAY_SKIP}=1 to skip it instead)");
+}
+
 /// Polls `f` until it returns Some, or panics naming `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
