@@ -15,6 +15,8 @@ use std::time::Duration;
 use reqwest::Url;
 use serde::Deserialize;
 
+use crate::glob::glob_match;
+use crate::names::check_name;
 use crate::secret::Secret;
 
 /// Where the config lives when neither `-c` nor `TOKEND_CONFIG` says.
@@ -260,49 +262,6 @@ impl SinkConfig {
     pub fn path_for(&self, name: &str) -> PathBuf {
         PathBuf::from(self.path.replace("{name}", name))
     }
-}
-
-/// `*` matches any run of characters, `?` any one; everything else itself.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let p: Vec<char> = pattern.chars().collect();
-    let n: Vec<char> = name.chars().collect();
-    // Iterative matcher with backtracking to the last `*`: linear in practice.
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while ni < n.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == n[ni]) {
-            pi += 1;
-            ni += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some((pi, ni));
-            pi += 1;
-        } else if let Some((sp, sn)) = star {
-            pi = sp + 1;
-            ni = sn + 1;
-            star = Some((sp, sn + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|&c| c == '*')
-}
-
-/// Credential and provider names end up in file paths and URLs: keep them to
-/// a safe alphabet so `{name}` can never climb out of a sink directory.
-pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 128 {
-        return Err("must be 1 to 128 characters".into());
-    }
-    if name.starts_with('.') || name.starts_with('-') {
-        return Err("must not start with '.' or '-'".into());
-    }
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
-    {
-        return Err("may hold only letters, digits, '-', '_', '.' and '@'".into());
-    }
-    Ok(())
 }
 
 /// The longest duration any setting takes: ten years is past every token's
@@ -1862,23 +1821,5 @@ mod tests {
             resolve_group("no-such-group-tokend"),
             Err("no group \"no-such-group-tokend\" on this system".into())
         );
-    }
-
-    #[test]
-    fn globs() {
-        assert!(glob_match("*", ""));
-        assert!(glob_match("sales-*", "sales-bot"));
-        assert!(!glob_match("sales-*", "ops-bot"));
-        assert!(glob_match("a?c*d", "abcxxd"));
-        assert!(glob_match("*-bot", "x-y-bot"));
-        assert!(!glob_match("a*b", "acbc"));
-    }
-
-    #[test]
-    fn names() {
-        assert!(check_name("sales-bot_1@eu").is_ok());
-        assert!(check_name("../etc").is_err());
-        assert!(check_name("a/b").is_err());
-        assert!(check_name("").is_err());
     }
 }
