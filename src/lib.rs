@@ -21,4 +21,5 @@ pub mod refresher;
 pub mod secret;
 pub mod socket;
 pub mod store;
+pub mod users;
 pub mod watch;
