@@ -1454,7 +1454,7 @@ mod tests {
             }
         }
         let c = parse(
-            include_str!("../config.example.toml"),
+            include_str!("../../config.example.toml"),
             Path::new("config.example.toml"),
             &NoSecrets,
         )
