@@ -1,0 +1,743 @@
+//! Validation: makes a [`Config`] of the raw file, checking every value
+//! (names, URLs, durations, modes, paths, groups, the cron schedule) and
+//! collecting *all* problems, each tied to its key, so `check-config` can
+//! list them at once and the daemon never starts half-configured.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::Url;
+
+use super::errors::{SHOWN, cut, explained, shown};
+use super::raw::{RawAccess, RawConfig, RawProvider, RawRefresh, RawSink};
+use super::secrets::load_secret;
+use super::{
+    AccessRule, Config, DEFAULT_DATABASE, DEFAULT_SOCKET, Env, Format, Preset, Problem,
+    ProviderConfig, RefreshConfig, SinkConfig, SocketConfig, TokenAuth,
+};
+use crate::names::check_name;
+use crate::users;
+
+/// The longest duration any setting takes: ten years is past every token's
+/// lifetime, and far from where instants in milliseconds overflow.
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+/// The longest path accepted (Linux's PATH_MAX, less the terminating NUL).
+const MAX_PATH: usize = 4095;
+/// The longest socket path: `sockaddr_un.sun_path` holds 108 bytes with the NUL.
+const MAX_SOCKET_PATH: usize = 107;
+pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Problem>> {
+    let mut p = Problems::default();
+
+    let database = match raw.database.clone() {
+        Some(d) => {
+            p.path("database", &d, MAX_PATH);
+            PathBuf::from(d)
+        }
+        None => match env.var("STATE_DIRECTORY") {
+            // systemd may list several directories, separated by ':'.
+            Some(dirs) => PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join("tokend.db"),
+            None => PathBuf::from(DEFAULT_DATABASE),
+        },
+    };
+
+    let refresh = validate_refresh(&raw.refresh, &mut p);
+    let socket = validate_socket(&raw, env, &mut p);
+
+    let mut providers = BTreeMap::new();
+    for (name, rp) in raw.providers {
+        if let Some(pc) = validate_provider(&name, rp, env, &mut p) {
+            providers.insert(name, Arc::new(pc));
+        }
+    }
+
+    let mut sinks = Vec::new();
+    let mut seen_paths = HashSet::new();
+    for (i, rs) in raw.sinks.into_iter().enumerate() {
+        if let Some(s) = validate_sink(i, rs, &mut p) {
+            if !seen_paths.insert(s.path.clone()) {
+                p.add(
+                    format!("sinks[{i}].path"),
+                    "another sink already writes this path",
+                );
+            }
+            sinks.push(Arc::new(s));
+        }
+    }
+
+    let access = raw
+        .access
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| validate_access(i, a, &mut p))
+        .collect();
+
+    p.finish(Config {
+        path: path.to_owned(),
+        database,
+        socket,
+        refresh,
+        providers,
+        sinks,
+        access,
+    })
+}
+
+#[derive(Default)]
+pub(super) struct Problems(Vec<Problem>);
+
+impl Problems {
+    pub(super) fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, Vec<Problem>> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.0)
+        }
+    }
+
+    /// A duration setting: `default` when absent, at most [`MAX_DURATION`].
+    fn duration(&mut self, key: &str, value: &Option<String>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if d <= MAX_DURATION => d,
+                Ok(_) => {
+                    self.add(key, format!("{} is too long: at most 3650 days", shown(s)));
+                    default
+                }
+                Err(e) => {
+                    self.add(
+                        key,
+                        format!(
+                            "{} is not a duration ({}); write e.g. \"30s\", \"15m\", \"1h\"",
+                            shown(s),
+                            explained(e)
+                        ),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    /// A path setting: absolute, and no longer than the OS takes.
+    fn path(&mut self, key: &str, path: &str, max: usize) {
+        if !Path::new(path).is_absolute() {
+            self.add(key, "must be an absolute path");
+        } else if path.len() > max {
+            self.add(key, format!("is {} bytes long: at most {max}", path.len()));
+        }
+    }
+}
+
+fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketConfig {
+    let path = match &raw.socket {
+        Some(s) => {
+            p.path("socket", s, MAX_SOCKET_PATH);
+            PathBuf::from(s)
+        }
+        None => match env.var("RUNTIME_DIRECTORY") {
+            Some(dirs) => {
+                PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join("tokend.sock")
+            }
+            None => PathBuf::from(DEFAULT_SOCKET),
+        },
+    };
+    let mode = match raw.socket_mode.as_deref() {
+        None => 0o660,
+        Some(s) => match u32::from_str_radix(s, 8) {
+            Ok(m) if m <= 0o777 => m,
+            _ => {
+                p.add(
+                    "socket_mode",
+                    format!("{} is not an octal mode like \"0660\"", shown(s)),
+                );
+                0o660
+            }
+        },
+    };
+    let group = raw
+        .socket_group
+        .as_deref()
+        .and_then(|g| match resolve_group(g) {
+            Ok(gid) => Some((g.to_owned(), gid)),
+            Err(e) => {
+                p.add("socket_group", e);
+                None
+            }
+        });
+    SocketConfig { path, mode, group }
+}
+
+fn validate_access(i: usize, a: RawAccess, p: &mut Problems) -> AccessRule {
+    let k = |field: &str| format!("access[{i}].{field}");
+    let credentials = a.credentials.unwrap_or_else(|| vec!["*".into()]);
+    if credentials.is_empty() {
+        p.add(k("credentials"), "must name at least one pattern");
+    }
+    if a.uids.is_empty() && a.groups.is_empty() {
+        p.add(
+            k("uids"),
+            "give uids, groups or both: a rule for nobody grants nothing",
+        );
+    }
+    let gids = a
+        .groups
+        .iter()
+        .filter_map(|g| match resolve_group(g) {
+            Ok(gid) => Some(gid),
+            Err(e) => {
+                p.add(k("groups"), e);
+                None
+            }
+        })
+        .collect();
+    AccessRule {
+        credentials,
+        uids: a.uids,
+        gids,
+    }
+}
+
+fn validate_refresh(r: &RawRefresh, p: &mut Problems) -> RefreshConfig {
+    let d = RefreshConfig::default();
+    let validate_schedule = match &r.validate_schedule {
+        None => d.validate_schedule.clone(),
+        Some(s) => {
+            if let Err(e) = check_cron(s) {
+                p.add("refresh.validate_schedule", e);
+            }
+            s.clone()
+        }
+    };
+    let refresh_before_expiry = p.duration(
+        "refresh.refresh_before_expiry",
+        &r.refresh_before_expiry,
+        d.refresh_before_expiry,
+    );
+    let max_concurrency = match r.max_concurrency {
+        None => d.max_concurrency,
+        Some(n) if (1..=4096).contains(&n) => n as usize,
+        Some(n) => {
+            p.add(
+                "refresh.max_concurrency",
+                format!("{n} is out of range: give 1 to 4096"),
+            );
+            d.max_concurrency
+        }
+    };
+    let request_timeout = p.duration(
+        "refresh.request_timeout",
+        &r.request_timeout,
+        d.request_timeout,
+    );
+    if request_timeout.is_zero() || request_timeout > Duration::from_secs(600) {
+        p.add(
+            "refresh.request_timeout",
+            "must be more than 0s and at most 10m",
+        );
+    }
+    let retry_initial = p.duration("refresh.retry_initial", &r.retry_initial, d.retry_initial);
+    if retry_initial < Duration::from_millis(100) {
+        p.add("refresh.retry_initial", "must be at least 100ms");
+    }
+    let retry_max = p.duration("refresh.retry_max", &r.retry_max, d.retry_max);
+    if retry_max < retry_initial {
+        p.add(
+            "refresh.retry_max",
+            "must be at least refresh.retry_initial",
+        );
+    }
+    let min_remaining = p.duration("refresh.min_remaining", &r.min_remaining, d.min_remaining);
+    let rejected_cooldown = p.duration(
+        "refresh.rejected_cooldown",
+        &r.rejected_cooldown,
+        d.rejected_cooldown,
+    );
+    RefreshConfig {
+        rejected_cooldown,
+        validate_schedule,
+        refresh_before_expiry,
+        max_concurrency,
+        request_timeout,
+        retry_initial,
+        retry_max,
+        min_remaining,
+    }
+}
+
+/// Parses a cron expression the way tokio-cron-scheduler will (seconds first),
+/// but keeps croner's explanation of what is wrong.
+pub fn check_cron(s: &str) -> Result<(), String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(s)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{} is not a cron expression with seconds first ({}); e.g. \"0 */15 * * * *\"",
+                shown(s),
+                explained(e)
+            )
+        })
+}
+
+fn check_url(key: &str, s: &str, p: &mut Problems) -> Option<Url> {
+    let url = match Url::parse(s) {
+        Ok(u) => u,
+        Err(e) => {
+            p.add(key, format!("{} is not a URL ({e})", shown(s)));
+            return None;
+        }
+    };
+    match url.scheme() {
+        "https" => Some(url),
+        // Plain HTTP would send secrets in clear: only to this machine (tests, the demo).
+        "http" if is_loopback(&url) => Some(url),
+        _ => {
+            p.add(
+                key,
+                format!(
+                    "{} must be https (plain http is allowed only to 127.0.0.1, [::1] or localhost)",
+                    shown(s)
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Whether a URL points at this machine.
+pub fn is_loopback(url: &Url) -> bool {
+    match url.host_str() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback()),
+        None => false,
+    }
+}
+
+/// Parameters of the authorization URL that `tokend authorize` sets: a
+/// second copy from `authorize_params` would leave the provider to pick one.
+const AUTHORIZE_OWN_PARAMS: [&str; 7] = [
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "response_type",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+];
+
+fn validate_provider(
+    name: &str,
+    r: RawProvider,
+    env: &dyn Env,
+    p: &mut Problems,
+) -> Option<ProviderConfig> {
+    // A name too long to be valid is cut in the keys that name it.
+    let name = &*cut(name, SHOWN);
+    let k = |field: &str| format!("providers.{name}.{field}");
+    let before = p.0.len();
+    if let Err(e) = check_name(name) {
+        p.add(
+            format!("providers.{name}"),
+            format!("bad provider name: {e}"),
+        );
+    }
+    let preset = match r.preset.as_deref() {
+        None => None,
+        Some(s) => {
+            let preset = Preset::parse(s);
+            if preset.is_none() {
+                p.add(
+                    k("preset"),
+                    format!(
+                        "unknown preset {}: known are \"pandadoc\" and \"pandadoc-eu\"",
+                        shown(s)
+                    ),
+                );
+            }
+            preset
+        }
+    };
+    let client_id = r.client_id.clone().unwrap_or_default();
+    if client_id.is_empty() {
+        p.add(k("client_id"), "is required");
+    }
+    let client_secret = load_secret(name, &r, env, p);
+
+    let urls = preset.map(Preset::urls);
+    let mut url = |field: &str, given: &Option<String>, preset_value: Option<&str>| match given
+        .as_deref()
+        .or(preset_value)
+    {
+        Some(s) => check_url(&k(field), s, p),
+        None => {
+            p.add(k(field), "is required (or set a preset)");
+            None
+        }
+    };
+    let authorize_url = url("authorize_url", &r.authorize_url, urls.map(|u| u.0));
+    let token_url = url("token_url", &r.token_url, urls.map(|u| u.1));
+    let validate_url = url("validate_url", &r.validate_url, urls.map(|u| u.2));
+
+    let redirect_uri = r.redirect_uri.as_deref().and_then(|s| match Url::parse(s) {
+        Ok(u) => Some(u),
+        Err(e) => {
+            p.add(
+                k("redirect_uri"),
+                format!("{} is not a URL ({e})", shown(s)),
+            );
+            None
+        }
+    });
+    let scope = r
+        .scope
+        .clone()
+        .or_else(|| preset.map(|_| "read+write".to_owned()));
+    let token_auth = match r.token_auth.as_deref() {
+        None | Some("client_secret_post") => TokenAuth::ClientSecretPost,
+        Some("client_secret_basic") => TokenAuth::ClientSecretBasic,
+        Some(s) => {
+            p.add(
+                k("token_auth"),
+                format!(
+                    "{} is not one of \"client_secret_post\", \"client_secret_basic\"",
+                    shown(s)
+                ),
+            );
+            TokenAuth::ClientSecretPost
+        }
+    };
+    // PandaDoc's presets send exactly what PandaDoc's OpenAPI description
+    // has (accessToken): client_id and client_secret in the form body, and
+    // no PKCE parameters, which it does not describe.
+    if let Some(preset) = r.preset.as_deref().filter(|_| preset.is_some()) {
+        if token_auth == TokenAuth::ClientSecretBasic {
+            p.add(
+                k("token_auth"),
+                format!(
+                    "\"client_secret_basic\" cannot be used with preset \"{preset}\": PandaDoc's \
+                     OpenAPI description has the token request carry client_id and client_secret \
+                     in the form body (\"client_secret_post\", the preset's default); remove the key"
+                ),
+            );
+        }
+        if r.pkce == Some(true) {
+            p.add(
+                k("pkce"),
+                format!(
+                    "cannot be used with preset \"{preset}\": PandaDoc's OpenAPI description has \
+                     no PKCE parameters (code_challenge, code_verifier); remove the key"
+                ),
+            );
+        }
+    }
+    for key in r.authorize_params.keys() {
+        if AUTHORIZE_OWN_PARAMS.contains(&key.as_str()) {
+            p.add(
+                k(&format!("authorize_params.{}", cut(key, SHOWN))),
+                "tokend sets this parameter itself (use the provider's own key for it, if any)",
+            );
+        }
+    }
+    if p.0.len() > before {
+        return None;
+    }
+    Some(ProviderConfig {
+        name: name.to_owned(),
+        preset,
+        client_id,
+        client_secret: client_secret?,
+        redirect_uri,
+        scope,
+        refresh_scope: r.refresh_scope.unwrap_or(preset.is_some()),
+        authorize_url: authorize_url?,
+        token_url: token_url?,
+        validate_url: validate_url?,
+        token_auth,
+        pkce: r.pkce.unwrap_or(false),
+        authorize_params: r.authorize_params,
+    })
+}
+
+fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
+    let k = |field: &str| format!("sinks[{i}].{field}");
+    let before = p.0.len();
+    let credentials = r.credentials.unwrap_or_else(|| vec!["*".into()]);
+    if credentials.is_empty() {
+        p.add(k("credentials"), "must name at least one pattern");
+    }
+    let path = r.path.unwrap_or_default();
+    if path.is_empty() {
+        p.add(k("path"), "is required");
+    } else if !Path::new(&path).is_absolute() {
+        p.add(
+            k("path"),
+            format!("{} must be an absolute path", shown(&path)),
+        );
+    } else if path.len() > MAX_PATH {
+        p.add(
+            k("path"),
+            format!("is {} bytes long: at most {MAX_PATH}", path.len()),
+        );
+    } else if path.ends_with('/') {
+        p.add(
+            k("path"),
+            format!("{} names a directory, not a file", shown(&path)),
+        );
+    } else if !path.contains("{name}")
+        && (credentials.len() != 1 || credentials[0].contains(['*', '?']))
+    {
+        p.add(
+            k("path"),
+            "must contain {name} unless credentials names exactly one credential",
+        );
+    }
+    let format = match r.format.as_deref() {
+        None | Some("raw") => Format::Raw,
+        Some("header") => Format::Header,
+        Some("env") => Format::Env,
+        Some("json") => Format::Json,
+        Some(s) => {
+            p.add(
+                k("format"),
+                format!(
+                    "{} is not one of \"raw\", \"header\", \"env\", \"json\"",
+                    shown(s)
+                ),
+            );
+            Format::Raw
+        }
+    };
+    let mode = match r.mode.as_deref() {
+        None => 0o600,
+        Some(s) => match u32::from_str_radix(s, 8) {
+            Ok(m) if m <= 0o777 && m & 0o022 == 0 && m & 0o400 != 0 => m,
+            Ok(_) => {
+                p.add(
+                    k("mode"),
+                    format!(
+                        "{} must let the owner read and nobody but the owner write, e.g. \"0640\"",
+                        shown(s)
+                    ),
+                );
+                0o600
+            }
+            Err(_) => {
+                p.add(
+                    k("mode"),
+                    format!("{} is not an octal mode like \"0640\"", shown(s)),
+                );
+                0o600
+            }
+        },
+    };
+    let group = r.group.as_deref().and_then(|g| match resolve_group(g) {
+        Ok(gid) => Some((g.to_owned(), gid)),
+        Err(e) => {
+            p.add(k("group"), e);
+            None
+        }
+    });
+    if let Some(argv) = &r.on_change {
+        match argv.first() {
+            None => p.add(k("on_change"), "must name a program"),
+            Some(prog) if !Path::new(prog).is_absolute() => p.add(
+                k("on_change"),
+                format!(
+                    "{} must be an absolute path (no shell, no $PATH lookup)",
+                    shown(prog)
+                ),
+            ),
+            _ => {}
+        }
+    }
+    let on_change_timeout = p.duration(
+        &k("on_change_timeout"),
+        &r.on_change_timeout,
+        Duration::from_secs(30),
+    );
+    if p.0.len() > before {
+        return None;
+    }
+    Some(SinkConfig {
+        index: i,
+        credentials,
+        path,
+        format,
+        mode,
+        group,
+        on_change: r.on_change,
+        on_change_timeout,
+    })
+}
+
+/// A group name or a numeric gid to a gid; else what is wrong, for a
+/// problem's message.
+fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Ok(gid);
+    }
+    match users::group_id(g) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => Err(format!("no group {} on this system", shown(g))),
+        Err(e) => Err(format!("cannot look up group {}: {e}", shown(g))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::{PANDADOC, parse_ok, problems};
+
+    /// Issue 10: PandaDoc's OpenAPI description has the token request carry
+    /// client_id and client_secret in the form body and knows no PKCE; a
+    /// preset that sent anything else would send requests it does not
+    /// describe.
+    #[test]
+    fn pandadoc_presets_refuse_basic_auth_and_pkce() {
+        for preset in ["pandadoc", "pandadoc-eu"] {
+            let base = PANDADOC.replace("\"pandadoc\"\n", &format!("\"{preset}\"\n"));
+            let e = problems(&format!("{base}token_auth = \"client_secret_basic\"\n"));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("providers.pandadoc.token_auth: "), "{e:?}");
+            assert!(
+                e[0].contains("client_id and client_secret in the form body"),
+                "{e:?}"
+            );
+            assert!(e[0].contains(preset), "{e:?}");
+            let e = problems(&format!("{base}pkce = true\n"));
+            assert_eq!(e.len(), 1, "{e:?}");
+            assert!(e[0].starts_with("providers.pandadoc.pkce: "), "{e:?}");
+            assert!(e[0].contains("PKCE"), "{e:?}");
+            let e = problems(&format!(
+                "{base}token_auth = \"client_secret_basic\"\npkce = true\n"
+            ));
+            assert_eq!(e.len(), 2, "both at once: {e:?}");
+            // What the presets do anyway may be written out.
+            let c = parse_ok(&format!(
+                "{base}token_auth = \"client_secret_post\"\npkce = false\n"
+            ));
+            let p = &c.providers["pandadoc"];
+            assert_eq!(p.token_auth, TokenAuth::ClientSecretPost);
+            assert!(!p.pkce);
+        }
+        // A provider without a preset takes both.
+        let c = parse_ok(
+            r#"
+            [providers.other]
+            client_id = "c"
+            client_secret_env = "PD_SECRET"
+            authorize_url = "https://id.example.com/authorize"
+            token_url = "https://id.example.com/token"
+            validate_url = "https://api.example.com/me"
+            token_auth = "client_secret_basic"
+            pkce = true
+            "#,
+        );
+        assert_eq!(
+            c.providers["other"].token_auth,
+            TokenAuth::ClientSecretBasic
+        );
+        assert!(c.providers["other"].pkce);
+    }
+
+    #[test]
+    fn every_bad_value_is_reported_with_its_key() {
+        let e = problems(
+            r#"
+            [refresh]
+            retry_max = "15x"
+            max_concurrency = 0
+            validate_schedule = "every minute"
+            [providers.generic]
+            client_id = ""
+            client_secret_file = "/nonexistent/secret"
+            token_url = "http://example.com/token"
+            [[sinks]]
+            path = "relative/{name}"
+            format = "yaml"
+            mode = "0666"
+            "#,
+        );
+        let joined = e.join("\n");
+        for key in [
+            "refresh.retry_max:",
+            "refresh.max_concurrency:",
+            "refresh.validate_schedule:",
+            "providers.generic.client_id:",
+            "providers.generic.client_secret_file: cannot read /nonexistent/secret",
+            "providers.generic.token_url: \"http://example.com/token\" must be https",
+            "providers.generic.authorize_url: is required",
+            "sinks[0].path:",
+            "sinks[0].format:",
+            "sinks[0].mode:",
+        ] {
+            assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn generic_provider_over_loopback_http() {
+        let c = parse_ok(
+            r#"
+            [providers.fake]
+            client_id = "c"
+            client_secret_env = "PD_SECRET"
+            authorize_url = "http://127.0.0.1:9/authorize"
+            token_url = "http://127.0.0.1:9/token"
+            validate_url = "http://localhost:9/me"
+            token_auth = "client_secret_basic"
+            "#,
+        );
+        let p = &c.providers["fake"];
+        assert_eq!(p.token_auth, TokenAuth::ClientSecretBasic);
+        assert_eq!(p.scope, None);
+        assert!(!p.refresh_scope, "RFC 6749 §6: omitted unless asked for");
+    }
+
+    #[test]
+    fn authorize_params_cannot_override_what_tokend_sets() {
+        let e = problems(&format!(
+            "{PANDADOC}authorize_params = {{ prompt = \"consent\", state = \"x\" }}\n"
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("providers.pandadoc.authorize_params.state: tokend sets"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_single_file_sink_must_name_one_credential() {
+        let e = problems("[[sinks]]\npath = \"/run/t/token\"\n");
+        assert!(e[0].contains("must contain {name}"), "{e:?}");
+        let c = parse_ok("[[sinks]]\ncredentials = [\"bot\"]\npath = \"/run/t/token\"\n");
+        assert!(c.sinks[0].matches("bot"));
+    }
+
+    #[test]
+    fn groups_by_name_or_gid() {
+        assert_eq!(resolve_group("root"), Ok(0));
+        assert_eq!(resolve_group("4242"), Ok(4242));
+        assert_eq!(
+            resolve_group("no-such-group-tokend"),
+            Err("no group \"no-such-group-tokend\" on this system".into())
+        );
+    }
+}
