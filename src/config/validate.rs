@@ -32,7 +32,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
 
     let database = match raw.database.clone() {
         Some(d) => {
-            p.path("database", &d, MAX_PATH);
+            p.path("database", &d, MAX_PATH, false);
             PathBuf::from(d)
         }
         None => match env.var("STATE_DIRECTORY") {
@@ -128,20 +128,56 @@ impl Problems {
         }
     }
 
-    /// A path setting: absolute, and no longer than the OS takes.
-    fn path(&mut self, key: &str, path: &str, max: usize) {
+    /// A path setting: absolute, and no longer than the OS takes; whether
+    /// it is. `quoted`: whether the message repeats a relative path.
+    fn path(&mut self, key: &str, path: &str, max: usize, quoted: bool) -> bool {
         if !Path::new(path).is_absolute() {
-            self.add(key, "must be an absolute path");
+            let message = match quoted {
+                true => format!("{} must be an absolute path", shown(path)),
+                false => "must be an absolute path".into(),
+            };
+            self.add(key, message);
         } else if path.len() > max {
             self.add(key, format!("is {} bytes long: at most {max}", path.len()));
+        } else {
+            return true;
         }
+        false
+    }
+
+    /// An octal mode setting: `default` when absent. `refused` says why a
+    /// mode is wrong here, if it is; past that, a mode must fit in the nine
+    /// permission bits. `example` is a mode that would do.
+    fn mode(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        default: u32,
+        example: &str,
+        refused: impl Fn(u32) -> Option<&'static str>,
+    ) -> u32 {
+        let Some(s) = value else {
+            return default;
+        };
+        let message = match u32::from_str_radix(s, 8).map(|m| (m, refused(m))) {
+            Ok((m, None)) if m <= 0o777 => return m,
+            Ok((_, Some(why))) => format!("{} {why}", shown(s)),
+            _ => format!("{} is not an octal mode like \"{example}\"", shown(s)),
+        };
+        self.add(key, message);
+        default
+    }
+
+    /// A group setting, a name or a gid: the gid, or None and a problem.
+    fn group(&mut self, key: &str, group: &str) -> Option<u32> {
+        resolve_group(group).map_err(|e| self.add(key, e)).ok()
     }
 }
 
 fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketConfig {
     let path = match &raw.socket {
         Some(s) => {
-            p.path("socket", s, MAX_SOCKET_PATH);
+            p.path("socket", s, MAX_SOCKET_PATH, false);
             PathBuf::from(s)
         }
         None => match env.var("RUNTIME_DIRECTORY") {
@@ -151,29 +187,17 @@ fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketCo
             None => PathBuf::from(DEFAULT_SOCKET),
         },
     };
-    let mode = match raw.socket_mode.as_deref() {
-        None => 0o660,
-        Some(s) => match u32::from_str_radix(s, 8) {
-            Ok(m) if m <= 0o777 => m,
-            _ => {
-                p.add(
-                    "socket_mode",
-                    format!("{} is not an octal mode like \"0660\"", shown(s)),
-                );
-                0o660
-            }
-        },
-    };
+    let mode = p.mode(
+        "socket_mode",
+        raw.socket_mode.as_deref(),
+        0o660,
+        "0660",
+        |_| None,
+    );
     let group = raw
         .socket_group
         .as_deref()
-        .and_then(|g| match resolve_group(g) {
-            Ok(gid) => Some((g.to_owned(), gid)),
-            Err(e) => {
-                p.add("socket_group", e);
-                None
-            }
-        });
+        .and_then(|g| Some((g.to_owned(), p.group("socket_group", g)?)));
     SocketConfig { path, mode, group }
 }
 
@@ -192,13 +216,7 @@ fn validate_access(i: usize, a: RawAccess, p: &mut Problems) -> AccessRule {
     let gids = a
         .groups
         .iter()
-        .filter_map(|g| match resolve_group(g) {
-            Ok(gid) => Some(gid),
-            Err(e) => {
-                p.add(k("groups"), e);
-                None
-            }
-        })
+        .filter_map(|g| p.group(&k("groups"), g))
         .collect();
     AccessRule {
         credentials,
@@ -485,28 +503,20 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
     let path = r.path.unwrap_or_default();
     if path.is_empty() {
         p.add(k("path"), "is required");
-    } else if !Path::new(&path).is_absolute() {
-        p.add(
-            k("path"),
-            format!("{} must be an absolute path", shown(&path)),
-        );
-    } else if path.len() > MAX_PATH {
-        p.add(
-            k("path"),
-            format!("is {} bytes long: at most {MAX_PATH}", path.len()),
-        );
-    } else if path.ends_with('/') {
-        p.add(
-            k("path"),
-            format!("{} names a directory, not a file", shown(&path)),
-        );
-    } else if !path.contains("{name}")
-        && (credentials.len() != 1 || credentials[0].contains(['*', '?']))
-    {
-        p.add(
-            k("path"),
-            "must contain {name} unless credentials names exactly one credential",
-        );
+    } else if p.path(&k("path"), &path, MAX_PATH, true) {
+        if path.ends_with('/') {
+            p.add(
+                k("path"),
+                format!("{} names a directory, not a file", shown(&path)),
+            );
+        } else if !path.contains("{name}")
+            && (credentials.len() != 1 || credentials[0].contains(['*', '?']))
+        {
+            p.add(
+                k("path"),
+                "must contain {name} unless credentials names exactly one credential",
+            );
+        }
     }
     let format = match r.format.as_deref() {
         None | Some("raw") => Format::Raw,
@@ -524,36 +534,14 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
             Format::Raw
         }
     };
-    let mode = match r.mode.as_deref() {
-        None => 0o600,
-        Some(s) => match u32::from_str_radix(s, 8) {
-            Ok(m) if m <= 0o777 && m & 0o022 == 0 && m & 0o400 != 0 => m,
-            Ok(_) => {
-                p.add(
-                    k("mode"),
-                    format!(
-                        "{} must let the owner read and nobody but the owner write, e.g. \"0640\"",
-                        shown(s)
-                    ),
-                );
-                0o600
-            }
-            Err(_) => {
-                p.add(
-                    k("mode"),
-                    format!("{} is not an octal mode like \"0640\"", shown(s)),
-                );
-                0o600
-            }
-        },
-    };
-    let group = r.group.as_deref().and_then(|g| match resolve_group(g) {
-        Ok(gid) => Some((g.to_owned(), gid)),
-        Err(e) => {
-            p.add(k("group"), e);
-            None
-        }
+    let mode = p.mode(&k("mode"), r.mode.as_deref(), 0o600, "0640", |m| {
+        (m > 0o777 || m & 0o022 != 0 || m & 0o400 == 0)
+            .then_some("must let the owner read and nobody but the owner write, e.g. \"0640\"")
     });
+    let group = r
+        .group
+        .as_deref()
+        .and_then(|g| Some((g.to_owned(), p.group(&k("group"), g)?)));
     if let Some(argv) = &r.on_change {
         match argv.first() {
             None => p.add(k("on_change"), "must name a program"),
@@ -729,6 +717,69 @@ mod tests {
         assert!(e[0].contains("must contain {name}"), "{e:?}");
         let c = parse_ok("[[sinks]]\ncredentials = [\"bot\"]\npath = \"/run/t/token\"\n");
         assert!(c.sinks[0].matches("bot"));
+    }
+
+    /// Socket and sinks share the mode, group and path checks; each keeps
+    /// its own default, example and wording.
+    #[test]
+    fn modes_groups_and_paths_name_what_is_wrong() {
+        for (text, message) in [
+            (
+                "socket_mode = \"66x\"\n",
+                "socket_mode: \"66x\" is not an octal mode like \"0660\"",
+            ),
+            (
+                "socket_mode = \"1777\"\n",
+                "socket_mode: \"1777\" is not an octal mode like \"0660\"",
+            ),
+            (
+                "socket_group = \"no-such-group-tokend\"\n",
+                "socket_group: no group \"no-such-group-tokend\" on this system",
+            ),
+            ("socket = \"t.sock\"\n", "socket: must be an absolute path"),
+            (
+                "database = \"t.db\"\n",
+                "database: must be an absolute path",
+            ),
+            (
+                "[[access]]\nuids = [1]\ngroups = [\"0\", \"no-such-group-tokend\"]\n",
+                "access[0].groups: no group \"no-such-group-tokend\" on this system",
+            ),
+        ] {
+            assert_eq!(problems(text), [message]);
+        }
+        let sink =
+            |line: &str| problems(&format!("[[sinks]]\npath = \"/run/t/{{name}}\"\n{line}\n"));
+        let owner = "must let the owner read and nobody but the owner write, e.g. \"0640\"";
+        for mode in ["0666", "0240", "1640"] {
+            assert_eq!(
+                sink(&format!("mode = \"{mode}\"")),
+                [format!("sinks[0].mode: \"{mode}\" {owner}")]
+            );
+        }
+        assert_eq!(
+            sink("mode = \"rw\""),
+            ["sinks[0].mode: \"rw\" is not an octal mode like \"0640\""]
+        );
+        assert_eq!(
+            sink("group = \"no-such-group-tokend\""),
+            ["sinks[0].group: no group \"no-such-group-tokend\" on this system"]
+        );
+        assert_eq!(
+            problems("[[sinks]]\npath = \"t/{name}\"\n"),
+            ["sinks[0].path: \"t/{name}\" must be an absolute path"]
+        );
+        assert_eq!(
+            problems("[[sinks]]\npath = \"/run/t/\"\n"),
+            ["sinks[0].path: \"/run/t/\" names a directory, not a file"]
+        );
+        let c =
+            parse_ok("socket_group = \"0\"\n[[sinks]]\npath = \"/t/{name}\"\nmode = \"0440\"\n");
+        assert_eq!(
+            (c.socket.mode, c.socket.group),
+            (0o660, Some(("0".into(), 0)))
+        );
+        assert_eq!((c.sinks[0].mode, c.sinks[0].group.clone()), (0o440, None));
     }
 
     #[test]
