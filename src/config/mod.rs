@@ -32,6 +32,17 @@ pub const DEFAULT_CONFIG: &str = "/etc/tokend/config.toml";
 const DEFAULT_DATABASE: &str = "/var/lib/tokend/tokend.db";
 const DEFAULT_SOCKET: &str = "/run/tokend/tokend.sock";
 
+/// Where the database (`STATE_DIRECTORY`) or the socket
+/// (`RUNTIME_DIRECTORY`) is when the file does not say: `file` in the
+/// directory systemd made for it (the first, as it may list several,
+/// separated by ':'), else `usual`.
+fn systemd_path(env: &dyn Env, var: &str, file: &str, usual: &str) -> PathBuf {
+    match env.var(var) {
+        Some(dirs) => PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join(file),
+        None => PathBuf::from(usual),
+    }
+}
+
 /// One problem with the configuration, tied to the key that caused it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -303,10 +314,12 @@ pub fn socket_path(config: &Path) -> PathBuf {
         .and_then(|c| c.socket);
     match from_file {
         Some(s) => PathBuf::from(s),
-        None => match ProcessEnv.var("RUNTIME_DIRECTORY") {
-            Some(d) => PathBuf::from(d.split(':').next().unwrap_or(&d)).join("tokend.sock"),
-            None => PathBuf::from(DEFAULT_SOCKET),
-        },
+        None => systemd_path(
+            &ProcessEnv,
+            "RUNTIME_DIRECTORY",
+            "tokend.sock",
+            DEFAULT_SOCKET,
+        ),
     }
 }
 

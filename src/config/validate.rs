@@ -15,7 +15,7 @@ use super::raw::{RawAccess, RawConfig, RawProvider, RawRefresh, RawSink};
 use super::secrets::load_secret;
 use super::{
     AccessRule, Config, DEFAULT_DATABASE, DEFAULT_SOCKET, Env, Format, Preset, Problem,
-    ProviderConfig, RefreshConfig, SinkConfig, SocketConfig, TokenAuth,
+    ProviderConfig, RefreshConfig, SinkConfig, SocketConfig, TokenAuth, systemd_path,
 };
 use crate::names::check_name;
 use crate::users;
@@ -35,11 +35,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
             p.path("database", &d, MAX_PATH, false);
             PathBuf::from(d)
         }
-        None => match env.var("STATE_DIRECTORY") {
-            // systemd may list several directories, separated by ':'.
-            Some(dirs) => PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join("tokend.db"),
-            None => PathBuf::from(DEFAULT_DATABASE),
-        },
+        None => systemd_path(env, "STATE_DIRECTORY", "tokend.db", DEFAULT_DATABASE),
     };
 
     let refresh = validate_refresh(&raw.refresh, &mut p);
@@ -180,12 +176,7 @@ fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketCo
             p.path("socket", s, MAX_SOCKET_PATH, false);
             PathBuf::from(s)
         }
-        None => match env.var("RUNTIME_DIRECTORY") {
-            Some(dirs) => {
-                PathBuf::from(dirs.split(':').next().unwrap_or(&dirs)).join("tokend.sock")
-            }
-            None => PathBuf::from(DEFAULT_SOCKET),
-        },
+        None => systemd_path(env, "RUNTIME_DIRECTORY", "tokend.sock", DEFAULT_SOCKET),
     };
     let mode = p.mode(
         "socket_mode",
