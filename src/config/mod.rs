@@ -2,10 +2,10 @@
 //! that the rest of tokend reads, and how a file becomes one.
 //!
 //! Parsing happens in two passes. serde rejects unknown keys and wrong types
-//! ([`raw`]; [`errors`] names the key without echoing the line); then
-//! [`validate`] checks every value and collects *all* problems, so
+//! (`raw.rs`; `errors.rs` names the key without echoing the line); then
+//! `validate.rs` checks every value and collects *all* problems, so
 //! `check-config` can list them at once and the daemon never starts
-//! half-configured. [`secrets`] reads the client secrets on the way.
+//! half-configured. `secrets.rs` reads the client secrets on the way.
 
 mod errors;
 mod raw;
@@ -258,7 +258,7 @@ pub enum Format {
 /// `[[sinks]]`: one family of published files.
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
-    /// Position in the file, for messages ("sinks[1].path").
+    /// Position in the file, for messages (`sinks[1].path`).
     pub index: usize,
     /// Glob patterns (`*`, `?`) over credential names.
     pub credentials: Vec<String>,
