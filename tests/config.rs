@@ -935,7 +935,7 @@ fn check_config_as_root_checks_paths_and_groups_as_the_service_user() {
     let (status, stdout, stderr) = check(&["--as-user", "root"]);
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert!(!stdout.contains("checked as user"), "{stdout}");
-    if tokend::config::User::named("tokend").unwrap().is_none() {
+    if tokend::users::User::named("tokend").unwrap().is_none() {
         // No service user on this machine: checked as root, as before.
         let (status, stdout, stderr) = check(&[]);
         assert_eq!(status.code(), Some(0), "{stderr}");

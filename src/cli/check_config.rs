@@ -14,8 +14,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::{Args, Exit};
-use crate::config::{self, Config, ConfigError, Problem, SinkConfig, User};
+use crate::config::{self, Config, ConfigError, Problem, SinkConfig};
 use crate::publish;
+use crate::users::User;
 
 /// The user systemd/tokend.service runs tokend as.
 const SERVICE_USER: &str = "tokend";

@@ -181,7 +181,7 @@ impl Args {
             .positionals
             .first()
             .ok_or_else(|| Exit::usage(format!("'{command}' needs a credential NAME")))?;
-        config::check_name(name)
+        crate::names::check_name(name)
             .map_err(|e| Exit::usage(format!("bad credential name {name:?}: {e}")))?;
         Ok(name.clone())
     }

@@ -50,7 +50,7 @@ pub fn own_uid() -> u32 {
 /// The groups the user database gives `uid` (getgrouplist), or none if the
 /// uid has no passwd entry (or it cannot be read).
 fn supplementary_groups(uid: u32, gid: u32) -> Vec<u32> {
-    match crate::config::User::with_uid(uid) {
+    match crate::users::User::with_uid(uid) {
         Ok(Some(user)) => user.groups(gid),
         _ => Vec::new(),
     }

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::Access;
 use super::peer::Caller;
 use crate::clock::rfc3339;
-use crate::config::check_name;
+use crate::names::check_name;
 use crate::refresher::{Refresher, TokenError};
 
 /// The largest request body read (no route needs one).

@@ -1,0 +1,521 @@
+//! Validation: makes a [`Config`] of the raw file, checking every value
+//! (durations, modes, paths, groups, the cron schedule; a provider's keys
+//! in [`provider`]) and collecting *all* problems, each tied to its key, so
+//! `check-config` can list them at once and the daemon never starts
+//! half-configured.
+
+mod provider;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::errors::{explained, shown};
+use super::raw::{RawAccess, RawConfig, RawRefresh, RawSink};
+use super::{
+    AccessRule, Config, DEFAULT_DATABASE, DEFAULT_SOCKET, Env, Format, Problem, RefreshConfig,
+    SinkConfig, SocketConfig, systemd_path,
+};
+use crate::users;
+use provider::validate_provider;
+
+pub use provider::is_loopback;
+
+/// The longest duration any setting takes: ten years is past every token's
+/// lifetime, and far from where instants in milliseconds overflow.
+const MAX_DURATION: Duration = Duration::from_secs(3650 * 86_400);
+/// The longest path accepted (Linux's PATH_MAX, less the terminating NUL).
+const MAX_PATH: usize = 4095;
+/// The longest socket path: `sockaddr_un.sun_path` holds 108 bytes with the NUL.
+const MAX_SOCKET_PATH: usize = 107;
+pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Problem>> {
+    let mut p = Problems::default();
+
+    let database = match raw.database.clone() {
+        Some(d) => {
+            p.path("database", &d, MAX_PATH, false);
+            PathBuf::from(d)
+        }
+        None => systemd_path(env, "STATE_DIRECTORY", "tokend.db", DEFAULT_DATABASE),
+    };
+
+    let refresh = validate_refresh(&raw.refresh, &mut p);
+    let socket = validate_socket(&raw, env, &mut p);
+
+    let mut providers = BTreeMap::new();
+    for (name, rp) in raw.providers {
+        if let Some(pc) = validate_provider(&name, rp, env, &mut p) {
+            providers.insert(name, Arc::new(pc));
+        }
+    }
+
+    let mut sinks = Vec::new();
+    let mut seen_paths = HashSet::new();
+    for (i, rs) in raw.sinks.into_iter().enumerate() {
+        if let Some(s) = validate_sink(i, rs, &mut p) {
+            if !seen_paths.insert(s.path.clone()) {
+                p.add(
+                    format!("sinks[{i}].path"),
+                    "another sink already writes this path",
+                );
+            }
+            sinks.push(Arc::new(s));
+        }
+    }
+
+    let access = raw
+        .access
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| validate_access(i, a, &mut p))
+        .collect();
+
+    p.finish(Config {
+        path: path.to_owned(),
+        database,
+        socket,
+        refresh,
+        providers,
+        sinks,
+        access,
+    })
+}
+
+#[derive(Default)]
+pub(super) struct Problems(Vec<Problem>);
+
+impl Problems {
+    pub(super) fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, Vec<Problem>> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.0)
+        }
+    }
+
+    /// A duration setting: `default` when absent, at most [`MAX_DURATION`].
+    fn duration(&mut self, key: &str, value: &Option<String>, default: Duration) -> Duration {
+        match value {
+            None => default,
+            Some(s) => match humantime::parse_duration(s) {
+                Ok(d) if d <= MAX_DURATION => d,
+                Ok(_) => {
+                    self.add(key, format!("{} is too long: at most 3650 days", shown(s)));
+                    default
+                }
+                Err(e) => {
+                    self.add(
+                        key,
+                        format!(
+                            "{} is not a duration ({}); write e.g. \"30s\", \"15m\", \"1h\"",
+                            shown(s),
+                            explained(e)
+                        ),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    /// A path setting: absolute, and no longer than the OS takes; whether
+    /// it is. `quoted`: whether the message repeats a relative path.
+    fn path(&mut self, key: &str, path: &str, max: usize, quoted: bool) -> bool {
+        if !Path::new(path).is_absolute() {
+            let message = match quoted {
+                true => format!("{} must be an absolute path", shown(path)),
+                false => "must be an absolute path".into(),
+            };
+            self.add(key, message);
+        } else if path.len() > max {
+            self.add(key, format!("is {} bytes long: at most {max}", path.len()));
+        } else {
+            return true;
+        }
+        false
+    }
+
+    /// An octal mode setting: `default` when absent. `refused` says why a
+    /// mode is wrong here, if it is; past that, a mode must fit in the nine
+    /// permission bits. `example` is a mode that would do.
+    fn mode(
+        &mut self,
+        key: &str,
+        value: Option<&str>,
+        default: u32,
+        example: &str,
+        refused: impl Fn(u32) -> Option<&'static str>,
+    ) -> u32 {
+        let Some(s) = value else {
+            return default;
+        };
+        let message = match u32::from_str_radix(s, 8).map(|m| (m, refused(m))) {
+            Ok((m, None)) if m <= 0o777 => return m,
+            Ok((_, Some(why))) => format!("{} {why}", shown(s)),
+            _ => format!("{} is not an octal mode like \"{example}\"", shown(s)),
+        };
+        self.add(key, message);
+        default
+    }
+
+    /// A group setting, a name or a gid: the gid, or None and a problem.
+    fn group(&mut self, key: &str, group: &str) -> Option<u32> {
+        resolve_group(group).map_err(|e| self.add(key, e)).ok()
+    }
+}
+
+fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketConfig {
+    let path = match &raw.socket {
+        Some(s) => {
+            p.path("socket", s, MAX_SOCKET_PATH, false);
+            PathBuf::from(s)
+        }
+        None => systemd_path(env, "RUNTIME_DIRECTORY", "tokend.sock", DEFAULT_SOCKET),
+    };
+    let mode = p.mode(
+        "socket_mode",
+        raw.socket_mode.as_deref(),
+        0o660,
+        "0660",
+        |_| None,
+    );
+    let group = raw
+        .socket_group
+        .as_deref()
+        .and_then(|g| Some((g.to_owned(), p.group("socket_group", g)?)));
+    SocketConfig { path, mode, group }
+}
+
+fn validate_access(i: usize, a: RawAccess, p: &mut Problems) -> AccessRule {
+    let k = |field: &str| format!("access[{i}].{field}");
+    let credentials = a.credentials.unwrap_or_else(|| vec!["*".into()]);
+    if credentials.is_empty() {
+        p.add(k("credentials"), "must name at least one pattern");
+    }
+    if a.uids.is_empty() && a.groups.is_empty() {
+        p.add(
+            k("uids"),
+            "give uids, groups or both: a rule for nobody grants nothing",
+        );
+    }
+    let gids = a
+        .groups
+        .iter()
+        .filter_map(|g| p.group(&k("groups"), g))
+        .collect();
+    AccessRule {
+        credentials,
+        uids: a.uids,
+        gids,
+    }
+}
+
+fn validate_refresh(r: &RawRefresh, p: &mut Problems) -> RefreshConfig {
+    let d = RefreshConfig::default();
+    let validate_schedule = match &r.validate_schedule {
+        None => d.validate_schedule.clone(),
+        Some(s) => {
+            if let Err(e) = check_cron(s) {
+                p.add("refresh.validate_schedule", e);
+            }
+            s.clone()
+        }
+    };
+    let refresh_before_expiry = p.duration(
+        "refresh.refresh_before_expiry",
+        &r.refresh_before_expiry,
+        d.refresh_before_expiry,
+    );
+    let max_concurrency = match r.max_concurrency {
+        None => d.max_concurrency,
+        Some(n) if (1..=4096).contains(&n) => n as usize,
+        Some(n) => {
+            p.add(
+                "refresh.max_concurrency",
+                format!("{n} is out of range: give 1 to 4096"),
+            );
+            d.max_concurrency
+        }
+    };
+    let request_timeout = p.duration(
+        "refresh.request_timeout",
+        &r.request_timeout,
+        d.request_timeout,
+    );
+    if request_timeout.is_zero() || request_timeout > Duration::from_secs(600) {
+        p.add(
+            "refresh.request_timeout",
+            "must be more than 0s and at most 10m",
+        );
+    }
+    let retry_initial = p.duration("refresh.retry_initial", &r.retry_initial, d.retry_initial);
+    if retry_initial < Duration::from_millis(100) {
+        p.add("refresh.retry_initial", "must be at least 100ms");
+    }
+    let retry_max = p.duration("refresh.retry_max", &r.retry_max, d.retry_max);
+    if retry_max < retry_initial {
+        p.add(
+            "refresh.retry_max",
+            "must be at least refresh.retry_initial",
+        );
+    }
+    let min_remaining = p.duration("refresh.min_remaining", &r.min_remaining, d.min_remaining);
+    let rejected_cooldown = p.duration(
+        "refresh.rejected_cooldown",
+        &r.rejected_cooldown,
+        d.rejected_cooldown,
+    );
+    RefreshConfig {
+        rejected_cooldown,
+        validate_schedule,
+        refresh_before_expiry,
+        max_concurrency,
+        request_timeout,
+        retry_initial,
+        retry_max,
+        min_remaining,
+    }
+}
+
+/// Parses a cron expression the way tokio-cron-scheduler will (seconds first),
+/// but keeps croner's explanation of what is wrong.
+pub fn check_cron(s: &str) -> Result<(), String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(s)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{} is not a cron expression with seconds first ({}); e.g. \"0 */15 * * * *\"",
+                shown(s),
+                explained(e)
+            )
+        })
+}
+
+fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
+    let k = |field: &str| format!("sinks[{i}].{field}");
+    let before = p.0.len();
+    let credentials = r.credentials.unwrap_or_else(|| vec!["*".into()]);
+    if credentials.is_empty() {
+        p.add(k("credentials"), "must name at least one pattern");
+    }
+    let path = r.path.unwrap_or_default();
+    if path.is_empty() {
+        p.add(k("path"), "is required");
+    } else if p.path(&k("path"), &path, MAX_PATH, true) {
+        if path.ends_with('/') {
+            p.add(
+                k("path"),
+                format!("{} names a directory, not a file", shown(&path)),
+            );
+        } else if !path.contains("{name}")
+            && (credentials.len() != 1 || credentials[0].contains(['*', '?']))
+        {
+            p.add(
+                k("path"),
+                "must contain {name} unless credentials names exactly one credential",
+            );
+        }
+    }
+    let format = match r.format.as_deref() {
+        None | Some("raw") => Format::Raw,
+        Some("header") => Format::Header,
+        Some("env") => Format::Env,
+        Some("json") => Format::Json,
+        Some(s) => {
+            p.add(
+                k("format"),
+                format!(
+                    "{} is not one of \"raw\", \"header\", \"env\", \"json\"",
+                    shown(s)
+                ),
+            );
+            Format::Raw
+        }
+    };
+    let mode = p.mode(&k("mode"), r.mode.as_deref(), 0o600, "0640", |m| {
+        (m > 0o777 || m & 0o022 != 0 || m & 0o400 == 0)
+            .then_some("must let the owner read and nobody but the owner write, e.g. \"0640\"")
+    });
+    let group = r
+        .group
+        .as_deref()
+        .and_then(|g| Some((g.to_owned(), p.group(&k("group"), g)?)));
+    if let Some(argv) = &r.on_change {
+        match argv.first() {
+            None => p.add(k("on_change"), "must name a program"),
+            Some(prog) if !Path::new(prog).is_absolute() => p.add(
+                k("on_change"),
+                format!(
+                    "{} must be an absolute path (no shell, no $PATH lookup)",
+                    shown(prog)
+                ),
+            ),
+            _ => {}
+        }
+    }
+    let on_change_timeout = p.duration(
+        &k("on_change_timeout"),
+        &r.on_change_timeout,
+        Duration::from_secs(30),
+    );
+    if p.0.len() > before {
+        return None;
+    }
+    Some(SinkConfig {
+        index: i,
+        credentials,
+        path,
+        format,
+        mode,
+        group,
+        on_change: r.on_change,
+        on_change_timeout,
+    })
+}
+
+/// A group name or a numeric gid to a gid; else what is wrong, for a
+/// problem's message.
+fn resolve_group(g: &str) -> Result<u32, String> {
+    if let Ok(gid) = g.parse::<u32>() {
+        return Ok(gid);
+    }
+    match users::group_id(g) {
+        Ok(Some(gid)) => Ok(gid),
+        Ok(None) => Err(format!("no group {} on this system", shown(g))),
+        Err(e) => Err(format!("cannot look up group {}: {e}", shown(g))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::testing::{parse_ok, problems};
+
+    #[test]
+    fn every_bad_value_is_reported_with_its_key() {
+        let e = problems(
+            r#"
+            [refresh]
+            retry_max = "15x"
+            max_concurrency = 0
+            validate_schedule = "every minute"
+            [providers.generic]
+            client_id = ""
+            client_secret_file = "/nonexistent/secret"
+            token_url = "http://example.com/token"
+            [[sinks]]
+            path = "relative/{name}"
+            format = "yaml"
+            mode = "0666"
+            "#,
+        );
+        let joined = e.join("\n");
+        for key in [
+            "refresh.retry_max:",
+            "refresh.max_concurrency:",
+            "refresh.validate_schedule:",
+            "providers.generic.client_id:",
+            "providers.generic.client_secret_file: cannot read /nonexistent/secret",
+            "providers.generic.token_url: \"http://example.com/token\" must be https",
+            "providers.generic.authorize_url: is required",
+            "sinks[0].path:",
+            "sinks[0].format:",
+            "sinks[0].mode:",
+        ] {
+            assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn a_single_file_sink_must_name_one_credential() {
+        let e = problems("[[sinks]]\npath = \"/run/t/token\"\n");
+        assert!(e[0].contains("must contain {name}"), "{e:?}");
+        let c = parse_ok("[[sinks]]\ncredentials = [\"bot\"]\npath = \"/run/t/token\"\n");
+        assert!(c.sinks[0].matches("bot"));
+    }
+
+    /// Socket and sinks share the mode, group and path checks; each keeps
+    /// its own default, example and wording.
+    #[test]
+    fn modes_groups_and_paths_name_what_is_wrong() {
+        for (text, message) in [
+            (
+                "socket_mode = \"66x\"\n",
+                "socket_mode: \"66x\" is not an octal mode like \"0660\"",
+            ),
+            (
+                "socket_mode = \"1777\"\n",
+                "socket_mode: \"1777\" is not an octal mode like \"0660\"",
+            ),
+            (
+                "socket_group = \"no-such-group-tokend\"\n",
+                "socket_group: no group \"no-such-group-tokend\" on this system",
+            ),
+            ("socket = \"t.sock\"\n", "socket: must be an absolute path"),
+            (
+                "database = \"t.db\"\n",
+                "database: must be an absolute path",
+            ),
+            (
+                "[[access]]\nuids = [1]\ngroups = [\"0\", \"no-such-group-tokend\"]\n",
+                "access[0].groups: no group \"no-such-group-tokend\" on this system",
+            ),
+        ] {
+            assert_eq!(problems(text), [message]);
+        }
+        let sink =
+            |line: &str| problems(&format!("[[sinks]]\npath = \"/run/t/{{name}}\"\n{line}\n"));
+        let owner = "must let the owner read and nobody but the owner write, e.g. \"0640\"";
+        for mode in ["0666", "0240", "1640"] {
+            assert_eq!(
+                sink(&format!("mode = \"{mode}\"")),
+                [format!("sinks[0].mode: \"{mode}\" {owner}")]
+            );
+        }
+        assert_eq!(
+            sink("mode = \"rw\""),
+            ["sinks[0].mode: \"rw\" is not an octal mode like \"0640\""]
+        );
+        assert_eq!(
+            sink("group = \"no-such-group-tokend\""),
+            ["sinks[0].group: no group \"no-such-group-tokend\" on this system"]
+        );
+        assert_eq!(
+            problems("[[sinks]]\npath = \"t/{name}\"\n"),
+            ["sinks[0].path: \"t/{name}\" must be an absolute path"]
+        );
+        assert_eq!(
+            problems("[[sinks]]\npath = \"/run/t/\"\n"),
+            ["sinks[0].path: \"/run/t/\" names a directory, not a file"]
+        );
+        let c =
+            parse_ok("socket_group = \"0\"\n[[sinks]]\npath = \"/t/{name}\"\nmode = \"0440\"\n");
+        assert_eq!(
+            (c.socket.mode, c.socket.group),
+            (0o660, Some(("0".into(), 0)))
+        );
+        assert_eq!((c.sinks[0].mode, c.sinks[0].group.clone()), (0o440, None));
+    }
+
+    #[test]
+    fn groups_by_name_or_gid() {
+        assert_eq!(resolve_group("root"), Ok(0));
+        assert_eq!(resolve_group("4242"), Ok(4242));
+        assert_eq!(
+            resolve_group("no-such-group-tokend"),
+            Err("no group \"no-such-group-tokend\" on this system".into())
+        );
+    }
+}
