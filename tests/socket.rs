@@ -1021,6 +1021,88 @@ fn a_daemon_that_cannot_take_its_socket_touches_nothing() {
     }
 }
 
+/// Issue 10: `socket` pointing at something that is not a socket (here the
+/// live database) is a configuration error: exit 2, naming the path and
+/// what is there, and the file is left as it was.
+#[test]
+fn a_socket_path_that_is_the_database_is_refused_and_left_alone() {
+    let env = Env::bare(Knobs::default());
+    // The socket where the store is.
+    let text = format!(
+        "database = \"{}\"\nsocket = \"{}\"\n{FAST_REFRESH}\n{}\n{}",
+        env.db.display(),
+        env.db.display(),
+        env.provider_block(),
+        env.sink("raw", "0600")
+    );
+    fs::write(&env.config_path, text).unwrap();
+    env.import("bot", true);
+    let before = fs::read(&env.db).unwrap();
+    let meta = fs::symlink_metadata(&env.db).unwrap();
+    assert!(meta.file_type().is_file());
+
+    let mut d = env.start();
+    let status = d.wait_exit(Duration::from_secs(20));
+    let log = d.log();
+    assert_eq!(status.code(), Some(2), "{status:?}\n{log}");
+    assert!(
+        log.contains(&env.db.display().to_string()) && log.contains("regular file"),
+        "names the path and what is there:\n{log}"
+    );
+    assert!(!log.contains("tokend running"), "{log}");
+    let after = fs::symlink_metadata(&env.db).expect("the database is still there");
+    assert!(after.file_type().is_file());
+    assert_eq!(
+        (after.ino(), after.mode()),
+        (meta.ino(), meta.mode()),
+        "the same file, same mode"
+    );
+    assert_eq!(
+        fs::read(&env.db).unwrap(),
+        before,
+        "the database is unchanged"
+    );
+    assert!(env.row("bot").is_some(), "and still readable");
+}
+
+/// A symlink at the socket path is not followed, removed or changed, nor
+/// is what it points to: exit 2.
+#[test]
+fn a_socket_path_that_is_a_symlink_is_refused_and_nothing_is_touched() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let target = env.dir.path().join("precious.txt");
+    fs::write(&target, "keep me\n").unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&target, &env.socket).unwrap();
+    let link_before = fs::symlink_metadata(&env.socket).unwrap();
+    let target_before = fs::metadata(&target).unwrap();
+
+    let mut d = env.start();
+    let status = d.wait_exit(Duration::from_secs(20));
+    let log = d.log();
+    assert_eq!(status.code(), Some(2), "{status:?}\n{log}");
+    assert!(
+        log.contains(&env.socket.display().to_string()) && log.contains("symbolic link"),
+        "names the path and what is there:\n{log}"
+    );
+    let link_after = fs::symlink_metadata(&env.socket).expect("the link is still there");
+    assert!(link_after.file_type().is_symlink());
+    assert_eq!(link_after.ino(), link_before.ino());
+    assert_eq!(fs::read_link(&env.socket).unwrap(), target);
+    let target_after = fs::metadata(&target).unwrap();
+    assert_eq!(fs::read_to_string(&target).unwrap(), "keep me\n");
+    assert_eq!(
+        (target_after.ino(), target_after.mode(), target_after.gid()),
+        (
+            target_before.ino(),
+            target_before.mode(),
+            target_before.gid()
+        ),
+        "the target's mode and group are untouched"
+    );
+}
+
 // ---- 6. consumers' reports of a refused token ----
 
 #[test]

@@ -10,7 +10,8 @@ mod peer;
 mod routes;
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,30 @@ pub struct Access {
     pub rules: Vec<AccessRule>,
 }
 
+/// Why the socket could not be taken.
+#[derive(Debug)]
+pub struct BindError {
+    pub message: String,
+    /// The configuration is at fault (`socket` names something that is not
+    /// a socket): exit 2, like any configuration error, rather than 1.
+    pub config: bool,
+}
+
+impl BindError {
+    fn failure(path: &Path, e: impl std::fmt::Display) -> BindError {
+        BindError {
+            message: format!("socket {}: {e}", path.display()),
+            config: false,
+        }
+    }
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// A bound socket, not yet served: binding comes before anything else
 /// starts, so a daemon that cannot take its socket touches nothing.
 pub struct Bound {
@@ -53,12 +78,10 @@ pub struct Server {
 }
 
 impl Bound {
-    /// Binds the socket (replacing a stale file left by a crash, refusing a
-    /// live one) and sets its mode and group.
-    pub async fn bind(cfg: &SocketConfig) -> Result<Bound, String> {
-        let listener = bind(cfg)
-            .await
-            .map_err(|e| format!("socket {}: {e}", cfg.path.display()))?;
+    /// Binds the socket (replacing a stale socket left by a crash, refusing
+    /// a live one and anything that is not a socket) with its mode and group.
+    pub async fn bind(cfg: &SocketConfig) -> Result<Bound, BindError> {
+        let listener = bind(cfg).await?;
         Ok(Bound {
             listener,
             path: cfg.path.clone(),
@@ -93,33 +116,133 @@ impl Server {
     }
 }
 
-async fn bind(cfg: &SocketConfig) -> io::Result<UnixListener> {
+async fn bind(cfg: &SocketConfig) -> Result<UnixListener, BindError> {
     let path = &cfg.path;
+    let fail = |e: io::Error| BindError::failure(path, e);
     if let Some(dir) = path.parent() {
         if !dir.exists() {
-            std::fs::DirBuilder::new().recursive(true).create(dir)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .create(dir)
+                .map_err(fail)?;
         }
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another tokend is listening there (stop it, or set another `socket`)",
-            ));
+    // What is there now, the link itself if it is one (never followed).
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path).await {
+            Ok(_) => {
+                return Err(BindError::failure(
+                    path,
+                    "another tokend is listening there (stop it, or set another `socket`)",
+                ));
+            }
+            // Nobody listens: a stale socket from a crash.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(fail(e)),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                return Err(BindError::failure(
+                    path,
+                    format!(
+                        "a socket is there, and whether anyone listens on it is unknown \
+                         (connecting failed: {e}); remove it if it is stale"
+                    ),
+                ));
+            }
+        },
+        Ok(meta) => {
+            return Err(BindError {
+                message: format!(
+                    "socket: {} is {}, not a socket; tokend replaces only a stale socket \
+                     and leaves anything else alone: set `socket` to another path",
+                    path.display(),
+                    describe(path, &meta)
+                ),
+                config: true,
+            });
         }
-        // Nobody answers: a stale socket from a crash.
-        std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    set_mode(path, cfg.mode, cfg.group.as_ref().map(|g| g.1))?;
+    let listener = bind_with_mode(path, cfg.mode).map_err(fail)?;
+    if let Some((_, gid)) = &cfg.group {
+        set_group(path, *gid).map_err(fail)?;
+    }
     Ok(listener)
 }
 
-fn set_mode(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<()> {
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))?;
+/// What a file that is not a socket is, for the error that names it.
+fn describe(path: &Path, meta: &std::fs::Metadata) -> String {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        match std::fs::read_link(path) {
+            Ok(to) => format!("a symbolic link (to {})", to.display()),
+            Err(_) => "a symbolic link".into(),
+        }
+    } else if t.is_file() {
+        "a regular file".into()
+    } else if t.is_dir() {
+        "a directory".into()
+    } else if t.is_fifo() {
+        "a FIFO".into()
+    } else if t.is_char_device() {
+        "a character device".into()
+    } else if t.is_block_device() {
+        "a block device".into()
+    } else {
+        "something else".into()
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Binds with the socket file born with exactly `mode`: bind(2) creates it
+/// with 0777 minus the umask, so the umask is set to the complement of
+/// `mode` around the call. No chmod by path follows, which a racing rename
+/// could redirect to another file (and fchmod on the socket's descriptor
+/// does not reach the file). The umask is the process's: nothing else
+/// creates files while the daemon starts (the refresher has not started).
+fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let mask = !mode & 0o777;
+    // SAFETY: umask cannot fail and has no preconditions.
+    let old = unsafe { libc::umask(mask as libc::mode_t) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
+}
+
+/// Gives the socket file we just bound the group `gid` without following
+/// a symlink or trusting the path twice: the path is opened as a handle on
+/// whatever is there (O_PATH, O_NOFOLLOW), that handle must be a socket
+/// owned by us, and the chown goes through the handle.
+fn set_group(path: &Path, gid: u32) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_socket() || meta.uid() != peer::own_uid() {
+        return Err(io::Error::other(
+            "the socket file was replaced before its group could be set",
+        ));
+    }
+    // SAFETY: the descriptor is open for the call; with AT_EMPTY_PATH the
+    // empty (NUL-terminated) path names that descriptor itself.
+    let r = unsafe {
+        libc::fchownat(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::uid_t::MAX, // -1: the owner stays
+            gid,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 async fn accept_loop(
