@@ -841,6 +841,109 @@ fn hostile_clients_do_not_stop_a_well_behaved_one() {
     drop(d);
 }
 
+/// When the daemon logged each line holding `needle` (its timestamps).
+fn logged_at(log: &str, needle: &str) -> Vec<SystemTime> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| humantime::parse_rfc3339(l.split_whitespace().next()?).ok())
+        .collect()
+}
+
+/// Issue 10: a client that pipelines requests and never reads the answers.
+/// Once the daemon's socket buffer is full its write waits; that wait is
+/// bounded (5 s), so even with every slot (512) taken this way a consumer
+/// gets its token within seconds.
+///
+/// "Within seconds" is counted from the first write that waits (the
+/// daemon's log says when): before any does, the daemon (a debug build
+/// here) writes the ~140,000 answers that fill 512 socket buffers, which
+/// takes it 4 s alone on two cores and up to twice that while the other
+/// tests run. The whole wait is capped too; without the bound no slot
+/// ever frees.
+#[test]
+fn slow_readers_on_every_slot_do_not_lock_out_a_consumer() {
+    /// MAX_CONNECTIONS in src/socket/mod.rs.
+    const SLOTS: usize = 512;
+    /// Far more answers than the daemon's socket buffer holds (a few hundred).
+    const PIPELINED: usize = 1000;
+    let env = Env::new(Knobs::default());
+    let g = env.import("bot", true);
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+
+    let batch = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n".repeat(PIPELINED);
+    let mut hostile = Vec::with_capacity(SLOTS);
+    for i in 0..SLOTS {
+        let mut s = UnixStream::connect(&sock).unwrap();
+        // Whatever the socket takes now, without ever blocking or reading.
+        s.set_nonblocking(true).unwrap();
+        let mut sent = 0;
+        while sent < batch.len() {
+            match s.write(&batch[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("slow reader {i}: {e}"),
+            }
+        }
+        assert!(sent > 0, "slow reader {i} could send nothing");
+        hostile.push(s);
+    }
+    let filled = Instant::now();
+    // Every slot is taken: one more connection is closed without an answer.
+    let probe = socket_request(&sock, "GET", "/health", &[], b"", Duration::from_secs(5));
+    assert!(
+        probe.is_err(),
+        "a connection beyond the 512 slow readers was served: {probe:?}"
+    );
+
+    let r = wait_for(
+        "a consumer's token while slow readers hold every slot",
+        Duration::from_secs(30),
+        || {
+            socket_request(
+                &sock,
+                "GET",
+                "/v1/tokens/bot",
+                &[],
+                b"",
+                Duration::from_secs(2),
+            )
+            .ok()
+            .filter(|r| r.status == 200)
+        },
+    );
+    let served = SystemTime::now();
+    assert_eq!(r.text(), g.access_token);
+    let log = d.log();
+    let first_wait = *logged_at(&log, "a socket answer waits")
+        .iter()
+        .min()
+        .expect("an answer waited for a slow reader");
+    let first_cut = *logged_at(&log, "has not read its answer")
+        .iter()
+        .min()
+        .expect("a slow reader was cut off");
+    let bound = first_cut.duration_since(first_wait).unwrap_or_default();
+    let waited = served.duration_since(first_wait).unwrap_or_default();
+    eprintln!(
+        "the consumer got its token {:?} after every slot was taken, {waited:?} after \
+         the first answer began to wait; the first slow reader was cut after {bound:?}",
+        filled.elapsed()
+    );
+    assert!(
+        bound >= Duration::from_millis(4900) && bound < Duration::from_secs(8),
+        "a waiting answer is given 5 s: {bound:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "the consumer waited {waited:?} after the first answer began to wait"
+    );
+    drop(hostile);
+    assert_eq!(get(&sock, "/health").status, 200);
+    drop(d);
+}
+
 // ---- 5. the socket file's lifecycle ----
 
 #[test]

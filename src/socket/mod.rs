@@ -2,9 +2,10 @@
 //! `curl --unix-socket … http://localhost/v1/tokens/NAME` is all a consumer needs.
 //!
 //! Every connection is bounded: a cap on connections (one more is closed at
-//! once), on header size, on body size, on the time to send headers, and on
-//! the time a request may take. A silent, slow, garbage or oversized client
-//! costs one connection slot for a few seconds at most.
+//! once), on header size, on body size, on the time to send headers, on the
+//! time a request may take, and on the time an answer may wait for a client
+//! that does not read it. A silent, slow, garbage, oversized or non-reading
+//! client costs one connection slot for a few seconds at most.
 
 mod peer;
 mod routes;
@@ -32,6 +33,9 @@ const MAX_CONNECTIONS: usize = 512;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// hyper's read buffer, and so the largest request head we accept.
 const MAX_HEAD: usize = 16 * 1024;
+/// How long an answer may wait for a client that does not read it: from the
+/// moment the socket buffer is full until the answer is all written.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -314,6 +318,7 @@ async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let io = guard::Guard::new(io);
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
         let caller = caller.clone();
@@ -358,4 +363,138 @@ pub async fn serve_stream<S>(
     // Held open so that `serve` sees no shutdown.
     let (_running, drain) = watch::channel(false);
     serve(io, state, Arc::new(peer::Caller::new(uid, gid)), drain).await;
+}
+
+/// The connection's byte stream as hyper sees it, with a duty hyper does
+/// not have: an answer may not wait forever for a client that does not
+/// read. Once a write finds the socket buffer full, the answer must be
+/// written within [`WRITE_TIMEOUT`]; otherwise the write fails and the
+/// connection closes.
+mod guard {
+    use std::io;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::time::{Instant, Sleep};
+
+    use super::WRITE_TIMEOUT;
+
+    pub struct Guard<S> {
+        io: S,
+        stall: Stall,
+    }
+
+    impl<S> Guard<S> {
+        pub fn new(io: S) -> Guard<S> {
+            Guard {
+                io,
+                stall: Stall::default(),
+            }
+        }
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Guard<S> {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        }
+    }
+
+    impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guard<S> {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            match Pin::new(&mut this.io).poll_write(cx, buf) {
+                Poll::Pending => this.stall.wait(cx),
+                done => done,
+            }
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let this = self.get_mut();
+            match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+                Poll::Pending => this.stall.wait(cx),
+                done => done,
+            }
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            self.io.is_write_vectored()
+        }
+
+        /// hyper flushes once all it has buffered is written: the answer
+        /// went out, so the stall clock stops.
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            match Pin::new(&mut this.io).poll_flush(cx) {
+                Poll::Pending => this.stall.wait(cx),
+                Poll::Ready(r) => {
+                    if r.is_ok() {
+                        this.stall.done();
+                    }
+                    Poll::Ready(r)
+                }
+            }
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            match Pin::new(&mut this.io).poll_shutdown(cx) {
+                Poll::Pending => this.stall.wait(cx),
+                done => done,
+            }
+        }
+    }
+
+    /// The clock of a write that waits for a full socket buffer: started at
+    /// the first write that cannot proceed, stopped when hyper's flush
+    /// completes (its whole answer is written).
+    #[derive(Default)]
+    struct Stall {
+        timer: Option<Pin<Box<Sleep>>>,
+        running: bool,
+    }
+
+    impl Stall {
+        /// A write cannot proceed: Pending (woken by the socket or the
+        /// clock), or the error once WRITE_TIMEOUT has passed.
+        fn wait<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+            let deadline = Instant::now() + WRITE_TIMEOUT;
+            if !self.running {
+                self.running = true;
+                tracing::debug!("a socket answer waits: the client is not reading");
+                match &mut self.timer {
+                    Some(t) => t.as_mut().reset(deadline),
+                    None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+                }
+            }
+            match self.timer.as_mut().map(|t| t.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => {
+                    tracing::debug!(
+                        "closing a socket connection whose client has not read its answer for 5 s"
+                    );
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client has not read its answer for 5 s",
+                    )))
+                }
+                _ => Poll::Pending,
+            }
+        }
+
+        fn done(&mut self) {
+            self.running = false;
+        }
+    }
 }
