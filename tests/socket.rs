@@ -944,6 +944,199 @@ fn slow_readers_on_every_slot_do_not_lock_out_a_consumer() {
     drop(d);
 }
 
+/// Every reply on a connection, read until the daemon closes it (or
+/// `timeout` passes between reads).
+fn read_replies(s: &mut UnixStream, timeout: Duration) -> Vec<Reply> {
+    s.set_read_timeout(Some(timeout)).unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!(
+                "reading replies: {e} after {:?}",
+                String::from_utf8_lossy(&raw)
+            ),
+        }
+    }
+    split_replies(&raw)
+}
+
+/// The Content-Length of a reply head (the bytes through its blank line).
+fn content_length(head: &[u8]) -> usize {
+    String::from_utf8_lossy(head)
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .map_or(0, |(_, v)| v.trim().parse().expect("a Content-Length"))
+}
+
+/// Reads exactly one reply (its head and Content-Length bytes of body).
+fn read_one_reply(s: &mut UnixStream) -> Reply {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut raw = Vec::new();
+    let mut byte = [0u8; 1];
+    while !raw.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut byte).expect("a reply head");
+        assert!(
+            n == 1,
+            "closed before a reply: {:?}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.push(byte[0]);
+    }
+    let mut body = vec![0u8; content_length(&raw)];
+    s.read_exact(&mut body).expect("a reply body");
+    raw.extend_from_slice(&body);
+    parse_reply(&raw).unwrap()
+}
+
+/// Splits back-to-back replies (each framed by its Content-Length).
+fn split_replies(mut raw: &[u8]) -> Vec<Reply> {
+    let mut out = Vec::new();
+    while !raw.is_empty() {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("no reply head in {:?}", String::from_utf8_lossy(raw)))
+            + 4;
+        let whole = (end + content_length(&raw[..end])).min(raw.len());
+        out.push(parse_reply(&raw[..whole]).unwrap());
+        raw = &raw[whole..];
+    }
+    out
+}
+
+/// A JSON error of the contract: this status and code, and a message.
+fn assert_json_error(r: &Reply, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{r:?} {:?}", r.text());
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
+        "not JSON: {r:?} {:?}",
+        r.text()
+    );
+    let v = r.json();
+    assert_eq!(v["error"], code, "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+}
+
+/// Sends `bytes` on a new connection (ignoring a write the daemon cuts
+/// short) and returns every reply until it closes.
+fn exchange(sock: &Path, bytes: &[u8]) -> Vec<Reply> {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(bytes);
+    read_replies(&mut s, Duration::from_secs(15))
+}
+
+/// Issue 10: hyper answers a head it cannot parse itself, before any route
+/// runs; those answers too are the contract's JSON errors, on the first
+/// request of a connection and on a later one, while well-formed requests
+/// keep their connection alive.
+#[test]
+fn malformed_and_oversized_heads_get_json_errors() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+
+    // Malformed heads: 400 bad_request.
+    for bad in [
+        &b"GET /health HTTP/1.1\r\nHost: localhost\r\nno colon here\r\n\r\n"[..],
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\nContent-Length: ten\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+        b"POST /health HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+        b"GET /health HTTP/7.0\r\n\r\n",
+        b"GET /he\x7fllo HTTP/1.1\r\n\r\n",
+        b"GET /a<b HTTP/1.1\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    ] {
+        let replies = exchange(&sock, bad);
+        assert_eq!(
+            replies.len(),
+            1,
+            "{:?}: {replies:?}",
+            String::from_utf8_lossy(bad)
+        );
+        assert_json_error(&replies[0], 400, "bad_request");
+    }
+
+    // A head over 16 KiB (and one with too many headers): 431.
+    let mut big = b"GET /health HTTP/1.1\r\nHost: localhost\r\n".to_vec();
+    for i in 0..20 {
+        big.extend_from_slice(format!("X-Filler-{i:02}: {}\r\n", "a".repeat(1000)).as_bytes());
+    }
+    big.extend_from_slice(b"\r\n");
+    let mut many = b"GET /health HTTP/1.1\r\nHost: localhost\r\n".to_vec();
+    for i in 0..120 {
+        many.extend_from_slice(format!("X-{i}: 1\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    for bad in [&big, &many] {
+        let replies = exchange(&sock, bad);
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert_json_error(&replies[0], 431, "request_header_fields_too_large");
+    }
+
+    // Keep-alive works, and a malformed head later on the connection gets
+    // the JSON error too: sent after the first answer was read…
+    let mut s = UnixStream::connect(&sock).unwrap();
+    for _ in 0..3 {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let r = read_one_reply(&mut s);
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+    }
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nbroken\r\n\r\n")
+        .unwrap();
+    let replies = read_replies(&mut s, Duration::from_secs(15));
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_json_error(&replies[0], 400, "bad_request");
+
+    // …and pipelined behind good requests (one with a body) in one write:
+    // those are answered first, in order.
+    let replies = exchange(
+        &sock,
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n\
+          POST /v1/tokens/bot/rejected HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello\
+          POST /v1/tokens/bot/rejected HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+          GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n\
+          NOT HTTP AT ALL\r\n\r\n",
+    );
+    let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200, 202, 202, 200, 400], "{replies:?}");
+    assert_json_error(&replies[4], 400, "bad_request");
+
+    // A head split across many writes is still one request.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    for part in [
+        &b"GET /hea"[..],
+        b"lth HTTP/1.1\r\nHo",
+        b"st: localhost\r",
+        b"\n",
+        b"\r\n",
+    ] {
+        s.write_all(part).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let r = read_one_reply(&mut s);
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+
+    // The refusals are counted like any answer.
+    let metrics = get(&sock, "/metrics").text();
+    for line in [
+        "tokend_socket_requests_total{route=\"bad_request\",status=\"400\"}",
+        "tokend_socket_requests_total{route=\"bad_request\",status=\"431\"}",
+    ] {
+        assert!(metrics.contains(line), "no {line} in\n{metrics}");
+    }
+    drop(d);
+}
+
 // ---- 5. the socket file's lifecycle ----
 
 #[test]
