@@ -931,12 +931,13 @@ fn slow_readers_on_every_slot_do_not_lock_out_a_consumer() {
          the first answer began to wait; the first slow reader was cut after {bound:?}",
         filled.elapsed()
     );
+    // 5 s, give or take a loaded machine's timer delay; never less.
     assert!(
-        bound >= Duration::from_millis(4900) && bound < Duration::from_secs(8),
+        bound >= Duration::from_millis(4900) && bound < Duration::from_secs(10),
         "a waiting answer is given 5 s: {bound:?}"
     );
     assert!(
-        waited < Duration::from_secs(10),
+        waited < Duration::from_secs(12),
         "the consumer waited {waited:?} after the first answer began to wait"
     );
     drop(hostile);

@@ -19,7 +19,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -49,11 +49,13 @@ pub struct Access {
     pub rules: Vec<AccessRule>,
 }
 
-/// One client connection: who it is, and how many of its requests have been
-/// answered (the guard waits for those before it answers a bad head).
+/// One client connection: who it is, how many of its requests have been
+/// answered (the guard waits for those before it answers a bad head), and
+/// the status of the guard's answer to a bad head, if it gave one.
 struct Client {
     caller: peer::Caller,
     answered: AtomicU64,
+    refused: AtomicU16,
 }
 
 impl Client {
@@ -61,6 +63,7 @@ impl Client {
         Client {
             caller,
             answered: AtomicU64::new(0),
+            refused: AtomicU16::new(0),
         }
     }
 }
@@ -339,10 +342,11 @@ async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let io = guard::Guard::new(io, client.clone(), state.clone());
+    let io = guard::Guard::new(io, client.clone());
+    let (service_state, service_client) = (state.clone(), client.clone());
     let service = hyper::service::service_fn(move |req| {
-        let state = state.clone();
-        let client = client.clone();
+        let state = service_state.clone();
+        let client = service_client.clone();
         async move {
             let resp = routes::handle(&state, &client.caller, req).await;
             client.answered.fetch_add(1, Ordering::Release);
@@ -362,6 +366,14 @@ async fn serve<S>(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(DRAIN, conn).await;
         }
+    }
+    // A head the guard refused is counted like any answer.
+    let refused = client.refused.load(Ordering::Relaxed);
+    if refused != 0 {
+        state
+            .refresher
+            .metrics()
+            .socket_request("bad_request", refused);
     }
 }
 
@@ -436,7 +448,6 @@ mod guard {
     pub struct Guard<S> {
         io: S,
         client: Arc<Client>,
-        state: Arc<routes::State>,
         frame: Frame,
         /// Heads handed on (or checked and held to be handed on).
         heads: u64,
@@ -507,11 +518,10 @@ mod guard {
     }
 
     impl<S> Guard<S> {
-        pub fn new(io: S, client: Arc<Client>, state: Arc<routes::State>) -> Guard<S> {
+        pub fn new(io: S, client: Arc<Client>) -> Guard<S> {
             Guard {
                 io,
                 client,
-                state,
                 frame: Frame::Head,
                 heads: 0,
                 held: Vec::new(),
@@ -634,10 +644,7 @@ mod guard {
                     return Poll::Pending;
                 }
                 refusal.started = true;
-                self.state
-                    .refresher
-                    .metrics()
-                    .socket_request("bad_request", refusal.status);
+                self.client.refused.store(refusal.status, Ordering::Relaxed);
             }
             while refusal.sent < refusal.answer.len() {
                 let r = self.poll_send(cx, &refusal.answer[refusal.sent..]);
@@ -1196,6 +1203,166 @@ mod guard {
                     ChunkEnd::Lost,
                     "{:?}",
                     String::from_utf8_lossy(bad)
+                );
+            }
+        }
+
+        /// What a connection answers to `input`, written in pieces of
+        /// `piece` bytes through a pipe that carries `pipe` bytes at a
+        /// time, served by hyper behind the guard (`guarded`) or alone. The
+        /// service answers with what it got; `date` headers are dropped.
+        async fn served(input: Vec<u8>, piece: usize, pipe: usize, guarded: bool) -> Vec<u8> {
+            use http_body_util::BodyExt;
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (client, server) = tokio::io::duplex(pipe);
+            let conn = Arc::new(Client::new(super::super::peer::Caller::new(0, 0)));
+            let counter = conn.clone();
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let counter = counter.clone();
+                    async move {
+                        let what = format!("{} {}", req.method(), req.uri());
+                        let body = match req.into_body().collect().await {
+                            Ok(b) => format!("{} bytes", b.to_bytes().len()),
+                            Err(_) => "a bad body".into(),
+                        };
+                        counter.answered.fetch_add(1, Ordering::Release);
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(format!(
+                                "{what}: {body}"
+                            ))),
+                        ))
+                    }
+                });
+            let builder = {
+                let mut b = hyper::server::conn::http1::Builder::new();
+                b.max_buf_size(MAX_HEAD);
+                b
+            };
+            let task = if guarded {
+                let io = hyper_util::rt::TokioIo::new(Guard::new(server, conn));
+                tokio::spawn(async move {
+                    let _ = builder.serve_connection(io, service).await;
+                })
+            } else {
+                let io = hyper_util::rt::TokioIo::new(server);
+                tokio::spawn(async move {
+                    let _ = builder.serve_connection(io, service).await;
+                })
+            };
+            let writer = tokio::spawn(async move {
+                let (mut rd, mut wr) = tokio::io::split(client);
+                let reader = tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    let _ = rd.read_to_end(&mut out).await;
+                    out
+                });
+                for part in input.chunks(piece) {
+                    if wr.write_all(part).await.is_err() {
+                        break;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                // No shutdown: a half-close would cut requests in flight.
+                let out = reader.await.unwrap();
+                drop(wr);
+                out
+            });
+            let out = tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+                .await
+                .expect("the connection ends")
+                .unwrap();
+            let _ = task.await;
+            let text = String::from_utf8_lossy(&out).into_owned();
+            text.split("\r\n")
+                .filter(|l| !l.starts_with("date: "))
+                .collect::<Vec<_>>()
+                .join("\r\n")
+                .into_bytes()
+        }
+
+        /// Behind the guard, hyper serves well-formed pipelines exactly as
+        /// it does alone, however the bytes are cut up on the way; a bad
+        /// head after them gets the same answers first, then the JSON
+        /// error instead of hyper's bare one.
+        #[test]
+        fn the_guard_changes_nothing_for_well_formed_requests() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let big = format!("GET /big HTTP/1.1\r\nX-Big: {}\r\n\r\n", "a".repeat(9000));
+            let requests: Vec<Vec<u8>> = vec![
+                b"GET /a?x=1 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                b"POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+                b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n10\r\n0123456789abcdef\r\n0\r\nT: 1\r\n\r\n".to_vec(),
+                b"HEAD /d HTTP/1.1\r\n\r\n".to_vec(),
+                b"GET /e HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".to_vec(),
+                b"\r\nGET /f HTTP/1.1\r\n\r\n".to_vec(),
+                b"GET /g HTTP/1.1\nHost: x\n\n".to_vec(),
+                b"OPTIONS * HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+                format!("GET /h HTTP/1.1\r\nX-Long: {}\r\n\r\n", "b".repeat(700)).into_bytes(),
+                big.into_bytes(),
+            ];
+            let last = b"GET /last HTTP/1.1\r\nConnection: close\r\n\r\n".to_vec();
+            let bad = b"GET /bad HTTP/1.1\r\nno colon\r\n\r\n".to_vec();
+            let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+            let mut next = move |n: usize| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                (seed % n as u64) as usize
+            };
+            for case in 0..300 {
+                let mut input = Vec::new();
+                for _ in 0..1 + next(6) {
+                    input.extend_from_slice(&requests[next(requests.len())]);
+                }
+                let refused = case % 3 == 0;
+                input.extend_from_slice(if refused { &bad } else { &last });
+                let (piece, pipe) = (1 + next(200), 1 + next(300));
+                let alone = rt.block_on(served(input.clone(), piece, pipe, false));
+                let guarded = rt.block_on(served(input.clone(), piece, pipe, true));
+                let shown = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                if !refused {
+                    assert_eq!(
+                        shown(&guarded),
+                        shown(&alone),
+                        "case {case}: {}",
+                        shown(&input)
+                    );
+                    continue;
+                }
+                // The last answer (hyper answers HTTP/1.0 in kind).
+                let split = |b: &[u8]| {
+                    let at = b
+                        .windows(7)
+                        .rposition(|w| w == b"HTTP/1.")
+                        .unwrap_or_else(|| {
+                            panic!("case {case}: no answer in {:?}", String::from_utf8_lossy(b))
+                        });
+                    (b[..at].to_vec(), b[at..].to_vec())
+                };
+                let (alone_before, alone_error) = split(&alone);
+                let (guarded_before, guarded_error) = split(&guarded);
+                assert_eq!(
+                    shown(&guarded_before),
+                    shown(&alone_before),
+                    "case {case}: {}",
+                    shown(&input)
+                );
+                assert!(
+                    shown(&alone_error).get(8..26) == Some(" 400 Bad Request\r\n"),
+                    "{}",
+                    shown(&alone_error)
+                );
+                assert!(!shown(&alone_error).contains("application/json"));
+                assert!(
+                    shown(&guarded_error).starts_with(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                    ) && shown(&guarded_error).ends_with("\"}"),
+                    "case {case}: {}",
+                    shown(&guarded_error)
                 );
             }
         }
