@@ -43,7 +43,14 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     // The socket before any work: a daemon that cannot take it (another one
     // runs) must not have refreshed anything on its way out.
-    let bound = Bound::bind(&config.socket).await.map_err(Exit::failure)?;
+    let bound = Bound::bind(&config.socket).await.map_err(|e| {
+        if e.config {
+            // `socket` names something that is not a socket: the config's fault.
+            Exit::config_message(format!("{}: {e}", config_path.display()))
+        } else {
+            Exit::failure(e.message)
+        }
+    })?;
     let systemd = Systemd::from_env();
 
     let (refresher, tasks) =

@@ -2,17 +2,25 @@
 //! `curl --unix-socket … http://localhost/v1/tokens/NAME` is all a consumer needs.
 //!
 //! Every connection is bounded: a cap on connections (one more is closed at
-//! once), on header size, on body size, on the time to send headers, and on
-//! the time a request may take. A silent, slow, garbage or oversized client
-//! costs one connection slot for a few seconds at most.
+//! once), on header size, on body size, on the time to send headers, on the
+//! time a request may take, and on the time an answer may wait for a client
+//! that does not read it. A silent, slow, garbage, oversized or non-reading
+//! client costs one connection slot for a few seconds at most.
+//!
+//! Every error is answered in JSON, including the heads hyper would refuse
+//! with a bare 400 or 431 before any route runs: [`guard::Guard`] checks each
+//! request head (with hyper's own parser and rules) before hyper sees it.
 
+mod guard;
 mod peer;
 mod routes;
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -29,14 +37,60 @@ use crate::refresher::Refresher;
 const MAX_CONNECTIONS: usize = 512;
 /// A request's headers must arrive within this (also closes idle keep-alive).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// hyper's read buffer, and so the largest request head we accept.
+/// The largest request head we accept (also hyper's read buffer).
 const MAX_HEAD: usize = 16 * 1024;
+/// How long an answer may wait for a client that does not read it: from the
+/// moment the socket buffer is full until the answer is all written.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
 
 /// Who may read what, swapped on reload.
 pub struct Access {
     pub rules: Vec<AccessRule>,
+}
+
+/// One client connection: who it is, how many of its requests have been
+/// answered (the guard waits for those before it answers a bad head), and
+/// the status of the guard's answer to a bad head, if it gave one.
+struct Client {
+    caller: peer::Caller,
+    answered: AtomicU64,
+    refused: AtomicU16,
+}
+
+impl Client {
+    fn new(caller: peer::Caller) -> Client {
+        Client {
+            caller,
+            answered: AtomicU64::new(0),
+            refused: AtomicU16::new(0),
+        }
+    }
+}
+
+/// Why the socket could not be taken.
+#[derive(Debug)]
+pub struct BindError {
+    pub message: String,
+    /// The configuration is at fault (`socket` names something that is not
+    /// a socket): exit 2, like any configuration error, rather than 1.
+    pub config: bool,
+}
+
+impl BindError {
+    fn failure(path: &Path, e: impl std::fmt::Display) -> BindError {
+        BindError {
+            message: format!("socket {}: {e}", path.display()),
+            config: false,
+        }
+    }
+}
+
+impl std::fmt::Display for BindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
 }
 
 /// A bound socket, not yet served: binding comes before anything else
@@ -53,12 +107,10 @@ pub struct Server {
 }
 
 impl Bound {
-    /// Binds the socket (replacing a stale file left by a crash, refusing a
-    /// live one) and sets its mode and group.
-    pub async fn bind(cfg: &SocketConfig) -> Result<Bound, String> {
-        let listener = bind(cfg)
-            .await
-            .map_err(|e| format!("socket {}: {e}", cfg.path.display()))?;
+    /// Binds the socket (replacing a stale socket left by a crash, refusing
+    /// a live one and anything that is not a socket) with its mode and group.
+    pub async fn bind(cfg: &SocketConfig) -> Result<Bound, BindError> {
+        let listener = bind(cfg).await?;
         Ok(Bound {
             listener,
             path: cfg.path.clone(),
@@ -93,33 +145,133 @@ impl Server {
     }
 }
 
-async fn bind(cfg: &SocketConfig) -> io::Result<UnixListener> {
+async fn bind(cfg: &SocketConfig) -> Result<UnixListener, BindError> {
     let path = &cfg.path;
+    let fail = |e: io::Error| BindError::failure(path, e);
     if let Some(dir) = path.parent()
         && !dir.exists()
     {
-        std::fs::DirBuilder::new().recursive(true).create(dir)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(dir)
+            .map_err(fail)?;
     }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                "another tokend is listening there (stop it, or set another `socket`)",
-            ));
+    // What is there now, the link itself if it is one (never followed).
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e)),
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path).await {
+            Ok(_) => {
+                return Err(BindError::failure(
+                    path,
+                    "another tokend is listening there (stop it, or set another `socket`)",
+                ));
+            }
+            // Nobody listens: a stale socket from a crash.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(fail(e)),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                return Err(BindError::failure(
+                    path,
+                    format!(
+                        "a socket is there, and whether anyone listens on it is unknown \
+                         (connecting failed: {e}); remove it if it is stale"
+                    ),
+                ));
+            }
+        },
+        Ok(meta) => {
+            return Err(BindError {
+                message: format!(
+                    "socket: {} is {}, not a socket; tokend replaces only a stale socket \
+                     and leaves anything else alone: set `socket` to another path",
+                    path.display(),
+                    describe(path, &meta)
+                ),
+                config: true,
+            });
         }
-        // Nobody answers: a stale socket from a crash.
-        std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    set_mode(path, cfg.mode, cfg.group.as_ref().map(|g| g.1))?;
+    let listener = bind_with_mode(path, cfg.mode).map_err(fail)?;
+    if let Some((_, gid)) = &cfg.group {
+        set_group(path, *gid).map_err(fail)?;
+    }
     Ok(listener)
 }
 
-fn set_mode(path: &Path, mode: u32, gid: Option<u32>) -> io::Result<()> {
-    if let Some(gid) = gid {
-        std::os::unix::fs::chown(path, None, Some(gid))?;
+/// What a file that is not a socket is, for the error that names it.
+fn describe(path: &Path, meta: &std::fs::Metadata) -> String {
+    let t = meta.file_type();
+    if t.is_symlink() {
+        match std::fs::read_link(path) {
+            Ok(to) => format!("a symbolic link (to {})", to.display()),
+            Err(_) => "a symbolic link".into(),
+        }
+    } else if t.is_file() {
+        "a regular file".into()
+    } else if t.is_dir() {
+        "a directory".into()
+    } else if t.is_fifo() {
+        "a FIFO".into()
+    } else if t.is_char_device() {
+        "a character device".into()
+    } else if t.is_block_device() {
+        "a block device".into()
+    } else {
+        "something else".into()
     }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Binds with the socket file born with exactly `mode`: bind(2) creates it
+/// with 0777 minus the umask, so the umask is set to the complement of
+/// `mode` around the call. No chmod by path follows, which a racing rename
+/// could redirect to another file (and fchmod on the socket's descriptor
+/// does not reach the file). The umask is the process's: nothing else
+/// creates files while the daemon starts (the refresher has not started).
+fn bind_with_mode(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    let mask = !mode & 0o777;
+    // SAFETY: umask cannot fail and has no preconditions.
+    let old = unsafe { libc::umask(mask as libc::mode_t) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
+}
+
+/// Gives the socket file we just bound the group `gid` without following
+/// a symlink or trusting the path twice: the path is opened as a handle on
+/// whatever is there (O_PATH, O_NOFOLLOW), that handle must be a socket
+/// owned by us, and the chown goes through the handle.
+fn set_group(path: &Path, gid: u32) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.file_type().is_socket() || meta.uid() != peer::own_uid() {
+        return Err(io::Error::other(
+            "the socket file was replaced before its group could be set",
+        ));
+    }
+    // SAFETY: the descriptor is open for the call; with AT_EMPTY_PATH the
+    // empty (NUL-terminated) path names that descriptor itself.
+    let r = unsafe {
+        libc::fchownat(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::uid_t::MAX, // -1: the owner stays
+            gid,
+            libc::AT_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 async fn accept_loop(
@@ -151,23 +303,23 @@ async fn accept_loop(
         let drain = drain_rx.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let caller = match peer::Caller::of(&stream) {
-                Ok(c) => Arc::new(c),
+            let client = match peer::Caller::of(&stream) {
+                Ok(c) => Arc::new(Client::new(c)),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot identify a socket peer; closing");
                     return;
                 }
             };
-            if caller.uid != 0 && caller.uid != state.own_uid {
+            if client.caller.uid != 0 && client.caller.uid != state.own_uid {
                 // Access rules will need the caller's groups: look them up
                 // off the runtime's threads (the user database may be LDAP).
-                let c = caller.clone();
+                let c = client.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    c.groups();
+                    c.caller.groups();
                 })
                 .await;
             }
-            serve(stream, state, caller, drain).await;
+            serve(stream, state, client, drain).await;
         });
     }
     // Stop accepting first (the listener drops here), then let requests in
@@ -186,15 +338,21 @@ async fn accept_loop(
 async fn serve<S>(
     io: S,
     state: Arc<routes::State>,
-    caller: Arc<peer::Caller>,
+    client: Arc<Client>,
     mut drain: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let io = guard::Guard::new(io, client.clone());
+    let (service_state, service_client) = (state.clone(), client.clone());
     let service = hyper::service::service_fn(move |req| {
-        let state = state.clone();
-        let caller = caller.clone();
-        async move { Ok::<_, std::convert::Infallible>(routes::handle(&state, &caller, req).await) }
+        let state = service_state.clone();
+        let client = service_client.clone();
+        async move {
+            let resp = routes::handle(&state, &client.caller, req).await;
+            client.answered.fetch_add(1, Ordering::Release);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -209,6 +367,14 @@ async fn serve<S>(
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(DRAIN, conn).await;
         }
+    }
+    // A head the guard refused is counted like any answer.
+    let refused = client.refused.load(Ordering::Relaxed);
+    if refused != 0 {
+        state
+            .refresher
+            .metrics()
+            .socket_request("bad_request", refused);
     }
 }
 
@@ -234,5 +400,6 @@ pub async fn serve_stream<S>(
     });
     // Held open so that `serve` sees no shutdown.
     let (_running, drain) = watch::channel(false);
-    serve(io, state, Arc::new(peer::Caller::new(uid, gid)), drain).await;
+    let client = Arc::new(Client::new(peer::Caller::new(uid, gid)));
+    serve(io, state, client, drain).await;
 }

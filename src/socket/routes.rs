@@ -58,18 +58,25 @@ fn json(status: StatusCode, value: &impl Serialize) -> Resp {
 }
 
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp {
+    text(
+        status,
+        "application/json",
+        error_body(code, &message.into()),
+    )
+}
+
+/// The body of every error answer: `{"error": CODE, "message": …}`.
+pub(super) fn error_body(code: &str, message: &str) -> Vec<u8> {
     #[derive(Serialize)]
     struct E<'a> {
         error: &'a str,
-        message: String,
+        message: &'a str,
     }
-    json(
-        status,
-        &E {
-            error: code,
-            message: message.into(),
-        },
-    )
+    serde_json::to_vec(&E {
+        error: code,
+        message,
+    })
+    .unwrap_or_default()
 }
 
 /// Routes a request; records it in the metrics under its route template.
