@@ -1,7 +1,7 @@
 //! Wiring and lifecycle of `tokend run`: start, signals, reload, shutdown.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -15,7 +15,7 @@ use crate::notify::Systemd;
 use crate::provider;
 use crate::publish;
 use crate::refresher::{self, Refresher};
-use crate::socket::{Access, Bound};
+use crate::socket::Bound;
 use crate::store::Store;
 use crate::watch::DirWatch;
 
@@ -58,10 +58,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
             .await
             .map_err(|e| Exit::failure(format!("cannot load credentials: {e}")))?;
 
-    let access = Arc::new(RwLock::new(Access {
-        rules: config.access.clone(),
-    }));
-    let server = bound.serve(refresher.clone(), access.clone(), shutdown_rx.clone());
+    let server = bound.serve(refresher.clone(), shutdown_rx.clone());
     let mut sweep = Sweep::start(refresher.clone(), &config.refresh.validate_schedule)
         .await
         .map_err(Exit::failure)?;
@@ -101,7 +98,6 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
                             }
                         }
                     }
-                    access.write().unwrap().rules = new.access.clone();
                     refresher.reload(new.clone()).await;
                     current = new;
                     tracing::info!("configuration reloaded");

@@ -930,13 +930,16 @@ fn slow_readers_on_every_slot_do_not_lock_out_a_consumer() {
          the first answer began to wait; the first slow reader was cut after {bound:?}",
         filled.elapsed()
     );
-    // 5 s, give or take a loaded machine's timer delay; never less.
+    // 5 s, never less; the upper margins are wide because a loaded 2-core
+    // machine (CI beside a build) delays timers and the first writes by
+    // seconds: what must hold is that waiting answers are cut and the
+    // consumer is served, not how fast a busy machine does it.
     assert!(
-        bound >= Duration::from_millis(4900) && bound < Duration::from_secs(10),
+        bound >= Duration::from_millis(4900) && bound < Duration::from_secs(25),
         "a waiting answer is given 5 s: {bound:?}"
     );
     assert!(
-        waited < Duration::from_secs(12),
+        waited < Duration::from_secs(28),
         "the consumer waited {waited:?} after the first answer began to wait"
     );
     drop(hostile);

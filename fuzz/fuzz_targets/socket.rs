@@ -7,14 +7,14 @@
 #![no_main]
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tokend::config::{self, Env};
 use tokend::refresher::Refresher;
 use tokend::secret::Secret;
-use tokend::socket::{Access, serve_stream};
+use tokend::socket::serve_stream;
 use tokend::store::{NewCredential, Store, StoreConn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,7 +25,6 @@ const GRANTED_UID: u32 = 1001;
 struct Harness {
     runtime: tokio::runtime::Runtime,
     refresher: Arc<Refresher>,
-    access: Arc<RwLock<Access>>,
     /// Kept, never sent: the refresher's scheduler and workers keep running.
     _shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -108,9 +107,6 @@ fn harness() -> &'static Harness {
             .enable_all()
             .build()
             .unwrap();
-        let access = Arc::new(RwLock::new(Access {
-            rules: config.access.clone(),
-        }));
         let (shutdown_tx, shutdown) = tokio::sync::watch::channel(false);
         let refresher = runtime.block_on(async {
             let store = Store::open(&db).unwrap();
@@ -123,7 +119,6 @@ fn harness() -> &'static Harness {
         Harness {
             runtime,
             refresher,
-            access,
             _shutdown: shutdown_tx,
         }
     })
@@ -142,13 +137,7 @@ fuzz_target!(|data: &[u8]| {
     let h = harness();
     let reply = h.runtime.block_on(async {
         let (mut client, server) = tokio::io::duplex(256 * 1024);
-        let served = tokio::spawn(serve_stream(
-            server,
-            h.refresher.clone(),
-            h.access.clone(),
-            uid,
-            uid,
-        ));
+        let served = tokio::spawn(serve_stream(server, h.refresher.clone(), uid, uid));
         // The server may close first (a malformed head): that is fine.
         let _ = client.write_all(request).await;
         let _ = client.shutdown().await;

@@ -30,7 +30,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{AccessRule, SocketConfig};
+use crate::config::SocketConfig;
 use crate::refresher::Refresher;
 
 /// Connections served at once; one more is closed straight away.
@@ -44,11 +44,6 @@ const MAX_HEAD: usize = 16 * 1024;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
-
-/// Who may read what, swapped on reload.
-pub struct Access {
-    pub rules: Vec<AccessRule>,
-}
 
 /// One client connection: who it is, how many of its requests have been
 /// answered (the guard waits for those before it answers a bad head), and
@@ -118,15 +113,9 @@ impl Bound {
     }
 
     /// Starts serving.
-    pub fn serve(
-        self,
-        refresher: Arc<Refresher>,
-        access: Arc<std::sync::RwLock<Access>>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Server {
+    pub fn serve(self, refresher: Arc<Refresher>, shutdown: watch::Receiver<bool>) -> Server {
         let state = Arc::new(routes::State {
             refresher,
-            access,
             own_uid: peer::own_uid(),
         });
         let task = tokio::spawn(accept_loop(self.listener, state, shutdown));
@@ -384,18 +373,12 @@ async fn serve<S>(
 /// target `fuzz/fuzz_targets/socket.rs`, which feeds hostile bytes through
 /// an in-memory pipe: a Unix socket per input would be slower and would
 /// always report our own uid.
-pub async fn serve_stream<S>(
-    io: S,
-    refresher: Arc<Refresher>,
-    access: Arc<std::sync::RwLock<Access>>,
-    uid: u32,
-    gid: u32,
-) where
+pub async fn serve_stream<S>(io: S, refresher: Arc<Refresher>, uid: u32, gid: u32)
+where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let state = Arc::new(routes::State {
         refresher,
-        access,
         own_uid: peer::own_uid(),
     });
     // Held open so that `serve` sees no shutdown.

@@ -1,6 +1,6 @@
 //! The routes of the README's "The socket API". They ask the refresher; they never write tokens.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -10,7 +10,6 @@ use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 
-use super::Access;
 use super::peer::Caller;
 use crate::clock::rfc3339;
 use crate::names::check_name;
@@ -23,20 +22,19 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// What every request handler shares.
 pub struct State {
     pub refresher: Arc<Refresher>,
-    pub access: Arc<RwLock<Access>>,
     /// Our own uid: like root, it may read everything.
     pub own_uid: u32,
 }
 
 impl State {
     fn may_read(&self, caller: &Caller, name: &str) -> bool {
+        // The rules of the config in force: one place, swapped by a reload.
         caller.uid == 0
             || caller.uid == self.own_uid
             || self
+                .refresher
+                .config()
                 .access
-                .read()
-                .unwrap()
-                .rules
                 .iter()
                 .any(|r| r.grants(name, caller.uid, caller.groups()))
     }
