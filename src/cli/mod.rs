@@ -18,50 +18,11 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::config::{self, Config, ConfigError, ProviderConfig};
+use crate::config::{self, Config, ProviderConfig};
+use crate::exit::Exit;
 use crate::logging::{self, LogFormat};
 
 pub use client::{Reply, parse_reply};
-
-/// Exit codes of the contract: 0 success, 1 the operation failed, 2 usage
-/// or configuration error.
-#[derive(Debug)]
-pub struct Exit {
-    pub code: u8,
-    pub message: String,
-}
-
-impl Exit {
-    pub fn usage(message: impl Into<String>) -> Exit {
-        Exit {
-            code: 2,
-            message: format!("{}\nRun 'tokend --help' for usage.", message.into()),
-        }
-    }
-
-    pub fn config(e: ConfigError) -> Exit {
-        Exit {
-            code: 2,
-            message: e.to_string(),
-        }
-    }
-
-    /// A configuration that cannot do what was asked, explained without
-    /// pointing at `--help` (the fix is in the config file).
-    pub fn config_message(message: impl Into<String>) -> Exit {
-        Exit {
-            code: 2,
-            message: message.into(),
-        }
-    }
-
-    pub fn failure(message: impl Into<String>) -> Exit {
-        Exit {
-            code: 1,
-            message: message.into(),
-        }
-    }
-}
 
 pub const USAGE: &str = "\
 tokend keeps OAuth 2.0 access tokens fresh and publishes them to files.
