@@ -54,7 +54,12 @@ fn provider_config<'c>(
 
 /// Runs the command line; returns the process exit code.
 pub fn main() -> u8 {
-    let cli = match parse(std::env::args_os()) {
+    let argv: Vec<OsString> = std::env::args_os().collect();
+    let parsed = match token_fast_path(&argv) {
+        Some(cli) => Ok(cli),
+        None => parse(argv),
+    };
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(code) => return code,
     };
@@ -76,6 +81,41 @@ pub fn main() -> u8 {
         Ok(()) => 0,
         Err(e) => report(e),
     }
+}
+
+/// `tokend token NAME` and `tokend -c PATH token NAME` (or `--config
+/// PATH`), the shapes a script calls once per API request, recognised
+/// without clap: building clap's definitions of every command costs that
+/// call more than the rest of its work on this side of the socket
+/// (BENCHMARKS.md, "Socket API"). Only argv that clap parses to the same
+/// `Token` is taken: a valid name, a non-empty path that does not start
+/// with '-'. Anything else (other spellings, `--help`, errors) goes to
+/// clap; `tests::the_token_fast_path_agrees_with_clap` holds the two
+/// together.
+fn token_fast_path(argv: &[OsString]) -> Option<Cli> {
+    let (config, rest) = match argv.get(1..)? {
+        [c, path, rest @ ..] if c == "-c" || c == "--config" => {
+            let p = path.as_encoded_bytes();
+            if p.is_empty() || p.starts_with(b"-") {
+                return None;
+            }
+            (Some(path.into()), rest)
+        }
+        rest => (None, rest),
+    };
+    let [command, name] = rest else {
+        return None;
+    };
+    let name = name.to_str()?;
+    if command != "token" || crate::config::check_name(name).is_err() {
+        return None;
+    }
+    Some(Cli {
+        global: args::Global { config },
+        command: Command::Token(args::Token {
+            name: name.to_owned(),
+        }),
+    })
 }
 
 /// Parses argv (with the program's name first). Help and the version are
@@ -127,6 +167,63 @@ mod tests {
     /// usage error.
     fn code(args: &[&str]) -> i32 {
         p(args).expect_err("not parsed").exit_code()
+    }
+
+    /// Every argv of up to four words (the most the fast path takes) from
+    /// a set of troublesome ones:
+    /// whatever the fast path takes, clap parses to the same `Token`.
+    #[test]
+    fn the_token_fast_path_agrees_with_clap() {
+        let words = [
+            "token",
+            "bot",
+            "-c",
+            "--config",
+            "/x.toml",
+            "",
+            "-x",
+            "../x",
+            "--",
+            "-h",
+            "--config=/y",
+            "-c/z",
+        ];
+        let mut argv = vec![vec!["tokend"]];
+        let mut taken = 0;
+        for words_now in 0..=4 {
+            let mut longer = Vec::new();
+            for a in &argv {
+                let fast = token_fast_path(&a.iter().map(OsString::from).collect::<Vec<_>>());
+                if let Some(fast) = fast {
+                    taken += 1;
+                    let cli = Cli::try_parse_from(a).unwrap_or_else(|e| panic!("{a:?}: {e}"));
+                    assert_eq!(format!("{cli:?}"), format!("{fast:?}"), "{a:?}");
+                }
+                if words_now < 4 {
+                    longer.extend(words.iter().map(|w| [&a[..], &[*w]].concat()));
+                }
+            }
+            argv = longer;
+        }
+        // Shapes it takes: "token bot", "token token", "-c P token bot"...
+        assert!(taken >= 10, "{taken}");
+        let take = |a: &[&str]| {
+            token_fast_path(
+                &["tokend"]
+                    .iter()
+                    .chain(a)
+                    .map(OsString::from)
+                    .collect::<Vec<_>>(),
+            )
+            .is_some()
+        };
+        assert!(take(&["token", "bot"]));
+        assert!(take(&["-c", "/x.toml", "token", "bot"]));
+        assert!(take(&["--config", "/x.toml", "token", "bot"]));
+        assert!(!take(&["token", "bot", "-c", "/x.toml"]));
+        assert!(!take(&["-c", "-x", "token", "bot"]));
+        assert!(!take(&["token", "--help"]));
+        assert!(!take(&["token", "../x"]));
     }
 
     #[test]
