@@ -9,8 +9,8 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::watch;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
-use crate::cli::Exit;
 use crate::config::{self, Config};
+use crate::exit::Exit;
 use crate::notify::Systemd;
 use crate::provider;
 use crate::publish;

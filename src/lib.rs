@@ -9,6 +9,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod exit;
 pub mod glob;
 pub mod lease;
 pub mod logging;

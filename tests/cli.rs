@@ -359,3 +359,120 @@ fn token_prints_only_the_token_and_a_newline() {
     // Daemon gone: token files and row untouched by the failed reads.
     assert!(fs::metadata(env.token_file("bot")).is_ok());
 }
+
+// ---- 10. help, completions and the man page (issue 11) ----
+
+/// Every command a user may type; `completions` and `man` are hidden.
+const COMMANDS: [&str; 9] = [
+    "run",
+    "check-config",
+    "authorize",
+    "import",
+    "list",
+    "status",
+    "token",
+    "refresh",
+    "remove",
+];
+
+/// Runs the binary with no config and no daemon.
+fn bare(args: &[&str]) -> Output {
+    std::process::Command::new(bin())
+        .args(args)
+        .env_remove("TOKEND_CONFIG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn help_and_version_exit_0_on_stdout() {
+    let o = bare(&["--help"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let help = stdout(&o);
+    for c in COMMANDS {
+        assert!(help.contains(&format!("\n  {c} ")), "{c} not in:\n{help}");
+    }
+    assert!(!help.contains("completions"), "{help}");
+    assert!(help.contains("Exit codes: 0 success"), "{help}");
+    for c in COMMANDS {
+        for flag in ["--help", "-h"] {
+            let o = bare(&[c, flag]);
+            assert_eq!(o.status.code(), Some(0), "{c} {flag}: {}", stderr(&o));
+            assert!(
+                stdout(&o).contains(&format!("Usage: tokend {c}")),
+                "{c} {flag}"
+            );
+        }
+    }
+    for flag in ["-V", "--version"] {
+        let o = bare(&[flag]);
+        assert_eq!(o.status.code(), Some(0));
+        assert_eq!(
+            stdout(&o),
+            format!("tokend {}\n", env!("CARGO_PKG_VERSION"))
+        );
+    }
+}
+
+/// clap's usage errors exit 2, like tokend's own, and say so on stderr.
+#[test]
+fn usage_errors_exit_2_on_stderr() {
+    // No command: the help, on stderr.
+    let o = bare(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(stdout(&o), "");
+    assert!(stderr(&o).contains("Usage: tokend"), "{}", stderr(&o));
+    for args in [
+        &["nope"][..],
+        &["list", "--bogus"],
+        &["list", "--force"],
+        &["token"],
+        &["token", "bot", "--timeout", "5s"],
+        &["token", "../x"],
+        &["import", "bot", "--provider", "p"],
+        &["run", "--log-format", "xml"],
+        &["completions", "tcsh"],
+    ] {
+        let o = bare(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "", "{args:?}");
+        let e = stderr(&o);
+        assert!(
+            e.starts_with("error: ") && e.contains("--help"),
+            "{args:?}: {e}"
+        );
+    }
+}
+
+#[test]
+fn completions_and_the_man_page_cover_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let o = bare(&["completions", shell]);
+        assert_eq!(o.status.code(), Some(0), "{shell}: {}", stderr(&o));
+        let script = stdout(&o);
+        for c in COMMANDS {
+            assert!(script.contains(c), "{shell}: no {c}");
+        }
+        // (fish writes `-l config`.)
+        for option in ["config", "provider", "refresh-token", "log-format"] {
+            assert!(script.contains(option), "{shell}: no {option}");
+        }
+    }
+    let o = bare(&["man"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let page = stdout(&o);
+    assert!(
+        page.starts_with(".ie") && page.contains(".TH tokend 1"),
+        "{page}"
+    );
+    for c in COMMANDS {
+        assert!(
+            page.contains(&format!(".SS \"tokend {c}\"")),
+            "no {c} in:\n{page}"
+        );
+    }
+    // Options are documented under their command, with roff's escaped dash.
+    assert!(page.contains(r"\-\-refresh\-token"), "{page}");
+    assert!(page.contains("Exit codes: 0 success"), "{page}");
+}

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use reqwest::Url;
 
-use super::{Args, Exit};
+use super::Exit;
+use super::args::{Authorize, Global};
 use crate::authorize::{self, Request};
 use crate::callback::{self, BindError, Listener};
 use crate::clock::{now_ms, span};
@@ -36,15 +37,9 @@ enum Via {
     Code(String),
 }
 
-pub fn run(args: &Args) -> Result<(), Exit> {
-    args.only(
-        "authorize",
-        &["provider", "code", "paste", "timeout", "force"],
-        1,
-    )?;
-    let name = args.name("authorize")?;
-    let provider = args.provider("authorize")?;
-    let via = match (&args.code, args.paste, &args.timeout) {
+pub fn run(global: &Global, args: &Authorize) -> Result<(), Exit> {
+    let (name, provider) = (&args.name, &args.provider);
+    let via = match (&args.code, args.paste, args.timeout) {
         (Some(_), true, _) => {
             return Err(Exit::usage(
                 "--code and --paste are two ways to give the code: choose one",
@@ -57,16 +52,16 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         }
         (Some(c), false, None) => Via::Code(c.clone()),
         (None, true, None) => Via::Paste,
-        (None, false, t) => Via::Listen(listen_timeout(t.as_deref())?),
+        (None, false, t) => Via::Listen(t.unwrap_or(DEFAULT_TIMEOUT)),
     };
-    let path = args.config_path();
+    let path = global.config_path();
     let config = config::load(&path).map_err(Exit::config)?;
-    let p = super::provider_config(&config, &path, &provider)?;
-    check_existing(&config, &name, args.force)?;
+    let p = super::provider_config(&config, &path, provider)?;
+    check_existing(&config, name, args.force)?;
     let flow = Flow {
         config: &config,
         p,
-        name: &name,
+        name,
         force: args.force,
     };
     let done = match via {
@@ -76,18 +71,6 @@ pub fn run(args: &Args) -> Result<(), Exit> {
     };
     println!("{done}");
     Ok(())
-}
-
-fn listen_timeout(given: Option<&str>) -> Result<Duration, Exit> {
-    let Some(s) = given else {
-        return Ok(DEFAULT_TIMEOUT);
-    };
-    match humantime::parse_duration(s) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err(Exit::usage(format!(
-            "--timeout {s:?} is not a duration above zero; write e.g. \"90s\", \"10m\""
-        ))),
-    }
 }
 
 /// Refuses a name in use unless `--force`, before anyone opens a browser.
@@ -370,17 +353,4 @@ fn hostname() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "this-host".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timeouts() {
-        assert_eq!(listen_timeout(None).unwrap(), DEFAULT_TIMEOUT);
-        assert_eq!(listen_timeout(Some("1s")).unwrap(), Duration::from_secs(1));
-        assert_eq!(listen_timeout(Some("0s")).unwrap_err().code, 2);
-        assert_eq!(listen_timeout(Some("soon")).unwrap_err().code, 2);
-    }
 }

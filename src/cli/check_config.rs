@@ -13,7 +13,8 @@ use std::fs::{self, Metadata};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::{Args, Exit};
+use super::Exit;
+use super::args::{CheckConfig, Global};
 use crate::config::{self, Config, ConfigError, Problem, SinkConfig};
 use crate::publish;
 use crate::users::User;
@@ -21,10 +22,9 @@ use crate::users::User;
 /// The user systemd/tokend.service runs tokend as.
 const SERVICE_USER: &str = "tokend";
 
-pub fn run(args: &Args) -> Result<(), Exit> {
-    args.only("check-config", &["as-user"], 0)?;
+pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
     let user = service_user(args.as_user.as_deref())?;
-    let path = args.config_path();
+    let path = global.config_path();
     let config = config::load(&path).map_err(Exit::config)?;
     let mut problems = publish::check_dirs(&config.sinks, false);
     if let Err(e) = publish::writable(config.database.parent().unwrap_or(&config.database)) {

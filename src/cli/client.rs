@@ -44,16 +44,24 @@ pub fn request(
     let mut exchange = || -> io::Result<Reply> {
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
-        let accept = if json { "application/json" } else { "*/*" };
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        )?;
+        // One buffer, one write: `write!` on the unbuffered stream sends
+        // each piece of the format string in its own sendto, and the daemon
+        // wakes for each.
+        s.write_all(&request_bytes(method, path, json))?;
         let mut raw = Vec::with_capacity(1024);
         s.read_to_end(&mut raw)?;
         parse_reply(&raw)
     };
     exchange().map_err(Unreachable::Broken)
+}
+
+/// The whole request: a head with no body, `Connection: close`.
+fn request_bytes(method: &str, path: &str, json: bool) -> Vec<u8> {
+    let accept = if json { "application/json" } else { "*/*" };
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: {accept}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
 }
 
 /// Reads a whole HTTP/1.1 reply (`Connection: close`, so the body runs to
@@ -94,6 +102,15 @@ pub fn parse_reply(raw: &[u8]) -> io::Result<Reply> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_request_is_one_head() {
+        assert_eq!(
+            super::request_bytes("GET", "/v1/tokens/bot", false),
+            b"GET /v1/tokens/bot HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\n\
+              Content-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+    }
+
     #[test]
     fn parses_a_reply() {
         let r =

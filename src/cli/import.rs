@@ -2,47 +2,30 @@
 
 use std::io::Read;
 
-use super::{Args, Exit};
+use super::Exit;
+use super::args::{Global, Import};
 use crate::clock::now_ms;
 use crate::config;
 use crate::secret::Secret;
 use crate::store::{NewCredential, StoreConn, StoreError};
 
-pub fn run(args: &Args) -> Result<(), Exit> {
-    args.only(
-        "import",
-        &[
-            "provider",
-            "refresh-token",
-            "access-token",
-            "expires-in",
-            "force",
-        ],
-        1,
-    )?;
-    let name = args.name("import")?;
-    let provider = args.provider("import")?;
-    let refresh_from = args
-        .refresh_token
-        .as_deref()
-        .ok_or_else(|| Exit::usage("'import' needs --refresh-token FILE (or - for stdin)"))?;
+pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
+    let (name, provider) = (&args.name, &args.provider);
+    let refresh_from = args.refresh_token.as_str();
     if refresh_from == "-" && args.access_token.as_deref() == Some("-") {
         return Err(Exit::usage(
             "only one of --refresh-token and --access-token can read stdin",
         ));
     }
-    let expires_in = match &args.expires_in {
-        None => None,
-        Some(_) if args.access_token.is_none() => {
-            return Err(Exit::usage(
-                "--expires-in describes --access-token: give both",
-            ));
-        }
-        Some(s) => Some(expires_in(s)?),
-    };
-    let path = args.config_path();
+    // (`--expires-in` is at most ten years: see args::expires_in.)
+    if args.expires_in.is_some() && args.access_token.is_none() {
+        return Err(Exit::usage(
+            "--expires-in describes --access-token: give both",
+        ));
+    }
+    let path = global.config_path();
     let config = config::load_without_secrets(&path).map_err(Exit::config)?;
-    let p = super::provider_config(&config, &path, &provider)?;
+    let p = super::provider_config(&config, &path, provider)?;
     let refresh_token = read_secret("--refresh-token", refresh_from)?;
     let access_token = match &args.access_token {
         Some(from) => Some(read_secret("--access-token", from)?),
@@ -56,7 +39,7 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         access_token,
         refresh_token,
         scope: p.scope.clone(),
-        expires_at: expires_in.map(|s| now_ms() + s as i64 * 1000),
+        expires_at: args.expires_in.map(|s| now_ms() + s as i64 * 1000),
         event: "imported",
     };
     match store.insert(&new, args.force) {
@@ -71,27 +54,6 @@ pub fn run(args: &Args) -> Result<(), Exit> {
         ))),
         Err(e) => Err(Exit::failure(format!("cannot store the credential: {e}"))),
     }
-}
-
-/// The longest lifetime `--expires-in` takes: ten years, as for the
-/// `expires_in` of a provider's answer (src/provider.rs caps it alike).
-/// Every instant in the store then stays far from what RFC 3339 can write
-/// (year 9999) and from where milliseconds overflow an i64.
-const MAX_EXPIRES_IN: u64 = 3650 * 86_400;
-
-/// `--expires-in SECS`: a number of seconds, at most [`MAX_EXPIRES_IN`].
-fn expires_in(s: &str) -> Result<u64, Exit> {
-    let secs = s
-        .parse::<u64>()
-        .map_err(|_| Exit::usage(format!("--expires-in {s:?} is not a number of seconds")))?;
-    if secs > MAX_EXPIRES_IN {
-        return Err(Exit::usage(format!(
-            "--expires-in {secs} is more than ten years ({MAX_EXPIRES_IN} seconds): is it \
-             milliseconds, or an epoch timestamp? Give the seconds the access token has \
-             left (the provider's expires_in, e.g. 3600)"
-        )));
-    }
-    Ok(secs)
 }
 
 /// Reads a token from a file or, for "-", stdin; surrounding whitespace is

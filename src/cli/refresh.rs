@@ -4,17 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::Exit;
+use super::args::{Global, Refresh};
 use super::client::{self, Unreachable};
-use super::{Args, Exit};
 use crate::config;
 use crate::provider;
 use crate::refresher::{Refresher, Status};
 use crate::store::Store;
 
-pub fn run(args: &Args) -> Result<(), Exit> {
-    args.only("refresh", &[], 1)?;
-    let name = args.name("refresh")?;
-    let socket = config::socket_path(&args.config_path());
+pub fn run(global: &Global, args: &Refresh) -> Result<(), Exit> {
+    let name = &args.name;
+    let socket = config::socket_path(&global.config_path());
     let path = format!("/v1/credentials/{name}/refresh");
     let (status, refreshed) =
         match client::request(&socket, "POST", &path, true, Duration::from_secs(90)) {
@@ -29,7 +29,7 @@ pub fn run(args: &Args) -> Result<(), Exit> {
                 (status, refreshed)
             }
             Ok(r) => return Err(Exit::failure(r.message())),
-            Err(Unreachable::NotRunning(_)) => directly(args, &name)?,
+            Err(Unreachable::NotRunning(_)) => directly(global, name)?,
             Err(e) => return Err(super::token::unreachable(&socket, e)),
         };
     report(&status, refreshed)
@@ -77,8 +77,8 @@ fn report(s: &Status, refreshed: bool) -> Result<(), Exit> {
 
 /// No daemon: refresh in this process, through the same lease, commit and
 /// publish path the daemon uses.
-fn directly(args: &Args, name: &str) -> Result<(Status, bool), Exit> {
-    let config = Arc::new(config::load(&args.config_path()).map_err(Exit::config)?);
+fn directly(global: &Global, name: &str) -> Result<(Status, bool), Exit> {
+    let config = Arc::new(config::load(&global.config_path()).map_err(Exit::config)?);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -3,16 +3,17 @@
 
 use std::time::{Duration, UNIX_EPOCH};
 
+use super::Exit;
+use super::args::{self, Global};
 use super::client::{self, Unreachable};
-use super::{Args, Exit};
 use crate::clock::{self, now_ms, relative};
 use crate::config;
 use crate::refresher::Status;
 use crate::store::{Credential, StoreConn, StoreError};
 
 /// Statuses of every credential, or of one.
-fn fetch(args: &Args, name: Option<&str>) -> Result<Vec<Status>, Exit> {
-    let socket = config::socket_path(&args.config_path());
+fn fetch(global: &Global, name: Option<&str>) -> Result<Vec<Status>, Exit> {
+    let socket = config::socket_path(&global.config_path());
     let path = match name {
         Some(n) => format!("/v1/credentials/{n}"),
         None => "/v1/credentials".to_owned(),
@@ -26,14 +27,14 @@ fn fetch(args: &Args, name: Option<&str>) -> Result<Vec<Status>, Exit> {
             parsed.map_err(|e| Exit::failure(format!("the daemon's answer is not a status: {e}")))
         }
         Ok(r) => Err(Exit::failure(r.message())),
-        Err(Unreachable::NotRunning(_)) => from_store(args, name),
+        Err(Unreachable::NotRunning(_)) => from_store(global, name),
         Err(e) => Err(super::token::unreachable(&socket, e)),
     }
 }
 
 /// The store's view, when no daemon answers.
-fn from_store(args: &Args, name: Option<&str>) -> Result<Vec<Status>, Exit> {
-    let config = config::load_without_secrets(&args.config_path()).map_err(Exit::config)?;
+fn from_store(global: &Global, name: Option<&str>) -> Result<Vec<Status>, Exit> {
+    let config = config::load_without_secrets(&global.config_path()).map_err(Exit::config)?;
     let store = match StoreConn::open(&config.database, false) {
         Ok(s) => s,
         Err(StoreError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -96,13 +97,9 @@ fn expires(s: &Status, now: i64) -> String {
     }
 }
 
-pub fn status(args: &Args) -> Result<(), Exit> {
-    args.only("status", &["json"], 1)?;
-    let name = match args.positionals.first() {
-        Some(_) => Some(args.name("status")?),
-        None => None,
-    };
-    let statuses = fetch(args, name.as_deref())?;
+pub fn status(global: &Global, args: &args::Status) -> Result<(), Exit> {
+    let name = args.name.as_deref();
+    let statuses = fetch(global, name)?;
     if args.json {
         let out = match name {
             Some(_) => serde_json::to_string_pretty(&statuses[0]),
@@ -160,9 +157,8 @@ pub fn status(args: &Args) -> Result<(), Exit> {
     Ok(())
 }
 
-pub fn list(args: &Args) -> Result<(), Exit> {
-    args.only("list", &[], 0)?;
-    let statuses = fetch(args, None)?;
+pub fn list(global: &Global) -> Result<(), Exit> {
+    let statuses = fetch(global, None)?;
     if statuses.is_empty() {
         eprintln!("no credentials yet; add one with 'tokend import' or 'tokend authorize'");
         return Ok(());

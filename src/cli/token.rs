@@ -2,14 +2,14 @@
 
 use std::time::Duration;
 
+use super::Exit;
+use super::args::{Global, Token};
 use super::client::{self, Unreachable};
-use super::{Args, Exit};
 use crate::config;
 
-pub fn run(args: &Args) -> Result<(), Exit> {
-    args.only("token", &[], 1)?;
-    let name = args.name("token")?;
-    let socket = config::socket_path(&args.config_path());
+pub fn run(global: &Global, args: &Token) -> Result<(), Exit> {
+    let name = &args.name;
+    let socket = config::socket_path(&global.config_path());
     // Long enough for the daemon to refresh first (request_timeout is 30 s by default).
     match client::request(
         &socket,

@@ -1,0 +1,294 @@
+//! What the command line takes (README "Commands"): one struct per command,
+//! each option documented next to its definition. `tokend --help`, `tokend
+//! COMMAND --help`, the shell completions and the man page are all made
+//! from these definitions.
+//!
+//! The first paragraph of a doc comment is the short help (`-h`), the whole
+//! comment the long help (`--help`, the man page).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config;
+use crate::logging::LogFormat;
+
+/// Printed after `tokend --help`, and in the man page.
+const AFTER_HELP: &str = "\
+Secrets are never taken from the command line: FILE is a path to read, '-'
+reads stdin (an authorization code may be given: it works once). list and
+status ask the daemon, or read the store when no daemon answers. Logs go to
+stderr; RUST_LOG sets the level (default: info).
+
+Exit codes: 0 success, 1 the operation failed, 2 usage or configuration error.";
+
+// Help text is wrapped by hand (`verbatim_doc_comment`): clap wraps only
+// with its `wrap_help` feature, which would build rustix into the binary to
+// ask the terminal's width. Lines stay within 70 columns, so that `--help`,
+// which indents them by 10, fits 80.
+
+/// Keeps OAuth 2.0 access tokens fresh and publishes them to files and a socket
+///
+/// tokend refreshes access tokens before they expire and publishes them to
+/// files and a Unix socket, so that the programs that call an API never
+/// speak OAuth. `tokend run` is the daemon; the other commands manage its
+/// credentials and read its state.
+#[derive(Parser, Debug)]
+#[command(
+    name = "tokend",
+    version,
+    verbatim_doc_comment,
+    after_help = AFTER_HELP,
+    subcommand_required = true,
+    arg_required_else_help = true,
+    disable_help_subcommand = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command takes, before or after its name.
+#[derive(Args, Debug, Default)]
+pub struct Global {
+    /// The config file
+    ///
+    /// Default: $TOKEND_CONFIG, else /etc/tokend/config.toml.
+    #[arg(
+        short = 'c',
+        long = "config",
+        value_name = "PATH",
+        global = true,
+        verbatim_doc_comment
+    )]
+    pub config: Option<PathBuf>,
+}
+
+impl Global {
+    /// `-c PATH`, else `$TOKEND_CONFIG` (unless empty), else the default.
+    pub fn config_path(&self) -> PathBuf {
+        self.config.clone().unwrap_or_else(|| {
+            std::env::var_os("TOKEND_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(config::DEFAULT_CONFIG))
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    Run(Run),
+    CheckConfig(CheckConfig),
+    Authorize(Authorize),
+    Import(Import),
+    List(List),
+    Status(Status),
+    Token(Token),
+    Refresh(Refresh),
+    Remove(Remove),
+    Completions(Completions),
+    Man(Man),
+}
+
+/// Run the daemon in the foreground (what systemd starts)
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Run {
+    /// How log lines look: text, journal or json
+    ///
+    /// text: timestamped lines for people.
+    /// journal: no timestamps, a syslog priority (<3> error ... <7> debug)
+    /// before each line, for journald.
+    /// json: one JSON object per line.
+    /// Default: journal when stderr is the journal ($JOURNAL_STREAM), else
+    /// text.
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        value_parser = log_format(),
+        hide_possible_values = true,
+        verbatim_doc_comment
+    )]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Check the config, its secrets and paths; exit 0 or 2
+///
+/// Prints every problem with its key, at once, and changes nothing.
+/// Run as root, it also checks the sink and database directories and the
+/// sink and socket groups as the service user meets them (by mode bits;
+/// ACLs are not read), if that user exists.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct CheckConfig {
+    /// The service user to check as, when run as root [default: tokend]
+    #[arg(long, value_name = "USER")]
+    pub as_user: Option<String>,
+}
+
+/// Onboard an API user: the authorization-code flow
+///
+/// Prints the provider's authorization URL, waits for the browser to come
+/// back to the provider's loopback redirect_uri, checks its state,
+/// exchanges the code and stores the credential. Nothing is stored unless
+/// all of that succeeds.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Authorize {
+    /// The credential's name (letters, digits, '-', '_', '.', '@')
+    #[arg(value_name = "NAME", value_parser = name)]
+    pub name: String,
+    /// The provider, as named in the config ([providers.P])
+    #[arg(long, value_name = "P")]
+    pub provider: String,
+    /// Do not listen: read the redirect's address from stdin
+    ///
+    /// Paste the address the browser lands on (or just the code). For a
+    /// browser on another machine.
+    #[arg(long, verbatim_doc_comment)]
+    pub paste: bool,
+    /// Exchange a code obtained some other way; '-' reads stdin
+    #[arg(long, value_name = "CODE|-")]
+    pub code: Option<String>,
+    /// How long to wait for the browser [default: 5m]
+    #[arg(long, value_name = "DURATION", value_parser = timeout)]
+    pub timeout: Option<Duration>,
+    /// Replace a credential of the same name, once new tokens are obtained
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Add a credential from an existing refresh token
+#[derive(Args, Debug)]
+pub struct Import {
+    /// The credential's name (letters, digits, '-', '_', '.', '@')
+    #[arg(value_name = "NAME", value_parser = name)]
+    pub name: String,
+    /// The provider, as named in the config ([providers.P])
+    #[arg(long, value_name = "P")]
+    pub provider: String,
+    /// The file that holds the refresh token; '-' reads stdin
+    #[arg(long, value_name = "FILE|-")]
+    pub refresh_token: String,
+    /// Also store its current access token, from FILE; '-' reads stdin
+    #[arg(long, value_name = "FILE|-")]
+    pub access_token: Option<String>,
+    /// Seconds the access token has left (at most ten years)
+    #[arg(long, value_name = "SECS", value_parser = expires_in)]
+    pub expires_in: Option<u64>,
+    /// Replace a credential of the same name
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// One line per credential: name, provider, state, expiry, ...
+///
+/// The columns: name, provider, state, expiry, last refresh, last error.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct List {}
+
+/// The same as list, in detail
+#[derive(Args, Debug)]
+pub struct Status {
+    /// Only this credential
+    #[arg(value_name = "NAME", value_parser = name)]
+    pub name: Option<String>,
+    /// For machines (never a secret)
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Print the current access token (asks the daemon)
+#[derive(Args, Debug)]
+pub struct Token {
+    /// The credential's name
+    #[arg(value_name = "NAME", value_parser = name)]
+    pub name: String,
+}
+
+/// Refresh now, through the daemon, and report the outcome
+///
+/// With no daemon running, refreshes directly, under the store's lease.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Refresh {
+    /// The credential's name
+    #[arg(value_name = "NAME", value_parser = name)]
+    pub name: String,
+}
+
+/// Forget a credential and remove its published files
+///
+/// The grant is not revoked at the provider: its tokens stay valid until
+/// they expire.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Remove {
+    /// The credential's name
+    #[arg(value_name = "NAME", value_parser = name)]
+    pub name: String,
+}
+
+/// Print a shell completion script
+#[derive(Args, Debug)]
+#[command(hide = true)]
+pub struct Completions {
+    /// The shell
+    #[arg(value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// Print the man page (roff)
+#[derive(Args, Debug)]
+#[command(hide = true)]
+pub struct Man {}
+
+/// A credential name, checked as the config checks names.
+fn name(s: &str) -> Result<String, String> {
+    crate::names::check_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| format!("bad credential name {s:?}: {e}"))
+}
+
+/// `--log-format`: its three values, listed in the help and completions.
+fn log_format() -> impl TypedValueParser<Value = LogFormat> {
+    PossibleValuesParser::new(["text", "journal", "json"])
+        .map(|s| LogFormat::parse(&s).expect("one of the possible values"))
+}
+
+/// `--timeout DURATION`: a humantime duration above zero.
+fn timeout(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!(
+            "--timeout {s:?} is not a duration above zero; write e.g. \"90s\", \"10m\""
+        )),
+    }
+}
+
+/// The longest lifetime `--expires-in` takes: ten years, as for the
+/// `expires_in` of a provider's answer (src/provider.rs caps it alike).
+/// Every instant in the store then stays far from what RFC 3339 can write
+/// (year 9999) and from where milliseconds overflow an i64.
+pub const MAX_EXPIRES_IN: u64 = 3650 * 86_400;
+
+/// `--expires-in SECS`: a number of seconds, at most [`MAX_EXPIRES_IN`].
+fn expires_in(s: &str) -> Result<u64, String> {
+    let secs = s
+        .parse::<u64>()
+        .map_err(|_| format!("--expires-in {s:?} is not a number of seconds"))?;
+    if secs > MAX_EXPIRES_IN {
+        return Err(format!(
+            "--expires-in {secs} is more than ten years ({MAX_EXPIRES_IN} seconds): is it \
+             milliseconds, or an epoch timestamp? Give the seconds the access token has \
+             left (the provider's expires_in, e.g. 3600)"
+        ));
+    }
+    Ok(secs)
+}
