@@ -5,7 +5,8 @@
 //!    **baseline** measured in the same run: a minimal hyper HTTP/1.1 server
 //!    over a Unix socket answering a constant 40-byte body (this binary,
 //!    re-executed as a separate process, on the same tokio runtime setup).
-//! 2. `tokend token NAME` as a whole process, against spawning `/bin/true`.
+//! 2. `tokend token NAME` as a whole process, against spawning `/bin/true`:
+//!    the shape that skips clap, and one that goes through it.
 //!
 //! Environment: TOKEND_BENCH_SECS (seconds per load run, default 2; five
 //! alternating rounds of each).
@@ -125,30 +126,41 @@ fn main() {
     }
 
     // A whole process per token, as a shell script pays; interleaved with
-    // /bin/true for the same reason.
+    // /bin/true for the same reason. `-c PATH token NAME` is the shape the
+    // CLI recognises before clap; `token NAME -c PATH` goes through clap
+    // (src/cli/mod.rs, token_fast_path), shown for what that costs.
     let runs = 400;
-    let (mut true_t, mut token_t) = (Vec::new(), Vec::new());
+    let config = config.to_str().unwrap();
+    let (mut true_t, mut token_t, mut clap_t) = (Vec::new(), Vec::new(), Vec::new());
+    let token = |args: &[&str]| {
+        let t = Instant::now();
+        let out = Command::new(bin).args(args).output().unwrap();
+        let elapsed = t.elapsed();
+        assert!(out.status.success(), "{args:?}");
+        elapsed
+    };
     for _ in 0..runs {
         let t = Instant::now();
         Command::new("/bin/true").status().unwrap();
         true_t.push(t.elapsed());
-        let t = Instant::now();
-        let out = Command::new(bin)
-            .args(["-c", config.to_str().unwrap(), "token", "bench"])
-            .output()
-            .unwrap();
-        token_t.push(t.elapsed());
-        assert!(out.status.success());
+        token_t.push(token(&["-c", config, "token", "bench"]));
+        clap_t.push(token(&["token", "bench", "-c", config]));
     }
-    let (true_med, token_med) = (median(true_t), median(token_t));
+    let true_med = median(true_t);
     println!("\n| process | median of {runs} | ratio |");
     println!("|---|---|---|");
     println!("| /bin/true | {} | 1.00 |", us(true_med));
-    println!(
-        "| tokend token NAME | {} | {:.2} × /bin/true |",
-        us(token_med),
-        token_med.as_secs_f64() / true_med.as_secs_f64()
-    );
+    for (label, times) in [
+        ("tokend -c PATH token NAME", token_t),
+        ("tokend token NAME -c PATH (through clap)", clap_t),
+    ] {
+        let med = median(times);
+        println!(
+            "| {label} | {} | {:.2} × /bin/true |",
+            us(med),
+            med.as_secs_f64() / true_med.as_secs_f64()
+        );
+    }
     println!();
     kill(&mut daemon);
     kill(&mut base);
