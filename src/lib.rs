@@ -24,3 +24,4 @@ pub mod socket;
 pub mod store;
 pub mod users;
 pub mod watch;
+pub mod wire;

@@ -16,10 +16,10 @@ pub struct Reply {
 impl Reply {
     /// The `message` of a JSON error reply, or the body as text.
     pub fn message(&self) -> String {
-        serde_json::from_slice::<serde_json::Value>(&self.body)
-            .ok()
-            .and_then(|v| v["message"].as_str().map(str::to_owned))
-            .unwrap_or_else(|| String::from_utf8_lossy(&self.body).trim().to_owned())
+        serde_json::from_slice::<crate::wire::Error>(&self.body).map_or_else(
+            |_| String::from_utf8_lossy(&self.body).trim().to_owned(),
+            |e| e.message,
+        )
     }
 }
 

@@ -9,8 +9,9 @@ use super::args::{Global, Refresh};
 use super::client::{self, Unreachable};
 use crate::config;
 use crate::provider;
-use crate::refresher::{Refresher, Status};
+use crate::refresher::Refresher;
 use crate::store::Store;
+use crate::wire::{Refreshed, State, Status};
 
 pub fn run(global: &Global, args: &Refresh) -> Result<(), Exit> {
     let name = &args.name;
@@ -19,13 +20,10 @@ pub fn run(global: &Global, args: &Refresh) -> Result<(), Exit> {
     let (status, refreshed) =
         match client::request(&socket, "POST", &path, true, Duration::from_secs(90)) {
             Ok(r) if r.status == 200 => {
-                let v: serde_json::Value = serde_json::from_slice(&r.body).map_err(|e| {
-                    Exit::failure(format!("the daemon's answer is not a status: {e}"))
-                })?;
-                let refreshed = v["refreshed"].as_bool().unwrap_or(false);
-                let status: Status = serde_json::from_value(v).map_err(|e| {
-                    Exit::failure(format!("the daemon's answer is not a status: {e}"))
-                })?;
+                let Refreshed { refreshed, status } =
+                    serde_json::from_slice(&r.body).map_err(|e| {
+                        Exit::failure(format!("the daemon's answer is not a status: {e}"))
+                    })?;
                 (status, refreshed)
             }
             Ok(r) => return Err(Exit::failure(r.message())),
@@ -51,15 +49,15 @@ fn report(s: &Status, refreshed: bool) -> Result<(), Exit> {
         return Ok(());
     }
     let why = s.last_error.as_deref().unwrap_or("no new token");
-    let next = match s.state.as_str() {
-        "needs_reauthorization" => format!(
+    let next = match s.state {
+        State::NeedsReauthorization => format!(
             "; re-authorize with 'tokend authorize {} --provider {} --force'",
             s.name, s.provider
         ),
-        "misconfigured" => {
+        State::Misconfigured => {
             "; nothing is sent until the provider's config is fixed and reloaded ('systemctl reload tokend')".into()
         }
-        "retrying" => match &s.next_attempt_at {
+        State::Retrying => match &s.next_attempt_at {
             // The backoff (and the provider's Retry-After) binds every path:
             // a forced refresh does not send early.
             Some(at) => format!(

@@ -8,8 +8,8 @@ use super::args::{self, Global};
 use super::client::{self, Unreachable};
 use crate::clock::{self, now_ms, relative};
 use crate::config;
-use crate::refresher::Status;
 use crate::store::{Credential, StoreConn, StoreError};
+use crate::wire::{State, Status};
 
 /// Statuses of every credential, or of one.
 fn fetch(global: &Global, name: Option<&str>) -> Result<Vec<Status>, Exit> {
@@ -147,7 +147,7 @@ pub fn status(global: &Global, args: &args::Status) -> Result<(), Exit> {
         if let Some(e) = &s.last_publish_error {
             println!("  publish error:   {e} (the files hold an older token; tokend retries)");
         }
-        if s.state == "needs_reauthorization" {
+        if s.state == State::NeedsReauthorization {
             println!(
                 "  to fix:          tokend authorize {} --provider {} --force",
                 s.name, s.provider
@@ -176,7 +176,7 @@ pub fn list(global: &Global) -> Result<(), Exit> {
         rows.push([
             s.name.clone(),
             s.provider.clone(),
-            s.state.clone(),
+            s.state.to_string(),
             expires(s, now),
             ms(&s.last_refresh_at).map_or("never".into(), |t| relative(t, now)),
             last_error(s),

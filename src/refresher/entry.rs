@@ -9,9 +9,9 @@ use tokio::sync::watch;
 
 use super::policy::backoff;
 use super::scheduler::MAX_SLEEP;
-use super::status::Status;
 use crate::clock::rfc3339;
 use crate::store::{Credential, State};
+use crate::wire::Status;
 
 /// The first wait before files that could not be written are tried again
 /// (a full or read-only file system); it doubles, with jitter, up to
@@ -148,7 +148,7 @@ impl Entry {
         };
         let mut status = Status::of(&cred, now);
         if refreshing {
-            status.state = State::Refreshing.as_str().to_owned();
+            status.state = State::Refreshing;
         }
         // Held back (its provider is down and probed by another credential):
         // the next attempt is the later of the two.

@@ -55,7 +55,6 @@ mod status;
 mod worker;
 
 pub use policy::{Gate, backoff, gate};
-pub use status::Status;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -10,11 +10,11 @@ use tokio::sync::watch;
 
 use super::entry::Entry;
 use super::policy::publishable;
-use super::status::Status;
 use super::{Refresher, TokenError};
 use crate::clock::now_ms;
 use crate::secret::Secret;
 use crate::store::{Credential, State};
+use crate::wire::Status;
 
 impl Refresher {
     /// A token with at least `min_remaining` left. One with less (or none)

@@ -9,36 +9,14 @@ use super::policy::publishable;
 use crate::clock::{now_ms, rfc3339};
 use crate::metrics::CredentialGauge;
 use crate::store::{Credential, State};
-
-/// What the socket API and `tokend status` show of a credential: never a secret.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Status {
-    pub name: String,
-    pub provider: String,
-    pub state: String,
-    /// Whether an unexpired access token is published.
-    pub has_token: bool,
-    /// RFC 3339, or null when unknown.
-    pub expires_at: Option<String>,
-    pub expires_in_seconds: Option<i64>,
-    pub last_refresh_at: Option<String>,
-    pub last_validated_at: Option<String>,
-    pub next_attempt_at: Option<String>,
-    pub failures: u32,
-    pub last_error: Option<String>,
-    /// Why the token files could not be written (full disk, read-only or
-    /// vanished directory), while they lag behind the store; null once a
-    /// write succeeds. Known to the daemon only (the store does not hold it).
-    #[serde(default)]
-    pub last_publish_error: Option<String>,
-}
+use crate::wire::Status;
 
 impl Status {
     pub fn of(c: &Credential, now: i64) -> Status {
         Status {
             name: c.name.clone(),
             provider: c.provider.clone(),
-            state: c.state.as_str().to_owned(),
+            state: c.state,
             has_token: publishable(c, now).is_some(),
             expires_at: c.expires_at.map(rfc3339),
             expires_in_seconds: c.expires_at.map(|e| (e - now) / 1000),

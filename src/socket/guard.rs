@@ -31,7 +31,8 @@ use hyper::{Method, Uri};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::{Client, MAX_HEAD, WRITE_TIMEOUT, routes};
+use super::{Client, MAX_HEAD, WRITE_TIMEOUT};
+use crate::wire::{self, ErrorCode};
 
 /// hyper's limit on header fields (its DEFAULT_MAX_HEADERS).
 const MAX_HEADERS: usize = 100;
@@ -188,15 +189,15 @@ impl<S> Guard<S> {
 
     fn refuse(&mut self, bad: Bad) {
         let (status, reason, code, message) = match bad {
-            Bad::Malformed(what) => (400, "Bad Request", "bad_request", what),
+            Bad::Malformed(what) => (400, "Bad Request", ErrorCode::BadRequest, what),
             Bad::TooLarge => (
                 431,
                 "Request Header Fields Too Large",
-                "request_header_fields_too_large",
+                ErrorCode::RequestHeaderFieldsTooLarge,
                 "the request head is over 16384 bytes or 100 header fields",
             ),
         };
-        let body = routes::error_body(code, message);
+        let body = wire::Error::body(code, message);
         let mut answer = format!(
             "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n\
              content-length: {}\r\nconnection: close\r\n\r\n",

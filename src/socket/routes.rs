@@ -14,6 +14,7 @@ use super::peer::Caller;
 use crate::clock::rfc3339;
 use crate::names::check_name;
 use crate::refresher::{Refresher, TokenError};
+use crate::wire::{self, ErrorCode, Refreshed};
 
 /// The largest request body read (no route needs one).
 const MAX_BODY: usize = 4096;
@@ -55,26 +56,12 @@ fn json(status: StatusCode, value: &impl Serialize) -> Resp {
     text(status, "application/json", body)
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp {
+fn error(status: StatusCode, code: ErrorCode, message: impl AsRef<str>) -> Resp {
     text(
         status,
         "application/json",
-        error_body(code, &message.into()),
+        wire::Error::body(code, message.as_ref()),
     )
-}
-
-/// The body of every error answer: `{"error": CODE, "message": …}`.
-pub(super) fn error_body(code: &str, message: &str) -> Vec<u8> {
-    #[derive(Serialize)]
-    struct E<'a> {
-        error: &'a str,
-        message: &'a str,
-    }
-    serde_json::to_vec(&E {
-        error: code,
-        message,
-    })
-    .unwrap_or_default()
 }
 
 /// Routes a request; records it in the metrics under its route template.
@@ -110,7 +97,7 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             "bad_request",
             error(
                 StatusCode::BAD_REQUEST,
-                "bad_request",
+                ErrorCode::BadRequest,
                 "request body too large or too slow",
             ),
         );
@@ -150,12 +137,6 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
         (&Method::POST, ["v1", "credentials", name, "refresh"]) => (
             "/v1/credentials/{name}/refresh",
             guarded(state, caller, name, |name| async move {
-                #[derive(Serialize)]
-                struct Refreshed {
-                    refreshed: bool,
-                    #[serde(flatten)]
-                    status: crate::refresher::Status,
-                }
                 match state.refresher.refresh_now(name).await {
                     Some((status, refreshed)) => {
                         json(StatusCode::OK, &Refreshed { refreshed, status })
@@ -195,7 +176,7 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             "not_found",
             error(
                 StatusCode::NOT_FOUND,
-                "not_found",
+                ErrorCode::NotFound,
                 format!("no route {path}"),
             ),
         ),
@@ -205,7 +186,7 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
 fn not_allowed(method: &Method, path: &str, allow: &'static str) -> Resp {
     let mut r = error(
         StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
+        ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {path}; use {allow}"),
     );
     r.headers_mut()
@@ -223,7 +204,7 @@ where
     if !state.may_read(caller, name) {
         return error(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            ErrorCode::Forbidden,
             format!(
                 "uid {} may not read {name:?}: add an [[access]] rule for it",
                 caller.uid
@@ -239,7 +220,7 @@ where
 fn unknown(name: &str) -> Resp {
     error(
         StatusCode::NOT_FOUND,
-        "unknown_credential",
+        ErrorCode::UnknownCredential,
         format!("no credential named {name:?}"),
     )
 }
@@ -247,24 +228,15 @@ fn unknown(name: &str) -> Resp {
 async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
     let wait = state.refresher.config().refresh.request_timeout + Duration::from_secs(2);
     match state.refresher.fresh_token(name, wait).await {
-        Ok((token, expires_at)) if wants_json => {
-            #[derive(Serialize)]
-            struct T<'a> {
-                name: &'a str,
-                access_token: &'a str,
-                token_type: &'a str,
-                expires_at: Option<String>,
-            }
-            json(
-                StatusCode::OK,
-                &T {
-                    name,
-                    access_token: token.expose(),
-                    token_type: "Bearer",
-                    expires_at: expires_at.map(rfc3339),
-                },
-            )
-        }
+        Ok((token, expires_at)) if wants_json => json(
+            StatusCode::OK,
+            &wire::Token {
+                name,
+                access_token: token.expose(),
+                token_type: "Bearer",
+                expires_at: expires_at.map(rfc3339),
+            },
+        ),
         Ok((token, _)) => text(StatusCode::OK, "text/plain", token.expose().to_owned()),
         Err(TokenError::Unknown) => unknown(name),
         Err(TokenError::NeedsReauthorization(why)) => {
@@ -275,7 +247,7 @@ async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
                 .unwrap_or_default();
             error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "needs_reauthorization",
+                ErrorCode::NeedsReauthorization,
                 format!(
                     "{name} needs re-authorization ({}): run 'tokend authorize {name} --provider {provider} --force'",
                     why.unwrap_or_else(|| "the grant is dead".into())
@@ -291,7 +263,11 @@ async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
                 ),
                 None => format!("no unexpired token for {name}, and refreshing failed ({why})"),
             };
-            error(StatusCode::SERVICE_UNAVAILABLE, "no_valid_token", message)
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::NoValidToken,
+                message,
+            )
         }
     }
 }

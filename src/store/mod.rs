@@ -76,37 +76,7 @@ impl From<rusqlite::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Where a credential stands (README "Credential states").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum State {
-    Valid,
-    Refreshing,
-    Retrying,
-    NeedsReauthorization,
-    Misconfigured,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Valid => "valid",
-            State::Refreshing => "refreshing",
-            State::Retrying => "retrying",
-            State::NeedsReauthorization => "needs_reauthorization",
-            State::Misconfigured => "misconfigured",
-        }
-    }
-
-    fn parse(s: &str) -> State {
-        match s {
-            "refreshing" => State::Refreshing,
-            "retrying" => State::Retrying,
-            "needs_reauthorization" => State::NeedsReauthorization,
-            "misconfigured" => State::Misconfigured,
-            _ => State::Valid,
-        }
-    }
-}
+pub use crate::wire::State;
 
 /// One stored credential. Instants are milliseconds since the Unix epoch.
 #[derive(Debug, Clone)]
