@@ -161,6 +161,15 @@ impl User {
     }
 }
 
+/// The groups the user database gives `uid` (getgrouplist), or none if the
+/// uid has no passwd entry (or it cannot be read).
+pub fn supplementary_groups(uid: u32, gid: u32) -> Vec<u32> {
+    match User::with_uid(uid) {
+        Ok(Some(user)) => user.groups(gid),
+        _ => Vec::new(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +216,7 @@ mod tests {
         assert_eq!((root.uid, root.gid), (0, 0));
         assert_eq!(User::with_uid(0).unwrap(), Some(root.clone()));
         assert!(root.groups(0).contains(&0));
+        assert_eq!(supplementary_groups(0, 0), root.groups(0));
         assert_eq!(User::named("no-such-user-tokend").unwrap(), None);
         assert_eq!(User::named("a\0b").unwrap(), None);
         assert_eq!(group_id("root").unwrap(), Some(0));

@@ -273,7 +273,7 @@ fn timeout(s: &str) -> Result<Duration, String> {
 }
 
 /// The longest lifetime `--expires-in` takes: ten years, as for the
-/// `expires_in` of a provider's answer (src/provider.rs caps it alike).
+/// `expires_in` of a provider's answer (src/provider/classify.rs caps it alike).
 /// Every instant in the store then stays far from what RFC 3339 can write
 /// (year 9999) and from where milliseconds overflow an i64.
 pub const MAX_EXPIRES_IN: u64 = 3650 * 86_400;

@@ -1,9 +1,12 @@
 //! Who is on the other end of a socket connection: SO_PEERCRED's uid and
-//! gid, plus that uid's supplementary groups, for the `[[access]]` rules.
+//! gid, plus that uid's supplementary groups (looked up in src/users.rs),
+//! for the `[[access]]` rules.
 
 use std::io;
 
 use tokio::net::UnixStream;
+
+use crate::users::supplementary_groups;
 
 /// The caller of a socket request.
 #[derive(Debug, Clone)]
@@ -45,13 +48,4 @@ impl Caller {
 pub fn own_uid() -> u32 {
     // SAFETY: geteuid cannot fail and has no preconditions.
     unsafe { libc::geteuid() }
-}
-
-/// The groups the user database gives `uid` (getgrouplist), or none if the
-/// uid has no passwd entry (or it cannot be read).
-fn supplementary_groups(uid: u32, gid: u32) -> Vec<u32> {
-    match crate::users::User::with_uid(uid) {
-        Ok(Some(user)) => user.groups(gid),
-        _ => Vec::new(),
-    }
 }
