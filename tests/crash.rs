@@ -23,6 +23,18 @@ const CREDENTIALS: [&str; 3] = ["alpha", "bravo", "charlie"];
 /// `TOKEND_CRASH_ITERATIONS` (e.g. 1000, with `--release`) for a longer soak.
 const DEFAULT_ITERATIONS: usize = 40;
 
+/// The seed of the kill delays: `TOKEND_CRASH_SEED=N` replays a run's
+/// delays (the seed is printed). The daemon's own timing still varies, so a
+/// replay lands the kills at the same moments, not on the same instruction.
+fn seed() -> u64 {
+    let seed = std::env::var("TOKEND_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("TOKEND_CRASH_SEED={seed}");
+    seed
+}
+
 /// What these tests compare of a credential's row.
 #[derive(Debug)]
 struct Stored {
@@ -157,6 +169,7 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
         env.import(name, true);
     }
 
+    let mut rng = fastrand::Rng::with_seed(seed());
     let started = Instant::now();
     let (mut kills, mut kills_mid_refresh, mut in_flight_marks) = (0usize, 0usize, 0usize);
     let mut lost: Vec<Lost> = Vec::new();
@@ -167,7 +180,7 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
         // whose client hung up during its latency, so a grant can be lost only
         // when the kill falls between its answer and the commit: a few
         // milliseconds. Most runs lose none; the test below forces that case.)
-        std::thread::sleep(Duration::from_millis(fastrand::u64(50..=1500)));
+        std::thread::sleep(Duration::from_millis(rng.u64(50..=1500)));
         d.kill9();
         drop(d);
         kills += 1;
