@@ -438,16 +438,22 @@ fn a_tls_handshake_failure_is_transient_keeps_the_token_and_backs_off() {
     });
 
     let times = failure_times(&env, &["kept", "due"], Duration::from_secs(8));
-    // One probe every 2 s, whichever credential makes it: 3 to 5 in 8 s.
+    // One probe every 2 s, whichever credential makes it: 4 in 8 s, at most
+    // 5. Each credential's own backoff (1 to 2 s) would send twice that, at
+    // gaps of well under a second. The daemon spaces its probes exactly
+    // (src/refresher/outage.rs); what is seen here is their failures as
+    // committed and polled, which a loaded machine delays: hence the
+    // generous margins below (benches/chaos.rs measures what an outage
+    // costs against the backoff's bound).
     assert!(
-        (3..=5).contains(&times.len()),
+        (2..=5).contains(&times.len()),
         "{} attempts in 8 s: {times:?}",
         times.len()
     );
     for w in times.windows(2) {
         let gap = w[1] - w[0];
         assert!(
-            (1500..=3000).contains(&gap),
+            (1000..=4500).contains(&gap),
             "attempts {gap} ms apart: {times:?}"
         );
     }
