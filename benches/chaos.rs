@@ -40,15 +40,15 @@
 //!
 //! Prints a Markdown report to stdout; BENCHMARKS.md holds the latest one.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::collections::BTreeMap;
-use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use tokend_fake_provider::{FakeProvider, Fault, FaultTarget, Knobs};
+use support::{Daemon, Env, Fault, FaultTarget, Knobs, QUIET_SWEEP, wait_for};
 
 /// PandaDoc's token lifetime: what the herd's tokens were issued with.
 const LIFETIME_SECS: i64 = 31_535_999;
@@ -105,118 +105,17 @@ fn main() {
     }
 }
 
-/// A daemon on its own temp directory, stopped (SIGTERM) on drop.
-struct Daemon {
-    child: Child,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("tokend.sock")
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGTERM);
-        }
-        let _ = self.child.wait();
-    }
-}
-
-/// Writes a config (no sinks, no validation sweep to speak of, `refresh`
-/// lines added to `[refresh]`), lets `rows` fill the database, and starts
-/// the daemon.
-fn start(
-    provider: &FakeProvider,
-    refresh: &str,
-    rows: impl FnOnce(&mut rusqlite::Connection),
-) -> (Daemon, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("state/tokend.db");
-    let secret = dir.path().join("secret");
-    fs::write(&secret, provider.client_secret()).unwrap();
-    let url = provider.url();
-    let config = dir.path().join("config.toml");
-    fs::write(
-        &config,
-        format!(
-            "database = \"{}\"\nsocket = \"{}/tokend.sock\"\n[refresh]\n\
-             validate_schedule = \"0 0 0 1 1 *\"\n{refresh}\n\
-             [providers.fake]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\
-             authorize_url = \"{url}/oauth2/authorize\"\ntoken_url = \"{url}/oauth2/access_token\"\n\
-             validate_url = \"{url}/public/v1/members/current\"\n",
-            db.display(),
-            dir.path().display(),
-            provider.client_id(),
-            secret.display()
-        ),
-    )
-    .unwrap();
-    // Let tokend create the file and its schema, then write the rows.
-    tokend::store::StoreConn::open(&db, true).unwrap();
-    rows(&mut rusqlite::Connection::open(&db).unwrap());
-    let child = Command::new(env!("CARGO_BIN_EXE_tokend"))
-        .arg("-c")
-        .arg(&config)
-        .arg("run")
-        .env("RUST_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    (Daemon { child, dir }, db)
-}
-
-/// Inserts credentials `user-00000`… from fresh grants, with `access` (an
-/// access token, its expiry and issue instant) or without (due at once).
-fn insert(
-    c: &mut rusqlite::Connection,
-    provider: &FakeProvider,
-    n: usize,
-    access: Option<(i64, i64)>,
-) {
-    let tx = c.transaction().unwrap();
-    let now = now_ms();
-    {
-        let mut st = tx
-            .prepare(
-                "INSERT INTO credentials (name, provider, access_token, refresh_token, scope,
-                   expires_at, issued_at, state, failures, last_validated_at, created_at,
-                   updated_at, version, rev)
-                 VALUES (?1, 'fake', ?2, ?3, 'read+write', ?4, ?5, 'valid', 0, ?6, ?6, ?6, 1, 1)",
-            )
-            .unwrap();
-        for i in 0..n {
-            let g = provider.mint_grant(provider.client_id(), "read+write");
-            let (token, expires, issued) = match access {
-                Some((expires, issued)) => (Some(g.access_token), Some(expires), issued),
-                None => (None, None, now),
-            };
-            st.execute(rusqlite::params![
-                format!("user-{i:05}"),
-                token,
-                g.refresh_token,
-                expires,
-                issued,
-                now
-            ])
-            .unwrap();
-        }
-    }
-    tx.commit().unwrap();
-}
-
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// A bench environment (the fake provider with `knobs`; a config with no
+/// sinks, no validation sweep to speak of, and `refresh` lines added to
+/// `[refresh]`), its store filled by `fill`, and a daemon started on it.
+fn start(knobs: Knobs, refresh: &str, fill: impl FnOnce(&Env)) -> (Env, Daemon) {
+    let env = Env::bench(knobs);
+    env.write_config(&format!("[refresh]\n{QUIET_SWEEP}\n{refresh}\n"), "");
+    fill(&env);
+    let daemon = Daemon::start_with(&env, "chaos", |cmd, _| {
+        cmd.env("RUST_LOG", "error").stderr(Stdio::inherit());
+    });
+    (env, daemon)
 }
 
 /// The value at quantile `q` of sorted `v`.
@@ -226,7 +125,6 @@ fn quantile<T: Copy>(v: &[T], q: f64) -> T {
 
 fn herd_spread(n: usize, lead: Duration) {
     let p0 = now_ms();
-    let provider = FakeProvider::start(Knobs::default()).unwrap();
     let lead_ms = lead.as_millis() as i64;
     // All expire in the same second; the earliest refresh (jitter 1: a
     // quarter of the lead early) is due 5 s after the daemon starts.
@@ -239,14 +137,25 @@ fn herd_spread(n: usize, lead: Duration) {
         humantime::format_duration(lead),
         humantime::format_duration(lead.min(Duration::from_secs(60)))
     );
-    let (daemon, _db) = start(&provider, &refresh, |c| {
-        insert(c, &provider, n, Some((expires, issued)))
+    let (env, daemon) = start(Knobs::default(), &refresh, |env| {
+        env.seed(n, Some(expires));
+        // Raw SQL on purpose (Env::raw_store): these tokens were issued a
+        // lifetime before they expire, and validated; an import stores
+        // neither (it takes now as the start of the lifetime, and leaves
+        // the validation to the daemon, a thousand requests at start-up).
+        env.raw_store()
+            .execute(
+                "UPDATE credentials SET issued_at = ?1, last_validated_at = ?2",
+                [issued, now_ms()],
+            )
+            .unwrap();
     });
+    let provider = &env.provider;
     let window = lead / 4;
-    wait(
+    wait_for(
         "every credential refreshed",
         window + Duration::from_secs(120),
-        || provider.stats().refreshes_ok as usize >= n,
+        || (provider.stats().refreshes_ok as usize >= n).then_some(()),
     );
     drop(daemon);
     // Request records are in ms since the provider started (just after p0).
@@ -390,23 +299,9 @@ struct Call {
 /// One HTTP/1.1 request over the daemon's Unix socket, on a connection of
 /// its own: the status and the body.
 fn socket_request(socket: &Path, method: &str, path: &str) -> std::io::Result<(u16, String)> {
-    let mut s = UnixStream::connect(socket)?;
     // A call that starts or joins a refresh waits for it (request_timeout).
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no status line in {text:?}")))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Ok((status, body.to_owned()))
+    support::socket_request(socket, method, path, &[], b"", Duration::from_secs(120))
+        .map(|r| (r.status, r.text()))
 }
 
 /// Reads each of the `n` credentials' tokens every `read_every`, one
@@ -486,21 +381,22 @@ fn outage_requests(
     traffic: OnDemand,
 ) {
     let p0 = Instant::now();
-    let provider = FakeProvider::start(Knobs {
+    let knobs = Knobs {
         fault: Some(Fault::Status503),
         fault_on: FaultTarget::Both,
         ..Knobs::default()
-    })
-    .unwrap();
+    };
     let provider_ms = || p0.elapsed().as_millis() as u64;
     let refresh = format!(
         "retry_initial = \"{}\"\nretry_max = \"{}\"",
         humantime::format_duration(initial),
         humantime::format_duration(max)
     );
-    let (daemon, db) = start(&provider, &refresh, |c| insert(c, &provider, n, None));
-    wait("the first request", Duration::from_secs(60), || {
-        provider.stats().token_requests > 0
+    // Each needs a refresh now (no access token).
+    let (env, daemon) = start(knobs, &refresh, |env| env.seed(n, None));
+    let provider = &env.provider;
+    wait_for("the first request", Duration::from_secs(60), || {
+        (provider.stats().token_requests > 0).then_some(())
     });
     let first = provider.requests()[0].at_ms;
     eprintln!(
@@ -508,7 +404,7 @@ fn outage_requests(
         humantime::format_duration(window)
     );
     let calls = on_demand(
-        &daemon.socket(),
+        &env.socket,
         n,
         traffic,
         provider_ms,
@@ -540,22 +436,21 @@ fn outage_requests(
     };
     let (open_reads, open_forced) = (open(false), open(true));
     let in_window = in_window.len();
-    let failures: Vec<u32> = {
-        let c = rusqlite::Connection::open(&db).unwrap();
-        c.busy_timeout(Duration::from_secs(10)).unwrap();
-        let mut st = c.prepare("SELECT failures FROM credentials").unwrap();
-        st.query_map([], |r| r.get(0))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
-    };
+    let failures: Vec<u32> = env
+        .store()
+        .unwrap()
+        .load_all()
+        .unwrap()
+        .iter()
+        .map(|c| c.failures)
+        .collect();
     let max_failures = failures.iter().copied().max().unwrap_or(0);
     let cap = tokend::refresher::backoff(max_failures, initial, max, None, 1.0);
     eprintln!("outage over; waiting for recovery (at most {cap:?})");
-    wait(
+    wait_for(
         "every credential recovered",
         cap + Duration::from_secs(60),
-        || provider.stats().refreshes_ok as usize >= n,
+        || (provider.stats().refreshes_ok as usize >= n).then_some(()),
     );
     drop(daemon);
     let mut recovery: Vec<u64> = provider

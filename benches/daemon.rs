@@ -16,15 +16,17 @@
 //! TOKEND_BENCH_IDLE_SECS (default 60). Prints a Markdown report to stdout;
 //! BENCHMARKS.md holds the latest one.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::collections::HashMap;
 use std::fs;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use tokend_fake_provider::{FakeProvider, Knobs};
+use support::{Daemon, Env, FakeProvider, Knobs, QUIET_SWEEP, wait_for};
 
 const LATENCY_MS: u64 = 20;
 const CONCURRENCY: usize = 64;
@@ -184,62 +186,34 @@ struct Idle {
 }
 
 fn sweep(n: usize, with_sink: bool, idle_secs: u64) -> SweepResult {
-    let provider = FakeProvider::start(Knobs {
+    let env = Env::bench(Knobs {
         latency_ms: LATENCY_MS,
         ..Knobs::default()
-    })
-    .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("state/tokend.db");
-    let secret = dir.path().join("secret");
-    fs::write(&secret, provider.client_secret()).unwrap();
-    let url = provider.url();
+    });
     let sink = if with_sink {
-        format!(
-            "[[sinks]]\npath = \"{}/tokens/{{name}}\"\nformat = \"raw\"\nmode = \"0640\"\n",
-            dir.path().display()
-        )
+        env.sink("raw", "0640")
     } else {
         String::new()
     };
-    let config = dir.path().join("config.toml");
-    fs::write(
-        &config,
-        format!(
-            "database = \"{}\"\nsocket = \"{}/tokend.sock\"\n[refresh]\nmax_concurrency = {CONCURRENCY}\n\
-             validate_schedule = \"0 0 0 1 1 *\"\n\
-             [providers.fake]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\
-             authorize_url = \"{url}/oauth2/authorize\"\ntoken_url = \"{url}/oauth2/access_token\"\n\
-             validate_url = \"{url}/public/v1/members/current\"\n{sink}",
-            db.display(),
-            dir.path().display(),
-            provider.client_id(),
-            secret.display()
-        ),
-    )
-    .unwrap();
-    seed(&db, &provider, n);
+    env.write_config(
+        &format!("[refresh]\nmax_concurrency = {CONCURRENCY}\n{QUIET_SWEEP}\n"),
+        &sink,
+    );
+    // Each needs a refresh now (no access token). One transaction: importing
+    // ten thousand one by one would only time our fsyncs.
+    env.seed(n, None);
 
-    let bin = env!("CARGO_BIN_EXE_tokend");
-    let mut child = Command::new(bin)
-        .arg("-c")
-        .arg(&config)
-        .arg("run")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut daemon = Daemon::start_with(&env, "bench", |cmd, _| {
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
+    });
     let started = Instant::now();
-    wait("the first refresh request", Duration::from_secs(60), || {
-        provider.stats().refresh_requests > 0
+    wait_for("the first refresh request", Duration::from_secs(60), || {
+        (env.provider.stats().refresh_requests > 0).then_some(())
     });
     let first = Instant::now();
-    let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    wait("every refresh committed", Duration::from_secs(300), || {
-        committed(&conn) >= n
+    let conn = env.raw_store();
+    wait_for("every refresh committed", Duration::from_secs(300), || {
+        (committed(&conn) >= n).then_some(())
     });
     let sweep = first.elapsed();
     eprintln!(
@@ -248,23 +222,21 @@ fn sweep(n: usize, with_sink: bool, idle_secs: u64) -> SweepResult {
         (first - started).as_secs_f64(),
         sweep.as_secs_f64()
     );
-    assert_eq!(
-        provider.stats().refreshes_ok as usize,
-        n,
-        "one refresh each"
-    );
-    assert_eq!(provider.stats().reuse_detected, 0);
+    let stats = env.provider.stats();
+    assert_eq!(stats.refreshes_ok as usize, n, "one refresh each");
+    assert_eq!(stats.reuse_detected, 0);
     if with_sink {
-        let files = fs::read_dir(dir.path().join("tokens")).unwrap().count();
-        wait("every file written", Duration::from_secs(60), || {
-            fs::read_dir(dir.path().join("tokens")).unwrap().count() >= n
+        let count = || fs::read_dir(&env.tokens).unwrap().count();
+        let files = count();
+        wait_for("every file written", Duration::from_secs(60), || {
+            (count() >= n).then_some(())
         });
         eprintln!("files written at commit time: {files}");
     }
-    let pid = child.id();
+    let pid = daemon.child.id();
     let (rss_mib, hwm_mib) = memory(pid);
     let idle = (idle_secs > 0).then(|| idle(pid, Duration::from_secs(idle_secs)));
-    stop(&mut child);
+    daemon.stop();
     SweepResult {
         sweep,
         rss_mib,
@@ -273,39 +245,10 @@ fn sweep(n: usize, with_sink: bool, idle_secs: u64) -> SweepResult {
     }
 }
 
-/// Writes `n` credentials that need a refresh now (no access token), the
-/// way `tokend import` stores them, in one transaction: importing ten
-/// thousand one by one would only time our fsyncs.
-fn seed(db: &Path, provider: &FakeProvider, n: usize) {
-    // Let tokend create the file and its schema.
-    tokend::store::StoreConn::open(db, true).unwrap();
-    let mut conn = rusqlite::Connection::open(db).unwrap();
-    let tx = conn.transaction().unwrap();
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    {
-        let mut st = tx
-            .prepare(
-                "INSERT INTO credentials (name, provider, refresh_token, scope, issued_at, state,
-                   failures, created_at, updated_at, version, rev)
-                 VALUES (?1, 'fake', ?2, 'read+write', ?3, 'valid', 0, ?3, ?3, 1, 1)",
-            )
-            .unwrap();
-        for i in 0..n {
-            let g = provider.mint_grant(provider.client_id(), "read+write");
-            st.execute(rusqlite::params![
-                format!("user-{i:05}"),
-                g.refresh_token,
-                now
-            ])
-            .unwrap();
-        }
-    }
-    tx.commit().unwrap();
-}
-
+/// Credentials whose refresh is committed. Raw SQL on purpose
+/// (`Env::raw_store`): a count, polled while the daemon works, where
+/// loading every row through the store each time would weigh on what is
+/// measured.
 fn committed(conn: &rusqlite::Connection) -> usize {
     conn.query_row(
         "SELECT count(*) FROM credentials
@@ -314,14 +257,6 @@ fn committed(conn: &rusqlite::Connection) -> usize {
         |r| r.get::<_, i64>(0),
     )
     .unwrap_or(0) as usize
-}
-
-fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// (VmRSS, VmHWM) in MiB.
@@ -387,12 +322,4 @@ fn idle(pid: u32, window: Duration) -> Idle {
         cpu_per_hour: cpu_ns as f64 / 1e9 * 3600.0 / secs,
         switches_per_minute: switches as f64 * 60.0 / secs,
     }
-}
-
-fn stop(child: &mut Child) {
-    // SAFETY: kill(2) on our own child.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-    let _ = child.wait();
 }

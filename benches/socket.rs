@@ -12,14 +12,17 @@
 //! alternating rounds of each).
 //! BENCHMARKS.md holds the latest report.
 
+#[path = "../tests/support/mod.rs"]
+mod support;
+
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokend_fake_provider::{FakeProvider, Knobs};
+use support::{Daemon, Env, Knobs, bin, import_expiring, wait_serving};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -38,52 +41,25 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let window = Duration::from_secs(secs);
-    let dir = tempfile::tempdir().unwrap();
+    // tokend with one credential, its config's defaults, no sinks.
+    let env = Env::bench(Knobs::default());
+    env.write_config("", "");
 
     // The baseline: a constant 40-byte answer.
-    let base_sock = dir.path().join("baseline.sock");
+    let base_sock = env.dir.path().join("baseline.sock");
     let mut base = Command::new(std::env::current_exe().unwrap())
         .arg(BASELINE_FLAG)
         .arg(&base_sock)
         .spawn()
         .unwrap();
-    wait_for_socket(&base_sock);
+    wait_serving(&base_sock, Duration::from_secs(30));
 
-    // tokend with one credential.
-    let provider = FakeProvider::start(Knobs::default()).unwrap();
-    let (config, sock) = tokend_config(dir.path(), &provider);
-    let g = provider.mint_grant(provider.client_id(), "read+write");
-    let access = dir.path().join("access");
-    fs::write(&access, &g.access_token).unwrap();
-    let rt_file = dir.path().join("refresh");
-    fs::write(&rt_file, &g.refresh_token).unwrap();
-    let bin = env!("CARGO_BIN_EXE_tokend");
-    let ok = Command::new(bin)
-        .args([
-            "-c",
-            config.to_str().unwrap(),
-            "import",
-            "bench",
-            "--provider",
-            "fake",
-        ])
-        .args(["--refresh-token", rt_file.to_str().unwrap()])
-        .args([
-            "--access-token",
-            access.to_str().unwrap(),
-            "--expires-in",
-            "31535999",
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let mut daemon = Command::new(bin)
-        .args(["-c", config.to_str().unwrap(), "run"])
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
-    wait_for_socket(&sock);
+    import_expiring(&env, "bench", 31_535_999);
+    let mut daemon = Daemon::start_with(&env, "bench", |cmd, _| {
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
+    });
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(30));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -130,7 +106,8 @@ fn main() {
     // CLI recognises before clap; `token NAME -c PATH` goes through clap
     // (src/cli/mod.rs, token_fast_path), shown for what that costs.
     let runs = 400;
-    let config = config.to_str().unwrap();
+    let bin = bin();
+    let config = env.config_path.to_str().unwrap();
     let (mut true_t, mut token_t, mut clap_t) = (Vec::new(), Vec::new(), Vec::new());
     let token = |args: &[&str]| {
         let t = Instant::now();
@@ -162,43 +139,12 @@ fn main() {
         );
     }
     println!();
-    kill(&mut daemon);
+    daemon.stop();
     kill(&mut base);
 }
 
 fn us(d: Duration) -> String {
     format!("{:.0} µs", d.as_secs_f64() * 1e6)
-}
-
-fn tokend_config(dir: &Path, provider: &FakeProvider) -> (PathBuf, PathBuf) {
-    let secret = dir.join("secret");
-    fs::write(&secret, provider.client_secret()).unwrap();
-    let sock = dir.join("tokend.sock");
-    let url = provider.url();
-    let config = dir.join("config.toml");
-    fs::write(
-        &config,
-        format!(
-            "database = \"{}/state/tokend.db\"\nsocket = \"{}\"\n\
-             [providers.fake]\nclient_id = \"{}\"\nclient_secret_file = \"{}\"\n\
-             authorize_url = \"{url}/oauth2/authorize\"\ntoken_url = \"{url}/oauth2/access_token\"\n\
-             validate_url = \"{url}/public/v1/members/current\"\n",
-            dir.display(),
-            sock.display(),
-            provider.client_id(),
-            secret.display()
-        ),
-    )
-    .unwrap();
-    (config, sock)
-}
-
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(path).is_err() {
-        assert!(Instant::now() < deadline, "no server at {}", path.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 fn kill(child: &mut Child) {

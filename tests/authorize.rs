@@ -254,16 +254,6 @@ fn published(env: &Env, name: &str) -> Option<()> {
     (row.state == "valid" && Some(token) == row.access_token).then_some(())
 }
 
-fn events(env: &Env, name: &str, kind: &str) -> i64 {
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.query_row(
-        "SELECT count(*) FROM events WHERE name = ?1 AND kind = ?2",
-        [name, kind],
-        |r| r.get(0),
-    )
-    .unwrap()
-}
-
 /// The provider's records of one endpoint.
 fn records(env: &Env, endpoint: &str) -> Vec<RequestRecord> {
     env.provider
@@ -319,7 +309,7 @@ fn the_browser_flow_stores_a_credential_that_the_running_daemon_publishes_and_re
     assert_eq!(row.state, "valid");
     let first = row.access_token.unwrap();
     assert!(env.provider.access_token_valid(&first));
-    assert_eq!(events(&env, "bot", "authorized"), 1);
+    assert_eq!(env.events("bot", "authorized"), 1);
     // The daemon picks the new row up by itself, publishes it, and
     // refreshes it when it is due (the tokens live 4 s).
     wait_for("the token file", PATIENCE, || published(&env, "bot"));

@@ -23,7 +23,19 @@ const CREDENTIALS: [&str; 3] = ["alpha", "bravo", "charlie"];
 /// `TOKEND_CRASH_ITERATIONS` (e.g. 1000, with `--release`) for a longer soak.
 const DEFAULT_ITERATIONS: usize = 40;
 
-/// One credential's row as the database holds it, read straight from SQLite.
+/// The seed of the kill delays: `TOKEND_CRASH_SEED=N` replays a run's
+/// delays (the seed is printed). The daemon's own timing still varies, so a
+/// replay lands the kills at the same moments, not on the same instruction.
+fn seed() -> u64 {
+    let seed = std::env::var("TOKEND_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("TOKEND_CRASH_SEED={seed}");
+    seed
+}
+
+/// What these tests compare of a credential's row.
 #[derive(Debug)]
 struct Stored {
     access_token: Option<String>,
@@ -45,46 +57,22 @@ impl Stored {
     }
 }
 
-fn open_db(env: &Env) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
-    c
-}
-
+/// A credential's row, as the store reads it.
 fn stored(env: &Env, name: &str) -> Stored {
-    open_db(env)
-        .query_row(
-            "SELECT access_token, refresh_token, state, last_error, refresh_started_at
-             FROM credentials WHERE name = ?1",
-            [name],
-            |r| {
-                Ok(Stored {
-                    access_token: r.get(0)?,
-                    refresh_token: r.get(1)?,
-                    state: r.get(2)?,
-                    last_error: r.get(3)?,
-                    refresh_started_at: r.get(4)?,
-                })
-            },
-        )
-        .unwrap_or_else(|e| panic!("no row for {name}: {e}"))
-}
-
-fn events(env: &Env, name: &str, kind: &str) -> i64 {
-    open_db(env)
-        .query_row(
-            "SELECT count(*) FROM events WHERE name = ?1 AND kind = ?2",
-            [name, kind],
-            |r| r.get(0),
-        )
-        .unwrap()
+    let c = env
+        .credential(name)
+        .unwrap_or_else(|| panic!("no row for {name}"));
+    Stored {
+        access_token: c.access_token.map(|t| t.expose().to_owned()),
+        refresh_token: c.refresh_token.expose().to_owned(),
+        state: c.state.as_str().to_owned(),
+        last_error: c.last_error,
+        refresh_started_at: c.refresh_started_at,
+    }
 }
 
 fn assert_integrity(env: &Env, when: &str) {
-    let result: String = open_db(env)
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(result, "ok", "database integrity {when}");
+    assert_eq!(env.integrity_check(), "ok", "database integrity {when}");
 }
 
 /// The fake provider's access tokens: "fat_" and 40 lowercase hex digits.
@@ -181,6 +169,7 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
         env.import(name, true);
     }
 
+    let mut rng = fastrand::Rng::with_seed(seed());
     let started = Instant::now();
     let (mut kills, mut kills_mid_refresh, mut in_flight_marks) = (0usize, 0usize, 0usize);
     let mut lost: Vec<Lost> = Vec::new();
@@ -191,7 +180,7 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
         // whose client hung up during its latency, so a grant can be lost only
         // when the kill falls between its answer and the commit: a few
         // milliseconds. Most runs lose none; the test below forces that case.)
-        std::thread::sleep(Duration::from_millis(fastrand::u64(50..=1500)));
+        std::thread::sleep(Duration::from_millis(rng.u64(50..=1500)));
         d.kill9();
         drop(d);
         kills += 1;
@@ -278,7 +267,7 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
             let g = env.provider.grant(l.grant_id).unwrap();
             assert!(!g.alive, "{}: reported, but its grant is alive", l.name);
             assert!(
-                events(&env, l.name, "refresh_interrupted") >= 1,
+                env.events(l.name, "refresh_interrupted") >= 1,
                 "{}: no refresh_interrupted event",
                 l.name
             );
@@ -569,7 +558,7 @@ fn a_kill_after_the_provider_rotated_is_detected_and_reported() {
         "a previous refresh of this credential never finished",
         Duration::from_secs(10),
     );
-    assert_eq!(events(&env, "bot", "refresh_interrupted"), 1);
+    assert_eq!(env.events("bot", "refresh_interrupted"), 1);
     assert!(!env.provider.grant(g.grant_id).unwrap().alive);
     // Tried once, not again and again.
     let stats = env.provider.stats();

@@ -60,25 +60,6 @@ fn is_root() -> bool {
 
 // ---- the database locked by another process ----
 
-/// Another process's write transaction on the database, as a `sqlite3`
-/// shell holds it after `BEGIN EXCLUSIVE`; rolled back on drop.
-struct DbLock(rusqlite::Connection);
-
-impl DbLock {
-    fn take(db: &Path) -> DbLock {
-        let c = rusqlite::Connection::open(db).unwrap();
-        c.busy_timeout(BUSY_TIMEOUT).unwrap();
-        c.execute_batch("BEGIN EXCLUSIVE").unwrap();
-        DbLock(c)
-    }
-}
-
-impl Drop for DbLock {
-    fn drop(&mut self) {
-        let _ = self.0.execute_batch("ROLLBACK");
-    }
-}
-
 /// Invariant 1 of docs/design.md under a busy store: a write lock held by another
 /// process for longer than the busy timeout, first while a refresh is due,
 /// then while the refresh request is in flight (the provider has rotated,
@@ -94,7 +75,7 @@ fn a_database_locked_by_another_process_delays_a_refresh_but_loses_nothing() {
     // No access token: a refresh is due the moment the daemon starts.
     let g = env.import("bot", false);
 
-    let lock = DbLock::take(&env.db);
+    let lock = env.lock_store(BUSY_TIMEOUT);
     let locked = Instant::now();
     let mut d = env.start();
     // Loading the credentials only reads: start-up does not wait for the lock.
@@ -117,7 +98,7 @@ fn a_database_locked_by_another_process_delays_a_refresh_but_loses_nothing() {
     wait_for("the refresh request", Duration::from_secs(15), || {
         (env.provider.stats().refresh_requests == 1).then_some(())
     });
-    let lock = DbLock::take(&env.db);
+    let lock = env.lock_store(BUSY_TIMEOUT);
     d.wait_log(
         "cannot store the refreshed token pair; retrying",
         Duration::from_secs(15),
@@ -457,16 +438,22 @@ fn a_tls_handshake_failure_is_transient_keeps_the_token_and_backs_off() {
     });
 
     let times = failure_times(&env, &["kept", "due"], Duration::from_secs(8));
-    // One probe every 2 s, whichever credential makes it: 3 to 5 in 8 s.
+    // One probe every 2 s, whichever credential makes it: 4 in 8 s, at most
+    // 5. Each credential's own backoff (1 to 2 s) would send twice that, at
+    // gaps of well under a second. The daemon spaces its probes exactly
+    // (src/refresher/outage.rs); what is seen here is their failures as
+    // committed and polled, which a loaded machine delays: hence the
+    // generous margins below (benches/chaos.rs measures what an outage
+    // costs against the backoff's bound).
     assert!(
-        (3..=5).contains(&times.len()),
+        (2..=5).contains(&times.len()),
         "{} attempts in 8 s: {times:?}",
         times.len()
     );
     for w in times.windows(2) {
         let gap = w[1] - w[0];
         assert!(
-            (1500..=3000).contains(&gap),
+            (1000..=4500).contains(&gap),
             "attempts {gap} ms apart: {times:?}"
         );
     }
@@ -477,15 +464,11 @@ fn a_tls_handshake_failure_is_transient_keeps_the_token_and_backs_off() {
         "{error}"
     );
     assert_eq!(due.access_token, None);
-    let in_flight: Option<i64> = rusqlite::Connection::open(&env.db)
-        .unwrap()
-        .query_row(
-            "SELECT refresh_started_at FROM credentials WHERE name = 'due'",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
-    assert_eq!(in_flight, None, "a failed handshake sent nothing");
+    assert_eq!(
+        env.credential("due").unwrap().refresh_started_at,
+        None,
+        "a failed handshake sent nothing"
+    );
 
     let k = env.row("kept").unwrap();
     assert_eq!(k.state, "retrying");

@@ -44,30 +44,6 @@ fn wait_committed(env: &Env, grant_id: u64, name: &str) {
     });
 }
 
-/// A column of a credential's row that `Env::row` does not read.
-fn column<T: rusqlite::types::FromSql>(env: &Env, name: &str, column: &str) -> T {
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
-    c.query_row(
-        &format!("SELECT {column} FROM credentials WHERE name = ?1"),
-        [name],
-        |r| r.get(0),
-    )
-    .unwrap()
-}
-
-/// How many events of `kind` the store holds for `name`.
-fn events(env: &Env, name: &str, kind: &str) -> i64 {
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.busy_timeout(Duration::from_secs(10)).unwrap();
-    c.query_row(
-        "SELECT COUNT(*) FROM events WHERE name = ?1 AND kind = ?2",
-        [name, kind],
-        |r| r.get(0),
-    )
-    .unwrap()
-}
-
 /// Sends a request over the socket and returns the open connection without
 /// reading anything: dropping it hangs up, as `curl --max-time 1` does.
 fn send_and_hold(socket: &Path, method: &str, path: &str) -> UnixStream {
@@ -217,15 +193,6 @@ fn second_daemon(env: &Env) -> (Daemon, PathBuf) {
     (d, socket)
 }
 
-/// Another process's write transaction, as a `sqlite3` shell holds it.
-struct DbLock(rusqlite::Connection);
-
-impl Drop for DbLock {
-    fn drop(&mut self) {
-        let _ = self.0.execute_batch("ROLLBACK");
-    }
-}
-
 #[test]
 fn a_holder_whose_lease_passed_on_stores_nothing() {
     let env = Env::bare(Knobs::default());
@@ -257,11 +224,7 @@ fn a_holder_whose_lease_passed_on_stores_nothing() {
     });
     // Someone holds the database, so A's commit of the rotated pair waits;
     // then A stalls (a VM paused, a swap storm) past its lease.
-    let lock = {
-        let c = rusqlite::Connection::open(&env.db).unwrap();
-        c.execute_batch("BEGIN EXCLUSIVE").unwrap();
-        DbLock(c)
-    };
+    let lock = env.lock_store(Duration::from_secs(5));
     a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
     a.signal(libc::SIGSTOP);
     drop(lock);
@@ -282,7 +245,7 @@ fn a_holder_whose_lease_passed_on_stores_nothing() {
     a.signal(libc::SIGCONT);
     a.wait_log("lease had expired and passed to another holder", PATIENCE);
     wait_for("the lease_lost event", PATIENCE, || {
-        (events(&env, "bot", "lease_lost") == 1).then_some(())
+        (env.events("bot", "lease_lost") == 1).then_some(())
     });
     let row = env.row("bot").unwrap();
     assert_eq!(row.state, "needs_reauthorization");
@@ -537,29 +500,12 @@ fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
     wait_for("the re-validation", PATIENCE, || {
         (env.provider.stats().validations == 2).then_some(())
     });
-    {
-        let c = rusqlite::Connection::open(&env.db).unwrap();
-        c.busy_timeout(Duration::from_secs(10)).unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
-        c.execute_batch(&format!(
-            "BEGIN IMMEDIATE;
-             UPDATE credentials SET refresh_started_at = {now},
-                state = 'refreshing', rev = rev + 1 WHERE name = 'bot';
-             INSERT OR REPLACE INTO leases (name, holder, expires_at)
-                VALUES ('bot', 'peer-host/1/1', {});
-             COMMIT;",
-            now + 600_000
-        ))
-        .unwrap();
-    }
+    env.take_lease("bot", "peer-host/1/1", Duration::from_secs(600));
     d.wait_log("transient failure; will retry", PATIENCE);
     wait_for("the failure in the store", PATIENCE, || {
-        (events(&env, "bot", "validation_failed") == 1).then_some(())
+        (env.events("bot", "validation_failed") == 1).then_some(())
     });
-    let mark: Option<i64> = column(&env, "bot", "refresh_started_at");
+    let mark = env.credential("bot").unwrap().refresh_started_at;
     assert!(mark.is_some(), "the validation cleared the peer's mark");
     drop(d);
 }

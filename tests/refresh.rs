@@ -21,35 +21,6 @@ fn refresh_section(request_timeout: &str, retry_initial: &str, retry_max: &str) 
     )
 }
 
-/// The database, opened the way a curious operator would (sqlite3 on the file).
-fn db(env: &Env) -> rusqlite::Connection {
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    c
-}
-
-/// How many events of `kind` the store recorded for `name`.
-fn events(env: &Env, name: &str, kind: &str) -> i64 {
-    db(env)
-        .query_row(
-            "SELECT count(*) FROM events WHERE name = ?1 AND kind = ?2",
-            [name, kind],
-            |r| r.get(0),
-        )
-        .unwrap()
-}
-
-/// One nullable integer column of a credential's row.
-fn column(env: &Env, name: &str, col: &str) -> Option<i64> {
-    db(env)
-        .query_row(
-            &format!("SELECT {col} FROM credentials WHERE name = ?1"),
-            [name],
-            |r| r.get(0),
-        )
-        .unwrap()
-}
-
 fn row(env: &Env, name: &str) -> Row {
     env.row(name).unwrap_or_else(|| panic!("no row for {name}"))
 }
@@ -209,7 +180,7 @@ fn short_lived_tokens_rotate_and_every_rotation_is_published_once() {
         1 + info.rotations,
         "one DB commit per rotation"
     );
-    assert_eq!(events(&env, "bot", "refreshed") as u64, info.rotations);
+    assert_eq!(env.events("bot", "refreshed") as u64, info.rotations);
     assert_eq!(stats.reuse_detected, 0);
     assert!(info.alive);
 }
@@ -244,7 +215,7 @@ fn a_rejected_access_token_is_refreshed_at_once() {
     let stats = env.provider.stats();
     assert_eq!(stats.refreshes_ok, 1);
     assert_eq!(stats.refresh_requests, 1);
-    assert_eq!(events(&env, "bot", "refreshed"), 1);
+    assert_eq!(env.events("bot", "refreshed"), 1);
     drop(d);
 }
 
@@ -290,7 +261,7 @@ fn transient_validation_failure_keeps_the_token(fault: Fault, expect_in_error: &
         error.contains(expect_in_error),
         "{fault:?}: last_error {error:?} should mention {expect_in_error:?}"
     );
-    assert!(events(&env, "bot", "validation_failed") >= 2);
+    assert!(env.events("bot", "validation_failed") >= 2);
     d.wait_log("transient failure; will retry", Duration::from_secs(5));
     // Every validation so far met the fault: none was answered for real.
     let failed: Vec<_> = env
@@ -321,7 +292,7 @@ fn transient_validation_failure_keeps_the_token(fault: Fault, expect_in_error: &
         "{fault:?}: no refresh was attempted"
     );
     assert!(stats.validations_ok >= 1);
-    assert_eq!(events(&env, "bot", "refreshed"), 0);
+    assert_eq!(env.events("bot", "refreshed"), 0);
     drop(d);
 }
 
@@ -533,7 +504,7 @@ fn invalid_grant_stops_the_credential_and_removes_its_files() {
         Duration::from_secs(5),
         || (!env.token_file("bot").exists()).then_some(()),
     );
-    assert_eq!(events(&env, "bot", "needs_reauthorization"), 1);
+    assert_eq!(env.events("bot", "needs_reauthorization"), 1);
     d.wait_log("credential stopped", Duration::from_secs(5));
     let listed = list(&env);
     assert_eq!(listed[0].0, "bot");
@@ -603,7 +574,7 @@ fn invalid_client_is_misconfigured_without_a_retry_loop() {
     assert_eq!(env.provider.requests().len(), requests);
     let r = row(&env, "bot");
     assert_eq!(r.state, "misconfigured");
-    assert_eq!(events(&env, "bot", "misconfigured"), 1);
+    assert_eq!(env.events("bot", "misconfigured"), 1);
     drop(d);
 }
 
@@ -641,7 +612,7 @@ fn a_credential_imported_while_running_is_picked_up() {
     wait_for(
         "the second credential's validation",
         Duration::from_secs(10),
-        || column(&env, "second", "last_validated_at").map(|_| ()),
+        || env.credential("second")?.last_validated_at.map(|_| ()),
     );
     assert_eq!(
         row(&env, "third").access_token.as_deref(),
@@ -754,7 +725,7 @@ fn two_daemons_on_one_database_rotate_each_token_exactly_once() {
         assert_eq!(r.refresh_token, info.refresh_token, "{name}: nothing lost");
         assert_eq!(r.access_token.as_deref(), Some(info.access_token.as_str()));
         assert_eq!(
-            events(&env, name, "refreshed") as u64,
+            env.events(name, "refreshed") as u64,
             info.rotations,
             "{name}: one commit per rotation"
         );
@@ -801,7 +772,7 @@ fn sigterm_lets_a_refresh_in_flight_commit() {
     );
     assert_eq!(r.access_token.as_deref(), Some(info.access_token.as_str()));
     assert_eq!(r.state, "valid");
-    assert_eq!(column(&env, "bot", "refresh_started_at"), None);
+    assert_eq!(env.credential("bot").unwrap().refresh_started_at, None);
     assert_eq!(
         env.read_token("bot").as_deref(),
         Some(info.access_token.as_str())

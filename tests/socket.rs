@@ -637,6 +637,9 @@ fn garbage(len: usize, mut seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// How much a daemon's RSS may grow under the hostile clients' storm.
+const RSS_GROWTH_KIB: u64 = 64 * 1024;
+
 fn rss_kib(pid: i32) -> u64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -779,9 +782,12 @@ fn hostile_clients_do_not_stop_a_well_behaved_one() {
     eprintln!(
         "served {served} reads during the storm, slowest {slowest:?}; RSS {rss_before} kB before, {max_rss} kB at most"
     );
+    // Against buffers that grow with what hostile clients send (about 6 MB
+    // here) or with their number: a generous bound on the growth, not a
+    // figure (the daemon's memory is measured in benches/daemon.rs).
     assert!(
-        max_rss < 100 * 1024,
-        "the daemon's RSS grew to {max_rss} kB"
+        max_rss < rss_before + RSS_GROWTH_KIB,
+        "the daemon's RSS grew from {rss_before} to {max_rss} kB"
     );
 
     // The silent ones are dropped by the daemon (headers within 10 s).
@@ -834,8 +840,8 @@ fn hostile_clients_do_not_stop_a_well_behaved_one() {
     assert_eq!(r.status, 200);
     let rss_after = rss_kib(pid);
     assert!(
-        rss_after < 100 * 1024,
-        "RSS after the storm: {rss_after} kB"
+        rss_after < rss_before + RSS_GROWTH_KIB,
+        "RSS after the storm: {rss_after} kB, {rss_before} kB before"
     );
     drop(d);
 }
@@ -1407,8 +1413,11 @@ fn a_socket_path_that_is_a_symlink_is_refused_and_nothing_is_touched() {
 #[test]
 fn rejected_reports_revalidate_at_most_once_per_cooldown() {
     let env = Env::bare(Knobs::default());
+    // A cooldown long enough for the burst below with a generous margin:
+    // five requests over a local socket take milliseconds (their latency
+    // is measured in benches/socket.rs), not seconds.
     env.write_config(
-        &refresh("3s", "1s", "rejected_cooldown = \"2s\""),
+        &refresh("3s", "1s", "rejected_cooldown = \"4s\""),
         &env.sink("raw", "0600"),
     );
     let g = env.import("bot", true);
@@ -1427,14 +1436,14 @@ fn rejected_reports_revalidate_at_most_once_per_cooldown() {
     }
     let burst_took = burst.elapsed();
     assert!(
-        burst_took < Duration::from_millis(1500),
+        burst_took < Duration::from_secs(3),
         "the burst must fit in the cooldown to mean anything: {burst_took:?}"
     );
     wait_for("the re-validation", Duration::from_secs(10), || {
         (env.provider.stats().validations == 2).then_some(())
     });
     // A measurement window up to the end of the cooldown: no more come.
-    std::thread::sleep(Duration::from_millis(2200).saturating_sub(burst.elapsed()));
+    std::thread::sleep(Duration::from_millis(4200).saturating_sub(burst.elapsed()));
     let s = env.provider.stats();
     assert_eq!(s.validations, 2, "five reports in one cooldown: {s:?}");
     assert_eq!(s.validations_ok, 2);

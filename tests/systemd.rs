@@ -144,7 +144,10 @@ fn watchdog_gaps(messages: &[(Instant, String)]) -> Vec<u128> {
 }
 
 /// Several pings in `messages`, about every half second (WATCHDOG_USEC/2),
-/// never a full second apart (systemd's timeout).
+/// never a full second apart (systemd's timeout: the contract itself).
+/// The mean has a generous margin either side of 500 ms, for a loaded
+/// machine: it still tells half of WATCHDOG_USEC from a ping per second
+/// (which the gaps catch) or a ping loop several times too fast.
 fn assert_watchdog_cadence(messages: &[(Instant, String)], what: &str) {
     let gaps = watchdog_gaps(messages);
     assert!(gaps.len() >= 4, "{what}: too few WATCHDOG=1: {gaps:?}");
@@ -154,7 +157,7 @@ fn assert_watchdog_cadence(messages: &[(Instant, String)], what: &str) {
     );
     let mean = gaps.iter().sum::<u128>() / gaps.len() as u128;
     assert!(
-        (350..=700).contains(&mean),
+        (250..=900).contains(&mean),
         "{what}: WATCHDOG=1 every {mean} ms on average, not about 500: {gaps:?}"
     );
 }

@@ -176,9 +176,9 @@ fn check_expiry_within(s: &serde_json::Value, lo: i64, hi: i64, now: i64, what: 
 /// `misconfigured`, so that the daemon sends the provider nothing and the
 /// expiry stays as written.
 fn write_expiry(env: &Env, name: &str, value: &Value, marker: &str) {
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let n = c
+    // Raw SQL on purpose: no tokend writes these values (Env::raw_store).
+    let n = env
+        .raw_store()
         .execute(
             "UPDATE credentials SET expires_at = ?2, last_error = ?3, state = 'misconfigured',
              last_validated_at = ?4, rev = rev + 1, version = version + 1 WHERE name = ?1",
@@ -432,13 +432,13 @@ fn a_far_expiry_leaves_the_daemon_whole() {
     env.import("huge", true);
     // What `import --expires-in 1767225600000` stored before it was bounded.
     let far = now_ms() + 1_767_225_600_000 * 1000;
-    let c = rusqlite::Connection::open(&env.db).unwrap();
-    c.execute(
-        "UPDATE credentials SET expires_at = ?1 WHERE name = 'huge'",
-        [far],
-    )
-    .unwrap();
-    drop(c);
+    // Raw SQL on purpose: tokend no longer writes such an expiry.
+    env.raw_store()
+        .execute(
+            "UPDATE credentials SET expires_at = ?1 WHERE name = 'huge'",
+            [far],
+        )
+        .unwrap();
     let d = env.start();
     wait_serving(&env.socket, Duration::from_secs(20));
 
@@ -472,13 +472,14 @@ fn a_far_expiry_leaves_the_daemon_whole() {
             // As in any_stored_expiry_is_served_by_a_daemon: a commit that
             // became visible after the watch looked is seen at the next.
             if nudged.elapsed() > Duration::from_secs(2) {
-                let c = rusqlite::Connection::open(&env.db).unwrap();
-                c.busy_timeout(Duration::from_secs(5)).unwrap();
-                c.execute(
-                    "UPDATE credentials SET rev = rev + 1 WHERE name = 'later'",
-                    [],
-                )
-                .unwrap();
+                // Raw SQL on purpose: a write by another process, which
+                // changes nothing but the row's revision.
+                env.raw_store()
+                    .execute(
+                        "UPDATE credentials SET rev = rev + 1 WHERE name = 'later'",
+                        [],
+                    )
+                    .unwrap();
                 nudged = std::time::Instant::now();
             }
             socket_request(

@@ -128,6 +128,16 @@ impl StoreConn {
     pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {
         self.immediate(|c| ops::insert(c, new, replace))
     }
+
+    /// Stores many new credentials in one transaction, all or none: a name
+    /// that is already stored (or comes twice) refuses the whole batch. One
+    /// [`insert`](Self::insert) each would wait for one sync each.
+    pub fn insert_all(&self, new: &[NewCredential]) -> Result<()> {
+        self.immediate(|c| {
+            new.iter()
+                .try_for_each(|n| ops::insert(c, n, false).map(drop))
+        })
+    }
 }
 
 /// An existing store is kept as private as a new one: its directory 0700,
@@ -314,5 +324,27 @@ mod tests {
         let b = sc.insert(&new_cred("a"), true).unwrap();
         assert_eq!(b.version, a.version + 1);
         assert_eq!(b.created_at, a.created_at);
+    }
+
+    #[test]
+    fn insert_all_stores_every_one_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let sc = StoreConn::open(&dir.path().join("t.db"), true).unwrap();
+        sc.insert_all(&[new_cred("a"), new_cred("b")]).unwrap();
+        let names = |sc: &StoreConn| -> Vec<String> {
+            sc.load_all().unwrap().into_iter().map(|c| c.name).collect()
+        };
+        assert_eq!(names(&sc), ["a", "b"]);
+        assert_eq!(sc.get("b").unwrap().unwrap().version, 1);
+        // "b" exists: "c" before it is not stored either.
+        assert!(matches!(
+            sc.insert_all(&[new_cred("c"), new_cred("b")]),
+            Err(StoreError::Exists(n)) if n == "b"
+        ));
+        assert!(matches!(
+            sc.insert_all(&[new_cred("d"), new_cred("d")]),
+            Err(StoreError::Exists(_))
+        ));
+        assert_eq!(names(&sc), ["a", "b"]);
     }
 }

@@ -1,5 +1,14 @@
-//! The test harness: a temp directory with a config, the fake provider over
-//! HTTP on 127.0.0.1, and the real `tokend` binary.
+//! The test kit, shared by the integration tests and the benches: a temp
+//! directory with a config, the fake provider over HTTP on 127.0.0.1, and
+//! the real `tokend` binary. Benches include it with
+//! `#[path = "../tests/support/mod.rs"] mod support;`.
+//!
+//! * here: [`Env`] (the directory, the config, the CLI) and the audit of files;
+//! * `daemon.rs`: [`Daemon`], a `tokend run` and the audit of what it shows;
+//! * `socket.rs`: HTTP over the daemon's Unix socket;
+//! * `store.rs`: the store, read through tokend's own `StoreConn`; the few
+//!   tests that must write what tokend never would do so through
+//!   [`Env::raw_store`], which says why.
 //!
 //! Every test is also a secrets audit (issue 6, item 5). The fake provider's
 //! tokens and client secret carry recognisable prefixes ([`SECRET_MARKERS`]),
@@ -14,8 +23,16 @@
 //!   [`Env::audit_files`]); and the store must be 0600 in a 0700 directory.
 //!
 //! The audit runs only when the test has not already failed, so that a
-//! failure is reported as itself.
+//! failure is reported as itself, and not at all for a bench ([`Env::bench`]).
 #![allow(dead_code, unused_imports)]
+
+mod daemon;
+mod socket;
+mod store;
+
+pub use daemon::*;
+pub use socket::*;
+pub use store::*;
 
 use std::fs;
 use std::io::Write;
@@ -73,6 +90,9 @@ pub struct Env {
     pub secret_file: PathBuf,
     /// The daemon's Unix socket.
     pub socket: PathBuf,
+    /// Whether dropping it (and its daemons) runs the secrets audit: false
+    /// only for a bench.
+    pub audit: bool,
 }
 
 /// The validation sweep once a year: the default (every quarter hour)
@@ -92,7 +112,7 @@ request_timeout = "3s"
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if !std::thread::panicking() {
+        if self.audit && !std::thread::panicking() {
             self.audit_store_mode();
             self.audit_files();
         }
@@ -122,7 +142,16 @@ impl Env {
             secret_file,
             provider,
             dir,
+            audit: true,
         }
+    }
+
+    /// For a bench: like [`Env::bare`], but neither it nor its daemons run
+    /// the secrets audit when dropped. A bench measures; the tests audit.
+    pub fn bench(knobs: Knobs) -> Env {
+        let mut env = Env::bare(knobs);
+        env.audit = false;
+        env
     }
 
     /// A `[[sinks]]` block writing `tokens/{name}` (for format raw) or
@@ -184,7 +213,8 @@ impl Env {
         c
     }
 
-    /// Runs a CLI command to completion, with `stdin` fed in.
+    /// Runs a CLI command to completion, with `stdin` fed in; its stderr is
+    /// audited.
     pub fn cli(&self, args: &[&str], stdin: &str) -> Output {
         let mut child = self
             .tokend(args)
@@ -193,12 +223,16 @@ impl Env {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(stdin.as_bytes())
-            .unwrap();
+        // A command may exit, closing its stdin, before it has read all of
+        // it (one that reads none, or refuses its arguments first): what it
+        // answered is for the test to judge, not a failed write.
+        if let Err(e) = child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
+            assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe,
+                "writing the CLI's stdin: {e}"
+            );
+        }
         let out = child.wait_with_output().unwrap();
         assert_no_secrets(&String::from_utf8_lossy(&out.stderr), "CLI stderr");
         out
@@ -290,233 +324,6 @@ impl Env {
             assert_no_secrets(&String::from_utf8_lossy(&bytes), &text);
         }
     }
-
-    /// The stored row of a credential, read straight from the SQLite file.
-    pub fn row(&self, name: &str) -> Option<Row> {
-        let c = rusqlite::Connection::open(&self.db).ok()?;
-        c.busy_timeout(Duration::from_secs(5)).unwrap();
-        c.query_row(
-            "SELECT access_token, refresh_token, state, last_error, failures, version
-             FROM credentials WHERE name = ?1",
-            [name],
-            |r| {
-                Ok(Row {
-                    access_token: r.get(0)?,
-                    refresh_token: r.get(1)?,
-                    state: r.get(2)?,
-                    last_error: r.get(3)?,
-                    failures: r.get(4)?,
-                    version: r.get(5)?,
-                })
-            },
-        )
-        .ok()
-    }
-
-    pub fn state(&self, name: &str) -> Option<String> {
-        self.row(name).map(|r| r.state)
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub access_token: Option<String>,
-    pub refresh_token: String,
-    pub state: String,
-    pub last_error: Option<String>,
-    pub failures: i64,
-    pub version: i64,
-}
-
-pub struct Daemon {
-    pub child: Child,
-    pub log: PathBuf,
-    /// The config it runs with: the audit on drop asks its socket.
-    pub config: PathBuf,
-}
-
-impl Daemon {
-    pub fn start(env: &Env, label: &str) -> Daemon {
-        Daemon::start_with(env, label, |_, _| {})
-    }
-
-    /// Like `start`, with `configure` given the command and the log file
-    /// (created, empty) before the spawn: more arguments, environment.
-    pub fn start_with(
-        env: &Env,
-        label: &str,
-        configure: impl FnOnce(&mut Command, &Path),
-    ) -> Daemon {
-        static STARTED: AtomicUsize = AtomicUsize::new(0);
-        let n = STARTED.fetch_add(1, Ordering::Relaxed);
-        let log = env.dir.path().join(format!("{label}-{n}.log"));
-        let file = fs::File::create(&log).unwrap();
-        let mut cmd = env.tokend(&["run"]);
-        cmd.env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file);
-        configure(&mut cmd, &log);
-        let child = cmd.spawn().unwrap();
-        Daemon {
-            child,
-            log,
-            config: env.config_path.clone(),
-        }
-    }
-
-    /// Runs `cmd` (a `tokend -c CONFIG run`) at debug level, its stderr to `log`.
-    pub fn spawn(mut cmd: Command, config: &Path, log: PathBuf) -> Daemon {
-        let child = cmd
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Daemon {
-            child,
-            log,
-            config: config.to_owned(),
-        }
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(self.pid(), sig);
-        }
-    }
-
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log holds `needle`.
-    pub fn wait_log(&self, needle: &str, timeout: Duration) {
-        wait_for(&format!("log line {needle:?}"), timeout, || {
-            self.log().contains(needle).then_some(())
-        });
-    }
-
-    /// Polls for exit until `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        wait_for("the daemon to exit", timeout, || {
-            self.child.try_wait().unwrap()
-        })
-    }
-
-    /// SIGTERM, and the exit status within a few seconds.
-    pub fn stop(&mut self) -> ExitStatus {
-        self.signal(libc::SIGTERM);
-        self.wait_exit(Duration::from_secs(10))
-    }
-
-    pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let audit = !std::thread::panicking();
-        let running = self.child.try_wait().ok().flatten().is_none();
-        if audit && running {
-            self.audit_running();
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if audit {
-            assert_no_secrets(&self.log(), &self.log.display().to_string());
-            if !running {
-                // The store's view, as `tokend status` shows it with no daemon.
-                self.audit_status();
-            }
-        }
-    }
-}
-
-impl Daemon {
-    /// What a running daemon shows others: its argv and its children's (a
-    /// hook), its metrics and its statuses. Skipped for a stopped (SIGSTOP)
-    /// daemon, which would not answer.
-    fn audit_running(&self) {
-        let pid = self.pid();
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('T')
-        {
-            return;
-        }
-        for p in std::iter::once(pid).chain(children(pid)) {
-            if let Ok(argv) = fs::read(format!("/proc/{p}/cmdline")) {
-                assert_no_secrets(
-                    &String::from_utf8_lossy(&argv).replace('\0', " "),
-                    &format!("/proc/{p}/cmdline"),
-                );
-            }
-        }
-        let socket = tokend::config::socket_path(&self.config);
-        // Only a socket of this test's own (never a system daemon's).
-        if self.config.parent().is_some_and(|d| socket.starts_with(d))
-            && let Ok(r) =
-                socket_request(&socket, "GET", "/metrics", &[], b"", Duration::from_secs(5))
-        {
-            assert_no_secrets(&r.text(), "GET /metrics");
-        }
-        self.audit_status();
-    }
-
-    /// `tokend status --json`, from the daemon or the store.
-    fn audit_status(&self) {
-        let out = Command::new(bin())
-            .arg("-c")
-            .arg(&self.config)
-            .args(["status", "--json"])
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .output();
-        if let Ok(out) = out {
-            assert_no_secrets(
-                &String::from_utf8_lossy(&out.stdout),
-                "tokend status --json",
-            );
-            assert_no_secrets(
-                &String::from_utf8_lossy(&out.stderr),
-                "tokend status stderr",
-            );
-        }
-    }
-}
-
-/// The pids whose parent is `pid`.
-fn children(pid: i32) -> Vec<i32> {
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|p| {
-            fs::read_to_string(format!("/proc/{p}/stat"))
-                .ok()
-                .and_then(|s| {
-                    // "pid (comm) state ppid …": comm may hold spaces.
-                    let rest = s.rsplit_once(')')?.1;
-                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
-                })
-                == Some(pid)
-        })
-        .collect()
 }
 
 /// Every regular file under `dir`, symlinks not followed.
@@ -570,156 +377,6 @@ pub fn assert_no_secrets(text: &str, what: &str) {
 /// Mode bits of a file.
 pub fn mode(path: &Path) -> u32 {
     fs::metadata(path).unwrap().permissions().mode() & 0o7777
-}
-
-// ---- the socket API (appended for tests/socket.rs and tests/cli.rs) ----
-
-/// A reply read over the daemon's Unix socket.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    pub status: u16,
-    /// Header names lowercased.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl Reply {
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.text()))
-    }
-
-    pub fn header(&self, name: &str) -> Option<&str> {
-        let name = name.to_ascii_lowercase();
-        self.headers
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Sends one HTTP/1.1 request (`Connection: close`) over a Unix socket and
-/// reads the reply to the end. `timeout` bounds each read and write.
-pub fn socket_request(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-    timeout: Duration,
-) -> std::io::Result<Reply> {
-    use std::io::Read;
-    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    s.write_all(head.as_bytes())?;
-    s.write_all(body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_reply(&raw)
-}
-
-/// Parses a whole HTTP/1.1 response (Content-Length, chunked, or to EOF).
-pub fn parse_reply(raw: &[u8]) -> std::io::Result<Reply> {
-    let bad = |what: &str| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{what}: {:?}", String::from_utf8_lossy(raw)),
-        )
-    };
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad("no end of head"))?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| bad("head not UTF-8"))?;
-    let mut lines = head.split("\r\n");
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| bad("no status"))?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    let rest = &raw[end + 4..];
-    let find = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
-    let body = if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
-        let mut body = Vec::new();
-        let mut at = 0;
-        loop {
-            let line_end = rest[at..]
-                .windows(2)
-                .position(|w| w == b"\r\n")
-                .ok_or_else(|| bad("bad chunk"))?;
-            let size = std::str::from_utf8(&rest[at..at + line_end])
-                .ok()
-                .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
-                .ok_or_else(|| bad("bad chunk size"))?;
-            at += line_end + 2;
-            if size == 0 {
-                break;
-            }
-            body.extend_from_slice(rest.get(at..at + size).ok_or_else(|| bad("short chunk"))?);
-            at += size + 2;
-        }
-        body
-    } else if let Some(n) = find("content-length") {
-        let n: usize = n.parse().map_err(|_| bad("bad content-length"))?;
-        rest.get(..n).ok_or_else(|| bad("short body"))?.to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
-}
-
-/// A request over the socket that must get an answer (10 s per read/write).
-pub fn request(socket: &Path, method: &str, path: &str) -> Reply {
-    socket_request(socket, method, path, &[], b"", Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("{method} {path} over {}: {e}", socket.display()))
-}
-
-/// `GET path` over the socket.
-pub fn get(socket: &Path, path: &str) -> Reply {
-    request(socket, "GET", path)
-}
-
-/// Waits until the daemon answers `GET /health` with 200.
-pub fn wait_serving(socket: &Path, timeout: Duration) {
-    wait_for("the socket to serve /health", timeout, || {
-        socket_request(socket, "GET", "/health", &[], b"", Duration::from_secs(5))
-            .ok()
-            .filter(|r| r.status == 200)
-            .map(|_| ())
-    });
-}
-
-/// The names `GET /v1/credentials` lists.
-pub fn listed_names(socket: &Path) -> Vec<String> {
-    let r = get(socket, "/v1/credentials");
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-        .as_array()
-        .expect("a JSON array")
-        .iter()
-        .map(|s| s["name"].as_str().expect("a name").to_owned())
-        .collect()
 }
 
 /// Mints a grant with the provider's current knobs and imports it as `name`
