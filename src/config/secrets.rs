@@ -9,16 +9,16 @@ use std::path::Path;
 use super::Env;
 use super::errors::{SHOWN, cut, shown};
 use super::raw::RawProvider;
-use super::validate::Problems;
 use crate::names::check_name;
 use crate::secret::Secret;
 
+/// The provider's client secret, or the key to blame and why. (Checked
+/// text only: what a message says of a secret is decided here.)
 pub(super) fn load_secret(
     name: &str,
     r: &RawProvider,
     env: &dyn Env,
-    p: &mut Problems,
-) -> Option<Secret> {
+) -> Result<Secret, (String, String)> {
     let k = |field: &str| format!("providers.{name}.{field}");
     let given = [
         r.client_secret_file.is_some(),
@@ -29,14 +29,14 @@ pub(super) fn load_secret(
     .filter(|&&b| b)
     .count();
     if given != 1 {
-        p.add(
+        return Err((
             k("client_secret_file"),
-            "give exactly one of client_secret_file, client_secret_env, client_secret_credential",
-        );
-        return None;
+            "give exactly one of client_secret_file, client_secret_env, client_secret_credential"
+                .to_owned(),
+        ));
     }
     if !env.read_secrets() {
-        return Some(Secret::new(""));
+        return Ok(Secret::new(""));
     }
     let (key, text) = if let Some(f) = &r.client_secret_file {
         (k("client_secret_file"), read_secret_file(Path::new(f)))
@@ -65,15 +65,9 @@ pub(super) fn load_secret(
         (k("client_secret_credential"), text)
     };
     match text {
-        Ok(s) if !s.trim().is_empty() => Some(Secret::new(s.trim())),
-        Ok(_) => {
-            p.add(key, "the secret is empty");
-            None
-        }
-        Err(e) => {
-            p.add(key, e);
-            None
-        }
+        Ok(s) if !s.trim().is_empty() => Ok(Secret::new(s.trim())),
+        Ok(_) => Err((key, "the secret is empty".to_owned())),
+        Err(e) => Err((key, e)),
     }
 }
 

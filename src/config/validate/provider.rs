@@ -99,7 +99,9 @@ pub(super) fn validate_provider(
     if client_id.is_empty() {
         p.add(k("client_id"), "is required");
     }
-    let client_secret = load_secret(name, &r, env, p);
+    let client_secret = load_secret(name, &r, env)
+        .map_err(|(key, why)| p.add(key, why))
+        .ok();
 
     let urls = preset.map(Preset::urls);
     let mut url = |field: &str, given: &Option<String>, preset_value: Option<&str>| match given
