@@ -12,9 +12,9 @@ use libfuzzer_sys::fuzz_target;
 use tokend::clock;
 use tokend::config::Format;
 use tokend::publish::render;
-use tokend::refresher::Status;
 use tokend::secret::Secret;
 use tokend::store::{Credential, State};
+use tokend::wire::Status;
 
 fn word(data: &[u8], i: usize) -> i64 {
     let mut b = [0u8; 8];
