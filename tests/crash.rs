@@ -26,13 +26,8 @@ const DEFAULT_ITERATIONS: usize = 40;
 /// The seed of the kill delays: `TOKEND_CRASH_SEED=N` replays a run's
 /// delays (the seed is printed). The daemon's own timing still varies, so a
 /// replay lands the kills at the same moments, not on the same instruction.
-fn seed() -> u64 {
-    let seed = std::env::var("TOKEND_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("TOKEND_CRASH_SEED={seed}");
-    seed
+fn rng() -> fastrand::Rng {
+    support::seeded("TOKEND_CRASH_SEED")
 }
 
 /// What these tests compare of a credential's row.
@@ -169,7 +164,7 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
         env.import(name, true);
     }
 
-    let mut rng = fastrand::Rng::with_seed(seed());
+    let mut rng = rng();
     let started = Instant::now();
     let (mut kills, mut kills_mid_refresh, mut in_flight_marks) = (0usize, 0usize, 0usize);
     let mut lost: Vec<Lost> = Vec::new();

@@ -24,13 +24,9 @@ fn now_ms() -> i64 {
     tokend::clock::now_ms()
 }
 
-fn seed() -> u64 {
-    let seed = std::env::var("TOKEND_VALUES_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| fastrand::u64(..));
-    eprintln!("TOKEND_VALUES_SEED={seed}");
-    seed
+/// `TOKEND_VALUES_SEED=N` replays a run (the seed is printed).
+fn rng() -> fastrand::Rng {
+    support::seeded("TOKEND_VALUES_SEED")
 }
 
 /// Edge values over all of u64, then `random` more: a random width, then a
@@ -271,7 +267,7 @@ fn import_takes_or_refuses_any_expires_in() {
     let access = env.dir.path().join("bot.access");
     std::fs::write(&access, &g.access_token).unwrap();
     let access = access.display().to_string();
-    let mut rng = fastrand::Rng::with_seed(seed());
+    let mut rng = rng();
     for v in u64_values(&mut rng, 40) {
         let what = format!("--expires-in {v}");
         let before = now_ms();
@@ -317,7 +313,7 @@ fn import_takes_or_refuses_any_expires_in() {
 fn any_stored_expiry_is_shown_without_a_daemon() {
     let env = Env::new(Knobs::default());
     env.import("bot", true);
-    let mut rng = fastrand::Rng::with_seed(seed());
+    let mut rng = rng();
     for (i, v) in u64_values(&mut rng, 40).into_iter().enumerate() {
         for (value, ms) in stored(v) {
             let what = format!("expires_at {value:?} (u64 {v})");
@@ -348,7 +344,7 @@ fn any_stored_expiry_is_served_by_a_daemon() {
         let s = get(&env.socket, "/v1/credentials/bot").json();
         (!s["last_validated_at"].is_null()).then_some(())
     });
-    let mut rng = fastrand::Rng::with_seed(seed());
+    let mut rng = rng();
     for (i, v) in u64_values(&mut rng, 30).into_iter().enumerate() {
         for (j, (value, ms)) in stored(v).into_iter().enumerate() {
             let what = format!("expires_at {value:?} (u64 {v})");

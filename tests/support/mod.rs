@@ -66,6 +66,17 @@ pub fn skip(why: &str) -> bool {
     panic!("this test cannot run here: {why} (set {MAY_SKIP}=1 to skip it instead)");
 }
 
+/// A random generator whose seed is printed as `VAR=N`, so that a failure
+/// can be replayed by setting `VAR` to it.
+pub fn seeded(var: &str) -> fastrand::Rng {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    eprintln!("{var}={seed}");
+    fastrand::Rng::with_seed(seed)
+}
+
 /// Polls `f` until it returns Some, or panics naming `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
