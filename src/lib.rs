@@ -3,6 +3,7 @@
 //! the contract (commands, config keys, socket routes, file formats, states),
 //! and docs/design.md for the rules of the refresh path.
 
+pub mod alerts;
 pub mod authorize;
 pub mod callback;
 pub mod cli;

@@ -4,13 +4,13 @@
 //! Everything here is blocking file I/O; the refresher calls it from
 //! `spawn_blocking`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -22,9 +22,44 @@ use crate::secret::Secret;
 /// The files of every sink, and a hook runner for each sink that has one.
 pub struct Publisher {
     sinks: Vec<Arc<SinkConfig>>,
-    /// Per sink index: a one-slot queue, so that a burst of changes (ten
-    /// thousand rotations at start) runs the hook once more, not ten thousand times.
-    hooks: HashMap<usize, mpsc::Sender<()>>,
+    /// Per sink index: its hook's queue.
+    hooks: HashMap<usize, Hook>,
+}
+
+/// What a hook run is told about one credential's file (README "File
+/// sinks"): never the token.
+struct HookChange {
+    event: &'static str,
+    path: PathBuf,
+    expires_at: Option<i64>,
+}
+
+/// The changes a sink's hook has yet to hear of, one per credential in the
+/// order they first came: a credential that changes again while it waits
+/// is told its latest change once, so a burst of ten thousand rotations
+/// costs one run per credential, not one per write.
+#[derive(Default)]
+struct HookPending {
+    order: VecDeque<String>,
+    latest: HashMap<String, HookChange>,
+}
+
+struct Hook {
+    pending: Arc<Mutex<HookPending>>,
+    /// One slot: a full one means the runner will look at `pending` again.
+    wake: mpsc::Sender<()>,
+}
+
+impl Hook {
+    fn tell(&self, name: &str, change: HookChange) {
+        {
+            let mut p = self.pending.lock().unwrap();
+            if p.latest.insert(name.to_owned(), change).is_none() {
+                p.order.push_back(name.to_owned());
+            }
+        }
+        let _ = self.wake.try_send(());
+    }
 }
 
 impl Publisher {
@@ -33,9 +68,17 @@ impl Publisher {
         let mut hooks = HashMap::new();
         for s in sinks {
             if let Some(argv) = &s.on_change {
-                let (tx, rx) = mpsc::channel(1);
-                tokio::spawn(run_hook(argv.clone(), s.on_change_timeout, s.index, rx));
-                hooks.insert(s.index, tx);
+                let (wake, rx) = mpsc::channel(1);
+                let pending = Arc::new(Mutex::new(HookPending::default()));
+                tokio::spawn(run_hook(
+                    argv.clone(),
+                    s.on_change_timeout,
+                    s.index,
+                    s.format,
+                    pending.clone(),
+                    rx,
+                ));
+                hooks.insert(s.index, Hook { pending, wake });
             }
         }
         Publisher {
@@ -64,8 +107,14 @@ impl Publisher {
                 Ok(true) => {
                     tracing::debug!(credential = name, path = %path.display(), "published");
                     if let Some(h) = self.hooks.get(&s.index) {
-                        // Full means a run is already queued, which will see this change.
-                        let _ = h.try_send(());
+                        h.tell(
+                            name,
+                            HookChange {
+                                event: "written",
+                                path,
+                                expires_at,
+                            },
+                        );
                     }
                 }
                 Ok(false) => {}
@@ -88,21 +137,42 @@ impl Publisher {
     /// Removes the credential's files, so consumers fail fast instead of
     /// using a dead token.
     pub fn unpublish(&self, name: &str) -> Vec<String> {
+        self.remove_files(name, false)
+    }
+
+    /// [`Publisher::unpublish`] for a credential removed from the store:
+    /// hooks hear of it even when its files were gone already (`tokend
+    /// remove` deletes them itself, and cannot run hooks in the daemon's
+    /// environment).
+    pub fn forget(&self, name: &str) -> Vec<String> {
+        self.remove_files(name, true)
+    }
+
+    fn remove_files(&self, name: &str, forgotten: bool) -> Vec<String> {
         let mut errors = Vec::new();
         for s in self.sinks.iter().filter(|s| s.matches(name)) {
             let path = s.path_for(name);
-            match fs::remove_file(&path) {
+            let removed = match fs::remove_file(&path) {
                 Ok(()) => {
                     tracing::info!(credential = name, path = %path.display(), "removed token file");
                     if let Some(dir) = path.parent() {
                         let _ = sync_dir(dir);
                     }
-                    if let Some(h) = self.hooks.get(&s.index) {
-                        let _ = h.try_send(());
-                    }
+                    true
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => errors.push(format!("cannot remove {}: {e}", path.display())),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => forgotten,
+                Err(e) => {
+                    errors.push(format!("cannot remove {}: {e}", path.display()));
+                    false
+                }
+            };
+            if removed && let Some(h) = self.hooks.get(&s.index) {
+                let change = HookChange {
+                    event: "removed",
+                    path,
+                    expires_at: None,
+                };
+                h.tell(name, change);
             }
         }
         errors
@@ -367,42 +437,76 @@ fn create_dirs(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs a sink's `on_change` argv (no shell) each time it is poked, one run
-/// at a time, killing a run that outlives its timeout. The environment is
-/// cleared (but for PATH and LANG) so that a client secret passed to us in an
-/// environment variable never reaches a hook.
-async fn run_hook(argv: Vec<String>, timeout: Duration, index: usize, mut rx: mpsc::Receiver<()>) {
+/// How `TOKEND_FORMAT` names a sink's format: as the config does.
+fn format_name(f: Format) -> &'static str {
+    match f {
+        Format::Raw => "raw",
+        Format::Header => "header",
+        Format::Env => "env",
+        Format::Json => "json",
+    }
+}
+
+/// Runs a sink's `on_change` argv (no shell) once per credential whose file
+/// changed, one run at a time, killing a run that outlives its timeout. The
+/// environment is cleared (but for PATH and LANG) so that a client secret
+/// passed to us in an environment variable never reaches a hook; it gets
+/// what changed instead (README "File sinks"), never the token.
+async fn run_hook(
+    argv: Vec<String>,
+    timeout: Duration,
+    index: usize,
+    format: Format,
+    pending: Arc<Mutex<HookPending>>,
+    mut rx: mpsc::Receiver<()>,
+) {
     while rx.recv().await.is_some() {
-        let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .env_clear()
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        for var in ["PATH", "LANG"] {
-            if let Ok(v) = std::env::var(var) {
-                cmd.env(var, v);
+        loop {
+            let next = {
+                let mut p = pending.lock().unwrap();
+                let name = p.order.pop_front();
+                name.and_then(|n| p.latest.remove(&n).map(|c| (n, c)))
+            };
+            let Some((name, change)) = next else { break };
+            let mut cmd = tokio::process::Command::new(&argv[0]);
+            cmd.args(&argv[1..])
+                .env_clear()
+                .env("TOKEND_CREDENTIAL", &name)
+                .env("TOKEND_EVENT", change.event)
+                .env("TOKEND_PATH", &change.path)
+                .env("TOKEND_FORMAT", format_name(format))
+                .env(
+                    "TOKEND_EXPIRES_AT",
+                    change.expires_at.map(rfc3339).unwrap_or_default(),
+                )
+                .stdin(Stdio::null())
+                .kill_on_drop(true);
+            for var in ["PATH", "LANG"] {
+                if let Ok(v) = std::env::var(var) {
+                    cmd.env(var, v);
+                }
             }
-        }
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(sink = index, program = %argv[0], error = %e, "on_change hook could not start");
-                continue;
-            }
-        };
-        match tokio::time::timeout(timeout, child.wait()).await {
-            Ok(Ok(status)) if status.success() => {
-                tracing::debug!(sink = index, program = %argv[0], "on_change hook ran");
-            }
-            Ok(Ok(status)) => {
-                tracing::warn!(sink = index, program = %argv[0], %status, "on_change hook failed");
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(sink = index, program = %argv[0], error = %e, "on_change hook failed");
-            }
-            Err(_) => {
-                let _ = child.kill().await;
-                tracing::warn!(sink = index, program = %argv[0], ?timeout, "on_change hook timed out and was killed");
+            let mut child = match cmd.spawn() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(sink = index, credential = %name, program = %argv[0], error = %e, "on_change hook could not start");
+                    continue;
+                }
+            };
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(Ok(status)) if status.success() => {
+                    tracing::debug!(sink = index, credential = %name, program = %argv[0], "on_change hook ran");
+                }
+                Ok(Ok(status)) => {
+                    tracing::warn!(sink = index, credential = %name, program = %argv[0], %status, "on_change hook failed");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(sink = index, credential = %name, program = %argv[0], error = %e, "on_change hook failed");
+                }
+                Err(_) => {
+                    let _ = child.kill().await;
+                    tracing::warn!(sink = index, credential = %name, program = %argv[0], ?timeout, "on_change hook timed out and was killed");
+                }
             }
         }
     }

@@ -95,6 +95,8 @@ pub struct Config {
     pub sinks: Vec<Arc<SinkConfig>>,
     /// `[[access]]`: who, besides root and our own user, may read which tokens.
     pub access: Vec<AccessRule>,
+    /// `[[notify]]`: whom to tell when a credential needs a human.
+    pub notify: Vec<Arc<NotifyRule>>,
 }
 
 /// The Unix socket's place and permissions.
@@ -280,6 +282,61 @@ impl SinkConfig {
     /// The file this sink writes for a credential.
     pub fn path_for(&self, name: &str) -> PathBuf {
         PathBuf::from(self.path.replace("{name}", name))
+    }
+}
+
+/// A change of a credential's state that a `[[notify]]` rule may ask to hear
+/// about (README "Notifications").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AlertEvent {
+    NeedsReauthorization,
+    Misconfigured,
+    Retrying,
+    Recovered,
+}
+
+impl AlertEvent {
+    pub const ALL: [AlertEvent; 4] = [
+        AlertEvent::NeedsReauthorization,
+        AlertEvent::Misconfigured,
+        AlertEvent::Retrying,
+        AlertEvent::Recovered,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertEvent::NeedsReauthorization => "needs_reauthorization",
+            AlertEvent::Misconfigured => "misconfigured",
+            AlertEvent::Retrying => "retrying",
+            AlertEvent::Recovered => "recovered",
+        }
+    }
+}
+
+/// `[[notify]]`: a command to run when matching credentials reach one of
+/// `events`, so that a dead grant reaches a human before its consumers do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotifyRule {
+    /// Position in the file, for messages (`notify[0].command`).
+    pub index: usize,
+    /// Glob patterns (`*`, `?`) over credential names.
+    pub credentials: Vec<String>,
+    pub events: Vec<AlertEvent>,
+    /// The argv, no shell: its first word is an absolute path.
+    pub command: Vec<String>,
+    /// A run that outlives this is killed.
+    pub timeout: Duration,
+    /// At most one run per credential and event this often: a credential
+    /// that flaps must not page someone every minute.
+    pub interval: Duration,
+    /// `retrying` fires when this many consecutive failures are reached:
+    /// one blip that the backoff absorbs is nobody's business.
+    pub after: u32,
+}
+
+impl NotifyRule {
+    pub fn matches(&self, name: &str) -> bool {
+        self.credentials.iter().any(|p| glob_match(p, name))
     }
 }
 

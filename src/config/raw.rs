@@ -22,6 +22,8 @@ pub(super) struct RawConfig {
     pub(super) providers: BTreeMap<String, RawProvider>,
     #[serde(default)]
     pub(super) sinks: Vec<RawSink>,
+    #[serde(default)]
+    pub(super) notify: Vec<RawNotify>,
 }
 
 #[derive(Deserialize, Default)]
@@ -77,6 +79,17 @@ pub(super) struct RawSink {
     pub(super) group: Option<String>,
     pub(super) on_change: Option<Vec<String>>,
     pub(super) on_change_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNotify {
+    pub(super) credentials: Option<Vec<String>>,
+    pub(super) events: Option<Vec<String>>,
+    pub(super) command: Option<Vec<String>>,
+    pub(super) timeout: Option<String>,
+    pub(super) interval: Option<String>,
+    pub(super) after: Option<i64>,
 }
 
 /// What `socket_path` reads: the one key, every other ignored.

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::errors::{explained, shown};
-use super::raw::{RawAccess, RawConfig, RawRefresh, RawSink};
+use super::raw::{RawAccess, RawConfig, RawNotify, RawRefresh, RawSink};
 use super::{
-    AccessRule, Config, DEFAULT_DATABASE, DEFAULT_SOCKET, Env, Format, Problem, RefreshConfig,
-    SinkConfig, SocketConfig, systemd_path,
+    AccessRule, AlertEvent, Config, DEFAULT_DATABASE, DEFAULT_SOCKET, Env, Format, NotifyRule,
+    Problem, RefreshConfig, SinkConfig, SocketConfig, systemd_path,
 };
 use crate::users;
 use provider::validate_provider;
@@ -71,6 +71,13 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
         .map(|(i, a)| validate_access(i, a, &mut p))
         .collect();
 
+    let notify = raw
+        .notify
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, n)| validate_notify(i, n, &mut p).map(Arc::new))
+        .collect();
+
     p.finish(Config {
         path: path.to_owned(),
         database,
@@ -79,6 +86,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
         providers,
         sinks,
         access,
+        notify,
     })
 }
 
@@ -164,6 +172,34 @@ impl Problems {
         };
         self.add(key, message);
         default
+    }
+
+    /// A command setting (`on_change`, `notify[].command`): an argv run
+    /// without a shell, so its program must be an absolute path (no $PATH
+    /// lookup) to a file that we may execute, or the first run would be the
+    /// first to find out.
+    fn command(&mut self, key: &str, argv: &[String]) {
+        let Some(prog) = argv.first() else {
+            return self.add(key, "must name a program");
+        };
+        if !Path::new(prog).is_absolute() {
+            return self.add(
+                key,
+                format!(
+                    "{} must be an absolute path (no shell, no $PATH lookup)",
+                    shown(prog)
+                ),
+            );
+        }
+        let why = match std::fs::metadata(prog) {
+            Err(e) => format!("cannot be run: {e}"),
+            Ok(m) if !m.is_file() => "is not a file".to_owned(),
+            Ok(_) => match executable(Path::new(prog)) {
+                Ok(()) => return,
+                Err(e) => format!("is not executable: {e}"),
+            },
+        };
+        self.add(key, format!("{} {why}", shown(prog)));
     }
 
     /// A group setting, a name or a gid: the gid, or None and a problem.
@@ -353,17 +389,7 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
         .as_deref()
         .and_then(|g| Some((g.to_owned(), p.group(&k("group"), g)?)));
     if let Some(argv) = &r.on_change {
-        match argv.first() {
-            None => p.add(k("on_change"), "must name a program"),
-            Some(prog) if !Path::new(prog).is_absolute() => p.add(
-                k("on_change"),
-                format!(
-                    "{} must be an absolute path (no shell, no $PATH lookup)",
-                    shown(prog)
-                ),
-            ),
-            _ => {}
-        }
+        p.command(&k("on_change"), argv);
     }
     let on_change_timeout = p.duration(
         &k("on_change_timeout"),
@@ -383,6 +409,85 @@ fn validate_sink(i: usize, r: RawSink, p: &mut Problems) -> Option<SinkConfig> {
         on_change: r.on_change,
         on_change_timeout,
     })
+}
+
+fn validate_notify(i: usize, r: RawNotify, p: &mut Problems) -> Option<NotifyRule> {
+    let k = |field: &str| format!("notify[{i}].{field}");
+    let before = p.0.len();
+    let credentials = r.credentials.unwrap_or_else(|| vec!["*".into()]);
+    if credentials.is_empty() {
+        p.add(k("credentials"), "must name at least one pattern");
+    }
+    let mut events = Vec::new();
+    match &r.events {
+        None => p.add(
+            k("events"),
+            "is required: give one or more of \"needs_reauthorization\", \"misconfigured\", \"retrying\", \"recovered\"",
+        ),
+        Some(list) if list.is_empty() => p.add(k("events"), "must name at least one event"),
+        Some(list) => {
+            for e in list {
+                match AlertEvent::ALL.into_iter().find(|a| a.as_str() == e) {
+                    Some(a) if !events.contains(&a) => events.push(a),
+                    Some(_) => {}
+                    None => p.add(
+                        k("events"),
+                        format!(
+                            "{} is not one of \"needs_reauthorization\", \"misconfigured\", \"retrying\", \"recovered\"",
+                            shown(e)
+                        ),
+                    ),
+                }
+            }
+        }
+    }
+    match &r.command {
+        None => p.add(k("command"), "is required: the argv to run"),
+        Some(argv) => p.command(&k("command"), argv),
+    }
+    let timeout = p.duration(&k("timeout"), &r.timeout, Duration::from_secs(30));
+    if timeout.is_zero() {
+        p.add(k("timeout"), "must be more than 0s");
+    }
+    let interval = p.duration(&k("interval"), &r.interval, Duration::from_secs(3600));
+    let after = match r.after {
+        None => 3,
+        Some(n) if (1..=1000).contains(&n) => n as u32,
+        Some(n) => {
+            p.add(k("after"), format!("{n} is out of range: give 1 to 1000"));
+            3
+        }
+    };
+    if r.after.is_some() && !events.contains(&AlertEvent::Retrying) {
+        p.add(
+            k("after"),
+            "applies to the \"retrying\" event only: add it to events, or remove after",
+        );
+    }
+    if p.0.len() > before {
+        return None;
+    }
+    Some(NotifyRule {
+        index: i,
+        credentials,
+        events,
+        command: r.command.unwrap_or_default(),
+        timeout,
+        interval,
+        after,
+    })
+}
+
+/// Whether we may execute `path` (by mode bits and ACLs, as the kernel decides).
+fn executable(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: `c` is a valid NUL-terminated path for the call's duration.
+    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// A group name or a numeric gid to a gid; else what is wrong, for a

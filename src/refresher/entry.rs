@@ -9,6 +9,7 @@ use tokio::sync::watch;
 
 use super::policy::backoff;
 use super::scheduler::MAX_SLEEP;
+use crate::alerts::{Alerts, Trouble, transition};
 use crate::clock::rfc3339;
 use crate::store::{Credential, State};
 use crate::wire::Status;
@@ -80,6 +81,9 @@ pub(super) struct Entry {
     /// Held for all work on this credential: single-flight in this process.
     pub(super) lock: tokio::sync::Mutex<()>,
     pub(super) state: Mutex<EntryState>,
+    /// Told of every change of state, in [`Entry::adopt`]: the one place
+    /// where this process learns a credential's new state, whoever made it.
+    alerts: Alerts,
 }
 
 pub(super) struct EntryState {
@@ -108,14 +112,17 @@ pub(super) struct EntryState {
     /// PandaDoc's 403: a 403 for this one is not the token's fault, and
     /// refreshing again would not help (a plan or permission problem).
     pub(super) refreshed_for_403: Option<i64>,
+    /// What the credential went through since it last worked: `recovered`
+    /// is reported only after trouble.
+    trouble: Option<Trouble>,
 }
 
 impl Entry {
-    pub(super) fn new(cred: Credential) -> Entry {
+    pub(super) fn new(cred: Credential, alerts: Alerts) -> Entry {
         Entry {
+            alerts,
             lock: tokio::sync::Mutex::new(()),
             state: Mutex::new(EntryState {
-                cred: Arc::new(cred),
                 pending: Pending::default(),
                 jitter: fastrand::f64(),
                 hold_until: 0,
@@ -125,6 +132,8 @@ impl Entry {
                 running: None,
                 refreshed_for_403: None,
                 files: PublishHealth::default(),
+                trouble: Trouble::of(&cred),
+                cred: Arc::new(cred),
             }),
         }
     }
@@ -177,6 +186,10 @@ impl Entry {
         // gets round to it.
         if cred.state != State::Refreshing {
             st.refreshing = false;
+        }
+        let st = &mut *st;
+        if let Some(change) = transition(&st.cred, &cred, &mut st.trouble) {
+            self.alerts.changed(change);
         }
         let token_changed = cred.version != st.cred.version;
         if token_changed {

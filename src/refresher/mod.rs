@@ -70,6 +70,7 @@ use outage::Outage;
 use policy::publishable;
 use scheduler::Sched;
 
+use crate::alerts::Alerts;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -113,6 +114,8 @@ pub struct Refresher {
     recovered_at: Mutex<HashMap<String, i64>>,
     /// Per provider that looks down: see [`Outage`].
     outages: Mutex<HashMap<String, Outage>>,
+    /// The `[[notify]]` rules' runner, told of every change of state.
+    alerts: Alerts,
     /// Held for reading while files are written or removed, for writing
     /// while a reload swaps the sinks and retires the old paths: no file
     /// is written to a path a reload has retired.
@@ -232,11 +235,12 @@ impl Refresher {
             recovered_at: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
+            alerts: Alerts::start(config.clone()),
         });
         {
             let mut entries = r.entries.write().unwrap();
             for c in creds {
-                entries.insert(c.name.clone(), Arc::new(Entry::new(c)));
+                entries.insert(c.name.clone(), Arc::new(Entry::new(c, r.alerts.clone())));
             }
         }
         let all: Vec<Arc<Entry>> = r.entries.read().unwrap().values().cloned().collect();
@@ -318,7 +322,7 @@ impl Refresher {
             ctx: RwLock::new(Arc::new(Ctx::new(config))),
             entries: RwLock::new(HashMap::from([(
                 name.to_owned(),
-                Arc::new(Entry::new(cred)),
+                Arc::new(Entry::new(cred, Alerts::none())),
             )])),
             queue,
             sched,
@@ -329,6 +333,7 @@ impl Refresher {
             recovered_at: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
+            alerts: Alerts::none(),
         };
         Ok(Some(Arc::new(r)))
     }
@@ -438,7 +443,10 @@ impl Refresher {
                 let mut entries = self.entries.write().unwrap();
                 let added = !entries.contains_key(&name);
                 if added {
-                    entries.insert(name.clone(), Arc::new(Entry::new(cred)));
+                    entries.insert(
+                        name.clone(),
+                        Arc::new(Entry::new(cred, self.alerts.clone())),
+                    );
                 }
                 added
             };
@@ -458,6 +466,7 @@ impl Refresher {
 
     /// Puts a new configuration in force: sinks, providers, limits.
     pub async fn reload(&self, config: Arc<Config>) {
+        self.alerts.reload(config.clone());
         let new = Arc::new(Ctx::new(config));
         // Publishes hold this for reading: once we have it, every publish
         // that used the old sinks is done, and every later one uses the new.

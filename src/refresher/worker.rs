@@ -117,7 +117,7 @@ impl Refresher {
             Ok(None) => {
                 tracing::info!(credential = name, "credential removed from the store");
                 self.entries.write().unwrap().remove(name);
-                self.unpublish(name).await;
+                self.forget_files(name).await;
                 let (publisher, n) = (self.ctx().publisher.clone(), name.to_owned());
                 let _ = tokio::task::spawn_blocking(move || {
                     publisher.sweep_temp_files([n.as_str()]);
@@ -155,6 +155,18 @@ impl Refresher {
         let publisher = self.ctx().publisher.clone();
         let n = name.to_owned();
         let errors = tokio::task::spawn_blocking(move || publisher.unpublish(&n))
+            .await
+            .unwrap_or_default();
+        self.published(name, errors);
+    }
+
+    /// Removes the files of a credential gone from the store, and tells
+    /// the hooks even if `tokend remove` removed the files first.
+    async fn forget_files(&self, name: &str) {
+        let _in_force = self.publishing.read().await;
+        let publisher = self.ctx().publisher.clone();
+        let n = name.to_owned();
+        let errors = tokio::task::spawn_blocking(move || publisher.forget(&n))
             .await
             .unwrap_or_default();
         self.published(name, errors);
