@@ -1,0 +1,292 @@
+//! README "Running a program with a token" and `tokend token --format`
+//! (issue 13): the real binary, a real daemon and the fake provider. The
+//! children are /bin/sh scripts that write what they see under the test's
+//! token directory (which the secrets audit expects to hold tokens).
+
+mod support;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Child, Output, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A daemon serving `bot` (imported with its access token) with one raw sink.
+fn serving() -> (Env, Daemon, MintedGrant) {
+    let env = Env::new(Knobs::default());
+    let bot = env.import("bot", true);
+    let d = env.start();
+    wait_serving(&env.socket, WAIT);
+    (env, d, bot)
+}
+
+/// `tokend exec ARGS -- /bin/sh -c SCRIPT`, with `$OUT` the token directory.
+fn exec(env: &Env, args: &[&str], script: &str) -> std::process::Command {
+    fs::create_dir_all(&env.tokens).unwrap();
+    let mut c = env.tokend(&[&["exec"], args, &["--", "/bin/sh", "-c", script]].concat());
+    c.env("OUT", &env.tokens)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `tokend exec` to completion; its stderr is audited.
+fn exec_output(env: &Env, args: &[&str], script: &str) -> Output {
+    let o = exec(env, args, script).output().unwrap();
+    assert_no_secrets(&stderr(&o), "tokend exec's stderr");
+    o
+}
+
+fn read(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok()
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    read(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn kill(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// Waits for `tokend exec` to end; its status and stderr (audited).
+fn finish(child: Child) -> Output {
+    let o = child.wait_with_output().unwrap();
+    assert_no_secrets(&stderr(&o), "tokend exec's stderr");
+    o
+}
+
+/// A child that says it started (appending its token to `$OUT/starts`),
+/// then waits to be signalled.
+const LOOP: &str = "printf '%s\\n' \"$ACCESS_TOKEN\" >> \"$OUT/starts\"; \
+                    while :; do sleep 0.05; done";
+
+#[test]
+fn token_format_prints_the_bytes_of_each_sink_format() {
+    let env = Env::bare(Knobs::default());
+    let sinks: String = ["raw", "header", "json", "env"]
+        .iter()
+        .map(|f| env.sink(f, "0600"))
+        .collect();
+    env.write_config(FAST_REFRESH, &sinks);
+    env.import("bot", true);
+    let _d = env.start();
+    wait_serving(&env.socket, WAIT);
+    for (format, file) in [
+        ("raw", "bot"),
+        ("header", "bot.header"),
+        ("json", "bot.json"),
+        ("env", "bot.env"),
+    ] {
+        let path = env.tokens.join(file);
+        let published = wait_for(&format!("{file} to be published"), WAIT, || {
+            fs::read(&path).ok()
+        });
+        let o = env.cli(&["token", "bot", "--format", format], "");
+        assert!(o.status.success(), "--format {format}: {}", stderr(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&published),
+            "--format {format}"
+        );
+    }
+    // Without --format: the token and a newline, as before.
+    let o = env.cli(&["token", "bot"], "");
+    assert_eq!(
+        o.stdout,
+        [fs::read(env.token_file("bot")).unwrap(), b"\n".to_vec()].concat()
+    );
+    let o = env.cli(&["token", "bot", "--format", "xml"], "");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--format"), "{}", stderr(&o));
+}
+
+#[test]
+fn exec_gives_the_child_the_token_in_its_environment_only() {
+    let (env, _d, bot) = serving();
+    // The child records its variables, its own argv and its parent's
+    // (`tokend exec`'s), then exits 7.
+    let script = "printf '%s' \"$ACCESS_TOKEN\" > \"$OUT/seen\"; \
+                  printf '%s' \"${MY_TOKEN-unset}\" > \"$OUT/seen-other\"; \
+                  cat /proc/$$/cmdline > \"$OUT/child-argv\"; \
+                  cat /proc/$PPID/cmdline > \"$OUT/exec-argv\"; exit 7";
+    let o = exec_output(&env, &["bot"], script);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    let seen = read(&env.tokens.join("seen")).unwrap();
+    assert_eq!(seen, bot.access_token);
+    assert_eq!(Some(seen), env.read_token("bot"));
+    assert_eq!(read(&env.tokens.join("seen-other")).unwrap(), "unset");
+    for argv in ["child-argv", "exec-argv"] {
+        let text = read(&env.tokens.join(argv)).unwrap();
+        assert!(!text.is_empty(), "{argv} not recorded");
+        assert!(!text.contains(&bot.access_token), "{argv}: {text:?}");
+        assert_no_secrets(&text, argv);
+    }
+    assert!(
+        read(&env.tokens.join("exec-argv"))
+            .unwrap()
+            .contains("exec")
+    );
+
+    // --env names the variable; the default one is then not set.
+    let o = exec_output(
+        &env,
+        &["bot", "--env", "MY_TOKEN"],
+        "printf '%s' \"$MY_TOKEN\" > \"$OUT/seen-other\"; \
+         printf '%s' \"${ACCESS_TOKEN-unset}\" > \"$OUT/seen\"",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        read(&env.tokens.join("seen-other")).unwrap(),
+        bot.access_token
+    );
+    assert_eq!(read(&env.tokens.join("seen")).unwrap(), "unset");
+}
+
+#[test]
+fn exec_forwards_signals_and_exits_as_the_child() {
+    let (env, _d, _bot) = serving();
+    let got = env.tokens.join("got");
+    let script = "trap 'echo usr1 >> \"$OUT/got\"' USR1; \
+                  trap 'echo hup >> \"$OUT/got\"' HUP; \
+                  echo ready > \"$OUT/ready\"; \
+                  while :; do sleep 0.05; done";
+    let child = exec(&env, &["bot"], script).spawn().unwrap();
+    wait_for("the child to start", WAIT, || {
+        read(&env.tokens.join("ready"))
+    });
+    kill(&child, libc::SIGUSR1);
+    wait_for("the child to get SIGUSR1", WAIT, || {
+        (lines(&got) == ["usr1"]).then_some(())
+    });
+    kill(&child, libc::SIGHUP);
+    wait_for("the child to get SIGHUP", WAIT, || {
+        (lines(&got) == ["usr1", "hup"]).then_some(())
+    });
+    // The child does not catch SIGTERM: it dies of it, and tokend exec
+    // exits as a shell would say, 128 + 15.
+    kill(&child, libc::SIGTERM);
+    let o = finish(child);
+    assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
+}
+
+#[test]
+fn exec_restarts_the_child_on_a_new_token() {
+    let (env, _d, bot) = serving();
+    let starts = env.tokens.join("starts");
+    let child = exec(
+        &env,
+        &["bot", "--restart-on-change", "--interval", "200ms"],
+        LOOP,
+    )
+    .spawn()
+    .unwrap();
+    wait_for("the child to start", WAIT, || {
+        (lines(&starts).len() == 1).then_some(())
+    });
+    assert_eq!(lines(&starts), std::slice::from_ref(&bot.access_token));
+    let o = env.cli(&["refresh", "bot"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let new = env.read_token("bot").unwrap();
+    assert_ne!(new, bot.access_token);
+    wait_for("the child to restart with the new token", WAIT, || {
+        (lines(&starts).len() == 2).then_some(())
+    });
+    assert_eq!(lines(&starts), [bot.access_token.clone(), new]);
+    kill(&child, libc::SIGTERM);
+    assert_eq!(finish(child).status.code(), Some(143));
+}
+
+#[test]
+fn exec_signals_the_child_on_a_new_token() {
+    let (env, _d, bot) = serving();
+    let starts = env.tokens.join("starts");
+    let script = "trap 'echo hup >> \"$OUT/hups\"' HUP; ".to_owned() + LOOP;
+    let child = exec(
+        &env,
+        &["bot", "--signal", "HUP", "--interval", "200ms"],
+        &script,
+    )
+    .spawn()
+    .unwrap();
+    wait_for("the child to start", WAIT, || {
+        (lines(&starts).len() == 1).then_some(())
+    });
+    // No rotation, no signal.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(read(&env.tokens.join("hups")), None);
+    let o = env.cli(&["refresh", "bot"], "");
+    assert!(o.status.success(), "{}", stderr(&o));
+    wait_for("the child to get SIGHUP", WAIT, || {
+        read(&env.tokens.join("hups"))
+    });
+    // Signalled, not restarted: it still holds its first token.
+    assert_eq!(lines(&starts), [bot.access_token]);
+    kill(&child, libc::SIGTERM);
+    assert_eq!(finish(child).status.code(), Some(143));
+}
+
+#[test]
+fn exec_fails_without_a_daemon_an_unknown_name_or_a_command() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let ran = "echo ran > \"$OUT/ran\"";
+    let o = exec_output(&env, &["bot"], ran);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        e.contains("tokend is not running") && e.contains("tokend run"),
+        "{e}"
+    );
+
+    let _d = env.start();
+    wait_serving(&env.socket, WAIT);
+    let o = exec_output(&env, &["nope"], ran);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("no credential named \"nope\""),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(read(&env.tokens.join("ran")), None, "a child ran");
+
+    for args in [
+        &["exec", "bot"][..],
+        &["exec", "bot", "--"],
+        &["exec", "bot", "/bin/true"],
+        &["exec", "bot", "--env", "1X", "--", "/bin/true"],
+        &["exec", "bot", "--signal", "NOPE", "--", "/bin/true"],
+        &[
+            "exec",
+            "bot",
+            "--signal",
+            "HUP",
+            "--restart-on-change",
+            "--",
+            "/bin/true",
+        ],
+    ] {
+        let o = env.cli(args, "");
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+    }
+    let o = env.cli(&["exec", "bot", "--", "/nonexistent/program"], "");
+    assert_eq!(o.status.code(), Some(127), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/program"),
+        "{}",
+        stderr(&o)
+    );
+}
