@@ -57,16 +57,45 @@ fn lines(path: &Path) -> Vec<String> {
         .collect()
 }
 
-fn kill(child: &Child, sig: i32) {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, sig) };
+/// A `tokend exec` running in the background. If the test fails first,
+/// dropping it sends SIGTERM (which it passes on to its child), then SIGKILL.
+struct Running(Option<Child>);
+
+impl Running {
+    fn start(mut c: std::process::Command) -> Running {
+        Running(Some(c.spawn().unwrap()))
+    }
+
+    fn kill(&self, sig: i32) {
+        let pid = self.0.as_ref().unwrap().id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid, sig) };
+    }
+
+    /// Waits for it to end; its status and stderr (audited).
+    fn finish(mut self) -> Output {
+        let o = self.0.take().unwrap().wait_with_output().unwrap();
+        assert_no_secrets(&stderr(&o), "tokend exec's stderr");
+        o
+    }
 }
 
-/// Waits for `tokend exec` to end; its status and stderr (audited).
-fn finish(child: Child) -> Output {
-    let o = child.wait_with_output().unwrap();
-    assert_no_secrets(&stderr(&o), "tokend exec's stderr");
-    o
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.0.is_none() {
+            return;
+        }
+        self.kill(libc::SIGTERM);
+        let child = self.0.as_mut().unwrap();
+        for _ in 0..100 {
+            if child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 /// A child that says it started (appending its token to `$OUT/starts`),
@@ -164,22 +193,22 @@ fn exec_forwards_signals_and_exits_as_the_child() {
                   trap 'echo hup >> \"$OUT/got\"' HUP; \
                   echo ready > \"$OUT/ready\"; \
                   while :; do sleep 0.05; done";
-    let child = exec(&env, &["bot"], script).spawn().unwrap();
+    let child = Running::start(exec(&env, &["bot"], script));
     wait_for("the child to start", WAIT, || {
         read(&env.tokens.join("ready"))
     });
-    kill(&child, libc::SIGUSR1);
+    child.kill(libc::SIGUSR1);
     wait_for("the child to get SIGUSR1", WAIT, || {
         (lines(&got) == ["usr1"]).then_some(())
     });
-    kill(&child, libc::SIGHUP);
+    child.kill(libc::SIGHUP);
     wait_for("the child to get SIGHUP", WAIT, || {
         (lines(&got) == ["usr1", "hup"]).then_some(())
     });
     // The child does not catch SIGTERM: it dies of it, and tokend exec
     // exits as a shell would say, 128 + 15.
-    kill(&child, libc::SIGTERM);
-    let o = finish(child);
+    child.kill(libc::SIGTERM);
+    let o = child.finish();
     assert_eq!(o.status.code(), Some(143), "{}", stderr(&o));
 }
 
@@ -187,13 +216,11 @@ fn exec_forwards_signals_and_exits_as_the_child() {
 fn exec_restarts_the_child_on_a_new_token() {
     let (env, _d, bot) = serving();
     let starts = env.tokens.join("starts");
-    let child = exec(
+    let child = Running::start(exec(
         &env,
         &["bot", "--restart-on-change", "--interval", "200ms"],
         LOOP,
-    )
-    .spawn()
-    .unwrap();
+    ));
     wait_for("the child to start", WAIT, || {
         (lines(&starts).len() == 1).then_some(())
     });
@@ -206,8 +233,8 @@ fn exec_restarts_the_child_on_a_new_token() {
         (lines(&starts).len() == 2).then_some(())
     });
     assert_eq!(lines(&starts), [bot.access_token.clone(), new]);
-    kill(&child, libc::SIGTERM);
-    assert_eq!(finish(child).status.code(), Some(143));
+    child.kill(libc::SIGTERM);
+    assert_eq!(child.finish().status.code(), Some(143));
 }
 
 #[test]
@@ -215,28 +242,30 @@ fn exec_signals_the_child_on_a_new_token() {
     let (env, _d, bot) = serving();
     let starts = env.tokens.join("starts");
     let script = "trap 'echo hup >> \"$OUT/hups\"' HUP; ".to_owned() + LOOP;
-    let child = exec(
+    let child = Running::start(exec(
         &env,
         &["bot", "--signal", "HUP", "--interval", "200ms"],
         &script,
-    )
-    .spawn()
-    .unwrap();
+    ));
     wait_for("the child to start", WAIT, || {
         (lines(&starts).len() == 1).then_some(())
     });
-    // No rotation, no signal.
-    std::thread::sleep(Duration::from_millis(600));
-    assert_eq!(read(&env.tokens.join("hups")), None);
+    assert_eq!(
+        read(&env.tokens.join("hups")),
+        None,
+        "a signal before a rotation"
+    );
     let o = env.cli(&["refresh", "bot"], "");
     assert!(o.status.success(), "{}", stderr(&o));
+    let hups = env.tokens.join("hups");
     wait_for("the child to get SIGHUP", WAIT, || {
-        read(&env.tokens.join("hups"))
+        lines(&hups).first().cloned()
     });
+    assert_eq!(lines(&hups), ["hup"], "one rotation, one signal");
     // Signalled, not restarted: it still holds its first token.
     assert_eq!(lines(&starts), [bot.access_token]);
-    kill(&child, libc::SIGTERM);
-    assert_eq!(finish(child).status.code(), Some(143));
+    child.kill(libc::SIGTERM);
+    assert_eq!(child.finish().status.code(), Some(143));
 }
 
 #[test]
@@ -289,4 +318,46 @@ fn exec_fails_without_a_daemon_an_unknown_name_or_a_command() {
         "{}",
         stderr(&o)
     );
+}
+
+#[test]
+fn exec_obeys_the_access_rules() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && skip("tokend exec as another user needs root") {
+        return;
+    }
+    let env = Env::bare(Knobs::default());
+    env.write_config(
+        &format!("socket_mode = \"0666\"\n{FAST_REFRESH}"),
+        &format!(
+            "{}\n[[access]]\ncredentials = [\"granted\"]\nuids = [65534]\n",
+            env.sink("raw", "0600")
+        ),
+    );
+    env.import("bot", true);
+    env.import("granted", true);
+    // Others may reach the socket and the config in the temp dir.
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    fs::set_permissions(&env.config_path, fs::Permissions::from_mode(0o644)).unwrap();
+    let _d = env.start();
+    wait_serving(&env.socket, WAIT);
+    let as_nobody = |name: &str| {
+        use std::os::unix::process::CommandExt;
+        let mut c = exec(&env, &[name], "[ -n \"$ACCESS_TOKEN\" ] && exit 3");
+        c.uid(65534).gid(65534).env("HOME", "/");
+        let o = c.output().unwrap();
+        assert_no_secrets(&stderr(&o), "tokend exec's stderr");
+        o
+    };
+    let o = as_nobody("bot");
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("65534"),
+        "the daemon's message: {}",
+        stderr(&o)
+    );
+    // The child ran, with a token, and its status came back.
+    let o = as_nobody("granted");
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
 }
