@@ -330,7 +330,7 @@ fn env_var(s: &str) -> Result<String, String> {
 }
 
 /// The signals `exec --signal` takes, by name (with or without "SIG").
-pub const SIGNALS: [(&str, i32); 9] = [
+const SIGNALS: [(&str, i32); 9] = [
     ("HUP", libc::SIGHUP),
     ("INT", libc::SIGINT),
     ("QUIT", libc::SIGQUIT),
