@@ -89,6 +89,7 @@ pub enum Command {
     List(List),
     Status(Status),
     Token(Token),
+    Exec(Exec),
     Refresh(Refresh),
     Remove(Remove),
     Completions(Completions),
@@ -205,11 +206,51 @@ pub struct Status {
 }
 
 /// Print the current access token (asks the daemon)
+///
+/// Without --format: the token and a newline. With it: exactly the bytes
+/// a file sink of that format holds, e.g.
+/// curl -H "$(tokend token NAME --format header)" URL
 #[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
 pub struct Token {
     /// The credential's name
     #[arg(value_name = "NAME", value_parser = name)]
     pub name: String,
+    /// As a sink file of this format: raw, header, json or env
+    #[arg(long, value_name = "FORMAT", value_parser = token_format())]
+    pub format: Option<config::Format>,
+}
+
+/// Run a program with the token in its environment (asks the daemon)
+///
+/// The token goes into the child's environment only (never its argv);
+/// signals sent to tokend exec are passed on to the child, and tokend
+/// exec exits with the child's status (128+N if signal N killed it).
+/// tokend exec asks the daemon for a new token every --interval; when
+/// it changed, --restart-on-change restarts the child with it (SIGTERM,
+/// then SIGKILL after 10 s), --signal SIG sends SIG to the child. With
+/// neither, the child keeps its first token.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Exec {
+    /// The credential's name
+    #[arg(value_name = "NAME", value_parser = name)]
+    pub name: String,
+    /// The child's variable that holds the token [default: ACCESS_TOKEN]
+    #[arg(long = "env", value_name = "VAR", value_parser = env_var)]
+    pub env: Option<String>,
+    /// Restart the child when the token changes
+    #[arg(long, conflicts_with = "signal")]
+    pub restart_on_change: bool,
+    /// Send SIG (HUP, USR1, ...) to the child when the token changes
+    #[arg(long, value_name = "SIG", value_parser = signal)]
+    pub signal: Option<i32>,
+    /// How often to ask the daemon whether the token changed [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = interval)]
+    pub interval: Option<Duration>,
+    /// The program and its arguments, after '--'
+    #[arg(value_name = "COMMAND", last = true, required = true)]
+    pub command: Vec<std::ffi::OsString>,
 }
 
 /// Refresh now, through the daemon, and report the outcome
@@ -260,6 +301,75 @@ fn name(s: &str) -> Result<String, String> {
 fn log_format() -> impl TypedValueParser<Value = LogFormat> {
     PossibleValuesParser::new(["text", "journal", "json"])
         .map(|s| LogFormat::parse(&s).expect("one of the possible values"))
+}
+
+/// `token --format`: the sink formats (README "File sinks").
+fn token_format() -> impl TypedValueParser<Value = config::Format> {
+    PossibleValuesParser::new(["raw", "header", "json", "env"]).map(|s| match s.as_str() {
+        "header" => config::Format::Header,
+        "json" => config::Format::Json,
+        "env" => config::Format::Env,
+        _ => config::Format::Raw,
+    })
+}
+
+/// `exec --env VAR`: a name a shell can expand, so that the child's
+/// scripts can read it.
+fn env_var(s: &str) -> Result<String, String> {
+    let mut chars = s.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if first_ok && chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "--env {s:?} is not a variable name: letters, digits and '_', not starting with a digit"
+        ))
+    }
+}
+
+/// The signals `exec --signal` takes, by name (with or without "SIG").
+const SIGNALS: [(&str, i32); 9] = [
+    ("HUP", libc::SIGHUP),
+    ("INT", libc::SIGINT),
+    ("QUIT", libc::SIGQUIT),
+    ("USR1", libc::SIGUSR1),
+    ("USR2", libc::SIGUSR2),
+    ("TERM", libc::SIGTERM),
+    ("WINCH", libc::SIGWINCH),
+    ("CONT", libc::SIGCONT),
+    ("ALRM", libc::SIGALRM),
+];
+
+/// `exec --signal SIG`: a name from [`SIGNALS`] or its number.
+fn signal(s: &str) -> Result<i32, String> {
+    let upper = s.to_ascii_uppercase();
+    let bare = upper.strip_prefix("SIG").unwrap_or(&upper);
+    SIGNALS
+        .iter()
+        .find(|(n, _)| *n == bare)
+        .map(|(_, v)| *v)
+        .or_else(|| {
+            s.parse()
+                .ok()
+                .filter(|n| SIGNALS.iter().any(|(_, v)| v == n))
+        })
+        .ok_or_else(|| {
+            let names: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
+            format!("--signal {s:?} is not one of {}", names.join(", "))
+        })
+}
+
+/// `exec --interval DURATION`: at least 100 ms, so that polling never
+/// becomes a busy loop on the daemon.
+fn interval(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_millis(100) => Ok(d),
+        _ => Err(format!(
+            "--interval {s:?} is not a duration of at least 100ms; write e.g. \"10s\", \"1m\""
+        )),
+    }
 }
 
 /// `--timeout DURATION`: a humantime duration above zero.

@@ -11,6 +11,7 @@ mod authorize;
 mod check_config;
 mod client;
 mod docs;
+mod exec;
 mod import;
 mod refresh;
 mod remove;
@@ -72,6 +73,7 @@ pub fn main() -> u8 {
         Command::List(_) => status::list(config),
         Command::Status(a) => status::status(config, a),
         Command::Token(a) => token::run(config, a),
+        Command::Exec(a) => exec::run(config, a),
         Command::Refresh(a) => refresh::run(config, a),
         Command::Remove(a) => remove::run(config, a),
         Command::Completions(a) => docs::completions(a.shell),
@@ -114,6 +116,7 @@ fn token_fast_path(argv: &[OsString]) -> Option<Cli> {
         global: args::Global { config },
         command: Command::Token(args::Token {
             name: name.to_owned(),
+            format: None,
         }),
     })
 }
