@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::config;
 use crate::logging::LogFormat;
@@ -163,8 +163,16 @@ pub struct Authorize {
     pub force: bool,
 }
 
-/// Add a credential from an existing refresh token
+/// Add a credential from an existing refresh token, or a client_credentials one
+///
+/// --refresh-token FILE: a grant someone authorized (refresh_token grant).
+/// --client-credentials: no refresh token; the provider's client_id and
+/// secret are the grant (RFC 6749 §4.4), for an API's machine users.
 #[derive(Args, Debug)]
+#[command(
+    verbatim_doc_comment,
+    group(ArgGroup::new("grant").required(true).args(["refresh_token", "client_credentials"]))
+)]
 pub struct Import {
     /// The credential's name (letters, digits, '-', '_', '.', '@')
     #[arg(value_name = "NAME", value_parser = name)]
@@ -174,7 +182,14 @@ pub struct Import {
     pub provider: String,
     /// The file that holds the refresh token; '-' reads stdin
     #[arg(long, value_name = "FILE|-")]
-    pub refresh_token: String,
+    pub refresh_token: Option<String>,
+    /// No refresh token: fetch tokens with the client_credentials grant
+    ///
+    /// The daemon fetches a new access token before each one expires, with
+    /// the provider's client_id, secret and scope; without --access-token,
+    /// it fetches the first one at once.
+    #[arg(long, verbatim_doc_comment)]
+    pub client_credentials: bool,
     /// Also store its current access token, from FILE; '-' reads stdin
     #[arg(long, value_name = "FILE|-")]
     pub access_token: Option<String>,

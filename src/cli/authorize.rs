@@ -18,7 +18,7 @@ use crate::clock::{now_ms, span};
 use crate::config::{self, Config, ProviderConfig};
 use crate::provider::{Client, Failure, Tokens};
 use crate::secret::Secret;
-use crate::store::{NewCredential, StoreConn, StoreError};
+use crate::store::{Grant, NewCredential, StoreConn, StoreError};
 
 /// How long the listener waits for the browser by default: time to log in
 /// (and find the password), short enough not to leave a port open all day.
@@ -303,7 +303,7 @@ impl Flow<'_> {
             name: self.name.to_owned(),
             provider: self.p.name.clone(),
             access_token: Some(tokens.access_token),
-            refresh_token,
+            grant: Grant::RefreshToken(refresh_token),
             scope: tokens.scope.or_else(|| self.p.scope.clone()),
             expires_at,
             event: "authorized",
