@@ -131,11 +131,12 @@ pub struct CheckConfig {
     pub as_user: Option<String>,
 }
 
-/// Onboard an API user: the authorization-code flow
+/// Onboard an API user: the authorization-code flow, or the device flow
 ///
 /// Prints the provider's authorization URL, waits for the browser to come
 /// back to the provider's loopback redirect_uri, checks its state,
-/// exchanges the code and stores the credential. Nothing is stored unless
+/// exchanges the code and stores the credential. With --device, prints a
+/// URL and a code instead and polls the provider. Nothing is stored unless
 /// all of that succeeds.
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -155,6 +156,13 @@ pub struct Authorize {
     /// Exchange a code obtained some other way; '-' reads stdin
     #[arg(long, value_name = "CODE|-")]
     pub code: Option<String>,
+    /// Headless: the device authorization grant (RFC 8628)
+    ///
+    /// Prints a URL and a code to enter there from any device with a
+    /// browser, and polls until access is allowed, denied or the code
+    /// expires. Needs the provider's device_authorization_url.
+    #[arg(long, verbatim_doc_comment, conflicts_with_all = ["paste", "code", "timeout"])]
+    pub device: bool,
     /// How long to wait for the browser [default: 5m]
     #[arg(long, value_name = "DURATION", value_parser = timeout)]
     pub timeout: Option<Duration>,
@@ -240,14 +248,22 @@ pub struct Refresh {
 
 /// Forget a credential and remove its published files
 ///
-/// The grant is not revoked at the provider: its tokens stay valid until
-/// they expire.
+/// Without --revoke the grant is not revoked at the provider: its tokens
+/// stay valid until they expire.
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Remove {
     /// The credential's name
     #[arg(value_name = "NAME", value_parser = name)]
     pub name: String,
+    /// First revoke the grant at the provider's revocation_url (RFC 7009)
+    ///
+    /// Revokes the refresh token (a client_credentials credential's access
+    /// token), then forgets the credential. If the provider does not
+    /// confirm, nothing is removed. A provider without revocation_url
+    /// cannot revoke: then nothing is removed, exit code 2.
+    #[arg(long, verbatim_doc_comment)]
+    pub revoke: bool,
 }
 
 /// Print a shell completion script

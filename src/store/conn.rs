@@ -126,6 +126,18 @@ impl StoreConn {
         self.immediate(|c| ops::remove(c, name))
     }
 
+    /// Takes the credential's lease, as the refresher does, for work that
+    /// is not a refresh (`tokend remove --revoke`): while it is held no
+    /// refresh starts anywhere, and none is in flight.
+    pub fn hold_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<super::Lease> {
+        self.immediate(|c| ops::hold_lease(c, name, holder, ttl))
+    }
+
+    /// Gives back `holder`'s lease on a credential.
+    pub fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        self.immediate(|c| ops::release(c, name, holder))
+    }
+
     /// One credential: a command looks before it asks the user for work
     /// that an existing name would waste (`authorize` without `--force`).
     pub fn get(&self, name: &str) -> Result<Option<Credential>> {

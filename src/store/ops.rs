@@ -194,6 +194,40 @@ pub fn take_lease(
     })
 }
 
+/// Takes `name`'s lease for work that is not a refresh (revoking the grant
+/// before removing it): no refresh is marked as started, so giving it back
+/// leaves the row as it was. Like [`take_lease`], it bumps the fence, so a
+/// holder whose lease expired can commit nothing meanwhile.
+pub fn hold_lease(c: &Connection, name: &str, holder: &str, ttl: Duration) -> Result<Lease> {
+    let now = now_ms();
+    let current: Option<(String, i64)> = c
+        .prepare_cached("SELECT holder, expires_at FROM leases WHERE name = ?1")?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((other, until)) = current
+        && other != holder
+        && until > now
+        && crate::lease::holder_alive(&other)
+    {
+        return Ok(Lease::Busy { until });
+    }
+    let Some(cred) = get(c, name)? else {
+        return Ok(Lease::Gone);
+    };
+    let fence: i64 = c
+        .prepare_cached("UPDATE credentials SET fence = fence + 1 WHERE name = ?1 RETURNING fence")?
+        .query_row([name], |r| r.get(0))?;
+    c.prepare_cached(
+        "INSERT OR REPLACE INTO leases (name, holder, expires_at, fence) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![name, holder, now + ttl.as_millis() as i64, fence])?;
+    Ok(Lease::Taken {
+        credential: Box::new(cred),
+        interrupted: false,
+        fence,
+    })
+}
+
 /// Extends `holder`'s lease `fence` to `ttl` from now; whether it is still ours.
 pub fn renew_lease(
     c: &Connection,
