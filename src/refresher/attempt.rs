@@ -249,7 +249,8 @@ impl Refresher {
             Ok(Lease::Gone) => return,
             Err(e) => return self.store_failed(entry, name, &e),
         };
-        if interrupted {
+        // A client_credentials fetch that never finished lost nothing.
+        if interrupted && matches!(cred.grant, Grant::RefreshToken(_)) {
             tracing::warn!(
                 credential = %name,
                 "a previous refresh of this credential never finished (tokend stopped, or no answer came); trying the stored refresh token once"
