@@ -332,7 +332,7 @@ mod tests {
             name: "bot".into(),
             provider: "fake".into(),
             access_token: Some(Secret::new("t")),
-            refresh_token: Secret::new("r"),
+            grant: crate::store::Grant::RefreshToken(Secret::new("r")),
             scope: None,
             expires_at: None,
             issued_at: 0,

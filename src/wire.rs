@@ -47,12 +47,37 @@ impl std::fmt::Display for State {
     }
 }
 
+/// How a credential gets its access tokens (README "Other grants"): the
+/// socket and `tokend status` show it, since what can go wrong differs (a
+/// client_credentials credential has no grant to lose).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// The refresh_token grant (RFC 6749 §6), after an authorization or an import.
+    #[default]
+    RefreshToken,
+    /// The client_credentials grant (RFC 6749 §4.4).
+    ClientCredentials,
+}
+
+impl GrantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantKind::RefreshToken => "refresh_token",
+            GrantKind::ClientCredentials => "client_credentials",
+        }
+    }
+}
+
 /// What the socket API and `tokend status` show of a credential: never a
 /// secret. `GET /v1/credentials[/{name}]`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,
     pub provider: String,
+    /// Absent from an older daemon's answer: then it can only be a refresh token.
+    #[serde(default)]
+    pub grant: GrantKind,
     pub state: State,
     /// Whether an unexpired access token is published.
     pub has_token: bool,
@@ -185,6 +210,7 @@ mod tests {
         let s = Status {
             name: "a".into(),
             provider: "p".into(),
+            grant: GrantKind::ClientCredentials,
             state: State::Retrying,
             has_token: false,
             expires_at: None,
@@ -205,5 +231,12 @@ mod tests {
         assert_eq!(v["state"], "retrying");
         let back: Refreshed = serde_json::from_value(v).unwrap();
         assert_eq!(back.status.state, State::Retrying);
+        assert_eq!(back.status.grant, GrantKind::ClientCredentials);
+        // An older daemon's status has no grant: only refresh tokens then.
+        let mut old = serde_json::to_value(&back.status).unwrap();
+        assert_eq!(old["grant"], "client_credentials");
+        old.as_object_mut().unwrap().remove("grant");
+        let old: Status = serde_json::from_value(old).unwrap();
+        assert_eq!(old.grant, GrantKind::RefreshToken);
     }
 }

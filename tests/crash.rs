@@ -59,7 +59,7 @@ fn stored(env: &Env, name: &str) -> Stored {
         .unwrap_or_else(|| panic!("no row for {name}"));
     Stored {
         access_token: c.access_token.map(|t| t.expose().to_owned()),
-        refresh_token: c.refresh_token.expose().to_owned(),
+        refresh_token: c.grant.refresh_token().unwrap().expose().to_owned(),
         state: c.state.as_str().to_owned(),
         last_error: c.last_error,
         refresh_started_at: c.refresh_started_at,

@@ -101,6 +101,8 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Route<'a> {
     Token,
+    DeviceAuthorization,
+    Revoke,
     Validate,
     Authorize,
     Admin(&'a str),
@@ -111,6 +113,8 @@ impl<'a> Route<'a> {
     fn of(path: &'a str) -> Self {
         match path {
             "/oauth2/access_token" => Route::Token,
+            "/oauth2/device_authorization" => Route::DeviceAuthorization,
+            "/oauth2/revoke" => Route::Revoke,
             "/public/v1/members/current" => Route::Validate,
             "/oauth2/authorize" => Route::Authorize,
             _ => path
@@ -123,6 +127,8 @@ impl<'a> Route<'a> {
     fn record_name(self) -> Option<&'static str> {
         match self {
             Route::Token => Some("token"),
+            Route::DeviceAuthorization => Some("device_authorization"),
+            Route::Revoke => Some("revoke"),
             Route::Validate => Some("validate"),
             Route::Authorize => Some("authorize"),
             Route::Admin(_) => None,
@@ -163,6 +169,9 @@ async fn handle(request: Request<Incoming>, shared: &Shared) -> Reply {
     };
     match route {
         Route::Token => token(shared, &parts, &body, record).await,
+        Route::DeviceAuthorization | Route::Revoke => {
+            client_endpoint(shared, route, &parts, &body, record).await
+        }
         Route::Validate => validate(shared, &parts, record).await,
         Route::Authorize => authorize(shared, &parts, record),
         Route::Admin(path) => Reply::Send(admin(shared, &parts.method, path, &body)),
@@ -236,6 +245,77 @@ async fn token(shared: &Shared, parts: &Parts, body: &[u8], mut record: RequestR
                     Err(error) => oauth_error(&error),
                 },
             ),
+        };
+        record.status = reply.status();
+        state.record(record);
+        (reply, state.knobs.answer_delay_ms)
+    };
+    hold_back(reply, answer_delay_ms).await
+}
+
+/// `POST /oauth2/device_authorization` (RFC 8628 §3.1) and `POST
+/// /oauth2/revoke` (RFC 7009 §2.1): the client authenticates as at the
+/// token endpoint; latency, faults and the answer delay apply as there.
+async fn client_endpoint(
+    shared: &Shared,
+    route: Route<'_>,
+    parts: &Parts,
+    body: &[u8],
+    mut record: RequestRecord,
+) -> Reply {
+    let call = oauth::parse_client_request(
+        parts.method == Method::POST,
+        header_str(&parts.headers, header::CONTENT_TYPE),
+        header_str(&parts.headers, header::AUTHORIZATION),
+        body,
+    );
+    if call.request.is_err() {
+        shared.lock().stats.bad_requests += 1;
+    }
+    record.form_fields = call.fields;
+    record.client_auth = call.client_auth.map(str::to_owned);
+    record.scope_raw = call.scope_raw;
+    let base = header_str(&parts.headers, header::HOST)
+        .map(|host| format!("http://{host}"))
+        .unwrap_or_default();
+    delay(shared).await;
+    let (reply, answer_delay_ms) = {
+        let mut state = shared.lock();
+        let fault = state
+            .take_fault(FaultTarget::Token)
+            .filter(|f| !matches!(f, Fault::TokenType { .. }));
+        record.fault = fault.is_some();
+        let reply = match fault {
+            Some(fault) => fault_reply(&fault),
+            None => Reply::Send(match call.request {
+                Err(error) => oauth_error(&error),
+                Ok((client_id, client_secret, params)) if route == Route::Revoke => {
+                    match state.revoke_token(
+                        &client_id,
+                        &client_secret,
+                        params.get("token").map(String::as_str),
+                    ) {
+                        Ok(()) => respond(200, "application/json", "{}"),
+                        Err(error) => oauth_error(&error),
+                    }
+                }
+                Ok((client_id, client_secret, params)) => {
+                    if !state.client_secret_is(&client_id, &client_secret) {
+                        oauth_error(&OAuthError::invalid_client())
+                    } else {
+                        let answer = state.issue_device_code(
+                            &client_id,
+                            params.get("scope").map(String::as_str),
+                            &base,
+                        );
+                        with_header(
+                            json(200, &answer),
+                            header::CACHE_CONTROL,
+                            HeaderValue::from_static("no-store"),
+                        )
+                    }
+                }
+            }),
         };
         record.status = reply.status();
         state.record(record);
@@ -364,6 +444,12 @@ struct MintRequest {
     scope: Option<String>,
 }
 
+/// `POST /_admin/device/approve` and `/deny` body.
+#[derive(Deserialize)]
+struct DeviceDecision {
+    user_code: String,
+}
+
 /// The standalone binary's control routes; not recorded and never faulted.
 fn admin(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<Body> {
     let mut state = shared.lock();
@@ -404,6 +490,19 @@ fn admin(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response<
                 }
             }
         }
+        ("POST", "device/approve" | "device/deny") => {
+            match serde_json::from_slice::<DeviceDecision>(body) {
+                Err(e) => bad(e.to_string()),
+                Ok(d) if state.decide_device(&d.user_code, path == "device/approve") => {
+                    json(200, &json!({"user_code": d.user_code}))
+                }
+                Ok(_) => json(
+                    404,
+                    &json!({"error": "no pending authorization with that user_code"}),
+                ),
+            }
+        }
+        ("GET", "device") => json(200, &state.pending_user_codes()),
         ("GET", path) => match path.strip_prefix("grants/").map(str::parse::<u64>) {
             Some(Ok(id)) => match state.grant_info(id) {
                 Some(grant) => json(200, &grant),

@@ -11,15 +11,27 @@
 //!   refresh, with refresh-token rotation and reuse detection;
 //! * `GET /public/v1/members/current` (operation `detailsCurrentMember`): the
 //!   cheap call tokend validates access tokens with;
+//! * beyond PandaDoc, the other grants of a standard server: the
+//!   client_credentials grant (RFC 6749 §4.4) at the token endpoint, for the
+//!   clients in [`Knobs::client_credentials_clients`]; the device
+//!   authorization grant (RFC 8628): `POST /oauth2/device_authorization`
+//!   and `grant_type=urn:ietf:params:oauth:grant-type:device_code` at the
+//!   token endpoint, with `authorization_pending`, `slow_down`,
+//!   `access_denied` and `expired_token`; and revocation (RFC 7009),
+//!   `POST /oauth2/revoke`: a revoked refresh token kills its grant;
 //! * JSON control routes for the standalone binary, never faulted, delayed or
 //!   recorded: `GET /_admin/stats` ([`Stats`]), `DELETE /_admin/stats` (what
 //!   [`FakeProvider::reset_stats`] does), `GET /_admin/requests`
 //!   ([`RequestRecord`]s), `GET|PUT /_admin/knobs` ([`Knobs`]),
 //!   `POST /_admin/grants` (`{"client_id":..,"scope":..}`, both optional, to
-//!   a [`MintedGrant`]) and `GET /_admin/grants/{id}` ([`GrantInfo`]).
+//!   a [`MintedGrant`]), `GET /_admin/grants/{id}` ([`GrantInfo`]), and
+//!   `POST /_admin/device/approve` or `/_admin/device/deny`
+//!   (`{"user_code":..}`), the user's decision on a device authorization,
+//!   and `GET /_admin/device`, the user codes still pending.
 //!
 //! Anything else is 404; bodies over 64 KiB get 413. Latency, answer delay and
-//! faults apply to the token and validate endpoints only.
+//! faults apply to the token and validate endpoints only (the device
+//! authorization and revocation endpoints count as token endpoints).
 //!
 //! Tests drive it as a library: [`FakeProvider::start`] runs it on its own
 //! runtime thread, [`Knobs`] change its behaviour at any moment (token
@@ -169,6 +181,23 @@ pub struct Knobs {
     /// whole. Read when a request is processed, so it also applies to grants
     /// made before it was turned on.
     pub oidc_scopes: bool,
+    /// The clients that may use the client_credentials grant (RFC 6749
+    /// §4.4); any other is answered 400 `unauthorized_client`. By default
+    /// the client every provider registers at start.
+    pub client_credentials_clients: Vec<String>,
+    /// The `interval` a device authorization answer gives (RFC 8628 §3.2):
+    /// a device code polled sooner after its previous poll is answered
+    /// `slow_down`, and its interval grows by 5 s (§3.5).
+    pub device_interval_secs: u64,
+    /// The `expires_in` of device codes: polled later, `expired_token`.
+    pub device_code_lifetime_secs: u64,
+    /// The next this many device-code polls are answered `slow_down` (and
+    /// grow the code's interval by 5 s) however they are spaced: how a
+    /// test sees a client obey it.
+    pub device_slow_down: u64,
+    /// The revocation endpoint answers 400 `unsupported_token_type` (RFC
+    /// 7009 §2.2.1), as a server that revokes no such tokens does.
+    pub revocation_unsupported: bool,
 }
 
 impl Default for Knobs {
@@ -186,6 +215,11 @@ impl Default for Knobs {
             code_lifetime_secs: 600,
             answer_delay_ms: 0,
             oidc_scopes: false,
+            client_credentials_clients: vec![DEFAULT_CLIENT_ID.to_owned()],
+            device_interval_secs: 5,
+            device_code_lifetime_secs: 600,
+            device_slow_down: 0,
+            revocation_unsupported: false,
         }
     }
 }
@@ -261,7 +295,8 @@ pub struct Stats {
     pub validations_ok: u64,
     /// Rotated-out refresh tokens and already-used codes presented.
     pub reuse_detected: u64,
-    /// Grants revoked because of reuse.
+    /// Grants revoked because of reuse, or by an RFC 7009 revocation of
+    /// their refresh token.
     pub grants_revoked: u64,
     /// Requests answered by an injected fault (including `error_rate_5xx`).
     pub faults_injected: u64,
@@ -273,6 +308,18 @@ pub struct Stats {
     /// Refreshes answered `invalid_scope` (only with the `oidc_scopes` knob).
     #[serde(default)]
     pub scope_refused: u64,
+    /// client_credentials grants answered 200.
+    #[serde(default)]
+    pub client_credentials_ok: u64,
+    /// Device codes issued (RFC 8628 §3.2).
+    #[serde(default)]
+    pub device_codes_issued: u64,
+    /// Polls with a device code (RFC 8628 §3.4), whatever their answer.
+    #[serde(default)]
+    pub device_polls: u64,
+    /// Tokens revoked at the revocation endpoint (RFC 7009), known ones only.
+    #[serde(default)]
+    pub revocations: u64,
 }
 
 /// One request as the provider saw it, without any secret value.
@@ -492,6 +539,20 @@ impl FakeProvider {
     /// The counters since start or the last [`FakeProvider::reset_stats`].
     pub fn stats(&self) -> Stats {
         self.shared.lock().stats.clone()
+    }
+
+    /// The user codes of device authorizations still waiting for the user,
+    /// oldest first.
+    pub fn pending_user_codes(&self) -> Vec<String> {
+        self.shared.lock().pending_user_codes()
+    }
+
+    /// The user approves (`approve`) or denies the device authorization
+    /// with this user code, as on the verification page; false when no
+    /// pending one has it. `POST /_admin/device/approve` and `/deny` do the
+    /// same over HTTP.
+    pub fn decide_device(&self, user_code: &str, approve: bool) -> bool {
+        self.shared.lock().decide_device(user_code, approve)
     }
 
     /// The last 20 000 requests, oldest first.

@@ -47,6 +47,15 @@ impl OAuthError {
         }
     }
 
+    /// Any other error code of RFC 6749 §5.2, RFC 8628 §3.5 or RFC 7009 §2.2.1.
+    pub fn code(error: &'static str, description: impl Into<String>) -> Self {
+        OAuthError {
+            status: 400,
+            error,
+            description: Some(description.into()),
+        }
+    }
+
     pub fn invalid_client() -> Self {
         OAuthError {
             status: 401,
@@ -70,8 +79,21 @@ pub struct TokenResponse {
     pub access_token: String,
     pub token_type: String,
     pub expires_in: u64,
-    pub refresh_token: String,
+    /// None for the client_credentials grant (RFC 6749 §4.4.3: no refresh token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
     pub scope: String,
+}
+
+/// The device authorization endpoint's answer (RFC 8628 §3.2).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceAuthorization {
+    pub device_code: String,
+    pub user_code: String,
+    pub verification_uri: String,
+    pub verification_uri_complete: String,
+    pub expires_in: u64,
+    pub interval: u64,
 }
 
 /// A well-formed token request, client credentials included (not yet checked).
@@ -98,7 +120,14 @@ pub enum GrantRequest {
         /// empty. Only the `oidc_scopes` knob looks at it.
         scope: Option<String>,
     },
+    /// `grant_type=client_credentials` (RFC 6749 §4.4.2).
+    ClientCredentials { scope: Option<String> },
+    /// `grant_type=urn:ietf:params:oauth:grant-type:device_code` (RFC 8628 §3.4).
+    DeviceCode { device_code: String },
 }
+
+/// The device grant's `grant_type` (RFC 8628 §3.4).
+pub const DEVICE_GRANT: &str = "urn:ietf:params:oauth:grant-type:device_code";
 
 /// What a token request said, for the records, and what it asks for.
 pub struct TokenCall {
@@ -194,26 +223,65 @@ fn token_request(
     authorization: Option<&str>,
 ) -> Result<TokenRequest, OAuthError> {
     let mut params = single_valued(pairs)?;
-    let mut take = |name: &str| params.remove(name);
-
-    let grant_type = take("grant_type")
+    let grant_type = params
+        .remove("grant_type")
         .ok_or_else(|| OAuthError::invalid_request("missing required parameter grant_type"))?;
-    if grant_type != "authorization_code" && grant_type != "refresh_token" {
+    if ![
+        "authorization_code",
+        "refresh_token",
+        "client_credentials",
+        DEVICE_GRANT,
+    ]
+    .contains(&grant_type.as_str())
+    {
         return Err(OAuthError {
             status: 400,
             error: "unsupported_grant_type",
             description: None,
         });
     }
+    let (client_id, client_secret) = authenticate(&mut params, authorization)?;
+    let mut take = |name: &str| params.remove(name);
+    let required = |v: Option<String>, name: &str| {
+        v.ok_or_else(|| OAuthError::invalid_request(format!("missing required parameter {name}")))
+    };
+    let grant = match grant_type.as_str() {
+        "authorization_code" => GrantRequest::Code {
+            code: required(take("code"), "code")?,
+            redirect_uri: take("redirect_uri"),
+            code_verifier: take("code_verifier"),
+        },
+        "refresh_token" => GrantRequest::Refresh {
+            refresh_token: required(take("refresh_token"), "refresh_token")?,
+            scope: take("scope"),
+        },
+        "client_credentials" => GrantRequest::ClientCredentials {
+            scope: take("scope"),
+        },
+        _ => GrantRequest::DeviceCode {
+            device_code: required(take("device_code"), "device_code")?,
+        },
+    };
+    Ok(TokenRequest {
+        client_id,
+        client_secret,
+        grant,
+    })
+}
 
-    let form_id = take("client_id");
-    let form_secret = take("client_secret");
-    let (client_id, client_secret) = match (authorization, form_secret) {
-        (Some(_), Some(_)) => {
-            return Err(OAuthError::invalid_request(
-                "client credentials in both the Authorization header and the form",
-            ));
-        }
+/// The client's credentials (RFC 6749 §2.3.1): the Basic header or
+/// `client_id` and `client_secret` in the form, one way only. Taken out of
+/// `params`.
+fn authenticate(
+    params: &mut HashMap<String, String>,
+    authorization: Option<&str>,
+) -> Result<(String, String), OAuthError> {
+    let form_id = params.remove("client_id");
+    let form_secret = params.remove("client_secret");
+    match (authorization, form_secret) {
+        (Some(_), Some(_)) => Err(OAuthError::invalid_request(
+            "client credentials in both the Authorization header and the form",
+        )),
         (Some(header), None) => {
             let (id, secret) = parse_basic(header)?;
             if form_id.as_ref().is_some_and(|form_id| *form_id != id) {
@@ -221,41 +289,67 @@ fn token_request(
                     "client_id in the form differs from the Basic credentials",
                 ));
             }
-            (id, secret)
+            Ok((id, secret))
         }
         (None, Some(secret)) => {
             let id = form_id.ok_or_else(|| {
                 OAuthError::invalid_request("missing required parameter client_id")
             })?;
-            (id, secret)
+            Ok((id, secret))
         }
-        (None, None) => {
-            return Err(OAuthError::invalid_request(
-                "missing required parameter client_secret",
-            ));
-        }
-    };
+        // A registered client here is confidential: it must authenticate
+        // (RFC 6749 §3.2.1, RFC 8628 §3.1, RFC 7009 §2.1).
+        (None, None) => Err(OAuthError::invalid_request(
+            "missing required parameter client_secret",
+        )),
+    }
+}
 
-    let grant = if grant_type == "authorization_code" {
-        GrantRequest::Code {
-            code: take("code")
-                .ok_or_else(|| OAuthError::invalid_request("missing required parameter code"))?,
-            redirect_uri: take("redirect_uri"),
-            code_verifier: take("code_verifier"),
-        }
+/// A request to the device authorization endpoint (RFC 8628 §3.1) or the
+/// revocation endpoint (RFC 7009 §2.1): the client, authenticated as at the
+/// token endpoint, and the other parameters.
+pub struct ClientCall {
+    /// Form field names in order.
+    pub fields: Vec<String>,
+    pub client_auth: Option<&'static str>,
+    pub scope_raw: Option<String>,
+    /// (client_id, client_secret, the other parameters), or why not.
+    pub request: Result<(String, String, HashMap<String, String>), OAuthError>,
+}
+
+/// Parses a form POST that authenticates the client as the token endpoint does.
+pub fn parse_client_request(
+    is_post: bool,
+    content_type: Option<&str>,
+    authorization: Option<&str>,
+    body: &[u8],
+) -> ClientCall {
+    let call = parse_token_request(is_post, content_type, authorization, body);
+    let request = if !is_post {
+        Err(OAuthError {
+            status: 405,
+            error: "invalid_request",
+            description: Some("this endpoint takes POST".into()),
+        })
+    } else if !is_form(content_type) {
+        Err(OAuthError::invalid_request(format!(
+            "Content-Type must be {FORM}"
+        )))
     } else {
-        GrantRequest::Refresh {
-            refresh_token: take("refresh_token").ok_or_else(|| {
-                OAuthError::invalid_request("missing required parameter refresh_token")
-            })?,
-            scope: take("scope"),
+        match parse_form(body) {
+            Ok(pairs) => single_valued(pairs).and_then(|mut params| {
+                let (id, secret) = authenticate(&mut params, authorization)?;
+                Ok((id, secret, params))
+            }),
+            Err(_) => Err(OAuthError::invalid_request("malformed form body")),
         }
     };
-    Ok(TokenRequest {
-        client_id,
-        client_secret,
-        grant,
-    })
+    ClientCall {
+        fields: call.fields,
+        client_auth: call.client_auth,
+        scope_raw: call.scope_raw,
+        request,
+    }
 }
 
 /// RFC 6749 §3.1: parameters must not repeat, and an empty one counts as omitted.
@@ -452,7 +546,7 @@ mod tests {
         let ok = "grant_type=refresh_token&client_id=a&client_secret=s&refresh_token=r";
         let scope_of = |body: &str| match call(None, body).request.unwrap().grant {
             GrantRequest::Refresh { scope, .. } => scope,
-            GrantRequest::Code { .. } => panic!("not a refresh"),
+            _ => panic!("not a refresh"),
         };
         assert_eq!(scope_of(ok), None);
         // An empty parameter counts as omitted (RFC 6749 §3.1).

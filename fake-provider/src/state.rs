@@ -10,8 +10,8 @@ use ring::digest::{SHA256, digest};
 
 use crate::encoding::base64url_nopad;
 use crate::oauth::{
-    AuthorizeRequest, Challenge, GrantRequest, OAuthError, TokenRequest, TokenResponse,
-    oidc_granted_scope, oidc_refresh_scope,
+    AuthorizeRequest, Challenge, DeviceAuthorization, GrantRequest, OAuthError, TokenRequest,
+    TokenResponse, oidc_granted_scope, oidc_refresh_scope,
 };
 use crate::{Fault, FaultTarget, GrantInfo, Knobs, MintedGrant, RequestRecord, Stats};
 
@@ -76,6 +76,21 @@ struct Grant {
     rotations: u64,
 }
 
+/// A device authorization (RFC 8628) waiting for its user, or decided.
+struct Device {
+    client_id: String,
+    user_code: String,
+    scope: String,
+    expires_at: Option<Instant>,
+    /// How far apart polls must be; grows by 5 s with each `slow_down`.
+    interval: Duration,
+    last_poll: Option<Instant>,
+    /// None while the user has not decided; Some(true) approved.
+    decision: Option<bool>,
+    /// Exchanged for tokens: a second exchange is refused.
+    used: bool,
+}
+
 /// An issued access token.
 struct AccessToken {
     grant_id: u64,
@@ -94,6 +109,8 @@ pub struct State {
     access_tokens: HashMap<String, AccessToken>,
     /// Every refresh token ever issued, current or rotated out, to its grant.
     refresh_tokens: HashMap<String, u64>,
+    /// Device codes to their authorization.
+    devices: HashMap<String, Device>,
 }
 
 /// `n` random lowercase hex digits.
@@ -139,11 +156,17 @@ impl State {
             grants: Vec::new(),
             access_tokens: HashMap::new(),
             refresh_tokens: HashMap::new(),
+            devices: HashMap::new(),
         }
     }
 
     pub fn add_client(&mut self, id: &str, secret: &str) {
         self.clients.insert(id.to_owned(), secret.to_owned());
+    }
+
+    /// Whether `id` is registered with this secret.
+    pub fn client_secret_is(&self, id: &str, secret: &str) -> bool {
+        self.clients.get(id).is_some_and(|s| s == secret)
     }
 
     pub fn has_client(&self, id: &str) -> bool {
@@ -232,7 +255,208 @@ impl State {
                 self.stats.refreshes_ok += 1;
                 Ok(response)
             }
+            GrantRequest::ClientCredentials { scope } => {
+                let response = self.client_credentials(&client_id, scope.as_deref())?;
+                self.stats.client_credentials_ok += 1;
+                Ok(response)
+            }
+            GrantRequest::DeviceCode { device_code } => self.device_poll(&client_id, &device_code),
         }
+    }
+
+    /// The client_credentials grant (RFC 6749 §4.4): a grant of its own for
+    /// each access token, which has no refresh token (§4.4.3).
+    fn client_credentials(
+        &mut self,
+        client_id: &str,
+        scope: Option<&str>,
+    ) -> Result<TokenResponse, OAuthError> {
+        if !self
+            .knobs
+            .client_credentials_clients
+            .iter()
+            .any(|c| c == client_id)
+        {
+            return Err(OAuthError::code(
+                "unauthorized_client",
+                "this client may not use the client_credentials grant",
+            ));
+        }
+        let scope = scope.unwrap_or(DEFAULT_SCOPE).to_owned();
+        let grant_id = self.new_grant(client_id, &scope);
+        if let Some(grant) = self.grant_mut(grant_id) {
+            let refresh_token = std::mem::take(&mut grant.refresh_token);
+            self.refresh_tokens.remove(&refresh_token);
+        }
+        let mut response = self.token_response(grant_id, scope);
+        response.refresh_token = None;
+        Ok(response)
+    }
+
+    /// Starts a device authorization (RFC 8628 §3.1, §3.2); `base` is the
+    /// provider's URL, for the verification URI.
+    pub fn issue_device_code(
+        &mut self,
+        client_id: &str,
+        scope: Option<&str>,
+        base: &str,
+    ) -> DeviceAuthorization {
+        const LETTERS: &[u8] = b"BCDFGHJKLMNPQRSTVWXZ";
+        let mut user_code: String = (0..8)
+            .map(|_| LETTERS[fastrand::usize(..LETTERS.len())] as char)
+            .collect();
+        user_code.insert(4, '-');
+        let device_code = new_token("fcode_dev_");
+        let (interval, lifetime) = (
+            self.knobs.device_interval_secs,
+            self.knobs.device_code_lifetime_secs,
+        );
+        self.devices.insert(
+            device_code.clone(),
+            Device {
+                client_id: client_id.to_owned(),
+                user_code: user_code.clone(),
+                scope: scope.unwrap_or(DEFAULT_SCOPE).to_owned(),
+                expires_at: deadline(lifetime),
+                interval: Duration::from_secs(interval),
+                last_poll: None,
+                decision: None,
+                used: false,
+            },
+        );
+        self.stats.device_codes_issued += 1;
+        DeviceAuthorization {
+            device_code,
+            verification_uri: format!("{base}/device"),
+            verification_uri_complete: format!("{base}/device?user_code={user_code}"),
+            user_code,
+            expires_in: lifetime,
+            interval,
+        }
+    }
+
+    /// A poll with a device code (RFC 8628 §3.4, §3.5).
+    fn device_poll(
+        &mut self,
+        client_id: &str,
+        device_code: &str,
+    ) -> Result<TokenResponse, OAuthError> {
+        self.stats.device_polls += 1;
+        let forced_slow_down = self.knobs.device_slow_down > 0;
+        let device = self
+            .devices
+            .get_mut(device_code)
+            .ok_or_else(|| OAuthError::invalid_grant("unknown device code"))?;
+        if device.client_id != client_id {
+            return Err(OAuthError::invalid_grant(
+                "device code was issued to another client",
+            ));
+        }
+        if device.used {
+            return Err(OAuthError::invalid_grant("device code already used"));
+        }
+        if expired(device.expires_at) {
+            return Err(OAuthError::code("expired_token", "the device code expired"));
+        }
+        let now = Instant::now();
+        let too_soon = device
+            .last_poll
+            .is_some_and(|last| now.duration_since(last) < device.interval);
+        device.last_poll = Some(now);
+        if forced_slow_down || too_soon {
+            device.interval += Duration::from_secs(5);
+            if forced_slow_down {
+                self.knobs.device_slow_down -= 1;
+            }
+            return Err(OAuthError::code("slow_down", "polled too often"));
+        }
+        match device.decision {
+            None => Err(OAuthError::code(
+                "authorization_pending",
+                "the user has not decided yet",
+            )),
+            Some(false) => Err(OAuthError::code("access_denied", "the user denied access")),
+            Some(true) => {
+                device.used = true;
+                let scope = device.scope.clone();
+                let grant_id = self.new_grant(client_id, &scope);
+                let granted = granted_scope(&scope, self.knobs.oidc_scopes);
+                Ok(self.token_response(grant_id, granted))
+            }
+        }
+    }
+
+    /// User codes still waiting for the user's decision, oldest first.
+    pub fn pending_user_codes(&self) -> Vec<String> {
+        let mut pending: Vec<(&Device, &String)> = self
+            .devices
+            .values()
+            .filter(|d| d.decision.is_none() && !expired(d.expires_at))
+            .map(|d| (d, &d.user_code))
+            .collect();
+        pending.sort_by_key(|(d, _)| d.expires_at);
+        pending.into_iter().map(|(_, c)| c.clone()).collect()
+    }
+
+    /// The user's decision on the pending authorization with `user_code`.
+    pub fn decide_device(&mut self, user_code: &str, approve: bool) -> bool {
+        match self
+            .devices
+            .values_mut()
+            .find(|d| d.user_code == user_code && d.decision.is_none() && !expired(d.expires_at))
+        {
+            Some(device) => {
+                device.decision = Some(approve);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Token revocation (RFC 7009 §2.1), for an authenticated client: a
+    /// refresh token takes its grant with it, an access token goes alone;
+    /// a token it does not know is answered as revoked (§2.2).
+    pub fn revoke_token(
+        &mut self,
+        client_id: &str,
+        client_secret: &str,
+        token: Option<&str>,
+    ) -> Result<(), OAuthError> {
+        if self.clients.get(client_id).map(String::as_str) != Some(client_secret) {
+            return Err(OAuthError::invalid_client());
+        }
+        let token =
+            token.ok_or_else(|| OAuthError::invalid_request("missing required parameter token"))?;
+        if self.knobs.revocation_unsupported {
+            return Err(OAuthError::code(
+                "unsupported_token_type",
+                "this server does not revoke tokens of this type",
+            ));
+        }
+        if let Some(&grant_id) = self.refresh_tokens.get(token) {
+            if self
+                .grant_info(grant_id)
+                .is_some_and(|g| g.client_id != client_id)
+            {
+                return Err(OAuthError::invalid_request(
+                    "the token was issued to another client",
+                ));
+            }
+            self.revoke(grant_id, "refresh token revoked by the client (RFC 7009)");
+            self.stats.revocations += 1;
+        } else if let Some(access) = self.access_tokens.get(token) {
+            if self
+                .grant_info(access.grant_id)
+                .is_some_and(|g| g.client_id != client_id)
+            {
+                return Err(OAuthError::invalid_request(
+                    "the token was issued to another client",
+                ));
+            }
+            self.access_tokens.remove(token);
+            self.stats.revocations += 1;
+        }
+        Ok(())
     }
 
     fn exchange_code(
@@ -371,7 +595,7 @@ impl State {
             access_token,
             token_type: "Bearer".to_owned(),
             expires_in,
-            refresh_token: grant.refresh_token.clone(),
+            refresh_token: Some(grant.refresh_token.clone()),
             scope,
         }
     }
@@ -410,7 +634,7 @@ impl State {
         MintedGrant {
             grant_id,
             access_token: response.access_token,
-            refresh_token: response.refresh_token,
+            refresh_token: response.refresh_token.unwrap_or_default(),
             expires_in: response.expires_in,
         }
     }
@@ -473,11 +697,21 @@ mod tests {
 
         let first = refresh(&mut state, &minted.refresh_token, None).unwrap();
         assert_eq!(first.scope, "openid profile");
-        assert_ne!(first.refresh_token, minted.refresh_token);
-        let second = refresh(&mut state, &first.refresh_token, Some("profile")).unwrap();
+        assert_ne!(first.refresh_token.as_ref(), Some(&minted.refresh_token));
+        let second = refresh(
+            &mut state,
+            first.refresh_token.as_deref().unwrap(),
+            Some("profile"),
+        )
+        .unwrap();
         assert_eq!(second.scope, "profile");
         // The refresh token keeps the whole granted scope (RFC 6749 §6).
-        let third = refresh(&mut state, &second.refresh_token, Some("profile openid")).unwrap();
+        let third = refresh(
+            &mut state,
+            second.refresh_token.as_deref().unwrap(),
+            Some("profile openid"),
+        )
+        .unwrap();
         assert_eq!(third.scope, "profile openid");
         let info = state.grant_info(minted.grant_id).unwrap();
         assert_eq!((info.scope.as_str(), info.rotations), ("openid profile", 3));
@@ -575,7 +809,12 @@ mod tests {
             })
             .unwrap();
         assert_eq!(exchanged.scope, "openid read");
-        let refreshed = refresh(&mut state, &exchanged.refresh_token, Some("read")).unwrap();
+        let refreshed = refresh(
+            &mut state,
+            exchanged.refresh_token.as_deref().unwrap(),
+            Some("read"),
+        )
+        .unwrap();
         assert_eq!(refreshed.scope, "read");
     }
 }

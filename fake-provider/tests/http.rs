@@ -1322,3 +1322,202 @@ fn oidc_scopes_split_on_decoded_spaces() {
         ]
     );
 }
+
+fn post(p: &FakeProvider, path: &str, fields: &[(&str, &str)]) -> Reply {
+    request(p, "POST", path, &[("Content-Type", FORM)], &form(fields))
+}
+
+#[test]
+fn client_credentials_grant() {
+    let p = start();
+    let creds = [
+        ("grant_type", "client_credentials"),
+        ("client_id", p.client_id()),
+        ("client_secret", p.client_secret()),
+        ("scope", "machine"),
+    ];
+    let r = token(&p, &creds);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let body = r.json();
+    assert!(
+        body.get("refresh_token").is_none(),
+        "RFC 6749 §4.4.3: {body}"
+    );
+    assert_eq!(body["scope"], "machine");
+    let access = body["access_token"].as_str().unwrap();
+    assert_eq!(validate(&p, access).status, 200);
+    assert_eq!(p.stats().client_credentials_ok, 1);
+    // A client not allowed the grant.
+    p.update_knobs(|k| k.client_credentials_clients.clear());
+    let r = token(&p, &creds);
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("unauthorized_client"))
+    );
+    // A wrong secret is the client's failure first.
+    let r = token(
+        &p,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", p.client_id()),
+            ("client_secret", "wrong"),
+        ],
+    );
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (401, Some("invalid_client"))
+    );
+}
+
+#[test]
+fn device_authorization_grant() {
+    let p = FakeProvider::start(Knobs {
+        device_interval_secs: 1,
+        ..Knobs::default()
+    })
+    .unwrap();
+    let auth = [
+        ("client_id", p.client_id()),
+        ("client_secret", p.client_secret()),
+    ];
+    let r = post(
+        &p,
+        "/oauth2/device_authorization",
+        &[auth[0], auth[1], ("scope", "read")],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let d = r.json();
+    let device_code = d["device_code"].as_str().unwrap().to_owned();
+    let user_code = d["user_code"].as_str().unwrap().to_owned();
+    assert_eq!(d["interval"], 1);
+    assert!(d["verification_uri"].as_str().unwrap().ends_with("/device"));
+    assert_eq!(p.pending_user_codes(), [user_code.as_str()]);
+    let poll = || {
+        token(
+            &p,
+            &[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                ("device_code", &device_code),
+                auth[0],
+                auth[1],
+            ],
+        )
+    };
+    let error = |r: Reply| (r.status, r.json()["error"].as_str().unwrap().to_owned());
+    assert_eq!(error(poll()), (400, "authorization_pending".into()));
+    // Polled again at once: slow_down, and the interval grows to 6 s.
+    assert_eq!(error(poll()), (400, "slow_down".into()));
+    assert!(p.decide_device(&user_code, true));
+    assert!(!p.decide_device(&user_code, true), "decided already");
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        error(poll()),
+        (400, "slow_down".into()),
+        "1 s is now too soon"
+    );
+    // Approved, and polled after the grown interval (11 s now): tokens, once.
+    std::thread::sleep(Duration::from_millis(11_100));
+    let tokens = poll();
+    assert_eq!(tokens.status, 200, "{}", tokens.body);
+    assert!(
+        tokens.json()["refresh_token"]
+            .as_str()
+            .unwrap()
+            .starts_with("frt_")
+    );
+    assert_eq!(error(poll()), (400, "invalid_grant".into()));
+}
+
+#[test]
+fn device_denied_and_expired() {
+    let p = FakeProvider::start(Knobs {
+        device_interval_secs: 0,
+        device_code_lifetime_secs: 1,
+        ..Knobs::default()
+    })
+    .unwrap();
+    let auth = [
+        ("client_id", p.client_id()),
+        ("client_secret", p.client_secret()),
+    ];
+    let code = |r: Reply| r.json()["device_code"].as_str().unwrap().to_owned();
+    let denied = code(post(&p, "/oauth2/device_authorization", &auth));
+    let user_code = p.pending_user_codes().pop().unwrap();
+    let r = request(
+        &p,
+        "POST",
+        "/_admin/device/deny",
+        &[("Content-Type", "application/json")],
+        &format!(r#"{{"user_code":"{user_code}"}}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let poll = |device_code: &str| {
+        let r = token(
+            &p,
+            &[
+                ("grant_type", "urn:ietf:params:oauth:grant-type:device_code"),
+                ("device_code", device_code),
+                auth[0],
+                auth[1],
+            ],
+        );
+        r.json()["error"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(poll(&denied), "access_denied");
+    let expiring = code(post(&p, "/oauth2/device_authorization", &auth));
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(poll(&expiring), "expired_token");
+    // No client authentication: refused.
+    let r = post(&p, "/oauth2/device_authorization", &[auth[0]]);
+    assert_eq!(r.status, 400);
+    assert_eq!(p.stats().device_polls, 2);
+}
+
+#[test]
+fn revocation() {
+    let p = start();
+    let g = p.mint_grant(p.client_id(), "read+write");
+    let revoke = |token: &str, secret: &str| {
+        post(
+            &p,
+            "/oauth2/revoke",
+            &[
+                ("token", token),
+                ("token_type_hint", "refresh_token"),
+                ("client_id", p.client_id()),
+                ("client_secret", secret),
+            ],
+        )
+    };
+    assert_eq!(revoke(&g.refresh_token, "wrong").status, 401);
+    assert!(p.grant(g.grant_id).unwrap().alive);
+    let r = revoke(&g.refresh_token, p.client_secret());
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info = p.grant(g.grant_id).unwrap();
+    assert!(!info.alive);
+    assert!(
+        !p.access_token_valid(&g.access_token),
+        "the grant's tokens die with it"
+    );
+    let r = refresh(&p, &g.refresh_token);
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("invalid_grant"))
+    );
+    // Unknown tokens are answered as revoked (RFC 7009 §2.2).
+    assert_eq!(revoke("frt_unknown", p.client_secret()).status, 200);
+    assert_eq!(p.stats().revocations, 1);
+    p.update_knobs(|k| k.revocation_unsupported = true);
+    let r = revoke("frt_unknown", p.client_secret());
+    assert_eq!(
+        (r.status, r.json()["error"].as_str()),
+        (400, Some("unsupported_token_type"))
+    );
+    let recorded = p.requests();
+    let last = recorded.last().unwrap();
+    assert_eq!(last.endpoint, "revoke");
+    assert_eq!(
+        last.form_fields,
+        ["token", "token_type_hint", "client_id", "client_secret"]
+    );
+}

@@ -13,7 +13,7 @@ use tokend::clock;
 use tokend::config::Format;
 use tokend::publish::render;
 use tokend::secret::Secret;
-use tokend::store::{Credential, State};
+use tokend::store::{Credential, Grant, State};
 use tokend::wire::Status;
 
 fn word(data: &[u8], i: usize) -> i64 {
@@ -40,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         name: "c".into(),
         provider: "p".into(),
         access_token: Some(Secret::new("a")),
-        refresh_token: Secret::new("r"),
+        grant: Grant::RefreshToken(Secret::new("r")),
         scope: None,
         expires_at: Some(expires_at),
         issued_at,

@@ -15,7 +15,7 @@ use tokend::config::{self, Env};
 use tokend::refresher::Refresher;
 use tokend::secret::Secret;
 use tokend::socket::serve_stream;
-use tokend::store::{NewCredential, Store, StoreConn};
+use tokend::store::{Grant, NewCredential, Store, StoreConn};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOKEN: &str = "fuzz-access-token-7f3c9a1e";
@@ -94,7 +94,7 @@ fn harness() -> &'static Harness {
                     name: "bot".into(),
                     provider: "fake".into(),
                     access_token: Some(Secret::new(TOKEN)),
-                    refresh_token: Secret::new("fuzz-refresh-token"),
+                    grant: Grant::RefreshToken(Secret::new("fuzz-refresh-token")),
                     scope: None,
                     // Valid for a year: handed out without a refresh.
                     expires_at: Some(tokend::clock::now_ms() + 365 * 86_400_000),

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 use crate::config;
 use crate::logging::LogFormat;
@@ -132,11 +132,12 @@ pub struct CheckConfig {
     pub as_user: Option<String>,
 }
 
-/// Onboard an API user: the authorization-code flow
+/// Onboard an API user: the authorization-code flow, or the device flow
 ///
 /// Prints the provider's authorization URL, waits for the browser to come
 /// back to the provider's loopback redirect_uri, checks its state,
-/// exchanges the code and stores the credential. Nothing is stored unless
+/// exchanges the code and stores the credential. With --device, prints a
+/// URL and a code instead and polls the provider. Nothing is stored unless
 /// all of that succeeds.
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -156,6 +157,13 @@ pub struct Authorize {
     /// Exchange a code obtained some other way; '-' reads stdin
     #[arg(long, value_name = "CODE|-")]
     pub code: Option<String>,
+    /// Headless: the device authorization grant (RFC 8628)
+    ///
+    /// Prints a URL and a code to enter there from any device with a
+    /// browser, and polls until access is allowed, denied or the code
+    /// expires. Needs the provider's device_authorization_url.
+    #[arg(long, verbatim_doc_comment, conflicts_with_all = ["paste", "code", "timeout"])]
+    pub device: bool,
     /// How long to wait for the browser [default: 5m]
     #[arg(long, value_name = "DURATION", value_parser = timeout)]
     pub timeout: Option<Duration>,
@@ -164,8 +172,16 @@ pub struct Authorize {
     pub force: bool,
 }
 
-/// Add a credential from an existing refresh token
+/// Add a credential from an existing refresh token, or a client_credentials one
+///
+/// --refresh-token FILE: a grant someone authorized (refresh_token grant).
+/// --client-credentials: no refresh token; the provider's client_id and
+/// secret are the grant (RFC 6749 §4.4), for an API's machine users.
 #[derive(Args, Debug)]
+#[command(
+    verbatim_doc_comment,
+    group(ArgGroup::new("grant").required(true).args(["refresh_token", "client_credentials"]))
+)]
 pub struct Import {
     /// The credential's name (letters, digits, '-', '_', '.', '@')
     #[arg(value_name = "NAME", value_parser = name)]
@@ -175,7 +191,14 @@ pub struct Import {
     pub provider: String,
     /// The file that holds the refresh token; '-' reads stdin
     #[arg(long, value_name = "FILE|-")]
-    pub refresh_token: String,
+    pub refresh_token: Option<String>,
+    /// No refresh token: fetch tokens with the client_credentials grant
+    ///
+    /// The daemon fetches a new access token before each one expires, with
+    /// the provider's client_id, secret and scope; without --access-token,
+    /// it fetches the first one at once.
+    #[arg(long, verbatim_doc_comment)]
+    pub client_credentials: bool,
     /// Also store its current access token, from FILE; '-' reads stdin
     #[arg(long, value_name = "FILE|-")]
     pub access_token: Option<String>,
@@ -266,14 +289,22 @@ pub struct Refresh {
 
 /// Forget a credential and remove its published files
 ///
-/// The grant is not revoked at the provider: its tokens stay valid until
-/// they expire.
+/// Without --revoke the grant is not revoked at the provider: its tokens
+/// stay valid until they expire.
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
 pub struct Remove {
     /// The credential's name
     #[arg(value_name = "NAME", value_parser = name)]
     pub name: String,
+    /// First revoke the grant at the provider's revocation_url (RFC 7009)
+    ///
+    /// Revokes the refresh token (a client_credentials credential's access
+    /// token), then forgets the credential. If the provider does not
+    /// confirm, nothing is removed. A provider without revocation_url
+    /// cannot revoke: then nothing is removed, exit code 2.
+    #[arg(long, verbatim_doc_comment)]
+    pub revoke: bool,
 }
 
 /// Print a shell completion script

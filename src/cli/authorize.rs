@@ -2,7 +2,9 @@
 //! command line (README "Commands"). Three ways for the code to reach us: the browser's
 //! redirect to a loopback listener (the default), the redirect's address
 //! pasted on stdin (`--paste`, for a browser on another machine), or a code
-//! obtained some other way (`--code`). Whatever goes wrong, nothing is stored:
+//! obtained some other way (`--code`). Or no code at all: the device flow
+//! (`--device`, RFC 8628), where the user allows access on another device
+//! and tokend polls the provider. Whatever goes wrong, nothing is stored:
 //! the credential is written once, after the exchange, in one transaction.
 
 use std::io::{BufRead, Read};
@@ -16,9 +18,9 @@ use crate::authorize::{self, Request};
 use crate::callback::{self, BindError, Listener};
 use crate::clock::{now_ms, span};
 use crate::config::{self, Config, ProviderConfig};
-use crate::provider::{Client, Failure, Tokens};
+use crate::provider::{Client, DeviceWait, Failure, Tokens};
 use crate::secret::Secret;
-use crate::store::{NewCredential, StoreConn, StoreError};
+use crate::store::{Grant, NewCredential, StoreConn, StoreError};
 
 /// How long the listener waits for the browser by default: time to log in
 /// (and find the password), short enough not to leave a port open all day.
@@ -35,11 +37,15 @@ enum Via {
     Paste,
     /// `--code CODE`, or `--code -` for stdin.
     Code(String),
+    /// `--device`: no code; poll the provider while the user decides.
+    Device,
 }
 
 pub fn run(global: &Global, args: &Authorize) -> Result<(), Exit> {
     let (name, provider) = (&args.name, &args.provider);
     let via = match (&args.code, args.paste, args.timeout) {
+        // clap refuses --device with any of the three.
+        _ if args.device => Via::Device,
         (Some(_), true, _) => {
             return Err(Exit::usage(
                 "--code and --paste are two ways to give the code: choose one",
@@ -68,6 +74,7 @@ pub fn run(global: &Global, args: &Authorize) -> Result<(), Exit> {
         Via::Listen(timeout) => flow.listen(timeout)?,
         Via::Paste => flow.paste()?,
         Via::Code(from) => flow.code(&from)?,
+        Via::Device => flow.device()?,
     };
     println!("{done}");
     Ok(())
@@ -256,6 +263,99 @@ impl Flow<'_> {
         runtime()?.block_on(self.finish(&Secret::new(code), None))
     }
 
+    /// `--device`: the device authorization grant (RFC 8628). The device
+    /// code is polled with at the interval the provider gives, 5 s further
+    /// apart after each `slow_down` (§3.5), until tokens come, the user
+    /// denies, or the code expires.
+    fn device(&self) -> Result<String, Exit> {
+        let Some(url) = &self.p.device_authorization_url else {
+            let why = if self.p.preset.is_some() {
+                " (PandaDoc has no device authorization flow)"
+            } else {
+                ""
+            };
+            return Err(Exit::config_message(format!(
+                "providers.{p}.device_authorization_url is not set{why}: --device needs the \
+                 provider's device authorization endpoint (RFC 8628). Set it if the provider \
+                 has one, or onboard with the browser: 'tokend authorize {name} --provider {p}' \
+                 (--paste for a browser on another machine)",
+                p = self.p.name,
+                name = self.name
+            )));
+        };
+        let timeout = self.config.refresh.request_timeout;
+        runtime()?.block_on(async {
+            let client = Client::new().map_err(Exit::failure)?;
+            let d = client
+                .device_authorization(self.p, url, timeout)
+                .await
+                .map_err(|f| {
+                    Exit::failure(format!(
+                        "nothing was stored: the device authorization request failed: {}",
+                        f.describe()
+                    ))
+                })?;
+            println!(
+                "Authorize {} with provider {}: on any device with a browser, open\n\n    {}\n\n\
+                 and enter the code\n\n    {}\n{}\n\
+                 Waiting up to {} for access to be allowed …",
+                self.name,
+                self.p.name,
+                d.verification_uri,
+                d.user_code,
+                d.verification_uri_complete
+                    .as_ref()
+                    .map(|u| format!("\n(or open {u}, which carries the code)\n"))
+                    .unwrap_or_default(),
+                humantime::format_duration(d.expires_in),
+            );
+            let deadline = tokio::time::Instant::now() + d.expires_in;
+            let mut interval = d.interval;
+            let expired = || {
+                Exit::failure(format!(
+                    "nothing was stored: the code expired before access was allowed; run \
+                     'tokend authorize {} --device' again for a new one",
+                    self.name
+                ))
+            };
+            loop {
+                tokio::time::sleep(interval).await;
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(expired());
+                }
+                match client.device_token(self.p, &d.device_code, timeout).await {
+                    Ok(tokens) => return self.store(tokens),
+                    Err(DeviceWait::Pending) => {}
+                    // For the rest of the flow (RFC 8628 §3.5).
+                    Err(DeviceWait::SlowDown) => interval += Duration::from_secs(5),
+                    Err(DeviceWait::Denied) => {
+                        return Err(Exit::failure(
+                            "nothing was stored: access was denied at the provider",
+                        ));
+                    }
+                    Err(DeviceWait::Expired) => return Err(expired()),
+                    // §3.5: a 5xx or no answer asks for exponential backoff.
+                    Err(DeviceWait::Failed(f @ Failure::Transient { .. })) => {
+                        interval = (interval * 2).min(Duration::from_secs(60));
+                        eprintln!(
+                            "tokend: polling the provider failed ({}); trying again in {}",
+                            f.describe(),
+                            humantime::format_duration(interval)
+                        );
+                    }
+                    Err(DeviceWait::Failed(f)) => {
+                        return Err(Exit::failure(format!(
+                            "nothing was stored: the provider refused the device code: {}; \
+                             check client_id, the client secret and scope of providers.{}",
+                            f.describe(),
+                            self.p.name
+                        )));
+                    }
+                }
+            }
+        })
+    }
+
     /// Exchanges the code and stores the credential; returns what to tell
     /// the user.
     async fn finish(&self, code: &Secret, verifier: Option<&Secret>) -> Result<String, Exit> {
@@ -303,7 +403,7 @@ impl Flow<'_> {
             name: self.name.to_owned(),
             provider: self.p.name.clone(),
             access_token: Some(tokens.access_token),
-            refresh_token,
+            grant: Grant::RefreshToken(refresh_token),
             scope: tokens.scope.or_else(|| self.p.scope.clone()),
             expires_at,
             event: "authorized",

@@ -1,4 +1,5 @@
-//! `tokend import`: a credential from an existing refresh token.
+//! `tokend import`: a credential from an existing refresh token, or one of
+//! the client_credentials grant (README "Other grants").
 
 use std::io::Read;
 
@@ -7,12 +8,12 @@ use super::args::{Global, Import};
 use crate::clock::now_ms;
 use crate::config;
 use crate::secret::Secret;
-use crate::store::{NewCredential, StoreConn, StoreError};
+use crate::store::{Grant, NewCredential, StoreConn, StoreError};
 
 pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
     let (name, provider) = (&args.name, &args.provider);
-    let refresh_from = args.refresh_token.as_str();
-    if refresh_from == "-" && args.access_token.as_deref() == Some("-") {
+    let refresh_from = args.refresh_token.as_deref();
+    if refresh_from == Some("-") && args.access_token.as_deref() == Some("-") {
         return Err(Exit::usage(
             "only one of --refresh-token and --access-token can read stdin",
         ));
@@ -26,7 +27,11 @@ pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
     let path = global.config_path();
     let config = config::load_without_secrets(&path).map_err(Exit::config)?;
     let p = super::provider_config(&config, &path, provider)?;
-    let refresh_token = read_secret("--refresh-token", refresh_from)?;
+    // clap makes it exactly one of --refresh-token and --client-credentials.
+    let grant = match refresh_from {
+        Some(from) => Grant::RefreshToken(read_secret("--refresh-token", from)?),
+        None => Grant::ClientCredentials,
+    };
     let access_token = match &args.access_token {
         Some(from) => Some(read_secret("--access-token", from)?),
         None => None,
@@ -37,15 +42,19 @@ pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
         name: name.clone(),
         provider: provider.clone(),
         access_token,
-        refresh_token,
+        grant,
         scope: p.scope.clone(),
         expires_at: args.expires_in.map(|s| now_ms() + s as i64 * 1000),
         event: "imported",
     };
     match store.insert(&new, args.force) {
-        Ok(_) => {
+        Ok(c) => {
+            let kind = match c.grant {
+                Grant::RefreshToken(_) => "",
+                Grant::ClientCredentials => ", client_credentials",
+            };
             println!(
-                "imported {name} (provider {provider}); a running daemon picks it up within seconds"
+                "imported {name} (provider {provider}{kind}); a running daemon picks it up within seconds"
             );
             Ok(())
         }

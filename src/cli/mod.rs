@@ -274,7 +274,7 @@ mod tests {
                 panic!("{args:?}")
             };
             assert_eq!((a.name.as_str(), a.provider.as_str()), ("bot", "pd"));
-            assert_eq!(a.refresh_token, "-");
+            assert_eq!(a.refresh_token.as_deref(), Some("-"));
         }
         assert_eq!(p(&["list"]).unwrap().global.config, None);
     }

@@ -116,6 +116,7 @@ pub fn status(global: &Global, args: &args::Status) -> Result<(), Exit> {
         let when = |t: &Option<String>| ms(t).map_or("never".into(), |t| relative(t, now));
         println!("{}", s.name);
         println!("  provider:        {}", s.provider);
+        println!("  grant:           {}", s.grant.as_str());
         println!("  state:           {}", s.state);
         println!(
             "  token:           {}{}",

@@ -194,6 +194,13 @@ pub struct ProviderConfig {
     pub authorize_url: Url,
     pub token_url: Url,
     pub validate_url: Url,
+    /// RFC 7009's endpoint, for `tokend remove --revoke`; None: the
+    /// provider revokes nothing on request (PandaDoc), so tokend must say
+    /// that a removed grant stays alive there.
+    pub revocation_url: Option<Url>,
+    /// RFC 8628 §3.1's endpoint, for `tokend authorize --device`; None: the
+    /// provider has no device flow (PandaDoc).
+    pub device_authorization_url: Option<Url>,
     pub token_auth: TokenAuth,
     pub pkce: bool,
     pub authorize_params: BTreeMap<String, String>,

@@ -63,6 +63,8 @@ pub(super) struct RawProvider {
     pub(super) authorize_url: Option<String>,
     pub(super) token_url: Option<String>,
     pub(super) validate_url: Option<String>,
+    pub(super) revocation_url: Option<String>,
+    pub(super) device_authorization_url: Option<String>,
     pub(super) token_auth: Option<String>,
     pub(super) pkce: Option<bool>,
     #[serde(default)]

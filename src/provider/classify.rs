@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
 
-use super::{Failure, Tokens};
+use super::{DeviceCode, DeviceWait, Failure, Tokens};
 use crate::secret::{Secret, redact};
 
 /// Seconds or an HTTP date (RFC 9110 §10.2.3); capped at a day, since a
@@ -217,4 +217,110 @@ pub fn classify_validation(
     Err(Failure::transient(format!(
         "{WHAT}: unexpected answer {status}"
     )))
+}
+
+/// A device authorization's success body (RFC 8628 §3.2). Not a byte of it
+/// in an error: it holds the device code.
+pub fn device_code(body: &[u8], secrets: &[&Secret]) -> Result<DeviceCode, Failure> {
+    #[derive(Deserialize)]
+    struct Raw {
+        device_code: Option<String>,
+        user_code: Option<String>,
+        verification_uri: Option<String>,
+        verification_uri_complete: Option<String>,
+        expires_in: Option<u64>,
+        interval: Option<u64>,
+    }
+    let bad = |what: &str| {
+        Failure::transient(format!(
+            "device authorization: the answer is not an RFC 8628 §3.2 answer ({what})"
+        ))
+    };
+    let raw: Raw = serde_json::from_slice(body).map_err(|_| bad("not JSON of that shape"))?;
+    let device_code = raw
+        .device_code
+        .filter(|c| !c.is_empty())
+        .ok_or_else(|| bad("no device_code"))?;
+    let text = |s: Option<String>| {
+        s.map(|s| snippet(s.as_bytes(), secrets))
+            .filter(|s| !s.is_empty())
+    };
+    Ok(DeviceCode {
+        device_code: Secret::new(device_code),
+        user_code: text(raw.user_code).ok_or_else(|| bad("no user_code"))?,
+        verification_uri: text(raw.verification_uri).ok_or_else(|| bad("no verification_uri"))?,
+        verification_uri_complete: text(raw.verification_uri_complete),
+        expires_in: Duration::from_secs(
+            raw.expires_in
+                .ok_or_else(|| bad("no expires_in"))?
+                .min(86_400),
+        ),
+        // RFC 8628 §3.2: 5 s when absent.
+        interval: Duration::from_secs(raw.interval.unwrap_or(5).clamp(1, 300)),
+    })
+}
+
+/// The answers of RFC 8628 §3.5 that are no failure of the request: None
+/// for anything else, which is classified as any token answer is.
+pub fn device_wait(status: StatusCode, body: &[u8]) -> Option<DeviceWait> {
+    if status != StatusCode::BAD_REQUEST && status != StatusCode::UNAUTHORIZED {
+        return None;
+    }
+    let code = serde_json::from_slice::<RawError>(body).ok()?.error?;
+    Some(match code.as_str() {
+        "authorization_pending" => DeviceWait::Pending,
+        "slow_down" => DeviceWait::SlowDown,
+        "access_denied" => DeviceWait::Denied,
+        "expired_token" => DeviceWait::Expired,
+        _ => return None,
+    })
+}
+
+/// Classifies a revocation answer (RFC 7009 §2.2): 200 is revoked, the
+/// unknown token too; a 503 or any 5xx may be tried again (§2.2.1).
+pub fn classify_revocation(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    secrets: &[&Secret],
+) -> Result<(), Failure> {
+    const WHAT: &str = "revocation endpoint";
+    if status == StatusCode::OK {
+        return Ok(());
+    }
+    if let Some(f) = status_failure(status, headers, WHAT) {
+        return Err(f);
+    }
+    let err = serde_json::from_slice::<RawError>(body).ok();
+    let code = err.as_ref().and_then(|e| e.error.clone());
+    let desc = err
+        .and_then(|e| e.error_description)
+        .map(|d| format!(" ({})", snippet(d.as_bytes(), secrets)))
+        .unwrap_or_default();
+    match code.as_deref() {
+        Some("unsupported_token_type") => Err(Failure::Misconfigured {
+            reason: format!(
+                "{WHAT}: unsupported_token_type{desc}: the provider does not revoke this kind \
+                 of token on request"
+            ),
+        }),
+        Some(c @ ("invalid_client" | "unauthorized_client" | "invalid_request")) => {
+            Err(Failure::Misconfigured {
+                reason: format!(
+                    "{WHAT}: {c}{desc}: check the provider's client_id, secret and revocation_url"
+                ),
+            })
+        }
+        _ if status == StatusCode::UNAUTHORIZED => Err(Failure::Misconfigured {
+            reason: format!("{WHAT}: client authentication failed ({status})"),
+        }),
+        Some(other) => Err(Failure::transient(format!(
+            "{WHAT}: {} ({status}){desc}",
+            snippet(other.as_bytes(), secrets)
+        ))),
+        None => Err(Failure::transient(format!(
+            "{WHAT}: unexpected answer {status}: {:?}",
+            snippet(body, secrets)
+        ))),
+    }
 }

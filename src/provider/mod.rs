@@ -17,7 +17,7 @@ use reqwest::header::HeaderMap;
 use crate::config::{ProviderConfig, TokenAuth};
 use crate::secret::Secret;
 
-pub use classify::{classify_token, classify_validation, retry_after};
+pub use classify::{classify_revocation, classify_token, classify_validation, retry_after};
 
 /// The most we read of any provider answer: a token response is a few
 /// hundred bytes; anything near this is not one.
@@ -29,6 +29,48 @@ const DEAD_REFRESH_TOKEN: &str = "the refresh token is dead or revoked";
 /// single-use and short-lived (RFC 6749 §4.1.2).
 const DEAD_CODE: &str =
     "the code was already used, has expired, or was issued for another client or redirect URI";
+
+/// What `invalid_grant` means after a client_credentials grant: there is no
+/// grant to lose, so it is the client's registration that is refused.
+const DEAD_CLIENT_GRANT: &str =
+    "the provider refused the client's own credentials as a grant: check the client's registration";
+/// What `invalid_grant` means after a device_code grant (RFC 8628 §3.5).
+const DEAD_DEVICE_CODE: &str = "the device code is unknown, used or expired";
+
+/// The device grant's `grant_type` (RFC 8628 §3.4).
+pub const DEVICE_GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:device_code";
+
+/// A device authorization answer (RFC 8628 §3.2): what the user is told,
+/// and what the device polls with.
+#[derive(Debug)]
+pub struct DeviceCode {
+    /// The device's secret: never shown.
+    pub device_code: Secret,
+    /// Shown to the user, who types it at `verification_uri`; short-lived
+    /// and useless without the user's login.
+    pub user_code: String,
+    pub verification_uri: String,
+    pub verification_uri_complete: Option<String>,
+    /// How long the device code can be polled with.
+    pub expires_in: Duration,
+    /// How far apart polls must be (5 s when the provider does not say).
+    pub interval: Duration,
+}
+
+/// Why a device-code poll brought no tokens (RFC 8628 §3.5).
+#[derive(Debug)]
+pub enum DeviceWait {
+    /// `authorization_pending`: poll again after the interval.
+    Pending,
+    /// `slow_down`: poll again, 5 s further apart from now on.
+    SlowDown,
+    /// `access_denied`: the user said no.
+    Denied,
+    /// `expired_token`: the device code expired first.
+    Expired,
+    /// Anything else, classified as for any token request.
+    Failed(Failure),
+}
 
 /// A token endpoint's successful answer.
 #[derive(Debug)]
@@ -133,6 +175,116 @@ impl Client {
             .await
     }
 
+    /// The client_credentials grant (RFC 6749 §4.4.2), with the provider's
+    /// `scope` (§4.4.2 makes it optional; a strict server wants it).
+    pub async fn client_credentials(
+        &self,
+        p: &ProviderConfig,
+        timeout: Duration,
+    ) -> Result<Tokens, Failure> {
+        let mut form = vec![("grant_type", "client_credentials")];
+        let scope = p.token_scope();
+        if let Some(scope) = &scope {
+            form.push(("scope", scope));
+        }
+        match self
+            .token_request(p, form, timeout, &[], DEAD_CLIENT_GRANT)
+            .await
+        {
+            // No grant to lose: what the provider refuses is our client.
+            Err(Failure::Permanent { reason }) => Err(Failure::Misconfigured { reason }),
+            // RFC 6749 §4.4.3: a refresh token should not come; one that
+            // does is not kept, since the next token comes the same way.
+            Ok(tokens) => Ok(Tokens {
+                refresh_token: None,
+                ..tokens
+            }),
+            Err(f) => Err(f),
+        }
+    }
+
+    /// Starts a device authorization (RFC 8628 §3.1): `client_id`, the
+    /// client's authentication as configured, and the provider's `scope`.
+    pub async fn device_authorization(
+        &self,
+        p: &ProviderConfig,
+        url: &reqwest::Url,
+        timeout: Duration,
+    ) -> Result<DeviceCode, Failure> {
+        let scope = p.token_scope();
+        let mut form = vec![];
+        if let Some(scope) = &scope {
+            form.push(("scope", scope.as_str()));
+        }
+        // RFC 8628 §3.1 names client_id; with Basic it is in the header too.
+        if p.token_auth == TokenAuth::ClientSecretBasic {
+            form.push(("client_id", &p.client_id));
+        }
+        let (status, headers, body) = self.send_form(p, url, form, timeout).await?;
+        if !status.is_success() {
+            return Err(
+                match classify_token(status, &headers, &body, &[&p.client_secret], "") {
+                    Err(f) => f,
+                    Ok(_) => Failure::transient(format!("device authorization: answer {status}")),
+                },
+            );
+        }
+        classify::device_code(&body, &[&p.client_secret])
+    }
+
+    /// One poll of the token endpoint with a device code (RFC 8628 §3.4).
+    pub async fn device_token(
+        &self,
+        p: &ProviderConfig,
+        device_code: &Secret,
+        timeout: Duration,
+    ) -> Result<Tokens, DeviceWait> {
+        let mut form = vec![
+            ("grant_type", DEVICE_GRANT_TYPE),
+            ("device_code", device_code.expose()),
+        ];
+        // RFC 8628 §3.4 names client_id; with Basic it is in the header too.
+        if p.token_auth == TokenAuth::ClientSecretBasic {
+            form.push(("client_id", &p.client_id));
+        }
+        let (status, headers, body) = self
+            .send_form(p, &p.token_url, form, timeout)
+            .await
+            .map_err(DeviceWait::Failed)?;
+        if let Some(wait) = classify::device_wait(status, &body) {
+            return Err(wait);
+        }
+        match classify_token(
+            status,
+            &headers,
+            &body,
+            &[device_code, &p.client_secret],
+            DEAD_DEVICE_CODE,
+        ) {
+            Ok(Tokens {
+                unsupported: Some(reason),
+                ..
+            }) => Err(DeviceWait::Failed(Failure::Misconfigured { reason })),
+            Ok(tokens) => Ok(tokens),
+            Err(f) => Err(DeviceWait::Failed(f)),
+        }
+    }
+
+    /// Revokes `token` at the provider's revocation endpoint (RFC 7009
+    /// §2.1), with `token_type_hint` (`refresh_token` or `access_token`).
+    pub async fn revoke(
+        &self,
+        p: &ProviderConfig,
+        url: &reqwest::Url,
+        token: &Secret,
+        hint: &str,
+        timeout: Duration,
+    ) -> Result<(), Failure> {
+        let form = vec![("token", token.expose()), ("token_type_hint", hint)];
+        let (status, headers, body) = self.send_form(p, url, form, timeout).await?;
+        classify_revocation(status, &headers, &body, &[token, &p.client_secret])
+    }
+
     /// The authorization_code grant (RFC 6749 §4.1.3).
     pub async fn exchange_code(
         &self,
@@ -174,17 +326,34 @@ impl Client {
     async fn token_request(
         &self,
         p: &ProviderConfig,
-        mut form: Vec<(&str, &str)>,
+        form: Vec<(&str, &str)>,
         timeout: Duration,
         sent: &[&Secret],
         dead: &str,
     ) -> Result<Tokens, Failure> {
-        let mut req = self.http.post(p.token_url.clone()).timeout(timeout);
+        let mut secrets: Vec<&Secret> = sent.to_vec();
+        secrets.push(&p.client_secret);
+        let (status, headers, body) = self.send_form(p, &p.token_url, form, timeout).await?;
+        classify_token(status, &headers, &body, &secrets, dead)
+    }
+
+    /// POSTs `form` to `url` with the client's authentication as configured
+    /// (`token_auth`): every request to the token, device authorization and
+    /// revocation endpoints authenticates the same way (RFC 6749 §2.3.1).
+    async fn send_form(
+        &self,
+        p: &ProviderConfig,
+        url: &reqwest::Url,
+        mut form: Vec<(&str, &str)>,
+        timeout: Duration,
+    ) -> Result<(StatusCode, HeaderMap, Vec<u8>), Failure> {
+        let mut req = self.http.post(url.clone()).timeout(timeout);
+        // PandaDoc's field order: grant_type, client_id, client_secret, …
+        let at = form.len().min(1);
         match p.token_auth {
             TokenAuth::ClientSecretPost => {
-                // PandaDoc's field order: grant_type, client_id, client_secret, …
-                form.insert(1, ("client_id", &p.client_id));
-                form.insert(2, ("client_secret", p.client_secret.expose()));
+                form.insert(at, ("client_id", &p.client_id));
+                form.insert(at + 1, ("client_secret", p.client_secret.expose()));
             }
             TokenAuth::ClientSecretBasic => {
                 req = req.basic_auth(
@@ -198,13 +367,7 @@ impl Client {
             .form(&form)
             .send()
             .await;
-        let mut secrets: Vec<&Secret> = sent.to_vec();
-        secrets.push(&p.client_secret);
-        let (status, headers, body) = match read(resp).await {
-            Ok(r) => r,
-            Err(f) => return Err(f),
-        };
-        classify_token(status, &headers, &body, &secrets, dead)
+        read(resp).await
     }
 
     /// The cheap GET that tells whether an access token still works.

@@ -244,3 +244,73 @@ fn basic_auth_credentials_are_form_encoded() {
     assert_eq!(form_encode("a b+c:d"), "a+b%2Bc%3Ad");
     assert_eq!(form_encode("~*é"), "%7E*%C3%A9");
 }
+
+/// Issue 13: RFC 8628 §3.5's answers, RFC 7009 §2.2's, and the §3.2 body.
+#[test]
+fn device_and_revocation_answers_are_classified() {
+    let wait = |status: u16, body: &str| {
+        classify::device_wait(StatusCode::from_u16(status).unwrap(), body.as_bytes())
+    };
+    assert!(matches!(
+        wait(400, r#"{"error":"authorization_pending"}"#),
+        Some(DeviceWait::Pending)
+    ));
+    assert!(matches!(
+        wait(400, r#"{"error":"slow_down"}"#),
+        Some(DeviceWait::SlowDown)
+    ));
+    assert!(matches!(
+        wait(400, r#"{"error":"access_denied"}"#),
+        Some(DeviceWait::Denied)
+    ));
+    assert!(matches!(
+        wait(400, r#"{"error":"expired_token"}"#),
+        Some(DeviceWait::Expired)
+    ));
+    assert!(wait(400, r#"{"error":"invalid_grant"}"#).is_none());
+    assert!(wait(503, r#"{"error":"slow_down"}"#).is_none());
+
+    let secret = Secret::new("fdc_secret");
+    let d = classify::device_code(
+        br#"{"device_code":"fdc_secret","user_code":"BCDF-GHJK","verification_uri":"https://x/device","expires_in":600}"#,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        (d.user_code.as_str(), d.interval),
+        ("BCDF-GHJK", Duration::from_secs(5))
+    );
+    assert_eq!(d.expires_in, Duration::from_secs(600));
+    let e = classify::device_code(br#"{"device_code":"fdc_secret"}"#, &[&secret])
+        .unwrap_err()
+        .describe();
+    assert!(
+        e.contains("no user_code") && !e.contains("fdc_secret"),
+        "{e}"
+    );
+
+    let rev = |status: u16, body: &str| {
+        classify_revocation(
+            StatusCode::from_u16(status).unwrap(),
+            &HeaderMap::new(),
+            body.as_bytes(),
+            &[],
+        )
+    };
+    assert!(rev(200, "").is_ok());
+    assert!(matches!(
+        rev(503, ""),
+        Err(Failure::Transient {
+            provider_down: true,
+            ..
+        })
+    ));
+    assert!(matches!(
+        rev(400, r#"{"error":"unsupported_token_type"}"#),
+        Err(Failure::Misconfigured { reason }) if reason.contains("does not revoke")
+    ));
+    assert!(matches!(
+        rev(401, r#"{"error":"invalid_client"}"#),
+        Err(Failure::Misconfigured { .. })
+    ));
+}

@@ -14,7 +14,9 @@ use crate::clock::now_ms;
 use crate::config::ProviderConfig;
 use crate::metrics::{Endpoint, RefreshOutcome, ValidationOutcome};
 use crate::provider::{self, Failure};
-use crate::store::{Commit, Credential, FailureUpdate, Lease, State, StoreError, TokenUpdate};
+use crate::store::{
+    Commit, Credential, FailureUpdate, Grant, Lease, State, StoreError, TokenUpdate,
+};
 
 /// How long a store failure holds a credential back before it is tried again.
 pub(super) const STORE_RETRY: Duration = Duration::from_secs(5);
@@ -247,7 +249,8 @@ impl Refresher {
             Ok(Lease::Gone) => return,
             Err(e) => return self.store_failed(entry, name, &e),
         };
-        if interrupted {
+        // A client_credentials fetch that never finished lost nothing.
+        if interrupted && matches!(cred.grant, Grant::RefreshToken(_)) {
             tracing::warn!(
                 credential = %name,
                 "a previous refresh of this credential never finished (tokend stopped, or no answer came); trying the stored refresh token once"
@@ -256,10 +259,13 @@ impl Refresher {
         let result = {
             let _slot = slot;
             let started = Instant::now();
-            let r = self
-                .client
-                .refresh(p, &cred.refresh_token, ctx.config.refresh.request_timeout)
-                .await;
+            let timeout = ctx.config.refresh.request_timeout;
+            // A client_credentials credential's "refresh" is a new token of
+            // the same grant: same slot, lease, commit and backoff.
+            let r = match &cred.grant {
+                Grant::RefreshToken(token) => self.client.refresh(p, token, timeout).await,
+                Grant::ClientCredentials => self.client.client_credentials(p, timeout).await,
+            };
             self.metrics
                 .provider_latency(Endpoint::Token, started.elapsed());
             r
@@ -276,7 +282,7 @@ impl Refresher {
             Err(Failure::Permanent { reason }) => {
                 // A peer may have rotated the token under us: re-read first.
                 if let Ok(Some(row)) = self.store.get(name).await
-                    && row.refresh_token != cred.refresh_token
+                    && row.grant != cred.grant
                 {
                     tracing::info!(credential = %name, "refresh token was rotated by another process meanwhile");
                     let _ = self.store.release_lease(name, &self.holder).await;

@@ -153,7 +153,7 @@ mod tests {
             name: "c".into(),
             provider: "p".into(),
             access_token: Some(Secret::new("a")),
-            refresh_token: Secret::new("r"),
+            grant: crate::store::Grant::RefreshToken(Secret::new("r")),
             scope: None,
             expires_at: expires,
             issued_at: issued,

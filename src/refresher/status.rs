@@ -16,6 +16,7 @@ impl Status {
         Status {
             name: c.name.clone(),
             provider: c.provider.clone(),
+            grant: c.grant.kind(),
             state: c.state,
             has_token: publishable(c, now).is_some(),
             expires_at: c.expires_at.map(rfc3339),

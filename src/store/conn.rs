@@ -12,7 +12,7 @@ use rusqlite::Connection;
 use super::{Credential, NewCredential, Result, StoreError, ops};
 
 /// The schema version this build writes; `PRAGMA user_version` holds the file's.
-pub(super) const SCHEMA_VERSION: i64 = 2;
+pub(super) const SCHEMA_VERSION: i64 = 3;
 
 /// A synchronous connection, for the command line and the store thread.
 pub struct StoreConn {
@@ -86,6 +86,15 @@ impl StoreConn {
                 ops::migrate_to_2(c)
             })?;
         }
+        if v < 3 {
+            // The credential's grant: client_credentials beside refresh tokens.
+            self.immediate(|c| {
+                if ops::user_version(c)? >= 3 {
+                    return Ok(());
+                }
+                ops::migrate_to_3(c)
+            })?;
+        }
         Ok(())
     }
 
@@ -115,6 +124,18 @@ impl StoreConn {
     /// Forgets a credential: its row, events and lease. Returns whether it existed.
     pub fn remove(&self, name: &str) -> Result<bool> {
         self.immediate(|c| ops::remove(c, name))
+    }
+
+    /// Takes the credential's lease, as the refresher does, for work that
+    /// is not a refresh (`tokend remove --revoke`): while it is held no
+    /// refresh starts anywhere, and none is in flight.
+    pub fn hold_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<super::Lease> {
+        self.immediate(|c| ops::hold_lease(c, name, holder, ttl))
+    }
+
+    /// Gives back `holder`'s lease on a credential.
+    pub fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        self.immediate(|c| ops::release(c, name, holder))
     }
 
     /// One credential: a command looks before it asks the user for work
@@ -241,6 +262,8 @@ fn give_to_directory_owner(f: &std::fs::File, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::Secret;
+    use crate::store::Grant;
     use crate::store::tests::new_cred;
 
     #[test]
@@ -346,5 +369,49 @@ mod tests {
             Err(StoreError::Exists(_))
         ));
         assert_eq!(names(&sc), ["a", "b"]);
+    }
+
+    /// Issue 13: a version 2 file (before the grant column) opens as
+    /// version 3, its rows keeping their refresh tokens; two processes
+    /// starting at once on it migrate it once.
+    #[test]
+    fn a_version_2_database_migrates_to_3() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        {
+            std::fs::File::create(&path).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+            let c = Connection::open(&path).unwrap();
+            ops::migrate_to_1(&c).unwrap();
+            ops::migrate_to_2(&c).unwrap();
+            c.execute(
+                "INSERT INTO credentials (name, provider, access_token, refresh_token,
+                    issued_at, state, created_at, updated_at, version, rev)
+                 VALUES ('old', 'p', 'at', 'rt-old', 1, 'valid', 1, 1, 1, 1)",
+                [],
+            )
+            .unwrap();
+        }
+        let opened: Vec<_> = (0..2)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || StoreConn::open(&path, false).map(drop))
+            })
+            .collect();
+        for t in opened {
+            t.join().unwrap().unwrap();
+        }
+        let sc = StoreConn::open(&path, false).unwrap();
+        assert_eq!(ops::user_version(&sc.conn).unwrap(), 3);
+        let old = sc.get("old").unwrap().unwrap();
+        assert_eq!(old.grant, Grant::RefreshToken(Secret::new("rt-old")));
+        let mut cc = new_cred("machine");
+        cc.grant = Grant::ClientCredentials;
+        sc.insert(&cc, false).unwrap();
+        assert_eq!(
+            sc.get("machine").unwrap().unwrap().grant,
+            Grant::ClientCredentials
+        );
     }
 }

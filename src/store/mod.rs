@@ -76,7 +76,37 @@ impl From<rusqlite::Error> for StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-pub use crate::wire::State;
+pub use crate::wire::{GrantKind, State};
+
+/// What a credential's next access token is obtained with. A type rather
+/// than an empty refresh token, so that no path can send a refresh_token
+/// grant for a credential that has none, or call its grant dead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Grant {
+    /// The refresh_token grant (RFC 6749 §6): this refresh token, replaced
+    /// by each rotation.
+    RefreshToken(Secret),
+    /// The client_credentials grant (RFC 6749 §4.4): the client's own
+    /// credentials, from the config. Nothing the provider answers can make
+    /// it need a new authorization.
+    ClientCredentials,
+}
+
+impl Grant {
+    pub fn refresh_token(&self) -> Option<&Secret> {
+        match self {
+            Grant::RefreshToken(t) => Some(t),
+            Grant::ClientCredentials => None,
+        }
+    }
+
+    pub fn kind(&self) -> GrantKind {
+        match self {
+            Grant::RefreshToken(_) => GrantKind::RefreshToken,
+            Grant::ClientCredentials => GrantKind::ClientCredentials,
+        }
+    }
+}
 
 /// One stored credential. Instants are milliseconds since the Unix epoch.
 #[derive(Debug, Clone)]
@@ -86,7 +116,7 @@ pub struct Credential {
     pub provider: String,
     /// None until the first refresh of a credential imported without one.
     pub access_token: Option<Secret>,
-    pub refresh_token: Secret,
+    pub grant: Grant,
     pub scope: Option<String>,
     /// None when the provider did not say (`expires_in` absent).
     pub expires_at: Option<i64>,
@@ -119,7 +149,7 @@ pub struct NewCredential {
     pub name: String,
     pub provider: String,
     pub access_token: Option<Secret>,
-    pub refresh_token: Secret,
+    pub grant: Grant,
     pub scope: Option<String>,
     pub expires_at: Option<i64>,
     /// The event recorded ("imported", "authorized"): how the tokens came.

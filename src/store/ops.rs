@@ -9,7 +9,8 @@ use std::time::Duration;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Commit, Credential, FailureUpdate, Lease, NewCredential, Result, State, StoreError, TokenUpdate,
+    Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Result, State, StoreError,
+    TokenUpdate,
 };
 use crate::clock::now_ms;
 use crate::secret::Secret;
@@ -19,14 +20,18 @@ const EVENTS_KEPT: i64 = 20;
 
 const COLUMNS: &str = "name, provider, access_token, refresh_token, scope, expires_at, \
     issued_at, state, failures, next_attempt_at, last_error, last_refresh_at, \
-    last_validated_at, refresh_started_at, created_at, updated_at, version, rev, not_before";
+    last_validated_at, refresh_started_at, created_at, updated_at, version, rev, not_before, \
+    grant_type";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<Credential> {
     Ok(Credential {
         name: r.get(0)?,
         provider: r.get(1)?,
         access_token: r.get::<_, Option<String>>(2)?.map(Secret::new),
-        refresh_token: Secret::new(r.get::<_, String>(3)?),
+        grant: match r.get::<_, String>(19)?.as_str() {
+            "client_credentials" => Grant::ClientCredentials,
+            _ => Grant::RefreshToken(Secret::new(r.get::<_, String>(3)?)),
+        },
         scope: r.get(4)?,
         // Every instant the refresher computes with is within what a
         // clock can show, whatever a row holds (an older import's epoch
@@ -112,19 +117,23 @@ pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Creden
         existing.map_or((1, 1, now), |e| (e.version + 1, e.rev + 1, e.created_at));
     c.execute(
         "INSERT OR REPLACE INTO credentials (name, provider, access_token, refresh_token,
-            scope, expires_at, issued_at, state, failures, created_at, updated_at, version, rev)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'valid', 0, ?10, ?7, ?8, ?9)",
+            scope, expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
+            grant_type)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'valid', 0, ?10, ?7, ?8, ?9, ?11)",
         params![
             n.name,
             n.provider,
             n.access_token.as_ref().map(Secret::expose),
-            n.refresh_token.expose(),
+            // The column predates client_credentials and is NOT NULL; the
+            // grant_type column says that this empty text is no token.
+            n.grant.refresh_token().map_or("", Secret::expose),
             n.scope,
             n.expires_at,
             now,
             version,
             rev,
-            created
+            created,
+            n.grant.kind().as_str()
         ],
     )?;
     event(c, &n.name, n.event, None)?;
@@ -181,6 +190,40 @@ pub fn take_lease(
     Ok(Lease::Taken {
         credential: Box::new(cred),
         interrupted,
+        fence,
+    })
+}
+
+/// Takes `name`'s lease for work that is not a refresh (revoking the grant
+/// before removing it): no refresh is marked as started, so giving it back
+/// leaves the row as it was. Like [`take_lease`], it bumps the fence, so a
+/// holder whose lease expired can commit nothing meanwhile.
+pub fn hold_lease(c: &Connection, name: &str, holder: &str, ttl: Duration) -> Result<Lease> {
+    let now = now_ms();
+    let current: Option<(String, i64)> = c
+        .prepare_cached("SELECT holder, expires_at FROM leases WHERE name = ?1")?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if let Some((other, until)) = current
+        && other != holder
+        && until > now
+        && crate::lease::holder_alive(&other)
+    {
+        return Ok(Lease::Busy { until });
+    }
+    let Some(cred) = get(c, name)? else {
+        return Ok(Lease::Gone);
+    };
+    let fence: i64 = c
+        .prepare_cached("UPDATE credentials SET fence = fence + 1 WHERE name = ?1 RETURNING fence")?
+        .query_row([name], |r| r.get(0))?;
+    c.prepare_cached(
+        "INSERT OR REPLACE INTO leases (name, holder, expires_at, fence) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![name, holder, now + ttl.as_millis() as i64, fence])?;
+    Ok(Lease::Taken {
+        credential: Box::new(cred),
+        interrupted: false,
         fence,
     })
 }
@@ -467,6 +510,16 @@ pub fn migrate_to_2(c: &Connection) -> Result<()> {
                     ALTER TABLE credentials ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
                     ALTER TABLE leases ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
                     PRAGMA user_version = 2;",
+    )?;
+    Ok(())
+}
+
+/// Version 3: the grant a credential's tokens come from (README "Other
+/// grants"); every earlier row holds a refresh token.
+pub fn migrate_to_3(c: &Connection) -> Result<()> {
+    c.execute_batch(
+        "ALTER TABLE credentials ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token';
+                    PRAGMA user_version = 3;",
     )?;
     Ok(())
 }

@@ -15,7 +15,7 @@ pub(super) fn new_cred(name: &str) -> NewCredential {
         name: name.into(),
         provider: "p".into(),
         access_token: Some(Secret::new("at1")),
-        refresh_token: Secret::new("rt1"),
+        grant: Grant::RefreshToken(Secret::new("rt1")),
         scope: None,
         expires_at: Some(now_ms() + 60_000),
         event: "imported",
@@ -65,7 +65,7 @@ async fn refresh_commit_is_a_compare_and_swap() {
     else {
         panic!("conflict")
     };
-    assert_eq!(c.refresh_token.expose(), "rt2");
+    assert_eq!(c.grant.refresh_token().unwrap().expose(), "rt2");
     assert_eq!(c.state, State::Valid);
     assert_eq!(c.refresh_started_at, None);
     // The same old version again is a conflict and writes nothing.
@@ -141,7 +141,7 @@ async fn a_holder_whose_lease_passed_on_writes_nothing_but_an_event() {
         Commit::LeaseLost
     ));
     let row = store.get("a").await.unwrap().unwrap();
-    assert_eq!(row.refresh_token.expose(), "rt1");
+    assert_eq!(row.grant.refresh_token().unwrap().expose(), "rt1");
     assert_eq!(row.version, 1);
     assert!(
         row.refresh_started_at.is_some(),

@@ -5,7 +5,7 @@
 
 use super::*;
 use tokend::secret::Secret;
-use tokend::store::{Credential, Lease, NewCredential, Store, StoreConn};
+use tokend::store::{Credential, Grant, Lease, NewCredential, Store, StoreConn};
 
 impl Env {
     /// The store, opened as `tokend status` opens it; None while there is
@@ -107,7 +107,7 @@ impl Env {
                     name: format!("user-{i:05}"),
                     provider: "fake".into(),
                     access_token: expires_at.map(|_| Secret::new(g.access_token)),
-                    refresh_token: Secret::new(g.refresh_token),
+                    grant: Grant::RefreshToken(Secret::new(g.refresh_token)),
                     scope: Some("read+write".into()),
                     expires_at,
                     event: "imported",
@@ -134,7 +134,10 @@ impl Drop for DbLock {
 #[derive(Debug, Clone)]
 pub struct Row {
     pub access_token: Option<String>,
+    /// Empty for a client_credentials credential, which has none.
     pub refresh_token: String,
+    /// `refresh_token` or `client_credentials`.
+    pub grant: String,
     /// As the store writes it (`valid`, `needs_reauthorization`, …).
     pub state: String,
     pub last_error: Option<String>,
@@ -146,7 +149,12 @@ impl From<Credential> for Row {
     fn from(c: Credential) -> Row {
         Row {
             access_token: c.access_token.map(|t| t.expose().to_owned()),
-            refresh_token: c.refresh_token.expose().to_owned(),
+            refresh_token: c
+                .grant
+                .refresh_token()
+                .map(|t| t.expose().to_owned())
+                .unwrap_or_default(),
+            grant: c.grant.kind().as_str().to_owned(),
             state: c.state.as_str().to_owned(),
             last_error: c.last_error,
             failures: c.failures.into(),

@@ -117,6 +117,15 @@ pub(super) fn validate_provider(
     let authorize_url = url("authorize_url", &r.authorize_url, urls.map(|u| u.0));
     let token_url = url("token_url", &r.token_url, urls.map(|u| u.1));
     let validate_url = url("validate_url", &r.validate_url, urls.map(|u| u.2));
+    // Optional, and no preset has them: PandaDoc offers neither.
+    let revocation_url = r
+        .revocation_url
+        .as_deref()
+        .map(|s| check_url(&k("revocation_url"), s, p));
+    let device_authorization_url = r
+        .device_authorization_url
+        .as_deref()
+        .map(|s| check_url(&k("device_authorization_url"), s, p));
 
     let redirect_uri = r.redirect_uri.as_deref().and_then(|s| match Url::parse(s) {
         Ok(u) => Some(u),
@@ -192,6 +201,8 @@ pub(super) fn validate_provider(
         authorize_url: authorize_url?,
         token_url: token_url?,
         validate_url: validate_url?,
+        revocation_url: revocation_url.flatten(),
+        device_authorization_url: device_authorization_url.flatten(),
         token_auth,
         pkce: r.pkce.unwrap_or(false),
         authorize_params: r.authorize_params,
@@ -282,6 +293,54 @@ mod tests {
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(
             e[0].starts_with("providers.pandadoc.authorize_params.state: tokend sets"),
+            "{e:?}"
+        );
+    }
+
+    /// Issue 13: the optional endpoints of RFC 7009 and RFC 8628 are URLs
+    /// like the others; presets have neither (PandaDoc offers neither).
+    #[test]
+    fn revocation_and_device_authorization_urls() {
+        let c = parse_ok(PANDADOC);
+        let p = &c.providers["pandadoc"];
+        assert!(p.revocation_url.is_none() && p.device_authorization_url.is_none());
+        let c = parse_ok(
+            r#"
+            [providers.other]
+            client_id = "c"
+            client_secret_env = "PD_SECRET"
+            authorize_url = "https://id.example.com/authorize"
+            token_url = "https://id.example.com/token"
+            validate_url = "https://api.example.com/me"
+            revocation_url = "https://id.example.com/revoke"
+            device_authorization_url = "https://id.example.com/device"
+            "#,
+        );
+        let p = &c.providers["other"];
+        assert_eq!(
+            p.revocation_url.as_ref().map(|u| u.as_str()),
+            Some("https://id.example.com/revoke")
+        );
+        assert_eq!(
+            p.device_authorization_url.as_ref().map(|u| u.as_str()),
+            Some("https://id.example.com/device")
+        );
+        let e = problems(&format!(
+            "{PANDADOC}revocation_url = \"http://example.com/revoke\"\n\
+             device_authorization_url = \"nonsense\"\n"
+        ));
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("providers.pandadoc.revocation_url: ")
+                    && e.contains("must be https")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(
+                |e| e.starts_with("providers.pandadoc.device_authorization_url: ")
+                    && e.contains("is not a URL")
+            ),
             "{e:?}"
         );
     }
