@@ -63,6 +63,9 @@ pub struct Change {
     pub failures: (u32, u32),
     /// For `recovered`: whether the trouble included a stop.
     pub stopped: bool,
+    /// A client_credentials credential has no grant to re-authorize: its
+    /// fix is the provider's config, so no authorize line is offered.
+    pub authorizable: bool,
 }
 
 /// What adopting `next` over `prev` means to the rules, if anything;
@@ -84,6 +87,7 @@ pub fn transition(
         error,
         failures,
         stopped,
+        authorizable: next.grant.refresh_token().is_some(),
     };
     let mut note = |stop: bool| {
         let t = trouble.get_or_insert_with(Trouble::default);
@@ -234,18 +238,14 @@ async fn runner(mut config: Arc<Config>, mut rx: mpsc::UnboundedReceiver<Msg>) {
 }
 
 /// The command's environment besides PATH and LANG: what happened, and the
-/// command that brings a dead grant back. Never a token or a secret.
+/// command that brings a dead grant back (empty for a client_credentials
+/// credential, which has none). Never a token or a secret.
 pub fn variables(c: &Change, config: &Path) -> Vec<(&'static str, String)> {
-    let mut authorize = format!(
-        "tokend authorize {} --provider {} --force",
-        quoted(&c.name),
-        quoted(&c.provider)
-    );
-    if config != Path::new(DEFAULT_CONFIG) {
-        let path = std::path::absolute(config).unwrap_or_else(|_| PathBuf::from(config));
-        authorize.push_str(" --config ");
-        authorize.push_str(&quoted(&path.to_string_lossy()));
-    }
+    let authorize = if c.authorizable {
+        authorize_line(c, config)
+    } else {
+        String::new()
+    };
     vec![
         ("TOKEND_CREDENTIAL", c.name.clone()),
         ("TOKEND_PROVIDER", c.provider.clone()),
@@ -258,6 +258,22 @@ pub fn variables(c: &Change, config: &Path) -> Vec<(&'static str, String)> {
         ),
         ("TOKEND_AUTHORIZE", authorize),
     ]
+}
+
+/// `tokend authorize NAME --provider P --force`, with `--config PATH` when
+/// the daemon's config is not the default one.
+fn authorize_line(c: &Change, config: &Path) -> String {
+    let mut authorize = format!(
+        "tokend authorize {} --provider {} --force",
+        quoted(&c.name),
+        quoted(&c.provider)
+    );
+    if config != Path::new(DEFAULT_CONFIG) {
+        let path = std::path::absolute(config).unwrap_or_else(|_| PathBuf::from(config));
+        authorize.push_str(" --config ");
+        authorize.push_str(&quoted(&path.to_string_lossy()));
+    }
+    authorize
 }
 
 /// `s` as one shell word: as is when it needs no quoting.
@@ -449,5 +465,17 @@ mod tests {
         );
         assert_eq!(vars["TOKEND_STATE"], "misconfigured");
         assert_eq!(vars["TOKEND_ERROR"], "failure 1");
+    }
+
+    #[test]
+    fn a_client_credentials_credential_gets_no_authorize_line() {
+        let mut machine = cred(State::Misconfigured, 1);
+        machine.grant = crate::store::Grant::ClientCredentials;
+        let c = transition(&cred(State::Valid, 0), &machine, &mut None).unwrap();
+        let vars: HashMap<_, _> = variables(&c, Path::new(DEFAULT_CONFIG))
+            .into_iter()
+            .collect();
+        assert_eq!(vars["TOKEND_AUTHORIZE"], "");
+        assert_eq!(vars["TOKEND_EVENT"], "misconfigured");
     }
 }
