@@ -99,82 +99,26 @@ impl Publisher {
     /// Writes the token to every matching sink whose file differs. Returns
     /// one message per sink that failed; the others are written regardless.
     pub fn publish(&self, name: &str, token: &Secret, expires_at: Option<i64>) -> Vec<String> {
-        self.publish_many(&[(name, token, expires_at)])
-            .pop()
-            .unwrap_or_default()
-    }
-
-    /// [`Publisher::publish`] for many credentials at once, returning each
-    /// one's errors in order. A sweep rotates thousands of tokens together,
-    /// and two fsyncs per file one after the other cost a third of it
-    /// (BENCHMARKS.md): here the temp files are written and fsynced in
-    /// parallel, renamed, and each directory is fsynced once for all of its
-    /// files. A file is reported written (its hook told) only after its
-    /// directory's fsync, so the guarantees of `write_atomic` hold for each.
-    /// A name must appear once: the caller keeps the newest token of each.
-    pub fn publish_many(&self, items: &[(&str, &Secret, Option<i64>)]) -> Vec<Vec<String>> {
-        let mut errors = vec![Vec::new(); items.len()];
-        let mut writes = Vec::new();
-        for (item, &(name, token, expires_at)) in items.iter().enumerate() {
-            for s in self.sinks.iter().filter(|s| s.matches(name)) {
-                let path = s.path_for(name);
-                let content = render(s.format, token, expires_at);
-                let gid = s.group.as_ref().map(|g| g.1);
-                if !unchanged(&path, &content, s.mode, gid) {
-                    writes.push(FileWrite {
-                        item,
-                        sink: s.index,
-                        path,
-                        content,
-                        mode: s.mode,
-                        gid,
-                    });
-                }
-            }
-        }
-        let staged = in_parallel(&writes, |w| stage(&w.path, &w.content, w.mode, w.gid));
-        // Renamed in order, each directory remembered with what it holds.
-        let mut outcome: Vec<Result<(), String>> = Vec::with_capacity(writes.len());
-        let mut dirs: HashMap<PathBuf, Vec<usize>> = HashMap::new();
-        for (k, (w, tmp)) in writes.iter().zip(staged).enumerate() {
-            let renamed = tmp.and_then(|tmp| {
-                fs::rename(&tmp, &w.path).inspect_err(|_| {
-                    let _ = fs::remove_file(&tmp);
-                })
-            });
-            match renamed {
-                Ok(()) => {
-                    let dir = w.path.parent().unwrap_or(Path::new("/")).to_owned();
-                    dirs.entry(dir).or_default().push(k);
-                    outcome.push(Ok(()));
-                }
-                Err(e) => outcome.push(Err(e.to_string())),
-            }
-        }
-        let dirs: Vec<(PathBuf, Vec<usize>)> = dirs.into_iter().collect();
-        let synced = in_parallel(&dirs, |(d, _)| sync_dir(d));
-        for ((_, ks), r) in dirs.iter().zip(synced) {
-            if let Err(e) = r {
-                for &k in ks {
-                    outcome[k] = Err(e.to_string());
-                }
-            }
-        }
-        for (w, r) in writes.into_iter().zip(outcome) {
-            let name = items[w.item].0;
-            match r {
-                Ok(()) => {
-                    tracing::debug!(credential = name, path = %w.path.display(), "published");
-                    if let Some(h) = self.hooks.get(&w.sink) {
-                        let change = HookChange {
-                            event: "written",
-                            path: w.path,
-                            expires_at: items[w.item].2,
-                        };
-                        h.tell(name, change);
+        let mut errors = Vec::new();
+        for s in self.sinks.iter().filter(|s| s.matches(name)) {
+            let path = s.path_for(name);
+            let content = render(s.format, token, expires_at);
+            match write_atomic(&path, &content, s.mode, s.group.as_ref().map(|g| g.1)) {
+                Ok(true) => {
+                    tracing::debug!(credential = name, path = %path.display(), "published");
+                    if let Some(h) = self.hooks.get(&s.index) {
+                        h.tell(
+                            name,
+                            HookChange {
+                                event: "written",
+                                path,
+                                expires_at,
+                            },
+                        );
                     }
                 }
-                Err(e) => errors[w.item].push(format!("cannot write {}: {e}", w.path.display())),
+                Ok(false) => {}
+                Err(e) => errors.push(format!("cannot write {}: {e}", path.display())),
             }
         }
         errors
@@ -269,29 +213,6 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) ->
     if unchanged(path, content, mode, gid) {
         return Ok(false);
     }
-    let tmp = stage(path, content, mode, gid)?;
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
-    })?;
-    sync_dir(dir).map(|()| true)
-}
-
-/// A file [`Publisher::publish_many`] has yet to write.
-struct FileWrite {
-    /// Its credential's place in the batch.
-    item: usize,
-    sink: usize,
-    path: PathBuf,
-    content: Vec<u8>,
-    mode: u32,
-    gid: Option<u32>,
-}
-
-/// The first half of [`write_atomic`]: a temp file beside `path`, with the
-/// final mode and group before any byte is written, holding `content`,
-/// fsynced. Returns its path; on failure nothing is left behind.
-fn stage(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> io::Result<PathBuf> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
@@ -321,52 +242,14 @@ fn stage(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> io::Result
         }
         f.set_permissions(fs::Permissions::from_mode(mode))?;
         f.write_all(content)?;
-        f.sync_all()
+        f.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
     })();
-    match result {
-        Ok(()) => Ok(tmp),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-}
-
-/// How many fsyncs [`in_parallel`] has in flight at most. An fsync mostly
-/// waits for the device, and the file system joins concurrent ones into
-/// one journal commit, so a few threads do many files' worth in the time
-/// of one; more only add threads.
-const FSYNC_THREADS: usize = 16;
-
-/// `f` over `items` on up to [`FSYNC_THREADS`] scoped threads, results in
-/// the order of `items`. One item runs on the calling thread.
-fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = items.len().min(FSYNC_THREADS);
-    if threads <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { break };
-                        done.push((i, f(item)));
-                    }
-                    done
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("a publishing thread panicked"))
-            .collect()
-    });
-    results.sort_unstable_by_key(|(i, _)| *i);
-    results.into_iter().map(|(_, r)| r).collect()
+    result.map(|()| true)
 }
 
 fn unchanged(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> bool {

@@ -58,7 +58,7 @@ pub use policy::{Gate, backoff, gate};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
@@ -120,9 +120,6 @@ pub struct Refresher {
     /// while a reload swaps the sinks and retires the old paths: no file
     /// is written to a path a reload has retired.
     publishing: tokio::sync::RwLock<()>,
-    /// Where commits queue their files for the batch writer
-    /// (`worker::write_batches`); unset where no tasks run (`single`).
-    publications: OnceLock<mpsc::UnboundedSender<worker::Publication>>,
 }
 
 /// Counts tasks that may hold a provider's answer not yet committed, so that
@@ -238,7 +235,6 @@ impl Refresher {
             recovered_at: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
-            publications: OnceLock::new(),
             alerts: Alerts::start(config.clone()),
         });
         {
@@ -283,9 +279,6 @@ impl Refresher {
             unpublished = removed,
             "loaded credentials"
         );
-        let (publications, queued) = mpsc::unbounded_channel();
-        let _ = r.publications.set(publications);
-        tokio::spawn(worker::write_batches(Arc::downgrade(&r), queued));
         let scheduler = tokio::spawn(r.clone().scheduler(sched_rx, shutdown.clone()));
         let queue_rx = Arc::new(tokio::sync::Mutex::new(queue_rx));
         let workers = (0..config.refresh.max_concurrency * 2)
@@ -340,7 +333,6 @@ impl Refresher {
             recovered_at: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
-            publications: OnceLock::new(),
             alerts: Alerts::none(),
         };
         Ok(Some(Arc::new(r)))

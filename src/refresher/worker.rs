@@ -1,10 +1,9 @@
 //! The workers: each takes a credential off the queue and does what is
 //! flagged and due for it, under its lock; and the writing of its files.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use super::Refresher;
 use super::attempt::STORE_RETRY;
@@ -12,37 +11,7 @@ use super::entry::Entry;
 use super::policy::{Do, Gate, decide, gate, publishable};
 use super::scheduler::Sched;
 use crate::clock::now_ms;
-use crate::secret::Secret;
 use crate::store::{Commit, Credential, State};
-
-/// The most credentials one batch of publications writes: bounds the
-/// memory of a batch and the wait of the first commit in it.
-const BATCH: usize = 512;
-
-/// A committed token on its way to its files, and who waits to hear how
-/// that went.
-pub(super) struct Publication {
-    name: String,
-    token: Secret,
-    expires_at: Option<i64>,
-    /// The row's token version: of two for one credential, the newer wins.
-    version: i64,
-    done: oneshot::Sender<Vec<String>>,
-}
-
-/// Writes the publications queued by commits in batches, each taking all
-/// that queued while the one before was written (docs/design.md, "Commit,
-/// then publish"). Holds the refresher weakly: it ends with it.
-pub(super) async fn write_batches(
-    refresher: Weak<Refresher>,
-    mut queue: mpsc::UnboundedReceiver<Publication>,
-) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while queue.recv_many(&mut batch, BATCH).await > 0 {
-        let Some(r) = refresher.upgrade() else { return };
-        r.write_batch(std::mem::take(&mut batch)).await;
-    }
-}
 
 impl Refresher {
     pub(super) async fn worker(
@@ -167,78 +136,18 @@ impl Refresher {
 
     /// Writes the credential's files with the sinks of the config in force
     /// now, not of the one a worker started with: a reload may have retired
-    /// a path since (see [`Refresher::reload`]). Returns once the files are
-    /// durable, having joined the batch of other commits' files if the
-    /// batch writer runs.
+    /// a path since (see [`Refresher::reload`]).
     pub(super) async fn publish(&self, cred: &Credential) {
         let Some(token) = publishable(cred, now_ms()) else {
             return self.unpublish(&cred.name).await;
         };
-        let (done, written) = oneshot::channel();
-        let job = Publication {
-            name: cred.name.clone(),
-            token: token.clone(),
-            expires_at: cred.expires_at,
-            version: cred.version,
-            done,
-        };
-        match self.publications.get() {
-            Some(queue) => {
-                if let Err(mpsc::error::SendError(job)) = queue.send(job) {
-                    self.write_batch(vec![job]).await;
-                }
-            }
-            None => self.write_batch(vec![job]).await,
-        }
-        let errors = written
-            .await
-            .unwrap_or_else(|_| vec!["the file writer stopped".to_owned()]);
-        self.published(&cred.name, errors);
-    }
-
-    /// Writes a batch of publications and tells each how it went. Of two
-    /// for one credential only the newer token is written, and a token older
-    /// than the one the credential holds now gives way to that one: a file
-    /// never goes back to an older token.
-    async fn write_batch(&self, jobs: Vec<Publication>) {
-        let mut newest: HashMap<String, (i64, Secret, Option<i64>)> = HashMap::new();
-        for j in &jobs {
-            if newest.get(&j.name).is_none_or(|(v, _, _)| *v < j.version) {
-                let item = (j.version, j.token.clone(), j.expires_at);
-                newest.insert(j.name.clone(), item);
-            }
-        }
-        let now = now_ms();
-        for (name, item) in newest.iter_mut() {
-            if let Some(e) = self.entry(name) {
-                let c = e.cred();
-                if c.version > item.0
-                    && let Some(token) = publishable(&c, now)
-                {
-                    *item = (c.version, token.clone(), c.expires_at);
-                }
-            }
-        }
-        let items: Vec<(String, Secret, Option<i64>)> = newest
-            .into_iter()
-            .map(|(name, (_, token, exp))| (name, token, exp))
-            .collect();
         let _in_force = self.publishing.read().await;
         let publisher = self.ctx().publisher.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let refs: Vec<_> = items.iter().map(|(n, t, e)| (n.as_str(), t, *e)).collect();
-            let errors = publisher.publish_many(&refs);
-            items.into_iter().map(|(n, ..)| n).zip(errors).collect()
-        })
-        .await;
-        let errors: HashMap<String, Vec<String>> = written.unwrap_or_default();
-        for j in jobs {
-            let e = errors
-                .get(&j.name)
-                .cloned()
-                .unwrap_or_else(|| vec!["the file writer stopped".to_owned()]);
-            let _ = j.done.send(e);
-        }
+        let (name, tok, exp) = (cred.name.clone(), token.clone(), cred.expires_at);
+        let errors = tokio::task::spawn_blocking(move || publisher.publish(&name, &tok, exp))
+            .await
+            .unwrap_or_default();
+        self.published(&cred.name, errors);
     }
 
     pub(super) async fn unpublish(&self, name: &str) {

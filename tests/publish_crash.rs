@@ -1,8 +1,8 @@
-//! Files written in batches survive a crash as single ones do: SIGKILL
-//! while many credentials' files are being published leaves every file
-//! whole and holding a token its credential committed, and the next start
-//! brings every file in step with the store (docs/design.md rules 1 and 4;
-//! README "File sinks").
+//! Many files published at once survive a crash as one does: SIGKILL
+//! while a sweep's worth of credentials is being published leaves every
+//! file whole and holding a token its credential committed, and the next
+//! start brings every file in step with the store (docs/design.md rules 1
+//! and 4; README "File sinks").
 
 mod support;
 
@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use support::*;
 
-/// Credentials due at once in each round: enough that many commits share
-/// a batch of file writes.
+/// Credentials due at once in each round: enough that many files are
+/// being written at any moment of the sweep.
 const CREDENTIALS: usize = 200;
 
 /// Rounds, each with its own store and provider; set
@@ -61,7 +61,7 @@ fn files(env: &Env) -> (HashMap<String, Vec<u8>>, usize) {
 }
 
 #[test]
-fn sigkill_during_a_batch_of_publications_leaves_only_whole_committed_tokens() {
+fn sigkill_while_many_files_are_published_leaves_only_whole_committed_tokens() {
     let iterations = std::env::var("TOKEND_PUBLISH_CRASH_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -86,8 +86,8 @@ fn sigkill_during_a_batch_of_publications_leaves_only_whole_committed_tokens() {
             (env.provider.stats().refresh_requests > 0).then_some(())
         });
         // The random delay is the point: the kill lands anywhere in the
-        // sweep (about 250 ms: 200 × 20 ms / 16), between a batch's temp
-        // files, its renames and its directory's fsync.
+        // sweep (about 250 ms: 200 × 20 ms / 16), between files' temp
+        // writes, their renames and their directory's fsyncs.
         std::thread::sleep(Duration::from_millis(rng.u64(0..=300)));
         d.kill9();
         drop(d);
