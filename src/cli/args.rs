@@ -177,18 +177,29 @@ pub struct Authorize {
 /// --refresh-token FILE: a grant someone authorized (refresh_token grant).
 /// --client-credentials: no refresh token; the provider's client_id and
 /// secret are the grant (RFC 6749 §4.4), for an API's machine users.
+/// --from FILE: many refresh-token credentials at once, one JSON object a
+/// line: {"name", "provider", "refresh_token", "access_token"?,
+/// "expires_in"?, "scope"?}. Every line is checked before anything is
+/// stored; then all are stored in one transaction, or none.
 #[derive(Args, Debug)]
 #[command(
     verbatim_doc_comment,
-    group(ArgGroup::new("grant").required(true).args(["refresh_token", "client_credentials"]))
+    group(ArgGroup::new("grant").required(true).args(["refresh_token", "client_credentials", "from"]))
 )]
 pub struct Import {
     /// The credential's name (letters, digits, '-', '_', '.', '@')
-    #[arg(value_name = "NAME", value_parser = name)]
-    pub name: String,
+    #[arg(value_name = "NAME", value_parser = name, required_unless_present = "from")]
+    pub name: Option<String>,
     /// The provider, as named in the config ([providers.P])
-    #[arg(long, value_name = "P")]
-    pub provider: String,
+    #[arg(long, value_name = "P", required_unless_present = "from")]
+    pub provider: Option<String>,
+    /// A file of credentials, one JSON object a line; '-' reads stdin
+    #[arg(
+        long,
+        value_name = "FILE|-",
+        conflicts_with_all = ["name", "provider", "access_token", "expires_in"]
+    )]
+    pub from: Option<String>,
     /// The file that holds the refresh token; '-' reads stdin
     #[arg(long, value_name = "FILE|-")]
     pub refresh_token: Option<String>,

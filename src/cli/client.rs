@@ -85,12 +85,20 @@ pub fn parse_reply(raw: &[u8]) -> io::Result<Reply> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(bad)?;
-    let mut body = raw[head_end + 4..].to_vec();
-    let length = head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case("content-length")
-            .then(|| v.trim().parse::<usize>().ok())?
-    });
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    };
+    let rest = &raw[head_end + 4..];
+    // The list of credentials comes in chunks (README "The socket API").
+    if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+        let body = dechunk(rest).ok_or_else(bad)?;
+        return Ok(Reply { status, body });
+    }
+    let mut body = rest.to_vec();
+    let length = header("content-length").and_then(|v| v.parse::<usize>().ok());
     if let Some(n) = length {
         if body.len() < n {
             return Err(bad());
@@ -98,6 +106,28 @@ pub fn parse_reply(raw: &[u8]) -> io::Result<Reply> {
         body.truncate(n);
     }
     Ok(Reply { status, body })
+}
+
+/// A chunked body (RFC 9112 §7.1), whole: None if it is cut short or malformed.
+fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
+    let mut body = Vec::with_capacity(rest.len());
+    loop {
+        let eol = rest.windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&rest[..eol]).ok()?;
+        // Chunk extensions (after ';') carry nothing we use.
+        let size_hex = line.split(';').next()?.trim();
+        let size = usize::from_str_radix(size_hex, 16).ok()?;
+        rest = &rest[eol + 2..];
+        if size == 0 {
+            return Some(body);
+        }
+        let end = size.checked_add(2)?;
+        if rest.len() < end || &rest[size..end] != b"\r\n" {
+            return None;
+        }
+        body.extend_from_slice(&rest[..size]);
+        rest = &rest[end..];
+    }
 }
 
 #[cfg(test)]
@@ -118,5 +148,9 @@ mod tests {
         assert_eq!(r.status, 404);
         assert_eq!(r.body, b"{}");
         assert!(super::parse_reply(b"garbage").is_err());
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                        2\r\n[1\r\nb;x=y\r\n,2,3,4,5,6]\r\n0\r\n\r\n";
+        assert_eq!(super::parse_reply(chunked).unwrap().body, b"[1,2,3,4,5,6]");
+        assert!(super::parse_reply(&chunked[..chunked.len() - 7]).is_err());
     }
 }

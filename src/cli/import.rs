@@ -1,6 +1,8 @@
 //! `tokend import`: a credential from an existing refresh token, or one of
 //! the client_credentials grant (README "Other grants").
 
+mod batch;
+
 use std::io::Read;
 
 use super::Exit;
@@ -11,7 +13,13 @@ use crate::secret::Secret;
 use crate::store::{Grant, NewCredential, StoreConn, StoreError};
 
 pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
-    let (name, provider) = (&args.name, &args.provider);
+    if let Some(from) = &args.from {
+        return batch::run(global, from, args.force);
+    }
+    // clap requires NAME and --provider without --from.
+    let (Some(name), Some(provider)) = (&args.name, &args.provider) else {
+        return Err(Exit::usage("give NAME and --provider, or --from FILE"));
+    };
     let refresh_from = args.refresh_token.as_deref();
     if refresh_from == Some("-") && args.access_token.as_deref() == Some("-") {
         return Err(Exit::usage(

@@ -273,7 +273,10 @@ mod tests {
             let Command::Import(a) = cli.command else {
                 panic!("{args:?}")
             };
-            assert_eq!((a.name.as_str(), a.provider.as_str()), ("bot", "pd"));
+            assert_eq!(
+                (a.name.as_deref(), a.provider.as_deref()),
+                (Some("bot"), Some("pd"))
+            );
             assert_eq!(a.refresh_token.as_deref(), Some("-"));
         }
         assert_eq!(p(&["list"]).unwrap().global.config, None);

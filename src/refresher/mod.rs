@@ -55,6 +55,7 @@ mod status;
 mod worker;
 
 pub use policy::{Gate, backoff, gate};
+pub use status::StatusCursor;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -81,6 +82,10 @@ use crate::store::{Credential, State, Store, StoreError};
 /// How long shutdown waits, beyond `request_timeout`, for refreshes in
 /// flight to commit. The systemd unit's TimeoutStopSec leaves room for both.
 pub const SHUTDOWN_COMMIT_GRACE: Duration = Duration::from_secs(30);
+
+/// New rows beyond which the store watch reads every row at once instead
+/// of one query each (a bulk import: README "Bulk import").
+const BULK_READ: usize = 64;
 
 /// What the config decides, swapped as a whole on reload.
 struct Ctx {
@@ -434,11 +439,29 @@ impl Refresher {
             changed.extend(entries.keys().filter(|n| !seen.contains(*n)).cloned());
         }
         // A credential first seen is read whole before it gets an entry: no
-        // entry ever stands for a row not read yet.
+        // entry ever stands for a row not read yet. A bulk import brings
+        // thousands at once: one read of every row then beats a query each.
+        let bulk = new.len() > BULK_READ;
+        let mut rows: HashMap<String, Credential> = if bulk {
+            let wanted: HashSet<&String> = new.iter().collect();
+            self.store
+                .load_all()
+                .await?
+                .into_iter()
+                .filter(|c| wanted.contains(&c.name))
+                .map(|c| (c.name.clone(), c))
+                .collect()
+        } else {
+            HashMap::new()
+        };
+        let mut count = 0;
         for name in new {
-            let Some(cred) = self.store.get(&name).await? else {
-                continue;
+            let row = if bulk {
+                rows.remove(&name)
+            } else {
+                self.store.get(&name).await?
             };
+            let Some(cred) = row else { continue };
             let added = {
                 let mut entries = self.entries.write().unwrap();
                 let added = !entries.contains_key(&name);
@@ -451,12 +474,18 @@ impl Refresher {
                 added
             };
             if added {
-                tracing::info!(credential = %name, "credential added to the store");
+                count += 1;
+                if !bulk {
+                    tracing::info!(credential = %name, "credential added to the store");
+                }
                 self.states.send_replace(());
                 self.enqueue(&name, |p| p.republish = true);
             } else {
                 changed.push(name);
             }
+        }
+        if bulk {
+            tracing::info!(credentials = count, "credentials added to the store");
         }
         for n in changed {
             self.enqueue(&n, |p| p.reload = true);

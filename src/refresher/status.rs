@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::Refresher;
+use super::entry::Entry;
 use super::policy::publishable;
 use crate::clock::{now_ms, rfc3339};
 use crate::metrics::CredentialGauge;
@@ -62,18 +63,23 @@ impl Refresher {
         self.entry(name).map(|e| e.status(now_ms()))
     }
 
-    /// Every credential's status, by name.
-    pub fn statuses(&self) -> Vec<Status> {
-        let now = now_ms();
-        let mut v: Vec<Status> = self
-            .entries
-            .read()
-            .unwrap()
-            .values()
-            .map(|e| e.status(now))
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+    /// The statuses of the credentials `visible` lets the caller see, by
+    /// name. Only the entries are taken now; each status is made as it is
+    /// read, so that a socket answer for 100,000 credentials is streamed in
+    /// chunks instead of being built whole (README "The socket API").
+    pub fn status_cursor(&self, visible: impl Fn(&str) -> bool) -> StatusCursor {
+        let entries = self.entries.read().unwrap();
+        let mut v: Vec<(&String, &Arc<Entry>)> =
+            entries.iter().filter(|(n, _)| visible(n)).collect();
+        v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        StatusCursor {
+            entries: v
+                .into_iter()
+                .map(|(_, e)| e.clone())
+                .collect::<Vec<_>>()
+                .into_iter(),
+            now: now_ms(),
+        }
     }
 
     /// Counts of credentials per state, for the status line and logs.
@@ -85,5 +91,19 @@ impl Refresher {
             *m.entry(c.state).or_default() += 1;
         }
         m
+    }
+}
+
+/// See [`Refresher::status_cursor`].
+pub struct StatusCursor {
+    entries: std::vec::IntoIter<Arc<Entry>>,
+    now: i64,
+}
+
+impl Iterator for StatusCursor {
+    type Item = Status;
+
+    fn next(&mut self) -> Option<Status> {
+        self.entries.next().map(|e| e.status(self.now))
     }
 }

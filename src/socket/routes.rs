@@ -1,11 +1,14 @@
 //! The routes of the README's "The socket API". They ask the refresher; they never write tokens.
 
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
@@ -13,7 +16,7 @@ use serde::Serialize;
 use super::peer::Caller;
 use crate::clock::rfc3339;
 use crate::names::check_name;
-use crate::refresher::{Refresher, TokenError};
+use crate::refresher::{Refresher, StatusCursor, TokenError};
 use crate::wire::{self, ErrorCode, Refreshed};
 
 /// The largest request body read (no route needs one).
@@ -41,13 +44,50 @@ impl State {
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+/// A whole answer, or one streamed in chunks (the list of credentials).
+type Resp = Response<UnsyncBoxBody<Bytes, Infallible>>;
+
+/// Statuses per chunk of a streamed list: about 30 KiB of JSON.
+const LIST_CHUNK: usize = 100;
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()));
+    let mut r = Response::new(Full::new(body.into()).boxed_unsync());
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+/// `GET /v1/credentials`: one JSON array, written [`LIST_CHUNK`] statuses
+/// at a time as the connection takes them, so that the daemon never holds
+/// the whole answer for 100,000 credentials.
+fn list(mut cursor: StatusCursor) -> Resp {
+    let (mut opened, mut closed) = (false, false);
+    let chunks = futures_util::stream::poll_fn(move |_| {
+        if closed {
+            return Poll::Ready(None);
+        }
+        let mut buf = Vec::with_capacity(32 * 1024);
+        let mut n = 0;
+        for s in cursor.by_ref().take(LIST_CHUNK) {
+            buf.push(if opened { b',' } else { b'[' });
+            opened = true;
+            n += 1;
+            // A status is plain data: serializing it cannot fail.
+            let _ = serde_json::to_writer(&mut buf, &s);
+        }
+        if n < LIST_CHUNK {
+            if !opened {
+                buf.push(b'[');
+            }
+            buf.push(b']');
+            closed = true;
+        }
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
+    });
+    let mut r = Response::new(StreamBody::new(chunks).boxed_unsync());
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }
 
@@ -115,15 +155,14 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
                     .render_metrics(|name| state.may_read(caller, name)),
             ),
         ),
-        (&Method::GET, ["v1", "credentials"]) => {
-            let list: Vec<_> = state
-                .refresher
-                .statuses()
-                .into_iter()
-                .filter(|s| state.may_read(caller, &s.name))
-                .collect();
-            ("/v1/credentials", json(StatusCode::OK, &list))
-        }
+        (&Method::GET, ["v1", "credentials"]) => (
+            "/v1/credentials",
+            list(
+                state
+                    .refresher
+                    .status_cursor(|name| state.may_read(caller, name)),
+            ),
+        ),
         (&Method::GET, ["v1", "credentials", name]) => (
             "/v1/credentials/{name}",
             guarded(state, caller, name, |name| async move {

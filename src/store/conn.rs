@@ -154,9 +154,16 @@ impl StoreConn {
     /// that is already stored (or comes twice) refuses the whole batch. One
     /// [`insert`](Self::insert) each would wait for one sync each.
     pub fn insert_all(&self, new: &[NewCredential]) -> Result<()> {
+        self.insert_batch(new, false)
+    }
+
+    /// [`insert_all`](Self::insert_all), where `replace` overwrites stored
+    /// credentials of the same names as [`insert`](Self::insert) does
+    /// (`tokend import --from FILE --force`).
+    pub fn insert_batch(&self, new: &[NewCredential], replace: bool) -> Result<()> {
         self.immediate(|c| {
             new.iter()
-                .try_for_each(|n| ops::insert(c, n, false).map(drop))
+                .try_for_each(|n| ops::insert(c, n, replace).map(drop))
         })
     }
 }

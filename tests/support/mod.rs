@@ -304,7 +304,7 @@ impl Env {
     /// to: the store (`*.db`, `*.db-wal`, `*.db-shm`, `*.db-journal`), the
     /// files of every sink configured in a `*.toml` there, and the inputs
     /// the tests wrote themselves (the client secret file, the `*.access`
-    /// files handed to `tokend import`, and the configs, one of which puts
+    /// and `*.jsonl` files handed to `tokend import`, and the configs, one of which puts
     /// a secret under an unknown key on purpose).
     pub fn audit_files(&self) {
         let root = self.dir.path();
@@ -320,7 +320,8 @@ impl Env {
                 .any(|s| name.ends_with(s));
             let input = path == self.secret_file
                 || configs.contains(&path)
-                || (path.parent() == Some(root) && name.ends_with(".access"));
+                || (path.parent() == Some(root)
+                    && (name.ends_with(".access") || name.ends_with(".jsonl")));
             let text = path.to_string_lossy();
             // The harness's own sink directory counts too: a test may leave
             // a config behind that no longer parses (a reload of a bad file).
