@@ -11,13 +11,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::config::{AlertEvent, Config, DEFAULT_CONFIG, NotifyRule};
+use crate::publish::hook_command;
 use crate::store::{Credential, State};
 
 /// Commands running at once, all rules together: a provider outage that
@@ -303,17 +303,7 @@ async fn run(
     };
     let event = event.as_str();
     let program = &rule.command[0];
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(&rule.command[1..])
-        .env_clear()
-        .envs(env)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    for var in ["PATH", "LANG"] {
-        if let Ok(v) = std::env::var(var) {
-            cmd.env(var, v);
-        }
-    }
+    let mut cmd = hook_command(&rule.command, env);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {

@@ -438,6 +438,28 @@ fn create_dirs(dir: &Path) -> io::Result<()> {
 }
 
 /// How `TOKEND_FORMAT` names a sink's format: as the config does.
+/// A command for an `on_change` hook or a `[[notify]]` rule: argv, no
+/// shell, no stdin, killed if dropped, and an environment cleared but for
+/// PATH, LANG and the `vars` given, so that nothing tokend was started
+/// with (a client secret in an environment variable) ever reaches it.
+pub fn hook_command<'a>(
+    argv: &[String],
+    vars: impl IntoIterator<Item = (&'a str, String)>,
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
+        .envs(vars)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for var in ["PATH", "LANG"] {
+        if let Ok(v) = std::env::var(var) {
+            cmd.env(var, v);
+        }
+    }
+    cmd
+}
+
 fn format_name(f: Format) -> &'static str {
     match f {
         Format::Raw => "raw",
@@ -468,24 +490,19 @@ async fn run_hook(
                 name.and_then(|n| p.latest.remove(&n).map(|c| (n, c)))
             };
             let Some((name, change)) = next else { break };
-            let mut cmd = tokio::process::Command::new(&argv[0]);
-            cmd.args(&argv[1..])
-                .env_clear()
-                .env("TOKEND_CREDENTIAL", &name)
-                .env("TOKEND_EVENT", change.event)
-                .env("TOKEND_PATH", &change.path)
-                .env("TOKEND_FORMAT", format_name(format))
-                .env(
-                    "TOKEND_EXPIRES_AT",
-                    change.expires_at.map(rfc3339).unwrap_or_default(),
-                )
-                .stdin(Stdio::null())
-                .kill_on_drop(true);
-            for var in ["PATH", "LANG"] {
-                if let Ok(v) = std::env::var(var) {
-                    cmd.env(var, v);
-                }
-            }
+            let mut cmd = hook_command(
+                &argv,
+                [
+                    ("TOKEND_CREDENTIAL", name.clone()),
+                    ("TOKEND_EVENT", change.event.to_owned()),
+                    ("TOKEND_PATH", change.path.display().to_string()),
+                    ("TOKEND_FORMAT", format_name(format).to_owned()),
+                    (
+                        "TOKEND_EXPIRES_AT",
+                        change.expires_at.map(rfc3339).unwrap_or_default(),
+                    ),
+                ],
+            );
             let mut child = match cmd.spawn() {
                 Ok(c) => c,
                 Err(e) => {

@@ -65,29 +65,6 @@ fn config_path(env: &Env) -> String {
     env.config_path.display().to_string()
 }
 
-fn reimport(env: &Env, name: &str) {
-    let g = env
-        .provider
-        .mint_grant(env.provider.client_id(), "read+write");
-    let out = env.cli(
-        &[
-            "import",
-            name,
-            "--provider",
-            "fake",
-            "--refresh-token",
-            "-",
-            "--force",
-        ],
-        &g.refresh_token,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn a_dead_grant_notifies_with_the_authorize_command_and_its_recovery_too() {
     let env = Env::bare(Knobs {
@@ -135,7 +112,7 @@ fn a_dead_grant_notifies_with_the_authorize_command_and_its_recovery_too() {
     );
     // What a human does: authorize again (here, import a fresh grant).
     env.provider.update_knobs(|k| k.fault = None);
-    reimport(&env, "bot");
+    env.reimport("bot");
     let run = wait_for("the recovered run", Duration::from_secs(20), || {
         runs_of(&out, "recovered").pop()
     });

@@ -79,30 +79,6 @@ fn is_access_token(s: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// Imports a fresh grant as `name`, replacing what is stored.
-fn reimport(env: &Env, name: &str) {
-    let g = env
-        .provider
-        .mint_grant(env.provider.client_id(), "read+write");
-    let out = env.cli(
-        &[
-            "import",
-            name,
-            "--provider",
-            "fake",
-            "--refresh-token",
-            "-",
-            "--force",
-        ],
-        &g.refresh_token,
-    );
-    assert!(
-        out.status.success(),
-        "re-import of {name} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Waits until every credential in `live` has its stored access token
 /// published and every one in `dead` has no file.
 fn wait_settled(env: &Env, live: &[&str], dead: &[&str]) {
@@ -281,7 +257,7 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
         wait_settled(&env, &live, &dead);
         stop_cleanly(&mut d, &when);
         for name in &dead {
-            reimport(&env, name);
+            env.reimport(name);
         }
         lost.extend(found);
     }

@@ -40,6 +40,19 @@ struct RawError {
     error_description: Option<String>,
 }
 
+/// An OAuth error answer (RFC 6749 §5.2): its `error` code, and its
+/// `error_description` ready to append to a message (" (…)", secrets
+/// redacted), or "" without one.
+fn oauth_error(body: &[u8], secrets: &[&Secret]) -> (Option<String>, String) {
+    let err = serde_json::from_slice::<RawError>(body).ok();
+    let code = err.as_ref().and_then(|e| e.error.clone());
+    let desc = err
+        .and_then(|e| e.error_description)
+        .map(|d| format!(" ({})", snippet(d.as_bytes(), secrets)))
+        .unwrap_or_default();
+    (code, desc)
+}
+
 /// Provider text fit for a message: secrets redacted first (so that cutting
 /// cannot leave a piece of one), then cut to 200 characters on one line.
 fn snippet(body: &[u8], secrets: &[&Secret]) -> String {
@@ -150,12 +163,7 @@ pub fn classify_token(
             unsupported,
         });
     }
-    let err = serde_json::from_slice::<RawError>(body).ok();
-    let code = err.as_ref().and_then(|e| e.error.clone());
-    let desc = err
-        .and_then(|e| e.error_description)
-        .map(|d| format!(" ({})", snippet(d.as_bytes(), secrets)))
-        .unwrap_or_default();
+    let (code, desc) = oauth_error(body, secrets);
     match code.as_deref() {
         Some("invalid_grant") => Err(Failure::Permanent {
             reason: format!("{WHAT}: invalid_grant{desc}: {dead}"),
@@ -291,12 +299,7 @@ pub fn classify_revocation(
     if let Some(f) = status_failure(status, headers, WHAT) {
         return Err(f);
     }
-    let err = serde_json::from_slice::<RawError>(body).ok();
-    let code = err.as_ref().and_then(|e| e.error.clone());
-    let desc = err
-        .and_then(|e| e.error_description)
-        .map(|d| format!(" ({})", snippet(d.as_bytes(), secrets)))
-        .unwrap_or_default();
+    let (code, desc) = oauth_error(body, secrets);
     match code.as_deref() {
         Some("unsupported_token_type") => Err(Failure::Misconfigured {
             reason: format!(

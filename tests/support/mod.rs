@@ -272,6 +272,32 @@ impl Env {
         g
     }
 
+    /// Mints a fresh grant and imports it over `name` (`--force`), as an
+    /// operator re-authorizing by hand would.
+    pub fn reimport(&self, name: &str) -> MintedGrant {
+        let g = self
+            .provider
+            .mint_grant(self.provider.client_id(), "read+write");
+        let out = self.cli(
+            &[
+                "import",
+                name,
+                "--provider",
+                "fake",
+                "--refresh-token",
+                "-",
+                "--force",
+            ],
+            &g.refresh_token,
+        );
+        assert!(
+            out.status.success(),
+            "re-import of {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        g
+    }
+
     pub fn token_file(&self, name: &str) -> PathBuf {
         self.tokens.join(name)
     }
