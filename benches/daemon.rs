@@ -22,11 +22,10 @@ mod support;
 use std::collections::HashMap;
 use std::fs;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use support::{Daemon, Env, FakeProvider, Knobs, QUIET_SWEEP, wait_for};
+use support::bench::{baseline_client, committed, memory};
+use support::{Daemon, Env, Knobs, QUIET_SWEEP, wait_for};
 
 const LATENCY_MS: u64 = 20;
 const CONCURRENCY: usize = 64;
@@ -52,7 +51,7 @@ fn main() {
         humantime::format_rfc3339_seconds(SystemTime::now())
     );
 
-    let baseline = baseline_client(n);
+    let baseline = baseline_client(n, LATENCY_MS, CONCURRENCY);
     let plain = sweep(n, false, 0);
     let sinks = sweep(n, true, idle_secs);
 
@@ -103,74 +102,6 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 
 fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-/// The same refresh requests, sent by a bare client 64 at a time.
-fn baseline_client(n: usize) -> Duration {
-    let provider = FakeProvider::start(Knobs {
-        latency_ms: LATENCY_MS,
-        ..Knobs::default()
-    })
-    .unwrap();
-    let tokens: Vec<String> = (0..n)
-        .map(|_| {
-            provider
-                .mint_grant(provider.client_id(), "read+write")
-                .refresh_token
-        })
-        .collect();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = format!("{}/oauth2/access_token", provider.url());
-    let (id, secret) = (
-        provider.client_id().to_owned(),
-        provider.client_secret().to_owned(),
-    );
-    let tokens = Arc::new(tokens);
-    let next = Arc::new(AtomicUsize::new(0));
-    let elapsed = rt.block_on(async move {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::new();
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..CONCURRENCY)
-            .map(|_| {
-                let (client, url, id, secret, tokens, next) = (
-                    client.clone(),
-                    url.clone(),
-                    id.clone(),
-                    secret.clone(),
-                    tokens.clone(),
-                    next.clone(),
-                );
-                tokio::spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= tokens.len() {
-                            return;
-                        }
-                        let form = [
-                            ("grant_type", "refresh_token"),
-                            ("client_id", &id),
-                            ("client_secret", &secret),
-                            ("refresh_token", &tokens[i]),
-                            ("scope", "read+write"),
-                        ];
-                        let r = client.post(&url).form(&form).send().await.unwrap();
-                        assert!(r.status().is_success());
-                        r.bytes().await.unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        start.elapsed()
-    });
-    assert_eq!(provider.stats().refreshes_ok as usize, n);
-    elapsed
 }
 
 struct SweepResult {
@@ -243,34 +174,6 @@ fn sweep(n: usize, with_sink: bool, idle_secs: u64) -> SweepResult {
         hwm_mib,
         idle,
     }
-}
-
-/// Credentials whose refresh is committed. Raw SQL on purpose
-/// (`Env::raw_store`): a count, polled while the daemon works, where
-/// loading every row through the store each time would weigh on what is
-/// measured.
-fn committed(conn: &rusqlite::Connection) -> usize {
-    conn.query_row(
-        "SELECT count(*) FROM credentials
-         WHERE access_token IS NOT NULL AND refresh_started_at IS NULL",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .unwrap_or(0) as usize
-}
-
-/// (VmRSS, VmHWM) in MiB.
-fn memory(pid: u32) -> (f64, f64) {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
 }
 
 /// Per thread: (CPU nanoseconds, context switches). CPU time comes from

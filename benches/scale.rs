@@ -28,11 +28,11 @@ mod support;
 use std::fs;
 use std::io::Write;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::time::{Duration, Instant, SystemTime};
 
-use support::{Daemon, Env, FakeProvider, Knobs, QUIET_SWEEP, get, wait_for};
+use support::bench::{baseline_client, committed, memory};
+use support::{Daemon, Env, Knobs, QUIET_SWEEP, get, wait_for};
 
 const LATENCY_MS: u64 = 20;
 const CONCURRENCY: usize = 64;
@@ -212,7 +212,7 @@ fn scale(n: usize) -> Row {
     daemon.stop();
     drop(conn);
 
-    let baseline = baseline_client(n);
+    let baseline = baseline_client(n, LATENCY_MS, CONCURRENCY);
     eprintln!(
         "{n}: import {import:?}, ready {ready:?}, sweep {sweep:?}, baseline {baseline:?}, rss {rss_mib:.1} MiB"
     );
@@ -239,7 +239,7 @@ fn validation_spread(n: usize) -> (usize, Vec<u64>) {
         &format!("[refresh]\nmax_concurrency = {CONCURRENCY}\n{MINUTELY}\n"),
         "",
     );
-    let far = support_now_ms() + 365 * 86_400_000;
+    let far = tokend::clock::now_ms() + 365 * 86_400_000;
     env.seed(n, Some(far));
     let mut daemon = Daemon::start_with(&env, "spread", |cmd, _| {
         cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
@@ -249,7 +249,7 @@ fn validation_spread(n: usize) -> (usize, Vec<u64>) {
     wait_for("the validations on load", Duration::from_secs(300), || {
         (env.provider.stats().validations >= n as u64).then_some(())
     });
-    let to_tick = 60_000 - (support_now_ms() % 60_000) as u64;
+    let to_tick = 60_000 - (tokend::clock::now_ms() % 60_000) as u64;
     let tick = Instant::now() + Duration::from_millis(to_tick);
     std::thread::sleep(Duration::from_millis(to_tick));
     let mut seen = env.provider.stats().validations;
@@ -265,107 +265,4 @@ fn validation_spread(n: usize) -> (usize, Vec<u64>) {
     }
     daemon.stop();
     (n, tenths)
-}
-
-fn support_now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-/// Credentials whose refresh is committed (raw SQL: a count, polled while
-/// the daemon works).
-fn committed(conn: &rusqlite::Connection) -> usize {
-    conn.query_row(
-        "SELECT count(*) FROM credentials
-         WHERE access_token IS NOT NULL AND refresh_started_at IS NULL",
-        [],
-        |r| r.get::<_, i64>(0),
-    )
-    .unwrap_or(0) as usize
-}
-
-/// (VmRSS, VmHWM) in MiB.
-fn memory(pid: u32) -> (f64, f64) {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib = |key: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(key))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
-}
-
-/// The same N refresh requests, sent by a bare client 64 at a time (as
-/// benches/daemon.rs does).
-fn baseline_client(n: usize) -> Duration {
-    let provider = FakeProvider::start(Knobs {
-        latency_ms: LATENCY_MS,
-        ..Knobs::default()
-    })
-    .unwrap();
-    let tokens: Arc<Vec<String>> = Arc::new(
-        (0..n)
-            .map(|_| {
-                provider
-                    .mint_grant(provider.client_id(), "read+write")
-                    .refresh_token
-            })
-            .collect(),
-    );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let url = format!("{}/oauth2/access_token", provider.url());
-    let (id, secret) = (
-        provider.client_id().to_owned(),
-        provider.client_secret().to_owned(),
-    );
-    let next = Arc::new(AtomicUsize::new(0));
-    let elapsed = rt.block_on(async move {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::new();
-        let start = Instant::now();
-        let tasks: Vec<_> = (0..CONCURRENCY)
-            .map(|_| {
-                let (client, url, id, secret, tokens, next) = (
-                    client.clone(),
-                    url.clone(),
-                    id.clone(),
-                    secret.clone(),
-                    tokens.clone(),
-                    next.clone(),
-                );
-                tokio::spawn(async move {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= tokens.len() {
-                            return;
-                        }
-                        let form = [
-                            ("grant_type", "refresh_token"),
-                            ("client_id", &id),
-                            ("client_secret", &secret),
-                            ("refresh_token", &tokens[i]),
-                            ("scope", "read+write"),
-                        ];
-                        let r = client.post(&url).form(&form).send().await.unwrap();
-                        assert!(r.status().is_success());
-                        r.bytes().await.unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            t.await.unwrap();
-        }
-        start.elapsed()
-    });
-    assert_eq!(provider.stats().refreshes_ok as usize, n);
-    elapsed
 }

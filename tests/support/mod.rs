@@ -26,6 +26,7 @@
 //! failure is reported as itself, and not at all for a bench ([`Env::bench`]).
 #![allow(dead_code, unused_imports)]
 
+pub mod bench;
 mod daemon;
 mod socket;
 mod store;
