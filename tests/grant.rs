@@ -162,6 +162,62 @@ fn sigterm_lets_a_refresh_in_flight_commit_and_starts_no_other() {
     drop(d);
 }
 
+#[test]
+fn sigterm_gives_back_the_leases_waiting_for_a_provider_slot() {
+    // One slot, three credentials due at once: the first request is in
+    // flight (its answer takes 3 s) and a second credential holds a lease
+    // taken ahead of its slot when SIGTERM comes (one slot, so one lease
+    // ahead: docs/design.md §1); the third waits for that lease's turn.
+    let env = Env::bare(Knobs::default());
+    let config = format!("{}max_concurrency = 1\n", section("10s", "1s"));
+    env.write_config(&config, &env.sink("raw", "0600"));
+    let grants: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|n| (*n, import_expiring(&env, n, 1)))
+        .collect();
+    env.provider.update_knobs(|k| k.answer_delay_ms = 3000);
+    let mut d = env.start();
+    wait_for("the first refresh to reach the provider", PATIENCE, || {
+        (env.provider.stats().refreshes_ok == 1).then_some(())
+    });
+    wait_for("a second lease, waiting for the slot", PATIENCE, || {
+        let leased = ["a", "b", "c"]
+            .iter()
+            .filter(|n| env.credential(n).is_some_and(|c| c.refresh_started_at.is_some()))
+            .count();
+        (leased == 2).then_some(())
+    });
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(40));
+    assert!(status.success(), "{status}");
+    assert_eq!(env.provider.stats().token_requests, 1, "{}", d.log());
+    drop(d);
+    // The one sent was committed; the lease never used left no mark, so
+    // the next start sees nothing interrupted.
+    for (name, g) in &grants {
+        let c = env.credential(name).unwrap();
+        assert!(c.refresh_started_at.is_none(), "{name} keeps a refresh mark");
+        assert_ne!(c.state.as_str(), "refreshing", "{name}");
+        assert_grant_kept(&env, g.grant_id, name);
+    }
+    env.provider.update_knobs(|k| k.answer_delay_ms = 0);
+    let d = env.start();
+    wait_for("all three refreshed after the restart", PATIENCE, || {
+        grants
+            .iter()
+            .all(|(n, g)| {
+                env.provider.grant(g.grant_id).is_some_and(|i| i.rotations > 0)
+                    && env.row(n).is_some_and(|r| r.state == "valid")
+            })
+            .then_some(())
+    });
+    for (name, g) in &grants {
+        assert_eq!(env.events(name, "refresh_interrupted"), 0, "{name}");
+        assert_grant_kept(&env, g.grant_id, name);
+    }
+    drop(d);
+}
+
 /// A second daemon on the same database, with its own socket.
 fn second_daemon(env: &Env) -> (Daemon, PathBuf) {
     let text = std::fs::read_to_string(&env.config_path).unwrap();

@@ -31,6 +31,10 @@ pub(super) const COMMIT_RETRY_MAX: Duration = Duration::from_secs(30);
 /// busy timeout) must fit in it. A commit that is retried renews it.
 pub(super) const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
+/// A lease that waited this long for a provider slot is renewed before its
+/// request, so that its whole lifetime is still ahead of the request.
+const LEASE_RENEW_AFTER: Duration = Duration::from_secs(1);
+
 /// Why an attempt did not bring a good token, as it is recorded. `lease` is
 /// the fencing value of the lease a refresh ran under (None for what holds
 /// no lease: a validation, a provider missing from the config): only the
@@ -207,9 +211,12 @@ impl Refresher {
         p: &ProviderConfig,
     ) {
         let name = &seen.name;
-        // The provider slot first: the lease's lifetime covers the request
-        // and its commit, not the wait for a slot.
-        let slot = ctx.slots.acquire().await;
+        // The lease before the slot: its store round trip (a group commit
+        // and its fsync) overlaps the requests in flight instead of holding
+        // a provider slot idle. At most `max_concurrency` leases wait for a
+        // slot at once, so none waits long, and one that did is renewed
+        // before the request (docs/design.md §1).
+        let ahead = ctx.ahead.acquire().await;
         if self.stopping.load(Ordering::SeqCst) {
             return;
         }
@@ -228,7 +235,7 @@ impl Refresher {
                 (*credential, interrupted, fence)
             }
             Ok(Lease::Changed(row)) => {
-                drop(slot);
+                drop(ahead);
                 // A peer refreshed since we looked: take its result.
                 tracing::debug!(credential = %name, "already refreshed by another process");
                 if entry.adopt(*row) {
@@ -249,6 +256,38 @@ impl Refresher {
             Ok(Lease::Gone) => return,
             Err(e) => return self.store_failed(entry, name, &e),
         };
+        let leased = Instant::now();
+        let slot = ctx.slots.acquire().await;
+        drop(ahead);
+        if self.stopping.load(Ordering::SeqCst) {
+            // Nothing was sent: the row goes back to what it was, so the
+            // next start does not take this for an interrupted refresh.
+            if let Err(e) = self
+                .store
+                .abandon_lease(name, &self.holder, fence, &cred)
+                .await
+            {
+                tracing::warn!(credential = %name, error = %e, "could not give back an unused lease");
+            }
+            return;
+        }
+        if leased.elapsed() > LEASE_RENEW_AFTER {
+            match self
+                .store
+                .renew_lease(name, &self.holder, fence, ttl)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    // It expired while we waited and another holder took
+                    // it: nothing was sent, its result will reach us.
+                    tracing::debug!(credential = %name, "lease passed on while waiting for a provider slot");
+                    entry.hold(now_ms() + ctx.config.refresh.retry_initial.as_millis() as i64);
+                    return;
+                }
+                Err(e) => return self.store_failed(entry, name, &e),
+            }
+        }
         // A client_credentials fetch that never finished lost nothing.
         if interrupted && matches!(cred.grant, Grant::RefreshToken(_)) {
             tracing::warn!(

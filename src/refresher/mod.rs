@@ -93,6 +93,8 @@ struct Ctx {
     publisher: Arc<Publisher>,
     /// Provider requests in flight, all credentials.
     slots: Arc<Semaphore>,
+    /// Leases taken and waiting for a slot: as many as there are slots.
+    ahead: Arc<Semaphore>,
 }
 
 /// The running refresher. Cheap to share (`Arc`).
@@ -530,6 +532,7 @@ impl Ctx {
         Ctx {
             publisher: Arc::new(Publisher::new(&config.sinks)),
             slots: Arc::new(Semaphore::new(config.refresh.max_concurrency)),
+            ahead: Arc::new(Semaphore::new(config.refresh.max_concurrency)),
             config,
         }
     }

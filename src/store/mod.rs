@@ -292,6 +292,23 @@ impl Store {
             .await
     }
 
+    /// Gives back lease `fence`, taken for a refresh whose request was
+    /// never sent (the daemon is stopping): the row's state and "refresh
+    /// started" mark return to those of `before`, the row as the lease
+    /// found it.
+    pub async fn abandon_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        fence: i64,
+        before: &Credential,
+    ) -> Result<()> {
+        let (name, holder) = (name.to_owned(), holder.to_owned());
+        let (state, started) = (before.state, before.refresh_started_at);
+        self.call(move |c| ops::abandon(c, &name, &holder, fence, state, started))
+            .await
+    }
+
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         self.call(move |c| ops::release(c, &name, &holder)).await

@@ -430,6 +430,27 @@ pub fn reset_backoff(c: &Connection, name: &str) -> Result<Commit> {
     done(c, name)
 }
 
+/// See [`super::Store::abandon_lease`]. A lease no longer ours leaves the
+/// row to its new holder.
+pub fn abandon(
+    c: &Connection,
+    name: &str,
+    holder: &str,
+    fence: i64,
+    state: State,
+    started: Option<i64>,
+) -> Result<()> {
+    if !holds(c, name, holder, fence)? {
+        return Ok(());
+    }
+    c.prepare_cached(
+        "UPDATE credentials SET state = ?2, refresh_started_at = ?3, updated_at = ?4,
+            rev = rev + 1 WHERE name = ?1",
+    )?
+    .execute(params![name, state.as_str(), started, now_ms()])?;
+    release(c, name, holder)
+}
+
 pub fn release(c: &Connection, name: &str, holder: &str) -> Result<()> {
     c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")?
         .execute(params![name, holder])?;
