@@ -7,7 +7,8 @@
 //!    10,000 × 20 ms / 64; the baseline is a bare reqwest client sending the
 //!    same 10,000 refresh requests, 64 at a time, to the same provider:
 //!    what this machine can do without tokend's store, files and scheduling.
-//!    Run once without sinks and once with a raw file sink.
+//!    Run without sinks, with a raw file sink on the disk, and with one on
+//!    tmpfs (/dev/shm, as a systemd host's /run) where there is one.
 //! 2. **RSS** of the daemon holding those 10,000 credentials.
 //! 3. **Idle**: nothing due; CPU seconds and context switches of the daemon
 //!    over a measured window, scaled to an hour and a minute.
@@ -21,6 +22,7 @@ mod support;
 
 use std::collections::HashMap;
 use std::fs;
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -52,8 +54,9 @@ fn main() {
     );
 
     let baseline = baseline_client(n, LATENCY_MS, CONCURRENCY);
-    let plain = sweep(n, false, 0);
-    let sinks = sweep(n, true, idle_secs);
+    let plain = sweep(n, Sink::None, 0);
+    let sinks = sweep(n, Sink::Disk, idle_secs);
+    let tmpfs = Path::new(TMPFS).is_dir().then(|| sweep(n, Sink::Tmpfs, 0));
 
     println!("| measure | result | ratio |");
     println!("|---|---|---|");
@@ -66,10 +69,14 @@ fn main() {
         baseline.as_secs_f64(),
         ratio(baseline, ideal)
     );
-    for (label, s) in [
+    let mut sweeps = vec![
         ("tokend sweep, no sinks", &plain),
         ("tokend sweep, raw file sink", &sinks),
-    ] {
+    ];
+    if let Some(t) = &tmpfs {
+        sweeps.push(("tokend sweep, raw file sink on tmpfs (as /run)", t));
+    }
+    for (label, s) in sweeps {
         println!(
             "| {label} | {:.3} s | {:.2} × ideal, {:.2} × baseline |",
             s.sweep.as_secs_f64(),
@@ -116,15 +123,34 @@ struct Idle {
     switches_per_minute: f64,
 }
 
-fn sweep(n: usize, with_sink: bool, idle_secs: u64) -> SweepResult {
+/// Where the sweep's raw file sink writes, if anywhere.
+#[derive(Clone, Copy, PartialEq)]
+enum Sink {
+    None,
+    /// The bench's temporary directory, on the disk.
+    Disk,
+    /// A directory under [`TMPFS`]: a systemd host's /run is tmpfs, where
+    /// an fsync costs nothing, so this is the publishing path's CPU alone.
+    Tmpfs,
+}
+
+const TMPFS: &str = "/dev/shm";
+
+fn sweep(n: usize, at: Sink, idle_secs: u64) -> SweepResult {
     let env = Env::bench(Knobs {
         latency_ms: LATENCY_MS,
         ..Knobs::default()
     });
-    let sink = if with_sink {
-        env.sink("raw", "0640")
-    } else {
-        String::new()
+    let shm = (at == Sink::Tmpfs).then(|| tempfile::tempdir_in(TMPFS).unwrap());
+    let tokens = shm
+        .as_ref()
+        .map_or(env.tokens.clone(), |d| d.path().to_owned());
+    let sink = match at {
+        Sink::None => String::new(),
+        _ => format!(
+            "[[sinks]]\npath = \"{}/{{name}}\"\nformat = \"raw\"\nmode = \"0640\"\n",
+            tokens.display()
+        ),
     };
     env.write_config(
         &format!("[refresh]\nmax_concurrency = {CONCURRENCY}\n{QUIET_SWEEP}\n"),
@@ -149,15 +175,19 @@ fn sweep(n: usize, with_sink: bool, idle_secs: u64) -> SweepResult {
     let sweep = first.elapsed();
     eprintln!(
         "sweep ({}): start-up {:.3} s, sweep {:.3} s",
-        if with_sink { "sink" } else { "no sink" },
+        match at {
+            Sink::None => "no sink",
+            Sink::Disk => "sink",
+            Sink::Tmpfs => "tmpfs sink",
+        },
         (first - started).as_secs_f64(),
         sweep.as_secs_f64()
     );
     let stats = env.provider.stats();
     assert_eq!(stats.refreshes_ok as usize, n, "one refresh each");
     assert_eq!(stats.reuse_detected, 0);
-    if with_sink {
-        let count = || fs::read_dir(&env.tokens).unwrap().count();
+    if at != Sink::None {
+        let count = || fs::read_dir(&tokens).unwrap().count();
         let files = count();
         wait_for("every file written", Duration::from_secs(60), || {
             (count() >= n).then_some(())

@@ -69,36 +69,58 @@ fn main() {
     println!(
         "## Socket benchmark ({CONNECTIONS} connections, {ROUNDS} alternating rounds of {secs} s)\n"
     );
-    println!("| load | server | requests/s | p50 | p99 | ratio to baseline |");
-    println!("|---|---|---|---|---|---|");
-    for keep_alive in [true, false] {
-        let label = if keep_alive {
-            "16 keep-alive connections"
-        } else {
-            "new connection per request"
-        };
-        // Alternate short runs of each, so that whatever else the machine
-        // does weighs on both alike; report the medians.
-        let (mut b, mut t) = (Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
-            b.push(rt.block_on(load(&base_sock, "/", keep_alive, window)));
-            t.push(rt.block_on(load(&sock, path, keep_alive, window)));
+    println!("| cores | load | server | requests/s | p50 | p99 | ratio to baseline |");
+    println!("|---|---|---|---|---|---|---|");
+    // Unpinned, then (where there are two cores or more) the load generator
+    // on core 0 and the server under test on core 1.
+    let pinnings: &[bool] = if cores() >= 2 {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &pinned in pinnings {
+        if pinned {
+            pin(std::process::id(), 0);
+            pin(base.id(), 1);
+            pin(daemon.child.id(), 1);
         }
-        let ratios: Vec<f64> = b.iter().zip(&t).map(|(b, t)| t.rate / b.rate).collect();
-        let (b, t) = (median_load(b), median_load(t));
-        println!(
-            "| {label} | baseline (hyper, 40-byte constant) | {:.0} | {} | {} | 1.00 |",
-            b.rate,
-            us(b.p50),
-            us(b.p99)
-        );
-        println!(
-            "| {label} | tokend GET {path} | {:.0} | {} | {} | {:.2} |",
-            t.rate,
-            us(t.p50),
-            us(t.p99),
-            median(ratios)
-        );
+        let cores = if pinned {
+            "load on core 0, server on core 1"
+        } else {
+            "shared"
+        };
+        for keep_alive in [true, false] {
+            let label = if keep_alive {
+                "16 keep-alive connections"
+            } else {
+                "new connection per request"
+            };
+            // Alternate short runs of each, so that whatever else the
+            // machine does weighs on both alike; report the medians.
+            let (mut b, mut t) = (Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                b.push(rt.block_on(load(&base_sock, "/", keep_alive, window)));
+                t.push(rt.block_on(load(&sock, path, keep_alive, window)));
+            }
+            let ratios: Vec<f64> = b.iter().zip(&t).map(|(b, t)| t.rate / b.rate).collect();
+            let (b, t) = (median_load(b), median_load(t));
+            println!(
+                "| {cores} | {label} | baseline (hyper, 40-byte constant) | {:.0} | {} | {} | 1.00 |",
+                b.rate,
+                us(b.p50),
+                us(b.p99)
+            );
+            println!(
+                "| {cores} | {label} | tokend GET {path} | {:.0} | {} | {} | {:.2} |",
+                t.rate,
+                us(t.p50),
+                us(t.p99),
+                median(ratios)
+            );
+        }
+    }
+    for id in [std::process::id(), base.id(), daemon.child.id()] {
+        unpin(id);
     }
 
     // A whole process per token, as a shell script pays; interleaved with
@@ -141,6 +163,38 @@ fn main() {
     println!();
     daemon.stop();
     kill(&mut base);
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Moves every thread of process `pid` to core `cpu`; threads it starts
+/// later inherit the mask.
+fn pin(pid: u32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    set_affinity(pid, &set);
+}
+
+/// Lets every thread of `pid` run on every core again.
+fn unpin(pid: u32) {
+    // SAFETY: as in `pin`.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for cpu in 0..cores() {
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    set_affinity(pid, &set);
+}
+
+fn set_affinity(pid: u32, set: &libc::cpu_set_t) {
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let tid: i32 = task.file_name().to_str().unwrap().parse().unwrap();
+        // SAFETY: a valid set of the size given; a thread that exited
+        // meanwhile only makes the call fail.
+        unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), set) };
+    }
 }
 
 fn us(d: Duration) -> String {

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod daemon;
+pub mod dirsync;
 pub mod exit;
 pub mod glob;
 pub mod lease;

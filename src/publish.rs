@@ -244,7 +244,8 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) ->
         f.write_all(content)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
-        sync_dir(dir)
+        // Shared with the other writers of this directory (src/dirsync.rs).
+        crate::dirsync::sync(dir)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -183,7 +183,10 @@ fn sigterm_gives_back_the_leases_waiting_for_a_provider_slot() {
     wait_for("a second lease, waiting for the slot", PATIENCE, || {
         let leased = ["a", "b", "c"]
             .iter()
-            .filter(|n| env.credential(n).is_some_and(|c| c.refresh_started_at.is_some()))
+            .filter(|n| {
+                env.credential(n)
+                    .is_some_and(|c| c.refresh_started_at.is_some())
+            })
             .count();
         (leased == 2).then_some(())
     });
@@ -196,7 +199,10 @@ fn sigterm_gives_back_the_leases_waiting_for_a_provider_slot() {
     // the next start sees nothing interrupted.
     for (name, g) in &grants {
         let c = env.credential(name).unwrap();
-        assert!(c.refresh_started_at.is_none(), "{name} keeps a refresh mark");
+        assert!(
+            c.refresh_started_at.is_none(),
+            "{name} keeps a refresh mark"
+        );
         assert_ne!(c.state.as_str(), "refreshing", "{name}");
         assert_grant_kept(&env, g.grant_id, name);
     }
@@ -206,7 +212,9 @@ fn sigterm_gives_back_the_leases_waiting_for_a_provider_slot() {
         grants
             .iter()
             .all(|(n, g)| {
-                env.provider.grant(g.grant_id).is_some_and(|i| i.rotations > 0)
+                env.provider
+                    .grant(g.grant_id)
+                    .is_some_and(|i| i.rotations > 0)
                     && env.row(n).is_some_and(|r| r.state == "valid")
             })
             .then_some(())

@@ -272,11 +272,7 @@ impl Refresher {
             return;
         }
         if leased.elapsed() > LEASE_RENEW_AFTER {
-            match self
-                .store
-                .renew_lease(name, &self.holder, fence, ttl)
-                .await
-            {
+            match self.store.renew_lease(name, &self.holder, fence, ttl).await {
                 Ok(true) => {}
                 Ok(false) => {
                     // It expired while we waited and another holder took

@@ -14,6 +14,27 @@ use super::{Credential, NewCredential, Result, StoreError, ops};
 /// The schema version this build writes; `PRAGMA user_version` holds the file's.
 pub(super) const SCHEMA_VERSION: i64 = 3;
 
+/// SQLite's page cache and WAL checkpoint interval. The defaults are
+/// SQLite's own, kept because measuring them against larger ones at
+/// 100,000 credentials showed no gain worth the memory (BENCHMARKS.md
+/// "Store").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// `PRAGMA cache_size`, in KiB.
+    pub cache_kib: i64,
+    /// `PRAGMA wal_autocheckpoint`: WAL pages between automatic checkpoints.
+    pub wal_autocheckpoint: i64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            cache_kib: 2000,
+            wal_autocheckpoint: 1000,
+        }
+    }
+}
+
 /// A synchronous connection, for the command line and the store thread.
 pub struct StoreConn {
     pub(super) conn: Connection,
@@ -23,6 +44,12 @@ impl StoreConn {
     /// Opens the database; with `create`, makes it (0600, in a 0700
     /// directory) if missing, otherwise a missing file is an error.
     pub fn open(path: &Path, create: bool) -> Result<StoreConn> {
+        Self::open_tuned(path, create, Tuning::default())
+    }
+
+    /// [`open`](Self::open) with other SQLite settings than the defaults:
+    /// for the store benchmark, which measures them.
+    pub fn open_tuned(path: &Path, create: bool, tuning: Tuning) -> Result<StoreConn> {
         let io = |e| StoreError::Io(path.to_owned(), e);
         if create {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
@@ -62,6 +89,8 @@ impl StoreConn {
         conn.busy_timeout(Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "cache_size", -tuning.cache_kib)?;
+        conn.pragma_update(None, "wal_autocheckpoint", tuning.wal_autocheckpoint)?;
         let sc = StoreConn { conn };
         sc.migrate()?;
         Ok(sc)

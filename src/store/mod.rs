@@ -30,7 +30,7 @@ mod thread;
 #[cfg(test)]
 mod tests;
 
-pub use conn::StoreConn;
+pub use conn::{StoreConn, Tuning};
 
 /// Why a store operation failed.
 #[derive(Debug)]
@@ -229,7 +229,12 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) and starts the store thread.
     pub fn open(path: &Path) -> Result<Store> {
-        let sc = StoreConn::open(path, true)?;
+        Self::open_tuned(path, Tuning::default())
+    }
+
+    /// [`open`](Self::open) with other SQLite settings (the store benchmark).
+    pub fn open_tuned(path: &Path, tuning: Tuning) -> Result<Store> {
+        let sc = StoreConn::open_tuned(path, true, tuning)?;
         Ok(Store {
             jobs: thread::Jobs::start(sc, path)?,
         })
