@@ -334,7 +334,10 @@ impl fmt::Display for SealError {
                  or copied from another credential or column"
             ),
             SealError::Corrupt { what, key: None } => {
-                write!(f, "{what} is damaged: it does not parse as a sealed value")
+                write!(
+                    f,
+                    "{what} is damaged: altered, truncated, or not written by tokend"
+                )
             }
             SealError::NewerFormat(what) => write!(
                 f,
