@@ -21,6 +21,7 @@ pub mod notify;
 pub mod provider;
 pub mod publish;
 pub mod refresher;
+pub mod seal;
 pub mod secret;
 pub mod socket;
 pub mod store;
