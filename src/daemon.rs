@@ -34,7 +34,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
             problems,
         }));
     }
-    let store = Store::open(&config.database)
+    let store = Store::open_database(&config.database)
         .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
     let client = provider::Client::new().map_err(Exit::failure)?;
     // Signals first: a SIGTERM during start-up must not kill us half-way.
@@ -63,7 +63,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
         .await
         .map_err(Exit::failure)?;
     let watcher = tokio::spawn(watch_store(
-        config.database.clone(),
+        config.database.file().map(Path::to_owned),
         store,
         refresher.clone(),
         shutdown_rx.clone(),
@@ -234,13 +234,17 @@ fn sweep_spread(schedule: &str) -> Duration {
     (interval * 3 / 4).min(Duration::from_secs(3600))
 }
 
-/// Picks up what other processes wrote to the store.
+/// Picks up what other processes wrote to a SQLite store. A PostgreSQL
+/// store's changes by other hosts are read on SIGHUP or a restart.
 async fn watch_store(
-    database: PathBuf,
+    database: Option<PathBuf>,
     store: Store,
     refresher: Arc<Refresher>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Some(database) = database else {
+        return;
+    };
     let dir = database
         .parent()
         .map(Path::to_owned)
