@@ -159,3 +159,82 @@ fn check_config_names_a_bad_database_url() {
     assert!(err.contains("database: sslmode=require"), "{err}");
     assert!(!err.contains(PG_PASSWORD), "{err}");
 }
+
+/// Issue 12: changes reach every host. Two daemons ("hosts": own
+/// directories, sinks and sockets) on one database: a refresh committed
+/// by one is in the other's file within seconds (NOTIFY, well before the
+/// 30 s re-read), and so is a credential imported from the command line;
+/// after the database restarted under them, both reconnect and a refresh
+/// still reaches both.
+#[test]
+fn a_refresh_on_one_host_reaches_the_other_within_seconds() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let one = Env::bare(Knobs::default());
+    write_pg_config(&one, &server);
+    let url = std::fs::read_to_string(&one.config_path).unwrap();
+    let url = url.lines().next().unwrap();
+    // The second host: its own directory, socket and sink, the same
+    // database and provider.
+    let two = Env::bare(Knobs::default());
+    let text = format!(
+        "{url}\nsocket = \"{}\"\n{FAST_REFRESH}\n{}\n{}",
+        two.socket.display(),
+        one.provider_block(),
+        two.sink("raw", "0600")
+    );
+    std::fs::write(&two.config_path, text).unwrap();
+
+    let first = import_expiring(&one, "bot", 3600);
+    let (_d1, _d2) = (one.start(), two.start());
+    for env in [&one, &two] {
+        wait_for(
+            "the imported token on both hosts",
+            Duration::from_secs(10),
+            || (env.read_token("bot")? == first.access_token).then_some(()),
+        );
+    }
+
+    let refresh_on_one = |why: &str| {
+        let out = one.cli(&["refresh", "bot"], "");
+        assert!(
+            out.status.success(),
+            "{why}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = one.read_token("bot").unwrap();
+        assert!(one.provider.access_token_valid(&token), "{why}");
+        token
+    };
+    // An import from the command line (on host one) reaches host two.
+    let other = import_expiring(&one, "other", 3600);
+    wait_for(
+        "an import in host two's file",
+        Duration::from_secs(5),
+        || (two.read_token("other")? == other.access_token).then_some(()),
+    );
+    // So does a refresh by host one's daemon.
+    let token = refresh_on_one("refresh on host one");
+    assert_ne!(token, first.access_token);
+    wait_for(
+        "host one's refresh in host two's file",
+        Duration::from_secs(5),
+        || (two.read_token("bot")? == token).then_some(()),
+    );
+
+    // The database restarts under them: no rotation is lost, and the
+    // next one still reaches both hosts.
+    let mut server = server;
+    server.restart();
+    let token = refresh_on_one("refresh after the database restarted");
+    wait_for(
+        "a refresh after the restart in host two's file",
+        Duration::from_secs(10),
+        || (two.read_token("bot")? == token).then_some(()),
+    );
+    assert_eq!(
+        server.psql("t0", "SELECT count(*) FROM credentials").trim(),
+        "2"
+    );
+}

@@ -304,9 +304,21 @@ impl Store {
         run!(self, READ, ops::revisions, pg::ops::revisions)
     }
 
+    /// Wake-ups when another process may have committed, for a store that
+    /// announces its commits (PostgreSQL: one after each burst of other
+    /// processes' commits, and one after each reconnection, when some may
+    /// have gone unheard). None for SQLite, whose file the daemon watches
+    /// (inotify and [`data_version`](Self::data_version)).
+    pub fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(j) => Some(j.subscribe()),
+        }
+    }
+
     /// SQLite's `data_version`: changes when *another* connection commits.
-    /// PostgreSQL has no such counter: always 0 there, and the daemon does
-    /// not watch a file it does not have.
+    /// PostgreSQL has no such counter: always 0 there (see
+    /// [`subscribe`](Self::subscribe)).
     pub async fn data_version(&self) -> Result<i64> {
         run!(self, READ, ops::data_version, |_| Ok(0))
     }

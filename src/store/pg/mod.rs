@@ -13,6 +13,8 @@
 //! wait for a credential's row lock, and a batch would hold every row it
 //! touched until its end.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use tokio::sync::oneshot;
 
 use super::{PgUrl, Result, StoreError};
 
+mod listen;
 pub(super) mod ops;
 
 /// The `pg_advisory_xact_lock` key the migrating transaction holds, so that
@@ -45,7 +48,13 @@ type Op = Box<dyn FnOnce(&mut Link) + Send>;
 
 /// The database thread's queue. Cloning shares the thread.
 #[derive(Clone)]
-pub(super) struct Jobs(mpsc::Sender<Op>);
+pub(super) struct Jobs {
+    tx: mpsc::Sender<Op>,
+    url: PgUrl,
+    /// The backend pid of the thread's connection: notifications it sent
+    /// are this process's own.
+    pid: Arc<AtomicI32>,
+}
 
 impl Jobs {
     /// Connects, brings the schema up to date, and starts the thread that
@@ -55,10 +64,12 @@ impl Jobs {
         config.connect_timeout(CONNECT_TIMEOUT);
         let (tx, rx) = mpsc::channel::<Op>();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let pid = Arc::new(AtomicI32::new(0));
+        let link_pid = pid.clone();
         std::thread::Builder::new()
             .name("tokend-pg".into())
             .spawn(move || {
-                let mut link = match Link::connect(config) {
+                let mut link = match Link::connect(config, link_pid) {
                     Ok(l) => {
                         let _ = ready_tx.send(Ok(()));
                         l
@@ -74,7 +85,16 @@ impl Jobs {
             })
             .map_err(|e| StoreError::Postgres(format!("cannot start the database thread: {e}")))?;
         ready_rx.recv().unwrap_or(Err(StoreError::Closed))?;
-        Ok(Jobs(tx))
+        Ok(Jobs {
+            tx,
+            url: url.clone(),
+            pid,
+        })
+    }
+
+    /// Wake-ups for other processes' commits (`listen.rs`).
+    pub(super) fn subscribe(&self) -> tokio::sync::mpsc::Receiver<()> {
+        listen::start(&self.url, self.pid.clone())
     }
 
     fn queue<T: Send + 'static>(
@@ -83,7 +103,7 @@ impl Jobs {
         answer: impl FnOnce(Result<T>) + Send + 'static,
     ) -> Result<()> {
         let op: Op = Box::new(move |link: &mut Link| answer(link.run(f)));
-        self.0.send(op).map_err(|_| StoreError::Closed)
+        self.tx.send(op).map_err(|_| StoreError::Closed)
     }
 
     /// Runs `f` in a transaction of its own; the answer comes once it
@@ -113,30 +133,69 @@ impl Jobs {
 }
 
 /// The connection, made again when it broke (a restarted server, a
-/// dropped network): the operation that found it broken fails, the next
-/// one reconnects.
+/// dropped network). An operation whose BEGIN finds it broken runs on a
+/// new one: nothing of it had reached the server. One that broke later
+/// fails (its transaction is rolled back, or, if the COMMIT got no
+/// answer, its outcome is unknown: [`StoreError::Commit`]); the next
+/// reconnects.
 struct Link {
     config: postgres::Config,
     client: Client,
+    pid: Arc<AtomicI32>,
 }
 
 impl Link {
-    fn connect(config: postgres::Config) -> Result<Link> {
+    fn connect(config: postgres::Config, pid: Arc<AtomicI32>) -> Result<Link> {
         let mut client = config.connect(NoTls)?;
         migrate(&mut client)?;
-        Ok(Link { config, client })
+        let mut link = Link {
+            config,
+            client,
+            pid,
+        };
+        link.note_pid()?;
+        Ok(link)
+    }
+
+    fn reconnect(&mut self) -> Result<()> {
+        self.client = self.config.connect(NoTls)?;
+        self.note_pid()
+    }
+
+    fn note_pid(&mut self) -> Result<()> {
+        let pid: i32 = self
+            .client
+            .query_one("SELECT pg_backend_pid()", &[])?
+            .get(0);
+        self.pid.store(pid, Ordering::Relaxed);
+        Ok(())
     }
 
     fn run<T>(&mut self, f: impl FnOnce(&mut Transaction<'_>) -> Result<T>) -> Result<T> {
         if self.client.is_closed() {
-            self.client = self.config.connect(NoTls)?;
+            self.reconnect()?;
         }
-        let mut tx = self.client.transaction()?;
-        let r = f(&mut tx)?;
-        tx.commit()
-            .map_err(|e| StoreError::Commit(StoreError::from(e).to_string()))?;
-        Ok(r)
+        let failed = match self.client.transaction() {
+            Ok(tx) => return finish(tx, f),
+            Err(e) => e,
+        };
+        if !self.client.is_closed() {
+            return Err(failed.into());
+        }
+        self.reconnect()?;
+        finish(self.client.transaction()?, f)
     }
+}
+
+/// Runs `f` in `tx` and commits if it succeeded.
+fn finish<T>(
+    mut tx: Transaction<'_>,
+    f: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
+) -> Result<T> {
+    let r = f(&mut tx)?;
+    tx.commit()
+        .map_err(|e| StoreError::Commit(StoreError::from(e).to_string()))?;
+    Ok(r)
 }
 
 /// Creates or upgrades the schema, under the advisory lock: hosts starting

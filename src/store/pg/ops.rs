@@ -9,7 +9,9 @@
 //!   the fence a commit checks cannot move before it writes;
 //! * lease expiry is set and compared on the database's clock, never a
 //!   host's: a host whose clock runs ahead cannot think a live lease
-//!   expired (docs/design.md, "Leases across hosts").
+//!   expired (docs/design.md, "Leases across hosts");
+//! * every write to a credential's row notifies the other hosts
+//!   ([`changed`], `listen.rs`).
 
 use std::time::Duration;
 
@@ -98,6 +100,16 @@ pub fn revisions(c: &mut Transaction<'_>) -> Result<Vec<(String, i64)>> {
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
+/// Tells the other hosts, once this transaction commits, that `name`'s row
+/// changed.
+fn changed(c: &mut Transaction<'_>, name: &str) -> Result<()> {
+    c.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&super::listen::CHANNEL, &name],
+    )?;
+    Ok(())
+}
+
 fn event(c: &mut Transaction<'_>, name: &str, kind: &str, detail: Option<&str>) -> Result<()> {
     c.execute(
         "INSERT INTO events (name, at, kind, detail) VALUES ($1, $2, $3, $4)",
@@ -155,6 +167,7 @@ pub fn insert(c: &mut Transaction<'_>, n: &NewCredential, replace: bool) -> Resu
         return Err(StoreError::Exists(n.name.clone()));
     }
     event(c, &n.name, n.event, None)?;
+    changed(c, &n.name)?;
     get(c, &n.name)?.ok_or_else(|| StoreError::NotFound(n.name.clone()))
 }
 
@@ -225,6 +238,7 @@ pub fn take_lease(
             updated_at = $2, rev = rev + 1 WHERE name = $1",
         &[&name, &now],
     )?;
+    changed(c, name)?;
     Ok(Lease::Taken {
         credential: Box::new(cred),
         interrupted,
@@ -429,6 +443,9 @@ pub fn bring_forward(
             ),
             &[name, version, at],
         )?;
+        if !rows.is_empty() {
+            changed(c, name)?;
+        }
         moved.extend(rows.iter().map(from_row));
     }
     Ok(moved)
@@ -464,6 +481,7 @@ pub fn abandon(
             rev = rev + 1 WHERE name = $1",
         &[&name, &state.as_str(), &started, &now_ms()],
     )?;
+    changed(c, name)?;
     release(c, name, holder)
 }
 
@@ -475,7 +493,9 @@ pub fn release(c: &mut Transaction<'_>, name: &str, holder: &str) -> Result<()> 
     Ok(())
 }
 
+/// The row as this write left it, announced to the other hosts.
 fn done(c: &mut Transaction<'_>, name: &str) -> Result<Commit> {
+    changed(c, name)?;
     get(c, name)?
         .map(|cred| Commit::Done(Box::new(cred)))
         .ok_or_else(|| StoreError::NotFound(name.to_owned()))
@@ -485,6 +505,9 @@ pub fn remove(c: &mut Transaction<'_>, name: &str) -> Result<bool> {
     let n = c.execute("DELETE FROM credentials WHERE name = $1", &[&name])?;
     c.execute("DELETE FROM events WHERE name = $1", &[&name])?;
     c.execute("DELETE FROM leases WHERE name = $1", &[&name])?;
+    if n > 0 {
+        changed(c, name)?;
+    }
     Ok(n > 0)
 }
 
