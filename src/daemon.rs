@@ -23,6 +23,10 @@ use crate::watch::DirWatch;
 /// peer's burst of commits costs one reload, not one per commit.
 const CHANGE_DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// How often a store that announces its changes (PostgreSQL) is read again
+/// all the same: the safety net for a notification missed.
+const FULL_REREAD: Duration = Duration::from_secs(30);
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     let config = load(&config_path).await.map_err(Exit::config)?;
@@ -34,7 +38,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
             problems,
         }));
     }
-    let store = Store::open(&config.database)
+    let store = Store::open_database(&config.database)
         .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
     let client = provider::Client::new().map_err(Exit::failure)?;
     // Signals first: a SIGTERM during start-up must not kill us half-way.
@@ -62,12 +66,19 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
     let mut sweep = Sweep::start(refresher.clone(), &config.refresh.validate_schedule)
         .await
         .map_err(Exit::failure)?;
-    let watcher = tokio::spawn(watch_store(
-        config.database.clone(),
-        store,
-        refresher.clone(),
-        shutdown_rx.clone(),
-    ));
+    let watcher = match store.subscribe() {
+        Some(changes) => tokio::spawn(follow_changes(
+            changes,
+            refresher.clone(),
+            shutdown_rx.clone(),
+        )),
+        None => tokio::spawn(watch_store(
+            config.database.file().map(Path::to_owned),
+            store,
+            refresher.clone(),
+            shutdown_rx.clone(),
+        )),
+    };
     tracing::info!(
         config = %config_path.display(),
         database = %config.database.display(),
@@ -234,13 +245,49 @@ fn sweep_spread(schedule: &str) -> Duration {
     (interval * 3 / 4).min(Duration::from_secs(3600))
 }
 
-/// Picks up what other processes wrote to the store.
+/// Picks up what other processes (other hosts') wrote to a store that
+/// announces its commits, and every [`FULL_REREAD`] whatever it announced.
+async fn follow_changes(
+    mut changes: tokio::sync::mpsc::Receiver<()>,
+    refresher: Arc<Refresher>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut reread = tokio::time::interval(FULL_REREAD);
+    reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is now: start-up has just read everything.
+    reread.tick().await;
+    let mut announced = true;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            r = changes.recv(), if announced => {
+                if r.is_none() {
+                    // No listener: the periodic re-read alone, from now on.
+                    announced = false;
+                    continue;
+                }
+                tokio::time::sleep(CHANGE_DEBOUNCE).await;
+                while changes.try_recv().is_ok() {}
+            }
+            _ = reread.tick() => {}
+        }
+        if let Err(e) = refresher.store_changed().await {
+            tracing::warn!(error = %e, "cannot read changes from the store");
+        }
+    }
+}
+
+/// Picks up what other processes wrote to a SQLite store (`database`, its
+/// file: a store without one announces its changes instead).
 async fn watch_store(
-    database: PathBuf,
+    database: Option<PathBuf>,
     store: Store,
     refresher: Arc<Refresher>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Some(database) = database else {
+        return;
+    };
     let dir = database
         .parent()
         .map(Path::to_owned)

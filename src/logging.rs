@@ -66,9 +66,15 @@ pub fn format() -> Option<LogFormat> {
     FORMAT.get().copied()
 }
 
+/// The log target under which tokio-postgres shows statement parameters.
+const PG_PARAMETERS: &str = "tokio_postgres::query";
+
 /// Logs to stderr in `format`; `RUST_LOG` overrides `default`.
 /// tokio-cron-scheduler announces every start at INFO, so it is held to
-/// warnings unless named.
+/// warnings unless named. tokio-postgres logs every statement's parameters
+/// (the PostgreSQL store's tokens among them) at DEBUG under
+/// [`PG_PARAMETERS`]: held to INFO whatever `RUST_LOG` says, as the last
+/// directive for that target replaces any earlier one.
 pub fn init(default: &str, format: LogFormat) {
     let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| default.to_owned());
     let spec = if spec.contains("tokio_cron_scheduler") {
@@ -76,7 +82,9 @@ pub fn init(default: &str, format: LogFormat) {
     } else {
         format!("{spec},tokio_cron_scheduler=warn")
     };
-    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new(default));
+    let spec = format!("{spec},{PG_PARAMETERS}=info");
+    let filter = EnvFilter::try_new(&spec)
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},{PG_PARAMETERS}=info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

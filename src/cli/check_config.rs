@@ -27,10 +27,14 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
     let path = global.config_path();
     let config = config::load(&path).map_err(Exit::config)?;
     let mut problems = publish::check_dirs(&config.sinks, false);
-    if let Err(e) = publish::writable(config.database.parent().unwrap_or(&config.database)) {
+    // A PostgreSQL URL's form was checked with the config; the server is
+    // not asked.
+    if let Some(db) = config.database.file()
+        && let Err(e) = publish::writable(db.parent().unwrap_or(db))
+    {
         problems.push(Problem {
             key: "database".into(),
-            message: format!("cannot create or write {}: {e}", config.database.display()),
+            message: format!("cannot create or write {}: {e}", db.display()),
         });
     }
     if let Some(user) = &user {
@@ -149,8 +153,9 @@ impl AsUser {
         {
             add("socket_group".into(), self.not_in(name, *gid, "the socket"));
         }
-        if !known("database") {
-            let db = &config.database;
+        if !known("database")
+            && let Some(db) = config.database.file()
+        {
             let dir = db.parent().unwrap_or(Path::new("/"));
             let result = self
                 .can_create_in(dir)

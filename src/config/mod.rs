@@ -24,6 +24,7 @@ use reqwest::Url;
 
 use crate::glob::glob_match;
 use crate::secret::Secret;
+use crate::store::Database;
 
 pub use validate::{check_cron, is_loopback};
 
@@ -88,7 +89,8 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     /// The file it came from, reloaded on SIGHUP.
     pub path: PathBuf,
-    pub database: PathBuf,
+    /// A SQLite file, or a PostgreSQL database several hosts share.
+    pub database: Database,
     pub socket: SocketConfig,
     pub refresh: RefreshConfig,
     pub providers: BTreeMap<String, Arc<ProviderConfig>>,
@@ -479,9 +481,15 @@ mod tests {
             "/var/lib/tokend:/other".to_owned(),
         )]));
         let c = parse("", Path::new("t.toml"), &e).unwrap();
-        assert_eq!(c.database, PathBuf::from("/var/lib/tokend/tokend.db"));
+        assert_eq!(
+            c.database,
+            Database::Sqlite(PathBuf::from("/var/lib/tokend/tokend.db"))
+        );
         let c = parse("", Path::new("t.toml"), &FakeEnv(HashMap::new())).unwrap();
-        assert_eq!(c.database, PathBuf::from(DEFAULT_DATABASE));
+        assert_eq!(
+            c.database,
+            Database::Sqlite(PathBuf::from(DEFAULT_DATABASE))
+        );
     }
 
     #[test]

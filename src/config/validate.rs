@@ -17,6 +17,7 @@ use super::{
     AccessRule, AlertEvent, Config, DEFAULT_DATABASE, DEFAULT_SOCKET, Env, Format, NotifyRule,
     Problem, RefreshConfig, SinkConfig, SocketConfig, systemd_path,
 };
+use crate::store::{Database, PgUrl};
 use crate::users;
 use provider::validate_provider;
 
@@ -33,11 +34,24 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
     let mut p = Problems::default();
 
     let database = match raw.database.clone() {
+        // A PostgreSQL URL: its form is checked here, not the server.
+        Some(d) if Database::is_url(&d) => match PgUrl::parse(&d) {
+            Ok(url) => Database::Postgres(url),
+            Err(e) => {
+                p.add("database", e);
+                Database::Sqlite(PathBuf::new())
+            }
+        },
         Some(d) => {
             p.path("database", &d, MAX_PATH, false);
-            PathBuf::from(d)
+            Database::Sqlite(PathBuf::from(d))
         }
-        None => systemd_path(env, "STATE_DIRECTORY", "tokend.db", DEFAULT_DATABASE),
+        None => Database::Sqlite(systemd_path(
+            env,
+            "STATE_DIRECTORY",
+            "tokend.db",
+            DEFAULT_DATABASE,
+        )),
     };
 
     let refresh = validate_refresh(&raw.refresh, &mut p);
@@ -540,6 +554,40 @@ mod tests {
             "sinks[0].mode:",
         ] {
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
+    }
+
+    /// Issue 12: a URL selects PostgreSQL; its form is checked, and the
+    /// problem never repeats it (it may hold a password).
+    #[test]
+    fn a_postgresql_url_selects_the_shared_store() {
+        let c = parse_ok("database = \"postgresql://app:pw@db.internal:5433/tokend\"\n");
+        assert_eq!(
+            c.database.display().to_string(),
+            "postgresql://app@db.internal:5433/tokend"
+        );
+        let c = parse_ok("database = \"postgres://app@/tokend?host=/run/postgresql\"\n");
+        assert!(c.database.file().is_none());
+        for (text, message) in [
+            (
+                "database = \"postgresql://app:pw@h/db?sslmode=require\"\n",
+                "database: sslmode=require: this tokend connects without TLS",
+            ),
+            (
+                "database = \"postgresql://app:pw@h/db?frobnicate=1\"\n",
+                "database: is not a PostgreSQL connection URL",
+            ),
+            (
+                "database = \"postgresql:///db\"\n",
+                "database: names no host",
+            ),
+        ] {
+            let found = problems(text);
+            assert!(
+                found.len() == 1 && found[0].starts_with(message),
+                "{found:?}"
+            );
+            assert!(!found[0].contains("pw@"), "{found:?}");
         }
     }
 

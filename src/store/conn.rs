@@ -1,6 +1,7 @@
-//! [`StoreConn`]: a synchronous connection, for the command line, and the
-//! one the store thread owns. Opening makes the database private (0600, in
-//! a 0700 directory) and brings its schema up to date.
+//! [`StoreConn`]: a synchronous connection, for the command line; opening
+//! SQLite's (also the one the store thread owns) makes the database
+//! private (0600, in a 0700 directory); opening either brings its schema up
+//! to date.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -9,7 +10,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use super::{Credential, NewCredential, Result, StoreError, ops};
+use super::{Credential, Database, NewCredential, Result, StoreError, ops, pg};
 
 /// The schema version this build writes; `PRAGMA user_version` holds the file's.
 pub(super) const SCHEMA_VERSION: i64 = 3;
@@ -35,12 +36,30 @@ impl Default for Tuning {
     }
 }
 
-/// A synchronous connection, for the command line and the store thread.
+/// A synchronous connection, for the command line.
 pub struct StoreConn {
-    pub(super) conn: Connection,
+    backend: Backend,
+}
+
+enum Backend {
+    Sqlite(Connection),
+    /// The connection's thread: the command line blocks on its answers.
+    Postgres(pg::Jobs),
 }
 
 impl StoreConn {
+    /// Opens the store the config's `database` names. For SQLite, `create`
+    /// says whether a missing file is made or an error; a PostgreSQL
+    /// database must exist, and its tables are made if missing.
+    pub fn open_database(db: &Database, create: bool) -> Result<StoreConn> {
+        match db {
+            Database::Sqlite(path) => Self::open(path, create),
+            Database::Postgres(url) => Ok(StoreConn {
+                backend: Backend::Postgres(pg::Jobs::start(url)?),
+            }),
+        }
+    }
+
     /// Opens the database; with `create`, makes it (0600, in a 0700
     /// directory) if missing, otherwise a missing file is an error.
     pub fn open(path: &Path, create: bool) -> Result<StoreConn> {
@@ -50,133 +69,174 @@ impl StoreConn {
     /// [`open`](Self::open) with other SQLite settings than the defaults:
     /// for the store benchmark, which measures them.
     pub fn open_tuned(path: &Path, create: bool, tuning: Tuning) -> Result<StoreConn> {
-        let io = |e| StoreError::Io(path.to_owned(), e);
-        if create {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-                && !dir.exists()
-            {
-                DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o700)
-                    .create(dir)
-                    .map_err(|e| StoreError::Io(dir.to_owned(), e))?;
-            }
-            // Create the file ourselves: SQLite would use the umask, and its
-            // -wal and -shm files copy the main file's mode.
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-            {
-                Ok(f) => give_to_directory_owner(&f, path)?,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => return Err(io(e)),
-            }
-        } else if !path.exists() {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no database here yet (tokend import or tokend authorize creates it)",
-            )));
-        }
-        let meta = std::fs::metadata(path).map_err(io)?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), "database file was readable by others; setting mode 0600");
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-        }
-        keep_private(path)?;
-        let conn = Connection::open(path)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        conn.pragma_update(None, "cache_size", -tuning.cache_kib)?;
-        conn.pragma_update(None, "wal_autocheckpoint", tuning.wal_autocheckpoint)?;
-        let sc = StoreConn { conn };
-        sc.migrate()?;
-        Ok(sc)
+        Ok(StoreConn {
+            backend: Backend::Sqlite(open_sqlite(path, create, tuning)?),
+        })
     }
+}
 
-    fn migrate(&self) -> Result<()> {
-        let v = ops::user_version(&self.conn)?;
-        if v > SCHEMA_VERSION {
-            return Err(StoreError::TooNew(v));
+/// See [`StoreConn::open_tuned`]: the SQLite connection, private and migrated.
+pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<Connection> {
+    let io = |e| StoreError::Io(path.to_owned(), e);
+    if create {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && !dir.exists()
+        {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StoreError::Io(dir.to_owned(), e))?;
         }
-        if v < 1 {
-            self.immediate(ops::migrate_to_1)?;
+        // Create the file ourselves: SQLite would use the umask, and its
+        // -wal and -shm files copy the main file's mode.
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(f) => give_to_directory_owner(&f, path)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
         }
-        if v < 2 {
-            // Lease fencing, and the provider's Retry-After kept apart from
-            // the backoff so that nothing brings an attempt before it.
-            self.immediate(|c| {
-                // Another process may have migrated while we waited for the lock.
-                if ops::user_version(c)? >= 2 {
-                    return Ok(());
-                }
-                ops::migrate_to_2(c)
-            })?;
-        }
-        if v < 3 {
-            // The credential's grant: client_credentials beside refresh tokens.
-            self.immediate(|c| {
-                if ops::user_version(c)? >= 3 {
-                    return Ok(());
-                }
-                ops::migrate_to_3(c)
-            })?;
-        }
-        Ok(())
+    } else if !path.exists() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no database here yet (tokend import or tokend authorize creates it)",
+        )));
     }
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        tracing::warn!(path = %path.display(), "database file was readable by others; setting mode 0600");
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    keep_private(path)?;
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "cache_size", -tuning.cache_kib)?;
+    conn.pragma_update(None, "wal_autocheckpoint", tuning.wal_autocheckpoint)?;
+    migrate(&conn)?;
+    Ok(conn)
+}
 
-    /// Runs `f` in a write transaction taken up front, so that a busy peer
-    /// makes us wait (busy_timeout) instead of failing half-way.
-    fn immediate<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        match f(&self.conn) {
-            Ok(v) => match self.conn.execute_batch("COMMIT") {
-                Ok(()) => Ok(v),
-                Err(e) => {
-                    let _ = self.conn.execute_batch("ROLLBACK");
-                    Err(e.into())
-                }
-            },
+fn migrate(conn: &Connection) -> Result<()> {
+    let v = ops::user_version(conn)?;
+    if v > SCHEMA_VERSION {
+        return Err(StoreError::TooNew(v));
+    }
+    if v < 1 {
+        immediate(conn, ops::migrate_to_1)?;
+    }
+    if v < 2 {
+        // Lease fencing, and the provider's Retry-After kept apart from
+        // the backoff so that nothing brings an attempt before it.
+        immediate(conn, |c| {
+            // Another process may have migrated while we waited for the lock.
+            if ops::user_version(c)? >= 2 {
+                return Ok(());
+            }
+            ops::migrate_to_2(c)
+        })?;
+    }
+    if v < 3 {
+        // The credential's grant: client_credentials beside refresh tokens.
+        immediate(conn, |c| {
+            if ops::user_version(c)? >= 3 {
+                return Ok(());
+            }
+            ops::migrate_to_3(c)
+        })?;
+    }
+    Ok(())
+}
+
+/// Runs `f` in a write transaction taken up front, so that a busy peer
+/// makes us wait (busy_timeout) instead of failing half-way.
+fn immediate<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    match f(conn) {
+        Ok(v) => match conn.execute_batch("COMMIT") {
+            Ok(()) => Ok(v),
             Err(e) => {
-                let _ = self.conn.execute_batch("ROLLBACK");
-                Err(e)
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(e.into())
             }
+        },
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
         }
     }
+}
 
+impl StoreConn {
     pub fn load_all(&self) -> Result<Vec<Credential>> {
-        ops::load_all(&self.conn)
+        match &self.backend {
+            Backend::Sqlite(c) => ops::load_all(c),
+            Backend::Postgres(j) => j.call(pg::ops::load_all),
+        }
     }
 
     /// Forgets a credential: its row, events and lease. Returns whether it existed.
     pub fn remove(&self, name: &str) -> Result<bool> {
-        self.immediate(|c| ops::remove(c, name))
+        match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| ops::remove(c, name)),
+            Backend::Postgres(j) => {
+                let name = name.to_owned();
+                j.call(move |c| pg::ops::remove(c, &name))
+            }
+        }
     }
 
     /// Takes the credential's lease, as the refresher does, for work that
     /// is not a refresh (`tokend remove --revoke`): while it is held no
     /// refresh starts anywhere, and none is in flight.
     pub fn hold_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<super::Lease> {
-        self.immediate(|c| ops::hold_lease(c, name, holder, ttl))
+        match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| ops::hold_lease(c, name, holder, ttl)),
+            Backend::Postgres(j) => {
+                let (name, holder) = (name.to_owned(), holder.to_owned());
+                j.call(move |c| pg::ops::hold_lease(c, &name, &holder, ttl))
+            }
+        }
     }
 
     /// Gives back `holder`'s lease on a credential.
     pub fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
-        self.immediate(|c| ops::release(c, name, holder))
+        match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| ops::release(c, name, holder)),
+            Backend::Postgres(j) => {
+                let (name, holder) = (name.to_owned(), holder.to_owned());
+                j.call(move |c| pg::ops::release(c, &name, &holder))
+            }
+        }
     }
 
     /// One credential: a command looks before it asks the user for work
     /// that an existing name would waste (`authorize` without `--force`).
     pub fn get(&self, name: &str) -> Result<Option<Credential>> {
-        ops::get(&self.conn, name)
+        match &self.backend {
+            Backend::Sqlite(c) => ops::get(c, name),
+            Backend::Postgres(j) => {
+                let name = name.to_owned();
+                j.call(move |c| pg::ops::get(c, &name))
+            }
+        }
     }
 
     /// Stores a new credential; with `replace`, overwrites one of that name
     /// (its version moves on, so a refresh in flight cannot overwrite it back).
     pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {
-        self.immediate(|c| ops::insert(c, new, replace))
+        match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| ops::insert(c, new, replace)),
+            Backend::Postgres(j) => {
+                let new = new.clone();
+                j.call(move |c| pg::ops::insert(c, &new, replace))
+            }
+        }
     }
 
     /// Stores many new credentials in one transaction, all or none: a name
@@ -190,10 +250,19 @@ impl StoreConn {
     /// credentials of the same names as [`insert`](Self::insert) does
     /// (`tokend import --from FILE --force`).
     pub fn insert_batch(&self, new: &[NewCredential], replace: bool) -> Result<()> {
-        self.immediate(|c| {
-            new.iter()
-                .try_for_each(|n| ops::insert(c, n, replace).map(drop))
-        })
+        match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| {
+                new.iter()
+                    .try_for_each(|n| ops::insert(c, n, replace).map(drop))
+            }),
+            Backend::Postgres(j) => {
+                let new = new.to_vec();
+                j.call(move |c| {
+                    new.iter()
+                        .try_for_each(|n| pg::ops::insert(c, n, replace).map(drop))
+                })
+            }
+        }
     }
 }
 
@@ -439,7 +508,10 @@ mod tests {
             t.join().unwrap().unwrap();
         }
         let sc = StoreConn::open(&path, false).unwrap();
-        assert_eq!(ops::user_version(&sc.conn).unwrap(), 3);
+        assert_eq!(
+            ops::user_version(&Connection::open(&path).unwrap()).unwrap(),
+            3
+        );
         let old = sc.get("old").unwrap().unwrap();
         assert_eq!(old.grant, Grant::RefreshToken(Secret::new("rt-old")));
         let mut cc = new_cred("machine");

@@ -1,7 +1,8 @@
-//! The state store: SQLite behind a narrow interface of our own.
+//! The state store: SQLite, or PostgreSQL for a fleet of hosts (issue 12),
+//! behind a narrow interface of our own.
 //!
-//! Nothing outside this module speaks SQL, so that a PostgreSQL backend can
-//! later stand behind the same methods. Two faces:
+//! Nothing outside this module speaks SQL or learns which backend it has;
+//! `pg/` is the PostgreSQL one, the rest below is SQLite's. Two faces:
 //!
 //! * [`StoreConn`], synchronous, for the command line (`import`, `list`);
 //! * [`Store`], for the daemon: one thread owns the connection and runs every
@@ -19,23 +20,27 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::Connection;
-
 use crate::secret::Secret;
 
 mod conn;
+mod database;
 mod ops;
+mod pg;
 mod thread;
 
 #[cfg(test)]
 mod tests;
 
 pub use conn::{StoreConn, Tuning};
+pub use database::{Database, PgUrl};
 
 /// Why a store operation failed.
 #[derive(Debug)]
 pub enum StoreError {
     Sqlite(rusqlite::Error),
+    /// A PostgreSQL error, already made safe to show: no row's values, no
+    /// part of the connection URL.
+    Postgres(String),
     Io(PathBuf, std::io::Error),
     /// `import` of a name that is already there, without `--force`.
     Exists(String),
@@ -52,6 +57,7 @@ impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreError::Sqlite(e) => write!(f, "database error: {e}"),
+            StoreError::Postgres(e) => write!(f, "PostgreSQL error: {e}"),
             StoreError::Io(p, e) => write!(f, "{}: {e}", p.display()),
             StoreError::Exists(n) => write!(f, "a credential named {n:?} already exists"),
             StoreError::NotFound(n) => write!(f, "no credential named {n:?}"),
@@ -145,6 +151,7 @@ pub struct Credential {
 }
 
 /// What `import` and `authorize` store.
+#[derive(Clone)]
 pub struct NewCredential {
     pub name: String,
     pub provider: String,
@@ -220,65 +227,100 @@ pub enum Commit {
     LeaseLost,
 }
 
-/// The daemon's handle on the store thread. Cloning is cheap.
+/// The daemon's handle on the store's thread (SQLite's or PostgreSQL's).
+/// Cloning is cheap.
 #[derive(Clone)]
 pub struct Store {
-    jobs: thread::Jobs,
+    backend: Backend,
 }
 
+#[derive(Clone)]
+enum Backend {
+    Sqlite(thread::Jobs),
+    Postgres(pg::Jobs),
+}
+
+/// Runs an operation on the store's backend: `$sqlite` (a closure over
+/// SQLite's connection, in a write transaction if `$writes`) or `$pg` (over
+/// a PostgreSQL transaction of its own). Both arms move the same captures:
+/// only one runs.
+macro_rules! run {
+    ($store:expr, $writes:expr, $sqlite:expr, $pg:expr) => {
+        match &$store.backend {
+            Backend::Sqlite(j) => j.send($sqlite, $writes).await,
+            Backend::Postgres(j) => j.send($pg).await,
+        }
+    };
+}
+
+/// Reads only: in WAL mode a SQLite read never waits for another
+/// process's write lock, so loading the credentials at start-up and
+/// picking up a peer's changes keep working while someone holds the
+/// database (a `sqlite3` shell in a transaction).
+const READ: bool = false;
+/// Writes: SQLite runs it in the next write transaction.
+const WRITE: bool = true;
+
 impl Store {
-    /// Opens (creating if needed) and starts the store thread.
+    /// Opens (creating if needed) the SQLite file and starts the store thread.
     pub fn open(path: &Path) -> Result<Store> {
         Self::open_tuned(path, Tuning::default())
     }
 
+    /// Opens the store the config's `database` names: a SQLite file
+    /// (created if needed) or a PostgreSQL database (its schema created or
+    /// upgraded).
+    pub fn open_database(db: &Database) -> Result<Store> {
+        match db {
+            Database::Sqlite(path) => Self::open(path),
+            Database::Postgres(url) => Ok(Store {
+                backend: Backend::Postgres(pg::Jobs::start(url)?),
+            }),
+        }
+    }
+
     /// [`open`](Self::open) with other SQLite settings (the store benchmark).
     pub fn open_tuned(path: &Path, tuning: Tuning) -> Result<Store> {
-        let sc = StoreConn::open_tuned(path, true, tuning)?;
+        let conn = conn::open_sqlite(path, true, tuning)?;
         Ok(Store {
-            jobs: thread::Jobs::start(sc, path)?,
+            backend: Backend::Sqlite(thread::Jobs::start(conn, path)?),
         })
     }
 
-    /// Runs `f`, which writes, in the next write transaction.
-    async fn call<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        self.jobs.send(f, true).await
-    }
-
-    /// Runs `f`, which only reads, in a read transaction: in WAL mode that
-    /// never waits for another process's write lock, so loading the
-    /// credentials at start-up and picking up a peer's changes keep working
-    /// while someone holds the database (a `sqlite3` shell in a transaction).
-    async fn read<T, F>(&self, f: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
-    {
-        self.jobs.send(f, false).await
-    }
-
     pub async fn load_all(&self) -> Result<Vec<Credential>> {
-        self.read(ops::load_all).await
+        run!(self, READ, ops::load_all, pg::ops::load_all)
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<Credential>> {
         let name = name.to_owned();
-        self.read(move |c| ops::get(c, &name)).await
+        run!(self, READ, move |c| ops::get(c, &name), move |c| {
+            pg::ops::get(c, &name)
+        })
     }
 
     /// `(name, rev)` of every row: cheap enough to tell, after another
     /// process wrote, which rows to reload.
     pub async fn revisions(&self) -> Result<Vec<(String, i64)>> {
-        self.read(ops::revisions).await
+        run!(self, READ, ops::revisions, pg::ops::revisions)
+    }
+
+    /// Wake-ups when another process may have committed, for a store that
+    /// announces its commits (PostgreSQL: one after each burst of other
+    /// processes' commits, and one after each reconnection, when some may
+    /// have gone unheard). None for SQLite, whose file the daemon watches
+    /// (inotify and [`data_version`](Self::data_version)).
+    pub fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(j) => Some(j.subscribe()),
+        }
     }
 
     /// SQLite's `data_version`: changes when *another* connection commits.
+    /// PostgreSQL has no such counter: always 0 there (see
+    /// [`subscribe`](Self::subscribe)).
     pub async fn data_version(&self) -> Result<i64> {
-        self.read(ops::data_version).await
+        run!(self, READ, ops::data_version, |_| Ok(0))
     }
 
     /// Takes the cross-process lease on a credential for `ttl`, so that only
@@ -293,8 +335,12 @@ impl Store {
         version: i64,
     ) -> Result<Lease> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.call(move |c| ops::take_lease(c, &name, &holder, ttl, version))
-            .await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::take_lease(c, &name, &holder, ttl, version),
+            move |c| pg::ops::take_lease(c, &name, &holder, ttl, version)
+        )
     }
 
     /// Gives back lease `fence`, taken for a refresh whose request was
@@ -310,13 +356,22 @@ impl Store {
     ) -> Result<()> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         let (state, started) = (before.state, before.refresh_started_at);
-        self.call(move |c| ops::abandon(c, &name, &holder, fence, state, started))
-            .await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::abandon(c, &name, &holder, fence, state, started),
+            move |c| pg::ops::abandon(c, &name, &holder, fence, state, started)
+        )
     }
 
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.call(move |c| ops::release(c, &name, &holder)).await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::release(c, &name, &holder),
+            move |c| pg::ops::release(c, &name, &holder)
+        )
     }
 
     /// Stores a refreshed token pair if the row is still at `version` and the
@@ -331,8 +386,12 @@ impl Store {
         update: TokenUpdate,
     ) -> Result<Commit> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.call(move |c| ops::commit_refresh(c, &name, &holder, fence, version, &update))
-            .await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::commit_refresh(c, &name, &holder, fence, version, &update),
+            move |c| pg::ops::commit_refresh(c, &name, &holder, fence, version, &update)
+        )
     }
 
     /// Extends `holder`'s lease `fence` to `ttl` from now, while a commit of
@@ -346,8 +405,12 @@ impl Store {
         ttl: Duration,
     ) -> Result<bool> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.call(move |c| ops::renew_lease(c, &name, &holder, fence, ttl))
-            .await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::renew_lease(c, &name, &holder, fence, ttl),
+            move |c| pg::ops::renew_lease(c, &name, &holder, fence, ttl)
+        )
     }
 
     /// Brings the next attempt of `retrying` credentials forward to the
@@ -355,7 +418,12 @@ impl Store {
     /// token is still at the given version and its attempt is later. Returns
     /// the rows that moved.
     pub async fn bring_forward(&self, items: Vec<(String, i64, i64)>) -> Result<Vec<Credential>> {
-        self.call(move |c| ops::bring_forward(c, &items)).await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::bring_forward(c, &items),
+            move |c| pg::ops::bring_forward(c, &items)
+        )
     }
 
     /// Records a failed refresh or validation against the token `version` it
@@ -368,15 +436,23 @@ impl Store {
         failure: FailureUpdate,
     ) -> Result<Commit> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        self.call(move |c| ops::record_failure(c, &name, &holder, version, &failure))
-            .await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::record_failure(c, &name, &holder, version, &failure),
+            move |c| pg::ops::record_failure(c, &name, &holder, version, &failure)
+        )
     }
 
     /// Records that the token at `version` passed validation.
     pub async fn record_validated(&self, name: &str, version: i64) -> Result<Commit> {
         let name = name.to_owned();
-        self.call(move |c| ops::record_validated(c, &name, version))
-            .await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::record_validated(c, &name, version),
+            move |c| pg::ops::record_validated(c, &name, version)
+        )
     }
 
     /// Records `error` as the last error of the token at `version` without
@@ -384,14 +460,23 @@ impl Store {
     /// fresh token), shown in the status while it lasts.
     pub async fn record_note(&self, name: &str, version: i64, error: String) -> Result<Commit> {
         let name = name.to_owned();
-        self.call(move |c| ops::record_note(c, &name, version, &error))
-            .await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::record_note(c, &name, version, &error),
+            move |c| pg::ops::record_note(c, &name, version, &error)
+        )
     }
 
     /// Clears the failure count of a `misconfigured` credential so that it is
     /// tried again now (after a config reload that may have fixed it).
     pub async fn reset_backoff(&self, name: &str) -> Result<Commit> {
         let name = name.to_owned();
-        self.call(move |c| ops::reset_backoff(c, &name)).await
+        run!(
+            self,
+            WRITE,
+            move |c| ops::reset_backoff(c, &name),
+            move |c| pg::ops::reset_backoff(c, &name)
+        )
     }
 }

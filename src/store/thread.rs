@@ -8,7 +8,7 @@ use std::sync::mpsc;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::{Result, StoreConn, StoreError};
+use super::{Result, StoreError};
 
 /// Operations grouped into one transaction at most.
 const MAX_BATCH: usize = 1024;
@@ -18,13 +18,13 @@ const MAX_BATCH: usize = 1024;
 pub(super) struct Jobs(mpsc::Sender<Box<dyn Op>>);
 
 impl Jobs {
-    /// Starts the store thread, which owns `sc` from now on; `path` names
+    /// Starts the store thread, which owns `conn` from now on; `path` names
     /// the database if the thread cannot be started.
-    pub(super) fn start(sc: StoreConn, path: &Path) -> Result<Jobs> {
+    pub(super) fn start(conn: Connection, path: &Path) -> Result<Jobs> {
         let (tx, rx) = mpsc::channel::<Box<dyn Op>>();
         std::thread::Builder::new()
             .name("tokend-store".into())
-            .spawn(move || run_batches(sc, rx))
+            .spawn(move || run_batches(conn, rx))
             .map_err(|e| StoreError::Io(path.to_owned(), e))?;
         Ok(Jobs(tx))
     }
@@ -91,8 +91,8 @@ where
     }
 }
 
-fn run_batches(sc: StoreConn, rx: mpsc::Receiver<Box<dyn Op>>) {
-    let c = &sc.conn;
+fn run_batches(conn: Connection, rx: mpsc::Receiver<Box<dyn Op>>) {
+    let c = &conn;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -149,7 +149,7 @@ mod tests {
 
     use super::*;
     use crate::store::tests::new_cred;
-    use crate::store::{Lease, Store};
+    use crate::store::{Lease, Store, StoreConn};
 
     #[tokio::test]
     async fn reads_do_not_wait_for_another_process_holding_the_write_lock() {

@@ -28,6 +28,7 @@
 
 pub mod bench;
 mod daemon;
+pub mod pg;
 mod socket;
 mod store;
 

@@ -1,0 +1,443 @@
+//! The PostgreSQL store (issue 12) against a throwaway server
+//! ([`support::pg::Server`]), through tokend's public store API: the same
+//! contract SQLite keeps (checked here on both), two `Store`s on one
+//! database acting as two hosts, migrations when hosts start at once, and
+//! errors that never show the URL's password.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::pg::Server;
+use tokend::clock::now_ms;
+use tokend::secret::Secret;
+use tokend::store::{
+    Commit, Database, FailureUpdate, Grant, Lease, NewCredential, PgUrl, State, Store, StoreConn,
+    StoreError, TokenUpdate,
+};
+
+fn pg(url: &str) -> Database {
+    Database::Postgres(PgUrl::parse(url).unwrap())
+}
+
+fn new_cred(name: &str, refresh_token: &str) -> NewCredential {
+    NewCredential {
+        name: name.into(),
+        provider: "p".into(),
+        access_token: Some(Secret::new("at1")),
+        grant: Grant::RefreshToken(Secret::new(refresh_token)),
+        scope: Some("read".into()),
+        expires_at: Some(now_ms() + 60_000),
+        event: "imported",
+    }
+}
+
+fn update(rt: &str) -> TokenUpdate {
+    TokenUpdate {
+        access_token: Some(Secret::new(format!("at-{rt}"))),
+        refresh_token: Some(Secret::new(rt)),
+        scope: None,
+        expires_at: Some(now_ms() + 3_600_000),
+    }
+}
+
+fn failure(lease: Option<i64>) -> FailureUpdate {
+    FailureUpdate {
+        state: State::Retrying,
+        failures: 2,
+        next_attempt_at: Some(now_ms() + 10_000),
+        error: "provider error (503)".into(),
+        not_before: None,
+        lease,
+        outcome_unknown: false,
+        event: "refresh_failed",
+    }
+}
+
+fn rt(c: &tokend::store::Credential) -> &str {
+    c.grant.refresh_token().unwrap().expose()
+}
+
+/// The store's contract, as the CLI (`conn`) and the daemon (`store`) use
+/// it; both open the same database.
+async fn contract(db: &Database) {
+    let conn = StoreConn::open_database(db, true).unwrap();
+    let store = Store::open_database(db).unwrap();
+    let me = "this-host/1/1";
+    let peer = "other-host/2/2";
+
+    // Import, one and in a batch, all or none.
+    let a = conn.insert(&new_cred("a", "rt1"), false).unwrap();
+    assert_eq!((a.version, a.rev, a.state), (1, 1, State::Valid));
+    assert_eq!(a.scope.as_deref(), Some("read"));
+    assert!(matches!(
+        conn.insert(&new_cred("a", "rt-x"), false),
+        Err(StoreError::Exists(n)) if n == "a"
+    ));
+    conn.insert_all(&[new_cred("b", "rb1"), new_cred("c", "rc1")])
+        .unwrap();
+    assert!(matches!(
+        conn.insert_all(&[new_cred("d", "rd1"), new_cred("b", "rb-x")]),
+        Err(StoreError::Exists(n)) if n == "b"
+    ));
+    let names =
+        |v: Vec<tokend::store::Credential>| v.into_iter().map(|c| c.name).collect::<Vec<_>>();
+    assert_eq!(names(conn.load_all().unwrap()), ["a", "b", "c"]);
+    assert_eq!(names(store.load_all().await.unwrap()), ["a", "b", "c"]);
+    assert_eq!(rt(&store.get("b").await.unwrap().unwrap()), "rb1");
+    assert!(store.get("nope").await.unwrap().is_none());
+    let mut cc = new_cred("machine", "");
+    cc.grant = Grant::ClientCredentials;
+    conn.insert(&cc, false).unwrap();
+    assert_eq!(
+        conn.get("machine").unwrap().unwrap().grant,
+        Grant::ClientCredentials
+    );
+    // A forced re-import moves the version on and keeps the creation time.
+    let c2 = conn.insert(&new_cred("c", "rc2"), true).unwrap();
+    assert_eq!(c2.version, 2);
+    assert_eq!(rt(&c2), "rc2");
+
+    // Leases: taken (marking the refresh started), busy for another
+    // holder, changed when the version moved, gone when the row did.
+    let ttl = Duration::from_secs(60);
+    let Lease::Taken {
+        credential,
+        interrupted,
+        fence,
+    } = store.take_lease("a", me, ttl, 1).await.unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    assert!(!interrupted);
+    assert_eq!(credential.version, 1);
+    let marked = store.get("a").await.unwrap().unwrap();
+    assert_eq!(marked.state, State::Refreshing);
+    assert!(marked.refresh_started_at.is_some());
+    let Lease::Busy { until } = store.take_lease("a", peer, ttl, 1).await.unwrap() else {
+        panic!("a live lease was handed to another holder")
+    };
+    let left = until - now_ms();
+    assert!((50_000..=61_000).contains(&left), "busy for {left} ms");
+    assert!(matches!(
+        store.take_lease("c", me, ttl, 1).await.unwrap(),
+        Lease::Changed(c) if c.version == 2
+    ));
+    assert!(matches!(
+        store.take_lease("nope", me, ttl, 1).await.unwrap(),
+        Lease::Gone
+    ));
+    assert!(store.renew_lease("a", me, fence, ttl).await.unwrap());
+    assert!(!store.renew_lease("a", me, fence + 1, ttl).await.unwrap());
+
+    // The commit: a compare-and-swap on the version and the lease.
+    let Commit::Done(done) = store
+        .commit_refresh("a", me, fence, 1, update("rt2"))
+        .await
+        .unwrap()
+    else {
+        panic!("commit refused")
+    };
+    assert_eq!(
+        (rt(&done), done.version, done.state),
+        ("rt2", 2, State::Valid)
+    );
+    assert_eq!(done.access_token.as_ref().unwrap().expose(), "at-rt2");
+    assert_eq!(done.refresh_started_at, None);
+    // The lease was released with the commit: the peer may take it now.
+    let Lease::Taken { fence: f2, .. } = store.take_lease("a", peer, ttl, 2).await.unwrap() else {
+        panic!("lease not released by the commit")
+    };
+    assert!(f2 > fence);
+    // A stale version under a current lease: Conflict, nothing written.
+    assert!(matches!(
+        store
+            .commit_refresh("a", peer, f2, 1, update("rt-stale"))
+            .await
+            .unwrap(),
+        Commit::Conflict
+    ));
+    assert_eq!(rt(&store.get("a").await.unwrap().unwrap()), "rt2");
+
+    // A stale fence: the holder lost its lease, nothing but an event.
+    let Lease::Taken { fence: old, .. } = store
+        .take_lease("b", peer, Duration::from_millis(1), 1)
+        .await
+        .unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let Lease::Taken {
+        fence: new,
+        interrupted,
+        ..
+    } = store.take_lease("b", me, ttl, 1).await.unwrap()
+    else {
+        panic!("an expired lease was not taken over")
+    };
+    assert!(interrupted, "the peer's refresh never finished");
+    assert!(matches!(
+        store
+            .commit_refresh("b", peer, old, 1, update("rb-stale"))
+            .await
+            .unwrap(),
+        Commit::LeaseLost
+    ));
+    assert!(matches!(
+        store
+            .record_failure("b", peer, 1, failure(Some(old)))
+            .await
+            .unwrap(),
+        Commit::LeaseLost
+    ));
+    assert_eq!(rt(&store.get("b").await.unwrap().unwrap()), "rb1");
+
+    // A failure under the current lease is recorded and releases it.
+    let Commit::Done(failed) = store
+        .record_failure("b", me, 1, failure(Some(new)))
+        .await
+        .unwrap()
+    else {
+        panic!("failure not recorded")
+    };
+    assert_eq!((failed.state, failed.failures), (State::Retrying, 2));
+    assert_eq!(failed.refresh_started_at, None);
+    assert_eq!(failed.last_error.as_deref(), Some("provider error (503)"));
+    // Brought forward, never before its Retry-After; then validated.
+    let at = now_ms() + 1_000;
+    let moved = store
+        .bring_forward(vec![("b".into(), 1, at)])
+        .await
+        .unwrap();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].next_attempt_at, Some(at));
+    let Commit::Done(v) = store.record_validated("b", 1).await.unwrap() else {
+        panic!("validation not recorded")
+    };
+    assert_eq!((v.state, v.failures, v.last_error), (State::Valid, 0, None));
+    assert!(matches!(
+        store.record_validated("b", 9).await.unwrap(),
+        Commit::Conflict
+    ));
+    assert!(matches!(
+        store.record_note("b", 1, "forbidden".into()).await.unwrap(),
+        Commit::Done(n) if n.last_error.as_deref() == Some("forbidden")
+    ));
+    assert!(matches!(
+        store.reset_backoff("b").await.unwrap(),
+        Commit::Conflict
+    ));
+
+    // A lease given back unused leaves the row as it was.
+    let before = store.get("c").await.unwrap().unwrap();
+    let Lease::Taken { fence, .. } = store.take_lease("c", me, ttl, 2).await.unwrap() else {
+        panic!("lease not taken")
+    };
+    store.abandon_lease("c", me, fence, &before).await.unwrap();
+    let after = store.get("c").await.unwrap().unwrap();
+    assert_eq!(
+        (after.state, after.refresh_started_at),
+        (before.state, None)
+    );
+    assert!(matches!(
+        store.take_lease("c", peer, ttl, 2).await.unwrap(),
+        Lease::Taken { .. }
+    ));
+    store.release_lease("c", peer).await.unwrap();
+
+    // `remove --revoke` holds the lease without marking a refresh.
+    assert!(matches!(
+        conn.hold_lease("c", me, ttl).unwrap(),
+        Lease::Taken {
+            interrupted: false,
+            ..
+        }
+    ));
+    assert!(matches!(
+        store.take_lease("c", peer, ttl, 2).await.unwrap(),
+        Lease::Busy { .. }
+    ));
+    conn.release_lease("c", me).unwrap();
+
+    // Rows changed since a read show in their revisions.
+    let revs = store.revisions().await.unwrap();
+    assert_eq!(revs.len(), 4);
+    assert!(revs.iter().any(|(n, r)| n == "a" && *r > 1));
+
+    // Remove: gone for both faces.
+    assert!(conn.remove("c").unwrap());
+    assert!(!conn.remove("c").unwrap());
+    assert!(store.get("c").await.unwrap().is_none());
+    assert!(matches!(
+        store.take_lease("c", me, ttl, 2).await.unwrap(),
+        Lease::Gone
+    ));
+}
+
+#[tokio::test]
+async fn the_store_contract_holds_on_postgresql() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    contract(&pg(&server.fresh_db())).await;
+    // Events: as in SQLite, the last ones kept per credential.
+    let kinds = server.psql(
+        "t0",
+        "SELECT string_agg(kind, ',' ORDER BY id) FROM events WHERE name = 'b'",
+    );
+    assert_eq!(
+        kinds.trim(),
+        "imported,refresh_interrupted,lease_lost,lease_lost,refresh_failed,validated,validation_forbidden"
+    );
+    assert_eq!(
+        server
+            .psql("t0", "SELECT count(*) FROM events WHERE name = 'c'")
+            .trim(),
+        "0",
+        "remove forgets the events too"
+    );
+}
+
+#[tokio::test]
+async fn the_store_contract_holds_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    contract(&Database::Sqlite(dir.path().join("state/t.db"))).await;
+}
+
+/// Two `Store`s on one database are two hosts: the lease one takes keeps
+/// the other out until it expires, on the database's clock; then the
+/// first one's late commit is refused.
+#[tokio::test]
+async fn two_hosts_take_turns_by_lease_expiry() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let db = pg(&server.fresh_db());
+    StoreConn::open_database(&db, true)
+        .unwrap()
+        .insert(&new_cred("a", "rt1"), false)
+        .unwrap();
+    let (host_a, host_b) = (
+        Store::open_database(&db).unwrap(),
+        Store::open_database(&db).unwrap(),
+    );
+    let ttl = Duration::from_millis(1500);
+    let Lease::Taken { fence, .. } = host_a.take_lease("a", "host-a/1/1", ttl, 1).await.unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    let taken = Instant::now();
+    let until = loop {
+        match host_b
+            .take_lease("a", "host-b/1/1", Duration::from_secs(60), 1)
+            .await
+            .unwrap()
+        {
+            Lease::Busy { until } => {
+                assert!(until <= now_ms() + 1_500);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Lease::Taken { .. } => break taken.elapsed(),
+            _ => panic!("unexpected answer"),
+        }
+        assert!(
+            taken.elapsed() < Duration::from_secs(10),
+            "never taken over"
+        );
+    };
+    assert!(
+        until >= Duration::from_millis(1400),
+        "taken over after {until:?}"
+    );
+    assert!(matches!(
+        host_a
+            .commit_refresh("a", "host-a/1/1", fence, 1, update("rt-late"))
+            .await
+            .unwrap(),
+        Commit::LeaseLost
+    ));
+    assert_eq!(rt(&host_b.get("a").await.unwrap().unwrap()), "rt1");
+}
+
+/// Hosts starting at once on an empty database create its schema once;
+/// a database a newer tokend wrote is refused, as SQLite's is.
+#[test]
+fn hosts_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let url = server.fresh_db();
+    let opened: Vec<_> = (0..4)
+        .map(|_| {
+            let db = pg(&url);
+            std::thread::spawn(move || StoreConn::open_database(&db, true).map(drop))
+        })
+        .collect();
+    for t in opened {
+        t.join().unwrap().unwrap();
+    }
+    assert_eq!(
+        server
+            .psql(
+                "t0",
+                "SELECT string_agg(version::text, ',') FROM tokend_schema"
+            )
+            .trim(),
+        "3"
+    );
+    server.psql("t0", "UPDATE tokend_schema SET version = 99");
+    let e = StoreConn::open_database(&pg(&url), false)
+        .err()
+        .expect("refused");
+    assert!(matches!(e, StoreError::TooNew(99)), "{e}");
+    assert!(e.to_string().contains("upgrade tokend"), "{e}");
+}
+
+/// The password in the URL never shows: not in an error connecting, nor
+/// in the store's errors.
+#[test]
+fn errors_never_show_the_url_s_password() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let url = server
+        .url_of("no_such_db")
+        .replace("tokend@", "tokend:hunter2-secret@");
+    let e = StoreConn::open_database(&pg(&url), false)
+        .err()
+        .expect("no such database");
+    let shown = e.to_string();
+    assert!(shown.contains("no_such_db"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(!format!("{e:?}").contains("hunter2"));
+    let db = pg(&url);
+    assert!(!db.display().to_string().contains("hunter2"));
+    assert!(!format!("{db:?}").contains("hunter2"));
+}
+
+/// The test kit's server starts, takes connections on its socket only,
+/// gives each test a database of its own, and survives a crash restart.
+#[test]
+fn the_throwaway_server_starts_restarts_and_stops() {
+    let started = Instant::now();
+    let Some(mut server) = Server::start() else {
+        return;
+    };
+    eprintln!("PostgreSQL started in {:?}", started.elapsed());
+    let url = server.fresh_db();
+    assert!(url.starts_with("postgresql://tokend@/t0?host="), "{url}");
+    assert_eq!(server.psql("t0", "SELECT 1 + 1").trim(), "2");
+    assert_eq!(server.psql("tokend", "SHOW listen_addresses").trim(), "");
+    server.psql(
+        "t0",
+        "CREATE TABLE kept (v int); INSERT INTO kept VALUES (7)",
+    );
+    let restarted = Instant::now();
+    server.restart();
+    eprintln!("PostgreSQL restarted in {:?}", restarted.elapsed());
+    assert_eq!(server.psql("t0", "SELECT v FROM kept").trim(), "7");
+    let dir = server.socket_dir().to_owned();
+    drop(server);
+    assert!(!dir.exists(), "the server's directory outlived it");
+}
