@@ -361,8 +361,13 @@ fn a_sink_directory_removed_at_runtime_is_made_again() {
     wait_for("the token file", Duration::from_secs(10), || {
         (env.read_token("bot")? == g.access_token).then_some(())
     });
+    // The start-up validation checks the file once it is recorded: let it
+    // be done, or it may put the file back while the directory goes.
+    wait_for("the start-up validation", Duration::from_secs(10), || {
+        env.credential("bot")?.last_validated_at.map(drop)
+    });
 
-    fs::remove_dir_all(&env.tokens).unwrap();
+    remove_dir(&env.tokens);
     let stderr = force_refresh(&env, "bot");
     assert!(!stderr.contains("could not be written"), "{stderr}");
     let stored = stored_token(&env, "bot");
@@ -372,7 +377,7 @@ fn a_sink_directory_removed_at_runtime_is_made_again() {
 
     // No refresh now: a consumer's report makes the daemon validate, and a
     // good validation checks the files.
-    fs::remove_dir_all(&env.tokens).unwrap();
+    remove_dir(&env.tokens);
     let r = request(&env.socket, "POST", "/v1/tokens/bot/rejected");
     assert_eq!(r.status, 202, "{}", r.text());
     wait_for("the file put back", Duration::from_secs(10), || {
@@ -381,6 +386,22 @@ fn a_sink_directory_removed_at_runtime_is_made_again() {
     assert_eq!(env.provider.stats().refreshes_ok, 1, "no second refresh");
     assert!(status(&env, "bot")["last_publish_error"].is_null());
     drop(d);
+}
+
+/// Removes a sink directory as an operator's `rm -r` would. A publish the
+/// daemon had already begun (the validation's check of its files) may put
+/// a file back while it goes: then it is removed again, as the operator
+/// would.
+fn remove_dir(dir: &Path) {
+    wait_for(
+        "the directory removed",
+        Duration::from_secs(10),
+        || match fs::remove_dir_all(dir) {
+            Ok(()) => Some(()),
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => None,
+            Err(e) => panic!("removing {}: {e}", dir.display()),
+        },
+    );
 }
 
 // ---- TLS failures ----
