@@ -215,6 +215,12 @@ pub enum Lease {
     Gone,
 }
 
+/// The `lease_lost` event's text, one for both backends: `what` (a
+/// refreshed pair, a failure) came from a holder whose lease had passed on.
+fn lease_lost_detail(what: &str) -> String {
+    format!("{what} arrived after this process's lease had passed to another; not stored")
+}
+
 /// The answer to a compare-and-swap commit.
 pub enum Commit {
     Done(Box<Credential>),

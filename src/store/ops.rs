@@ -264,14 +264,7 @@ fn holds(c: &Connection, name: &str, holder: &str, fence: i64) -> Result<bool> {
 /// The only write of a holder that lost its lease: an event.
 fn lease_lost(c: &Connection, name: &str, what: &str) -> Result<Commit> {
     if get(c, name)?.is_some() {
-        event(
-            c,
-            name,
-            "lease_lost",
-            Some(&format!(
-                "{what} arrived after this process's lease had passed to another; not stored"
-            )),
-        )?;
+        event(c, name, "lease_lost", Some(&super::lease_lost_detail(what)))?;
     }
     Ok(Commit::LeaseLost)
 }

@@ -301,9 +301,7 @@ fn lease_lost(c: &mut Transaction<'_>, name: &str, what: &str) -> Result<Commit>
             c,
             name,
             "lease_lost",
-            Some(&format!(
-                "{what} arrived after this process's lease had passed to another; not stored"
-            )),
+            Some(&crate::store::lease_lost_detail(what)),
         )?;
     }
     Ok(Commit::LeaseLost)
