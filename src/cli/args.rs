@@ -92,6 +92,7 @@ pub enum Command {
     Exec(Exec),
     Refresh(Refresh),
     Remove(Remove),
+    Migrate(Migrate),
     Completions(Completions),
     Man(Man),
 }
@@ -316,6 +317,31 @@ pub struct Remove {
     /// cannot revoke: then nothing is removed, exit code 2.
     #[arg(long, verbatim_doc_comment)]
     pub revoke: bool,
+}
+
+/// Move every credential to another store, without re-authorizing
+///
+/// Copies every credential (its tokens, state and backoff) and its events
+/// from SOURCE into the store the config's `database` names (or --to), in
+/// one transaction: all or nothing. The source's credentials stay behind,
+/// leased for good to the move, so that no daemon still pointed at the old
+/// store can refresh them and rotate the copy dead. Stop every daemon that
+/// uses the source first; a refresh in flight refuses the move.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Migrate {
+    /// Where the credentials are now
+    ///
+    /// sqlite:PATH (or an absolute PATH) for a SQLite file; a PostgreSQL
+    /// URL without a password (a password on the command line shows in
+    /// ps(1): use the config's database key for such a store).
+    #[arg(long, value_name = "SOURCE", verbatim_doc_comment)]
+    pub from: String,
+    /// Where to put them; default: the config's database
+    ///
+    /// The same forms as --from. It must not hold any of the names moved.
+    #[arg(long, value_name = "DEST", verbatim_doc_comment)]
+    pub to: Option<String>,
 }
 
 /// Print a shell completion script

@@ -38,10 +38,10 @@ impl Default for Tuning {
 
 /// A synchronous connection, for the command line.
 pub struct StoreConn {
-    backend: Backend,
+    pub(super) backend: Backend,
 }
 
-enum Backend {
+pub(super) enum Backend {
     Sqlite(Connection),
     /// The connection's thread: the command line blocks on its answers.
     Postgres(pg::Jobs),
@@ -155,7 +155,10 @@ fn migrate(conn: &Connection) -> Result<()> {
 
 /// Runs `f` in a write transaction taken up front, so that a busy peer
 /// makes us wait (busy_timeout) instead of failing half-way.
-fn immediate<T>(conn: &Connection, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+pub(super) fn immediate<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T>,
+) -> Result<T> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     match f(conn) {
         Ok(v) => match conn.execute_batch("COMMIT") {

@@ -94,6 +94,12 @@ impl PgUrl {
         })
     }
 
+    /// Whether the URL holds a password: such a URL must not come from the
+    /// command line, where ps(1) shows it to everyone.
+    pub fn has_password(&self) -> bool {
+        self.config().get_password().is_some()
+    }
+
     /// The connection settings, password included.
     pub(super) fn config(&self) -> postgres::Config {
         postgres::Config::from_str(self.url.expose()).expect("parsed when it was made")

@@ -23,6 +23,7 @@ use std::time::Duration;
 use crate::secret::Secret;
 
 mod conn;
+mod copy;
 mod database;
 mod ops;
 mod pg;
@@ -32,6 +33,7 @@ mod thread;
 mod tests;
 
 pub use conn::{StoreConn, Tuning};
+pub use copy::{Dump, MOVED};
 pub use database::{Database, PgUrl};
 
 /// Why a store operation failed.
@@ -45,6 +47,8 @@ pub enum StoreError {
     /// `import` of a name that is already there, without `--force`.
     Exists(String),
     NotFound(String),
+    /// A live lease stands in the way (`tokend migrate`): what, and what to do.
+    InUse(String),
     /// The file was written by a newer tokend.
     TooNew(i64),
     /// The transaction holding the operation did not commit.
@@ -61,6 +65,7 @@ impl std::fmt::Display for StoreError {
             StoreError::Io(p, e) => write!(f, "{}: {e}", p.display()),
             StoreError::Exists(n) => write!(f, "a credential named {n:?} already exists"),
             StoreError::NotFound(n) => write!(f, "no credential named {n:?}"),
+            StoreError::InUse(why) => f.write_str(why),
             StoreError::TooNew(v) => write!(
                 f,
                 "the database has schema version {v}, newer than this tokend understands ({}): upgrade tokend",

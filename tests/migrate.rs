@@ -1,0 +1,207 @@
+//! `tokend migrate` (README "Moving to PostgreSQL"), the real binary
+//! between a real SQLite file and a throwaway PostgreSQL: every credential
+//! and event goes over and comes back unchanged, the copy refreshes
+//! against a strict provider without a re-authorization, the old store can
+//! refresh nothing more, and a move that cannot be done changes nothing.
+
+mod support;
+
+use std::time::Duration;
+
+use support::pg::Server;
+use support::*;
+use tokend::store::{Database, PgUrl, StoreConn};
+
+/// Opens the store a `database` value names, as `tokend list` would.
+fn open(db: &str) -> StoreConn {
+    let db = if Database::is_url(db) {
+        Database::Postgres(PgUrl::parse(db).unwrap())
+    } else {
+        Database::Sqlite(db.into())
+    };
+    StoreConn::open_database(&db, false).unwrap()
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The env's config with `database` set to `db`.
+fn config_with(env: &Env, db: &str) {
+    let text = format!(
+        "database = \"{db}\"\nsocket = \"{}\"\n{FAST_REFRESH}\n{}\n{}",
+        env.socket.display(),
+        env.provider_block(),
+        env.sink("raw", "0600")
+    );
+    std::fs::write(&env.config_path, text).unwrap();
+}
+
+#[test]
+fn an_installation_moves_to_postgresql_and_back_unchanged_and_keeps_refreshing() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let env = Env::new(Knobs::default());
+    // Twelve credentials: six refreshed by a daemon (events, versions,
+    // rotated tokens), six as imported.
+    for i in 0..6 {
+        import_expiring(&env, &format!("soon-{i}"), 1);
+        import_expiring(&env, &format!("later-{i}"), 3600);
+    }
+    let mut daemon = env.start();
+    wait_for("six refreshes", Duration::from_secs(30), || {
+        (env.provider.stats().refreshes_ok >= 6).then_some(())
+    });
+    wait_for("six refreshed rows", Duration::from_secs(10), || {
+        (0..6)
+            .all(|i| {
+                env.row(&format!("soon-{i}"))
+                    .is_some_and(|r| r.state == "valid")
+            })
+            .then_some(())
+    });
+    daemon.stop();
+    let sqlite = env.db.display().to_string();
+    let before = open(&sqlite).dump().unwrap();
+    assert_eq!(before.credentials(), 12);
+    assert!(before.events() >= 18, "{} events", before.events());
+
+    // To PostgreSQL: the destination is the config's database.
+    let pg = server.fresh_db();
+    config_with(&env, &pg);
+    let said = ok(&env.cli(&["migrate", "--from", &format!("sqlite:{sqlite}")], ""));
+    assert!(said.contains("moved 12 credential(s)"), "{said}");
+    let moved = open(&pg).dump().unwrap();
+    assert!(
+        moved == before,
+        "the PostgreSQL copy differs from the source"
+    );
+    assert!(
+        open(&sqlite).dump().unwrap() == before,
+        "the move changed the source's rows"
+    );
+
+    // And back, into a new SQLite file, from a URL on the command line.
+    let back = env.dir.path().join("back/tokend.db").display().to_string();
+    ok(&env.cli(
+        &["migrate", "--from", &pg, "--to", &format!("sqlite:{back}")],
+        "",
+    ));
+    assert!(
+        open(&back).dump().unwrap() == before,
+        "the round trip changed a row or an event"
+    );
+
+    // The copy in PostgreSQL was leased to the move on the way back: give
+    // it a fresh database holding the first copy, and refresh from there
+    // against the strict provider, with no re-authorization.
+    let pg2 = server.fresh_db();
+    config_with(&env, &pg2);
+    ok(&env.cli(&["migrate", "--from", &format!("sqlite:{back}")], ""));
+    let refreshes = env.provider.stats().refreshes_ok;
+    let out = ok(&env.cli(&["refresh", "later-0"], ""));
+    assert!(out.contains("later-0"), "{out}");
+    assert_eq!(env.provider.stats().refreshes_ok, refreshes + 1);
+    assert_eq!(env.provider.stats().reuse_detected, 0);
+    assert_eq!(env.provider.stats().grants_revoked, 0);
+
+    // The old stores refresh nothing any more: each of their copies is
+    // leased to the move.
+    config_with(&env, &sqlite);
+    let out = env.cli(&["refresh", "later-1"], "");
+    assert!(
+        !out.status.success(),
+        "the old store refreshed a moved credential"
+    );
+    assert_eq!(env.provider.stats().refreshes_ok, refreshes + 1);
+}
+
+#[test]
+fn a_move_that_cannot_be_done_changes_nothing() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let env = Env::new(Knobs::default());
+    import_expiring(&env, "kept", 3600);
+    import_expiring(&env, "taken", 3600);
+    let sqlite = env.db.display().to_string();
+    let from = format!("sqlite:{sqlite}");
+
+    // The destination already holds one of the names: nothing is copied,
+    // and the source is as it was (its credentials still refresh).
+    let pg = server.fresh_db();
+    config_with(&env, &pg);
+    let g = env
+        .provider
+        .mint_grant(env.provider.client_id(), "read+write");
+    ok(&env.cli(
+        &[
+            "import",
+            "taken",
+            "--provider",
+            "fake",
+            "--refresh-token",
+            "-",
+        ],
+        &g.refresh_token,
+    ));
+    let out = env.cli(&["migrate", "--from", &from], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already holds \"taken\"") && err.contains("nothing was copied"),
+        "{err}"
+    );
+    assert_eq!(open(&pg).dump().unwrap().credentials(), 1);
+    config_with(&env, &sqlite);
+    ok(&env.cli(&["refresh", "kept"], ""));
+
+    // A refresh in flight on the source (a slow provider, within the
+    // config's 3 s request timeout) refuses the move.
+    let pg = server.fresh_db();
+    env.provider.update_knobs(|k| k.latency_ms = 2500);
+    let refresh = env
+        .tokend(&["refresh", "kept"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the refresh's lease", Duration::from_secs(10), || {
+        (env.state("kept").as_deref() == Some("refreshing")).then_some(())
+    });
+    config_with(&env, &pg);
+    let out = env.cli(&["migrate", "--from", &from], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("leased to a running tokend") && err.contains("nothing was copied"),
+        "{err}"
+    );
+    assert_eq!(open(&pg).dump().unwrap().credentials(), 0);
+    let mut refresh = refresh;
+    assert!(refresh.wait().unwrap().success());
+
+    // Usage errors: a password on the command line, the same store twice.
+    let out = env.cli(
+        &[
+            "migrate",
+            "--from",
+            &from,
+            "--to",
+            "postgresql://u:hunter2@h/db",
+        ],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("hunter2"));
+    config_with(&env, &sqlite);
+    let out = env.cli(&["migrate", "--from", &from], "");
+    assert_eq!(out.status.code(), Some(2));
+}
