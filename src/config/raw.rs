@@ -11,6 +11,8 @@ use serde::Deserialize;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) database: Option<String>,
+    pub(super) database_file: Option<String>,
+    pub(super) database_credential: Option<String>,
     pub(super) socket: Option<String>,
     pub(super) socket_mode: Option<String>,
     pub(super) socket_group: Option<String>,

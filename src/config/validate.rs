@@ -4,6 +4,7 @@
 //! `check-config` can list them at once and the daemon never starts
 //! half-configured.
 
+mod database;
 mod provider;
 
 use std::collections::{BTreeMap, HashSet};
@@ -17,8 +18,8 @@ use super::{
     AccessRule, AlertEvent, Config, DEFAULT_DATABASE, DEFAULT_SOCKET, Env, Format, NotifyRule,
     Problem, RefreshConfig, SinkConfig, SocketConfig, systemd_path,
 };
-use crate::store::{Database, PgUrl};
 use crate::users;
+use database::validate_database;
 use provider::validate_provider;
 
 pub use provider::is_loopback;
@@ -33,26 +34,7 @@ const MAX_SOCKET_PATH: usize = 107;
 pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Config, Vec<Problem>> {
     let mut p = Problems::default();
 
-    let database = match raw.database.clone() {
-        // A PostgreSQL URL: its form is checked here, not the server.
-        Some(d) if Database::is_url(&d) => match PgUrl::parse(&d) {
-            Ok(url) => Database::Postgres(url),
-            Err(e) => {
-                p.add("database", e);
-                Database::Sqlite(PathBuf::new())
-            }
-        },
-        Some(d) => {
-            p.path("database", &d, MAX_PATH, false);
-            Database::Sqlite(PathBuf::from(d))
-        }
-        None => Database::Sqlite(systemd_path(
-            env,
-            "STATE_DIRECTORY",
-            "tokend.db",
-            DEFAULT_DATABASE,
-        )),
-    };
+    let database = validate_database(&raw, env, &mut p);
 
     let refresh = validate_refresh(&raw.refresh, &mut p);
     let socket = validate_socket(&raw, env, &mut p);
