@@ -30,6 +30,10 @@ use crate::store::State;
 /// burst, and costs one STATUS= message, not thousands.
 const STATUS_DEBOUNCE: Duration = Duration::from_secs(1);
 
+/// How often the status line looks for the start or end of a database
+/// outage, which no credential's state change announces.
+const OUTAGE_CHECK: Duration = Duration::from_secs(5);
+
 /// The service manager, if there is one to tell.
 #[derive(Default)]
 pub struct Systemd {
@@ -71,7 +75,7 @@ impl Systemd {
         };
         // Subscribed before the first count, so no change falls in between.
         let changes = refresher.state_changes();
-        let status = status_line(&refresher.summary());
+        let status = status_line(&refresher.summary(), refresher.degraded());
         socket.send(&format!("READY=1\nSTATUS={status}"));
         let mut tasks = vec![tokio::spawn(keep_status(
             socket.clone(),
@@ -146,10 +150,22 @@ async fn keep_status(
     mut changes: watch::Receiver<()>,
     mut last: String,
 ) {
-    while changes.changed().await.is_ok() {
-        tokio::time::sleep(STATUS_DEBOUNCE).await;
-        changes.borrow_and_update();
-        let line = status_line(&refresher.summary());
+    // An outage of the database starts and ends with no state changing:
+    // look for one this often as well.
+    let mut outage = tokio::time::interval(OUTAGE_CHECK);
+    outage.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = changes.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                tokio::time::sleep(STATUS_DEBOUNCE).await;
+                changes.borrow_and_update();
+            }
+            _ = outage.tick() => {}
+        }
+        let line = status_line(&refresher.summary(), refresher.degraded());
         if line != last {
             socket.send(&format!("STATUS={line}"));
             last = line;
@@ -197,10 +213,12 @@ fn watchdog_period(usec: Option<&str>, pid: Option<&str>, me: u32) -> Option<Dur
 }
 
 /// The STATUS= line: "12 valid, 1 retrying, 0 need re-authorization", then
-/// the rarer states only when there are some.
-fn status_line(counts: &HashMap<State, usize>) -> String {
+/// the rarer states only when there are some; after `degraded`, if the
+/// database is out of reach.
+fn status_line(counts: &HashMap<State, usize>, degraded: Option<String>) -> String {
     let n = |s| counts.get(&s).copied().unwrap_or(0);
-    let mut line = format!(
+    let mut line = degraded.map(|d| d + "; ").unwrap_or_default();
+    line += &format!(
         "{} valid, {} retrying, {} need re-authorization",
         n(State::Valid),
         n(State::Retrying),
@@ -251,17 +269,21 @@ mod tests {
     fn the_status_line_names_rare_states_only_when_present() {
         let mut counts = HashMap::from([(State::Valid, 12), (State::Retrying, 1)]);
         assert_eq!(
-            status_line(&counts),
+            status_line(&counts, None),
             "12 valid, 1 retrying, 0 need re-authorization"
         );
         counts.insert(State::Misconfigured, 2);
         assert_eq!(
-            status_line(&counts),
+            status_line(&counts, None),
             "12 valid, 1 retrying, 0 need re-authorization, 2 misconfigured"
         );
         assert_eq!(
-            status_line(&HashMap::new()),
+            status_line(&HashMap::new(), None),
             "0 valid, 0 retrying, 0 need re-authorization"
+        );
+        assert_eq!(
+            status_line(&HashMap::new(), Some("degraded: no database".into())),
+            "degraded: no database; 0 valid, 0 retrying, 0 need re-authorization"
         );
     }
 

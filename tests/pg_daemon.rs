@@ -238,3 +238,53 @@ fn a_refresh_on_one_host_reaches_the_other_within_seconds() {
         "2"
     );
 }
+
+/// README "Running a fleet": a host cut off from the database keeps
+/// serving the tokens it holds, says it is degraded (`/health`, `tokend
+/// status`), and once the database is back reconnects by itself and
+/// publishes changes again.
+#[test]
+fn a_host_that_loses_the_database_serves_its_tokens_and_says_so() {
+    let Some(mut server) = Server::start() else {
+        return;
+    };
+    let env = Env::bare(Knobs::default());
+    write_pg_config(&env, &server);
+    let imported = import_expiring(&env, "bot", 3600);
+    let daemon = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    assert_eq!(get(&env.socket, "/health").text(), "ok");
+
+    server.go_down();
+    let health = wait_for("/health to say degraded", Duration::from_secs(40), || {
+        let h = get(&env.socket, "/health");
+        (h.status == 200
+            && h.text()
+                .starts_with("degraded: the database has been unreachable"))
+        .then(|| h.text())
+    });
+    assert!(!health.contains(PG_PASSWORD), "{health}");
+    // Still serving what it holds (an hour left, far above min_remaining).
+    let r = get(&env.socket, "/v1/tokens/bot");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), imported.access_token);
+    let out = env.cli(&["status", "bot"], "");
+    assert!(out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("tokend: degraded:"), "{said}");
+    assert!(daemon.log().contains("the database is unreachable"));
+
+    server.come_back();
+    wait_for("/health to say ok again", Duration::from_secs(60), || {
+        (get(&env.socket, "/health").text() == "ok").then_some(())
+    });
+    // Reconnected: a change made now (a re-authorization, which has no
+    // access token yet) reaches this host, which refreshes and publishes.
+    env.reimport("bot");
+    let token = wait_for("a new token in the sink", Duration::from_secs(30), || {
+        env.read_token("bot")
+            .filter(|t| *t != imported.access_token)
+    });
+    assert!(env.provider.access_token_valid(&token));
+    assert!(!daemon.log().contains(PG_PASSWORD));
+}

@@ -20,6 +20,7 @@ fn fetch(global: &Global, name: Option<&str>) -> Result<Vec<Status>, Exit> {
     };
     match client::request(&socket, "GET", &path, true, Duration::from_secs(10)) {
         Ok(r) if r.status == 200 => {
+            warn_if_degraded(&socket);
             let parsed = match name {
                 Some(_) => serde_json::from_slice::<Status>(&r.body).map(|s| vec![s]),
                 None => serde_json::from_slice::<Vec<Status>>(&r.body),
@@ -29,6 +30,17 @@ fn fetch(global: &Global, name: Option<&str>) -> Result<Vec<Status>, Exit> {
         Ok(r) => Err(Exit::failure(r.message())),
         Err(Unreachable::NotRunning(_)) => from_store(global, name),
         Err(e) => Err(super::token::unreachable(&socket, e)),
+    }
+}
+
+/// Says on stderr (stdout may be JSON for a machine) that the daemon
+/// cannot reach its database, if it says so itself.
+fn warn_if_degraded(socket: &std::path::Path) {
+    if let Ok(r) = client::request(socket, "GET", "/health", false, Duration::from_secs(10))
+        && r.status == 200
+        && r.body.starts_with(b"degraded")
+    {
+        eprintln!("tokend: {}", String::from_utf8_lossy(&r.body).trim_end());
     }
 }
 

@@ -82,6 +82,19 @@ impl Refresher {
         }
     }
 
+    /// `degraded: …` while this daemon cannot reach its database (a
+    /// PostgreSQL server: README "Running a fleet"), for `/health`, the
+    /// STATUS= line and `tokend status`. Meanwhile it serves the tokens it
+    /// holds while they have more than `min_remaining` left.
+    pub fn degraded(&self) -> Option<String> {
+        let o = self.store.outage()?;
+        Some(format!(
+            "degraded: the database has been unreachable since {} ({})",
+            rfc3339(o.since_ms),
+            o.error
+        ))
+    }
+
     /// Counts of credentials per state, for the status line and logs.
     /// Placeholders for rows not read yet (rev 0) are not credentials yet.
     pub fn summary(&self) -> HashMap<State, usize> {

@@ -144,7 +144,15 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (&method, segments.as_slice()) {
-        (&Method::GET, ["health"]) => ("/health", text(StatusCode::OK, "text/plain", "ok")),
+        // Serving either way: degraded only says the database is out of
+        // reach (README "Running a fleet").
+        (&Method::GET, ["health"]) => (
+            "/health",
+            match state.refresher.degraded() {
+                Some(line) => text(StatusCode::OK, "text/plain", line),
+                None => text(StatusCode::OK, "text/plain", "ok"),
+            },
+        ),
         (&Method::GET, ["metrics"]) => (
             "/metrics",
             text(

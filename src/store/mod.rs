@@ -35,6 +35,7 @@ mod tests;
 pub use conn::{StoreConn, Tuning};
 pub use copy::{Dump, MOVED};
 pub use database::{Database, PgUrl};
+pub use pg::Outage;
 
 /// Why a store operation failed.
 #[derive(Debug)]
@@ -324,6 +325,16 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(_) => None,
             Backend::Postgres(j) => Some(j.subscribe()),
+        }
+    }
+
+    /// Since when, and why, this process has not reached its database: a
+    /// PostgreSQL server out of reach (README "Running a fleet"). Never for
+    /// SQLite, whose file is local.
+    pub fn outage(&self) -> Option<Outage> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(j) => j.outage(),
         }
     }
 

@@ -144,6 +144,17 @@ impl Server {
         self.run();
     }
 
+    /// Stops the server as [`restart`](Self::restart) does, and leaves it
+    /// down until [`come_back`](Self::come_back): an outage.
+    pub fn go_down(&mut self) {
+        self.stop();
+    }
+
+    /// Starts the server again after [`go_down`](Self::go_down).
+    pub fn come_back(&mut self) {
+        self.run();
+    }
+
     /// Starts `postgres` on the cluster and waits until it accepts connections.
     fn run(&mut self) {
         let data = self.dir.path().join("data");

@@ -16,6 +16,7 @@ use postgres::{Client, NoTls};
 use tokio::sync::mpsc;
 
 use super::super::{PgUrl, StoreError};
+use super::{Health, Witness};
 
 /// The channel every write transaction notifies.
 pub(super) const CHANNEL: &str = "tokend_changes";
@@ -31,13 +32,17 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Starts the listener; its thread ends once the receiver is dropped.
-pub(super) fn start(url: &PgUrl, own_pid: Arc<AtomicI32>) -> mpsc::Receiver<()> {
+pub(super) fn start(
+    url: &PgUrl,
+    own_pid: Arc<AtomicI32>,
+    health: Arc<Health>,
+) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
     let mut config = url.config();
     config.connect_timeout(Duration::from_secs(10));
     let spawned = std::thread::Builder::new()
         .name("tokend-pg-listen".into())
-        .spawn(move || listen(&config, &own_pid, &tx));
+        .spawn(move || listen(&config, &own_pid, &health, &tx));
     if let Err(e) = spawned {
         // The periodic re-read still picks up every change, later.
         tracing::warn!(error = %e, "cannot start the database's change listener");
@@ -45,7 +50,7 @@ pub(super) fn start(url: &PgUrl, own_pid: Arc<AtomicI32>) -> mpsc::Receiver<()> 
     rx
 }
 
-fn listen(config: &postgres::Config, own_pid: &AtomicI32, tx: &mpsc::Sender<()>) {
+fn listen(config: &postgres::Config, own_pid: &AtomicI32, health: &Health, tx: &mpsc::Sender<()>) {
     let mut backoff = BACKOFF_FIRST;
     let mut was_down = false;
     while !tx.is_closed() {
@@ -60,6 +65,7 @@ fn listen(config: &postgres::Config, own_pid: &AtomicI32, tx: &mpsc::Sender<()>)
                 if was_down {
                     tracing::info!("listening for other hosts' changes again");
                 }
+                health.up(Witness::Listener);
                 backoff = BACKOFF_FIRST;
                 // Whatever was committed while nobody listened.
                 let _ = tx.try_send(());
@@ -70,6 +76,9 @@ fn listen(config: &postgres::Config, own_pid: &AtomicI32, tx: &mpsc::Sender<()>)
                 tracing::warn!(error = %e, "lost the database's change notifications; reconnecting");
             }
             Err(e) => {
+                // A connection lost is not an outage yet (a server's
+                // restart): one that cannot be made again is.
+                health.down(Witness::Listener, &e.to_string());
                 tracing::warn!(error = %e, retry_in = ?backoff, "cannot listen for the database's change notifications");
             }
         }

@@ -23,7 +23,11 @@ use tokio::sync::oneshot;
 
 use super::{PgUrl, Result, StoreError};
 
+mod health;
 mod listen;
+
+pub use health::Outage;
+use health::{Health, Witness};
 pub(super) mod ops;
 
 /// The `pg_advisory_xact_lock` key the migrating transaction holds, so that
@@ -54,6 +58,8 @@ pub(super) struct Jobs {
     /// The backend pid of the thread's connection: notifications it sent
     /// are this process's own.
     pid: Arc<AtomicI32>,
+    /// Whether the database answers (`health.rs`).
+    health: Arc<Health>,
 }
 
 impl Jobs {
@@ -66,10 +72,12 @@ impl Jobs {
         let (ready_tx, ready_rx) = mpsc::channel();
         let pid = Arc::new(AtomicI32::new(0));
         let link_pid = pid.clone();
+        let health = Arc::new(Health::default());
+        let link_health = health.clone();
         std::thread::Builder::new()
             .name("tokend-pg".into())
             .spawn(move || {
-                let mut link = match Link::connect(config, link_pid) {
+                let mut link = match Link::connect(config, link_pid, link_health) {
                     Ok(l) => {
                         let _ = ready_tx.send(Ok(()));
                         l
@@ -89,12 +97,18 @@ impl Jobs {
             tx,
             url: url.clone(),
             pid,
+            health,
         })
     }
 
     /// Wake-ups for other processes' commits (`listen.rs`).
     pub(super) fn subscribe(&self) -> tokio::sync::mpsc::Receiver<()> {
-        listen::start(&self.url, self.pid.clone())
+        listen::start(&self.url, self.pid.clone(), self.health.clone())
+    }
+
+    /// Since when this process has not reached the database, if it has not.
+    pub(super) fn outage(&self) -> Option<Outage> {
+        self.health.outage()
     }
 
     fn queue<T: Send + 'static>(
@@ -142,24 +156,44 @@ struct Link {
     config: postgres::Config,
     client: Client,
     pid: Arc<AtomicI32>,
+    health: Arc<Health>,
 }
 
 impl Link {
-    fn connect(config: postgres::Config, pid: Arc<AtomicI32>) -> Result<Link> {
+    fn connect(config: postgres::Config, pid: Arc<AtomicI32>, health: Arc<Health>) -> Result<Link> {
         let mut client = config.connect(NoTls)?;
         migrate(&mut client)?;
         let mut link = Link {
             config,
             client,
             pid,
+            health,
         };
         link.note_pid()?;
         Ok(link)
     }
 
+    /// Makes the connection again, unless the last attempt failed too
+    /// recently (`health.rs`: backoff): then fails at once.
     fn reconnect(&mut self) -> Result<()> {
-        self.client = self.config.connect(NoTls)?;
-        self.note_pid()
+        if let Err(wait) = self.health.may_connect() {
+            return Err(StoreError::Postgres(format!(
+                "the database is unreachable; next attempt to connect in {} ms",
+                wait.as_millis()
+            )));
+        }
+        match self.config.connect(NoTls).map_err(StoreError::from) {
+            Ok(client) => {
+                self.client = client;
+                self.note_pid()?;
+                self.health.up(Witness::Ops);
+                Ok(())
+            }
+            Err(e) => {
+                self.health.down(Witness::Ops, &e.to_string());
+                Err(e)
+            }
+        }
     }
 
     fn note_pid(&mut self) -> Result<()> {
