@@ -13,6 +13,7 @@ mod client;
 mod docs;
 mod exec;
 mod import;
+mod keys;
 mod refresh;
 mod remove;
 mod run;
@@ -76,6 +77,7 @@ pub fn main() -> u8 {
         Command::Exec(a) => exec::run(config, a),
         Command::Refresh(a) => refresh::run(config, a),
         Command::Remove(a) => remove::run(config, a),
+        Command::Keys(a) => keys::run(config, a),
         Command::Completions(a) => docs::completions(a.shell),
         Command::Man(_) => docs::man(),
     };

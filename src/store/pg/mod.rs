@@ -23,6 +23,7 @@ use tokio::sync::oneshot;
 
 use super::{PgUrl, Result, StoreError};
 
+pub(super) mod keys;
 mod listen;
 pub(super) mod ops;
 
@@ -209,6 +210,7 @@ fn migrate(client: &mut Client) -> Result<()> {
     }
     if v < super::conn::SCHEMA_VERSION {
         ops::create_schema(&mut tx, super::conn::SCHEMA_VERSION)?;
+        keys::create_table(&mut tx)?;
     }
     tx.commit()?;
     Ok(())
