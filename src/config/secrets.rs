@@ -176,7 +176,7 @@ mod tests {
         assert!(crate::config::testing::parse_ok(PANDADOC).sealing.is_none());
         // Open to the group, too short, missing, relative, both keys.
         let loose = key_file(dir.path(), "loose", &key, 0o640);
-        let short = key_file(dir.path(), "short", &key[..20], 0o600);
+        let short = key_file(dir.path(), "short", &[0xff; 20], 0o600);
         for (line, why) in [
             (
                 format!("encryption_key_file = \"{loose}\""),

@@ -97,13 +97,25 @@ impl StoreConn {
             kek: kek.clone(),
         };
         let found = if load_keys {
-            let k = kek.clone();
-            conn.in_keys_tx(move |tx| keys::open_keys(tx, k.as_deref()))?
+            conn.open_keys(kek.clone())?
         } else {
             Vec::new()
         };
         conn.sealer = Sealer::new(kek, &found)?;
         Ok(conn)
+    }
+
+    /// [`keys::open_keys`]. On SQLite, a read outside any transaction
+    /// first: a store that needs no first data key opens (`tokend status`)
+    /// while another process holds the write lock.
+    fn open_keys(&self, kek: Option<Arc<Kek>>) -> Result<Vec<WrappedKey>> {
+        if let Backend::Sqlite(c) = &self.backend {
+            let found = Lite(c).keys()?;
+            if kek.is_none() || !found.is_empty() {
+                return keys::open_keys(&mut Lite(c), kek.as_deref());
+            }
+        }
+        self.in_keys_tx(move |tx| keys::open_keys(tx, kek.as_deref()))
     }
 
     /// Runs `f` in a write transaction of its own, on either backend.
@@ -228,6 +240,17 @@ impl StoreConn {
             true,
         )
     }
+}
+
+/// [`keys::open_keys`] on the daemon's SQLite connection, before the store
+/// thread owns it: read outside a transaction unless a first data key is
+/// to be made (see [`StoreConn`]'s `open_keys`).
+pub(super) fn sqlite_open_keys(c: &Connection, kek: Option<&Kek>) -> Result<Vec<WrappedKey>> {
+    let found = Lite(c).keys()?;
+    if kek.is_none() || !found.is_empty() {
+        return keys::open_keys(&mut Lite(c), kek);
+    }
+    immediate(c, |c| keys::open_keys(&mut Lite(c), kek))
 }
 
 /// See [`StoreConn::open_tuned`]: the SQLite connection, private and migrated.
@@ -677,7 +700,7 @@ mod tests {
     }
 
     /// Issue 13: a version 2 file (before the grant column) opens as
-    /// version 3, its rows keeping their refresh tokens; two processes
+    /// version 3 (and on, to the current one), its rows keeping their refresh tokens; two processes
     /// starting at once on it migrate it once.
     #[test]
     fn a_version_2_database_migrates_to_3() {
@@ -710,7 +733,7 @@ mod tests {
         let sc = StoreConn::open(&path, false).unwrap();
         assert_eq!(
             ops::user_version(&Connection::open(&path).unwrap()).unwrap(),
-            3
+            SCHEMA_VERSION
         );
         let old = sc.get("old").unwrap().unwrap();
         assert_eq!(old.grant, Grant::RefreshToken(Secret::new("rt-old")));

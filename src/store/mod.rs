@@ -334,8 +334,7 @@ impl Store {
         let (backend, found) = match db {
             Database::Sqlite(path) => {
                 let conn = conn::open_sqlite(path, true, tuning)?;
-                let found =
-                    conn::immediate(&conn, |c| keys::open_keys(&mut keys::Lite(c), k.as_deref()))?;
+                let found = conn::sqlite_open_keys(&conn, k.as_deref())?;
                 (Backend::Sqlite(thread::Jobs::start(conn, path)?), found)
             }
             Database::Postgres(url) => {
