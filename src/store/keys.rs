@@ -241,11 +241,18 @@ pub(super) fn open_keys(tx: &mut dyn KeyTx, kek: Option<&Kek>) -> Result<Vec<Wra
         ))),
         Some(_) if !keys.is_empty() => Ok(keys),
         Some(kek) => {
-            let plain = tx
-                .stored_tokens()?
+            let stored = tx.stored_tokens()?;
+            if let Some(t) = stored
                 .iter()
-                .filter(|t| !t.values().is_empty())
-                .count();
+                .find(|t| t.values().iter().any(|(_, v)| seal::is_sealed(v)))
+            {
+                return Err(StoreError::Seal(format!(
+                    "the store holds sealed tokens ({} among them) but no data key to open \
+                     them: its keys table was emptied (README \"Secrets at rest\", a lost key)",
+                    t.name
+                )));
+            }
+            let plain = stored.iter().filter(|t| !t.values().is_empty()).count();
             if plain > 0 {
                 return Err(StoreError::Seal(format!(
                     "the config gives an encryption key, but the store holds {plain} \
