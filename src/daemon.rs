@@ -38,7 +38,7 @@ pub async fn run(config_path: PathBuf) -> Result<(), Exit> {
             problems,
         }));
     }
-    let store = Store::open_database(&config.database)
+    let store = Store::open_config(&config)
         .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
     let client = provider::Client::new().map_err(Exit::failure)?;
     // Signals first: a SIGTERM during start-up must not kill us half-way.

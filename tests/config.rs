@@ -315,7 +315,7 @@ fn check_config_on_a_good_config_says_ok_and_creates_nothing() {
     assert_eq!(
         stdout.trim_end(),
         format!(
-            "{}: ok (1 provider, 1 sink, database {})",
+            "{}: ok (1 provider, 1 sink, database {}; sealing off)",
             env.config_path.display(),
             env.db.display()
         )

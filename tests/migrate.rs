@@ -34,8 +34,17 @@ fn ok(out: &std::process::Output) -> String {
 
 /// The env's config with `database` set to `db`.
 fn config_with(env: &Env, db: &str) {
+    config_sealed(env, db, None);
+}
+
+/// The env's config with `database` set to `db`, and `key` as its
+/// encryption_key_file (README "Secrets at rest") if given.
+fn config_sealed(env: &Env, db: &str, key: Option<&std::path::Path>) {
+    let key = key.map_or(String::new(), |k| {
+        format!("encryption_key_file = \"{}\"\n", k.display())
+    });
     let text = format!(
-        "database = \"{db}\"\nsocket = \"{}\"\n{FAST_REFRESH}\n{}\n{}",
+        "database = \"{db}\"\nsocket = \"{}\"\n{key}{FAST_REFRESH}\n{}\n{}",
         env.socket.display(),
         env.provider_block(),
         env.sink("raw", "0600")
@@ -204,4 +213,67 @@ fn a_move_that_cannot_be_done_changes_nothing() {
     config_with(&env, &sqlite);
     let out = env.cli(&["migrate", "--from", &from], "");
     assert_eq!(out.status.code(), Some(2));
+}
+
+/// A sealed store moves sealed: its values and its (wrapped) data keys go
+/// as they are, the copy opens with the same key, and plaintext rows are
+/// refused by a sealed destination.
+#[test]
+fn a_sealed_store_moves_sealed_and_opens_with_the_same_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let env = Env::new(Knobs::default());
+    let key = env.dir.path().join("key");
+    let bytes: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+    std::fs::write(&key, bytes).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let sqlite = env.db.display().to_string();
+    config_sealed(&env, &sqlite, Some(&key));
+    let a = import_expiring(&env, "a", 3600);
+    import_expiring(&env, "b", 3600);
+
+    let pg = server.fresh_db();
+    // postgresql://USER@/DB?host=…: its database's name.
+    let db = pg
+        .split("@/")
+        .nth(1)
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    config_sealed(&env, &pg, Some(&key));
+    ok(&env.cli(&["migrate", "--from", &format!("sqlite:{sqlite}")], ""));
+    let stored = server.psql(&db, "SELECT refresh_token, access_token FROM credentials");
+    assert!(!stored.contains(&a.refresh_token) && !stored.contains(&a.access_token));
+    for line in stored.lines() {
+        assert!(line.starts_with("tokend-seal:v1:"), "{line}");
+    }
+    assert_eq!(server.psql(&db, "SELECT count(*) FROM keys").trim(), "1");
+    let before = env.provider.stats().refreshes_ok;
+    ok(&env.cli(&["refresh", "a"], ""));
+    assert_eq!(env.provider.stats().refreshes_ok, before + 1);
+    let said = ok(&env.cli(&["status", "b"], ""));
+    assert!(said.contains("valid"), "{said}");
+
+    // A plaintext installation cannot go into the sealed store.
+    let plain = env.dir.path().join("plain/tokend.db").display().to_string();
+    config_with(&env, &plain);
+    import_expiring(&env, "c", 3600);
+    let out = env.cli(
+        &["migrate", "--from", &format!("sqlite:{plain}"), "--to", &pg],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the destination is sealed and the source is not"),
+        "{err}"
+    );
+    assert_eq!(
+        server.psql(&db, "SELECT count(*) FROM credentials").trim(),
+        "2"
+    );
 }

@@ -384,7 +384,7 @@ fn hosts_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
                 "SELECT string_agg(version::text, ',') FROM tokend_schema"
             )
             .trim(),
-        "3"
+        "4"
     );
     server.psql("t0", "UPDATE tokend_schema SET version = 99");
     let e = StoreConn::open_database(&pg(&url), false)

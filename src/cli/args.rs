@@ -93,6 +93,7 @@ pub enum Command {
     Refresh(Refresh),
     Remove(Remove),
     Migrate(Migrate),
+    Keys(Keys),
     Completions(Completions),
     Man(Man),
 }
@@ -342,6 +343,31 @@ pub struct Migrate {
     /// The same forms as --from. It must not hold any of the names moved.
     #[arg(long, value_name = "DEST", verbatim_doc_comment)]
     pub to: Option<String>,
+}
+
+/// Seal the store's tokens, rotate its keys (README "Secrets at rest")
+///
+/// With encryption_key_file or encryption_key_credential in the config,
+/// the store's token columns are sealed with data keys that this key
+/// wraps. ACTION is one of:
+///   status  whether the config gives a key (its fingerprint), the
+///           store's data keys, and the values each one seals
+///   seal    seal an existing store's plaintext tokens, every row in
+///           one transaction: how an installation turns sealing on
+///   rotate  a new data key; every value is sealed again with it, and
+///           the old keys are deleted once no value uses them
+///   rewrap  wrap the data keys with a new key-encryption key, read
+///           from --new-key-file; then install that file as the key on
+///           every host. No token is touched.
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct Keys {
+    /// status, seal, rotate or rewrap
+    #[arg(value_name = "ACTION", value_parser = ["status", "seal", "rotate", "rewrap"])]
+    pub action: String,
+    /// For rewrap: the new key file (32 bytes, mode 0600)
+    #[arg(long, value_name = "PATH", required_if_eq("action", "rewrap"))]
+    pub new_key_file: Option<PathBuf>,
 }
 
 /// Print a shell completion script

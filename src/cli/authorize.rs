@@ -85,7 +85,7 @@ fn check_existing(config: &Config, name: &str, force: bool) -> Result<(), Exit> 
     if config.database.file().is_some_and(|f| !f.exists()) {
         return Ok(());
     }
-    let existing = StoreConn::open_database(&config.database, false)
+    let existing = StoreConn::open_config(config, false)
         .and_then(|s| s.get(name))
         .map_err(|e| Exit::failure(format!("cannot read the database: {e}")))?;
     match existing {
@@ -409,7 +409,7 @@ impl Flow<'_> {
             event: "authorized",
         };
         let lost = "the new tokens are lost: run 'tokend authorize' again";
-        let store = StoreConn::open_database(&self.config.database, true)
+        let store = StoreConn::open_config(self.config, true)
             .map_err(|e| Exit::failure(format!("cannot open the database: {e}; {lost}")))?;
         match store.insert(&new, self.force) {
             Ok(_) => Ok(format!(

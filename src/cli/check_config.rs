@@ -45,13 +45,22 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
         return Err(Exit::config(ConfigError { path, problems }));
     }
     println!(
-        "{}: ok ({} provider{}, {} sink{}, database {}{})",
+        "{}: ok ({} provider{}, {} sink{}, database {}{}{})",
         path.display(),
         config.providers.len(),
         if config.providers.len() == 1 { "" } else { "s" },
         config.sinks.len(),
         if config.sinks.len() == 1 { "" } else { "s" },
         config.database.display(),
+        // README "Secrets at rest": the key's fingerprint, never the key.
+        config
+            .sealing
+            .as_ref()
+            .map_or("; sealing off".to_owned(), |s| format!(
+                "; sealing on, key fingerprint {} from {}",
+                s.kek.fingerprint(),
+                s.source
+            )),
         user.map_or(String::new(), |u| format!("; checked as user {}", u.name))
     );
     Ok(())

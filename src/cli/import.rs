@@ -44,7 +44,7 @@ pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
         Some(from) => Some(read_secret("--access-token", from)?),
         None => None,
     };
-    let store = StoreConn::open_database(&config.database, true)
+    let store = StoreConn::open_config(&config, true)
         .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
     let new = NewCredential {
         name: name.clone(),

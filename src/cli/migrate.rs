@@ -2,7 +2,10 @@
 //! another store (SQLite to PostgreSQL, for a fleet) without
 //! re-authorizing anything (README "Moving to PostgreSQL").
 //!
-//! The copy is one transaction on each side. The source is leased for good
+//! The copy is one transaction on each side, of the rows as stored: a
+//! sealed store's values stay sealed, and its data keys go along (still
+//! wrapped), so the copy opens with the same key (README "Secrets at
+//! rest"). The source is leased for good
 //! first (`StoreConn::seal_for_move`): a refresh token lives in one place
 //! only, and a daemon left on the old store must not rotate the copy dead.
 
@@ -29,13 +32,13 @@ pub fn run(global: &Global, args: &Migrate) -> Result<(), Exit> {
             to.display()
         )));
     }
-    let source = StoreConn::open_database(&from, false).map_err(|e| match e {
+    let source = StoreConn::open_as_is(&from, false).map_err(|e| match e {
         StoreError::Io(_, e) if e.kind() == std::io::ErrorKind::NotFound => {
             Exit::failure(format!("{}: no database there", from.display()))
         }
         e => Exit::failure(format!("cannot open {}: {e}", from.display())),
     })?;
-    let dest = StoreConn::open_database(&to, true)
+    let dest = StoreConn::open_as_is(&to, true)
         .map_err(|e| Exit::failure(format!("cannot open {}: {e}", to.display())))?;
 
     let dump = source.seal_for_move().map_err(|e| {

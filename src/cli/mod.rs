@@ -13,6 +13,7 @@ mod client;
 mod docs;
 mod exec;
 mod import;
+mod keys;
 mod migrate;
 mod refresh;
 mod remove;
@@ -78,6 +79,7 @@ pub fn main() -> u8 {
         Command::Refresh(a) => refresh::run(config, a),
         Command::Remove(a) => remove::run(config, a),
         Command::Migrate(a) => migrate::run(config, a),
+        Command::Keys(a) => keys::run(config, a),
         Command::Completions(a) => docs::completions(a.shell),
         Command::Man(_) => docs::man(),
     };

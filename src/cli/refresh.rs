@@ -82,7 +82,7 @@ fn directly(global: &Global, name: &str) -> Result<(Status, bool), Exit> {
         .build()
         .map_err(|e| Exit::failure(format!("cannot start the runtime: {e}")))?;
     rt.block_on(async {
-        let store = Store::open_database(&config.database)
+        let store = Store::open_config(&config)
             .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
         let client = provider::Client::new().map_err(Exit::failure)?;
         let r = Refresher::single(config, store, client, name)

@@ -27,7 +27,7 @@ pub fn run(global: &Global, args: &Remove) -> Result<(), Exit> {
         config::load_without_secrets(&path)
     }
     .map_err(Exit::config)?;
-    let store = match StoreConn::open_database(&config.database, false) {
+    let store = match StoreConn::open_config(&config, false) {
         Ok(s) => s,
         Err(StoreError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(missing(name));

@@ -47,7 +47,7 @@ fn warn_if_degraded(socket: &std::path::Path) {
 /// The store's view, when no daemon answers.
 fn from_store(global: &Global, name: Option<&str>) -> Result<Vec<Status>, Exit> {
     let config = config::load_without_secrets(&global.config_path()).map_err(Exit::config)?;
-    let store = match StoreConn::open_database(&config.database, false) {
+    let store = match StoreConn::open_config(&config, false) {
         Ok(s) => s,
         Err(StoreError::Io(_, e)) if e.kind() == std::io::ErrorKind::NotFound => {
             return match name {

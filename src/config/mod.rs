@@ -99,6 +99,21 @@ pub struct Config {
     pub access: Vec<AccessRule>,
     /// `[[notify]]`: whom to tell when a credential needs a human.
     pub notify: Vec<Arc<NotifyRule>>,
+    /// `encryption_key_file` or `encryption_key_credential`: the key that
+    /// seals the token columns (README "Secrets at rest"); None: off.
+    pub sealing: Option<Sealing>,
+}
+
+/// The key-encryption key, loaded and checked with the config (its file's
+/// mode, length and spelling), so that a bad key is a config error naming
+/// its key.
+#[derive(Debug, Clone)]
+pub struct Sealing {
+    /// The config key it was given with, for messages.
+    pub source: &'static str,
+    /// Where it was read from.
+    pub path: PathBuf,
+    pub kek: Arc<crate::seal::Kek>,
 }
 
 /// The Unix socket's place and permissions.

@@ -16,6 +16,8 @@ pub(super) struct RawConfig {
     pub(super) socket: Option<String>,
     pub(super) socket_mode: Option<String>,
     pub(super) socket_group: Option<String>,
+    pub(super) encryption_key_file: Option<String>,
+    pub(super) encryption_key_credential: Option<String>,
     #[serde(default)]
     pub(super) access: Vec<RawAccess>,
     #[serde(default)]

@@ -36,6 +36,10 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
 
     let database = validate_database(&raw, env, &mut p);
 
+    let sealing = super::secrets::load_encryption_key(&raw, env)
+        .map_err(|(key, why)| p.add(key, why))
+        .ok()
+        .flatten();
     let refresh = validate_refresh(&raw.refresh, &mut p);
     let socket = validate_socket(&raw, env, &mut p);
 
@@ -83,6 +87,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
         sinks,
         access,
         notify,
+        sealing,
     })
 }
 

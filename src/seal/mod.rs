@@ -131,6 +131,12 @@ impl Keyring {
         self.active
     }
 
+    /// Whether the keyring holds data key `id`: a value sealed with one it
+    /// does not hold means the store's `keys` table has to be read again.
+    pub fn has_key(&self, id: u32) -> bool {
+        self.keys.contains_key(&id)
+    }
+
     /// The stored form of a token. A fresh random nonce each time: the same
     /// token sealed twice gives two different strings.
     pub fn seal(&self, name: &str, column: Column, value: &Secret) -> Result<String, SealError> {

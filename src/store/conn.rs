@@ -6,14 +6,21 @@
 use std::fs::{DirBuilder, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::Connection;
 
+use super::keys::{self, KeyTx, KeysReport, Lite, Sealer, StoredTokens};
 use super::{Credential, Database, NewCredential, Result, StoreError, ops, pg};
+use crate::seal::{Kek, WrappedKey};
 
 /// The schema version this build writes; `PRAGMA user_version` holds the file's.
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
+
+/// Rows re-sealed per transaction by `tokend keys rotate`: few enough that
+/// no row lock is held long, many enough that SQLite's fsyncs stay few.
+const RESEAL_BATCH: usize = 200;
 
 /// SQLite's page cache and WAL checkpoint interval. The defaults are
 /// SQLite's own, kept because measuring them against larger ones at
@@ -39,6 +46,8 @@ impl Default for Tuning {
 /// A synchronous connection, for the command line.
 pub struct StoreConn {
     pub(super) backend: Backend,
+    sealer: Sealer,
+    kek: Option<Arc<Kek>>,
 }
 
 pub(super) enum Backend {
@@ -51,13 +60,174 @@ impl StoreConn {
     /// Opens the store the config's `database` names. For SQLite, `create`
     /// says whether a missing file is made or an error; a PostgreSQL
     /// database must exist, and its tables are made if missing.
+    /// Without an encryption key: a sealed store is refused.
     pub fn open_database(db: &Database, create: bool) -> Result<StoreConn> {
-        match db {
-            Database::Sqlite(path) => Self::open(path, create),
-            Database::Postgres(url) => Ok(StoreConn {
-                backend: Backend::Postgres(pg::Jobs::start(url)?),
-            }),
+        Self::open_sealed(db, create, None, Tuning::default(), true)
+    }
+
+    /// Opens the store the config's `database` names, sealed with its
+    /// encryption key if it gives one (README "Secrets at rest").
+    pub fn open_config(config: &crate::config::Config, create: bool) -> Result<StoreConn> {
+        let kek = config.sealing.as_ref().map(|s| s.kek.clone());
+        Self::open_sealed(&config.database, create, kek, Tuning::default(), true)
+    }
+
+    /// For `tokend keys`: the store as it is, sealed or not, its data keys
+    /// left unread (they may be wrapped by another key): only the `keys`
+    /// methods below may be used on it.
+    pub fn open_for_keys(config: &crate::config::Config) -> Result<StoreConn> {
+        let kek = config.sealing.as_ref().map(|s| s.kek.clone());
+        Self::open_sealed(&config.database, false, kek, Tuning::default(), false)
+    }
+
+    /// For `tokend migrate`: the store as it is, sealed or not, its data
+    /// keys left unread: only the rows as stored are copied
+    /// ([`seal_for_move`](Self::seal_for_move), [`restore`](Self::restore)).
+    pub fn open_as_is(db: &Database, create: bool) -> Result<StoreConn> {
+        Self::open_sealed(db, create, None, Tuning::default(), false)
+    }
+
+    fn open_sealed(
+        db: &Database,
+        create: bool,
+        kek: Option<Arc<Kek>>,
+        tuning: Tuning,
+        load_keys: bool,
+    ) -> Result<StoreConn> {
+        let backend = match db {
+            Database::Sqlite(path) => Backend::Sqlite(open_sqlite(path, create, tuning)?),
+            Database::Postgres(url) => Backend::Postgres(pg::Jobs::start(url)?),
+        };
+        let mut conn = StoreConn {
+            backend,
+            sealer: Sealer::new(None, &[])?,
+            kek: kek.clone(),
+        };
+        let found = if load_keys {
+            conn.open_keys(kek.clone())?
+        } else {
+            Vec::new()
+        };
+        conn.sealer = Sealer::new(kek, &found)?;
+        Ok(conn)
+    }
+
+    /// [`keys::open_keys`]. On SQLite, a read outside any transaction
+    /// first: a store that needs no first data key opens (`tokend status`)
+    /// while another process holds the write lock.
+    fn open_keys(&self, kek: Option<Arc<Kek>>) -> Result<Vec<WrappedKey>> {
+        if let Backend::Sqlite(c) = &self.backend {
+            let found = Lite(c).keys()?;
+            if kek.is_none() || !found.is_empty() {
+                return keys::open_keys(&mut Lite(c), kek.as_deref());
+            }
         }
+        self.in_keys_tx(move |tx| keys::open_keys(tx, kek.as_deref()))
+    }
+
+    /// Runs `f` in a write transaction of its own, on either backend.
+    fn in_keys_tx<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn KeyTx) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| f(&mut Lite(c))),
+            Backend::Postgres(j) => j.call(move |c| f(c)),
+        }
+    }
+
+    /// `v` with its tokens opened, the data keys read again first if one
+    /// of its values needs a key added since.
+    fn opened<T: keys::Tokens>(&self, v: Result<T>) -> Result<T> {
+        let mut v = v?;
+        if self.sealer.needs_reload(&mut v) {
+            self.reload_keys()?;
+        }
+        self.sealer.open(&mut v)?;
+        Ok(v)
+    }
+
+    fn reload_keys(&self) -> Result<()> {
+        let found = self.in_keys_tx(|tx| tx.keys())?;
+        self.sealer.install(&found)
+    }
+
+    fn kek(&self) -> Result<Arc<Kek>> {
+        self.kek.clone().ok_or_else(|| {
+            StoreError::Seal(
+                "the config gives no encryption key: set encryption_key_file or \
+                 encryption_key_credential"
+                    .into(),
+            )
+        })
+    }
+
+    /// The data keys and every credential's stored token columns, as they
+    /// are: for `tokend keys status`, which needs no key.
+    pub fn key_status(&self) -> Result<(Vec<WrappedKey>, Vec<StoredTokens>)> {
+        self.in_keys_tx(|tx| Ok((tx.keys()?, tx.stored_tokens()?)))
+    }
+
+    /// `tokend keys seal`: seals a plaintext store, every row in one
+    /// transaction with its first data key.
+    pub fn seal_store(&self) -> Result<KeysReport> {
+        let kek = self.kek()?;
+        self.in_keys_tx(move |tx| keys::seal_store(tx, &kek))
+    }
+
+    /// `tokend keys rotate`: a new data key, every value sealed again with
+    /// it, then the keys no value uses any more deleted.
+    pub fn rotate_key(&self) -> Result<KeysReport> {
+        let kek = self.kek()?;
+        let k = kek.clone();
+        let ring = Arc::new(self.in_keys_tx(move |tx| keys::add_data_key(tx, &k))?);
+        let mut report = KeysReport {
+            active: ring.active_key(),
+            ..KeysReport::default()
+        };
+        let names: Vec<String> = self
+            .in_keys_tx(|tx| tx.stored_tokens())?
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        for chunk in names.chunks(RESEAL_BATCH) {
+            let (chunk, ring) = (chunk.to_vec(), ring.clone());
+            let (n, plain) = self.in_keys_tx(move |tx| {
+                let (mut n, mut plain) = (0, Vec::new());
+                for name in chunk {
+                    let (wrote, refused) = keys::reseal_row(tx, &ring, &name, false)?;
+                    n += wrote;
+                    if refused {
+                        plain.push(name);
+                    }
+                }
+                Ok((n, plain))
+            })?;
+            report.sealed += n;
+            report.plaintext.extend(plain);
+        }
+        let active = report.active;
+        report.deleted = self.in_keys_tx(move |tx| keys::delete_unused(tx, active))?;
+        Ok(report)
+    }
+
+    /// After sealing or re-sealing a SQLite file: rewrites it (`VACUUM`)
+    /// and empties its WAL, so that the plaintext (or the values of a
+    /// retired key) left in free pages and old WAL frames is gone.
+    /// PostgreSQL keeps dead row versions until its own VACUUM (README
+    /// "Secrets at rest").
+    pub fn compact(&self) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(c) => Ok(c.execute_batch("VACUUM; PRAGMA wal_checkpoint(TRUNCATE);")?),
+            Backend::Postgres(_) => Ok(()),
+        }
+    }
+
+    /// `tokend keys rewrap`: every data key wrapped anew by `new`; returns
+    /// how many.
+    pub fn rewrap_keys(&self, new: Arc<Kek>) -> Result<usize> {
+        let old = self.kek()?;
+        self.in_keys_tx(move |tx| keys::rewrap_keys(tx, &old, &new))
     }
 
     /// Opens the database; with `create`, makes it (0600, in a 0700
@@ -69,10 +239,25 @@ impl StoreConn {
     /// [`open`](Self::open) with other SQLite settings than the defaults:
     /// for the store benchmark, which measures them.
     pub fn open_tuned(path: &Path, create: bool, tuning: Tuning) -> Result<StoreConn> {
-        Ok(StoreConn {
-            backend: Backend::Sqlite(open_sqlite(path, create, tuning)?),
-        })
+        Self::open_sealed(
+            &Database::Sqlite(path.to_owned()),
+            create,
+            None,
+            tuning,
+            true,
+        )
     }
+}
+
+/// [`keys::open_keys`] on the daemon's SQLite connection, before the store
+/// thread owns it: read outside a transaction unless a first data key is
+/// to be made (see [`StoreConn`]'s `open_keys`).
+pub(super) fn sqlite_open_keys(c: &Connection, kek: Option<&Kek>) -> Result<Vec<WrappedKey>> {
+    let found = Lite(c).keys()?;
+    if kek.is_none() || !found.is_empty() {
+        return keys::open_keys(&mut Lite(c), kek);
+    }
+    immediate(c, |c| keys::open_keys(&mut Lite(c), kek))
 }
 
 /// See [`StoreConn::open_tuned`]: the SQLite connection, private and migrated.
@@ -150,6 +335,29 @@ fn migrate(conn: &Connection) -> Result<()> {
             ops::migrate_to_3(c)
         })?;
     }
+    if v < 4 {
+        // The wrapped data keys of a sealed store (README "Secrets at rest").
+        immediate(conn, |c| {
+            if ops::user_version(c)? >= 4 {
+                return Ok(());
+            }
+            keys::migrate_to_4(c)?;
+            record_version(c, 4)
+        })?;
+    }
+    Ok(())
+}
+
+/// Writes the schema version into `tokend_schema`, the table PostgreSQL's
+/// store keeps it in, so that both stores answer a DBA's
+/// `SELECT version FROM tokend_schema` alike. SQLite's own check stays
+/// `PRAGMA user_version`, which the same transaction sets.
+fn record_version(c: &Connection, version: i64) -> Result<()> {
+    c.execute_batch(
+        "CREATE TABLE IF NOT EXISTS tokend_schema (version INTEGER NOT NULL);
+         DELETE FROM tokend_schema;",
+    )?;
+    c.execute("INSERT INTO tokend_schema (version) VALUES (?1)", [version])?;
     Ok(())
 }
 
@@ -177,10 +385,10 @@ pub(super) fn immediate<T>(
 
 impl StoreConn {
     pub fn load_all(&self) -> Result<Vec<Credential>> {
-        match &self.backend {
+        self.opened(match &self.backend {
             Backend::Sqlite(c) => ops::load_all(c),
             Backend::Postgres(j) => j.call(pg::ops::load_all),
-        }
+        })
     }
 
     /// Forgets a credential: its row, events and lease. Returns whether it existed.
@@ -198,13 +406,13 @@ impl StoreConn {
     /// is not a refresh (`tokend remove --revoke`): while it is held no
     /// refresh starts anywhere, and none is in flight.
     pub fn hold_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<super::Lease> {
-        match &self.backend {
+        self.opened(match &self.backend {
             Backend::Sqlite(c) => immediate(c, |c| ops::hold_lease(c, name, holder, ttl)),
             Backend::Postgres(j) => {
                 let (name, holder) = (name.to_owned(), holder.to_owned());
                 j.call(move |c| pg::ops::hold_lease(c, &name, &holder, ttl))
             }
-        }
+        })
     }
 
     /// Gives back `holder`'s lease on a credential.
@@ -221,24 +429,44 @@ impl StoreConn {
     /// One credential: a command looks before it asks the user for work
     /// that an existing name would waste (`authorize` without `--force`).
     pub fn get(&self, name: &str) -> Result<Option<Credential>> {
-        match &self.backend {
+        self.opened(match &self.backend {
             Backend::Sqlite(c) => ops::get(c, name),
             Backend::Postgres(j) => {
                 let name = name.to_owned();
                 j.call(move |c| pg::ops::get(c, &name))
             }
-        }
+        })
     }
 
     /// Stores a new credential; with `replace`, overwrites one of that name
     /// (its version moves on, so a refresh in flight cannot overwrite it back).
     pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {
-        match &self.backend {
-            Backend::Sqlite(c) => immediate(c, |c| ops::insert(c, new, replace)),
-            Backend::Postgres(j) => {
-                let new = new.clone();
-                j.call(move |c| pg::ops::insert(c, &new, replace))
+        self.with_keys_reloaded(|| {
+            let (new, with) = self.sealer.seal_new(new)?;
+            self.opened(match &self.backend {
+                Backend::Sqlite(c) => immediate(c, |c| {
+                    let r = ops::insert(c, &new, replace)?;
+                    keys::check_active(&mut Lite(c), with)?;
+                    Ok(r)
+                }),
+                Backend::Postgres(j) => j.call(move |c| {
+                    let r = pg::ops::insert(c, &new, replace)?;
+                    keys::check_active(c, with)?;
+                    Ok(r)
+                }),
+            })
+        })
+    }
+
+    /// Runs a write that seals; if another process changed the data keys
+    /// meanwhile ([`StoreError::KeysChanged`]), once more with them.
+    fn with_keys_reloaded<T>(&self, f: impl Fn() -> Result<T>) -> Result<T> {
+        match f() {
+            Err(StoreError::KeysChanged) => {
+                self.reload_keys()?;
+                f()
             }
+            r => r,
         }
     }
 
@@ -253,19 +481,32 @@ impl StoreConn {
     /// credentials of the same names as [`insert`](Self::insert) does
     /// (`tokend import --from FILE --force`).
     pub fn insert_batch(&self, new: &[NewCredential], replace: bool) -> Result<()> {
-        match &self.backend {
-            Backend::Sqlite(c) => immediate(c, |c| {
-                new.iter()
-                    .try_for_each(|n| ops::insert(c, n, replace).map(drop))
-            }),
-            Backend::Postgres(j) => {
-                let new = new.to_vec();
-                j.call(move |c| {
-                    new.iter()
-                        .try_for_each(|n| pg::ops::insert(c, n, replace).map(drop))
-                })
-            }
+        if new.is_empty() {
+            return Ok(());
         }
+        self.with_keys_reloaded(|| {
+            let mut with = None;
+            let mut sealed = Vec::with_capacity(new.len());
+            for n in new {
+                let (n, w) = self.sealer.seal_new(n)?;
+                with = w;
+                sealed.push(n);
+            }
+            match &self.backend {
+                Backend::Sqlite(c) => immediate(c, |c| {
+                    sealed
+                        .iter()
+                        .try_for_each(|n| ops::insert(c, n, replace).map(drop))?;
+                    keys::check_active(&mut Lite(c), with)
+                }),
+                Backend::Postgres(j) => j.call(move |c| {
+                    sealed
+                        .iter()
+                        .try_for_each(|n| pg::ops::insert(c, n, replace).map(drop))?;
+                    keys::check_active(c, with)
+                }),
+            }
+        })
     }
 }
 
@@ -480,7 +721,7 @@ mod tests {
     }
 
     /// Issue 13: a version 2 file (before the grant column) opens as
-    /// version 3, its rows keeping their refresh tokens; two processes
+    /// version 3 (and on, to the current one), its rows keeping their refresh tokens; two processes
     /// starting at once on it migrate it once.
     #[test]
     fn a_version_2_database_migrates_to_3() {
@@ -513,7 +754,7 @@ mod tests {
         let sc = StoreConn::open(&path, false).unwrap();
         assert_eq!(
             ops::user_version(&Connection::open(&path).unwrap()).unwrap(),
-            3
+            SCHEMA_VERSION
         );
         let old = sc.get("old").unwrap().unwrap();
         assert_eq!(old.grant, Grant::RefreshToken(Secret::new("rt-old")));

@@ -70,6 +70,16 @@ const EVENT_COLUMNS: &[(&str, Kind)] = &[
     ("detail", Kind::Text),
 ];
 
+/// Every column of `keys`: the data keys a sealed store's values need
+/// (README "Secrets at rest"), still wrapped; they go along, so the copy
+/// opens with the same key-encryption key.
+const KEY_COLUMNS: &[(&str, Kind)] = &[
+    ("id", Kind::Int),
+    ("wrapped", Kind::Text),
+    ("kek_fingerprint", Kind::Text),
+    ("created_at", Kind::Int),
+];
+
 /// One stored value.
 #[derive(Clone, PartialEq, Eq)]
 enum Value {
@@ -83,6 +93,7 @@ enum Value {
 pub struct Dump {
     credentials: Vec<Vec<Value>>,
     events: Vec<Vec<Value>>,
+    keys: Vec<Vec<Value>>,
 }
 
 impl Drop for Dump {
@@ -173,6 +184,23 @@ fn column_list(cols: &[(&str, Kind)]) -> String {
     cols.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
+/// Whether the destination, holding data keys or not (`dest_sealed`), can
+/// take `dump`: a store is all sealed or all plaintext, so plaintext rows
+/// cannot go into a sealed store, and two sets of data keys cannot be one.
+fn check_sealing(dump: &Dump, dest_sealed: bool) -> Result<()> {
+    match (dump.keys.is_empty(), dest_sealed) {
+        (_, false) => Ok(()),
+        (true, true) => Err(StoreError::Seal(
+            "the destination is sealed and the source is not: seal the source first \
+             (tokend keys seal, with the same key), or move into a store without data keys"
+                .into(),
+        )),
+        (false, true) => Err(StoreError::Seal(
+            "the destination has data keys of its own: move into a store without any".into(),
+        )),
+    }
+}
+
 /// A name the destination has already: the move would overwrite it.
 fn taken(name: &str) -> StoreError {
     StoreError::Exists(name.to_owned())
@@ -217,6 +245,7 @@ mod sqlite {
         Ok(Dump {
             credentials: rows(c, "credentials", CREDENTIAL_COLUMNS, "name")?,
             events: rows(c, "events", EVENT_COLUMNS, "id")?,
+            keys: rows(c, "keys", KEY_COLUMNS, "id")?,
         })
     }
 
@@ -271,11 +300,14 @@ mod sqlite {
     }
 
     pub(super) fn restore(c: &Connection, dump: &Dump) -> Result<()> {
+        let sealed: bool = c.query_row("SELECT EXISTS (SELECT 1 FROM keys)", [], |r| r.get(0))?;
+        check_sealing(dump, sealed)?;
         for name in dump.names() {
             if ops::get(c, &name)?.is_some() {
                 return Err(taken(&name));
             }
         }
+        insert(c, "keys", KEY_COLUMNS, &dump.keys)?;
         insert(c, "credentials", CREDENTIAL_COLUMNS, &dump.credentials)?;
         insert(c, "events", EVENT_COLUMNS, &dump.events)
     }
@@ -315,6 +347,7 @@ mod pg {
         Ok(Dump {
             credentials: rows(tx, "credentials", CREDENTIAL_COLUMNS, "name")?,
             events: rows(tx, "events", EVENT_COLUMNS, "id")?,
+            keys: rows(tx, "keys", KEY_COLUMNS, "id")?,
         })
     }
 
@@ -374,6 +407,12 @@ mod pg {
     }
 
     pub(super) fn restore(tx: &mut Transaction<'_>, dump: &Dump) -> Result<()> {
+        // Other hosts' key changes wait for this transaction.
+        tx.execute("LOCK TABLE keys IN EXCLUSIVE MODE", &[])?;
+        let sealed: bool = tx
+            .query_one("SELECT EXISTS (SELECT 1 FROM keys)", &[])?
+            .get(0);
+        check_sealing(dump, sealed)?;
         let names = dump.names();
         if let Some(r) = tx.query_opt(
             "SELECT name FROM credentials WHERE name = ANY($1) ORDER BY name LIMIT 1",
@@ -381,6 +420,7 @@ mod pg {
         )? {
             return Err(taken(&r.get::<_, String>(0)));
         }
+        insert(tx, "keys", KEY_COLUMNS, &dump.keys)?;
         insert(tx, "credentials", CREDENTIAL_COLUMNS, &dump.credentials)?;
         insert(tx, "events", EVENT_COLUMNS, &dump.events)?;
         tx.execute("SELECT pg_notify('tokend_changes', '')", &[])?;

@@ -18,13 +18,16 @@
 //! `ops.rs` holds every SQL statement.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::seal::{Column, Kek};
 use crate::secret::Secret;
 
 mod conn;
 mod copy;
 mod database;
+mod keys;
 mod ops;
 mod pg;
 mod thread;
@@ -35,6 +38,7 @@ mod tests;
 pub use conn::{StoreConn, Tuning};
 pub use copy::{Dump, MOVED};
 pub use database::{Database, PgUrl};
+pub use keys::{KeysReport, StoredTokens, fingerprint_of};
 pub use pg::Outage;
 
 /// Why a store operation failed.
@@ -56,6 +60,21 @@ pub enum StoreError {
     Commit(String),
     /// The store thread is gone (the daemon is shutting down).
     Closed,
+    /// Sealing (README "Secrets at rest"): a key that does not open the
+    /// store, a sealed store without a key, a value that does not open.
+    /// The text names files, credentials, key ids and fingerprints, never
+    /// a token or a key.
+    Seal(String),
+    /// A token column of a sealed store holds plaintext: refused, since
+    /// whoever can write to the database could have planted it.
+    Plaintext {
+        name: String,
+        column: Column,
+    },
+    /// The store's active data key is not the one a write sealed with
+    /// (another process rotated it, or sealed the store): the write was
+    /// rolled back, to be sealed again after the keys are read again.
+    KeysChanged,
 }
 
 impl std::fmt::Display for StoreError {
@@ -74,6 +93,18 @@ impl std::fmt::Display for StoreError {
             ),
             StoreError::Commit(e) => write!(f, "database commit failed: {e}"),
             StoreError::Closed => write!(f, "the store is closed"),
+            StoreError::Seal(e) => f.write_str(e),
+            StoreError::Plaintext { name, column } => write!(
+                f,
+                "the {column} of {name:?} is stored in plaintext in a sealed store: refused \
+                 (whoever can write to the database may have planted it); authorize or \
+                 import the credential again"
+            ),
+            StoreError::KeysChanged => write!(
+                f,
+                "the store's data keys changed during the operation (another process rotated \
+                 them): run it again"
+            ),
         }
     }
 }
@@ -244,6 +275,8 @@ pub enum Commit {
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    /// Seals tokens on the way in, opens them on the way out (`keys.rs`).
+    sealer: Arc<keys::Sealer>,
 }
 
 #[derive(Clone)]
@@ -274,40 +307,85 @@ const READ: bool = false;
 const WRITE: bool = true;
 
 impl Store {
-    /// Opens (creating if needed) the SQLite file and starts the store thread.
+    /// Opens (creating if needed) the SQLite file and starts the store
+    /// thread, without an encryption key: a sealed store is refused.
     pub fn open(path: &Path) -> Result<Store> {
         Self::open_tuned(path, Tuning::default())
     }
 
-    /// Opens the store the config's `database` names: a SQLite file
-    /// (created if needed) or a PostgreSQL database (its schema created or
-    /// upgraded).
+    /// Opens the store the config's `database` names, sealed with its
+    /// encryption key if it gives one (README "Secrets at rest").
+    pub fn open_config(config: &crate::config::Config) -> Result<Store> {
+        let kek = config.sealing.as_ref().map(|s| s.kek.clone());
+        Self::open_sealed(&config.database, kek, Tuning::default())
+    }
+
+    /// Opens the store `db` names, without an encryption key: a SQLite
+    /// file (created if needed) or a PostgreSQL database (its schema
+    /// created or upgraded).
     pub fn open_database(db: &Database) -> Result<Store> {
-        match db {
-            Database::Sqlite(path) => Self::open(path),
-            Database::Postgres(url) => Ok(Store {
-                backend: Backend::Postgres(pg::Jobs::start(url)?),
-            }),
-        }
+        Self::open_sealed(db, None, Tuning::default())
     }
 
     /// [`open`](Self::open) with other SQLite settings (the store benchmark).
     pub fn open_tuned(path: &Path, tuning: Tuning) -> Result<Store> {
-        let conn = conn::open_sqlite(path, true, tuning)?;
+        Self::open_sealed(&Database::Sqlite(path.to_owned()), None, tuning)
+    }
+
+    /// Opens the store with the key-encryption key `kek`, if any: its data
+    /// keys are loaded (a plaintext store without credentials is sealed
+    /// first), before any token is read (`keys.rs`).
+    fn open_sealed(db: &Database, kek: Option<Arc<Kek>>, tuning: Tuning) -> Result<Store> {
+        let k = kek.clone();
+        let (backend, found) = match db {
+            Database::Sqlite(path) => {
+                let conn = conn::open_sqlite(path, true, tuning)?;
+                let found = conn::sqlite_open_keys(&conn, k.as_deref())?;
+                (Backend::Sqlite(thread::Jobs::start(conn, path)?), found)
+            }
+            Database::Postgres(url) => {
+                let j = pg::Jobs::start(url)?;
+                let found = j.call(move |c| keys::open_keys(c, k.as_deref()))?;
+                (Backend::Postgres(j), found)
+            }
+        };
         Ok(Store {
-            backend: Backend::Sqlite(thread::Jobs::start(conn, path)?),
+            backend,
+            sealer: Arc::new(keys::Sealer::new(kek, &found)?),
         })
     }
 
+    /// Reads the `keys` table again: another process added a data key (a
+    /// rotation) or sealed the store.
+    async fn reload_keys(&self) -> Result<()> {
+        let found = run!(self, READ, |c| keys::KeyTx::keys(&mut keys::Lite(c)), |c| {
+            keys::KeyTx::keys(c)
+        })?;
+        self.sealer.install(&found)
+    }
+
+    /// `v` with its tokens opened (the data keys read again first if one
+    /// of its values needs a key added since).
+    async fn opened<T: keys::Tokens>(&self, v: Result<T>) -> Result<T> {
+        let mut v = v?;
+        if self.sealer.needs_reload(&mut v) {
+            self.reload_keys().await?;
+        }
+        self.sealer.open(&mut v)?;
+        Ok(v)
+    }
+
     pub async fn load_all(&self) -> Result<Vec<Credential>> {
-        run!(self, READ, ops::load_all, pg::ops::load_all)
+        self.opened(run!(self, READ, ops::load_all, pg::ops::load_all))
+            .await
     }
 
     pub async fn get(&self, name: &str) -> Result<Option<Credential>> {
         let name = name.to_owned();
-        run!(self, READ, move |c| ops::get(c, &name), move |c| {
+        let got = run!(self, READ, move |c| ops::get(c, &name), move |c| {
             pg::ops::get(c, &name)
-        })
+        });
+        self.opened(got).await
     }
 
     /// `(name, rev)` of every row: cheap enough to tell, after another
@@ -357,12 +435,13 @@ impl Store {
         version: i64,
     ) -> Result<Lease> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        run!(
+        let lease = run!(
             self,
             WRITE,
             move |c| ops::take_lease(c, &name, &holder, ttl, version),
             move |c| pg::ops::take_lease(c, &name, &holder, ttl, version)
-        )
+        );
+        self.opened(lease).await
     }
 
     /// Gives back lease `fence`, taken for a refresh whose request was
@@ -407,13 +486,36 @@ impl Store {
         version: i64,
         update: TokenUpdate,
     ) -> Result<Commit> {
-        let (name, holder) = (name.to_owned(), holder.to_owned());
-        run!(
-            self,
-            WRITE,
-            move |c| ops::commit_refresh(c, &name, &holder, fence, version, &update),
-            move |c| pg::ops::commit_refresh(c, &name, &holder, fence, version, &update)
-        )
+        let mut reloaded = false;
+        loop {
+            // Sealed here, with the data key this process holds as the
+            // active one; the transaction checks at its end that it still
+            // is (`keys::check_active`), else the keys are read again and
+            // the pair sealed again, once.
+            let (sealed, with) = self.sealer.seal_update(name, &update)?;
+            let (name, holder) = (name.to_owned(), holder.to_owned());
+            let done = run!(
+                self,
+                WRITE,
+                move |c| {
+                    let r = ops::commit_refresh(c, &name, &holder, fence, version, &sealed)?;
+                    keys::check_active(&mut keys::Lite(c), with)?;
+                    Ok(r)
+                },
+                move |c| {
+                    let r = pg::ops::commit_refresh(c, &name, &holder, fence, version, &sealed)?;
+                    keys::check_active(c, with)?;
+                    Ok(r)
+                }
+            );
+            match done {
+                Err(StoreError::KeysChanged) if !reloaded => {
+                    reloaded = true;
+                    self.reload_keys().await?;
+                }
+                done => return self.opened(done).await,
+            }
+        }
     }
 
     /// Extends `holder`'s lease `fence` to `ttl` from now, while a commit of
@@ -440,12 +542,13 @@ impl Store {
     /// token is still at the given version and its attempt is later. Returns
     /// the rows that moved.
     pub async fn bring_forward(&self, items: Vec<(String, i64, i64)>) -> Result<Vec<Credential>> {
-        run!(
+        let moved = run!(
             self,
             WRITE,
             move |c| ops::bring_forward(c, &items),
             move |c| pg::ops::bring_forward(c, &items)
-        )
+        );
+        self.opened(moved).await
     }
 
     /// Records a failed refresh or validation against the token `version` it
@@ -458,23 +561,25 @@ impl Store {
         failure: FailureUpdate,
     ) -> Result<Commit> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        run!(
+        let done = run!(
             self,
             WRITE,
             move |c| ops::record_failure(c, &name, &holder, version, &failure),
             move |c| pg::ops::record_failure(c, &name, &holder, version, &failure)
-        )
+        );
+        self.opened(done).await
     }
 
     /// Records that the token at `version` passed validation.
     pub async fn record_validated(&self, name: &str, version: i64) -> Result<Commit> {
         let name = name.to_owned();
-        run!(
+        let done = run!(
             self,
             WRITE,
             move |c| ops::record_validated(c, &name, version),
             move |c| pg::ops::record_validated(c, &name, version)
-        )
+        );
+        self.opened(done).await
     }
 
     /// Records `error` as the last error of the token at `version` without
@@ -482,23 +587,25 @@ impl Store {
     /// fresh token), shown in the status while it lasts.
     pub async fn record_note(&self, name: &str, version: i64, error: String) -> Result<Commit> {
         let name = name.to_owned();
-        run!(
+        let done = run!(
             self,
             WRITE,
             move |c| ops::record_note(c, &name, version, &error),
             move |c| pg::ops::record_note(c, &name, version, &error)
-        )
+        );
+        self.opened(done).await
     }
 
     /// Clears the failure count of a `misconfigured` credential so that it is
     /// tried again now (after a config reload that may have fixed it).
     pub async fn reset_backoff(&self, name: &str) -> Result<Commit> {
         let name = name.to_owned();
-        run!(
+        let done = run!(
             self,
             WRITE,
             move |c| ops::reset_backoff(c, &name),
             move |c| pg::ops::reset_backoff(c, &name)
-        )
+        );
+        self.opened(done).await
     }
 }

@@ -236,3 +236,21 @@ async fn an_unfinished_refresh_is_reported_to_the_next_holder() {
         _ => panic!("lease not taken"),
     }
 }
+
+#[test]
+fn sqlite_records_its_schema_version_in_tokend_schema_as_postgresql_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    StoreConn::open(&path, true).unwrap();
+    // Opened again: the migration does not run twice, the row stays one.
+    StoreConn::open(&path, false).unwrap();
+    let c = Connection::open(&path).unwrap();
+    let versions: Vec<i64> = c
+        .prepare("SELECT version FROM tokend_schema")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(versions, vec![conn::SCHEMA_VERSION]);
+}

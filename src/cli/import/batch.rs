@@ -26,7 +26,7 @@ pub fn run(global: &Global, from: &str, force: bool) -> Result<(), Exit> {
     let path = global.config_path();
     let config = config::load_without_secrets(&path).map_err(Exit::config)?;
     let (batch, lines) = read(&config, from)?;
-    let store = StoreConn::open_database(&config.database, true)
+    let store = StoreConn::open_config(&config, true)
         .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
     match store.insert_batch(&batch, force) {
         Ok(()) => {

@@ -24,6 +24,7 @@ use tokio::sync::oneshot;
 use super::{PgUrl, Result, StoreError};
 
 mod health;
+pub(super) mod keys;
 mod listen;
 
 pub use health::Outage;
@@ -243,6 +244,7 @@ fn migrate(client: &mut Client) -> Result<()> {
     }
     if v < super::conn::SCHEMA_VERSION {
         ops::create_schema(&mut tx, super::conn::SCHEMA_VERSION)?;
+        keys::create_table(&mut tx)?;
     }
     tx.commit()?;
     Ok(())

@@ -1,0 +1,522 @@
+//! Secrets at rest (issue 12, README "Secrets at rest"): the real binary
+//! with `encryption_key_file`. The store (SQLite, read raw and with SQL;
+//! PostgreSQL's rows) holds no token in plaintext, yet the daemon
+//! refreshes and publishes the provider's real token; a wrong key is
+//! refused and changes nothing; `tokend keys seal|rotate|rewrap` keep
+//! every credential usable, for a second host too; a planted plaintext
+//! token is refused.
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use support::pg::Server;
+use support::*;
+
+/// What every sealed value starts with.
+const SEALED: &str = "tokend-seal:v1:";
+
+/// A key file of 32 random bytes, mode 0600, in the test's directory.
+fn key_file(env: &Env, name: &str) -> PathBuf {
+    let p = env.dir.path().join(name);
+    // Random: two keys of one test must differ, whatever a seed says.
+    let bytes: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+    fs::write(&p, bytes).unwrap();
+    fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+/// A config at `path` for `database`, with `key` as encryption_key_file.
+fn write_config_at(env: &Env, path: &Path, database: &str, key: Option<&Path>) {
+    let key = key.map_or(String::new(), |k| {
+        format!("encryption_key_file = \"{}\"\n", k.display())
+    });
+    let text = format!(
+        "database = \"{database}\"\nsocket = \"{}\"\n{key}{FAST_REFRESH}\n{}\n{}",
+        env.socket.display(),
+        env.provider_block(),
+        env.sink("raw", "0600")
+    );
+    fs::write(path, text).unwrap();
+}
+
+fn write_config(env: &Env, key: Option<&Path>) {
+    write_config_at(env, &env.config_path, &env.db.display().to_string(), key);
+}
+
+/// `tokend -c CONFIG ARGS…`, as [`Env::tokend`] makes it but with another
+/// config (a second host's).
+fn tokend_at(env: &Env, config: &Path, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(bin());
+    c.arg("-c").arg(config).args(args);
+    for var in [
+        "RUST_LOG",
+        "NOTIFY_SOCKET",
+        "CREDENTIALS_DIRECTORY",
+        "STATE_DIRECTORY",
+        "RUNTIME_DIRECTORY",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("RUNTIME_DIRECTORY", env.dir.path());
+    c
+}
+
+/// Runs a command with another config (a second host's); its stderr is
+/// audited.
+fn cli_with(env: &Env, config: &Path, args: &[&str]) -> std::process::Output {
+    let out = tokend_at(env, config, args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_no_secrets(&text(&out.stderr), "CLI stderr");
+    out
+}
+
+fn text(o: &[u8]) -> String {
+    String::from_utf8_lossy(o).into_owned()
+}
+
+fn ok(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Every byte of the SQLite file and its companions.
+fn raw_bytes(env: &Env) -> Vec<u8> {
+    let mut all = Vec::new();
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        if let Ok(b) = fs::read(format!("{}{suffix}", env.db.display())) {
+            all.extend(b);
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// The store holds none of `tokens`, nor any of the fake provider's
+/// token markers, in any byte of its files; and every token column holds
+/// a sealed value (read with SQL, as a DBA would).
+fn assert_sealed_sqlite(env: &Env, tokens: &[&str]) {
+    let bytes = raw_bytes(env);
+    assert!(!bytes.is_empty());
+    for t in tokens {
+        assert!(!contains(&bytes, t), "a token is in the database file");
+    }
+    for m in ["fat_", "frt_"] {
+        assert!(!contains(&bytes, m), "a {m} token is in the database file");
+    }
+    let c = env.raw_store();
+    let mut st = c
+        .prepare("SELECT name, access_token, refresh_token FROM credentials")
+        .unwrap();
+    let rows: Vec<(String, Option<String>, String)> = st
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(!rows.is_empty());
+    for (name, access, refresh) in rows {
+        assert!(refresh.starts_with(SEALED), "{name}'s refresh token");
+        if let Some(a) = access {
+            assert!(a.starts_with(SEALED), "{name}'s access token");
+        }
+    }
+}
+
+/// Starts a daemon on `config` and waits until `name`'s published token is
+/// a new one the provider accepts.
+fn daemon_publishes(env: &Env, config: &Path, name: &str, old: &str) -> String {
+    let log = env
+        .dir
+        .path()
+        .join(format!("daemon-{name}-{}.log", fastrand::u32(..)));
+    let mut daemon = Daemon::spawn(tokend_at(env, config, &["run"]), config, log);
+    let token = wait_for(
+        "the refreshed token in the sink",
+        Duration::from_secs(20),
+        || env.read_token(name).filter(|t| !t.is_empty() && t != old),
+    );
+    assert!(
+        env.provider.access_token_valid(&token),
+        "the published token is not the provider's"
+    );
+    daemon.stop();
+    token
+}
+
+#[test]
+fn sqlite_holds_no_plaintext_token_and_the_daemon_publishes_the_real_one() {
+    let env = Env::bare(Knobs::default());
+    let key = key_file(&env, "key");
+    write_config(&env, Some(&key));
+    let said = ok(&env.cli(&["check-config"], ""), "check-config");
+    assert!(said.contains("sealing on, key fingerprint "), "{said}");
+    let key_bytes = fs::read(&key).unwrap();
+    let said_bytes = said.as_bytes();
+    assert!(
+        !said_bytes
+            .windows(8)
+            .any(|w| key_bytes.windows(8).any(|k| k == w)),
+        "check-config shows the key"
+    );
+
+    let g = import_expiring(&env, "bot", 1);
+    assert_sealed_sqlite(&env, &[&g.access_token, &g.refresh_token]);
+    let status = ok(&env.cli(&["keys", "status"], ""), "keys status");
+    assert!(status.contains("store: sealed"), "{status}");
+    assert!(status.contains("data key 1 (active)"), "{status}");
+    assert!(!status.contains("plaintext"), "{status}");
+
+    let published = daemon_publishes(&env, &env.config_path, "bot", &g.access_token);
+    assert_sealed_sqlite(&env, &[&g.access_token, &g.refresh_token, &published]);
+    // The CLI opens what the daemon sealed.
+    let listed = ok(&env.cli(&["status", "bot"], ""), "status");
+    assert!(listed.contains("valid"), "{listed}");
+}
+
+#[test]
+fn a_wrong_or_missing_or_bad_key_is_refused_and_changes_nothing() {
+    let env = Env::bare(Knobs::default());
+    let key = key_file(&env, "key");
+    write_config(&env, Some(&key));
+    import_expiring(&env, "bot", 3600);
+    let before = raw_rows(&env);
+
+    // Another key: refused with both fingerprints, the store untouched.
+    let other = key_file(&env, "other");
+    write_config(&env, Some(&other));
+    for args in [&["status"][..], &["refresh", "bot"], &["list"]] {
+        let out = env.cli(args, "");
+        assert!(!out.status.success(), "{args:?} with the wrong key");
+        let e = text(&out.stderr);
+        assert!(
+            e.contains("wrapped by the key with fingerprint") && e.contains("this host's key file"),
+            "{args:?}: {e}"
+        );
+    }
+    let mut daemon = Daemon::start(&env, "wrong-key");
+    assert!(!daemon.wait_exit(Duration::from_secs(20)).success());
+    assert!(daemon.log().contains("fingerprint"), "{}", daemon.log());
+    // No key at all: refused too, never read as plaintext.
+    write_config(&env, None);
+    let out = env.cli(&["refresh", "bot"], "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("store is sealed"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(raw_rows(&env), before, "a refused key changed the store");
+
+    // Keys that are no keys: a config error naming the key and the reason.
+    let loose = env.dir.path().join("loose");
+    fs::copy(&key, &loose).unwrap();
+    fs::set_permissions(&loose, fs::Permissions::from_mode(0o644)).unwrap();
+    let short = env.dir.path().join("short");
+    fs::write(&short, [7u8; 16]).unwrap();
+    fs::set_permissions(&short, fs::Permissions::from_mode(0o600)).unwrap();
+    for (file, why) in [
+        (loose, "group or others may access it (mode 0644)"),
+        (short, "holds 16 bytes"),
+        (env.dir.path().join("missing"), "cannot read it"),
+    ] {
+        write_config(&env, Some(&file));
+        let out = env.cli(&["check-config"], "");
+        assert_eq!(out.status.code(), Some(2), "{}", file.display());
+        let e = text(&out.stderr);
+        assert!(e.contains("encryption_key_file") && e.contains(why), "{e}");
+    }
+    assert_eq!(raw_rows(&env), before);
+    write_config(&env, Some(&key));
+    ok(
+        &env.cli(&["refresh", "bot"], ""),
+        "refresh with the right key",
+    );
+}
+
+/// Every credential row and data key, as stored.
+fn raw_rows(env: &Env) -> Vec<String> {
+    let c = env.raw_store();
+    let mut out = Vec::new();
+    for sql in [
+        "SELECT name || '|' || COALESCE(access_token, '') || '|' || refresh_token || '|' || version FROM credentials ORDER BY name",
+        "SELECT id || '|' || wrapped FROM keys ORDER BY id",
+    ] {
+        let mut st = c.prepare(sql).unwrap();
+        out.extend(
+            st.query_map([], |r| r.get::<_, String>(0))
+                .unwrap()
+                .map(Result::unwrap),
+        );
+    }
+    out
+}
+
+#[test]
+fn rotating_the_data_key_and_the_kek_keeps_every_credential_usable() {
+    let env = Env::bare(Knobs::default());
+    let key = key_file(&env, "key");
+    write_config(&env, Some(&key));
+    for name in ["a", "b", "c"] {
+        import_expiring(&env, name, 3600);
+    }
+
+    let said = ok(&env.cli(&["keys", "rotate"], ""), "keys rotate");
+    assert!(
+        said.contains("data key 2 is active; 6 token value(s)"),
+        "{said}"
+    );
+    assert!(
+        said.contains("deleted data key(s) no value uses any more: [1]"),
+        "{said}"
+    );
+    let c = env.raw_store();
+    let on_2: i64 = c
+        .query_row(
+            "SELECT count(*) FROM credentials WHERE access_token LIKE 'tokend-seal:v1:2:%'
+                AND refresh_token LIKE 'tokend-seal:v1:2:%'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(on_2, 3);
+    let keys: Vec<i64> = c
+        .prepare("SELECT id FROM keys")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(keys, [2]);
+    drop(c);
+    for name in ["a", "b"] {
+        let out = ok(&env.cli(&["refresh", name], ""), "refresh after rotate");
+        assert!(out.contains(&format!("refreshed {name}")), "{out}");
+    }
+    assert_sealed_sqlite(&env, &[]);
+
+    // A new key-encryption key: the data keys rewrapped, no token touched.
+    let tokens_before: Vec<String> = raw_rows(&env)
+        .into_iter()
+        .filter(|r| !r.starts_with("2|"))
+        .collect();
+    let new_key = key_file(&env, "new-key");
+    let said = ok(
+        &env.cli(
+            &[
+                "keys",
+                "rewrap",
+                "--new-key-file",
+                new_key.to_str().unwrap(),
+            ],
+            "",
+        ),
+        "keys rewrap",
+    );
+    assert!(said.contains("rewrapped 1 data key(s)"), "{said}");
+    let tokens_after: Vec<String> = raw_rows(&env)
+        .into_iter()
+        .filter(|r| !r.starts_with("2|"))
+        .collect();
+    assert_eq!(tokens_before, tokens_after, "rewrap touched a token");
+    // The old key no longer opens the store; a second host with the new
+    // config does, and so does this one once switched.
+    let out = env.cli(&["status", "a"], "");
+    assert!(!out.status.success(), "the old key still opens the store");
+    let second = env.dir.path().join("second.toml");
+    write_config_at(&env, &second, &env.db.display().to_string(), Some(&new_key));
+    for name in ["a", "b", "c"] {
+        ok(&cli_with(&env, &second, &["refresh", name]), "second host");
+    }
+    let g = daemon_publishes(&env, &second, "c", "");
+    assert!(!g.is_empty());
+    write_config(&env, Some(&new_key));
+    ok(&env.cli(&["refresh", "a"], ""), "switched host");
+    assert_sealed_sqlite(&env, &[&g]);
+}
+
+#[test]
+fn a_planted_plaintext_token_is_refused() {
+    let env = Env::bare(Knobs::default());
+    let key = key_file(&env, "key");
+    write_config(&env, Some(&key));
+    import_expiring(&env, "bot", 3600);
+    import_expiring(&env, "other", 3600);
+    // Someone with write access to the database plants a refresh token of
+    // their own: a grant they control.
+    let planted = env.provider.mint_grant(env.provider.client_id(), "read");
+    env.raw_store()
+        .execute(
+            "UPDATE credentials SET refresh_token = ?1 WHERE name = 'bot'",
+            [&planted.refresh_token],
+        )
+        .unwrap();
+    for args in [&["refresh", "bot"][..], &["status", "bot"]] {
+        let out = env.cli(args, "");
+        assert!(!out.status.success(), "{args:?} accepted a planted token");
+        let e = text(&out.stderr);
+        assert!(
+            e.contains("refresh token of \"bot\" is stored in plaintext in a sealed store"),
+            "{args:?}: {e}"
+        );
+        assert!(!e.contains(&planted.refresh_token));
+    }
+    // The planted token never reached the provider, nor was it sealed.
+    let grant = env
+        .provider
+        .grant_of_refresh_token(&planted.refresh_token)
+        .unwrap();
+    assert_eq!(grant.rotations, 0, "the planted token was used");
+    let said = env.cli(&["keys", "rotate"], "");
+    assert!(!said.status.success());
+    assert!(text(&said.stderr).contains("bot"), "{}", text(&said.stderr));
+    let stored: String = env
+        .raw_store()
+        .query_row(
+            "SELECT refresh_token FROM credentials WHERE name = 'bot'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        stored, planted.refresh_token,
+        "rotate sealed a planted token"
+    );
+    // The other credential is untouched, and the operator's way out works.
+    ok(&env.cli(&["refresh", "other"], ""), "the other credential");
+    ok(&env.cli(&["remove", "bot"], ""), "remove");
+}
+
+#[test]
+fn turning_sealing_on_for_an_existing_installation_loses_nothing() {
+    let env = Env::bare(Knobs::default());
+    write_config(&env, None);
+    let a = import_expiring(&env, "a", 1);
+    let b = import_expiring(&env, "b", 3600);
+    let said = ok(&env.cli(&["check-config"], ""), "check-config");
+    assert!(said.contains("sealing off"), "{said}");
+    assert!(
+        contains(&raw_bytes(&env), &b.refresh_token),
+        "the test's premise"
+    );
+
+    let key = key_file(&env, "key");
+    write_config(&env, Some(&key));
+    // A store with plaintext credentials is not written half sealed: it
+    // waits for the one command that seals every row.
+    let out = env.cli(&["status"], "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("tokend keys seal"),
+        "{}",
+        text(&out.stderr)
+    );
+    let status = ok(&env.cli(&["keys", "status"], ""), "keys status");
+    assert!(status.contains("store: not sealed"), "{status}");
+    assert!(status.contains("plaintext tokens: 2"), "{status}");
+
+    let said = ok(&env.cli(&["keys", "seal"], ""), "keys seal");
+    assert!(said.contains("4 token value(s) sealed"), "{said}");
+    assert_sealed_sqlite(
+        &env,
+        &[
+            &a.access_token,
+            &a.refresh_token,
+            &b.access_token,
+            &b.refresh_token,
+        ],
+    );
+    let again = env.cli(&["keys", "seal"], "");
+    assert!(!again.status.success(), "sealed twice");
+
+    daemon_publishes(&env, &env.config_path, "a", &a.access_token);
+    ok(&env.cli(&["refresh", "b"], ""), "refresh b");
+    assert_sealed_sqlite(&env, &[&b.refresh_token]);
+}
+
+#[test]
+fn keys_is_in_the_help_the_completions_and_the_man_page() {
+    let env = Env::bare(Knobs::default());
+    let help = ok(&env.cli(&["--help"], ""), "help");
+    assert!(help.contains("\n  keys "), "{help}");
+    let page = ok(&env.cli(&["man"], ""), "man");
+    assert!(page.contains(".SS \"tokend keys\""), "{page}");
+    assert!(page.contains(r"\-\-new\-key\-file"), "{page}");
+    let bash = ok(&env.cli(&["completions", "bash"], ""), "completions");
+    assert!(bash.contains("new-key-file") && bash.contains("rewrap"));
+    // rewrap without the new key is a usage error.
+    write_config(&env, None);
+    assert_eq!(env.cli(&["keys", "rewrap"], "").status.code(), Some(2));
+}
+
+#[test]
+fn postgresql_rows_hold_no_plaintext_and_a_second_host_reads_them() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let env = Env::bare(Knobs::default());
+    let url = server.fresh_db();
+    let key = key_file(&env, "key");
+    write_config_at(&env, &env.config_path, &url, Some(&key));
+    let g = import_expiring(&env, "bot", 1);
+    import_expiring(&env, "other", 3600);
+    let plain = "SELECT count(*) FROM credentials WHERE access_token NOT LIKE 'tokend-seal:v1:%' \
+                 OR refresh_token NOT LIKE 'tokend-seal:v1:%' OR access_token LIKE '%fat_%' \
+                 OR refresh_token LIKE '%frt_%'";
+    assert_eq!(server.psql("t0", plain).trim(), "0");
+    let dump = server.psql("t0", "SELECT * FROM credentials");
+    assert!(!dump.contains(&g.refresh_token) && !dump.contains("frt_"));
+    assert_eq!(server.psql("t0", "SELECT id FROM keys").trim(), "1");
+
+    let published = daemon_publishes(&env, &env.config_path, "bot", &g.access_token);
+    assert_eq!(server.psql("t0", plain).trim(), "0");
+    let dump = server.psql("t0", "SELECT * FROM credentials");
+    assert!(!dump.contains(&published) && !dump.contains("fat_"));
+
+    // Rotations, each followed by a second host that reads every row.
+    ok(&env.cli(&["keys", "rotate"], ""), "keys rotate");
+    assert_eq!(server.psql("t0", "SELECT id FROM keys").trim(), "2");
+    let new_key = key_file(&env, "new-key");
+    ok(
+        &env.cli(
+            &[
+                "keys",
+                "rewrap",
+                "--new-key-file",
+                new_key.to_str().unwrap(),
+            ],
+            "",
+        ),
+        "keys rewrap",
+    );
+    let second = env.dir.path().join("second.toml");
+    write_config_at(&env, &second, &url, Some(&new_key));
+    for name in ["bot", "other"] {
+        ok(&cli_with(&env, &second, &["refresh", name]), "second host");
+    }
+    assert_eq!(server.psql("t0", plain).trim(), "0");
+    // A planted plaintext token is refused here too.
+    let planted = env.provider.mint_grant(env.provider.client_id(), "read");
+    server.psql(
+        "t0",
+        &format!(
+            "UPDATE credentials SET refresh_token = '{}' WHERE name = 'other'",
+            planted.refresh_token
+        ),
+    );
+    let out = cli_with(&env, &second, &["refresh", "other"]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("plaintext in a sealed store"));
+}
