@@ -5,7 +5,8 @@
 //! down is enough; each clears only its own report, on its next success.
 //!
 //! While the operations' side is down, connecting is tried again with
-//! backoff (1 s doubling to 30 s) rather than by every operation: a host
+//! backoff (at once after the first failure, then 1 s doubling to 30 s)
+//! rather than by every operation: a host
 //! cut off from its database must not queue a connection attempt, with
 //! its timeout, behind every refresh.
 
@@ -61,9 +62,14 @@ impl Health {
             error: error.to_owned(),
         });
         if who == Witness::Ops {
-            let wait = s
-                .backoff
-                .map_or(BACKOFF_FIRST, |b| (b * 2).min(BACKOFF_MAX));
+            // The first failure holds nothing back (a server's restart
+            // takes a fraction of a second): the next operation tries at
+            // once. From the second on, 1 s doubling to 30 s.
+            let wait = match s.backoff {
+                None => Duration::ZERO,
+                Some(Duration::ZERO) => BACKOFF_FIRST,
+                Some(b) => (b * 2).min(BACKOFF_MAX),
+            };
             s.backoff = Some(wait);
             s.retry_at = Some(Instant::now() + wait);
         }
@@ -137,9 +143,14 @@ mod tests {
     }
 
     #[test]
-    fn connecting_again_backs_off_doubling_to_thirty_seconds() {
+    fn connecting_again_backs_off_from_the_second_failure_doubling_to_thirty_seconds() {
         let h = Health::default();
         assert!(h.may_connect().is_ok());
+        h.down(Witness::Ops, "refused");
+        assert!(
+            h.may_connect().is_ok(),
+            "a first failure holds nothing back"
+        );
         h.down(Witness::Ops, "refused");
         let wait = h.may_connect().unwrap_err();
         assert!(
