@@ -14,7 +14,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
+
+/// Orders every sync's start (and, in the tests, every writer's rename) in
+/// one sequence, so that "a sync that started after the rename" can be
+/// checked, not only assumed.
+static STAMP: AtomicU64 = AtomicU64::new(0);
 
 /// One directory's syncs: `started` counts the syncs begun, `finished`
 /// the last one ended, with its result.
@@ -32,6 +38,8 @@ struct State {
     /// The result of sync `finished`, as an error's kind and text (io::Error
     /// is not Clone): every writer it covered gets it.
     last: Option<(io::ErrorKind, String)>,
+    /// Where sync `finished` started in [`STAMP`]'s sequence.
+    last_stamp: u64,
 }
 
 /// The directories being synced now, each with its writers; an entry goes
@@ -46,6 +54,12 @@ fn dirs() -> &'static Mutex<HashMap<PathBuf, Arc<Dir>>> {
 /// that started after this call has finished, running it when no other
 /// writer is.
 pub fn sync(dir: &Path) -> io::Result<()> {
+    sync_stamped(dir).0
+}
+
+/// [`sync`], and where the sync that covered the call started in
+/// [`STAMP`]'s sequence.
+fn sync_stamped(dir: &Path) -> (io::Result<()>, u64) {
     let d = dirs()
         .lock()
         .unwrap()
@@ -62,17 +76,18 @@ pub fn sync(dir: &Path) -> io::Result<()> {
 }
 
 impl Dir {
-    fn sync(&self, dir: &Path) -> io::Result<()> {
+    fn sync(&self, dir: &Path) -> (io::Result<()>, u64) {
         let mut st = self.state.lock().unwrap();
         // The one running (if any) may have begun before our rename: only
         // the next one to start is sure to cover it.
         let need = st.started + 1;
         loop {
             if st.finished >= need {
-                return match &st.last {
+                let r = match &st.last {
                     None => Ok(()),
                     Some((kind, text)) => Err(io::Error::new(*kind, text.clone())),
                 };
+                return (r, st.last_stamp);
             }
             if st.running {
                 st = self.ended.wait(st).unwrap();
@@ -81,53 +96,64 @@ impl Dir {
             st.running = true;
             st.started += 1;
             let this = st.started;
+            let stamp = STAMP.fetch_add(1, Ordering::SeqCst) + 1;
             drop(st);
             let r = File::open(dir).and_then(|f| f.sync_all());
             st = self.state.lock().unwrap();
             st.running = false;
             st.finished = this;
+            st.last_stamp = stamp;
             st.last = r.err().map(|e| (e.kind(), e.to_string()));
             self.ended.notify_all();
-            #[cfg(test)]
-            RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
-
-/// How many directory fsyncs ran, for the tests.
-#[cfg(test)]
-static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Barrier;
-    use std::sync::atomic::Ordering;
 
     #[test]
-    fn writers_of_one_directory_share_syncs_and_each_waits_for_one_of_its_own() {
+    fn writers_of_one_directory_share_syncs_and_each_waits_for_one_started_after_its_rename() {
         let dir = tempfile::tempdir().unwrap();
-        let writers = 32;
+        let (writers, rounds) = (32, 20);
         let barrier = Arc::new(Barrier::new(writers));
-        let before = RUNS.load(Ordering::Relaxed);
         let handles: Vec<_> = (0..writers)
             .map(|i| {
                 let (barrier, path) = (barrier.clone(), dir.path().to_path_buf());
                 std::thread::spawn(move || {
-                    barrier.wait();
-                    std::fs::write(path.join(format!("f{i}")), b"x").unwrap();
-                    // Whatever ran before this point cannot count for us.
-                    let seen = RUNS.load(Ordering::Relaxed);
-                    sync(&path).unwrap();
-                    assert!(RUNS.load(Ordering::Relaxed) > seen);
+                    let mut stamps = Vec::new();
+                    for round in 0..rounds {
+                        barrier.wait();
+                        std::fs::write(path.join(format!("f{i}-{round}")), b"x").unwrap();
+                        let renamed = STAMP.fetch_add(1, Ordering::SeqCst) + 1;
+                        let (r, began) = sync_stamped(&path);
+                        r.unwrap();
+                        // A sync already running when we renamed cannot
+                        // count for us (checked: this fails with
+                        // `need = st.started`).
+                        assert!(
+                            began > renamed,
+                            "covered by a sync that began before the rename"
+                        );
+                        stamps.push(began);
+                    }
+                    stamps
                 })
             })
             .collect();
+        let mut syncs = std::collections::HashSet::new();
         for h in handles {
-            h.join().unwrap();
+            syncs.extend(h.join().unwrap());
         }
-        let runs = RUNS.load(Ordering::Relaxed) - before;
-        assert!(runs >= 1 && runs <= writers as u64, "{runs} syncs");
+        // Shared: far fewer syncs than writes.
+        let writes = writers * rounds;
+        assert!(
+            syncs.len() < writes,
+            "{} syncs for {writes} writes",
+            syncs.len()
+        );
         assert!(dirs().lock().unwrap().get(dir.path()).is_none());
     }
 
