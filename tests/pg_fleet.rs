@@ -681,13 +681,20 @@ fn a_database_restart_loses_no_rotation_and_publishes_nothing_uncommitted() {
         String::from_utf8_lossy(&out.stderr)
     );
     fleet.grants.insert("after".into(), g.grant_id);
+    let imported = Instant::now();
+    let mut reached = Vec::new();
     for h in &fleet.hosts {
         wait_for(
             &format!("the import after the restart in {}'s file", h.name),
             Duration::from_secs(25),
             || h.read_token("after").map(|_| ()),
         );
+        reached.push(imported.elapsed());
     }
+    eprintln!(
+        "imported {:.1?} after the restart; in each host's file {reached:.1?} after the import",
+        imported - back
+    );
     let reached = back.elapsed();
     let busy = fleet.provider().stats().refreshes_ok + 300;
     wait_for(
