@@ -384,6 +384,19 @@ impl Fleet {
         )
     }
 
+    /// Fails at once when the provider saw a refresh token reused: the
+    /// first sign of two refreshers of one grant, checked all along (a
+    /// revoked grant stops refreshing, which a later wait would report
+    /// less clearly).
+    fn assert_no_reuse(&self, when: &str) {
+        let stats = self.provider().stats();
+        assert_eq!(
+            (stats.reuse_detected, stats.grants_revoked),
+            (0, 0),
+            "{when}, the provider saw refresh tokens reused: {stats:?}"
+        );
+    }
+
     /// What a fleet must never do, checked at the end: reuse a refresh
     /// token (the provider saw none and revoked no grant), lose a rotation
     /// (every stored refresh token is its grant's current one), or publish
@@ -441,10 +454,13 @@ struct Pending {
 /// refresh token, and every host's file of every credential holds the
 /// committed token, which the provider accepts.
 ///
-/// Seen failing (issue 12, item 3): with host 3 given a second database
-/// (`server.fresh_db()`, the same batch imported there), two hosts
-/// refreshed the same grants: "the provider saw refresh tokens reused:
-/// Stats { … reuse_detected: 163, grants_revoked: 163 … }".
+/// Seen failing (issue 12, item 3), each break made by hand and reverted:
+/// * host 3 given a database of its own (`server.fresh_db()`, the same
+///   batch imported there too), so that two hosts refresh the same grants:
+///   "7.0s into the run, the provider saw refresh tokens reused: Stats {
+///   … reuse_detected: 1, grants_revoked: 1 … }";
+/// * LEASE taken as `request_timeout` alone and TAKEOVER_MARGIN as 1 s:
+///   TAKEOVER_RESULT.
 #[test]
 fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
     let _one = one_fleet();
@@ -483,6 +499,7 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
+            fleet.assert_no_reuse(&format!("{:.1?} into the run", run.elapsed()));
             pending.retain(|p| {
                 if versions[&p.name] > p.version {
                     takeovers.push((p.killed.elapsed(), !fleet.hosts[p.victim].running()));
@@ -506,6 +523,7 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
                 *at = None;
             }
         }
+        fleet.assert_no_reuse(&format!("{:.1?} into the run", run.elapsed()));
         check_pending(&mut fleet, &mut pending, &mut takeovers);
         let running: Vec<usize> = (0..fleet.hosts.len())
             .filter(|i| fleet.hosts[*i].running())
@@ -589,8 +607,10 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
 /// the committed token; and no token was ever published that the watcher
 /// did not see committed.
 ///
-/// Seen failing (issue 12, item 3): with host 3 on a second database
-/// holding the same credentials, "the provider saw refresh tokens reused".
+/// Seen failing (issue 12, item 3), the break made by hand and reverted:
+/// host 3 given a database of its own holding the same credentials (as in
+/// the kill test): "before the restart, the provider saw refresh tokens
+/// reused: Stats { … reuse_detected: 1, grants_revoked: 1 … }".
 #[test]
 fn a_database_restart_loses_no_rotation_and_publishes_nothing_uncommitted() {
     let _one = one_fleet();
@@ -649,7 +669,10 @@ fn a_database_restart_loses_no_rotation_and_publishes_nothing_uncommitted() {
     wait_for(
         "the fleet to refresh 600 times",
         Duration::from_secs(60),
-        || (fleet.provider().stats().refreshes_ok >= busy).then_some(()),
+        || {
+            fleet.assert_no_reuse("before the restart");
+            (fleet.provider().stats().refreshes_ok >= busy).then_some(())
+        },
     );
     let before = fleet.provider().stats().refreshes_ok;
     fleet.server.restart_after(Duration::from_secs(3));
@@ -700,7 +723,10 @@ fn a_database_restart_loses_no_rotation_and_publishes_nothing_uncommitted() {
     wait_for(
         "the fleet to refresh again after the restart",
         Duration::from_secs(60),
-        || (fleet.provider().stats().refreshes_ok >= busy).then_some(()),
+        || {
+            fleet.assert_no_reuse("after the restart");
+            (fleet.provider().stats().refreshes_ok >= busy).then_some(())
+        },
     );
 
     let committed = fleet.settle();
