@@ -17,7 +17,7 @@
 //! killed and restarted; the issue's full run is ten minutes:
 //!
 //! ```sh
-//! TOKEND_FLEET_SECS=600 cargo test --release --test pg_fleet -- --nocapture sigkilled
+//! TOKEND_FLEET_SECS=600 cargo test --test pg_fleet -- --nocapture sigkilled
 //! ```
 //!
 //! The kill schedule comes from a seeded generator whose seed is printed
@@ -460,7 +460,8 @@ struct Pending {
 ///   "7.0s into the run, the provider saw refresh tokens reused: Stats {
 ///   … reuse_detected: 1, grants_revoked: 1 … }";
 /// * LEASE taken as `request_timeout` alone and TAKEOVER_MARGIN as 1 s:
-///   TAKEOVER_RESULT.
+///   "c0993 (leased by the killed fleet-1) was not refreshed within 6s of
+///   the kill".
 #[test]
 fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
     let _one = one_fleet();
