@@ -384,6 +384,63 @@ impl Fleet {
         )
     }
 
+    /// What the database and the hosts' logs say about credential `name`,
+    /// and how far behind the fleet is: for a failure's message.
+    fn explain(&mut self, name: &str) -> String {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let row = self.pg.rows(
+            "SELECT state, version, refresh_started_at - $2, next_attempt_at - $2,
+                expires_at - $2, last_error FROM credentials WHERE name = $1",
+            &[&name, &now],
+        );
+        let lease = self.pg.rows(
+            "SELECT holder, expires_at - (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+             FROM leases WHERE name = $1",
+            &[&name],
+        );
+        let behind: i64 = self.pg.rows(
+            "SELECT count(*) FROM credentials WHERE expires_at < $1",
+            &[&now],
+        )[0]
+        .get(0);
+        let mut text = format!(
+            "row (state, version, ms since the refresh started, ms to the next attempt, \
+             ms to expiry, last error): {:?}\nlease (holder, ms left): {:?}\n\
+             credentials whose token expired unrefreshed: {behind} of {}\nhosts running: {:?}\n",
+            row.first().map(|r| (
+                r.get::<_, String>(0),
+                r.get::<_, i64>(1),
+                r.get::<_, Option<i64>>(2),
+                r.get::<_, Option<i64>>(3),
+                r.get::<_, Option<i64>>(4),
+                r.get::<_, Option<String>>(5)
+            )),
+            lease
+                .first()
+                .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1))),
+            self.grants.len(),
+            self.hosts
+                .iter()
+                .filter(|h| h.running())
+                .map(|h| &h.name)
+                .collect::<Vec<_>>()
+        );
+        let needle = format!("credential={name} ");
+        for h in &self.hosts {
+            let logs = h.logs();
+            let lines: Vec<&str> = logs.lines().filter(|l| l.contains(&needle)).collect();
+            text += &format!(
+                "{} log, last lines naming {name}:\n{}\n",
+                h.name,
+                lines[lines.len().saturating_sub(6)..].join("\n")
+            );
+        }
+        text
+    }
+
     /// Fails at once when the provider saw a refresh token reused: the
     /// first sign of two refreshers of one grant, checked all along (a
     /// revoked grant stops refreshing, which a later wait would report
@@ -487,37 +544,43 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
     let (mut kills, mut unmade) = (0, 0);
     let mut takeover_shown = false;
 
-    let check_pending =
-        |fleet: &mut Fleet, pending: &mut Vec<Pending>, takeovers: &mut Vec<(Duration, bool)>| {
-            if pending.is_empty() {
-                return;
+    let check_pending = |fleet: &mut Fleet,
+                         pending: &mut Vec<Pending>,
+                         takeovers: &mut Vec<(Duration, bool)>| {
+        if pending.is_empty() {
+            return;
+        }
+        let names: Vec<String> = pending.iter().map(|p| p.name.clone()).collect();
+        let versions: HashMap<String, i64> = fleet
+            .pg
+            .rows(
+                "SELECT name, version FROM credentials WHERE name = ANY($1)",
+                &[&names],
+            )
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        fleet.assert_no_reuse(&format!("{:.1?} into the run", run.elapsed()));
+        pending.retain(|p| {
+            if versions[&p.name] > p.version {
+                takeovers.push((p.killed.elapsed(), !fleet.hosts[p.victim].running()));
+                return false;
             }
-            let names: Vec<String> = pending.iter().map(|p| p.name.clone()).collect();
-            let versions: HashMap<String, i64> = fleet
-                .pg
-                .rows(
-                    "SELECT name, version FROM credentials WHERE name = ANY($1)",
-                    &[&names],
-                )
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            fleet.assert_no_reuse(&format!("{:.1?} into the run", run.elapsed()));
-            pending.retain(|p| {
-                if versions[&p.name] > p.version {
-                    takeovers.push((p.killed.elapsed(), !fleet.hosts[p.victim].running()));
-                    return false;
-                }
-                assert!(
-                    p.killed.elapsed() <= LEASE + TAKEOVER_MARGIN,
-                    "{} (leased by the killed {}) was not refreshed within {:?} of the kill",
-                    p.name,
-                    fleet.hosts[p.victim].name,
-                    LEASE + TAKEOVER_MARGIN
-                );
-                true
-            });
-        };
+            true
+        });
+        if let Some(p) = pending
+            .iter()
+            .find(|p| p.killed.elapsed() > LEASE + TAKEOVER_MARGIN)
+        {
+            let victim = fleet.hosts[p.victim].name.clone();
+            panic!(
+                "{} (leased by the killed {victim}) was not refreshed within {:?} of the kill\n{}",
+                p.name,
+                LEASE + TAKEOVER_MARGIN,
+                fleet.explain(&p.name)
+            );
+        }
+    };
 
     while Instant::now() < end {
         for (i, at) in restart_at.iter_mut().enumerate() {
@@ -617,8 +680,8 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
 /// file within 25 s (before the 30 s full re-read: the hosts' connections
 /// and LISTENs came back). At the end, as in the kill test: no reuse, no
 /// revoked grant, every grant's current refresh token stored, every file
-/// the committed token; and no token was ever published that the watcher
-/// did not see committed.
+/// the committed token; and no token was published before that which
+/// the watcher did not see committed.
 ///
 /// Seen failing (issue 12, item 3), the break made by hand and reverted:
 /// host 3 given a database of its own holding the same credentials (as in
@@ -742,10 +805,10 @@ fn a_database_restart_loses_no_rotation_and_publishes_nothing_uncommitted() {
         },
     );
 
-    let committed = fleet.settle();
+    // Everything published up to now was committed first; from here on
+    // `settle` waits for every file to hold the committed token.
     stop.store(true, Ordering::SeqCst);
     let (seen_committed, published, missed) = watcher.join().unwrap();
-    fleet.assert_sound(&committed);
     for (token, (host, name)) in &published {
         assert!(
             seen_committed.contains(token),
@@ -753,6 +816,8 @@ fn a_database_restart_loses_no_rotation_and_publishes_nothing_uncommitted() {
              (the watcher missed {missed} versions)"
         );
     }
+    let committed = fleet.settle();
+    fleet.assert_sound(&committed);
     let count = |needle: &str| -> usize {
         fleet
             .hosts

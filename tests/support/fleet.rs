@@ -193,6 +193,17 @@ impl Drop for Host {
         // The daemon's own Drop audits its log, argv, metrics and statuses.
         drop(self.daemon.take());
         if std::thread::panicking() {
+            // The logs outlive a failed test, for its report.
+            let keep = std::env::temp_dir()
+                .join(format!("tokend-fleet-failed-{}", std::process::id()))
+                .join(&self.name);
+            if fs::create_dir_all(&keep).is_ok() {
+                for n in 0..self.starts {
+                    let log = format!("{}-{n}.log", self.name);
+                    let _ = fs::copy(self.dir.path().join(&log), keep.join(&log));
+                }
+                eprintln!("{}'s logs are kept in {}", self.name, keep.display());
+            }
             return;
         }
         // Nothing but the sink and the config may hold a secret.
