@@ -256,25 +256,34 @@ impl Fleet {
 
     /// Credentials whose lease a holder of `host` holds, with their
     /// committed refresh token and version.
-    fn leased_by(&mut self, host: usize) -> Vec<(String, String, i64, i64)> {
+    fn leased_by(&mut self, host: usize) -> Vec<(String, String, i64, i64, String)> {
         let prefix = format!("{}%", self.hosts[host].holder_prefix());
         let now = now_ms();
         self.pg
             .rows(
                 "SELECT c.name, c.refresh_token, c.version,
-                    l.expires_at - (extract(epoch FROM clock_timestamp()) * 1000)::bigint
+                    l.expires_at - (extract(epoch FROM clock_timestamp()) * 1000)::bigint, l.holder
                  FROM leases l JOIN credentials c USING (name) WHERE l.holder LIKE $1",
                 &[&prefix],
             )
             .iter()
-            .map(|r| (r.get(0), r.get(1), r.get(2), now + r.get::<_, i64>(3)))
+            .map(|r| {
+                (
+                    r.get(0),
+                    r.get(1),
+                    r.get(2),
+                    now + r.get::<_, i64>(3),
+                    r.get(4),
+                )
+            })
             .collect()
     }
 
     /// SIGKILLs host `victim` while it holds leases on credentials whose
     /// requests wait at the provider, and returns those credentials with
-    /// their committed versions and when their leases expire (this
-    /// machine's clock, in ms since the epoch); None when the moment could not be made
+    /// their committed versions, when their leases expire (this
+    /// machine's clock, in ms since the epoch) and the dead holder's id;
+    /// None when the moment could not be made
     /// (the host is then left running).
     ///
     /// A kill between the provider's rotation and the commit loses the
@@ -290,14 +299,14 @@ impl Fleet {
     /// comes, within KILL_BY of the freeze. Everything else is at random:
     /// leases being taken, requests waiting, files being written, peers'
     /// changes being read.
-    fn kill(&mut self, victim: usize) -> Option<Vec<(String, i64, i64)>> {
+    fn kill(&mut self, victim: usize) -> Option<Vec<(String, i64, i64, String)>> {
         self.provider().update_knobs(|k| k.latency_ms = FREEZE_MS);
         let frozen = Instant::now();
         let settled = Duration::from_millis(LATENCY_MS + 100);
         let ready = loop {
             if frozen.elapsed() >= settled {
                 let leased = self.leased_by(victim);
-                let uncommitted = leased.iter().any(|(name, refresh, _, _)| {
+                let uncommitted = leased.iter().any(|(name, refresh, ..)| {
                     let g = self.provider().grant(self.grants[name]).unwrap();
                     g.refresh_token != *refresh
                 });
@@ -333,7 +342,7 @@ impl Fleet {
         Some(
             self.leased_by(victim)
                 .into_iter()
-                .map(|(name, _, version, free_at)| (name, version, free_at))
+                .map(|(name, _, version, free_at, holder)| (name, version, free_at, holder))
                 .collect(),
         )
     }
@@ -492,6 +501,8 @@ struct Pending {
     killed: Instant,
     /// When its lease expires, in ms since the epoch.
     free_at: i64,
+    /// The dead holder.
+    holder: String,
 }
 
 fn now_ms() -> i64 {
@@ -513,7 +524,8 @@ fn now_ms() -> i64 {
 /// at the provider ([`Fleet::kill`]), and started again 5 to 30 s later
 /// (the first one killed with leases only once they expired).
 /// For each lease the killed host held (whose expiry must be within the
-/// lease time), the credential must be refreshed (its version moves) by
+/// lease time), the credential must be taken over (refreshed: its version
+/// moves; or leased by another holder, who may be killed in turn) by
 /// another host when the killed one is still down, by its restarted self
 /// (which sees its old pid gone) otherwise: within TAKEOVER_MARGIN of the
 /// lease's expiry, or, while the surviving hosts are behind (here they
@@ -568,18 +580,24 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
             return;
         }
         let names: Vec<String> = pending.iter().map(|p| p.name.clone()).collect();
-        let versions: HashMap<String, i64> = fleet
+        // (version, lease holder) of each
+        let now: HashMap<String, (i64, Option<String>)> = fleet
             .pg
             .rows(
-                "SELECT name, version FROM credentials WHERE name = ANY($1)",
+                "SELECT c.name, c.version, l.holder FROM credentials c
+                 LEFT JOIN leases l USING (name) WHERE c.name = ANY($1)",
                 &[&names],
             )
             .iter()
-            .map(|r| (r.get(0), r.get(1)))
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
             .collect();
         fleet.assert_no_reuse(&format!("{:.1?} into the run", run.elapsed()));
         pending.retain(|p| {
-            if versions[&p.name] > p.version {
+            // Taken over: refreshed since, or leased by another holder
+            // (who may be killed in turn: then it is pending again, as
+            // that host's lease).
+            let (version, holder) = &now[&p.name];
+            if *version > p.version || holder.as_ref().is_some_and(|h| *h != p.holder) {
                 takeovers.push((
                     p.killed.elapsed(),
                     !fleet.hosts[p.victim].running(),
@@ -646,18 +664,21 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
                     let killed = Instant::now();
                     let leased_now = leased.len();
                     let lease_ms = LEASE.as_millis() as i64 + 1000;
-                    for (name, _, free_at) in &leased {
+                    for (name, _, free_at, _) in &leased {
                         assert!(
                             *free_at <= now_ms() + lease_ms,
                             "{name}'s lease runs longer than the lease time"
                         );
                     }
-                    pending.extend(leased.into_iter().map(|(name, version, free_at)| Pending {
-                        name,
-                        version,
-                        free_at,
-                        victim,
-                        killed,
+                    pending.extend(leased.into_iter().map(|(name, version, free_at, holder)| {
+                        Pending {
+                            name,
+                            version,
+                            free_at,
+                            holder,
+                            victim,
+                            killed,
+                        }
                     }));
                     // The first host killed with leases stays down until
                     // they must have been taken over by another; the others
