@@ -748,10 +748,15 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
 /// the committed token; and no token was published before that which
 /// the watcher did not see committed.
 ///
-/// Seen failing (issue 12, item 3), the break made by hand and reverted:
-/// host 3 given a database of its own holding the same credentials (as in
-/// the kill test): "before the restart, the provider saw refresh tokens
-/// reused: Stats { … reuse_detected: 1, grants_revoked: 1 … }".
+/// Seen failing (issue 12, item 3), each break made by hand and reverted:
+/// * host 3 given a database of its own holding the same credentials (as
+///   in the kill test): "before the restart, the provider saw refresh
+///   tokens reused: Stats { … reuse_detected: 1, grants_revoked: 1 … }";
+/// * the same with the provider not rotating refresh tokens (so that no
+///   reuse is seen): "timed out after 25s waiting for the import after
+///   the restart in fleet-3's file", and, with host 3 left out of that
+///   wait, "fleet-3 published a token of c0163 that the database never
+///   held (the watcher missed 0 versions)".
 #[test]
 fn a_database_restart_loses_no_rotation_and_publishes_nothing_uncommitted() {
     let _one = one_fleet();
