@@ -6,6 +6,8 @@
 //! * here: [`Env`] (the directory, the config, the CLI) and the audit of files;
 //! * `daemon.rs`: [`Daemon`], a `tokend run` and the audit of what it shows;
 //! * `socket.rs`: HTTP over the daemon's Unix socket;
+//! * `fleet.rs`: [`fleet::Host`], one of several daemons on a shared
+//!   PostgreSQL database, each under a host name of its own;
 //! * `store.rs`: the store, read through tokend's own `StoreConn`; the few
 //!   tests that must write what tokend never would do so through
 //!   [`Env::raw_store`], which says why.
@@ -28,6 +30,7 @@
 
 pub mod bench;
 mod daemon;
+pub mod fleet;
 pub mod pg;
 mod socket;
 mod store;

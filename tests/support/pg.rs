@@ -155,6 +155,27 @@ impl Server {
         self.run();
     }
 
+    /// Like [`Server::restart`], but the server stays down for `down`
+    /// before it starts again: its clients meet refused connections, not
+    /// only cut ones.
+    pub fn restart_after(&mut self, down: Duration) {
+        self.stop();
+        std::thread::sleep(down);
+        self.run();
+    }
+
+    /// A connection config for database `db` on this server, for the
+    /// `postgres` crate (what a test reads while tokend runs).
+    pub fn config(&self, db: &str) -> postgres::Config {
+        let mut c = postgres::Config::new();
+        c.user(USER)
+            .dbname(db)
+            .host_path(self.socket_dir())
+            .port(PORT)
+            .connect_timeout(Duration::from_secs(5));
+        c
+    }
+
     /// Starts `postgres` on the cluster and waits until it accepts connections.
     fn run(&mut self) {
         let data = self.dir.path().join("data");
