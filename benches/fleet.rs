@@ -28,8 +28,9 @@
 //! the time went, and whether the database (or the machine) was the limit.
 //!
 //! Environment: TOKEND_BENCH_CREDENTIALS (default 10000),
-//! TOKEND_BENCH_HOSTS (default 3), TOKEND_BENCH_PROPAGATION (samples,
-//! default 200). Prints a Markdown report to stdout; BENCHMARKS.md ("Fleet
+//! TOKEND_BENCH_HOSTS (default 3; 1 runs the one-host sweeps only),
+//! TOKEND_BENCH_PROPAGATION (refreshes measured, default 200), and, read
+//! by the daemons, TOKEND_PG_POOL (their pool's size, `src/store/pg/`). Prints a Markdown report to stdout; BENCHMARKS.md ("Fleet
 //! on PostgreSQL") holds the latest one.
 
 #[path = "../tests/support/mod.rs"]
@@ -62,7 +63,7 @@ fn env_or(name: &str, default: u64) -> u64 {
 fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
     let n = env_or("TOKEND_BENCH_CREDENTIALS", 10_000) as usize;
-    let hosts = env_or("TOKEND_BENCH_HOSTS", 3).max(2) as usize;
+    let hosts = env_or("TOKEND_BENCH_HOSTS", 3).max(1) as usize;
     let samples = env_or("TOKEND_BENCH_PROPAGATION", 200) as usize;
     let ideal = Duration::from_millis(n as u64 * LATENCY_MS) / CONCURRENCY as u32;
     println!(
@@ -83,7 +84,8 @@ fn main() {
     let sqlite = sqlite_sweep(n);
     let server = Server::start_durable().expect("the fleet benchmark needs PostgreSQL");
     let one = fleet(&server, n, 1, 0);
-    let many = fleet(&server, n, hosts, samples);
+    // TOKEND_BENCH_HOSTS=1: the one-host sweeps only (measuring the pool).
+    let many = (hosts > 1).then(|| fleet(&server, n, hosts, samples));
 
     println!("| measure | result | ratio |");
     println!("|---|---|---|");
@@ -102,6 +104,21 @@ fn main() {
         ratio(one.sweep, ideal),
         ratio(one.sweep, sqlite.sweep)
     );
+    let Some(many) = many else {
+        for (label, r) in [
+            ("SQLite, one host", &sqlite),
+            ("PostgreSQL, one host", &one),
+        ] {
+            println!(
+                "| CPU during the sweep, {label} | daemons {:.1} s, PostgreSQL {:.1} s | machine {:.0} % busy |",
+                r.daemon_cpu,
+                r.server_cpu,
+                r.busy * 100.0
+            );
+        }
+        println!();
+        return;
+    };
     println!(
         "| PostgreSQL, {hosts} hosts | {:.3} s | {:.2} × ideal, {:.2} × one host |",
         many.sweep.as_secs_f64(),
@@ -132,8 +149,9 @@ fn main() {
     }
     if let Some(p) = &many.propagation {
         println!(
-            "| propagation, commit on one host to the file on another ({} samples) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | |",
-            p.len(),
+            "| propagation, commit on one host to the file on another ({} refreshes × {} other hosts) | p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms | |",
+            samples,
+            hosts - 1,
             percentile(p, 0.50),
             percentile(p, 0.99),
             percentile(p, 1.0)
