@@ -290,6 +290,18 @@ fn seed_pg(env: &Env, url: &str, n: usize) {
 /// credentials due at once; then `samples` propagation measurements.
 fn fleet(server: &Server, n: usize, hosts: usize, samples: usize) -> Sweep {
     let url = server.fresh_db();
+    // TOKEND_BENCH_PG_SETTING="name=value": a server setting for every
+    // session on the database (ALTER DATABASE … SET), to measure one.
+    if let Ok(setting) = std::env::var("TOKEND_BENCH_PG_SETTING")
+        && let Some((name, value)) = setting.split_once('=')
+    {
+        let db = url.split_once("@/").unwrap().1.split('?').next().unwrap();
+        server.psql(
+            "postgres",
+            &format!("ALTER DATABASE {db} SET {name} = '{value}'"),
+        );
+        eprintln!("{db}: {name} = {value}");
+    }
     let envs: Vec<Env> = (0..hosts)
         .map(|_| {
             Env::bench(Knobs {
