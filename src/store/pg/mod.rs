@@ -53,11 +53,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most connections (and threads) one process's store holds, besides
 /// the daemon's listening connection. Chosen by measurement
-/// (BENCHMARKS.md, "Fleet on PostgreSQL"): the 10k sweep stops getting
-/// faster beyond it on the machines measured, and a fleet of hosts must
-/// stay well under the server's `max_connections` (100 by default).
-/// `TOKEND_PG_POOL` (1 to 32) overrides it, for measuring.
-const POOL_SIZE: usize = 8;
+/// (BENCHMARKS.md, "Fleet on PostgreSQL"): on the 10k sweep, 4 is 17 %
+/// faster than 1, and 8 and 16 are no faster than 4 (the server's CPU is
+/// the limit by then) while costing the server more CPU and a fleet more
+/// of its `max_connections` (100 by default). `TOKEND_PG_POOL` (1 to 32)
+/// overrides it, for measuring.
+const POOL_SIZE: usize = 4;
 const POOL_MAX: usize = 32;
 
 /// How many times an operation the server rolled back for a deadlock or a
