@@ -441,3 +441,183 @@ fn the_throwaway_server_starts_restarts_and_stops() {
     drop(server);
     assert!(!dir.exists(), "the server's directory outlived it");
 }
+
+/// One `Store` runs operations on a pool of connections: many at once on
+/// the same few rows serialise on their row locks, and every lease still
+/// goes to one holder at a time (a commit under it lands exactly once).
+/// Multi-row writes in opposite orders do not fail on a deadlock. The
+/// pool grew past one connection, and no further than its size.
+#[tokio::test]
+async fn the_pool_runs_operations_at_once_on_the_same_rows() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let db = pg(&server.fresh_db());
+    let names: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
+    let conn = StoreConn::open_database(&db, true).unwrap();
+    for n in &names {
+        conn.insert(&new_cred(n, "rt0"), false).unwrap();
+    }
+    let store = Store::open_database(&db).unwrap();
+    let ttl = Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for t in 0..24 {
+        let (store, names) = (store.clone(), names.clone());
+        tasks.push(tokio::spawn(async move {
+            let holder = format!("host-{t}/1/1");
+            let mut committed = 0;
+            for i in 0..20 {
+                let name = &names[(t + i) % names.len()];
+                let version = store.get(name).await.unwrap().unwrap().version;
+                match store.take_lease(name, &holder, ttl, version).await.unwrap() {
+                    Lease::Taken { fence, .. } => {
+                        let rt = format!("rt-{t}-{i}");
+                        match store
+                            .commit_refresh(name, &holder, fence, version, update(&rt))
+                            .await
+                            .unwrap()
+                        {
+                            Commit::Done(c) => {
+                                assert_eq!(c.version, version + 1);
+                                committed += 1;
+                            }
+                            _ => panic!("a commit under a lease just taken was refused"),
+                        }
+                    }
+                    Lease::Busy { .. } | Lease::Changed(_) => {}
+                    Lease::Gone => panic!("{name} gone"),
+                }
+            }
+            committed
+        }));
+    }
+    let mut committed = 0;
+    for t in tasks {
+        committed += t.await.unwrap();
+    }
+    let versions: i64 = store
+        .load_all()
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.version - 1)
+        .sum();
+    assert_eq!(versions, committed, "each commit moved a version once");
+    assert!(committed > 0);
+
+    // Multi-row writes in opposite orders, at once.
+    for n in &names {
+        let v = store.get(n).await.unwrap().unwrap().version;
+        assert!(matches!(
+            store
+                .record_failure(n, "x/1/1", v, failure(None))
+                .await
+                .unwrap(),
+            Commit::Done(_)
+        ));
+    }
+    let mut tasks = Vec::new();
+    for t in 0..8i64 {
+        let store = store.clone();
+        let mut items: Vec<(String, i64, i64)> = Vec::new();
+        for n in &names {
+            let v = store.get(n).await.unwrap().unwrap().version;
+            items.push((n.clone(), v, 0));
+        }
+        if t % 2 == 1 {
+            items.reverse();
+        }
+        tasks.push(tokio::spawn(async move {
+            for k in 0..10i64 {
+                let at = now_ms() + 9_000 - t * 100 - k;
+                let batch = items.iter().map(|(n, v, _)| (n.clone(), *v, at)).collect();
+                store.bring_forward(batch).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let connections: usize = server
+        .psql(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = 't0' AND backend_type = 'client backend'",
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    // The command line's connection, and the pool's: more than one, at
+    // most four.
+    assert!(
+        (3..=5).contains(&connections),
+        "{connections} connections to the database: {}",
+        server.psql(
+            "postgres",
+            "SELECT pid, backend_type, state, query FROM pg_stat_activity WHERE datname = 't0'"
+        )
+    );
+}
+
+/// Events: the last twenty per credential are kept, the newest among them.
+#[tokio::test]
+async fn the_last_twenty_events_are_kept() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let db = pg(&server.fresh_db());
+    let conn = StoreConn::open_database(&db, true).unwrap();
+    conn.insert(&new_cred("a", "rt1"), false).unwrap();
+    let store = Store::open_database(&db).unwrap();
+    for _ in 0..25 {
+        assert!(matches!(
+            store.record_validated("a", 1).await.unwrap(),
+            Commit::Done(_)
+        ));
+    }
+    store.record_note("a", 1, "forbidden".into()).await.unwrap();
+    let kinds = server.psql(
+        "t0",
+        "SELECT count(*), max(kind) FILTER (WHERE id = (SELECT max(id) FROM events))
+         FROM events WHERE name = 'a'",
+    );
+    assert_eq!(kinds.trim(), "20|validation_forbidden");
+}
+
+/// A store does not wake itself: its commits, on any connection of its
+/// pool, are told apart from another host's, which wake it.
+#[tokio::test]
+async fn a_store_hears_other_hosts_commits_not_its_own() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let db = pg(&server.fresh_db());
+    let conn = StoreConn::open_database(&db, true).unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    for n in &names {
+        conn.insert(&new_cred(n, "rt1"), false).unwrap();
+    }
+    let store = Store::open_database(&db).unwrap();
+    let mut wakes = store.subscribe().expect("PostgreSQL announces its commits");
+    // The wake-up after connecting.
+    tokio::time::timeout(Duration::from_secs(10), wakes.recv())
+        .await
+        .expect("no wake-up after connecting");
+    let mut tasks = Vec::new();
+    for n in names.iter().cycle().take(64) {
+        let (store, n) = (store.clone(), n.clone());
+        tasks.push(tokio::spawn(
+            async move { store.record_validated(&n, 1).await },
+        ));
+    }
+    for t in tasks {
+        assert!(matches!(t.await.unwrap().unwrap(), Commit::Done(_)));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(wakes.try_recv().is_err(), "woken by its own commits");
+    let other = Store::open_database(&db).unwrap();
+    other.record_validated("c0", 1).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), wakes.recv())
+        .await
+        .expect("another host's commit did not wake it");
+}

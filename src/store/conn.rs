@@ -128,7 +128,7 @@ impl StoreConn {
     /// Runs `f` in a write transaction of its own, on either backend.
     fn in_keys_tx<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut dyn KeyTx) -> Result<T> + Send + 'static,
+        mut f: impl FnMut(&mut dyn KeyTx) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         match &self.backend {
             Backend::Sqlite(c) => immediate(c, |c| f(&mut Lite(c))),
@@ -194,11 +194,11 @@ impl StoreConn {
             let (chunk, ring) = (chunk.to_vec(), ring.clone());
             let (n, plain) = self.in_keys_tx(move |tx| {
                 let (mut n, mut plain) = (0, Vec::new());
-                for name in chunk {
-                    let (wrote, refused) = keys::reseal_row(tx, &ring, &name, false)?;
+                for name in &chunk {
+                    let (wrote, refused) = keys::reseal_row(tx, &ring, name, false)?;
                     n += wrote;
                     if refused {
-                        plain.push(name);
+                        plain.push(name.clone());
                     }
                 }
                 Ok((n, plain))

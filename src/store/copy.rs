@@ -314,22 +314,19 @@ mod sqlite {
 }
 
 mod pg {
+    use super::super::pg::Tx;
     use super::*;
-    use postgres::Transaction;
     use postgres::types::ToSql;
 
-    /// The database's clock, as the PostgreSQL leases use it.
-    const DB_NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
-
     fn rows(
-        tx: &mut Transaction<'_>,
+        tx: &mut Tx<'_>,
         table: &str,
         cols: &[(&str, Kind)],
         order: &str,
     ) -> Result<Vec<Vec<Value>>> {
         let sql = format!("SELECT {} FROM {table} ORDER BY {order}", column_list(cols));
         Ok(tx
-            .query(&sql, &[])?
+            .query_dynamic(&sql, &[])?
             .iter()
             .map(|r| {
                 cols.iter()
@@ -343,7 +340,7 @@ mod pg {
             .collect())
     }
 
-    pub(super) fn read(tx: &mut Transaction<'_>) -> Result<Dump> {
+    pub(super) fn read(tx: &mut Tx<'_>) -> Result<Dump> {
         Ok(Dump {
             credentials: rows(tx, "credentials", CREDENTIAL_COLUMNS, "name")?,
             events: rows(tx, "events", EVENT_COLUMNS, "id")?,
@@ -351,12 +348,15 @@ mod pg {
         })
     }
 
-    pub(super) fn seal_for_move(tx: &mut Transaction<'_>) -> Result<Dump> {
+    pub(super) fn seal_for_move(tx: &mut Tx<'_>) -> Result<Dump> {
         // Every row locked, as each write to one locks it: a lease another
         // host takes meanwhile waits for this transaction, then finds ours.
         tx.execute("SELECT name FROM credentials ORDER BY name FOR UPDATE", &[])?;
         let live = tx.query(
-            &format!("SELECT name, holder FROM leases WHERE expires_at > {DB_NOW}"),
+            concat!(
+                "SELECT name, holder FROM leases WHERE expires_at > ",
+                "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+            ),
             &[],
         )?;
         for r in &live {
@@ -366,12 +366,11 @@ mod pg {
             }
         }
         tx.execute(
-            &format!(
-                "INSERT INTO leases (name, holder, expires_at, fence)
-                 SELECT name, $1, {DB_NOW} + $2, fence FROM credentials
-                 ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
-                    expires_at = EXCLUDED.expires_at, fence = EXCLUDED.fence"
-            ),
+            "INSERT INTO leases (name, holder, expires_at, fence)
+             SELECT name, $1, (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $2, fence
+             FROM credentials
+             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
+                expires_at = EXCLUDED.expires_at, fence = EXCLUDED.fence",
             &[&MOVED, &(MOVED_FOR.as_millis() as i64)],
         )?;
         // Hosts following this database re-read the leased rows.
@@ -380,7 +379,7 @@ mod pg {
     }
 
     fn insert(
-        tx: &mut Transaction<'_>,
+        tx: &mut Tx<'_>,
         table: &str,
         cols: &[(&str, Kind)],
         rows: &[Vec<Value>],
@@ -388,11 +387,11 @@ mod pg {
         let marks = (1..=cols.len())
             .map(|i| format!("${i}"))
             .collect::<Vec<_>>();
-        let st = tx.prepare(&format!(
+        let sql = format!(
             "INSERT INTO {table} ({}) VALUES ({})",
             column_list(cols),
             marks.join(", ")
-        ))?;
+        );
         for row in rows {
             let params: Vec<&(dyn ToSql + Sync)> = row
                 .iter()
@@ -401,12 +400,12 @@ mod pg {
                     Value::Text(t) => t as &(dyn ToSql + Sync),
                 })
                 .collect();
-            tx.execute(&st, &params)?;
+            tx.execute_dynamic(&sql, &params)?;
         }
         Ok(())
     }
 
-    pub(super) fn restore(tx: &mut Transaction<'_>, dump: &Dump) -> Result<()> {
+    pub(super) fn restore(tx: &mut Tx<'_>, dump: &Dump) -> Result<()> {
         // Other hosts' key changes wait for this transaction.
         tx.execute("LOCK TABLE keys IN EXCLUSIVE MODE", &[])?;
         let sealed: bool = tx

@@ -41,12 +41,27 @@ pub struct Server {
     child: Option<Child>,
     bin: PathBuf,
     databases: AtomicUsize,
+    /// Whether commits are synced to the disk ([`Server::start_durable`]).
+    durable: bool,
 }
 
 impl Server {
     /// Starts a fresh server with a database `tokend`; None only when
     /// PostgreSQL is missing and [`SKIP_POSTGRES`] says to skip.
     pub fn start() -> Option<Server> {
+        Self::start_with(false)
+    }
+
+    /// Like [`start`](Self::start), but with PostgreSQL's durability on
+    /// (`fsync`, `full_page_writes`, its default buffers), as a production
+    /// server runs: for a benchmark, where a commit must cost its WAL
+    /// flush. The tests keep `fsync=off`, which is faster and enough for
+    /// them (a commit still survives `restart`).
+    pub fn start_durable() -> Option<Server> {
+        Self::start_with(true)
+    }
+
+    fn start_with(durable: bool) -> Option<Server> {
         let Some(bin) = bin_dir() else {
             if std::env::var_os(SKIP_POSTGRES).is_some_and(|v| v == "1") {
                 eprintln!(
@@ -87,6 +102,7 @@ impl Server {
             child: None,
             bin,
             databases: AtomicUsize::new(0),
+            durable,
         };
         server.run();
         server.psql("postgres", "CREATE DATABASE tokend");
@@ -117,6 +133,18 @@ impl Server {
         let name = format!("t{n}");
         self.psql("postgres", &format!("CREATE DATABASE {name}"));
         self.url_of(&name)
+    }
+
+    /// The server's main process (the first line of `postmaster.pid`):
+    /// its backends are its children. None while it is not running.
+    pub fn postmaster_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.dir.path().join("data/postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// Runs SQL as the superuser in `db`, panicking on failure; its output.
@@ -192,10 +220,23 @@ impl Server {
             .args(["-p", &PORT.to_string()])
             // Unix socket only. A commit is written before it is
             // acknowledged, so it survives `restart` (the process killed),
-            // but never synced: nothing here outlives a machine crash.
-            .args(["-c", "listen_addresses=", "-c", "fsync=off"])
-            .args(["-c", "full_page_writes=off"])
-            .args(["-c", "shared_buffers=16MB", "-c", "max_connections=100"])
+            // but, unless durable, never synced: nothing here outlives a
+            // machine crash.
+            .args(["-c", "listen_addresses=", "-c", "max_connections=100"])
+            .args(if self.durable {
+                // PostgreSQL's defaults: every commit flushed to the disk.
+                ["-c", "fsync=on", "-c", "full_page_writes=on"]
+            } else {
+                ["-c", "fsync=off", "-c", "full_page_writes=off"]
+            })
+            .args([
+                "-c",
+                if self.durable {
+                    "shared_buffers=128MB"
+                } else {
+                    "shared_buffers=16MB"
+                },
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -24,8 +24,6 @@ pub fn create_table(c: &mut Transaction<'_>) -> Result<()> {
     Ok(())
 }
 
-const TOKEN_COLUMNS: &str = "name, grant_type, access_token, refresh_token";
-
 fn tokens_row(r: &postgres::Row) -> StoredTokens {
     StoredTokens {
         name: r.get(0),
@@ -39,7 +37,7 @@ fn id(r: &postgres::Row, i: usize) -> u32 {
     u32::try_from(r.get::<_, i64>(i)).unwrap_or(u32::MAX)
 }
 
-impl KeyTx for Transaction<'_> {
+impl KeyTx for super::Tx<'_> {
     fn keys(&mut self) -> Result<Vec<WrappedKey>> {
         let rows = self.query("SELECT id, wrapped, created_at FROM keys ORDER BY id", &[])?;
         Ok(rows
@@ -97,7 +95,7 @@ impl KeyTx for Transaction<'_> {
 
     fn stored_tokens(&mut self) -> Result<Vec<StoredTokens>> {
         let rows = self.query(
-            &format!("SELECT {TOKEN_COLUMNS} FROM credentials ORDER BY name"),
+            "SELECT name, grant_type, access_token, refresh_token FROM credentials ORDER BY name",
             &[],
         )?;
         Ok(rows.iter().map(tokens_row).collect())
@@ -105,7 +103,8 @@ impl KeyTx for Transaction<'_> {
 
     fn lock_tokens(&mut self, name: &str) -> Result<Option<StoredTokens>> {
         let row = self.query_opt(
-            &format!("SELECT {TOKEN_COLUMNS} FROM credentials WHERE name = $1 FOR UPDATE"),
+            "SELECT name, grant_type, access_token, refresh_token FROM credentials
+             WHERE name = $1 FOR UPDATE",
             &[&name],
         )?;
         Ok(row.as_ref().map(tokens_row))

@@ -2,13 +2,12 @@
 //! `NOTIFY tokend_changes` (the credential's name as payload, delivered on
 //! commit), and a connection of its own `LISTEN`s for them, on a thread
 //! of its own. A wake-up is sent for others' commits only (this process's
-//! own store connection is recognised by its backend pid), and one after
+//! own store connections are recognised by their backend pids), and one after
 //! every (re)connection, since commits may have gone unheard meanwhile.
 //! The daemon also re-reads every row's revision periodically, the safety
 //! net for anything this misses.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -16,7 +15,7 @@ use postgres::{Client, NoTls};
 use tokio::sync::mpsc;
 
 use super::super::{PgUrl, StoreError};
-use super::{Health, Witness};
+use super::{Health, Pids, Witness};
 
 /// The channel every write transaction notifies.
 pub(super) const CHANNEL: &str = "tokend_changes";
@@ -32,17 +31,13 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Starts the listener; its thread ends once the receiver is dropped.
-pub(super) fn start(
-    url: &PgUrl,
-    own_pid: Arc<AtomicI32>,
-    health: Arc<Health>,
-) -> mpsc::Receiver<()> {
+pub(super) fn start(url: &PgUrl, own_pids: Arc<Pids>, health: Arc<Health>) -> mpsc::Receiver<()> {
     let (tx, rx) = mpsc::channel(1);
     let mut config = url.config();
     config.connect_timeout(Duration::from_secs(10));
     let spawned = std::thread::Builder::new()
         .name("tokend-pg-listen".into())
-        .spawn(move || listen(&config, &own_pid, &health, &tx));
+        .spawn(move || listen(&config, &own_pids, &health, &tx));
     if let Err(e) = spawned {
         // The periodic re-read still picks up every change, later.
         tracing::warn!(error = %e, "cannot start the database's change listener");
@@ -50,7 +45,7 @@ pub(super) fn start(
     rx
 }
 
-fn listen(config: &postgres::Config, own_pid: &AtomicI32, health: &Health, tx: &mpsc::Sender<()>) {
+fn listen(config: &postgres::Config, own_pids: &Pids, health: &Health, tx: &mpsc::Sender<()>) {
     let mut backoff = BACKOFF_FIRST;
     let mut was_down = false;
     while !tx.is_closed() {
@@ -69,7 +64,7 @@ fn listen(config: &postgres::Config, own_pid: &AtomicI32, health: &Health, tx: &
                 backoff = BACKOFF_FIRST;
                 // Whatever was committed while nobody listened.
                 let _ = tx.try_send(());
-                let e = follow(&mut client, own_pid, tx);
+                let e = follow(&mut client, own_pids, tx);
                 if tx.is_closed() {
                     return;
                 }
@@ -90,13 +85,13 @@ fn listen(config: &postgres::Config, own_pid: &AtomicI32, health: &Health, tx: &
 
 /// Passes notifications on until the connection fails (the error) or the
 /// receiver is gone.
-fn follow(client: &mut Client, own_pid: &AtomicI32, tx: &mpsc::Sender<()>) -> StoreError {
+fn follow(client: &mut Client, own_pids: &Pids, tx: &mpsc::Sender<()>) -> StoreError {
     let mut idle = 0;
     loop {
         let next = client.notifications().timeout_iter(POLL).next();
         match next {
             Ok(Some(n)) => {
-                if n.process_id() != own_pid.load(Ordering::Relaxed) {
+                if !own_pids.contains(n.process_id()) {
                     // A full channel already holds a wake-up: one is enough.
                     let _ = tx.try_send(());
                 }

@@ -1,20 +1,33 @@
 //! The PostgreSQL SQL: the operations of `../ops.rs`, with their meaning
 //! unchanged, for hosts that share the database. Each runs inside the
-//! transaction its caller opened (one per operation, see `mod.rs`).
+//! transaction its caller opened (one per operation, see `mod.rs`; a lone
+//! read runs on its own), every statement prepared once per connection.
 //!
 //! What differs, because several hosts write at once:
 //!
 //! * every write first locks the credential's row (`SELECT … FOR UPDATE`),
 //!   so a lease taken by one host and a commit by another serialise, and
-//!   the fence a commit checks cannot move before it writes;
+//!   the fence a commit checks cannot move before it writes. The lock is a
+//!   statement of its own: in READ COMMITTED each statement sees what
+//!   committed before it started, so the lease row is read by the next
+//!   statement, once the lock is ours (a statement that waited for the
+//!   lock would still see the lease table as it was before the wait);
 //! * lease expiry is set and compared on the database's clock, never a
 //!   host's: a host whose clock runs ahead cannot think a live lease
 //!   expired (docs/design.md, "Leases across hosts");
 //! * every write to a credential's row notifies the other hosts
 //!   ([`changed`], `listen.rs`).
+//!
+//! The hot path, a refresh, is two transactions of two statements each:
+//! [`take_lease`] (the lock, then one statement that checks the lease,
+//! grants it, marks the refresh started and notifies) and
+//! [`commit_refresh`] (the lock, then one statement that checks the lease
+//! and fence, compare-and-swaps the token pair on the version, releases
+//! the lease, records the event and notifies).
 
 use std::time::Duration;
 
+use postgres::Row;
 use postgres::Transaction;
 use postgres::types::ToSql;
 
@@ -22,6 +35,7 @@ use super::super::{
     Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Result, State, StoreError,
     TokenUpdate,
 };
+use super::Tx;
 use crate::clock::now_ms;
 use crate::secret::Secret;
 
@@ -30,38 +44,51 @@ const EVENTS_KEPT: i64 = 20;
 
 /// The database's clock, in milliseconds since the Unix epoch: what lease
 /// expiry is measured on.
-const DB_NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000)::bigint";
+macro_rules! db_now {
+    () => {
+        "(extract(epoch FROM clock_timestamp()) * 1000)::bigint"
+    };
+}
 
-const COLUMNS: &str = "name, provider, access_token, refresh_token, scope, expires_at, \
-    issued_at, state, failures, next_attempt_at, last_error, last_refresh_at, \
-    last_validated_at, refresh_started_at, created_at, updated_at, version, rev, not_before, \
-    grant_type";
+macro_rules! columns {
+    () => {
+        "name, provider, access_token, refresh_token, scope, expires_at, \
+         issued_at, state, failures, next_attempt_at, last_error, last_refresh_at, \
+         last_validated_at, refresh_started_at, created_at, updated_at, version, rev, \
+         not_before, grant_type"
+    };
+}
 
-fn from_row(r: &postgres::Row) -> Credential {
-    let instant = |i: usize| r.get::<_, Option<i64>>(i).map(crate::clock::clamp);
+fn from_row(r: &Row) -> Credential {
+    from_row_at(r, 0)
+}
+
+/// The credential in `r`'s columns from `at` on ([`columns!`]'s order).
+fn from_row_at(r: &Row, at: usize) -> Credential {
+    let instant = |i: usize| r.get::<_, Option<i64>>(at + i).map(crate::clock::clamp);
     Credential {
-        name: r.get(0),
-        provider: r.get(1),
-        access_token: r.get::<_, Option<String>>(2).map(Secret::new),
-        grant: match r.get::<_, &str>(19) {
+        name: r.get(at),
+        provider: r.get(at + 1),
+        access_token: r.get::<_, Option<String>>(at + 2).map(Secret::new),
+        grant: match r.get::<_, &str>(at + 19) {
             "client_credentials" => Grant::ClientCredentials,
-            _ => Grant::RefreshToken(Secret::new(r.get::<_, String>(3))),
+            _ => Grant::RefreshToken(Secret::new(r.get::<_, String>(at + 3))),
         },
-        scope: r.get(4),
+        scope: r.get(at + 4),
         expires_at: instant(5),
         issued_at: instant(6).unwrap_or(0),
-        state: State::parse(r.get(7)),
-        failures: r.get::<_, i64>(8).clamp(0, u32::MAX.into()) as u32,
-        next_attempt_at: r.get(9),
-        last_error: r.get(10),
-        last_refresh_at: r.get(11),
-        last_validated_at: r.get(12),
-        refresh_started_at: r.get(13),
-        created_at: r.get(14),
-        updated_at: r.get(15),
-        version: r.get(16),
-        rev: r.get(17),
-        not_before: r.get(18),
+        state: State::parse(r.get(at + 7)),
+        failures: r.get::<_, i64>(at + 8).clamp(0, u32::MAX.into()) as u32,
+        next_attempt_at: r.get(at + 9),
+        last_error: r.get(at + 10),
+        last_refresh_at: r.get(at + 11),
+        last_validated_at: r.get(at + 12),
+        refresh_started_at: r.get(at + 13),
+        created_at: r.get(at + 14),
+        updated_at: r.get(at + 15),
+        version: r.get(at + 16),
+        rev: r.get(at + 17),
+        not_before: r.get(at + 18),
     }
 }
 
@@ -69,40 +96,53 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-pub fn load_all(c: &mut Transaction<'_>) -> Result<Vec<Credential>> {
-    let rows = c.query(
-        &format!("SELECT {COLUMNS} FROM credentials ORDER BY name"),
+pub fn load_all(c: &mut Tx<'_>) -> Result<Vec<Credential>> {
+    let rows = c.read(
+        concat!("SELECT ", columns!(), " FROM credentials ORDER BY name"),
         &[],
     )?;
     Ok(rows.iter().map(from_row).collect())
 }
 
-pub fn get(c: &mut Transaction<'_>, name: &str) -> Result<Option<Credential>> {
-    let row = c.query_opt(
-        &format!("SELECT {COLUMNS} FROM credentials WHERE name = $1"),
+pub fn get(c: &mut Tx<'_>, name: &str) -> Result<Option<Credential>> {
+    let rows = c.read(
+        concat!("SELECT ", columns!(), " FROM credentials WHERE name = $1"),
         &[&name],
     )?;
-    Ok(row.as_ref().map(from_row))
+    Ok(rows.first().map(from_row))
 }
 
 /// Locks `name`'s row until the transaction ends (see the module docs);
 /// the row as it is once the lock is ours.
-fn lock(c: &mut Transaction<'_>, name: &str) -> Result<Option<Credential>> {
+fn lock(c: &mut Tx<'_>, name: &str) -> Result<Option<Credential>> {
     let row = c.query_opt(
-        &format!("SELECT {COLUMNS} FROM credentials WHERE name = $1 FOR UPDATE"),
+        concat!(
+            "SELECT ",
+            columns!(),
+            " FROM credentials WHERE name = $1 FOR UPDATE"
+        ),
         &[&name],
     )?;
     Ok(row.as_ref().map(from_row))
 }
 
-pub fn revisions(c: &mut Transaction<'_>) -> Result<Vec<(String, i64)>> {
-    let rows = c.query("SELECT name, rev FROM credentials", &[])?;
+/// [`lock`], for a write that needs nothing of the row.
+fn lock_only(c: &mut Tx<'_>, name: &str) -> Result<()> {
+    c.query_opt(
+        "SELECT 1 FROM credentials WHERE name = $1 FOR UPDATE",
+        &[&name],
+    )?;
+    Ok(())
+}
+
+pub fn revisions(c: &mut Tx<'_>) -> Result<Vec<(String, i64)>> {
+    let rows = c.read("SELECT name, rev FROM credentials", &[])?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Tells the other hosts, once this transaction commits, that `name`'s row
 /// changed.
-fn changed(c: &mut Transaction<'_>, name: &str) -> Result<()> {
+fn changed(c: &mut Tx<'_>, name: &str) -> Result<()> {
     c.execute(
         "SELECT pg_notify($1, $2)",
         &[&super::listen::CHANNEL, &name],
@@ -110,20 +150,20 @@ fn changed(c: &mut Transaction<'_>, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn event(c: &mut Transaction<'_>, name: &str, kind: &str, detail: Option<&str>) -> Result<()> {
+/// Records an event and keeps the last [`EVENTS_KEPT`]: the trimming
+/// `DELETE` runs in the same statement, so it does not see the new event
+/// and keeps one fewer of the others.
+fn event(c: &mut Tx<'_>, name: &str, kind: &str, detail: Option<&str>) -> Result<()> {
     c.execute(
-        "INSERT INTO events (name, at, kind, detail) VALUES ($1, $2, $3, $4)",
-        &[&name, &now_ms(), &kind, &detail],
-    )?;
-    c.execute(
-        "DELETE FROM events WHERE name = $1 AND id <
-           (SELECT id FROM events WHERE name = $1 ORDER BY id DESC LIMIT 1 OFFSET $2)",
-        &[&name, &(EVENTS_KEPT - 1)],
+        "WITH added AS (INSERT INTO events (name, at, kind, detail) VALUES ($1, $2, $3, $4))
+         DELETE FROM events WHERE name = $1 AND id <
+           (SELECT id FROM events WHERE name = $1 ORDER BY id DESC LIMIT 1 OFFSET $5)",
+        &[&name, &now_ms(), &kind, &detail, &(EVENTS_KEPT - 2)],
     )?;
     Ok(())
 }
 
-pub fn insert(c: &mut Transaction<'_>, n: &NewCredential, replace: bool) -> Result<Credential> {
+pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Credential> {
     let now = now_ms();
     let existing = lock(c, &n.name)?;
     if existing.is_some() && !replace {
@@ -145,85 +185,175 @@ pub fn insert(c: &mut Transaction<'_>, n: &NewCredential, replace: bool) -> Resu
     // A replaced credential keeps its creation time and its fence (a lease
     // taken before cannot commit: the version moves on); everything else
     // starts again, as in SQLite.
-    let inserted = c.execute(
-        "INSERT INTO credentials (name, provider, access_token, refresh_token, scope,
-            expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
-            grant_type)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, 1, $8)
-         ON CONFLICT (name) DO UPDATE SET provider = EXCLUDED.provider,
-            access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token,
-            scope = EXCLUDED.scope, expires_at = EXCLUDED.expires_at,
-            issued_at = EXCLUDED.issued_at, state = 'valid', failures = 0,
-            next_attempt_at = NULL, last_error = NULL, last_refresh_at = NULL,
-            last_validated_at = NULL, refresh_started_at = NULL, not_before = NULL,
-            updated_at = EXCLUDED.updated_at, version = credentials.version + 1,
-            rev = credentials.rev + 1, grant_type = EXCLUDED.grant_type
-         WHERE $9",
+    let row = c.query_opt(
+        concat!(
+            "INSERT INTO credentials (name, provider, access_token, refresh_token, scope,
+                expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
+                grant_type)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, 1, $8)
+             ON CONFLICT (name) DO UPDATE SET provider = EXCLUDED.provider,
+                access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token,
+                scope = EXCLUDED.scope, expires_at = EXCLUDED.expires_at,
+                issued_at = EXCLUDED.issued_at, state = 'valid', failures = 0,
+                next_attempt_at = NULL, last_error = NULL, last_refresh_at = NULL,
+                last_validated_at = NULL, refresh_started_at = NULL, not_before = NULL,
+                updated_at = EXCLUDED.updated_at, version = credentials.version + 1,
+                rev = credentials.rev + 1, grant_type = EXCLUDED.grant_type
+             WHERE $9
+             RETURNING ",
+            columns!()
+        ),
         &params,
     )?;
-    if inserted == 0 {
+    let Some(row) = row else {
         // Another host stored the name after we looked, and this is no
         // replacement.
         return Err(StoreError::Exists(n.name.clone()));
-    }
+    };
     event(c, &n.name, n.event, None)?;
     changed(c, &n.name)?;
-    get(c, &n.name)?.ok_or_else(|| StoreError::NotFound(n.name.clone()))
+    Ok(from_row(&row))
 }
 
 /// Whether another live holder has `name`'s lease: until when, in this
 /// host's clock (the remaining time is measured on the database's).
-fn busy(c: &mut Transaction<'_>, name: &str, holder: &str) -> Result<Option<i64>> {
+fn busy(c: &mut Tx<'_>, name: &str, holder: &str) -> Result<Option<i64>> {
     let row = c.query_opt(
-        &format!("SELECT holder, expires_at - {DB_NOW} FROM leases WHERE name = $1"),
+        concat!(
+            "SELECT holder, expires_at - ",
+            db_now!(),
+            " FROM leases WHERE name = $1"
+        ),
         &[&name],
     )?;
-    Ok(row.and_then(|r| {
-        let (other, remaining): (String, i64) = (r.get(0), r.get(1));
-        (other != holder && remaining > 0 && crate::lease::holder_alive(&other))
-            .then(|| now_ms() + remaining)
-    }))
+    Ok(row.and_then(|r| live_other(holder, r.get(0), r.get(1))))
 }
 
-/// Bumps the fence and gives the lease to `holder` for `ttl`.
-fn grant_lease(c: &mut Transaction<'_>, name: &str, holder: &str, ttl: Duration) -> Result<i64> {
-    let fence: i64 = c
-        .query_one(
-            "UPDATE credentials SET fence = fence + 1 WHERE name = $1 RETURNING fence",
-            &[&name],
-        )?
-        .get(0);
-    c.execute(
-        &format!(
-            "INSERT INTO leases (name, holder, expires_at, fence) VALUES ($1, $2, {DB_NOW} + $3, $4)
-             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
-                expires_at = EXCLUDED.expires_at, fence = EXCLUDED.fence"
-        ),
-        &[&name, &holder, &ms(ttl), &fence],
-    )?;
-    Ok(fence)
+/// Until when (this host's clock) `other`'s lease, with `remaining` ms
+/// left on the database's clock, keeps `holder` out; None if it does not.
+fn live_other(holder: &str, other: Option<String>, remaining: Option<i64>) -> Option<i64> {
+    let (other, remaining) = (other?, remaining?);
+    (other != holder && remaining > 0 && crate::lease::holder_alive(&other))
+        .then(|| now_ms() + remaining)
+}
+
+/// Takes the lease: unless another holder's lease is live (or `$5`, its
+/// holder is known dead), bumps the fence, gives the lease to `$2` for
+/// `$3` ms, marks the refresh started at `$4` and notifies. Answers the
+/// new fence (NULL if not granted) and the lease it found.
+const TAKE: &str = concat!(
+    "WITH cur AS (
+        SELECT holder, expires_at - ",
+    db_now!(),
+    " AS remaining FROM leases WHERE name = $1
+    ), free AS (
+        SELECT $5::boolean
+            OR NOT EXISTS (SELECT 1 FROM cur WHERE holder <> $2 AND remaining > 0) AS ok
+    ), granted AS (
+        UPDATE credentials SET fence = fence + 1, refresh_started_at = $4,
+            state = 'refreshing', updated_at = $4, rev = rev + 1
+        WHERE name = $1 AND (SELECT ok FROM free)
+        RETURNING fence
+    ), leased AS (
+        INSERT INTO leases (name, holder, expires_at, fence)
+        SELECT $1, $2, ",
+    db_now!(),
+    " + $3, fence FROM granted
+        ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
+            expires_at = EXCLUDED.expires_at, fence = EXCLUDED.fence
+    ), notified AS (
+        SELECT pg_notify($6, $1) FROM granted
+    )
+    SELECT (SELECT fence FROM granted), (SELECT holder FROM cur),
+        (SELECT remaining FROM cur), (SELECT count(*) FROM notified)"
+);
+
+/// [`TAKE`] for work that is not a refresh (`hold_lease`): the fence and
+/// the lease only, no mark, no notification; `$4` is TAKE's `$5`.
+const HOLD: &str = concat!(
+    "WITH cur AS (
+        SELECT holder, expires_at - ",
+    db_now!(),
+    " AS remaining FROM leases WHERE name = $1
+    ), free AS (
+        SELECT $4::boolean
+            OR NOT EXISTS (SELECT 1 FROM cur WHERE holder <> $2 AND remaining > 0) AS ok
+    ), granted AS (
+        UPDATE credentials SET fence = fence + 1
+        WHERE name = $1 AND (SELECT ok FROM free)
+        RETURNING fence
+    ), leased AS (
+        INSERT INTO leases (name, holder, expires_at, fence)
+        SELECT $1, $2, ",
+    db_now!(),
+    " + $3, fence FROM granted
+        ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder,
+            expires_at = EXCLUDED.expires_at, fence = EXCLUDED.fence
+    )
+    SELECT (SELECT fence FROM granted), (SELECT holder FROM cur), (SELECT remaining FROM cur)"
+);
+
+/// What [`TAKE`] or [`HOLD`] did.
+enum Granted {
+    Fence(i64),
+    Busy(i64),
+}
+
+/// Runs [`TAKE`] (`take`) or [`HOLD`] on a row whose lock is ours. A
+/// lease the database still counts live but whose holder is known dead
+/// (a process of this host that is gone: `lease::holder_alive`) is taken
+/// over, by a second run that ignores it.
+fn grant(c: &mut Tx<'_>, name: &str, holder: &str, ttl: Duration, take: bool) -> Result<Granted> {
+    let ttl = ms(ttl);
+    let mut force = false;
+    loop {
+        let row = if take {
+            let now = now_ms();
+            c.query_one(
+                TAKE,
+                &[&name, &holder, &ttl, &now, &force, &super::listen::CHANNEL],
+            )?
+        } else {
+            c.query_one(HOLD, &[&name, &holder, &ttl, &force])?
+        };
+        if let Some(fence) = row.get::<_, Option<i64>>(0) {
+            return Ok(Granted::Fence(fence));
+        }
+        if force {
+            // The row was locked and found: a forced grant cannot miss.
+            return Err(StoreError::NotFound(name.to_owned()));
+        }
+        if let Some(until) = live_other(holder, row.get(1), row.get(2)) {
+            return Ok(Granted::Busy(until));
+        }
+        force = true;
+    }
 }
 
 pub fn take_lease(
-    c: &mut Transaction<'_>,
+    c: &mut Tx<'_>,
     name: &str,
     holder: &str,
     ttl: Duration,
     version: i64,
 ) -> Result<Lease> {
-    let now = now_ms();
-    let cred = lock(c, name)?;
-    if let Some(until) = busy(c, name, holder)? {
-        return Ok(Lease::Busy { until });
-    }
-    let Some(cred) = cred else {
+    let Some(cred) = lock(c, name)? else {
+        if let Some(until) = busy(c, name, holder)? {
+            return Ok(Lease::Busy { until });
+        }
         c.execute("DELETE FROM leases WHERE name = $1", &[&name])?;
         return Ok(Lease::Gone);
     };
     if cred.version != version {
+        if let Some(until) = busy(c, name, holder)? {
+            return Ok(Lease::Busy { until });
+        }
         return Ok(Lease::Changed(Box::new(cred)));
     }
-    let fence = grant_lease(c, name, holder, ttl)?;
+    let fence = match grant(c, name, holder, ttl, true)? {
+        Granted::Fence(f) => f,
+        Granted::Busy(until) => return Ok(Lease::Busy { until }),
+    };
     let interrupted = cred.refresh_started_at.is_some();
     if interrupted {
         event(
@@ -233,12 +363,6 @@ pub fn take_lease(
             Some("a previous refresh never finished"),
         )?;
     }
-    c.execute(
-        "UPDATE credentials SET refresh_started_at = $2, state = 'refreshing',
-            updated_at = $2, rev = rev + 1 WHERE name = $1",
-        &[&name, &now],
-    )?;
-    changed(c, name)?;
     Ok(Lease::Taken {
         credential: Box::new(cred),
         interrupted,
@@ -247,20 +371,17 @@ pub fn take_lease(
 }
 
 /// See `../ops.rs`'s `hold_lease`.
-pub fn hold_lease(
-    c: &mut Transaction<'_>,
-    name: &str,
-    holder: &str,
-    ttl: Duration,
-) -> Result<Lease> {
-    let cred = lock(c, name)?;
-    if let Some(until) = busy(c, name, holder)? {
-        return Ok(Lease::Busy { until });
-    }
-    let Some(cred) = cred else {
+pub fn hold_lease(c: &mut Tx<'_>, name: &str, holder: &str, ttl: Duration) -> Result<Lease> {
+    let Some(cred) = lock(c, name)? else {
+        if let Some(until) = busy(c, name, holder)? {
+            return Ok(Lease::Busy { until });
+        }
         return Ok(Lease::Gone);
     };
-    let fence = grant_lease(c, name, holder, ttl)?;
+    let fence = match grant(c, name, holder, ttl, false)? {
+        Granted::Fence(f) => f,
+        Granted::Busy(until) => return Ok(Lease::Busy { until }),
+    };
     Ok(Lease::Taken {
         credential: Box::new(cred),
         interrupted: false,
@@ -269,16 +390,17 @@ pub fn hold_lease(
 }
 
 pub fn renew_lease(
-    c: &mut Transaction<'_>,
+    c: &mut Tx<'_>,
     name: &str,
     holder: &str,
     fence: i64,
     ttl: Duration,
 ) -> Result<bool> {
     let n = c.execute(
-        &format!(
-            "UPDATE leases SET expires_at = {DB_NOW} + $4
-             WHERE name = $1 AND holder = $2 AND fence = $3"
+        concat!(
+            "UPDATE leases SET expires_at = ",
+            db_now!(),
+            " + $4 WHERE name = $1 AND holder = $2 AND fence = $3"
         ),
         &[&name, &holder, &fence, &ms(ttl)],
     )?;
@@ -287,7 +409,7 @@ pub fn renew_lease(
 
 /// Whether `holder`'s lease `fence` is the current one; the caller holds
 /// the row's lock, so it stays so until the transaction ends.
-fn holds(c: &mut Transaction<'_>, name: &str, holder: &str, fence: i64) -> Result<bool> {
+fn holds(c: &mut Tx<'_>, name: &str, holder: &str, fence: i64) -> Result<bool> {
     Ok(c.query_opt(
         "SELECT 1 FROM leases WHERE name = $1 AND holder = $2 AND fence = $3",
         &[&name, &holder, &fence],
@@ -295,7 +417,7 @@ fn holds(c: &mut Transaction<'_>, name: &str, holder: &str, fence: i64) -> Resul
     .is_some())
 }
 
-fn lease_lost(c: &mut Transaction<'_>, name: &str, what: &str) -> Result<Commit> {
+fn lease_lost(c: &mut Tx<'_>, name: &str, what: &str) -> Result<Commit> {
     if get(c, name)?.is_some() {
         event(
             c,
@@ -307,66 +429,117 @@ fn lease_lost(c: &mut Transaction<'_>, name: &str, what: &str) -> Result<Commit>
     Ok(Commit::LeaseLost)
 }
 
+/// The commit of a refresh, after the row's lock: if `$2` holds lease
+/// `$3`, stores the pair if the row is still at version `$4`, releases
+/// the lease, records the event (trimmed as [`event`] does) and notifies.
+/// Answers whether the lease was held, then the row as written (NULLs if
+/// nothing was).
+const COMMIT_REFRESH: &str = concat!(
+    "WITH held AS (
+        SELECT 1 FROM leases WHERE name = $1 AND holder = $2 AND fence = $3
+    ), written AS (
+        UPDATE credentials SET access_token = COALESCE($5, access_token),
+            refresh_token = COALESCE($6, refresh_token), scope = COALESCE($7, scope),
+            expires_at = CASE WHEN $5::text IS NULL THEN expires_at ELSE $8 END,
+            issued_at = CASE WHEN $5::text IS NULL THEN issued_at ELSE $9 END,
+            state = 'valid', failures = 0,
+            next_attempt_at = NULL, not_before = NULL, last_error = NULL, last_refresh_at = $9,
+            last_validated_at = $9, refresh_started_at = NULL, updated_at = $9,
+            version = version + 1, rev = rev + 1
+        WHERE name = $1 AND version = $4 AND EXISTS (SELECT 1 FROM held)
+        RETURNING ",
+    columns!(),
+    "
+    ), released AS (
+        DELETE FROM leases WHERE name = $1 AND holder = $2 AND EXISTS (SELECT 1 FROM held)
+    ), added AS (
+        INSERT INTO events (name, at, kind) SELECT name, $9, 'refreshed' FROM written
+    ), trimmed AS (
+        DELETE FROM events WHERE name = $1 AND EXISTS (SELECT 1 FROM written) AND id <
+            (SELECT id FROM events WHERE name = $1 ORDER BY id DESC LIMIT 1 OFFSET $10)
+    ), notified AS (
+        SELECT pg_notify($11, $1) FROM written
+    )
+    SELECT EXISTS (SELECT 1 FROM held), (SELECT count(*) FROM notified), written.*
+    FROM (SELECT 1) AS one LEFT JOIN written ON true"
+);
+
 pub fn commit_refresh(
-    c: &mut Transaction<'_>,
+    c: &mut Tx<'_>,
     name: &str,
     holder: &str,
     fence: i64,
     version: i64,
     u: &TokenUpdate,
 ) -> Result<Commit> {
-    lock(c, name)?;
-    if !holds(c, name, holder, fence)? {
-        return lease_lost(c, name, "a refreshed token pair");
-    }
-    let now = now_ms();
-    let n = c.execute(
-        "UPDATE credentials SET access_token = COALESCE($3, access_token),
-            refresh_token = COALESCE($4, refresh_token), scope = COALESCE($5, scope),
-            expires_at = CASE WHEN $3::text IS NULL THEN expires_at ELSE $6 END,
-            issued_at = CASE WHEN $3::text IS NULL THEN issued_at ELSE $7 END,
-            state = 'valid', failures = 0,
-            next_attempt_at = NULL, not_before = NULL, last_error = NULL, last_refresh_at = $7,
-            last_validated_at = $7, refresh_started_at = NULL, updated_at = $7,
-            version = version + 1, rev = rev + 1
-         WHERE name = $1 AND version = $2",
+    lock_only(c, name)?;
+    let row = c.query_one(
+        COMMIT_REFRESH,
         &[
             &name,
+            &holder,
+            &fence,
             &version,
             &u.access_token.as_ref().map(Secret::expose),
             &u.refresh_token.as_ref().map(Secret::expose),
             &u.scope,
             &u.expires_at,
-            &now,
+            &now_ms(),
+            &(EVENTS_KEPT - 2),
+            &super::listen::CHANNEL,
         ],
     )?;
-    release(c, name, holder)?;
-    if n == 0 {
+    if !row.get::<_, bool>(0) {
+        return lease_lost(c, name, "a refreshed token pair");
+    }
+    if row.get::<_, Option<&str>>(2).is_none() {
         return Ok(Commit::Conflict);
     }
-    event(c, name, "refreshed", None)?;
-    done(c, name)
+    Ok(Commit::Done(Box::new(from_row_at(&row, 2))))
+}
+
+/// The end of a compare-and-swap write that returned `row` (None: the row
+/// had moved on, nothing written): its event, if any, and the
+/// notification.
+fn written(
+    c: &mut Tx<'_>,
+    name: &str,
+    row: Option<Row>,
+    event_of: Option<(&str, Option<&str>)>,
+) -> Result<Commit> {
+    let Some(row) = row else {
+        return Ok(Commit::Conflict);
+    };
+    if let Some((kind, detail)) = event_of {
+        event(c, name, kind, detail)?;
+    }
+    changed(c, name)?;
+    Ok(Commit::Done(Box::new(from_row(&row))))
 }
 
 pub fn record_failure(
-    c: &mut Transaction<'_>,
+    c: &mut Tx<'_>,
     name: &str,
     holder: &str,
     version: i64,
     f: &FailureUpdate,
 ) -> Result<Commit> {
-    lock(c, name)?;
+    lock_only(c, name)?;
     if let Some(fence) = f.lease
         && !holds(c, name, holder, fence)?
     {
         return lease_lost(c, name, "a failed refresh's outcome");
     }
     let clear_mark = f.lease.is_some() && !f.outcome_unknown;
-    let n = c.execute(
-        "UPDATE credentials SET state = $3, failures = $4, next_attempt_at = $5,
-            last_error = $6, updated_at = $7, rev = rev + 1, not_before = $9,
-            refresh_started_at = CASE WHEN $8 THEN NULL ELSE refresh_started_at END
-         WHERE name = $1 AND version = $2",
+    let row = c.query_opt(
+        concat!(
+            "UPDATE credentials SET state = $3, failures = $4, next_attempt_at = $5,
+                last_error = $6, updated_at = $7, rev = rev + 1, not_before = $9,
+                refresh_started_at = CASE WHEN $8 THEN NULL ELSE refresh_started_at END
+             WHERE name = $1 AND version = $2
+             RETURNING ",
+            columns!()
+        ),
         &[
             &name,
             &version,
@@ -382,62 +555,55 @@ pub fn record_failure(
     if f.lease.is_some() {
         release(c, name, holder)?;
     }
-    if n == 0 {
-        return Ok(Commit::Conflict);
-    }
-    event(c, name, f.event, Some(&f.error))?;
-    done(c, name)
+    written(c, name, row, Some((f.event, Some(&f.error))))
 }
 
-pub fn record_validated(c: &mut Transaction<'_>, name: &str, version: i64) -> Result<Commit> {
-    let n = c.execute(
-        "UPDATE credentials SET last_validated_at = $3, updated_at = $3, rev = rev + 1,
-            state = CASE WHEN state = 'retrying' THEN 'valid' ELSE state END,
-            failures = CASE WHEN state = 'retrying' THEN 0 ELSE failures END,
-            next_attempt_at = CASE WHEN state = 'retrying' THEN NULL ELSE next_attempt_at END,
-            not_before = CASE WHEN state = 'retrying' THEN NULL ELSE not_before END,
-            last_error = NULL
-         WHERE name = $1 AND version = $2",
+pub fn record_validated(c: &mut Tx<'_>, name: &str, version: i64) -> Result<Commit> {
+    let row = c.query_opt(
+        concat!(
+            "UPDATE credentials SET last_validated_at = $3, updated_at = $3, rev = rev + 1,
+                state = CASE WHEN state = 'retrying' THEN 'valid' ELSE state END,
+                failures = CASE WHEN state = 'retrying' THEN 0 ELSE failures END,
+                next_attempt_at = CASE WHEN state = 'retrying' THEN NULL ELSE next_attempt_at END,
+                not_before = CASE WHEN state = 'retrying' THEN NULL ELSE not_before END,
+                last_error = NULL
+             WHERE name = $1 AND version = $2
+             RETURNING ",
+            columns!()
+        ),
         &[&name, &version, &now_ms()],
     )?;
-    if n == 0 {
-        return Ok(Commit::Conflict);
-    }
-    event(c, name, "validated", None)?;
-    done(c, name)
+    written(c, name, row, Some(("validated", None)))
 }
 
-pub fn record_note(
-    c: &mut Transaction<'_>,
-    name: &str,
-    version: i64,
-    error: &str,
-) -> Result<Commit> {
-    let n = c.execute(
-        "UPDATE credentials SET last_error = $3, last_validated_at = $4,
-            updated_at = $4, rev = rev + 1 WHERE name = $1 AND version = $2",
+pub fn record_note(c: &mut Tx<'_>, name: &str, version: i64, error: &str) -> Result<Commit> {
+    let row = c.query_opt(
+        concat!(
+            "UPDATE credentials SET last_error = $3, last_validated_at = $4,
+                updated_at = $4, rev = rev + 1 WHERE name = $1 AND version = $2
+             RETURNING ",
+            columns!()
+        ),
         &[&name, &version, &error, &now_ms()],
     )?;
-    if n == 0 {
-        return Ok(Commit::Conflict);
-    }
-    event(c, name, "validation_forbidden", Some(error))?;
-    done(c, name)
+    written(c, name, row, Some(("validation_forbidden", Some(error))))
 }
 
-pub fn bring_forward(
-    c: &mut Transaction<'_>,
-    items: &[(String, i64, i64)],
-) -> Result<Vec<Credential>> {
+/// Rows are written in name order, as every multi-row write is, so that
+/// two of them lock their rows in the same order.
+pub fn bring_forward(c: &mut Tx<'_>, items: &[(String, i64, i64)]) -> Result<Vec<Credential>> {
+    let mut sorted: Vec<&(String, i64, i64)> = items.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut moved = Vec::new();
-    for (name, version, at) in items {
+    for (name, version, at) in sorted {
         let rows = c.query(
-            &format!(
+            concat!(
                 "UPDATE credentials SET next_attempt_at = GREATEST($3, COALESCE(not_before, 0)),
                     rev = rev + 1
                  WHERE name = $1 AND version = $2 AND state = 'retrying'
                     AND next_attempt_at > GREATEST($3, COALESCE(not_before, 0))
-                 RETURNING {COLUMNS}"
+                 RETURNING ",
+                columns!()
             ),
             &[name, version, at],
         )?;
@@ -449,28 +615,29 @@ pub fn bring_forward(
     Ok(moved)
 }
 
-pub fn reset_backoff(c: &mut Transaction<'_>, name: &str) -> Result<Commit> {
-    let n = c.execute(
-        "UPDATE credentials SET state = 'valid', failures = 0, next_attempt_at = NULL,
-            not_before = NULL, updated_at = $2, rev = rev + 1
-         WHERE name = $1 AND state = 'misconfigured'",
+pub fn reset_backoff(c: &mut Tx<'_>, name: &str) -> Result<Commit> {
+    let row = c.query_opt(
+        concat!(
+            "UPDATE credentials SET state = 'valid', failures = 0, next_attempt_at = NULL,
+                not_before = NULL, updated_at = $2, rev = rev + 1
+             WHERE name = $1 AND state = 'misconfigured'
+             RETURNING ",
+            columns!()
+        ),
         &[&name, &now_ms()],
     )?;
-    if n == 0 {
-        return Ok(Commit::Conflict);
-    }
-    done(c, name)
+    written(c, name, row, None)
 }
 
 pub fn abandon(
-    c: &mut Transaction<'_>,
+    c: &mut Tx<'_>,
     name: &str,
     holder: &str,
     fence: i64,
     state: State,
     started: Option<i64>,
 ) -> Result<()> {
-    lock(c, name)?;
+    lock_only(c, name)?;
     if !holds(c, name, holder, fence)? {
         return Ok(());
     }
@@ -483,7 +650,7 @@ pub fn abandon(
     release(c, name, holder)
 }
 
-pub fn release(c: &mut Transaction<'_>, name: &str, holder: &str) -> Result<()> {
+pub fn release(c: &mut Tx<'_>, name: &str, holder: &str) -> Result<()> {
     c.execute(
         "DELETE FROM leases WHERE name = $1 AND holder = $2",
         &[&name, &holder],
@@ -491,15 +658,7 @@ pub fn release(c: &mut Transaction<'_>, name: &str, holder: &str) -> Result<()> 
     Ok(())
 }
 
-/// The row as this write left it, announced to the other hosts.
-fn done(c: &mut Transaction<'_>, name: &str) -> Result<Commit> {
-    changed(c, name)?;
-    get(c, name)?
-        .map(|cred| Commit::Done(Box::new(cred)))
-        .ok_or_else(|| StoreError::NotFound(name.to_owned()))
-}
-
-pub fn remove(c: &mut Transaction<'_>, name: &str) -> Result<bool> {
+pub fn remove(c: &mut Tx<'_>, name: &str) -> Result<bool> {
     let n = c.execute("DELETE FROM credentials WHERE name = $1", &[&name])?;
     c.execute("DELETE FROM events WHERE name = $1", &[&name])?;
     c.execute("DELETE FROM leases WHERE name = $1", &[&name])?;
