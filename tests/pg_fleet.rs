@@ -245,11 +245,14 @@ impl Fleet {
     }
 
     /// Backends connected to the test's database, other than ours.
-    fn backends(&mut self) -> i64 {
+    /// The database connections of `host`'s daemons, told by the
+    /// `application_name` tokend gives them (`tokend HOST/PID/START`).
+    fn backends_of(&mut self, host: usize) -> i64 {
         let db = self.db.clone();
+        let name = format!("tokend {}%", self.hosts[host].holder_prefix());
         self.pg.rows(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&db],
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE $2",
+            &[&db, &name],
         )[0]
         .get(0)
     }
@@ -333,11 +336,10 @@ impl Fleet {
         // transaction settled: once its connections are gone, its leases
         // are what the database keeps.
         self.hosts[victim].kill9();
-        let running = self.hosts.iter().filter(|h| h.running()).count() as i64;
         wait_for(
             "the killed host's database connections to close",
             Duration::from_secs(10),
-            || (self.backends() <= 2 * running).then_some(()),
+            || (self.backends_of(victim) == 0).then_some(()),
         );
         Some(
             self.leased_by(victim)

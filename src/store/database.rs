@@ -100,9 +100,15 @@ impl PgUrl {
         self.config().get_password().is_some()
     }
 
-    /// The connection settings, password included.
+    /// The connection settings, password included, with this process's
+    /// lease holder id (host/pid/start) as `application_name`, so that a
+    /// DBA's `pg_stat_activity` tells every tokend's connections apart.
     pub(super) fn config(&self) -> postgres::Config {
-        postgres::Config::from_str(self.url.expose()).expect("parsed when it was made")
+        let mut c = postgres::Config::from_str(self.url.expose()).expect("parsed when it was made");
+        if c.get_application_name().is_none() {
+            c.application_name(&format!("tokend {}", crate::lease::holder_id()));
+        }
+        c
     }
 }
 
@@ -141,6 +147,12 @@ mod tests {
         );
         assert!(!format!("{db:?}").contains("hunter2"));
         assert_eq!(u.config().get_password(), Some(&b"hunter2"[..]));
+        // Each process's connections carry its lease holder id, unless the
+        // URL names them itself.
+        let name = format!("tokend {}", crate::lease::holder_id());
+        assert_eq!(u.config().get_application_name(), Some(name.as_str()));
+        let named = PgUrl::parse("postgresql://app@h/db?application_name=mine").unwrap();
+        assert_eq!(named.config().get_application_name(), Some("mine"));
         let s = PgUrl::parse("postgres://app@/tokens?host=/run/postgresql").unwrap();
         assert_eq!(s.redacted, "postgresql://app@/tokens?host=/run/postgresql");
     }
