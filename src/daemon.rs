@@ -16,7 +16,7 @@ use crate::provider;
 use crate::publish;
 use crate::refresher::{self, Refresher};
 use crate::socket::Bound;
-use crate::store::Store;
+use crate::store::{Changed, Changes, Store};
 use crate::watch::DirWatch;
 
 /// How long after a change notice we wait for more before reloading: a
@@ -246,9 +246,10 @@ fn sweep_spread(schedule: &str) -> Duration {
 }
 
 /// Picks up what other processes (other hosts') wrote to a store that
-/// announces its commits, and every [`FULL_REREAD`] whatever it announced.
+/// announces its commits: the rows it names, and every [`FULL_REREAD`]
+/// every row's revision, whatever it announced.
 async fn follow_changes(
-    mut changes: tokio::sync::mpsc::Receiver<()>,
+    mut changes: Changes,
     refresher: Arc<Refresher>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -260,14 +261,19 @@ async fn follow_changes(
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
-            r = changes.recv(), if announced => {
-                if r.is_none() {
+            alive = changes.changed(), if announced => {
+                if !alive {
                     // No listener: the periodic re-read alone, from now on.
                     announced = false;
                     continue;
                 }
                 tokio::time::sleep(CHANGE_DEBOUNCE).await;
-                while changes.try_recv().is_ok() {}
+                if let Changed::Names(names) = changes.take() {
+                    if let Err(e) = refresher.rows_changed(names).await {
+                        tracing::warn!(error = %e, "cannot read changes from the store");
+                    }
+                    continue;
+                }
             }
             _ = reread.tick() => {}
         }

@@ -223,6 +223,16 @@ fn a_refresh_on_one_host_reaches_the_other_within_seconds() {
         || (two.read_token("bot")? == token).then_some(()),
     );
 
+    // A removal on host one takes host two's file away: the row named in
+    // the notification is read again and found gone.
+    let out = one.cli(&["remove", "other"], "");
+    assert!(out.status.success());
+    wait_for(
+        "the removal in host two's files",
+        Duration::from_secs(5),
+        || (!two.token_file("other").exists()).then_some(()),
+    );
+
     // The database restarts under them: no rotation is lost, and the
     // next one still reaches both hosts.
     let mut server = server;
@@ -235,7 +245,7 @@ fn a_refresh_on_one_host_reaches_the_other_within_seconds() {
     );
     assert_eq!(
         server.psql("t0", "SELECT count(*) FROM credentials").trim(),
-        "2"
+        "1"
     );
 }
 

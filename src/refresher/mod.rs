@@ -440,9 +440,30 @@ impl Refresher {
             }
             changed.extend(entries.keys().filter(|n| !seen.contains(*n)).cloned());
         }
-        // A credential first seen is read whole before it gets an entry: no
-        // entry ever stands for a row not read yet. A bulk import brings
-        // thousands at once: one read of every row then beats a query each.
+        self.take_changes(changed, new).await
+    }
+
+    /// Other processes changed these rows (a store that names them,
+    /// PostgreSQL): queue a reload of each, and read those first seen.
+    /// Rows of other names are not read at all.
+    pub async fn rows_changed(&self, names: Vec<String>) -> Result<(), StoreError> {
+        let (changed, new) = {
+            let entries = self.entries.read().unwrap();
+            names.into_iter().partition(|n| entries.contains_key(n))
+        };
+        self.take_changes(changed, new).await
+    }
+
+    /// Queues a reload of the `changed` rows (gone ones are forgotten by
+    /// it) and adds the `new` ones, each read whole before it gets an
+    /// entry: no entry ever stands for a row not read yet.
+    async fn take_changes(
+        &self,
+        mut changed: Vec<String>,
+        new: Vec<String>,
+    ) -> Result<(), StoreError> {
+        // A bulk import brings thousands at once: one read of every row
+        // then beats a query each.
         let bulk = new.len() > BULK_READ;
         let mut rows: HashMap<String, Credential> = if bulk {
             let wanted: HashSet<&String> = new.iter().collect();

@@ -39,7 +39,7 @@ pub use conn::{StoreConn, Tuning};
 pub use copy::{Dump, MOVED};
 pub use database::{Database, PgUrl};
 pub use keys::{KeysReport, StoredTokens, fingerprint_of};
-pub use pg::Outage;
+pub use pg::{Changed, Changes, Outage};
 
 /// Why a store operation failed.
 #[derive(Debug)]
@@ -394,12 +394,12 @@ impl Store {
         run!(self, READ, ops::revisions, pg::ops::revisions)
     }
 
-    /// Wake-ups when another process may have committed, for a store that
-    /// announces its commits (PostgreSQL: one after each burst of other
-    /// processes' commits, and one after each reconnection, when some may
-    /// have gone unheard). None for SQLite, whose file the daemon watches
+    /// What other processes committed, for a store that announces its
+    /// commits (PostgreSQL: the names of the rows they changed, or
+    /// "everything" after each reconnection, when some may have gone
+    /// unheard). None for SQLite, whose file the daemon watches
     /// (inotify and [`data_version`](Self::data_version)).
-    pub fn subscribe(&self) -> Option<tokio::sync::mpsc::Receiver<()>> {
+    pub fn subscribe(&self) -> Option<Changes> {
         match &self.backend {
             Backend::Sqlite(_) => None,
             Backend::Postgres(j) => Some(j.subscribe()),

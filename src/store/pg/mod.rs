@@ -44,6 +44,7 @@ use super::{PgUrl, Result, StoreError};
 mod health;
 pub(super) mod keys;
 mod listen;
+pub use listen::{Changed, Changes};
 pub(super) mod ops;
 
 pub use health::Outage;
@@ -163,7 +164,7 @@ impl Jobs {
     }
 
     /// Wake-ups for other processes' commits (`listen.rs`).
-    pub(super) fn subscribe(&self) -> tokio::sync::mpsc::Receiver<()> {
+    pub(super) fn subscribe(&self) -> Changes {
         listen::start(&self.url, self.pool.pids.clone(), self.pool.health.clone())
     }
 
