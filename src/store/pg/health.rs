@@ -1,23 +1,19 @@
-//! Whether this host reaches the database (README "Running a fleet": what
-//! happens when the database is down). Two witnesses report: the threads
-//! that run operations (a connection that cannot be made) and the
-//! listener (a `LISTEN` connection lost and not made again). Either one
-//! down is enough; each clears only its own report, on its next success.
+//! Whether this host reaches the database (README "When the database is
+//! down"). Two witnesses report: the pool's threads (a connection that
+//! cannot be made) and the listener (a `LISTEN` connection that cannot be
+//! made again). Either one down is enough; each clears only its own report,
+//! on its next success.
 //!
-//! While the operations' side is down, connecting is tried again with
-//! backoff (at once after the first failure, then 1 s doubling to 30 s)
-//! rather than by every operation: a host
-//! cut off from its database must not queue a connection attempt, with
-//! its timeout, behind every refresh.
+//! Reporting only: it holds no operation back. Each operation that finds
+//! its connection broken makes it again at once (bounded by the connect
+//! timeout), and must: a refresh that rotated a token retries its commit,
+//! renewing its lease, and a backoff here once kept such a commit from the
+//! database for 8 s after a 3 s restart, long enough for its lease to pass
+//! to another host and the rotated token to be lost (tests/pg_fleet.rs).
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use crate::clock::now_ms;
-
-/// Reconnection backoff for the operations' connection.
-const BACKOFF_FIRST: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Who found the database unreachable.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -41,10 +37,6 @@ pub(super) struct Health(Mutex<State>);
 struct State {
     ops: Option<Outage>,
     listener: Option<Outage>,
-    /// When the operations' side may try to connect again, and the wait
-    /// after that.
-    retry_at: Option<Instant>,
-    backoff: Option<Duration>,
 }
 
 impl Health {
@@ -61,22 +53,10 @@ impl Health {
             since_ms,
             error: error.to_owned(),
         });
-        if who == Witness::Ops {
-            // The first failure holds nothing back (a server's restart
-            // takes a fraction of a second): the next operation tries at
-            // once. From the second on, 1 s doubling to 30 s.
-            let wait = match s.backoff {
-                None => Duration::ZERO,
-                Some(Duration::ZERO) => BACKOFF_FIRST,
-                Some(b) => (b * 2).min(BACKOFF_MAX),
-            };
-            s.backoff = Some(wait);
-            s.retry_at = Some(Instant::now() + wait);
-        }
         if !was {
             tracing::error!(
                 error,
-                "the database is unreachable; serving the tokens held, reconnecting with backoff"
+                "the database is unreachable; serving the tokens held, reconnecting"
             );
         }
     }
@@ -85,25 +65,11 @@ impl Health {
         let mut guard = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let s = &mut *guard;
         let slot = match who {
-            Witness::Ops => {
-                s.retry_at = None;
-                s.backoff = None;
-                &mut s.ops
-            }
+            Witness::Ops => &mut s.ops,
             Witness::Listener => &mut s.listener,
         };
         if slot.take().is_some() && s.ops.is_none() && s.listener.is_none() {
             tracing::info!("the database answers again");
-        }
-    }
-
-    /// Whether the operations' side may try to connect now; if not, how
-    /// long until it may.
-    pub(super) fn may_connect(&self) -> Result<(), Duration> {
-        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match s.retry_at {
-            Some(at) if at > Instant::now() => Err(at - Instant::now()),
-            _ => Ok(()),
         }
     }
 
@@ -140,31 +106,5 @@ mod tests {
         assert!(h.outage().is_some(), "the operations' side is still down");
         h.up(Witness::Ops);
         assert!(h.outage().is_none());
-    }
-
-    #[test]
-    fn connecting_again_backs_off_from_the_second_failure_doubling_to_thirty_seconds() {
-        let h = Health::default();
-        assert!(h.may_connect().is_ok());
-        h.down(Witness::Ops, "refused");
-        assert!(
-            h.may_connect().is_ok(),
-            "a first failure holds nothing back"
-        );
-        h.down(Witness::Ops, "refused");
-        let wait = h.may_connect().unwrap_err();
-        assert!(
-            wait <= BACKOFF_FIRST && wait > BACKOFF_FIRST / 2,
-            "{wait:?}"
-        );
-        for _ in 0..10 {
-            h.down(Witness::Ops, "refused");
-        }
-        assert!(h.may_connect().unwrap_err() > BACKOFF_MAX / 2);
-        h.up(Witness::Ops);
-        assert!(h.may_connect().is_ok());
-        // The listener's reports never hold the operations back.
-        h.down(Witness::Listener, "lost");
-        assert!(h.may_connect().is_ok());
     }
 }

@@ -289,18 +289,11 @@ impl Link {
     }
 
     /// A new connection; the statements prepared on the old one are gone
-    /// with it. Refused at once while the database is known to be out of
-    /// reach and the backoff has not passed (`health.rs`).
+    /// with it. Whether it could be made is reported (`health.rs`).
     fn connect(&mut self) -> Result<()> {
         self.client = None;
         self.statements.clear();
         self.pids.0[self.slot].store(0, Ordering::Relaxed);
-        if let Err(wait) = self.health.may_connect() {
-            return Err(StoreError::Postgres(format!(
-                "the database is unreachable; next attempt to connect in {} ms",
-                wait.as_millis()
-            )));
-        }
         let connected = self
             .config
             .connect(NoTls)
