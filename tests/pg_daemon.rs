@@ -298,3 +298,76 @@ fn a_host_that_loses_the_database_serves_its_tokens_and_says_so() {
     assert!(env.provider.access_token_valid(&token));
     assert!(!daemon.log().contains(PG_PASSWORD));
 }
+
+/// A refresh whose answer came while the database was away (the provider
+/// had rotated the refresh token) commits as soon as the database is back,
+/// before its lease can pass to the other host, which would spend the
+/// rotated-out token and have the grant revoked. Fails with the commit's
+/// retries allowed to wait 30 s apart (checked): the retry after a 10 s
+/// outage came after the lease's 15 s.
+#[test]
+fn a_refresh_answered_during_a_database_outage_commits_before_its_lease_passes() {
+    let Some(mut server) = Server::start() else {
+        return;
+    };
+    let one = Env::bare(Knobs::default());
+    write_pg_config(&one, &server);
+    // request_timeout 5 s: the lease is 15 s.
+    let config = std::fs::read_to_string(&one.config_path)
+        .unwrap()
+        .replace("request_timeout = \"3s\"", "request_timeout = \"5s\"");
+    std::fs::write(&one.config_path, &config).unwrap();
+    let two = Env::bare(Knobs::default());
+    let text = config
+        .replace(
+            &one.socket.display().to_string(),
+            &two.socket.display().to_string(),
+        )
+        .replace(
+            &one.tokens.display().to_string(),
+            &two.tokens.display().to_string(),
+        );
+    std::fs::write(&two.config_path, text).unwrap();
+
+    // Due at once on both hosts. The provider rotates at once and answers
+    // 1 s later; the database goes away in that second, while the other
+    // host waits for the lease.
+    let imported = import_expiring(&one, "bot", 1);
+    one.provider.update_knobs(|k| k.answer_delay_ms = 1000);
+    let (_d1, _d2) = (one.start(), two.start());
+    wait_for("the provider's rotation", Duration::from_secs(20), || {
+        (one.provider.stats().refreshes_ok == 1).then_some(())
+    });
+    server.go_down();
+    // The outage: longer than the commit's early retries, shorter than
+    // the lease.
+    std::thread::sleep(Duration::from_secs(10));
+    server.come_back();
+    one.provider.update_knobs(|k| k.answer_delay_ms = 0);
+
+    wait_for(
+        "the rotated pair committed",
+        Duration::from_secs(30),
+        || {
+            let rt = server.psql("t0", "SELECT version FROM credentials WHERE name = 'bot'");
+            (rt.trim() == "2").then_some(())
+        },
+    );
+    // Let the other host act on whatever it saw, then judge.
+    for env in [&one, &two] {
+        wait_for(
+            "a token the provider accepts",
+            Duration::from_secs(30),
+            || {
+                env.read_token("bot")
+                    .filter(|t| *t != imported.access_token && one.provider.access_token_valid(t))
+            },
+        );
+    }
+    let stats = one.provider.stats();
+    assert_eq!(
+        stats.reuse_detected, 0,
+        "a rotated-out refresh token was spent"
+    );
+    assert_eq!(stats.grants_revoked, 0);
+}

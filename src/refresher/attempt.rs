@@ -24,7 +24,12 @@ pub(super) const STORE_RETRY: Duration = Duration::from_secs(5);
 /// The longest wait between attempts at committing a token pair the
 /// provider already issued. There is no last attempt: giving the pair up
 /// would lose the grant, so only the process's end stops the retries.
-pub(super) const COMMIT_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Short, and well inside [`LEASE_MARGIN`]: once the store answers again
+/// (a database's restart), the commit must land before the lease, which
+/// no retry could renew meanwhile, passes to another host that would
+/// spend the rotated-out token. At 30 s, a 10 s outage lost the grant
+/// (tests/pg_daemon.rs).
+pub(super) const COMMIT_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// How long a lease outlives its request's timeout: the commit of the
 /// answer (one store write, which a busy database holds up for its 5 s
