@@ -50,30 +50,13 @@ fn write_config(env: &Env, key: Option<&Path>) {
 /// `tokend -c CONFIG ARGS…`, as [`Env::tokend`] makes it but with another
 /// config (a second host's).
 fn tokend_at(env: &Env, config: &Path, args: &[&str]) -> std::process::Command {
-    let mut c = std::process::Command::new(bin());
-    c.arg("-c").arg(config).args(args);
-    for var in [
-        "RUST_LOG",
-        "NOTIFY_SOCKET",
-        "CREDENTIALS_DIRECTORY",
-        "STATE_DIRECTORY",
-        "RUNTIME_DIRECTORY",
-    ] {
-        c.env_remove(var);
-    }
-    c.env("RUNTIME_DIRECTORY", env.dir.path());
-    c
+    tokend_command(config, env.dir.path(), args)
 }
 
 /// Runs a command with another config (a second host's); its stderr is
 /// audited.
 fn cli_with(env: &Env, config: &Path, args: &[&str]) -> std::process::Output {
-    let out = tokend_at(env, config, args)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .unwrap();
-    assert_no_secrets(&text(&out.stderr), "CLI stderr");
-    out
+    run_cli(tokend_at(env, config, args), "")
 }
 
 fn text(o: &[u8]) -> String {

@@ -73,40 +73,14 @@ impl Host {
         }
     }
 
-    /// `tokend -c CONFIG ARGS`, with the harness's environment cleaned as
-    /// [`Env::tokend`] cleans it.
+    /// `tokend -c CONFIG ARGS`, with the harness's environment cleaned.
     pub fn tokend(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
-        c.arg("-c").arg(&self.config).args(args);
-        for var in [
-            "RUST_LOG",
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "JOURNAL_STREAM",
-            "CREDENTIALS_DIRECTORY",
-            "STATE_DIRECTORY",
-            "RUNTIME_DIRECTORY",
-        ] {
-            c.env_remove(var);
-        }
-        c.env("RUNTIME_DIRECTORY", self.dir.path());
-        c
+        tokend_command(&self.config, self.dir.path(), args)
     }
 
     /// A CLI command run to completion with `stdin`; its stderr audited.
     pub fn cli(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = self
-            .tokend(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let _ = child.stdin.take().unwrap().write_all(stdin.as_bytes());
-        let out = child.wait_with_output().unwrap();
-        assert_no_secrets(&String::from_utf8_lossy(&out.stderr), "CLI stderr");
-        out
+        run_cli(self.tokend(args), stdin)
     }
 
     /// Starts `tokend run` under its own host name, logging at `info` (a

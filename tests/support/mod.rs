@@ -207,51 +207,13 @@ impl Env {
     }
 
     pub fn tokend(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(bin());
-        c.arg("-c").arg(&self.config_path).args(args);
-        // Tests run under systemd too (CI as a service): its variables are
-        // not for the daemons a test starts.
-        for var in [
-            "RUST_LOG",
-            "NOTIFY_SOCKET",
-            "WATCHDOG_USEC",
-            "WATCHDOG_PID",
-            "JOURNAL_STREAM",
-            "CREDENTIALS_DIRECTORY",
-            "STATE_DIRECTORY",
-            "RUNTIME_DIRECTORY",
-        ] {
-            c.env_remove(var);
-        }
-        // A config that leaves `socket` out still keeps its daemon's socket
-        // in the test's own directory, not on the machine's /run/tokend.
-        c.env("RUNTIME_DIRECTORY", self.dir.path());
-        c
+        tokend_command(&self.config_path, self.dir.path(), args)
     }
 
     /// Runs a CLI command to completion, with `stdin` fed in; its stderr is
     /// audited.
     pub fn cli(&self, args: &[&str], stdin: &str) -> Output {
-        let mut child = self
-            .tokend(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // A command may exit, closing its stdin, before it has read all of
-        // it (one that reads none, or refuses its arguments first): what it
-        // answered is for the test to judge, not a failed write.
-        if let Err(e) = child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
-            assert_eq!(
-                e.kind(),
-                std::io::ErrorKind::BrokenPipe,
-                "writing the CLI's stdin: {e}"
-            );
-        }
-        let out = child.wait_with_output().unwrap();
-        assert_no_secrets(&String::from_utf8_lossy(&out.stderr), "CLI stderr");
-        out
+        run_cli(self.tokend(args), stdin)
     }
 
     /// Mints a grant at the provider and imports it as `name` (refresh token
@@ -407,6 +369,53 @@ fn sink_patterns(config: &Path) -> Vec<(String, String)> {
             None => (p.to_owned(), String::new()),
         })
         .collect()
+}
+
+/// `tokend -c CONFIG ARGS…` with the harness's environment cleaned: tests
+/// run under systemd too (CI as a service), and its variables are not for
+/// the daemons a test starts. A config that leaves `socket` out still keeps
+/// its daemon's socket in `runtime_dir`, not on the machine's /run/tokend.
+pub fn tokend_command(config: &Path, runtime_dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(bin());
+    c.arg("-c").arg(config).args(args);
+    for var in [
+        "RUST_LOG",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
+        "JOURNAL_STREAM",
+        "CREDENTIALS_DIRECTORY",
+        "STATE_DIRECTORY",
+        "RUNTIME_DIRECTORY",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("RUNTIME_DIRECTORY", runtime_dir);
+    c
+}
+
+/// Runs a CLI command to completion, with `stdin` fed in; its stderr is
+/// audited.
+pub fn run_cli(mut cmd: Command, stdin: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A command may exit, closing its stdin, before it has read all of it
+    // (one that reads none, or refuses its arguments first): what it
+    // answered is for the test to judge, not a failed write.
+    if let Err(e) = child.stdin.take().unwrap().write_all(stdin.as_bytes()) {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::BrokenPipe,
+            "writing the CLI's stdin: {e}"
+        );
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_no_secrets(&String::from_utf8_lossy(&out.stderr), "CLI stderr");
+    out
 }
 
 pub fn assert_no_secrets(text: &str, what: &str) {
