@@ -560,6 +560,83 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
 }
 
 /// Events: the last twenty per credential are kept, the newest among them.
+/// Group commit (`src/store/pg/mod.rs`): writes on many credentials from
+/// two hosts at once share transactions, locked in the same order on both
+/// hosts whatever order they came in; a write the server refuses fails
+/// alone, and the others of its batch commit.
+#[tokio::test]
+async fn writes_at_once_share_transactions_and_a_refused_one_fails_alone() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let url = server.fresh_db();
+    let db = pg(&url);
+    let dbname = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+    let names: Vec<String> = (0..200).map(|i| format!("c{i:03}")).collect();
+    let conn = StoreConn::open_database(&db, true).unwrap();
+    let creds: Vec<NewCredential> = names.iter().map(|n| new_cred(n, "rt0")).collect();
+    conn.insert_batch(&creds, false).unwrap();
+    let (a, b) = (
+        Store::open_database(&db).unwrap(),
+        Store::open_database(&db).unwrap(),
+    );
+    let xid = || -> i64 {
+        server
+            .psql(dbname, "SELECT txid_current()")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = xid();
+    let mut tasks = Vec::new();
+    for (host, store) in [(0, &a), (1, &b)] {
+        let mut order = names.clone();
+        if host == 1 {
+            order.reverse();
+        }
+        for n in order {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let r = if host == 0 && n == "c100" {
+                    // The server refuses text with a NUL byte.
+                    store.record_note(&n, 1, "bad\0note".into()).await
+                } else {
+                    store.record_validated(&n, 1).await
+                };
+                (n, host, r)
+            }));
+        }
+    }
+    for t in tasks {
+        let (n, host, r) = t.await.unwrap();
+        if host == 0 && n == "c100" {
+            assert!(r.is_err(), "the server took a NUL byte");
+        } else {
+            let err = r.as_ref().err();
+            assert!(
+                matches!(r, Ok(Commit::Done(_))),
+                "{n} on host {host}: {err:?}"
+            );
+        }
+    }
+    // Every write transaction takes a transaction id, as does each read
+    // of `xid`.
+    let transactions = xid() - before - 1;
+    assert!(
+        transactions < 200,
+        "400 writes at once took {transactions} transactions"
+    );
+    for c in a.load_all().await.unwrap() {
+        assert!(c.last_validated_at.is_some(), "{} not validated", c.name);
+        assert_eq!(c.last_error, None, "{}", c.name);
+    }
+    // Batches of the two hosts that locked rows in opposite orders would
+    // deadlock, each costing a second before the server broke it.
+    let log = server.log();
+    assert!(!log.contains("deadlock detected"), "{log}");
+    assert!(log.contains("invalid byte sequence"), "{log}");
+}
+
 #[tokio::test]
 async fn the_last_twenty_events_are_kept() {
     let Some(server) = Server::start() else {
