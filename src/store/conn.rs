@@ -22,10 +22,15 @@ pub(super) const SCHEMA_VERSION: i64 = 4;
 /// no row lock is held long, many enough that SQLite's fsyncs stay few.
 const RESEAL_BATCH: usize = 200;
 
-/// SQLite's page cache and WAL checkpoint interval. The defaults are
-/// SQLite's own, kept because measuring them against larger ones at
-/// 100,000 credentials showed no gain worth the memory (BENCHMARKS.md
-/// "Store").
+/// SQLite's page cache and WAL checkpoint interval. The page cache is
+/// SQLite's default: a larger one gave nothing worth its memory at
+/// 100,000 credentials (BENCHMARKS.md "Store"). The checkpoint interval is
+/// ten times SQLite's: a sweep of 100,000 credentials commits all over the
+/// file, and each checkpoint copies every page changed since the last one
+/// and syncs the database file on the store thread, while leases and
+/// commits wait. Fewer, longer checkpoints copy a page changed many times
+/// once, and took that sweep from 1.42 to 1.22 times the bare client's
+/// time, for a WAL of up to about 40 MiB (BENCHMARKS.md "Scale").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// `PRAGMA cache_size`, in KiB.
@@ -38,7 +43,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             cache_kib: 2000,
-            wal_autocheckpoint: 1000,
+            wal_autocheckpoint: 10_000,
         }
     }
 }
