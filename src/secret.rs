@@ -20,6 +20,12 @@ impl Secret {
         &self.0
     }
 
+    /// [`expose`](Self::expose), handing the value over: the socket's
+    /// answer takes the token's bytes without copying them again.
+    pub fn into_exposed(self) -> String {
+        self.0
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }

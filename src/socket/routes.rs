@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use http_body_util::{BodyExt, Either, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -44,14 +44,15 @@ impl State {
     }
 }
 
-/// A whole answer, or one streamed in chunks (the list of credentials).
-type Resp = Response<UnsyncBoxBody<Bytes, Infallible>>;
+/// A whole answer, or one streamed in chunks (the list of credentials):
+/// only the rare stream is boxed, not every answer.
+type Resp = Response<Either<Full<Bytes>, UnsyncBoxBody<Bytes, Infallible>>>;
 
 /// Statuses per chunk of a streamed list: about 30 KiB of JSON.
 const LIST_CHUNK: usize = 100;
 
 fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Full::new(body.into()).boxed_unsync());
+    let mut r = Response::new(Either::Left(Full::new(body.into())));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -85,7 +86,7 @@ fn list(mut cursor: StatusCursor) -> Resp {
         }
         Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
     });
-    let mut r = Response::new(StreamBody::new(chunks).boxed_unsync());
+    let mut r = Response::new(Either::Right(StreamBody::new(chunks).boxed_unsync()));
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
@@ -114,17 +115,18 @@ pub async fn handle(state: &State, caller: &Caller, req: Request<Incoming>) -> R
     resp
 }
 
+/// The most path segments a route has; a longer path is no route.
+const MAX_SEGMENTS: usize = 4;
+
 async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'static str, Resp) {
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
-    let wants_json = req
-        .headers()
+    let (head, body) = req.into_parts();
+    let (method, path) = (&head.method, head.uri.path());
+    let wants_json = head
+        .headers
         .get(ACCEPT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.contains("application/json"));
+        .is_some_and(|v| v.as_bytes().windows(16).any(|w| w == b"application/json"));
     // Drain (and bound) any body, so a keep-alive connection stays in step.
     // Most requests have none: skip the timer then.
-    let body = req.into_body();
     let empty = hyper::body::Body::is_end_stream(&body)
         || hyper::body::Body::size_hint(&body).exact() == Some(0);
     if !empty
@@ -142,8 +144,17 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             ),
         );
     }
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    match (&method, segments.as_slice()) {
+    // Split without allocating: this runs for every request.
+    let mut segments = [""; MAX_SEGMENTS + 1];
+    let mut n = 0;
+    for s in path.trim_start_matches('/').split('/') {
+        segments[n] = s;
+        n += 1;
+        if n > MAX_SEGMENTS {
+            break;
+        }
+    }
+    match (method, &segments[..n]) {
         // Serving either way: degraded only says the database is out of
         // reach (README "Running a fleet").
         (&Method::GET, ["health"]) => (
@@ -215,9 +226,9 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             | ["v1", "credentials"]
             | ["v1", "credentials", _]
             | ["v1", "tokens", _],
-        ) => ("method_not_allowed", not_allowed(&method, &path, "GET")),
+        ) => ("method_not_allowed", not_allowed(method, path, "GET")),
         (_, ["v1", "credentials", _, "refresh"] | ["v1", "tokens", _, "rejected"]) => {
-            ("method_not_allowed", not_allowed(&method, &path, "POST"))
+            ("method_not_allowed", not_allowed(method, path, "POST"))
         }
         _ => (
             "not_found",
@@ -284,7 +295,7 @@ async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
                 expires_at: expires_at.map(rfc3339),
             },
         ),
-        Ok((token, _)) => text(StatusCode::OK, "text/plain", token.expose().to_owned()),
+        Ok((token, _)) => text(StatusCode::OK, "text/plain", token.into_exposed()),
         Err(TokenError::Unknown) => unknown(name),
         Err(TokenError::NeedsReauthorization(why)) => {
             let provider = state
