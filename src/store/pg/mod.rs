@@ -468,25 +468,21 @@ impl Link {
         }
     }
 
-    /// A transaction, not begun yet, on the connection if there is one.
-    fn tx(&mut self) -> Option<Tx<'_>> {
-        Some(Tx {
-            client: self.client.as_mut()?,
-            statements: &mut self.statements,
-            begun: false,
-            trips: 0,
-            retry: false,
-        })
-    }
-
     fn batch(&mut self, jobs: &mut [Box<dyn Job>]) -> Batch {
         if self.client.as_ref().is_none_or(Client::is_closed)
             && let Err(e) = self.connect()
         {
             return Batch::Failed(e);
         }
-        let Some(mut tx) = self.tx() else {
+        let Some(client) = self.client.as_mut() else {
             return Batch::Failed(StoreError::Closed);
+        };
+        let mut tx = Tx {
+            client,
+            statements: &mut self.statements,
+            begun: false,
+            trips: 0,
+            retry: false,
         };
         let ran = tx
             .begin()
@@ -520,8 +516,15 @@ impl Link {
                 self.connect()?;
                 reconnected = true;
             }
-            let Some(mut tx) = self.tx() else {
+            let Some(client) = self.client.as_mut() else {
                 return Err(StoreError::Closed);
+            };
+            let mut tx = Tx {
+                client,
+                statements: &mut self.statements,
+                begun: false,
+                trips: 0,
+                retry: false,
             };
             let r = f(&mut tx).and_then(|v| tx.commit().map(|()| v));
             let (retry, trips, begun) = (tx.retry, tx.trips, tx.begun);
