@@ -296,15 +296,6 @@ macro_rules! run {
             Backend::Postgres(j) => j.send($pg).await,
         }
     };
-    // A write to credential `$name`'s rows and no other's: on PostgreSQL
-    // it may share a transaction with others of the kind (group commit,
-    // `pg/mod.rs`), as every SQLite write does.
-    ($store:expr, on $name:expr, $sqlite:expr, $pg:expr) => {
-        match &$store.backend {
-            Backend::Sqlite(j) => j.send($sqlite, WRITE).await,
-            Backend::Postgres(j) => j.send_on($name, $pg).await,
-        }
-    };
 }
 
 /// Reads only: in WAL mode a SQLite read never waits for another
@@ -446,7 +437,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         let lease = run!(
             self,
-            on name.clone(),
+            WRITE,
             move |c| ops::take_lease(c, &name, &holder, ttl, version),
             move |c| pg::ops::take_lease(c, &name, &holder, ttl, version)
         );
@@ -468,7 +459,7 @@ impl Store {
         let (state, started) = (before.state, before.refresh_started_at);
         run!(
             self,
-            on name.clone(),
+            WRITE,
             move |c| ops::abandon(c, &name, &holder, fence, state, started),
             move |c| pg::ops::abandon(c, &name, &holder, fence, state, started)
         )
@@ -478,7 +469,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         run!(
             self,
-            on name.clone(),
+            WRITE,
             move |c| ops::release(c, &name, &holder),
             move |c| pg::ops::release(c, &name, &holder)
         )
@@ -505,7 +496,7 @@ impl Store {
             let (name, holder) = (name.to_owned(), holder.to_owned());
             let done = run!(
                 self,
-                on name.clone(),
+                WRITE,
                 move |c| {
                     let r = ops::commit_refresh(c, &name, &holder, fence, version, &sealed)?;
                     keys::check_active(&mut keys::Lite(c), with)?;
@@ -540,7 +531,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         run!(
             self,
-            on name.clone(),
+            WRITE,
             move |c| ops::renew_lease(c, &name, &holder, fence, ttl),
             move |c| pg::ops::renew_lease(c, &name, &holder, fence, ttl)
         )
@@ -572,7 +563,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         let done = run!(
             self,
-            on name.clone(),
+            WRITE,
             move |c| ops::record_failure(c, &name, &holder, version, &failure),
             move |c| pg::ops::record_failure(c, &name, &holder, version, &failure)
         );
@@ -584,7 +575,7 @@ impl Store {
         let name = name.to_owned();
         let done = run!(
             self,
-            on name.clone(),
+            WRITE,
             move |c| ops::record_validated(c, &name, version),
             move |c| pg::ops::record_validated(c, &name, version)
         );
@@ -598,7 +589,7 @@ impl Store {
         let name = name.to_owned();
         let done = run!(
             self,
-            on name.clone(),
+            WRITE,
             move |c| ops::record_note(c, &name, version, &error),
             move |c| pg::ops::record_note(c, &name, version, &error)
         );
@@ -611,7 +602,7 @@ impl Store {
         let name = name.to_owned();
         let done = run!(
             self,
-            on name.clone(),
+            WRITE,
             move |c| ops::reset_backoff(c, &name),
             move |c| pg::ops::reset_backoff(c, &name)
         );

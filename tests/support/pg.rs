@@ -135,12 +135,6 @@ impl Server {
         self.url_of(&name)
     }
 
-    /// What the server logged so far (its errors: a deadlock it broke, a
-    /// statement it refused).
-    pub fn log(&self) -> String {
-        fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
-    }
-
     /// The server's main process (the first line of `postmaster.pid`):
     /// its backends are its children. None while it is not running.
     pub fn postmaster_pid(&self) -> Option<u32> {

@@ -21,24 +21,13 @@
 //! server flushes their commits together (BENCHMARKS.md, "Fleet on
 //! PostgreSQL").
 //!
-//! **Group commit**, as SQLite's thread does: a thread that takes an
-//! operation on one credential ([`Jobs::send_on`], the daemon's lease,
-//! commit and record writes) also takes the others of that kind already
-//! waiting, up to [`BATCH`], and runs them in one transaction, answering
-//! each once it committed. A sweep then pays one COMMIT and one WAL flush
-//! per batch instead of per operation; the server's CPU and the flushes
-//! were the limit (BENCHMARKS.md, "Fleet on PostgreSQL"). A batch holds
-//! its rows' locks until its end, a few milliseconds, and takes them in
-//! the order of the credentials' names, as every write does (each locks
-//! one credential's row, then its lease row; `bring_forward` its rows in
-//! name order): two batches, of this host or another, cannot deadlock. An
-//! operation that fails in a batch (an error of its own, a deadlock with
-//! some other statement) rolls the whole batch back, and each of its
-//! operations then runs again in a transaction of its own, as an
-//! operation taken alone always does; nothing of a batch is answered
-//! before its COMMIT. An operation over several rows (`bring_forward`, a
-//! batch import) that deadlocks all the same is rolled back by the server
-//! and run again ([`RETRIES`]).
+//! No group commit, unlike SQLite's thread: another host's transaction may
+//! wait for a credential's row lock, and a batch would hold every row it
+//! touched until its end. Operations on different connections may lock
+//! the same rows: each write locks one credential's row and then its
+//! lease row, always in that order; an operation over several rows
+//! (`bring_forward`, a batch import) that deadlocks all the same is rolled
+//! back by the server and run again ([`RETRIES`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
@@ -82,12 +71,6 @@ const POOL_MAX: usize = 32;
 /// serialization failure is run again before its error is returned.
 const RETRIES: u32 = 3;
 
-/// The most operations one transaction commits together (group commit).
-/// Chosen by measurement (BENCHMARKS.md, "Fleet on PostgreSQL"): a sweep
-/// at `max_concurrency = 64` rarely queues more than this per thread, and
-/// a longer batch holds its rows' locks longer.
-const BATCH: usize = 32;
-
 impl From<postgres::Error> for StoreError {
     /// The server's severity, SQLSTATE and message only: its DETAIL may
     /// quote a row (with its tokens), and nothing here repeats the URL.
@@ -99,59 +82,12 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
-/// An operation waiting in the pool's queue.
-struct Op {
-    /// The one credential whose rows it writes, if it writes no other's:
-    /// such operations may share a transaction, locked in this order.
-    key: Option<String>,
-    job: Box<dyn Job>,
-}
-
-/// An operation's statements and the sending of its answer, which the
-/// thread does once it counts as idle again (so a caller's next operation
-/// never finds the pool busy with the one just answered, and a command
-/// keeps one connection).
-trait Job: Send {
-    /// Runs the statements in `tx`'s transaction, which a batch commits;
-    /// keeps the result for [`answer`](Self::answer). An error leaves
-    /// the transaction to be rolled back.
-    fn run(&mut self, tx: &mut Tx<'_>) -> Result<()>;
-    /// Runs the operation in a transaction of its own ([`Link::run`]).
-    fn alone(&mut self, link: &mut Link);
-    /// Sends the result kept, or `failed` (the batch did not commit).
-    fn answer(self: Box<Self>, failed: Option<StoreError>);
-}
-
-struct Pending<T, F, A> {
-    f: F,
-    answer: A,
-    result: Option<Result<T>>,
-}
-
-impl<T, F, A> Job for Pending<T, F, A>
-where
-    T: Send,
-    F: FnMut(&mut Tx<'_>) -> Result<T> + Send,
-    A: FnOnce(Result<T>) + Send,
-{
-    fn run(&mut self, tx: &mut Tx<'_>) -> Result<()> {
-        let v = (self.f)(tx)?;
-        self.result = Some(Ok(v));
-        Ok(())
-    }
-
-    fn alone(&mut self, link: &mut Link) {
-        self.result = Some(link.run(&mut self.f));
-    }
-
-    fn answer(self: Box<Self>, failed: Option<StoreError>) {
-        let r = match failed {
-            Some(e) => Err(e),
-            None => self.result.unwrap_or(Err(StoreError::Closed)),
-        };
-        (self.answer)(r);
-    }
-}
+/// An operation: it runs on a pool thread's connection and returns the
+/// sending of its answer, which the thread does once it counts as idle
+/// again (so a caller's next operation never finds the pool busy with the
+/// one just answered, and a command keeps one connection).
+type Op = Box<dyn FnOnce(&mut Link) -> Reply + Send>;
+type Reply = Box<dyn FnOnce() + Send>;
 
 /// The backend pids of this process's store connections: notifications
 /// they sent are this process's own (`listen.rs`).
@@ -239,18 +175,13 @@ impl Jobs {
 
     fn queue<T: Send + 'static>(
         &self,
-        key: Option<String>,
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
         answer: impl FnOnce(Result<T>) + Send + 'static,
     ) -> Result<()> {
-        let op = Op {
-            key,
-            job: Box::new(Pending {
-                f,
-                answer,
-                result: None,
-            }),
-        };
+        let op: Op = Box::new(move |link: &mut Link| {
+            let r = link.run(f);
+            Box::new(move || answer(r))
+        });
         // Looked at before the send: once sent, an idle thread may take
         // the operation at once, and no longer count as idle.
         let busy = self.pool.idle.load(Ordering::SeqCst) == 0;
@@ -270,28 +201,8 @@ impl Jobs {
         &self,
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.send_keyed(None, f).await
-    }
-
-    /// [`send`](Self::send), for an operation that writes the rows of
-    /// credential `name` and no other's: it may share its transaction
-    /// with others of the kind (group commit, above). Its answer still
-    /// comes only once that transaction committed.
-    pub(super) async fn send_on<T: Send + 'static>(
-        &self,
-        name: String,
-        f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        self.send_keyed(Some(name), f).await
-    }
-
-    async fn send_keyed<T: Send + 'static>(
-        &self,
-        key: Option<String>,
-        f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.queue(key, f, move |r| {
+        self.queue(f, move |r| {
             let _ = tx.send(r);
         })?;
         rx.await.unwrap_or(Err(StoreError::Closed))
@@ -303,7 +214,7 @@ impl Jobs {
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = mpsc::channel();
-        self.queue(None, f, move |r| {
+        self.queue(f, move |r| {
             let _ = tx.send(r);
         })?;
         rx.recv().unwrap_or(Err(StoreError::Closed))
@@ -334,49 +245,19 @@ fn grow(pool: &Arc<Pool>) {
 }
 
 /// A pool thread, counted idle when it starts: runs operations until
-/// every [`Jobs`] is gone. An operation on one credential takes along the
-/// others of the kind already queued (group commit); the first other
-/// operation it meets waits for the next turn.
+/// every [`Jobs`] is gone.
 fn serve(pool: &Pool, link: &mut Link) {
-    let mut next: Option<Op> = None;
     loop {
-        let mut batch = Vec::new();
-        let first = match next.take() {
-            Some(op) => Ok(op),
-            None => {
-                let q = pool.queue.lock();
-                let first = q
-                    .as_ref()
-                    .map_err(drop)
-                    .and_then(|q| q.recv().map_err(drop));
-                pool.idle.fetch_sub(1, Ordering::SeqCst);
-                if let (Ok(q), Ok(op)) = (&q, &first)
-                    && op.key.is_some()
-                {
-                    while batch.len() + 1 < BATCH {
-                        match q.try_recv() {
-                            Ok(op) if op.key.is_some() => batch.push(op),
-                            Ok(op) => {
-                                next = Some(op);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                }
-                first
-            }
-        };
-        let Ok(first) = first else { return };
-        batch.push(first);
-        let answers = link.run_batch(batch);
+        let op = pool
+            .queue
+            .lock()
+            .map_err(drop)
+            .and_then(|q| q.recv().map_err(drop));
+        pool.idle.fetch_sub(1, Ordering::SeqCst);
+        let Ok(op) = op else { return };
+        let reply = op(link);
         pool.idle.fetch_add(1, Ordering::SeqCst);
-        for (job, failed) in answers {
-            job.answer(failed);
-        }
-        if next.is_some() {
-            pool.idle.fetch_sub(1, Ordering::SeqCst);
-        }
+        reply();
     }
 }
 
@@ -441,73 +322,6 @@ impl Link {
         }
     }
 
-    /// Runs `ops`: one alone as [`run`](Self::run) does, several in one
-    /// transaction, locked in their credentials' order. If one of them
-    /// fails before the COMMIT while the connection still works, the
-    /// batch is rolled back and each runs alone, so that one operation's
-    /// error is its own. Returns each operation with the error it
-    /// answers instead of its result, if any.
-    fn run_batch(&mut self, mut ops: Vec<Op>) -> Vec<(Box<dyn Job>, Option<StoreError>)> {
-        if ops.len() == 1 {
-            let mut job = ops.pop().expect("one").job;
-            job.alone(self);
-            return vec![(job, None)];
-        }
-        ops.sort_by(|a, b| a.key.cmp(&b.key));
-        let mut jobs: Vec<Box<dyn Job>> = ops.into_iter().map(|op| op.job).collect();
-        let outcome = self.batch(&mut jobs);
-        match outcome {
-            Batch::Committed => jobs.into_iter().map(|j| (j, None)).collect(),
-            Batch::Failed(e) => jobs.into_iter().map(|j| (j, Some(same(&e)))).collect(),
-            Batch::RolledBack => {
-                for job in &mut jobs {
-                    job.alone(self);
-                }
-                jobs.into_iter().map(|j| (j, None)).collect()
-            }
-        }
-    }
-
-    fn batch(&mut self, jobs: &mut [Box<dyn Job>]) -> Batch {
-        if self.client.as_ref().is_none_or(Client::is_closed)
-            && let Err(e) = self.connect()
-        {
-            return Batch::Failed(e);
-        }
-        let Some(client) = self.client.as_mut() else {
-            return Batch::Failed(StoreError::Closed);
-        };
-        let mut tx = Tx {
-            client,
-            statements: &mut self.statements,
-            begun: false,
-            trips: 0,
-            retry: false,
-        };
-        let ran = tx
-            .begin()
-            .and_then(|()| jobs.iter_mut().try_for_each(|j| j.run(&mut tx)));
-        if ran.is_ok() {
-            return match tx.commit() {
-                Ok(()) => Batch::Committed,
-                Err(e) => Batch::Failed(e),
-            };
-        }
-        let trips = tx.trips;
-        let client = self.client.as_mut().expect("a transaction ran on it");
-        if client.is_closed() || client.batch_execute("ROLLBACK").is_err() {
-            self.client = None;
-            if trips > 0 {
-                // Broken mid-way: the operations would only fail again,
-                // each waiting for its own reconnection.
-                return Batch::Failed(ran.expect_err("it failed"));
-            }
-            // Found broken before anything reached the server (a
-            // restarted server): each runs alone, on a new connection.
-        }
-        Batch::RolledBack
-    }
-
     fn run<T>(&mut self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         let mut retries = 0;
         let mut reconnected = false;
@@ -547,26 +361,6 @@ impl Link {
             }
         }
     }
-}
-
-/// `e` again, for each operation of a batch that failed with it: the
-/// errors a batch can end with, the text of any other.
-fn same(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::Commit(m) => StoreError::Commit(m.clone()),
-        StoreError::Postgres(m) => StoreError::Postgres(m.clone()),
-        StoreError::Closed => StoreError::Closed,
-        other => StoreError::Postgres(other.to_string()),
-    }
-}
-
-/// How a batch of operations ended ([`Link::run_batch`]).
-enum Batch {
-    Committed,
-    /// Nothing of it is known committed: every operation answers this.
-    Failed(StoreError),
-    /// Rolled back, the connection intact: each operation runs again alone.
-    RolledBack,
 }
 
 /// An operation's transaction on one connection of the pool. It begins
