@@ -560,6 +560,88 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
 }
 
 /// Events: the last twenty per credential are kept, the newest among them.
+/// Holds credential `name`'s row locked from another session until the
+/// returned sender is used (or dropped): a host stuck mid-transaction.
+fn hold_row(server: &Server, db: &str, name: &'static str) -> std::sync::mpsc::Sender<()> {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let config = server.config(db);
+    std::thread::spawn(move || {
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        let mut tx = client.transaction().unwrap();
+        tx.query(
+            "SELECT 1 FROM credentials WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+        tx.commit().unwrap();
+    });
+    is_locked.recv().unwrap();
+    release
+}
+
+/// A commit never waits behind a row lock of another credential until its
+/// lease has passed: with the rows of `m` and `y` held by other sessions
+/// and operations waiting on them, the commit of `z` lands at once. (A
+/// group commit that sorted it into a batch behind `m` once let another
+/// host take `z`'s lease and spend the token: `src/store/pg/mod.rs`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_commit_never_waits_behind_another_credential_s_lock() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let url = server.fresh_db();
+    let db = pg(&url);
+    let dbname = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+    let conn = StoreConn::open_database(&db, true).unwrap();
+    for n in ["m", "y", "z"] {
+        conn.insert(&new_cred(n, "rt0"), false).unwrap();
+    }
+    let (b, c) = (
+        Store::open_database(&db).unwrap(),
+        Store::open_database(&db).unwrap(),
+    );
+    let ttl = Duration::from_secs(2);
+    let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", ttl, 1).await.unwrap() else {
+        panic!("z's lease not taken");
+    };
+    let (free_y, free_m) = (
+        hold_row(&server, dbname, "y"),
+        hold_row(&server, dbname, "m"),
+    );
+    let mut waiting = Vec::new();
+    for n in ["y", "y", "y", "m"] {
+        let b = b.clone();
+        waiting.push(tokio::spawn(async move { b.record_validated(n, 1).await }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b2 = b.clone();
+    let commit = tokio::spawn(async move {
+        b2.commit_refresh("z", "hostB/1/1", fence, 1, update("rt-z"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(free_y);
+    // Past the lease: had the commit not landed, host C would take it.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c_took = matches!(
+        c.take_lease("z", "hostC/2/2", ttl, 1).await.unwrap(),
+        Lease::Taken { .. }
+    );
+    drop(free_m);
+    for w in waiting {
+        w.await.unwrap().unwrap();
+    }
+    let committed = matches!(commit.await.unwrap().unwrap(), Commit::Done(_));
+    assert!(committed, "z's rotated token was refused");
+    assert!(
+        !c_took,
+        "another host took z's lease while its commit waited"
+    );
+}
+
 #[tokio::test]
 async fn the_last_twenty_events_are_kept() {
     let Some(server) = Server::start() else {

@@ -21,8 +21,15 @@
 //! server flushes their commits together (BENCHMARKS.md, "Fleet on
 //! PostgreSQL").
 //!
-//! No group commit, unlike SQLite's thread: another host's transaction may
-//! wait for a credential's row lock, and a batch would hold every row it
+//! No group commit, unlike SQLite's thread. One was built and taken out
+//! (BENCHMARKS.md, "Fleet on PostgreSQL"): a batch answers only once its
+//! last operation is done, so one operation waiting for a row lock that
+//! another host (or a `psql` session) holds delays every other answer in
+//! the batch, while the leases they took run out. A lease granted early
+//! in a batch could reach its holder already expired, and a commit sorted
+//! behind a blocked row waited past its lease: either lets two hosts
+//! spend the same refresh token. Another host's transaction may also wait
+//! for a credential's row lock, and a batch would hold every row it
 //! touched until its end. Operations on different connections may lock
 //! the same rows: each write locks one credential's row and then its
 //! lease row, always in that order; an operation over several rows
