@@ -612,7 +612,9 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
         hold_row(&server, dbname, "m"),
     );
     let mut waiting = Vec::new();
-    for n in ["y", "y", "y", "m"] {
+    // Four keep the pool's threads waiting for `y`; `m` and the commit
+    // then wait in its queue together.
+    for n in ["y", "y", "y", "y", "m"] {
         let b = b.clone();
         waiting.push(tokio::spawn(async move { b.record_validated(n, 1).await }));
         tokio::time::sleep(Duration::from_millis(100)).await;
