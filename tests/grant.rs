@@ -9,7 +9,6 @@ mod support;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -239,19 +238,7 @@ fn second_daemon(env: &Env) -> (Daemon, PathBuf) {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(bin());
-    cmd.arg("-c").arg(&config).arg("run");
-    for var in [
-        "NOTIFY_SOCKET",
-        "WATCHDOG_USEC",
-        "WATCHDOG_PID",
-        "JOURNAL_STREAM",
-        "CREDENTIALS_DIRECTORY",
-        "STATE_DIRECTORY",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("RUNTIME_DIRECTORY", env.dir.path());
+    let cmd = tokend_command(&config, env.dir.path(), &["run"]);
     let d = Daemon::spawn(cmd, &config, env.dir.path().join("b.log"));
     wait_serving(&socket, PATIENCE);
     (d, socket)
