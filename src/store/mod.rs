@@ -296,6 +296,15 @@ macro_rules! run {
             Backend::Postgres(j) => j.send($pg).await,
         }
     };
+    // A write to credential `$name`'s rows and no other's: on PostgreSQL
+    // it may share a transaction with others of the kind (group commit,
+    // `pg/mod.rs`), as every SQLite write does.
+    ($store:expr, on $name:expr, $sqlite:expr, $pg:expr) => {
+        match &$store.backend {
+            Backend::Sqlite(j) => j.send($sqlite, WRITE).await,
+            Backend::Postgres(j) => j.send_on($name, $pg).await,
+        }
+    };
 }
 
 /// Reads only: in WAL mode a SQLite read never waits for another
@@ -437,7 +446,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         let lease = run!(
             self,
-            WRITE,
+            on name.clone(),
             move |c| ops::take_lease(c, &name, &holder, ttl, version),
             move |c| pg::ops::take_lease(c, &name, &holder, ttl, version)
         );
@@ -459,7 +468,7 @@ impl Store {
         let (state, started) = (before.state, before.refresh_started_at);
         run!(
             self,
-            WRITE,
+            on name.clone(),
             move |c| ops::abandon(c, &name, &holder, fence, state, started),
             move |c| pg::ops::abandon(c, &name, &holder, fence, state, started)
         )
@@ -469,7 +478,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         run!(
             self,
-            WRITE,
+            on name.clone(),
             move |c| ops::release(c, &name, &holder),
             move |c| pg::ops::release(c, &name, &holder)
         )
@@ -496,7 +505,7 @@ impl Store {
             let (name, holder) = (name.to_owned(), holder.to_owned());
             let done = run!(
                 self,
-                WRITE,
+                on name.clone(),
                 move |c| {
                     let r = ops::commit_refresh(c, &name, &holder, fence, version, &sealed)?;
                     keys::check_active(&mut keys::Lite(c), with)?;
@@ -531,7 +540,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         run!(
             self,
-            WRITE,
+            on name.clone(),
             move |c| ops::renew_lease(c, &name, &holder, fence, ttl),
             move |c| pg::ops::renew_lease(c, &name, &holder, fence, ttl)
         )
@@ -563,7 +572,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         let done = run!(
             self,
-            WRITE,
+            on name.clone(),
             move |c| ops::record_failure(c, &name, &holder, version, &failure),
             move |c| pg::ops::record_failure(c, &name, &holder, version, &failure)
         );
@@ -575,7 +584,7 @@ impl Store {
         let name = name.to_owned();
         let done = run!(
             self,
-            WRITE,
+            on name.clone(),
             move |c| ops::record_validated(c, &name, version),
             move |c| pg::ops::record_validated(c, &name, version)
         );
@@ -589,7 +598,7 @@ impl Store {
         let name = name.to_owned();
         let done = run!(
             self,
-            WRITE,
+            on name.clone(),
             move |c| ops::record_note(c, &name, version, &error),
             move |c| pg::ops::record_note(c, &name, version, &error)
         );
@@ -602,7 +611,7 @@ impl Store {
         let name = name.to_owned();
         let done = run!(
             self,
-            WRITE,
+            on name.clone(),
             move |c| ops::reset_backoff(c, &name),
             move |c| pg::ops::reset_backoff(c, &name)
         );

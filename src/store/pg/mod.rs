@@ -21,25 +21,39 @@
 //! server flushes their commits together (BENCHMARKS.md, "Fleet on
 //! PostgreSQL").
 //!
-//! No group commit, unlike SQLite's thread. One was built and taken out
-//! (BENCHMARKS.md, "Fleet on PostgreSQL"): a batch answers only once its
-//! last operation is done, so one operation waiting for a row lock that
-//! another host (or a `psql` session) holds delays every other answer in
-//! the batch, while the leases they took run out. A lease granted early
-//! in a batch could reach its holder already expired, and a commit sorted
-//! behind a blocked row waited past its lease: either lets two hosts
-//! spend the same refresh token. Another host's transaction may also wait
-//! for a credential's row lock, and a batch would hold every row it
-//! touched until its end. Operations on different connections may lock
-//! the same rows: each write locks one credential's row and then its
-//! lease row, always in that order; an operation over several rows
-//! (`bring_forward`, a batch import) that deadlocks all the same is rolled
-//! back by the server and run again ([`RETRIES`]).
+//! **Group commit, with bounded waits.** The daemon's writes on one
+//! credential (lease, commit, renewal, failure, validation: [`Jobs::send_on`])
+//! that wait in the queue together, up to [`BATCH`], share one
+//! transaction, so that a sweep pays one COMMIT and one WAL flush per
+//! batch instead of per write (BENCHMARKS.md, "Fleet on PostgreSQL"). A
+//! batch answers only after its last write, and a lease's clock starts at
+//! its own statement, so nothing may hold a batch up for long: a first
+//! version that let one write wait for a row lock held elsewhere (another
+//! host, a `psql` session) delayed every answer of its batch past their
+//! leases, and let two hosts spend one refresh token. So each of these
+//! writes waits at most 50 ms for a row lock ([`BEGIN_BOUNDED`]); a batch that meets
+//! a locked row, fails in any other way or runs past [`BATCH_TIME`] is
+//! rolled back, and its writes then run one by one, each answered as soon
+//! as its own transaction committed. A write whose row is still locked
+//! goes to the back of the queue and is tried again, for
+//! [`LOCK_PATIENCE`], then answers an error its caller retries (the
+//! refresher renews its lease meanwhile). Without the bound the same
+//! happened with no batch at all: four writes waiting for rows held
+//! elsewhere took all four connections, and every other credential's
+//! commit waited behind them.
+//!
+//! A batch takes its rows' locks in the order of the credentials' names,
+//! as every write does: each write locks one credential's row and then its
+//! lease row; an operation over several rows (`bring_forward`, a batch
+//! import) locks them in name order, waits for them as long as it takes,
+//! and one that deadlocks all the same is rolled back by the server and
+//! run again ([`RETRIES`]). Everything else (a command's operations, reads
+//! over all rows, imports) runs alone.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
 use postgres::types::ToSql;
@@ -78,6 +92,27 @@ const POOL_MAX: usize = 32;
 /// serialization failure is run again before its error is returned.
 const RETRIES: u32 = 3;
 
+/// The most writes one transaction commits together (group commit).
+/// Chosen by measurement (BENCHMARKS.md, "Fleet on PostgreSQL"): a sweep
+/// at `max_concurrency = 64` rarely queues more than this per thread.
+const BATCH: usize = 32;
+
+/// Opens the transaction of daemon writes ([`Jobs::send_on`]): a row lock
+/// held by another transaction is waited for at most 50 ms, then the
+/// write gives way. Our own transactions hold a row for a few
+/// milliseconds; a longer wait is another session's (a stuck host, a
+/// `psql` shell, an import).
+const BEGIN_BOUNDED: &str = "BEGIN; SET LOCAL lock_timeout = '50ms'";
+/// A batch that has run this long takes no further write: it is rolled
+/// back and its writes run one by one. With the lock waits' bound, this bounds how
+/// late a lease granted in a batch is answered, against the lease's margin
+/// of 10 s (`refresher::attempt::LEASE_MARGIN`).
+const BATCH_TIME: Duration = Duration::from_millis(500);
+/// How long a daemon write keeps trying for a row locked elsewhere before
+/// it answers an error. Its caller tries again later: the refresher holds
+/// the credential for a moment, and a commit renews its lease between tries.
+const LOCK_PATIENCE: Duration = Duration::from_secs(2);
+
 impl From<postgres::Error> for StoreError {
     /// The server's severity, SQLSTATE and message only: its DETAIL may
     /// quote a row (with its tokens), and nothing here repeats the URL.
@@ -89,12 +124,73 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
-/// An operation: it runs on a pool thread's connection and returns the
-/// sending of its answer, which the thread does once it counts as idle
+/// An operation waiting in the pool's queue.
+struct Op {
+    /// The one credential whose rows it writes, if it writes no other's
+    /// (the daemon's writes): such operations wait for a row lock at most
+    /// 50 ms at a time ([`BEGIN_BOUNDED`]), and may share a transaction.
+    key: Option<String>,
+    job: Box<dyn Job>,
+    /// When it first found its row locked elsewhere ([`LOCK_PATIENCE`]).
+    blocked_since: Option<Instant>,
+    /// The queue, to go back to when its row is locked elsewhere. (Held
+    /// by the operation, not the pool, so that the queue still closes
+    /// once every [`Jobs`] is gone and nothing waits in it.)
+    queue: mpsc::Sender<Op>,
+}
+
+/// An operation's statements and the sending of its answer. A thread
+/// sends the answer of the last operation it ran once it counts as idle
 /// again (so a caller's next operation never finds the pool busy with the
 /// one just answered, and a command keeps one connection).
-type Op = Box<dyn FnOnce(&mut Link) -> Reply + Send>;
-type Reply = Box<dyn FnOnce() + Send>;
+trait Job: Send {
+    /// Runs the statements in a batch's transaction, which the batch
+    /// commits; keeps the result for [`answer`](Self::answer). An error
+    /// leaves the transaction to be rolled back.
+    fn run(&mut self, tx: &mut Tx<'_>) -> Result<()>;
+    /// Runs the operation in a transaction of its own ([`Link::run`]),
+    /// its lock waits bounded if `bounded`; false if one timed out
+    /// (nothing of it was kept).
+    fn alone(&mut self, link: &mut Link, bounded: bool) -> bool;
+    /// Sends the result kept, or `failed` instead.
+    fn answer(self: Box<Self>, failed: Option<StoreError>);
+}
+
+struct Pending<T, F, A> {
+    f: F,
+    answer: A,
+    result: Option<Result<T>>,
+}
+
+impl<T, F, A> Job for Pending<T, F, A>
+where
+    T: Send,
+    F: FnMut(&mut Tx<'_>) -> Result<T> + Send,
+    A: FnOnce(Result<T>) + Send,
+{
+    fn run(&mut self, tx: &mut Tx<'_>) -> Result<()> {
+        let v = (self.f)(tx)?;
+        self.result = Some(Ok(v));
+        Ok(())
+    }
+
+    fn alone(&mut self, link: &mut Link, bounded: bool) -> bool {
+        let r = link.run(bounded, &mut self.f);
+        if bounded && link.locked {
+            return false;
+        }
+        self.result = Some(r);
+        true
+    }
+
+    fn answer(self: Box<Self>, failed: Option<StoreError>) {
+        let r = match failed {
+            Some(e) => Err(e),
+            None => self.result.unwrap_or(Err(StoreError::Closed)),
+        };
+        (self.answer)(r);
+    }
+}
 
 /// The backend pids of this process's store connections: notifications
 /// they sent are this process's own (`listen.rs`).
@@ -182,13 +278,20 @@ impl Jobs {
 
     fn queue<T: Send + 'static>(
         &self,
+        key: Option<String>,
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
         answer: impl FnOnce(Result<T>) + Send + 'static,
     ) -> Result<()> {
-        let op: Op = Box::new(move |link: &mut Link| {
-            let r = link.run(f);
-            Box::new(move || answer(r))
-        });
+        let op = Op {
+            key,
+            job: Box::new(Pending {
+                f,
+                answer,
+                result: None,
+            }),
+            blocked_since: None,
+            queue: self.tx.clone(),
+        };
         // Looked at before the send: once sent, an idle thread may take
         // the operation at once, and no longer count as idle.
         let busy = self.pool.idle.load(Ordering::SeqCst) == 0;
@@ -208,8 +311,29 @@ impl Jobs {
         &self,
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.send_keyed(None, f).await
+    }
+
+    /// [`send`](Self::send), for a daemon write to the rows of credential
+    /// `name` and no other's: it may share its transaction with others of
+    /// the kind, and waits for a row locked elsewhere only in bounded
+    /// turns (group commit, above). Its answer still comes only once its
+    /// transaction committed.
+    pub(super) async fn send_on<T: Send + 'static>(
+        &self,
+        name: String,
+        f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.send_keyed(Some(name), f).await
+    }
+
+    async fn send_keyed<T: Send + 'static>(
+        &self,
+        key: Option<String>,
+        f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.queue(f, move |r| {
+        self.queue(key, f, move |r| {
             let _ = tx.send(r);
         })?;
         rx.await.unwrap_or(Err(StoreError::Closed))
@@ -221,7 +345,7 @@ impl Jobs {
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = mpsc::channel();
-        self.queue(f, move |r| {
+        self.queue(None, f, move |r| {
             let _ = tx.send(r);
         })?;
         rx.recv().unwrap_or(Err(StoreError::Closed))
@@ -252,19 +376,49 @@ fn grow(pool: &Arc<Pool>) {
 }
 
 /// A pool thread, counted idle when it starts: runs operations until
-/// every [`Jobs`] is gone.
+/// every [`Jobs`] is gone. A daemon write takes along the others already
+/// queued, up to [`BATCH`] (group commit); the first other operation it
+/// meets waits for the next turn.
 fn serve(pool: &Pool, link: &mut Link) {
+    let mut next: Option<Op> = None;
     loop {
-        let op = pool
-            .queue
-            .lock()
-            .map_err(drop)
-            .and_then(|q| q.recv().map_err(drop));
-        pool.idle.fetch_sub(1, Ordering::SeqCst);
-        let Ok(op) = op else { return };
-        let reply = op(link);
+        let mut batch = Vec::new();
+        let first = match next.take() {
+            Some(op) => Ok(op),
+            None => {
+                let q = pool.queue.lock();
+                let first = q
+                    .as_ref()
+                    .map_err(drop)
+                    .and_then(|q| q.recv().map_err(drop));
+                pool.idle.fetch_sub(1, Ordering::SeqCst);
+                if let (Ok(q), Ok(op)) = (&q, &first)
+                    && op.key.is_some()
+                {
+                    while batch.len() + 1 < BATCH {
+                        match q.try_recv() {
+                            Ok(op) if op.key.is_some() => batch.push(op),
+                            Ok(op) => {
+                                next = Some(op);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                first
+            }
+        };
+        let Ok(first) = first else { return };
+        batch.push(first);
+        let last = link.run_batch(batch);
         pool.idle.fetch_add(1, Ordering::SeqCst);
-        reply();
+        for (job, failed) in last {
+            job.answer(failed);
+        }
+        if next.is_some() {
+            pool.idle.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -281,6 +435,8 @@ struct Link {
     pids: Arc<Pids>,
     slot: usize,
     health: Arc<Health>,
+    /// The last [`run`](Self::run) failed on a bounded row lock wait.
+    locked: bool,
 }
 
 impl Link {
@@ -292,6 +448,7 @@ impl Link {
             pids: pool.pids.clone(),
             slot,
             health: pool.health.clone(),
+            locked: false,
         }
     }
 
@@ -329,7 +486,107 @@ impl Link {
         }
     }
 
-    fn run<T>(&mut self, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+    /// Runs `ops`, which a thread took from the queue together. Several
+    /// (daemon writes) share one transaction, locked in their credentials'
+    /// order; if it does not commit while the connection still works, each
+    /// runs again alone. One runs alone. An operation that ran alone is
+    /// answered at once, but the last, which is returned to be answered
+    /// once the thread counts as idle; so are all the operations of a
+    /// batch that committed, or that failed with a broken connection (with
+    /// the error each answers). An operation whose row is locked elsewhere
+    /// goes back to the queue.
+    fn run_batch(&mut self, mut ops: Vec<Op>) -> Vec<(Box<dyn Job>, Option<StoreError>)> {
+        if ops.len() > 1 {
+            ops.sort_by(|a, b| a.key.cmp(&b.key));
+            match self.batch(&mut ops) {
+                Batch::Committed => return ops.into_iter().map(|op| (op.job, None)).collect(),
+                Batch::Failed(e) => {
+                    return ops.into_iter().map(|op| (op.job, Some(same(&e)))).collect();
+                }
+                Batch::RolledBack => {}
+            }
+        }
+        let mut last = None;
+        for mut op in ops {
+            let bounded = op.key.is_some();
+            if !op.job.alone(self, bounded) {
+                let since = *op.blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < LOCK_PATIENCE {
+                    let queue = op.queue.clone();
+                    if let Err(mpsc::SendError(op)) = queue.send(op) {
+                        op.job.answer(Some(StoreError::Closed));
+                    }
+                    continue;
+                }
+                op.job.answer(Some(StoreError::Postgres(format!(
+                    "the credential {:?} is locked by another database session \
+                     (for {} s now); trying again later",
+                    op.key.unwrap_or_default(),
+                    LOCK_PATIENCE.as_secs()
+                ))));
+                continue;
+            }
+            if let Some(done) = last.replace(op.job) {
+                done.answer(None);
+            }
+        }
+        last.map(|job| (job, None)).into_iter().collect()
+    }
+
+    /// Runs daemon writes in one transaction, its row lock waits bounded.
+    fn batch(&mut self, ops: &mut [Op]) -> Batch {
+        if self.client.as_ref().is_none_or(Client::is_closed)
+            && let Err(e) = self.connect()
+        {
+            return Batch::Failed(e);
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Batch::Failed(StoreError::Closed);
+        };
+        let started = Instant::now();
+        let mut tx = Tx {
+            client,
+            statements: &mut self.statements,
+            begun: false,
+            trips: 0,
+            retry: false,
+            bounded: true,
+            locked: false,
+        };
+        let ran = tx.begin().and_then(|()| {
+            ops.iter_mut().try_for_each(|op| {
+                if started.elapsed() > BATCH_TIME {
+                    return Err(StoreError::Postgres("the batch ran out of time".into()));
+                }
+                op.job.run(&mut tx)
+            })
+        });
+        if ran.is_ok() {
+            return match tx.commit() {
+                Ok(()) => Batch::Committed,
+                Err(e) => Batch::Failed(e),
+            };
+        }
+        let trips = tx.trips;
+        let client = self.client.as_mut().expect("a transaction ran on it");
+        if client.is_closed() || client.batch_execute("ROLLBACK").is_err() {
+            self.client = None;
+            if trips > 0 {
+                // Broken mid-way: the operations would only fail again,
+                // each waiting for its own reconnection.
+                return Batch::Failed(ran.expect_err("it failed"));
+            }
+            // Found broken before anything reached the server (a
+            // restarted server): each runs alone, on a new connection.
+        }
+        Batch::RolledBack
+    }
+
+    /// Runs `f` in a transaction of its own, its row lock waits bounded by
+    /// 50 ms ([`BEGIN_BOUNDED`]) if `bounded` (then [`locked`](Self::locked) says
+    /// whether one timed out).
+    fn run<T>(&mut self, bounded: bool, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
+        self.locked = false;
         let mut retries = 0;
         let mut reconnected = false;
         loop {
@@ -346,9 +603,12 @@ impl Link {
                 begun: false,
                 trips: 0,
                 retry: false,
+                bounded,
+                locked: false,
             };
             let r = f(&mut tx).and_then(|v| tx.commit().map(|()| v));
             let (retry, trips, begun) = (tx.retry, tx.trips, tx.begun);
+            self.locked = tx.locked;
             let Err(e) = r else { return r };
             if begun {
                 // The transaction failed before its COMMIT: end it, or
@@ -359,6 +619,9 @@ impl Link {
                 }
             }
             let broken = self.client.as_ref().is_none_or(Client::is_closed);
+            if self.locked {
+                return Err(e);
+            }
             if retry && retries < RETRIES {
                 retries += 1;
             } else if !(broken && trips == 0 && !reconnected) {
@@ -368,6 +631,26 @@ impl Link {
             }
         }
     }
+}
+
+/// `e` again, for each operation of a batch that failed with it: the
+/// errors a batch can end with, the text of any other.
+fn same(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Commit(m) => StoreError::Commit(m.clone()),
+        StoreError::Postgres(m) => StoreError::Postgres(m.clone()),
+        StoreError::Closed => StoreError::Closed,
+        other => StoreError::Postgres(other.to_string()),
+    }
+}
+
+/// How a batch of operations ended ([`Link::batch`]).
+enum Batch {
+    Committed,
+    /// Nothing of it is known committed: every operation answers this.
+    Failed(StoreError),
+    /// Rolled back, the connection intact: each operation runs again alone.
+    RolledBack,
 }
 
 /// An operation's transaction on one connection of the pool. It begins
@@ -384,6 +667,10 @@ pub(super) struct Tx<'a> {
     /// The server rolled the transaction back for a deadlock or a
     /// serialization failure: the operation may run again.
     retry: bool,
+    /// Row lock waits are bounded ([`BEGIN_BOUNDED`]).
+    bounded: bool,
+    /// A bounded row lock wait timed out.
+    locked: bool,
 }
 
 impl Tx<'_> {
@@ -399,6 +686,9 @@ impl Tx<'_> {
                         || *code == SqlState::T_R_SERIALIZATION_FAILURE)
                 {
                     self.retry = true;
+                }
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+                    self.locked = true;
                 }
                 Err(e.into())
             }
@@ -417,7 +707,9 @@ impl Tx<'_> {
 
     fn begin(&mut self) -> Result<()> {
         if !self.begun {
-            let r = self.client.batch_execute("BEGIN");
+            let r = self
+                .client
+                .batch_execute(if self.bounded { BEGIN_BOUNDED } else { "BEGIN" });
             self.check(r)?;
             self.begun = true;
         }
