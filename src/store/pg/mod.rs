@@ -103,6 +103,14 @@ const BATCH: usize = 32;
 /// milliseconds; a longer wait is another session's (a stuck host, a
 /// `psql` shell, an import).
 const BEGIN_BOUNDED: &str = "BEGIN; SET LOCAL lock_timeout = '50ms'";
+/// Commits a transaction begun with [`BEGIN_BOUNDED`], its bound lifted
+/// first: the rows' waits are bounded, the COMMIT's is not. A transaction
+/// that notified takes the server's NOTIFY queue lock at its COMMIT and
+/// keeps it until the commit is flushed, so that notifications arrive in
+/// commit order; every host's commits take it in turn, a few ms each, and
+/// with three hosts some waited past 50 ms (BENCHMARKS.md, "Fleet on
+/// PostgreSQL").
+const COMMIT_BOUNDED: &str = "SET LOCAL lock_timeout = 0; COMMIT";
 /// A batch that has run this long takes no further write: it is rolled
 /// back and its writes run one by one. With the lock waits' bound, this bounds how
 /// late a lease granted in a batch is answered, against the lease's margin
@@ -720,7 +728,11 @@ impl Tx<'_> {
         if self.begun {
             self.begun = false;
             self.client
-                .batch_execute("COMMIT")
+                .batch_execute(if self.bounded {
+                    COMMIT_BOUNDED
+                } else {
+                    "COMMIT"
+                })
                 .map_err(|e| StoreError::Commit(StoreError::from(e).to_string()))?;
         }
         Ok(())
