@@ -26,7 +26,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use support::bench::{baseline_client, committed, memory};
+use support::bench::{baseline_client, memory, wait_committed};
 use support::{Daemon, Env, Knobs, QUIET_SWEEP, wait_for};
 
 const LATENCY_MS: u64 = 20;
@@ -169,9 +169,7 @@ fn sweep(n: usize, at: Sink, idle_secs: u64) -> SweepResult {
     });
     let first = Instant::now();
     let conn = env.raw_store();
-    wait_for("every refresh committed", Duration::from_secs(300), || {
-        (committed(&conn) >= n).then_some(())
-    });
+    wait_committed(&env.provider, &conn, n);
     let sweep = first.elapsed();
     eprintln!(
         "sweep ({}): start-up {:.3} s, sweep {:.3} s",

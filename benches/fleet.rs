@@ -44,7 +44,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use postgres::NoTls;
-use support::bench::committed;
+use support::bench::wait_committed;
 use support::pg::Server;
 use support::{Daemon, Env, Knobs, QUIET_SWEEP, wait_for};
 use tokend::secret::Secret;
@@ -233,12 +233,7 @@ fn sqlite_sweep(n: usize) -> Sweep {
     let cpu = Cpu::start(&[daemon.child.id()], None);
     let first = Instant::now();
     let conn = env.raw_store();
-    wait_for("every refresh answered", Duration::from_secs(600), || {
-        (env.provider.stats().refreshes_ok as usize >= n).then_some(())
-    });
-    wait_for("every refresh committed", Duration::from_secs(600), || {
-        (committed(&conn) >= n).then_some(())
-    });
+    wait_committed(&env.provider, &conn, n);
     let sweep = first.elapsed();
     let (daemon_cpu, server_cpu, busy) = cpu.stop();
     wait_for("every file written", Duration::from_secs(120), || {

@@ -31,7 +31,7 @@ use std::process::Stdio;
 
 use std::time::{Duration, Instant, SystemTime};
 
-use support::bench::{baseline_client, committed, memory};
+use support::bench::{baseline_client, memory, wait_committed};
 use support::{Daemon, Env, Knobs, QUIET_SWEEP, get, wait_for};
 
 const LATENCY_MS: u64 = 20;
@@ -186,9 +186,7 @@ fn scale(n: usize) -> Row {
     });
     let first = Instant::now();
     let conn = env.raw_store();
-    wait_for("every refresh committed", Duration::from_secs(600), || {
-        (committed(&conn) >= n).then_some(())
-    });
+    wait_committed(&env.provider, &conn, n);
     let sweep = first.elapsed();
     assert_eq!(env.provider.stats().refreshes_ok as usize, n);
     let (rss_mib, hwm_mib) = memory(daemon.child.id());

@@ -83,6 +83,20 @@ pub fn baseline_client(n: usize, latency_ms: u64, concurrency: usize) -> Duratio
 /// (`Env::raw_store`): a count, polled while the daemon works, where
 /// loading every row through the store each time would weigh on what is
 /// measured.
+/// Waits until the `n` refreshes of a sweep are all committed. The store
+/// is counted only once the provider has answered every request: the
+/// count reads every row, and doing it every 20 ms through the sweep took
+/// the machine's CPU and disk from the daemon it measures, more the more
+/// rows (at 100,000, a 21 MiB scan each time; BENCHMARKS.md "Scale").
+pub fn wait_committed(provider: &FakeProvider, conn: &rusqlite::Connection, n: usize) {
+    super::wait_for("every refresh answered", Duration::from_secs(600), || {
+        (provider.stats().refreshes_ok as usize >= n).then_some(())
+    });
+    super::wait_for("every refresh committed", Duration::from_secs(600), || {
+        (committed(conn) >= n).then_some(())
+    });
+}
+
 pub fn committed(conn: &rusqlite::Connection) -> usize {
     conn.query_row(
         "SELECT count(*) FROM credentials
