@@ -36,8 +36,9 @@ pub(super) const COMMIT_RETRY_MAX: Duration = Duration::from_secs(2);
 /// busy timeout) must fit in it. A commit that is retried renews it.
 pub(super) const LEASE_MARGIN: Duration = Duration::from_secs(10);
 
-/// A lease that waited this long for a provider slot is renewed before its
-/// request, so that its whole lifetime is still ahead of the request.
+/// A lease asked for this long ago (its answer, then a provider slot) is
+/// renewed before its request, so that its whole lifetime is still ahead
+/// of the request.
 const LEASE_RENEW_AFTER: Duration = Duration::from_secs(1);
 
 /// Why an attempt did not bring a good token, as it is recorded. `lease` is
@@ -226,6 +227,10 @@ impl Refresher {
             return;
         }
         let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
+        // The lease's clock runs from before the ask: an answer that came
+        // late (a slow store) leaves less of it, and is renewed below
+        // before any request goes out.
+        let leased = Instant::now();
         let (cred, interrupted, fence) = match self
             .store
             .take_lease(name, &self.holder, ttl, seen.version)
@@ -261,7 +266,6 @@ impl Refresher {
             Ok(Lease::Gone) => return,
             Err(e) => return self.store_failed(entry, name, &e),
         };
-        let leased = Instant::now();
         let slot = ctx.slots.acquire().await;
         drop(ahead);
         if self.stopping.load(Ordering::SeqCst) {

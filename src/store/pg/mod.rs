@@ -31,10 +31,11 @@
 //! version that let one write wait for a row lock held elsewhere (another
 //! host, a `psql` session) delayed every answer of its batch past their
 //! leases, and let two hosts spend one refresh token. So each of these
-//! writes waits at most 50 ms for a row lock ([`BEGIN_BOUNDED`]); a batch that meets
-//! a locked row, fails in any other way or runs past [`BATCH_TIME`] is
-//! rolled back, and its writes then run one by one, each answered as soon
-//! as its own transaction committed. A write whose row is still locked
+//! writes waits at most 50 ms for a row lock, and each of its statements
+//! runs at most 500 ms ([`BEGIN_BOUNDED`]); a batch that meets a locked
+//! row, fails in any other way or runs past [`BATCH_TIME`] is rolled
+//! back, and its writes then run one by one, each answered as soon as its
+//! own transaction committed (tests/pg_lease_answers.rs). A write whose row is still locked
 //! goes to the back of the queue and is tried again, for
 //! [`LOCK_PATIENCE`], then answers an error its caller retries (the
 //! refresher renews its lease meanwhile). Without the bound the same
@@ -100,21 +101,29 @@ const BATCH: usize = 32;
 /// Opens the transaction of daemon writes ([`Jobs::send_on`]): a row lock
 /// held by another transaction is waited for at most 50 ms, then the
 /// write gives way. Our own transactions hold a row for a few
-/// milliseconds; a longer wait is another session's (a stuck host, a
-/// `psql` shell, an import).
-const BEGIN_BOUNDED: &str = "BEGIN; SET LOCAL lock_timeout = '50ms'";
-/// Commits a transaction begun with [`BEGIN_BOUNDED`], its bound lifted
-/// first: the rows' waits are bounded, the COMMIT's is not. A transaction
+/// milliseconds, or a batch's length; a longer wait is another session's
+/// (a stuck host, a `psql` shell, an import). A statement may run for
+/// 500 ms at most, whatever holds it up: a lease granted early in a batch
+/// is answered only after the batch's last statement.
+const BEGIN_BOUNDED: &str =
+    "BEGIN; SET LOCAL lock_timeout = '50ms'; SET LOCAL statement_timeout = '500ms'";
+/// Commits a transaction begun with [`BEGIN_BOUNDED`], its bounds lifted
+/// first: the statements' waits are bounded, the COMMIT's is not (a COMMIT
+/// cancelled by a statement timeout while it waits for a synchronous
+/// standby is reported as done, with only a warning). A transaction
 /// that notified takes the server's NOTIFY queue lock at its COMMIT and
 /// keeps it until the commit is flushed, so that notifications arrive in
 /// commit order; every host's commits take it in turn, a few ms each, and
 /// with three hosts some waited past 50 ms (BENCHMARKS.md, "Fleet on
 /// PostgreSQL").
-const COMMIT_BOUNDED: &str = "SET LOCAL lock_timeout = 0; COMMIT";
+const COMMIT_BOUNDED: &str = "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0; COMMIT";
 /// A batch that has run this long takes no further write: it is rolled
-/// back and its writes run one by one. With the lock waits' bound, this bounds how
-/// late a lease granted in a batch is answered, against the lease's margin
-/// of 10 s (`refresher::attempt::LEASE_MARGIN`).
+/// back and its writes run one by one. With the statements' bound
+/// ([`BEGIN_BOUNDED`]), this bounds how late a lease granted in a batch
+/// is answered (about 1.5 s at worst, two statements past this), against
+/// the lease's margin of 10 s (`refresher::attempt::LEASE_MARGIN`). The
+/// refresher also counts a lease's time from before it asked, and renews
+/// one that came late before using it.
 const BATCH_TIME: Duration = Duration::from_millis(500);
 /// How long a daemon write keeps trying for a row locked elsewhere before
 /// it answers an error. Its caller tries again later: the refresher holds
@@ -515,7 +524,8 @@ impl Link {
             }
         }
         let mut last = None;
-        for mut op in ops {
+        let n = ops.len();
+        for (i, mut op) in ops.into_iter().enumerate() {
             let bounded = op.key.is_some();
             if !op.job.alone(self, bounded) {
                 let since = *op.blocked_since.get_or_insert_with(Instant::now);
@@ -534,8 +544,10 @@ impl Link {
                 ))));
                 continue;
             }
-            if let Some(done) = last.replace(op.job) {
-                done.answer(None);
+            if i + 1 == n {
+                last = Some(op.job);
+            } else {
+                op.job.answer(None);
             }
         }
         last.map(|job| (job, None)).into_iter().collect()

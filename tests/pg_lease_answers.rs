@@ -1,0 +1,166 @@
+//! A lease granted by PostgreSQL reaches its holder at once, whatever else
+//! the pool's connection does around it (src/store/pg/mod.rs, "Group
+//! commit, with bounded waits"). The lease's clock starts at its own
+//! statement; an answer held back behind other writes would reach the
+//! holder with less of it left than the holder counts on, or none, and a
+//! second host would be granted the same lease.
+//!
+//! The store's pool has one connection here (`TOKEND_PG_POOL=1`), so the
+//! order of the writes is known; one test binary, one test, so that the
+//! setting is made before anything else runs.
+
+mod support;
+
+use std::time::Duration;
+
+use support::pg::Server;
+use tokend::clock::now_ms;
+use tokend::secret::Secret;
+use tokend::store::{Database, Grant, Lease, NewCredential, PgUrl, Store, StoreConn};
+
+const TTL: Duration = Duration::from_secs(2);
+
+fn new_cred(name: &str) -> NewCredential {
+    NewCredential {
+        name: name.into(),
+        provider: "p".into(),
+        access_token: Some(Secret::new("at1")),
+        grant: Grant::RefreshToken(Secret::new("rt0")),
+        scope: None,
+        expires_at: Some(now_ms() + 60_000),
+        event: "imported",
+    }
+}
+
+/// Takes the row lock of credential `name` in another session until the
+/// returned sender is dropped.
+fn hold_row(server: &Server, db: &str, name: &'static str) -> std::sync::mpsc::Sender<()> {
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+    let config = server.config(db);
+    std::thread::spawn(move || {
+        let mut client = config.connect(postgres::NoTls).unwrap();
+        let mut tx = client.transaction().unwrap();
+        tx.query(
+            "SELECT 1 FROM credentials WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .unwrap();
+        locked.send(()).unwrap();
+        let _ = released.recv();
+        let _ = tx.commit();
+    });
+    is_locked.recv().unwrap();
+    release
+}
+
+/// Host B asks for `b`'s lease while the pool's one connection is busy
+/// with a write to `c` whose statements take 3 s (a trigger sleeps: slow
+/// for a reason that is no row lock), and another write to `c` queues
+/// behind the lease. With `held_a`, a write to `a`, whose row another
+/// session holds, queues first: its batch fails and every write then runs
+/// alone. Returns how much of the lease was left when B was told it holds
+/// it (None if its lease is no longer in the database), and whether host
+/// C, asking right after, was granted it too.
+async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>, bool) {
+    let url = server.fresh_db();
+    let dbname = url
+        .split('/')
+        .nth(3)
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let db = Database::Postgres(PgUrl::parse(&url).unwrap());
+    let conn = StoreConn::open_database(&db, true).unwrap();
+    for n in ["a", "b", "c"] {
+        conn.insert(&new_cred(n), false).unwrap();
+    }
+    server.psql(
+        &dbname,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE UPDATE ON credentials FOR EACH ROW
+           WHEN (NEW.name = 'c') EXECUTE FUNCTION slow();",
+    );
+    let free_a = held_a.then(|| hold_row(server, &dbname, "a"));
+    let (b, c) = (
+        Store::open_database(&db).unwrap(),
+        Store::open_database(&db).unwrap(),
+    );
+    let mut writes = Vec::new();
+    let b0 = b.clone();
+    writes.push(tokio::spawn(
+        async move { b0.record_validated("c", 1).await },
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    if held_a {
+        let b1 = b.clone();
+        writes.push(tokio::spawn(
+            async move { b1.record_validated("a", 1).await },
+        ));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b2 = b.clone();
+    let lease = tokio::spawn(async move {
+        let l = b2.take_lease("b", "hostB/1/1", TTL, 1).await;
+        (l, now_ms())
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let b3 = b.clone();
+    writes.push(tokio::spawn(
+        async move { b3.record_validated("c", 1).await },
+    ));
+    let (l, answered_at) = lease.await.unwrap();
+    let Lease::Taken { fence, .. } = l.unwrap() else {
+        panic!("b's lease not taken");
+    };
+    let second = c.take_lease("b", "hostC/2/2", TTL, 1).await.unwrap();
+    // The lease's expiry as the database set it (the same machine's clock).
+    let expires_at: Option<i64> = server
+        .psql(
+            &dbname,
+            &format!("SELECT expires_at FROM leases WHERE name = 'b' AND fence = {fence}"),
+        )
+        .trim()
+        .parse()
+        .ok();
+    drop(free_a);
+    // The writes to `c` are cut short by the statements' bound and answer
+    // an error; nothing more is asked of them.
+    for w in writes {
+        let _ = w.await.unwrap();
+    }
+    (
+        expires_at.map(|e| e - answered_at),
+        matches!(second, Lease::Taken { .. }),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lease_is_answered_at_once_whatever_else_the_connection_does() {
+    // SAFETY: the only test of this binary sets it before any store, and
+    // so any thread that reads the variable, exists.
+    unsafe { std::env::set_var("TOKEND_PG_POOL", "1") };
+    let Some(server) = Server::start() else {
+        return;
+    };
+    for held_a in [false, true] {
+        let (left, also_granted) = lease_beside_slow_writes(&server, held_a).await;
+        let case = if held_a {
+            "writes run one by one after a batch met a held row"
+        } else {
+            "a batch with a slow write after the lease"
+        };
+        assert!(
+            !also_granted,
+            "{case}: a second host was granted the lease host B was told it holds"
+        );
+        let floor = TTL.as_millis() as i64 - 300;
+        assert!(
+            left.is_some_and(|ms| ms >= floor),
+            "{case}: the lease reached host B with {left:?} ms of its {TTL:?} left"
+        );
+    }
+}
