@@ -32,28 +32,6 @@ fn new_cred(name: &str) -> NewCredential {
     }
 }
 
-/// Takes the row lock of credential `name` in another session until the
-/// returned sender is dropped.
-fn hold_row(server: &Server, db: &str, name: &'static str) -> std::sync::mpsc::Sender<()> {
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
-    let config = server.config(db);
-    std::thread::spawn(move || {
-        let mut client = config.connect(postgres::NoTls).unwrap();
-        let mut tx = client.transaction().unwrap();
-        tx.query(
-            "SELECT 1 FROM credentials WHERE name = $1 FOR UPDATE",
-            &[&name],
-        )
-        .unwrap();
-        locked.send(()).unwrap();
-        let _ = released.recv();
-        let _ = tx.commit();
-    });
-    is_locked.recv().unwrap();
-    release
-}
-
 /// Host B asks for `b`'s lease while the pool's one connection is busy
 /// with a write to `c` whose statements take 3 s (a trigger sleeps: slow
 /// for a reason that is no row lock), and another write to `c` queues
@@ -84,7 +62,7 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
          CREATE TRIGGER slow BEFORE UPDATE ON credentials FOR EACH ROW
            WHEN (NEW.name = 'c') EXECUTE FUNCTION slow();",
     );
-    let free_a = held_a.then(|| hold_row(server, &dbname, "a"));
+    let free_a = held_a.then(|| server.hold_row(&dbname, "a"));
     let (b, c) = (
         Store::open_database(&db).unwrap(),
         Store::open_database(&db).unwrap(),

@@ -559,29 +559,6 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
     );
 }
 
-/// Events: the last twenty per credential are kept, the newest among them.
-/// Holds credential `name`'s row locked from another session until the
-/// returned sender is used (or dropped): a host stuck mid-transaction.
-fn hold_row(server: &Server, db: &str, name: &'static str) -> std::sync::mpsc::Sender<()> {
-    let (release, released) = std::sync::mpsc::channel::<()>();
-    let (locked, is_locked) = std::sync::mpsc::channel::<()>();
-    let config = server.config(db);
-    std::thread::spawn(move || {
-        let mut client = config.connect(postgres::NoTls).unwrap();
-        let mut tx = client.transaction().unwrap();
-        tx.query(
-            "SELECT 1 FROM credentials WHERE name = $1 FOR UPDATE",
-            &[&name],
-        )
-        .unwrap();
-        locked.send(()).unwrap();
-        let _ = released.recv();
-        tx.commit().unwrap();
-    });
-    is_locked.recv().unwrap();
-    release
-}
-
 /// A commit never waits behind a row lock of another credential until its
 /// lease has passed: with the rows of `m` and `y` held by other sessions
 /// and operations waiting on them, the commit of `z` lands at once. (A
@@ -607,10 +584,7 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
     let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", ttl, 1).await.unwrap() else {
         panic!("z's lease not taken");
     };
-    let (free_y, free_m) = (
-        hold_row(&server, dbname, "y"),
-        hold_row(&server, dbname, "m"),
-    );
+    let (free_y, free_m) = (server.hold_row(dbname, "y"), server.hold_row(dbname, "m"));
     let mut waiting = Vec::new();
     // Four keep the pool's threads waiting for `y`; `m` and the commit
     // then wait in its queue together.
@@ -673,10 +647,7 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
         Store::open_database(&db).unwrap(),
         Store::open_database(&db).unwrap(),
     );
-    let (free_y, free_m) = (
-        hold_row(&server, dbname, "y"),
-        hold_row(&server, dbname, "m"),
-    );
+    let (free_y, free_m) = (server.hold_row(dbname, "y"), server.hold_row(dbname, "m"));
     let mut waiting = Vec::new();
     for n in ["y", "y", "y", "y", "m", "y", "m"] {
         let b = b.clone();

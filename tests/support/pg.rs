@@ -204,6 +204,29 @@ impl Server {
         c
     }
 
+    /// Locks credential `name`'s row from a session of its own, as a
+    /// `psql` shell left in a transaction would, until the returned sender
+    /// is dropped.
+    pub fn hold_row(&self, db: &str, name: &'static str) -> std::sync::mpsc::Sender<()> {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+        let config = self.config(db);
+        std::thread::spawn(move || {
+            let mut client = config.connect(postgres::NoTls).unwrap();
+            let mut tx = client.transaction().unwrap();
+            tx.query(
+                "SELECT 1 FROM credentials WHERE name = $1 FOR UPDATE",
+                &[&name],
+            )
+            .unwrap();
+            locked.send(()).unwrap();
+            let _ = released.recv();
+            let _ = tx.commit();
+        });
+        is_locked.recv().unwrap();
+        release
+    }
+
     /// Starts `postgres` on the cluster and waits until it accepts connections.
     fn run(&mut self) {
         let data = self.dir.path().join("data");

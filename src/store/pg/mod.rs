@@ -564,15 +564,7 @@ impl Link {
             return Batch::Failed(StoreError::Closed);
         };
         let started = Instant::now();
-        let mut tx = Tx {
-            client,
-            statements: &mut self.statements,
-            begun: false,
-            trips: 0,
-            retry: false,
-            bounded: true,
-            locked: false,
-        };
+        let mut tx = Tx::new(client, &mut self.statements, true);
         let ran = tx.begin().and_then(|()| {
             ops.iter_mut().try_for_each(|op| {
                 if started.elapsed() > BATCH_TIME {
@@ -617,15 +609,7 @@ impl Link {
             let Some(client) = self.client.as_mut() else {
                 return Err(StoreError::Closed);
             };
-            let mut tx = Tx {
-                client,
-                statements: &mut self.statements,
-                begun: false,
-                trips: 0,
-                retry: false,
-                bounded,
-                locked: false,
-            };
+            let mut tx = Tx::new(client, &mut self.statements, bounded);
             let r = f(&mut tx).and_then(|v| tx.commit().map(|()| v));
             let (retry, trips, begun) = (tx.retry, tx.trips, tx.begun);
             self.locked = tx.locked;
@@ -693,7 +677,24 @@ pub(super) struct Tx<'a> {
     locked: bool,
 }
 
-impl Tx<'_> {
+impl<'a> Tx<'a> {
+    /// A transaction not yet begun on `client`.
+    fn new(
+        client: &'a mut Client,
+        statements: &'a mut HashMap<&'static str, Statement>,
+        bounded: bool,
+    ) -> Tx<'a> {
+        Tx {
+            client,
+            statements,
+            begun: false,
+            trips: 0,
+            retry: false,
+            bounded,
+            locked: false,
+        }
+    }
+
     fn check<T>(&mut self, r: std::result::Result<T, postgres::Error>) -> Result<T> {
         match r {
             Ok(v) => {
