@@ -559,6 +559,23 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
     );
 }
 
+/// A fresh database holding credentials `names`, and the stores of two
+/// hosts on it; the database's name, for [`Server::hold_row`].
+fn two_hosts(server: &Server, names: &[&str]) -> (String, Store, Store) {
+    let url = server.fresh_db();
+    let db = pg(&url);
+    let dbname = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+    let conn = StoreConn::open_database(&db, true).unwrap();
+    for n in names {
+        conn.insert(&new_cred(n, "rt0"), false).unwrap();
+    }
+    (
+        dbname.to_owned(),
+        Store::open_database(&db).unwrap(),
+        Store::open_database(&db).unwrap(),
+    )
+}
+
 /// A commit never waits behind a row lock of another credential until its
 /// lease has passed: with the rows of `m` and `y` held by other sessions
 /// and operations waiting on them, the commit of `z` lands at once. (A
@@ -569,17 +586,8 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
     let Some(server) = Server::start() else {
         return;
     };
-    let url = server.fresh_db();
-    let db = pg(&url);
-    let dbname = url.split('/').nth(3).unwrap().split('?').next().unwrap();
-    let conn = StoreConn::open_database(&db, true).unwrap();
-    for n in ["m", "y", "z"] {
-        conn.insert(&new_cred(n, "rt0"), false).unwrap();
-    }
-    let (b, c) = (
-        Store::open_database(&db).unwrap(),
-        Store::open_database(&db).unwrap(),
-    );
+    let (dbname, b, c) = two_hosts(&server, &["m", "y", "z"]);
+    let dbname = dbname.as_str();
     let ttl = Duration::from_secs(2);
     let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", ttl, 1).await.unwrap() else {
         panic!("z's lease not taken");
@@ -636,17 +644,8 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
     let Some(server) = Server::start() else {
         return;
     };
-    let url = server.fresh_db();
-    let db = pg(&url);
-    let dbname = url.split('/').nth(3).unwrap().split('?').next().unwrap();
-    let conn = StoreConn::open_database(&db, true).unwrap();
-    for n in ["a", "m", "y"] {
-        conn.insert(&new_cred(n, "rt0"), false).unwrap();
-    }
-    let (b, c) = (
-        Store::open_database(&db).unwrap(),
-        Store::open_database(&db).unwrap(),
-    );
+    let (dbname, b, c) = two_hosts(&server, &["a", "m", "y"]);
+    let dbname = dbname.as_str();
     let (free_y, free_m) = (server.hold_row(dbname, "y"), server.hold_row(dbname, "m"));
     let mut waiting = Vec::new();
     for n in ["y", "y", "y", "y", "m", "y", "m"] {
