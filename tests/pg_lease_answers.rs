@@ -118,8 +118,9 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_is_answered_at_once_whatever_else_the_connection_does() {
-    // SAFETY: the only test of this binary sets it before any store, and
-    // so any thread that reads the variable, exists.
+    // SAFETY: the only test of this binary sets it before any store
+    // exists; the runtime's worker threads, already started, read no
+    // environment.
     unsafe { std::env::set_var("TOKEND_PG_POOL", "1") };
     let Some(server) = Server::start() else {
         return;

@@ -41,6 +41,20 @@ pub(super) const LEASE_MARGIN: Duration = Duration::from_secs(10);
 /// of the request.
 const LEASE_RENEW_AFTER: Duration = Duration::from_secs(1);
 
+/// Renewals tried before a request while each comes back late
+/// ([`renewed_in_time`]); then the lease is given back, nothing sent.
+const RENEW_TRIES: u32 = 3;
+
+/// Whether a renewal asked at `asked` and answered `now` left the request
+/// the lease it counts on. The database starts a renewal's clock at its
+/// statement, and the answer follows its COMMIT, which nothing bounds (a
+/// stalled disk, a synchronous standby away): a renewal answered after
+/// more than half the lease's margin may have run out already, and
+/// another host may hold the lease. Such a renewal is renewed again.
+fn renewed_in_time(asked: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(asked) <= LEASE_MARGIN / 2
+}
+
 /// Why an attempt did not bring a good token, as it is recorded. `lease` is
 /// the fencing value of the lease a refresh ran under (None for what holds
 /// no lease: a validation, a provider missing from the config): only the
@@ -271,26 +285,37 @@ impl Refresher {
         if self.stopping.load(Ordering::SeqCst) {
             // Nothing was sent: the row goes back to what it was, so the
             // next start does not take this for an interrupted refresh.
-            if let Err(e) = self
-                .store
-                .abandon_lease(name, &self.holder, fence, &cred)
-                .await
-            {
-                tracing::warn!(credential = %name, error = %e, "could not give back an unused lease");
-            }
+            self.give_back(name, fence, &cred).await;
             return;
         }
         if leased.elapsed() > LEASE_RENEW_AFTER {
-            match self.store.renew_lease(name, &self.holder, fence, ttl).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    // It expired while we waited and another holder took
-                    // it: nothing was sent, its result will reach us.
-                    tracing::debug!(credential = %name, "lease passed on while waiting for a provider slot");
-                    entry.hold(now_ms() + ctx.config.refresh.retry_initial.as_millis() as i64);
+            let mut tries = 0;
+            loop {
+                if tries == RENEW_TRIES {
+                    tracing::warn!(credential = %name, "the store answers lease renewals too late to trust them; giving the lease back, nothing sent");
+                    self.give_back(name, fence, &cred).await;
+                    entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
                     return;
                 }
-                Err(e) => return self.store_failed(entry, name, &e),
+                tries += 1;
+                let asked = Instant::now();
+                match self.store.renew_lease(name, &self.holder, fence, ttl).await {
+                    Ok(true) if renewed_in_time(asked, Instant::now()) => break,
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // It expired while we waited and another holder took
+                        // it: nothing was sent, its result will reach us.
+                        tracing::debug!(credential = %name, "lease passed on while waiting for a provider slot");
+                        entry.hold(now_ms() + ctx.config.refresh.retry_initial.as_millis() as i64);
+                        return;
+                    }
+                    Err(e) => {
+                        // Nothing was sent: the next attempt must not take
+                        // this for an interrupted refresh.
+                        self.give_back(name, fence, &cred).await;
+                        return self.store_failed(entry, name, &e);
+                    }
+                }
             }
         }
         // A client_credentials fetch that never finished lost nothing.
@@ -554,8 +579,41 @@ impl Refresher {
         }
     }
 
+    /// Gives back a lease under which nothing was sent: the row goes back
+    /// to what it was, so that nobody takes it for an interrupted refresh.
+    async fn give_back(&self, name: &str, fence: i64, before: &Credential) {
+        if let Err(e) = self
+            .store
+            .abandon_lease(name, &self.holder, fence, before)
+            .await
+        {
+            tracing::warn!(credential = %name, error = %e, "could not give back an unused lease");
+        }
+    }
+
     pub(super) fn store_failed(&self, entry: &Entry, name: &str, e: &StoreError) {
         tracing::error!(credential = name, error = %e, "store operation failed; will try again");
         entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A renewal is trusted only if it came back within half the lease's
+    /// margin of its ask: the rest of the margin still covers the commit.
+    #[test]
+    fn a_renewal_answered_late_is_not_trusted() {
+        let asked = Instant::now();
+        assert!(renewed_in_time(asked, asked));
+        assert!(renewed_in_time(asked, asked + LEASE_MARGIN / 2));
+        assert!(!renewed_in_time(
+            asked,
+            asked + LEASE_MARGIN / 2 + Duration::from_millis(1)
+        ));
+        // A renewal answered after its whole lease, as a COMMIT held up by
+        // an absent synchronous standby would be.
+        assert!(!renewed_in_time(asked, asked + LEASE_MARGIN * 3));
     }
 }
