@@ -728,11 +728,14 @@ impl<'a> Tx<'a> {
 
     fn begin(&mut self) -> Result<()> {
         if !self.begun {
+            // Counted begun before the answer: should a SET of
+            // BEGIN_BOUNDED fail after its BEGIN, the transaction it left
+            // open is rolled back, not found by the next operation.
+            self.begun = true;
             let r = self
                 .client
                 .batch_execute(if self.bounded { BEGIN_BOUNDED } else { "BEGIN" });
             self.check(r)?;
-            self.begun = true;
         }
         Ok(())
     }
