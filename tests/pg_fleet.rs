@@ -653,7 +653,17 @@ fn sigkilled_hosts_lose_no_rotation_and_leases_are_taken_over() {
             .filter(|i| fleet.hosts[*i].running())
             .collect();
         if Instant::now() >= next_kill && running.len() >= 2 {
-            let victim = running[rng.usize(..running.len())];
+            // Until a takeover by another host is shown, the host with the
+            // most leases: one just restarted may hold none yet, and a run
+            // whose every kill found none would show nothing.
+            let victim = if takeover_shown {
+                running[rng.usize(..running.len())]
+            } else {
+                *running
+                    .iter()
+                    .max_by_key(|i| fleet.leased_by(**i).len())
+                    .unwrap()
+            };
             match fleet.kill(victim) {
                 Some(leased) => {
                     kills += 1;
