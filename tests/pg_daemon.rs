@@ -371,3 +371,73 @@ fn a_refresh_answered_during_a_database_outage_commits_before_its_lease_passes()
     );
     assert_eq!(stats.grants_revoked, 0);
 }
+
+/// A lease renewal is trusted only if it came back in time. The database
+/// starts a renewal's clock at its statement, and its answer follows its
+/// COMMIT, which nothing bounds (a stalled disk, a synchronous standby
+/// away): a renewal answered long after it was asked may have run out
+/// already, and another host may hold the lease. Here each renewal of
+/// `y`'s lease commits 6 s late (a deferred trigger sleeps at COMMIT, more
+/// than half the lease's 10 s margin), so the daemon must send nothing on
+/// it: it renews three times, gives the lease back, and refreshes `y` once
+/// the database answers in time again. Before the rule (432b4d7), it sent
+/// `y`'s refresh on the first late renewal.
+#[test]
+fn a_lease_renewal_answered_late_is_not_trusted() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let env = Env::bare(Knobs::default());
+    write_pg_config(&env, &server);
+    // One provider slot: `y`'s lease, taken ahead of the slot while `x`'s
+    // request holds it for 3 s, is renewed before `y`'s request.
+    let config = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("[refresh]\n", "[refresh]\nmax_concurrency = 1\n");
+    std::fs::write(&env.config_path, config).unwrap();
+    server.psql(
+        "t0",
+        "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(6); RETURN NULL; END $$;",
+    );
+    import_expiring(&env, "x", 1);
+    env.provider.update_knobs(|k| k.latency_ms = 3000);
+    // Due a second after x: once x's request holds the slot.
+    let y = import_expiring(&env, "y", 3);
+    // A renewal keeps the lease's fence; a new lease bumps it.
+    server.psql(
+        "t0",
+        "CREATE CONSTRAINT TRIGGER stall AFTER UPDATE ON leases
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
+           WHEN (NEW.name = 'y' AND OLD.fence = NEW.fence) EXECUTE FUNCTION stall();",
+    );
+    let daemon = env.start();
+    wait_for(
+        "the lease given back after three late renewals",
+        Duration::from_secs(60),
+        || {
+            assert_eq!(
+                env.provider.grant(y.grant_id).unwrap().rotations,
+                0,
+                "y's refresh was sent on a lease renewed too late to trust"
+            );
+            daemon
+                .log()
+                .contains("the store answers lease renewals too late to trust them")
+                .then_some(())
+        },
+    );
+    server.psql("t0", "DROP TRIGGER stall ON leases");
+    env.provider.update_knobs(|k| k.latency_ms = 0);
+    let token = wait_for("y refreshed", Duration::from_secs(30), || {
+        env.read_token("y")
+            .filter(|t| *t != y.access_token && env.provider.access_token_valid(t))
+    });
+    assert!(!token.is_empty());
+    let stats = env.provider.stats();
+    assert_eq!(
+        stats.reuse_detected, 0,
+        "a rotated-out refresh token was spent"
+    );
+    assert_eq!(stats.grants_revoked, 0);
+}
