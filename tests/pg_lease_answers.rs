@@ -7,7 +7,8 @@
 //!
 //! The store's pool has one connection here (`TOKEND_PG_POOL=1`), so the
 //! order of the writes is known; one test binary, one test, so that the
-//! setting is made before anything else runs.
+//! setting is made before anything else runs. A commit, too, is answered
+//! inside its lease when the batch it joined fails.
 
 mod support;
 
@@ -16,7 +17,9 @@ use std::time::Duration;
 use support::pg::Server;
 use tokend::clock::now_ms;
 use tokend::secret::Secret;
-use tokend::store::{Database, Grant, Lease, NewCredential, PgUrl, Store, StoreConn};
+use tokend::store::{
+    Commit, Database, Grant, Lease, NewCredential, PgUrl, Store, StoreConn, TokenUpdate,
+};
 
 const TTL: Duration = Duration::from_secs(2);
 
@@ -116,6 +119,89 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
     )
 }
 
+/// Host B holds `z`'s lease and commits what the provider answered, while
+/// the pool's one connection is busy: the commit queues with a write to a
+/// row another session holds (`a`, which makes their batch fail) and
+/// eight writes whose statements take 450 ms each (`c1`…`c8`, a trigger
+/// sleeps), all sorted before it. Returns how much of the lease was left
+/// when B was told its commit is done.
+async fn commit_behind_a_failed_batch(server: &Server) -> i64 {
+    let url = server.fresh_db();
+    let dbname = url
+        .split('/')
+        .nth(3)
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let db = Database::Postgres(PgUrl::parse(&url).unwrap());
+    let conn = StoreConn::open_database(&db, true).unwrap();
+    let slow: Vec<String> = (0..=8).map(|i| format!("c{i}")).collect();
+    for n in slow.iter().map(String::as_str).chain(["a", "z"]) {
+        conn.insert(&new_cred(n), false).unwrap();
+    }
+    server.psql(
+        &dbname,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.45); RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE UPDATE ON credentials FOR EACH ROW
+           WHEN (NEW.name LIKE 'c%') EXECUTE FUNCTION slow();",
+    );
+    let b = Store::open_database(&db).unwrap();
+    let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", TTL, 1).await.unwrap() else {
+        panic!("z's lease not taken");
+    };
+    let expires_at: i64 = server
+        .psql(
+            &dbname,
+            &format!("SELECT expires_at FROM leases WHERE name = 'z' AND fence = {fence}"),
+        )
+        .trim()
+        .parse()
+        .unwrap();
+    let free_a = server.hold_row(&dbname, "a");
+    // c0 keeps the connection busy while the others queue behind it.
+    let mut writes = Vec::new();
+    for n in std::iter::once("c0")
+        .chain(["a"])
+        .chain(slow[1..].iter().map(String::as_str))
+    {
+        let (b, name) = (b.clone(), n.to_owned());
+        writes.push(tokio::spawn(
+            async move { b.record_validated(&name, 1).await },
+        ));
+        if n == "c0" {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let commit = b
+        .commit_refresh(
+            "z",
+            "hostB/1/1",
+            fence,
+            1,
+            TokenUpdate {
+                access_token: Some(Secret::new("at2")),
+                refresh_token: Some(Secret::new("rt2")),
+                scope: None,
+                expires_at: Some(now_ms() + 60_000),
+            },
+        )
+        .await
+        .unwrap();
+    let answered_at = now_ms();
+    assert!(
+        matches!(commit, Commit::Done(_)),
+        "the commit was refused although its lease was still held"
+    );
+    drop(free_a);
+    for w in writes {
+        let _ = w.await.unwrap();
+    }
+    expires_at - answered_at
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lease_is_answered_at_once_whatever_else_the_connection_does() {
     // SAFETY: the only test of this binary sets it before any store
@@ -142,4 +228,12 @@ async fn a_lease_is_answered_at_once_whatever_else_the_connection_does() {
             "{case}: the lease reached host B with {left:?} ms of its {TTL:?} left"
         );
     }
+    // Without the pass's priority and time budget, the commit waited for
+    // the eight slow writes, 3.6 s, past its 2 s lease.
+    let left = commit_behind_a_failed_batch(&server).await;
+    assert!(
+        left >= 500,
+        "a commit queued behind a failed batch was answered with {left} ms of its \
+         {TTL:?} lease left"
+    );
 }

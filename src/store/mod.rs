@@ -302,7 +302,16 @@ macro_rules! run {
     ($store:expr, on $name:expr, $sqlite:expr, $pg:expr) => {
         match &$store.backend {
             Backend::Sqlite(j) => j.send($sqlite, WRITE).await,
-            Backend::Postgres(j) => j.send_on($name, $pg).await,
+            Backend::Postgres(j) => j.send_on($name, false, $pg).await,
+        }
+    };
+    // The same, for a write whose lease's time is running out as it waits
+    // (a commit, a renewal): on PostgreSQL it goes first when a batch's
+    // writes run one by one.
+    ($store:expr, urgent on $name:expr, $sqlite:expr, $pg:expr) => {
+        match &$store.backend {
+            Backend::Sqlite(j) => j.send($sqlite, WRITE).await,
+            Backend::Postgres(j) => j.send_on($name, true, $pg).await,
         }
     };
 }
@@ -505,7 +514,7 @@ impl Store {
             let (name, holder) = (name.to_owned(), holder.to_owned());
             let done = run!(
                 self,
-                on name.clone(),
+                urgent on name.clone(),
                 move |c| {
                     let r = ops::commit_refresh(c, &name, &holder, fence, version, &sealed)?;
                     keys::check_active(&mut keys::Lite(c), with)?;
@@ -540,7 +549,7 @@ impl Store {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         run!(
             self,
-            on name.clone(),
+            urgent on name.clone(),
             move |c| ops::renew_lease(c, &name, &holder, fence, ttl),
             move |c| pg::ops::renew_lease(c, &name, &holder, fence, ttl)
         )

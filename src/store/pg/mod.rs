@@ -35,10 +35,14 @@
 //! runs at most 500 ms ([`BEGIN_BOUNDED`]); a batch that meets a locked
 //! row, fails in any other way or runs past [`BATCH_TIME`] is rolled
 //! back, and its writes then run one by one, each answered as soon as its
-//! own transaction committed (tests/pg_lease_answers.rs). A write whose row is still locked
-//! goes to the back of the queue and is tried again, for
-//! [`LOCK_PATIENCE`], then answers an error its caller retries (the
-//! refresher renews its lease meanwhile). Without the bound the same
+//! own transaction committed (tests/pg_lease_answers.rs): commits and
+//! renewals first, whose leases run out as they wait, and for
+//! [`BATCH_TIME`] at most, the writes not reached by then going back to
+//! the queue to run alone on whichever connection is free. A write whose
+//! row is still locked goes to the back of the queue too, to run alone
+//! (it would fail any batch it joined), for [`LOCK_PATIENCE`], then
+//! answers an error its caller retries (the refresher renews its lease
+//! meanwhile). Without the bound the same
 //! happened with no batch at all: four writes waiting for rows held
 //! elsewhere took all four connections, and every other credential's
 //! commit waited behind them.
@@ -118,7 +122,7 @@ const BEGIN_BOUNDED: &str =
 /// PostgreSQL").
 const COMMIT_BOUNDED: &str = "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0; COMMIT";
 /// A batch that has run this long takes no further write: it is rolled
-/// back and its writes run one by one. With the statements' bound
+/// back and its writes run one by one, for as long again at most. With the statements' bound
 /// ([`BEGIN_BOUNDED`]), this bounds how late a lease granted in a batch
 /// is answered (about 1.5 s at worst, two statements past this), against
 /// the lease's margin of 10 s (`refresher::attempt::LEASE_MARGIN`). The
@@ -147,6 +151,13 @@ struct Op {
     /// (the daemon's writes): such operations wait for a row lock at most
     /// 50 ms at a time ([`BEGIN_BOUNDED`]), and may share a transaction.
     key: Option<String>,
+    /// A commit or a renewal: its lease's time runs while it waits, so it
+    /// goes first when a batch's writes run one by one.
+    urgent: bool,
+    /// Runs alone when a thread takes it again: a batch it was in failed
+    /// (its row was locked elsewhere, or the batch's one-by-one pass ran
+    /// out of time before its turn), and it must not fail another.
+    solo: bool,
     job: Box<dyn Job>,
     /// When it first found its row locked elsewhere ([`LOCK_PATIENCE`]).
     blocked_since: Option<Instant>,
@@ -296,11 +307,14 @@ impl Jobs {
     fn queue<T: Send + 'static>(
         &self,
         key: Option<String>,
+        urgent: bool,
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
         answer: impl FnOnce(Result<T>) + Send + 'static,
     ) -> Result<()> {
         let op = Op {
             key,
+            urgent,
+            solo: false,
             job: Box::new(Pending {
                 f,
                 answer,
@@ -328,29 +342,32 @@ impl Jobs {
         &self,
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.send_keyed(None, f).await
+        self.send_keyed(None, false, f).await
     }
 
     /// [`send`](Self::send), for a daemon write to the rows of credential
     /// `name` and no other's: it may share its transaction with others of
     /// the kind, and waits for a row locked elsewhere only in bounded
     /// turns (group commit, above). Its answer still comes only once its
-    /// transaction committed.
+    /// transaction committed. `urgent`: a commit or a renewal, whose
+    /// lease runs out as it waits.
     pub(super) async fn send_on<T: Send + 'static>(
         &self,
         name: String,
+        urgent: bool,
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        self.send_keyed(Some(name), f).await
+        self.send_keyed(Some(name), urgent, f).await
     }
 
     async fn send_keyed<T: Send + 'static>(
         &self,
         key: Option<String>,
+        urgent: bool,
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.queue(key, f, move |r| {
+        self.queue(key, urgent, f, move |r| {
             let _ = tx.send(r);
         })?;
         rx.await.unwrap_or(Err(StoreError::Closed))
@@ -362,7 +379,7 @@ impl Jobs {
         f: impl FnMut(&mut Tx<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
         let (tx, rx) = mpsc::channel();
-        self.queue(None, f, move |r| {
+        self.queue(None, false, f, move |r| {
             let _ = tx.send(r);
         })?;
         rx.recv().unwrap_or(Err(StoreError::Closed))
@@ -395,7 +412,7 @@ fn grow(pool: &Arc<Pool>) {
 /// A pool thread, counted idle when it starts: runs operations until
 /// every [`Jobs`] is gone. A daemon write takes along the others already
 /// queued, up to [`BATCH`] (group commit); the first other operation it
-/// meets waits for the next turn.
+/// meets (or one to run [`solo`](Op::solo)) waits for the next turn.
 fn serve(pool: &Pool, link: &mut Link) {
     let mut next: Option<Op> = None;
     loop {
@@ -411,10 +428,11 @@ fn serve(pool: &Pool, link: &mut Link) {
                 pool.idle.fetch_sub(1, Ordering::SeqCst);
                 if let (Ok(q), Ok(op)) = (&q, &first)
                     && op.key.is_some()
+                    && !op.solo
                 {
                     while batch.len() + 1 < BATCH {
                         match q.try_recv() {
-                            Ok(op) if op.key.is_some() => batch.push(op),
+                            Ok(op) if op.key.is_some() && !op.solo => batch.push(op),
                             Ok(op) => {
                                 next = Some(op);
                                 break;
@@ -511,7 +529,13 @@ impl Link {
     /// once the thread counts as idle; so are all the operations of a
     /// batch that committed, or that failed with a broken connection (with
     /// the error each answers). An operation whose row is locked elsewhere
-    /// goes back to the queue.
+    /// goes back to the queue, to run alone.
+    ///
+    /// After a batch rolled back, its commits and renewals run first, and
+    /// the pass runs for [`BATCH_TIME`] at most: the writes it has not
+    /// reached by then go back to the queue, each to run alone on
+    /// whichever connection is free, so that no write waits for a whole
+    /// batch's writes to run one after the other on one connection.
     fn run_batch(&mut self, mut ops: Vec<Op>) -> Vec<(Box<dyn Job>, Option<StoreError>)> {
         if ops.len() > 1 {
             ops.sort_by(|a, b| a.key.cmp(&b.key));
@@ -522,18 +546,24 @@ impl Link {
                 }
                 Batch::RolledBack => {}
             }
+            // Stable: the rest keep their order.
+            ops.sort_by_key(|op| !op.urgent);
         }
         let mut last = None;
         let n = ops.len();
+        let pass = Instant::now();
         for (i, mut op) in ops.into_iter().enumerate() {
+            if i > 0 && pass.elapsed() > BATCH_TIME {
+                op.solo = true;
+                requeue(op);
+                continue;
+            }
             let bounded = op.key.is_some();
             if !op.job.alone(self, bounded) {
                 let since = *op.blocked_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < LOCK_PATIENCE {
-                    let queue = op.queue.clone();
-                    if let Err(mpsc::SendError(op)) = queue.send(op) {
-                        op.job.answer(Some(StoreError::Closed));
-                    }
+                    op.solo = true;
+                    requeue(op);
                     continue;
                 }
                 op.job.answer(Some(StoreError::Postgres(format!(
@@ -634,6 +664,15 @@ impl Link {
                 return Err(e);
             }
         }
+    }
+}
+
+/// Sends `op` to the back of the pool's queue (or answers it, if the
+/// queue has closed).
+fn requeue(op: Op) {
+    let queue = op.queue.clone();
+    if let Err(mpsc::SendError(op)) = queue.send(op) {
+        op.job.answer(Some(StoreError::Closed));
     }
 }
 
