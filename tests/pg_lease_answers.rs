@@ -119,13 +119,19 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
     )
 }
 
+/// The lease of [`commit_beside_a_failed_batch`].
+const COMMIT_TTL: Duration = Duration::from_secs(4);
+
 /// Host B holds `z`'s lease and commits what the provider answered, while
-/// the pool's one connection is busy: the commit queues with a write to a
-/// row another session holds (`a`, which makes their batch fail) and
-/// eight writes whose statements take 450 ms each (`c1`…`c8`, a trigger
-/// sleeps), all sorted before it. Returns how much of the lease was left
-/// when B was told its commit is done.
-async fn commit_behind_a_failed_batch(server: &Server) -> i64 {
+/// the pool's one connection is busy: a write to a row another session
+/// holds (`a`) and eight writes whose statements take 450 ms each
+/// (`c1`…`c8`, a trigger sleeps) queue behind a first slow write (`c0`),
+/// and fail together as a batch. The commit comes with them (`late`
+/// false), or 1.6 s into the run, when the failed batch's pass has run
+/// out of time and put the writes it did not reach back in the queue
+/// (`late`). Returns how much of the lease was left when B was told its
+/// commit is done.
+async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
     let url = server.fresh_db();
     let dbname = url
         .split('/')
@@ -149,7 +155,8 @@ async fn commit_behind_a_failed_batch(server: &Server) -> i64 {
            WHEN (NEW.name LIKE 'c%') EXECUTE FUNCTION slow();",
     );
     let b = Store::open_database(&db).unwrap();
-    let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", TTL, 1).await.unwrap() else {
+    let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", COMMIT_TTL, 1).await.unwrap()
+    else {
         panic!("z's lease not taken");
     };
     let expires_at: i64 = server
@@ -161,6 +168,7 @@ async fn commit_behind_a_failed_batch(server: &Server) -> i64 {
         .parse()
         .unwrap();
     let free_a = server.hold_row(&dbname, "a");
+    let started = std::time::Instant::now();
     // c0 keeps the connection busy while the others queue behind it.
     let mut writes = Vec::new();
     for n in std::iter::once("c0")
@@ -168,12 +176,16 @@ async fn commit_behind_a_failed_batch(server: &Server) -> i64 {
         .chain(slow[1..].iter().map(String::as_str))
     {
         let (b, name) = (b.clone(), n.to_owned());
-        writes.push(tokio::spawn(
-            async move { b.record_validated(&name, 1).await },
+        writes.push((
+            n,
+            tokio::spawn(async move { b.record_validated(&name, 1).await }),
         ));
         if n == "c0" {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+    if late {
+        tokio::time::sleep(Duration::from_millis(1600).saturating_sub(started.elapsed())).await;
     }
     let commit = b
         .commit_refresh(
@@ -196,8 +208,14 @@ async fn commit_behind_a_failed_batch(server: &Server) -> i64 {
         "the commit was refused although its lease was still held"
     );
     drop(free_a);
-    for w in writes {
-        let _ = w.await.unwrap();
+    for (n, w) in writes {
+        let r = w.await.unwrap();
+        // `a`'s row was held for longer than a write waits for it.
+        assert!(
+            n == "a" || r.is_ok(),
+            "the write to {n}, put back in the queue, failed: {:?}",
+            r.err()
+        );
     }
     expires_at - answered_at
 }
@@ -228,12 +246,21 @@ async fn a_lease_is_answered_at_once_whatever_else_the_connection_does() {
             "{case}: the lease reached host B with {left:?} ms of its {TTL:?} left"
         );
     }
-    // Without the pass's priority and time budget, the commit waited for
-    // the eight slow writes, 3.6 s, past its 2 s lease.
-    let left = commit_behind_a_failed_batch(&server).await;
-    assert!(
-        left >= 500,
-        "a commit queued behind a failed batch was answered with {left} ms of its \
-         {TTL:?} lease left"
-    );
+    // Before commits had a lane of their own, the commit waited for the
+    // eight slow writes, 3.6 s; or, asked 1.6 s into the run, for those
+    // the pass put back in the queue, answered 2.7 s after it asked: both
+    // past its 4 s lease.
+    for late in [false, true] {
+        let left = commit_beside_a_failed_batch(&server, late).await;
+        let case = if late {
+            "a commit queued after a failed batch's writes were put back"
+        } else {
+            "a commit queued with a batch that failed"
+        };
+        eprintln!("{case}: answered with {left} ms of its lease left");
+        assert!(
+            left >= 300,
+            "{case}: answered with {left} ms of its {COMMIT_TTL:?} lease left"
+        );
+    }
 }

@@ -2,7 +2,7 @@
 //! for a fleet of hosts sharing one database.
 //!
 //! A small pool of threads, each owning one connection, takes operations
-//! from one shared queue and runs each in a transaction of its own
+//! from one shared queue ([`Lanes`]) and runs each in a transaction of its own
 //! (`ops.rs` holds the SQL). Both faces use it: the daemon's
 //! [`Store`](super::Store) awaits the answer, the command line's
 //! [`StoreConn`](super::StoreConn) blocks on it. The synchronous client
@@ -35,17 +35,24 @@
 //! runs at most 500 ms ([`BEGIN_BOUNDED`]); a batch that meets a locked
 //! row, fails in any other way or runs past [`BATCH_TIME`] is rolled
 //! back, and its writes then run one by one, each answered as soon as its
-//! own transaction committed (tests/pg_lease_answers.rs): commits and
-//! renewals first, whose leases run out as they wait, and for
-//! [`BATCH_TIME`] at most, the writes not reached by then going back to
-//! the queue to run alone on whichever connection is free. A write whose
-//! row is still locked goes to the back of the queue too, to run alone
-//! (it would fail any batch it joined), for [`LOCK_PATIENCE`], then
-//! answers an error its caller retries (the refresher renews its lease
-//! meanwhile). Without the bound the same
-//! happened with no batch at all: four writes waiting for rows held
-//! elsewhere took all four connections, and every other credential's
-//! commit waited behind them.
+//! own transaction committed (tests/pg_lease_answers.rs), for
+//! [`BATCH_TIME`] at most: the writes not reached by then go back to the
+//! front of the queue, for whichever connection is free. A write whose
+//! row is still locked goes to the back of the queue, to run alone (it
+//! would fail any batch it joined), for [`LOCK_PATIENCE`], then answers an
+//! error its caller retries (the refresher renews its lease meanwhile).
+//! Without the bound the same happened with no batch at all: four writes
+//! waiting for rows held elsewhere took all four connections, and every
+//! other credential's commit waited behind them.
+//!
+//! **Commits and renewals go first.** Their leases run out as they wait,
+//! so they have a lane of their own in the queue, taken before anything
+//! else and batched only with each other, and a one-by-one pass gives way
+//! to them. A commit then waits at most for the batch or write its
+//! connection is running (about a second at worst, with the bounds
+//! above), against the lease's 10 s margin; before the lane, a commit
+//! could wait behind every write a failed batch had put back, past its
+//! lease (tests/pg_lease_answers.rs).
 //!
 //! A batch takes its rows' locks in the order of the credentials' names,
 //! as every write does: each write locks one credential's row and then its
@@ -55,9 +62,9 @@
 //! run again ([`RETRIES`]). Everything else (a command's operations, reads
 //! over all rows, imports) runs alone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
@@ -122,7 +129,8 @@ const BEGIN_BOUNDED: &str =
 /// PostgreSQL").
 const COMMIT_BOUNDED: &str = "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0; COMMIT";
 /// A batch that has run this long takes no further write: it is rolled
-/// back and its writes run one by one, for as long again at most. With the statements' bound
+/// back and its writes run one by one, for about as long again at most
+/// (the pass stops after the first write that ends past it). With the statements' bound
 /// ([`BEGIN_BOUNDED`]), this bounds how late a lease granted in a batch
 /// is answered (about 1.5 s at worst, two statements past this), against
 /// the lease's margin of 10 s (`refresher::attempt::LEASE_MARGIN`). The
@@ -154,17 +162,19 @@ struct Op {
     /// A commit or a renewal: its lease's time runs while it waits, so it
     /// goes first when a batch's writes run one by one.
     urgent: bool,
-    /// Runs alone when a thread takes it again: a batch it was in failed
-    /// (its row was locked elsewhere, or the batch's one-by-one pass ran
-    /// out of time before its turn), and it must not fail another.
+    /// Runs alone: its row was found locked elsewhere, and it would fail
+    /// any batch it joined.
     solo: bool,
     job: Box<dyn Job>,
     /// When it first found its row locked elsewhere ([`LOCK_PATIENCE`]).
     blocked_since: Option<Instant>,
-    /// The queue, to go back to when its row is locked elsewhere. (Held
-    /// by the operation, not the pool, so that the queue still closes
-    /// once every [`Jobs`] is gone and nothing waits in it.)
-    queue: mpsc::Sender<Op>,
+}
+
+impl Op {
+    /// Whether it may share a transaction with others.
+    fn batches(&self) -> bool {
+        self.key.is_some() && !self.solo
+    }
 }
 
 /// An operation's statements and the sending of its answer. A thread
@@ -230,10 +240,34 @@ impl Pids {
     }
 }
 
+/// The pool's queue, in two lanes: commits and renewals (`urgent`), whose
+/// leases run out as they wait, are taken before anything else, so that
+/// none waits behind writes re-queued by a failed batch, or behind a
+/// backlog of leases to take.
+#[derive(Default)]
+struct Lanes {
+    urgent: VecDeque<Op>,
+    normal: VecDeque<Op>,
+    /// Every [`Jobs`] is gone: the threads leave once the lanes are empty.
+    closed: bool,
+}
+
+/// Where an operation goes back into its lane.
+#[derive(Clone, Copy)]
+enum End {
+    /// Its turn came and went (a row locked elsewhere): after the others.
+    Back,
+    /// It has not had its turn (a failed batch's pass ran out of time):
+    /// before the others.
+    Front,
+}
+
 /// What the pool's threads share.
 struct Pool {
     config: postgres::Config,
-    queue: Mutex<mpsc::Receiver<Op>>,
+    lanes: Mutex<Lanes>,
+    /// Signalled when an operation is queued, or the queue closes.
+    queued: Condvar,
     /// Threads waiting for an operation, or about to.
     idle: AtomicUsize,
     /// Threads started.
@@ -244,11 +278,115 @@ struct Pool {
     health: Arc<Health>,
 }
 
+impl Pool {
+    /// Queues `ops`, in their order, at `end` of their lanes; starts a
+    /// thread if none is idle. If the queue has closed, answers them.
+    fn requeue(self: &Arc<Pool>, ops: Vec<Op>, end: End) {
+        if ops.is_empty() {
+            return;
+        }
+        let mut lanes = self.lanes.lock().unwrap();
+        if lanes.closed {
+            drop(lanes);
+            for op in ops {
+                op.job.answer(Some(StoreError::Closed));
+            }
+            return;
+        }
+        let busy = self.idle.load(Ordering::SeqCst) == 0;
+        let n = ops.len();
+        match end {
+            End::Back => {
+                for op in ops {
+                    lanes.lane(op.urgent).push_back(op);
+                }
+            }
+            End::Front => {
+                for op in ops.into_iter().rev() {
+                    lanes.lane(op.urgent).push_front(op);
+                }
+            }
+        }
+        drop(lanes);
+        if n == 1 {
+            self.queued.notify_one();
+        } else {
+            self.queued.notify_all();
+        }
+        if busy {
+            grow(self);
+        }
+    }
+
+    /// Waits for the next operation and takes it, with the others of its
+    /// lane that may share its transaction (up to [`BATCH`]), if it may;
+    /// None once the queue has closed and is empty. Counts the thread
+    /// busy.
+    fn take(&self) -> Option<Vec<Op>> {
+        let mut lanes = self.lanes.lock().unwrap();
+        loop {
+            let urgent = !lanes.urgent.is_empty();
+            if let Some(first) = lanes.lane(urgent).pop_front() {
+                self.idle.fetch_sub(1, Ordering::SeqCst);
+                let batches = first.batches();
+                let mut ops = vec![first];
+                if batches {
+                    // Only from its own lane: a commit never waits behind
+                    // a lease's statements.
+                    let lane = lanes.lane(urgent);
+                    let mut i = 0;
+                    while i < lane.len() && ops.len() < BATCH {
+                        if lane[i].batches() {
+                            ops.extend(lane.remove(i));
+                        } else {
+                            i += 1;
+                        }
+                    }
+                }
+                return Some(ops);
+            }
+            if lanes.closed {
+                return None;
+            }
+            lanes = self.queued.wait(lanes).unwrap();
+        }
+    }
+
+    /// Whether a commit or renewal waits for a thread.
+    fn urgent_waiting(&self) -> bool {
+        !self.lanes.lock().unwrap().urgent.is_empty()
+    }
+
+    fn close(&self) {
+        self.lanes.lock().unwrap().closed = true;
+        self.queued.notify_all();
+    }
+}
+
+impl Lanes {
+    fn lane(&mut self, urgent: bool) -> &mut VecDeque<Op> {
+        if urgent {
+            &mut self.urgent
+        } else {
+            &mut self.normal
+        }
+    }
+}
+
+/// Closes the pool's queue when the last [`Jobs`] is dropped.
+struct Closer(Arc<Pool>);
+
+impl Drop for Closer {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// The pool's queue. Cloning shares the pool.
 #[derive(Clone)]
 pub(super) struct Jobs {
-    tx: mpsc::Sender<Op>,
     pool: Arc<Pool>,
+    _closer: Arc<Closer>,
     url: PgUrl,
 }
 
@@ -262,10 +400,10 @@ impl Jobs {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .map_or(POOL_SIZE, |n| n.clamp(1, POOL_MAX));
-        let (tx, rx) = mpsc::channel::<Op>();
         let pool = Arc::new(Pool {
             config,
-            queue: Mutex::new(rx),
+            lanes: Mutex::new(Lanes::default()),
+            queued: Condvar::new(),
             idle: AtomicUsize::new(1),
             threads: AtomicUsize::new(1),
             size,
@@ -286,10 +424,12 @@ impl Jobs {
                 }
             })
             .map_err(|e| StoreError::Postgres(format!("cannot start the database thread: {e}")))?;
+        let closer = Arc::new(Closer(pool.clone()));
+        // Should start-up fail below, the thread leaves: nothing is queued.
         ready_rx.recv().unwrap_or(Err(StoreError::Closed))?;
         Ok(Jobs {
-            tx,
             pool,
+            _closer: closer,
             url: url.clone(),
         })
     }
@@ -321,15 +461,9 @@ impl Jobs {
                 result: None,
             }),
             blocked_since: None,
-            queue: self.tx.clone(),
         };
-        // Looked at before the send: once sent, an idle thread may take
-        // the operation at once, and no longer count as idle.
-        let busy = self.pool.idle.load(Ordering::SeqCst) == 0;
-        self.tx.send(op).map_err(|_| StoreError::Closed)?;
-        if busy {
-            grow(&self.pool);
-        }
+        // A `Jobs` is alive (this one): the queue is open.
+        self.pool.requeue(vec![op], End::Back);
         Ok(())
     }
 
@@ -410,49 +544,14 @@ fn grow(pool: &Arc<Pool>) {
 }
 
 /// A pool thread, counted idle when it starts: runs operations until
-/// every [`Jobs`] is gone. A daemon write takes along the others already
-/// queued, up to [`BATCH`] (group commit); the first other operation it
-/// meets (or one to run [`solo`](Op::solo)) waits for the next turn.
-fn serve(pool: &Pool, link: &mut Link) {
-    let mut next: Option<Op> = None;
-    loop {
-        let mut batch = Vec::new();
-        let first = match next.take() {
-            Some(op) => Ok(op),
-            None => {
-                let q = pool.queue.lock();
-                let first = q
-                    .as_ref()
-                    .map_err(drop)
-                    .and_then(|q| q.recv().map_err(drop));
-                pool.idle.fetch_sub(1, Ordering::SeqCst);
-                if let (Ok(q), Ok(op)) = (&q, &first)
-                    && op.key.is_some()
-                    && !op.solo
-                {
-                    while batch.len() + 1 < BATCH {
-                        match q.try_recv() {
-                            Ok(op) if op.key.is_some() && !op.solo => batch.push(op),
-                            Ok(op) => {
-                                next = Some(op);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                }
-                first
-            }
-        };
-        let Ok(first) = first else { return };
-        batch.push(first);
-        let last = link.run_batch(batch);
+/// every [`Jobs`] is gone. A daemon write takes along the others of its
+/// lane already queued, up to [`BATCH`] (group commit: [`Pool::take`]).
+fn serve(pool: &Arc<Pool>, link: &mut Link) {
+    while let Some(ops) = pool.take() {
+        let last = link.run_batch(pool, ops);
         pool.idle.fetch_add(1, Ordering::SeqCst);
         for (job, failed) in last {
             job.answer(failed);
-        }
-        if next.is_some() {
-            pool.idle.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -529,14 +628,19 @@ impl Link {
     /// once the thread counts as idle; so are all the operations of a
     /// batch that committed, or that failed with a broken connection (with
     /// the error each answers). An operation whose row is locked elsewhere
-    /// goes back to the queue, to run alone.
+    /// goes to the back of its lane, to run alone.
     ///
-    /// After a batch rolled back, its commits and renewals run first, and
-    /// the pass runs for [`BATCH_TIME`] at most: the writes it has not
-    /// reached by then go back to the queue, each to run alone on
-    /// whichever connection is free, so that no write waits for a whole
+    /// After a batch rolled back, the pass that runs its writes alone
+    /// stops once it has run for [`BATCH_TIME`], or, unless they are
+    /// commits and renewals themselves, as soon as a commit or renewal
+    /// waits: the writes it has not reached go back to the front of their
+    /// lane, for whichever thread is free, so that none waits for a whole
     /// batch's writes to run one after the other on one connection.
-    fn run_batch(&mut self, mut ops: Vec<Op>) -> Vec<(Box<dyn Job>, Option<StoreError>)> {
+    fn run_batch(
+        &mut self,
+        pool: &Arc<Pool>,
+        mut ops: Vec<Op>,
+    ) -> Vec<(Box<dyn Job>, Option<StoreError>)> {
         if ops.len() > 1 {
             ops.sort_by(|a, b| a.key.cmp(&b.key));
             match self.batch(&mut ops) {
@@ -546,24 +650,22 @@ impl Link {
                 }
                 Batch::RolledBack => {}
             }
-            // Stable: the rest keep their order.
-            ops.sort_by_key(|op| !op.urgent);
         }
-        let mut last = None;
-        let n = ops.len();
         let pass = Instant::now();
-        for (i, mut op) in ops.into_iter().enumerate() {
-            if i > 0 && pass.elapsed() > BATCH_TIME {
-                op.solo = true;
-                requeue(op);
-                continue;
+        let mut ops = ops.into_iter().peekable();
+        let mut first = true;
+        while let Some(mut op) = ops.next() {
+            if !std::mem::take(&mut first) && !op.urgent && pool.urgent_waiting() {
+                // A commit or renewal came meanwhile: it goes first.
+                pool.requeue(std::iter::once(op).chain(ops).collect(), End::Front);
+                return Vec::new();
             }
             let bounded = op.key.is_some();
             if !op.job.alone(self, bounded) {
                 let since = *op.blocked_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < LOCK_PATIENCE {
                     op.solo = true;
-                    requeue(op);
+                    pool.requeue(vec![op], End::Back);
                     continue;
                 }
                 op.job.answer(Some(StoreError::Postgres(format!(
@@ -574,13 +676,16 @@ impl Link {
                 ))));
                 continue;
             }
-            if i + 1 == n {
-                last = Some(op.job);
-            } else {
-                op.job.answer(None);
+            if ops.peek().is_none() {
+                return vec![(op.job, None)];
             }
+            if pass.elapsed() > BATCH_TIME {
+                pool.requeue(ops.collect(), End::Front);
+                return vec![(op.job, None)];
+            }
+            op.job.answer(None);
         }
-        last.map(|job| (job, None)).into_iter().collect()
+        Vec::new()
     }
 
     /// Runs daemon writes in one transaction, its row lock waits bounded.
@@ -664,15 +769,6 @@ impl Link {
                 return Err(e);
             }
         }
-    }
-}
-
-/// Sends `op` to the back of the pool's queue (or answers it, if the
-/// queue has closed).
-fn requeue(op: Op) {
-    let queue = op.queue.clone();
-    if let Err(mpsc::SendError(op)) = queue.send(op) {
-        op.job.answer(Some(StoreError::Closed));
     }
 }
 
