@@ -35,12 +35,13 @@
 //! runs at most 500 ms ([`BEGIN_BOUNDED`]); a batch that meets a locked
 //! row, fails in any other way or runs past [`BATCH_TIME`] is rolled
 //! back, and its writes then run one by one, each answered as soon as its
-//! own transaction committed (tests/pg_lease_answers.rs), for
-//! [`BATCH_TIME`] at most: the writes not reached by then go back to the
-//! front of the queue, for whichever connection is free. A write whose
-//! row is still locked goes to the back of the queue, to run alone (it
-//! would fail any batch it joined), for [`LOCK_PATIENCE`], then answers an
-//! error its caller retries (the refresher renews its lease meanwhile).
+//! own transaction committed (tests/pg_lease_answers.rs), in the order
+//! they were queued, for [`BATCH_TIME`] at most: the writes not reached by
+//! then go back to the front of the queue, each to run alone on whichever
+//! connection is free (a write that failed a batch never joins another).
+//! A write whose row is still locked goes to the back of the queue, to
+//! run alone, for [`LOCK_PATIENCE`], then answers an error its caller
+//! retries (the refresher renews its lease meanwhile).
 //! Without the bound the same happened with no batch at all: four writes
 //! waiting for rows held elsewhere took all four connections, and every
 //! other credential's commit waited behind them.
@@ -48,11 +49,15 @@
 //! **Commits and renewals go first.** Their leases run out as they wait,
 //! so they have a lane of their own in the queue, taken before anything
 //! else and batched only with each other, and a one-by-one pass gives way
-//! to them. A commit then waits at most for the batch or write its
-//! connection is running (about a second at worst, with the bounds
-//! above), against the lease's 10 s margin; before the lane, a commit
-//! could wait behind every write a failed batch had put back, past its
-//! lease (tests/pg_lease_answers.rs).
+//! to them. A commit then waits for the commits and renewals queued before
+//! it, shared among the connections, and for what a connection is running
+//! when it comes (a batch, about a second at worst with the bounds above);
+//! against the lease's 10 s margin. Before the lane, a commit could wait
+//! behind every write a failed batch had put back, past its lease
+//! (tests/pg_lease_answers.rs); before those writes ran alone, one
+//! thread took them back as a batch that failed again, twenty slow
+//! commits took 15 s, and the commit queued behind them landed 11 s past
+//! its lease (tests/pg_store.rs).
 //!
 //! A batch takes its rows' locks in the order of the credentials' names,
 //! as every write does: each write locks one credential's row and then its
@@ -63,7 +68,7 @@
 //! over all rows, imports) runs alone.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -162,9 +167,13 @@ struct Op {
     /// A commit or a renewal: its lease's time runs while it waits, so it
     /// goes first when a batch's writes run one by one.
     urgent: bool,
-    /// Runs alone: its row was found locked elsewhere, and it would fail
-    /// any batch it joined.
+    /// Runs alone: it was in a batch that failed (its row was locked
+    /// elsewhere, and it would fail any batch it joined; or the pass after
+    /// the failure did not reach it), and never runs in a batch again.
     solo: bool,
+    /// Its place in the order operations were queued: a failed batch's
+    /// pass runs them in that order, not in the batch's name order.
+    seq: u64,
     job: Box<dyn Job>,
     /// When it first found its row locked elsewhere ([`LOCK_PATIENCE`]).
     blocked_since: Option<Instant>,
@@ -272,6 +281,8 @@ struct Pool {
     idle: AtomicUsize,
     /// Threads started.
     threads: AtomicUsize,
+    /// The next operation's [`Op::seq`].
+    seq: AtomicU64,
     size: usize,
     pids: Arc<Pids>,
     /// Whether the database answers (`health.rs`): every thread reports.
@@ -279,20 +290,14 @@ struct Pool {
 }
 
 impl Pool {
-    /// Queues `ops`, in their order, at `end` of their lanes; starts a
-    /// thread if none is idle. If the queue has closed, answers them.
+    /// Queues `ops`, in their order, at `end` of their lanes, and wakes
+    /// a thread for each; starts a thread if none is idle. (Once the queue
+    /// has closed, the threads still run what it holds before they leave.)
     fn requeue(self: &Arc<Pool>, ops: Vec<Op>, end: End) {
         if ops.is_empty() {
             return;
         }
         let mut lanes = self.lanes.lock().unwrap();
-        if lanes.closed {
-            drop(lanes);
-            for op in ops {
-                op.job.answer(Some(StoreError::Closed));
-            }
-            return;
-        }
         let busy = self.idle.load(Ordering::SeqCst) == 0;
         let n = ops.len();
         match end {
@@ -406,6 +411,7 @@ impl Jobs {
             queued: Condvar::new(),
             idle: AtomicUsize::new(1),
             threads: AtomicUsize::new(1),
+            seq: AtomicU64::new(0),
             size,
             pids: Arc::new(Pids((0..size).map(|_| AtomicI32::new(0)).collect())),
             health: Arc::new(Health::default()),
@@ -461,8 +467,8 @@ impl Jobs {
                 result: None,
             }),
             blocked_since: None,
+            seq: self.pool.seq.fetch_add(1, Ordering::Relaxed),
         };
-        // A `Jobs` is alive (this one): the queue is open.
         self.pool.requeue(vec![op], End::Back);
         Ok(())
     }
@@ -623,18 +629,21 @@ impl Link {
     /// Runs `ops`, which a thread took from the queue together. Several
     /// (daemon writes) share one transaction, locked in their credentials'
     /// order; if it does not commit while the connection still works, each
-    /// runs again alone. One runs alone. An operation that ran alone is
-    /// answered at once, but the last, which is returned to be answered
-    /// once the thread counts as idle; so are all the operations of a
-    /// batch that committed, or that failed with a broken connection (with
-    /// the error each answers). An operation whose row is locked elsewhere
-    /// goes to the back of its lane, to run alone.
+    /// runs again alone, in the order they were queued. One runs alone. An
+    /// operation that ran alone is answered at once, but the last, which
+    /// is returned to be answered once the thread counts as idle; so are
+    /// all the operations of a batch that committed, or that failed with a
+    /// broken connection (with the error each answers).
     ///
-    /// After a batch rolled back, the pass that runs its writes alone
-    /// stops once it has run for [`BATCH_TIME`], or, unless they are
-    /// commits and renewals themselves, as soon as a commit or renewal
-    /// waits: the writes it has not reached go back to the front of their
-    /// lane, for whichever thread is free, so that none waits for a whole
+    /// An operation whose row is locked elsewhere goes to the back of the
+    /// queue, behind the leases (a commit too: it waits for that session,
+    /// not for a turn), to run alone. After a batch rolled back, the pass
+    /// that runs its writes alone stops once it has run for
+    /// [`BATCH_TIME`], or, unless they are commits and renewals
+    /// themselves, as soon as a commit or renewal waits: the writes it
+    /// has not reached go back to the front of their lane, each to run
+    /// alone on whichever thread is free (never in a batch again: one
+    /// that failed once may fail again), so that none waits for a whole
     /// batch's writes to run one after the other on one connection.
     fn run_batch(
         &mut self,
@@ -650,14 +659,23 @@ impl Link {
                 }
                 Batch::RolledBack => {}
             }
+            ops.sort_by_key(|op| op.seq);
         }
         let pass = Instant::now();
         let mut ops = ops.into_iter().peekable();
         let mut first = true;
         while let Some(mut op) = ops.next() {
-            if !std::mem::take(&mut first) && !op.urgent && pool.urgent_waiting() {
-                // A commit or renewal came meanwhile: it goes first.
-                pool.requeue(std::iter::once(op).chain(ops).collect(), End::Front);
+            if !std::mem::take(&mut first)
+                && (pass.elapsed() > BATCH_TIME || (!op.urgent && pool.urgent_waiting()))
+            {
+                let rest = std::iter::once(op)
+                    .chain(ops)
+                    .map(|mut op| {
+                        op.solo = true;
+                        op
+                    })
+                    .collect();
+                pool.requeue(rest, End::Front);
                 return Vec::new();
             }
             let bounded = op.key.is_some();
@@ -665,6 +683,7 @@ impl Link {
                 let since = *op.blocked_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < LOCK_PATIENCE {
                     op.solo = true;
+                    op.urgent = false;
                     pool.requeue(vec![op], End::Back);
                     continue;
                 }
@@ -677,10 +696,6 @@ impl Link {
                 continue;
             }
             if ops.peek().is_none() {
-                return vec![(op.job, None)];
-            }
-            if pass.elapsed() > BATCH_TIME {
-                pool.requeue(ops.collect(), End::Front);
                 return vec![(op.job, None)];
             }
             op.job.answer(None);
