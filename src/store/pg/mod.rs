@@ -39,7 +39,7 @@
 //! they were queued, for [`BATCH_TIME`] at most: the writes not reached by
 //! then go back to the front of the queue, each to run alone on whichever
 //! connection is free (a write that failed a batch never joins another).
-//! A write whose row is still locked goes to the back of the queue, to
+//! A write whose row is still locked goes to the back of its lane, to
 //! run alone, for [`LOCK_PATIENCE`], then answers an error its caller
 //! retries (the refresher renews its lease meanwhile).
 //! Without the bound the same happened with no batch at all: four writes
@@ -135,7 +135,7 @@ const BEGIN_BOUNDED: &str =
 const COMMIT_BOUNDED: &str = "SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0; COMMIT";
 /// A batch that has run this long takes no further write: it is rolled
 /// back and its writes run one by one, for about as long again at most
-/// (the pass stops after the first write that ends past it). With the statements' bound
+/// (no write starts in the pass past it). With the statements' bound
 /// ([`BEGIN_BOUNDED`]), this bounds how late a lease granted in a batch
 /// is answered (about 1.5 s at worst, two statements past this), against
 /// the lease's margin of 10 s (`refresher::attempt::LEASE_MARGIN`). The
@@ -165,7 +165,7 @@ struct Op {
     /// 50 ms at a time ([`BEGIN_BOUNDED`]), and may share a transaction.
     key: Option<String>,
     /// A commit or a renewal: its lease's time runs while it waits, so it
-    /// goes first when a batch's writes run one by one.
+    /// waits in the queue's urgent lane ([`Lanes`]).
     urgent: bool,
     /// Runs alone: it was in a batch that failed (its row was locked
     /// elsewhere, and it would fail any batch it joined; or the pass after
@@ -635,9 +635,9 @@ impl Link {
     /// all the operations of a batch that committed, or that failed with a
     /// broken connection (with the error each answers).
     ///
-    /// An operation whose row is locked elsewhere goes to the back of the
-    /// queue, behind the leases (a commit too: it waits for that session,
-    /// not for a turn), to run alone. After a batch rolled back, the pass
+    /// An operation whose row is locked elsewhere goes to the back of its
+    /// lane, to run alone (a commit stays in the urgent lane: once the
+    /// row is free, it must not wait behind the leases). After a batch rolled back, the pass
     /// that runs its writes alone stops once it has run for
     /// [`BATCH_TIME`], or, unless they are commits and renewals
     /// themselves, as soon as a commit or renewal waits: the writes it
@@ -683,7 +683,6 @@ impl Link {
                 let since = *op.blocked_since.get_or_insert_with(Instant::now);
                 if since.elapsed() < LOCK_PATIENCE {
                     op.solo = true;
-                    op.urgent = false;
                     pool.requeue(vec![op], End::Back);
                     continue;
                 }
