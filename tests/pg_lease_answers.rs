@@ -45,26 +45,13 @@ fn new_cred(name: &str) -> NewCredential {
 /// C, asking right after, was granted it too.
 async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>, bool) {
     let url = server.fresh_db();
-    let dbname = url
-        .split('/')
-        .nth(3)
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
+    let dbname = Server::db_name(&url);
     let db = Database::Postgres(PgUrl::parse(&url).unwrap());
     let conn = StoreConn::open_database(&db, true).unwrap();
     for n in ["a", "b", "c"] {
         conn.insert(&new_cred(n), false).unwrap();
     }
-    server.psql(
-        &dbname,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(3); RETURN NEW; END $$;
-         CREATE TRIGGER slow BEFORE UPDATE ON credentials FOR EACH ROW
-           WHEN (NEW.name = 'c') EXECUTE FUNCTION slow();",
-    );
+    server.slow_updates(&dbname, "c", 3.0);
     let free_a = held_a.then(|| server.hold_row(&dbname, "a"));
     let (b, c) = (
         Store::open_database(&db).unwrap(),
@@ -133,27 +120,14 @@ const COMMIT_TTL: Duration = Duration::from_secs(4);
 /// commit is done.
 async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
     let url = server.fresh_db();
-    let dbname = url
-        .split('/')
-        .nth(3)
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
+    let dbname = Server::db_name(&url);
     let db = Database::Postgres(PgUrl::parse(&url).unwrap());
     let conn = StoreConn::open_database(&db, true).unwrap();
     let slow: Vec<String> = (0..=8).map(|i| format!("c{i}")).collect();
     for n in slow.iter().map(String::as_str).chain(["a", "z"]) {
         conn.insert(&new_cred(n), false).unwrap();
     }
-    server.psql(
-        &dbname,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(0.45); RETURN NEW; END $$;
-         CREATE TRIGGER slow BEFORE UPDATE ON credentials FOR EACH ROW
-           WHEN (NEW.name LIKE 'c%') EXECUTE FUNCTION slow();",
-    );
+    server.slow_updates(&dbname, "c%", 0.45);
     let b = Store::open_database(&db).unwrap();
     let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", COMMIT_TTL, 1).await.unwrap()
     else {

@@ -564,13 +564,13 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
 fn two_hosts(server: &Server, names: &[&str]) -> (String, Store, Store) {
     let url = server.fresh_db();
     let db = pg(&url);
-    let dbname = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+    let dbname = Server::db_name(&url);
     let conn = StoreConn::open_database(&db, true).unwrap();
     for n in names {
         conn.insert(&new_cred(n, "rt0"), false).unwrap();
     }
     (
-        dbname.to_owned(),
+        dbname,
         Store::open_database(&db).unwrap(),
         Store::open_database(&db).unwrap(),
     )
@@ -803,13 +803,7 @@ async fn a_commit_behind_slow_commits_lands_inside_its_lease() {
         .trim()
         .parse()
         .unwrap();
-    server.psql(
-        &dbname,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(0.45); RETURN NEW; END $$;
-         CREATE TRIGGER slow BEFORE UPDATE ON credentials FOR EACH ROW
-           WHEN (NEW.name LIKE 'c%') EXECUTE FUNCTION slow();",
-    );
+    server.slow_updates(&dbname, "c%", 0.45);
     let mut commits = Vec::new();
     for (i, n) in slow.iter().enumerate() {
         let (b, n, fence) = (b.clone(), n.clone(), fences[n]);
@@ -866,13 +860,7 @@ async fn a_commit_blocked_for_a_moment_does_not_wait_behind_the_leases() {
     else {
         panic!("z's lease not taken");
     };
-    server.psql(
-        &dbname,
-        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN PERFORM pg_sleep(0.45); RETURN NEW; END $$;
-         CREATE TRIGGER slow BEFORE UPDATE ON credentials FOR EACH ROW
-           WHEN (NEW.name LIKE 'c%') EXECUTE FUNCTION slow();",
-    );
+    server.slow_updates(&dbname, "c%", 0.45);
     let mut leases = Vec::new();
     for n in &slow {
         let (b, n) = (b.clone(), n.clone());

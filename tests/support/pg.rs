@@ -127,6 +127,13 @@ impl Server {
         )
     }
 
+    /// The database a URL of [`fresh_db`](Self::fresh_db) names, for
+    /// [`psql`](Self::psql) and [`hold_row`](Self::hold_row).
+    pub fn db_name(url: &str) -> String {
+        let path = url.split('/').nth(3).unwrap_or_default();
+        path.split('?').next().unwrap_or_default().to_owned()
+    }
+
     /// Creates an empty database of its own for one test and returns its URL.
     pub fn fresh_db(&self) -> String {
         let n = self.databases.fetch_add(1, Ordering::Relaxed);
@@ -202,6 +209,22 @@ impl Server {
             .port(PORT)
             .connect_timeout(Duration::from_secs(5));
         c
+    }
+
+    /// Makes every update of the credentials whose names are `LIKE
+    /// pattern` in database `db` take `secs` longer (a trigger sleeps):
+    /// a database slow for a reason that is no row lock (I/O, a trigger
+    /// an administrator added).
+    pub fn slow_updates(&self, db: &str, pattern: &str, secs: f64) {
+        self.psql(
+            db,
+            &format!(
+                "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+                   $$ BEGIN PERFORM pg_sleep({secs}); RETURN NEW; END $$;
+                 CREATE TRIGGER slow BEFORE UPDATE ON credentials FOR EACH ROW
+                   WHEN (NEW.name LIKE '{pattern}') EXECUTE FUNCTION slow();"
+            ),
+        );
     }
 
     /// Locks credential `name`'s row from a session of its own, as a
