@@ -14,26 +14,11 @@ mod support;
 
 use std::time::Duration;
 
-use support::pg::Server;
+use support::pg::{Server, new_cred, update};
 use tokend::clock::now_ms;
-use tokend::secret::Secret;
-use tokend::store::{
-    Commit, Database, Grant, Lease, NewCredential, PgUrl, Store, StoreConn, TokenUpdate,
-};
+use tokend::store::{Commit, Database, Lease, PgUrl, Store, StoreConn};
 
 const TTL: Duration = Duration::from_secs(2);
-
-fn new_cred(name: &str) -> NewCredential {
-    NewCredential {
-        name: name.into(),
-        provider: "p".into(),
-        access_token: Some(Secret::new("at1")),
-        grant: Grant::RefreshToken(Secret::new("rt0")),
-        scope: None,
-        expires_at: Some(now_ms() + 60_000),
-        event: "imported",
-    }
-}
 
 /// Host B asks for `b`'s lease while the pool's one connection is busy
 /// with a write to `c` whose statements take 3 s (a trigger sleeps: slow
@@ -49,7 +34,7 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
     let db = Database::Postgres(PgUrl::parse(&url).unwrap());
     let conn = StoreConn::open_database(&db, true).unwrap();
     for n in ["a", "b", "c"] {
-        conn.insert(&new_cred(n), false).unwrap();
+        conn.insert(&new_cred(n, "rt0"), false).unwrap();
     }
     server.slow_updates(&dbname, "c", 3.0);
     let free_a = held_a.then(|| server.hold_row(&dbname, "a"));
@@ -125,7 +110,7 @@ async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
     let conn = StoreConn::open_database(&db, true).unwrap();
     let slow: Vec<String> = (0..=8).map(|i| format!("c{i}")).collect();
     for n in slow.iter().map(String::as_str).chain(["a", "z"]) {
-        conn.insert(&new_cred(n), false).unwrap();
+        conn.insert(&new_cred(n, "rt0"), false).unwrap();
     }
     server.slow_updates(&dbname, "c%", 0.45);
     let b = Store::open_database(&db).unwrap();
@@ -162,18 +147,7 @@ async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
         tokio::time::sleep(Duration::from_millis(1600).saturating_sub(started.elapsed())).await;
     }
     let commit = b
-        .commit_refresh(
-            "z",
-            "hostB/1/1",
-            fence,
-            1,
-            TokenUpdate {
-                access_token: Some(Secret::new("at2")),
-                refresh_token: Some(Secret::new("rt2")),
-                scope: None,
-                expires_at: Some(now_ms() + 60_000),
-            },
-        )
+        .commit_refresh("z", "hostB/1/1", fence, 1, update("rt2"))
         .await
         .unwrap();
     let answered_at = now_ms();

@@ -8,37 +8,15 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::pg::Server;
+use support::pg::{Server, new_cred, update};
 use tokend::clock::now_ms;
-use tokend::secret::Secret;
 use tokend::store::{
-    Changed, Commit, Database, FailureUpdate, Grant, Lease, NewCredential, PgUrl, State, Store,
-    StoreConn, StoreError, TokenUpdate,
+    Changed, Commit, Database, FailureUpdate, Grant, Lease, PgUrl, State, Store, StoreConn,
+    StoreError,
 };
 
 fn pg(url: &str) -> Database {
     Database::Postgres(PgUrl::parse(url).unwrap())
-}
-
-fn new_cred(name: &str, refresh_token: &str) -> NewCredential {
-    NewCredential {
-        name: name.into(),
-        provider: "p".into(),
-        access_token: Some(Secret::new("at1")),
-        grant: Grant::RefreshToken(Secret::new(refresh_token)),
-        scope: Some("read".into()),
-        expires_at: Some(now_ms() + 60_000),
-        event: "imported",
-    }
-}
-
-fn update(rt: &str) -> TokenUpdate {
-    TokenUpdate {
-        access_token: Some(Secret::new(format!("at-{rt}"))),
-        refresh_token: Some(Secret::new(rt)),
-        scope: None,
-        expires_at: Some(now_ms() + 3_600_000),
-    }
 }
 
 fn failure(lease: Option<i64>) -> FailureUpdate {

@@ -306,8 +306,8 @@ macro_rules! run {
         }
     };
     // The same, for a write whose lease's time is running out as it waits
-    // (a commit, a renewal): on PostgreSQL it goes first when a batch's
-    // writes run one by one.
+    // (a commit, a renewal): on PostgreSQL it waits in the pool's urgent
+    // lane, taken before any other write (`pg/mod.rs`).
     ($store:expr, urgent on $name:expr, $sqlite:expr, $pg:expr) => {
         match &$store.backend {
             Backend::Sqlite(j) => j.send($sqlite, WRITE).await,

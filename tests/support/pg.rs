@@ -393,3 +393,28 @@ fn command(bin: &Path, program: &str) -> Command {
         Command::new(bin.join(program))
     }
 }
+
+/// Credential `name` as the PostgreSQL store tests import it: an access
+/// token good for a minute, refresh token `refresh_token`.
+pub fn new_cred(name: &str, refresh_token: &str) -> tokend::store::NewCredential {
+    tokend::store::NewCredential {
+        name: name.into(),
+        provider: "p".into(),
+        access_token: Some(tokend::secret::Secret::new("at1")),
+        grant: tokend::store::Grant::RefreshToken(tokend::secret::Secret::new(refresh_token)),
+        scope: Some("read".into()),
+        expires_at: Some(tokend::clock::now_ms() + 60_000),
+        event: "imported",
+    }
+}
+
+/// What a provider answered to a refresh that rotated to `rt`, as a
+/// commit stores it.
+pub fn update(rt: &str) -> tokend::store::TokenUpdate {
+    tokend::store::TokenUpdate {
+        access_token: Some(tokend::secret::Secret::new(format!("at-{rt}"))),
+        refresh_token: Some(tokend::secret::Secret::new(rt)),
+        scope: None,
+        expires_at: Some(tokend::clock::now_ms() + 3_600_000),
+    }
+}
