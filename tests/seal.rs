@@ -503,3 +503,82 @@ fn postgresql_rows_hold_no_plaintext_and_a_second_host_reads_them() {
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("plaintext in a sealed store"));
 }
+
+/// A daemon that missed a rotation of the data key (run from another host,
+/// which then deletes the old key once no value uses it) must not commit a
+/// refresh sealed with the retired key, which no host could open again:
+/// its commit finds the active key changed, reads the keys again and
+/// seals with the new one. On PostgreSQL the commit's own statement reads
+/// the active key (src/store/pg/ops.rs, `COMMIT_REFRESH`).
+#[test]
+fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let env = Env::bare(Knobs::default());
+    let url = server.fresh_db();
+    let db = Server::db_name(&url);
+    let key = key_file(&env, "key");
+    write_config_at(&env, &env.config_path, &url, Some(&key));
+    let g = import_expiring(&env, "bot", 3600);
+    let log = env.dir.path().join("daemon.log");
+    let mut daemon = Daemon::spawn(
+        tokend_at(&env, &env.config_path, &["run"]),
+        &env.config_path,
+        log,
+    );
+    wait_serving(&env.socket, Duration::from_secs(20));
+    assert_eq!(env.read_token("bot").as_deref(), Some(&*g.access_token));
+
+    // A refresh whose answer takes 2 s; while the provider holds it,
+    // another host rotates: every value sealed with key 2, key 1 deleted.
+    // The daemon read its row (and the keys) before the rotation and
+    // commits after it.
+    env.provider.update_knobs(|k| k.answer_delay_ms = 2000);
+    let socket = env.socket.clone();
+    let refresh =
+        std::thread::spawn(move || request(&socket, "POST", "/v1/credentials/bot/refresh"));
+    wait_for(
+        "the refresh request at the provider",
+        Duration::from_secs(20),
+        || {
+            env.provider
+                .requests()
+                .iter()
+                .any(|r| r.grant_type.as_deref() == Some("refresh_token"))
+                .then_some(())
+        },
+    );
+    let said = ok(&env.cli(&["keys", "rotate"], ""), "keys rotate");
+    assert!(
+        said.contains("deleted data key(s) no value uses any more: [1]"),
+        "{said}"
+    );
+    let reply = refresh.join().unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["refreshed"], true, "{}", reply.text());
+
+    let on_2 = format!(
+        "SELECT count(*) FROM credentials WHERE name = 'bot' \
+         AND access_token LIKE '{SEALED}2:%' AND refresh_token LIKE '{SEALED}2:%'"
+    );
+    assert_eq!(
+        server.psql(&db, &on_2).trim(),
+        "1",
+        "the refresh was not sealed with the active key: {}",
+        server.psql(&db, "SELECT left(refresh_token, 20) FROM credentials")
+    );
+    assert_eq!(server.psql(&db, "SELECT id FROM keys").trim(), "2");
+    // And it was this test's case: the commit, not the lease, met the new key.
+    daemon.wait_log(
+        "the data keys changed since this refresh was sealed",
+        Duration::from_secs(5),
+    );
+    let published = env.read_token("bot").unwrap_or_default();
+    assert_ne!(published, g.access_token);
+    assert!(env.provider.access_token_valid(&published));
+    daemon.stop();
+    // A host that starts now opens the row and refreshes it again.
+    let out = ok(&env.cli(&["refresh", "bot"], ""), "refresh after restart");
+    assert!(out.contains("refreshed bot"), "{out}");
+}

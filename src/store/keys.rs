@@ -214,7 +214,14 @@ pub(super) fn migrate_to_4(c: &Connection) -> Result<()> {
 /// row lock, so that on PostgreSQL it sees any rotation or sealing that
 /// committed before this write could.
 pub(super) fn check_active(tx: &mut dyn KeyTx, sealed_with: Option<u32>) -> Result<()> {
-    if tx.active()? == sealed_with {
+    check_key(tx.active()?, sealed_with)
+}
+
+/// [`check_active`] with the active key already read, by a statement that
+/// ran after the row lock (PostgreSQL's refresh commit reads it in its
+/// own statement).
+pub(super) fn check_key(active: Option<u32>, sealed_with: Option<u32>) -> Result<()> {
+    if active == sealed_with {
         Ok(())
     } else {
         Err(StoreError::KeysChanged)

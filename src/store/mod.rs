@@ -511,23 +511,24 @@ impl Store {
             // is (`keys::check_active`), else the keys are read again and
             // the pair sealed again, once.
             let (sealed, with) = self.sealer.seal_update(name, &update)?;
-            let (name, holder) = (name.to_owned(), holder.to_owned());
+            let (n, h) = (name.to_owned(), holder.to_owned());
             let done = run!(
                 self,
-                urgent on name.clone(),
+                urgent on n.clone(),
                 move |c| {
-                    let r = ops::commit_refresh(c, &name, &holder, fence, version, &sealed)?;
+                    let r = ops::commit_refresh(c, &n, &h, fence, version, &sealed)?;
                     keys::check_active(&mut keys::Lite(c), with)?;
                     Ok(r)
                 },
-                move |c| {
-                    let r = pg::ops::commit_refresh(c, &name, &holder, fence, version, &sealed)?;
-                    keys::check_active(c, with)?;
-                    Ok(r)
-                }
+                move |c| pg::ops::commit_refresh(c, &n, &h, fence, version, &sealed, with)
             );
             match done {
                 Err(StoreError::KeysChanged) if !reloaded => {
+                    tracing::info!(
+                        credential = name,
+                        "the data keys changed since this refresh was sealed (a rotation \
+                         by another process): reading them again to seal it with the new key"
+                    );
                     reloaded = true;
                     self.reload_keys().await?;
                 }

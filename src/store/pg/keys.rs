@@ -37,6 +37,17 @@ fn id(r: &postgres::Row, i: usize) -> u32 {
     u32::try_from(r.get::<_, i64>(i)).unwrap_or(u32::MAX)
 }
 
+/// The active data key's id (None: the store is plaintext), as a column
+/// [`active_key`] reads: a query of its own, or one column of the refresh
+/// commit's statement (`ops.rs`), which saves a statement per commit.
+pub(super) const ACTIVE: &str = "SELECT max(id) FROM keys";
+
+/// The active key's id in column `at` of a row that selected [`ACTIVE`].
+pub(super) fn active_key(r: &postgres::Row, at: usize) -> Option<u32> {
+    r.get::<_, Option<i64>>(at)
+        .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+}
+
 impl KeyTx for super::Tx<'_> {
     fn keys(&mut self) -> Result<Vec<WrappedKey>> {
         let rows = self.query("SELECT id, wrapped, created_at FROM keys ORDER BY id", &[])?;
@@ -51,9 +62,8 @@ impl KeyTx for super::Tx<'_> {
     }
 
     fn active(&mut self) -> Result<Option<u32>> {
-        let r = self.query_one("SELECT max(id) FROM keys", &[])?;
-        Ok(r.get::<_, Option<i64>>(0)
-            .map(|v| u32::try_from(v).unwrap_or(u32::MAX)))
+        let r = self.query_one(ACTIVE, &[])?;
+        Ok(active_key(&r, 0))
     }
 
     fn insert_key(&mut self, k: &WrappedKey, kek_fingerprint: &str) -> Result<bool> {

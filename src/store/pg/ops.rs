@@ -36,8 +36,10 @@ use super::super::{
     TokenUpdate,
 };
 use super::Tx;
+use super::keys::active_key;
 use crate::clock::now_ms;
 use crate::secret::Secret;
+use crate::store::keys::check_key;
 
 /// Events kept per credential, as SQLite keeps.
 const EVENTS_KEPT: i64 = 20;
@@ -432,7 +434,9 @@ fn lease_lost(c: &mut Tx<'_>, name: &str, what: &str) -> Result<Commit> {
 /// The commit of a refresh, after the row's lock: if `$2` holds lease
 /// `$3`, stores the pair if the row is still at version `$4`, releases
 /// the lease, records the event (trimmed as [`event`] does) and notifies.
-/// Answers whether the lease was held, then the row as written (NULLs if
+/// Answers whether the lease was held, the active data key (what
+/// `keys::check_active` would read in a statement of its own: this one
+/// too starts after the row's lock), then the row as written (NULLs if
 /// nothing was).
 const COMMIT_REFRESH: &str = concat!(
     "WITH held AS (
@@ -460,10 +464,14 @@ const COMMIT_REFRESH: &str = concat!(
     ), notified AS (
         SELECT pg_notify($11, $1) FROM written
     )
-    SELECT EXISTS (SELECT 1 FROM held), (SELECT count(*) FROM notified), written.*
+    SELECT EXISTS (SELECT 1 FROM held), (SELECT count(*) FROM notified),
+        (SELECT max(id) FROM keys), written.*
     FROM (SELECT 1) AS one LEFT JOIN written ON true"
 );
 
+/// The commit of a refresh whose tokens were sealed with `sealed_with`:
+/// fails with [`StoreError::KeysChanged`] (the transaction then rolls
+/// back) unless that is still the active data key.
 pub fn commit_refresh(
     c: &mut Tx<'_>,
     name: &str,
@@ -471,6 +479,7 @@ pub fn commit_refresh(
     fence: i64,
     version: i64,
     u: &TokenUpdate,
+    sealed_with: Option<u32>,
 ) -> Result<Commit> {
     lock_only(c, name)?;
     let row = c.query_one(
@@ -489,13 +498,14 @@ pub fn commit_refresh(
             &super::listen::CHANNEL,
         ],
     )?;
+    check_key(active_key(&row, 2), sealed_with)?;
     if !row.get::<_, bool>(0) {
         return lease_lost(c, name, "a refreshed token pair");
     }
-    if row.get::<_, Option<&str>>(2).is_none() {
+    if row.get::<_, Option<&str>>(3).is_none() {
         return Ok(Commit::Conflict);
     }
-    Ok(Commit::Done(Box::new(from_row_at(&row, 2))))
+    Ok(Commit::Done(Box::new(from_row_at(&row, 3))))
 }
 
 /// The end of a compare-and-swap write that returned `row` (None: the row
@@ -734,4 +744,14 @@ pub fn create_schema(c: &mut Transaction<'_>, version: i64) -> Result<()> {
         &[&version],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// The refresh commit reads the active data key itself, in place of
+    /// `keys::check_active`'s statement: it must be the same query.
+    #[test]
+    fn the_refresh_commit_reads_the_active_key_as_the_check_does() {
+        assert!(super::COMMIT_REFRESH.contains(&format!("({})", super::super::keys::ACTIVE)));
+    }
 }
