@@ -15,7 +15,8 @@
 //! one transaction, so that no store is ever half sealed.
 //!
 //! Every write of a token checks, at the end of its transaction, that the
-//! table's active key is the one it sealed with ([`check_active`]): a host
+//! table's active key is the one it sealed with ([`check_active`], or
+//! [`check_key`] where the write's own statement read the key): a host
 //! that missed a rotation (or the sealing of the store) re-reads the table
 //! and seals again, so no value is ever written with a retired key, nor in
 //! plaintext into a sealed store.
