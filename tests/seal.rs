@@ -520,6 +520,14 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
     let db = Server::db_name(&url);
     let key = key_file(&env, "key");
     write_config_at(&env, &env.config_path, &url, Some(&key));
+    // Room for the provider's slow answer below (FAST_REFRESH waits 3 s).
+    let config = fs::read_to_string(&env.config_path).unwrap();
+    assert!(config.contains("request_timeout = \"3s\""));
+    fs::write(
+        &env.config_path,
+        config.replace("request_timeout = \"3s\"", "request_timeout = \"15s\""),
+    )
+    .unwrap();
     let g = import_expiring(&env, "bot", 3600);
     let log = env.dir.path().join("daemon.log");
     let mut daemon = Daemon::spawn(
@@ -530,11 +538,11 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
     wait_serving(&env.socket, Duration::from_secs(20));
     assert_eq!(env.read_token("bot").as_deref(), Some(&*g.access_token));
 
-    // A refresh whose answer takes 2 s; while the provider holds it,
+    // A refresh whose answer takes 5 s; while the provider holds it,
     // another host rotates: every value sealed with key 2, key 1 deleted.
     // The daemon read its row (and the keys) before the rotation and
     // commits after it.
-    env.provider.update_knobs(|k| k.answer_delay_ms = 2000);
+    env.provider.update_knobs(|k| k.answer_delay_ms = 5000);
     let socket = env.socket.clone();
     let refresh =
         std::thread::spawn(move || request(&socket, "POST", "/v1/credentials/bot/refresh"));
@@ -555,6 +563,7 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
         "{said}"
     );
     let reply = refresh.join().unwrap();
+    env.provider.update_knobs(|k| k.answer_delay_ms = 0);
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["refreshed"], true, "{}", reply.text());
 
