@@ -8,8 +8,10 @@
 //! 2. `tokend token NAME` as a whole process, against spawning `/bin/true`:
 //!    the shape that skips clap, and one that goes through it.
 //!
-//! Environment: TOKEND_BENCH_SECS (seconds per load run, default 2; five
-//! alternating rounds of each).
+//! Environment: TOKEND_BENCH_SECS (seconds per load run, default 2) and
+//! TOKEND_BENCH_ROUNDS (alternating rounds of each, default 5: the
+//! medians then move by up to 0.2 between runs of one build, so telling
+//! two builds apart takes more, BENCHMARKS.md "Socket API").
 //! BENCHMARKS.md holds the latest report.
 
 #[path = "../tests/support/mod.rs"]
@@ -27,7 +29,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
 const CONNECTIONS: usize = 16;
-/// Alternating rounds of baseline and tokend per load shape.
+/// Alternating rounds of baseline and tokend per load shape, unless
+/// TOKEND_BENCH_ROUNDS says.
 const ROUNDS: usize = 5;
 const BASELINE_FLAG: &str = "--baseline-server";
 
@@ -41,6 +44,11 @@ fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(2);
     let window = Duration::from_secs(secs);
+    let rounds: usize = std::env::var("TOKEND_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(ROUNDS);
     // tokend with one credential, its config's defaults, no sinks.
     let env = Env::bench(Knobs::default());
     env.write_config("", "");
@@ -67,7 +75,7 @@ fn main() {
         .unwrap();
     let path = "/v1/tokens/bench";
     println!(
-        "## Socket benchmark ({CONNECTIONS} connections, {ROUNDS} alternating rounds of {secs} s)\n"
+        "## Socket benchmark ({CONNECTIONS} connections, {rounds} alternating rounds of {secs} s)\n"
     );
     println!("| cores | load | server | requests/s | p50 | p99 | ratio to baseline |");
     println!("|---|---|---|---|---|---|---|");
@@ -98,7 +106,7 @@ fn main() {
             // Alternate short runs of each, so that whatever else the
             // machine does weighs on both alike; report the medians.
             let (mut b, mut t) = (Vec::new(), Vec::new());
-            for _ in 0..ROUNDS {
+            for _ in 0..rounds {
                 b.push(rt.block_on(load(&base_sock, "/", keep_alive, window)));
                 t.push(rt.block_on(load(&sock, path, keep_alive, window)));
             }
