@@ -14,7 +14,7 @@
 //! already holds credentials is sealed by `tokend keys seal`, all rows in
 //! one transaction, so that no store is ever half sealed.
 //!
-//! Every write of a token checks, at the end of its transaction, that the
+//! Every write of a token checks, once its row is locked, that the
 //! table's active key is the one it sealed with ([`check_active`], or
 //! [`check_key`] where the write's own statement read the key): a host
 //! that missed a rotation (or the sealing of the store) re-reads the table

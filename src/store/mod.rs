@@ -526,8 +526,9 @@ impl Store {
                 Err(StoreError::KeysChanged) if !reloaded => {
                     tracing::info!(
                         credential = name,
-                        "the data keys changed since this refresh was sealed (a rotation \
-                         by another process): reading them again to seal it with the new key"
+                        "the data keys changed since this refresh was sealed (another \
+                         process rotated them or sealed the store): reading them again to \
+                         seal it with the active key"
                     );
                     reloaded = true;
                     self.reload_keys().await?;
