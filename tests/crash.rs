@@ -279,10 +279,20 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
             g.refresh_token, s.refresh_token,
             "{name}: stored refresh token is current after a clean stop"
         );
-        assert_eq!(
-            s.refresh_started_at, None,
-            "{name}: a clean stop leaves no refresh in flight"
-        );
+        // Seen once in CI (seed 13379852107599376647, not reproduced with
+        // it): the mark left with the token current. What the daemon said
+        // and the row's state tell which path left it.
+        if s.refresh_started_at.is_some() {
+            let log = d.log();
+            let tail: Vec<&str> = log.lines().filter(|l| l.contains(name)).collect();
+            panic!(
+                "{name}: a clean stop leaves no refresh in flight, yet the row says one                  started at {:?} (state {}, last error {:?}); the daemon's lines about it:\n{}",
+                s.refresh_started_at,
+                s.state,
+                s.last_error,
+                tail[tail.len().saturating_sub(20)..].join("\n")
+            );
+        }
     }
     assert_integrity(&env, "at the end");
 

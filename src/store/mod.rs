@@ -507,9 +507,10 @@ impl Store {
         let mut reloaded = false;
         loop {
             // Sealed here, with the data key this process holds as the
-            // active one; the transaction checks at its end that it still
-            // is (`keys::check_active`), else the keys are read again and
-            // the pair sealed again, once.
+            // active one; the transaction checks, once the row is locked,
+            // that it still is (`keys::check_active` on SQLite, the commit
+            // statement's own read on PostgreSQL), else the keys are read
+            // again and the pair sealed again, once.
             let (sealed, with) = self.sealer.seal_update(name, &update)?;
             let (n, h) = (name.to_owned(), holder.to_owned());
             let done = run!(
