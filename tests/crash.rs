@@ -286,7 +286,7 @@ fn sigkill_at_random_moments_never_loses_a_token_silently() {
             let log = d.log();
             let tail: Vec<&str> = log.lines().filter(|l| l.contains(name)).collect();
             panic!(
-                "{name}: a clean stop leaves no refresh in flight, yet the row says one                  started at {:?} (state {}, last error {:?}); the daemon's lines about it:\n{}",
+                "{name}: a clean stop leaves no refresh in flight, yet the row says one started at {:?} (state {}, last error {:?}); the daemon's lines about it:\n{}",
                 s.refresh_started_at,
                 s.state,
                 s.last_error,
