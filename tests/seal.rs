@@ -330,6 +330,37 @@ fn rotating_the_data_key_and_the_kek_keeps_every_credential_usable() {
     assert_sealed_sqlite(&env, &[&g]);
 }
 
+/// Plants `token` in plaintext as `name`'s `column`, with SQL, as someone
+/// with write access to the database would: no `rev` is bumped, so no
+/// store watch sees it.
+fn plant(env: &Env, name: &str, column: &str, token: &str) {
+    let n = env
+        .raw_store()
+        .execute(
+            &format!("UPDATE credentials SET {column} = ?1 WHERE name = ?2"),
+            [token, name],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+/// What `tokend status NAME` says of a refused row: it succeeds, and shows
+/// the credential stopped with the reason.
+fn assert_status_refused(env: &Env, name: &str, token: &str) {
+    let said = ok(
+        &env.cli(&["status", name], ""),
+        "status of a refused credential",
+    );
+    assert!(said.contains("needs_reauthorization"), "{said}");
+    assert!(
+        said.contains(&format!(
+            "refresh token of \"{name}\" is stored in plaintext in a sealed store"
+        )),
+        "{said}"
+    );
+    assert!(!said.contains(token), "status printed the planted token");
+}
+
 #[test]
 fn a_planted_plaintext_token_is_refused() {
     let env = Env::bare(Knobs::default());
@@ -337,25 +368,61 @@ fn a_planted_plaintext_token_is_refused() {
     write_config(&env, Some(&key));
     import_expiring(&env, "bot", 3600);
     import_expiring(&env, "other", 3600);
+    let mut daemon = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    assert!(env.read_token("bot").is_some());
+
     // Someone with write access to the database plants a refresh token of
-    // their own: a grant they control.
+    // their own under the running daemon: a grant they control.
     let planted = env.provider.mint_grant(env.provider.client_id(), "read");
-    env.raw_store()
-        .execute(
-            "UPDATE credentials SET refresh_token = ?1 WHERE name = 'bot'",
-            [&planted.refresh_token],
-        )
-        .unwrap();
-    for args in [&["refresh", "bot"][..], &["status", "bot"]] {
-        let out = env.cli(args, "");
-        assert!(!out.status.success(), "{args:?} accepted a planted token");
-        let e = text(&out.stderr);
-        assert!(
-            e.contains("refresh token of \"bot\" is stored in plaintext in a sealed store"),
-            "{args:?}: {e}"
-        );
-        assert!(!e.contains(&planted.refresh_token));
-    }
+    plant(&env, "bot", "refresh_token", &planted.refresh_token);
+    // A forced refresh meets it: nothing is sent, the credential stops,
+    // its files go, and the reason names it, never the value.
+    let out = env.cli(&["refresh", "bot"], "");
+    assert!(!out.status.success(), "a refresh with a planted token");
+    let e = text(&out.stderr);
+    assert!(
+        e.contains("refresh token of \"bot\" is stored in plaintext in a sealed store"),
+        "{e}"
+    );
+    assert!(!e.contains(&planted.refresh_token));
+    wait_for("bot's file removed", Duration::from_secs(10), || {
+        (!env.token_file("bot").exists()).then_some(())
+    });
+    let r = get(&env.socket, "/v1/tokens/bot");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("needs_reauthorization"), "{}", r.text());
+    assert_eq!(get(&env.socket, "/v1/tokens/other").status, 200);
+    assert_status_refused(&env, "bot", &planted.refresh_token);
+    daemon.stop();
+
+    // A start-up that finds the planted row serves every other credential
+    // and shows this one stopped, for the daemon and without it.
+    let mut daemon = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    daemon.wait_log("credential refused", Duration::from_secs(5));
+    assert_eq!(get(&env.socket, "/v1/tokens/other").status, 200);
+    assert_eq!(get(&env.socket, "/v1/tokens/bot").status, 503);
+    assert!(!env.token_file("bot").exists());
+    assert_status_refused(&env, "bot", &planted.refresh_token);
+    daemon.stop();
+    assert_status_refused(&env, "bot", &planted.refresh_token);
+    let listed = ok(&env.cli(&["list"], ""), "list");
+    assert!(
+        listed.contains("other") && listed.contains("bot"),
+        "{listed}"
+    );
+    let out = env.cli(&["refresh", "bot"], "");
+    assert!(!out.status.success(), "a direct refresh of a planted token");
+    assert!(
+        text(&out.stderr).contains("stored in plaintext in a sealed store"),
+        "{}",
+        text(&out.stderr)
+    );
+    // Revoking would send the planted token to the provider: refused.
+    let out = env.cli(&["remove", "bot", "--revoke"], "");
+    assert!(!out.status.success(), "remove --revoke of a planted token");
+
     // The planted token never reached the provider, nor was it sealed.
     let grant = env
         .provider
@@ -377,9 +444,71 @@ fn a_planted_plaintext_token_is_refused() {
         stored, planted.refresh_token,
         "rotate sealed a planted token"
     );
-    // The other credential is untouched, and the operator's way out works.
+
+    // The operator's ways out: a new import brings it back under a running
+    // daemon; remove drops it.
+    let daemon = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    env.reimport("bot");
+    let token = wait_for("bot served again", Duration::from_secs(20), || {
+        let r = get(&env.socket, "/v1/tokens/bot");
+        (r.status == 200).then(|| r.text())
+    });
+    assert!(env.provider.access_token_valid(&token));
+    drop(daemon);
+    ok(&env.cli(&["refresh", "other"], ""), "the other credential");
+
+    // A sealed value copied from another row does not open there: the
+    // same refusal, for this credential alone.
+    env.raw_store()
+        .execute(
+            "UPDATE credentials SET refresh_token = \
+             (SELECT refresh_token FROM credentials WHERE name = 'other') WHERE name = 'bot'",
+            [],
+        )
+        .unwrap();
+    let said = ok(&env.cli(&["status"], ""), "status with a copied value");
+    assert!(said.contains("copied from another credential"), "{said}");
+    assert!(said.contains("needs_reauthorization"), "{said}");
     ok(&env.cli(&["refresh", "other"], ""), "the other credential");
     ok(&env.cli(&["remove", "bot"], ""), "remove");
+}
+
+/// An access token planted in plaintext is never published: the row's
+/// refresh token still opens, so the daemon fetches a new access token
+/// with it, and the planted one is overwritten.
+#[test]
+fn a_planted_plaintext_access_token_is_never_published() {
+    let env = Env::bare(Knobs::default());
+    let key = key_file(&env, "key");
+    write_config(&env, Some(&key));
+    import_expiring(&env, "bot", 3600);
+    let planted = env.provider.mint_grant(env.provider.client_id(), "read");
+    plant(&env, "bot", "access_token", &planted.access_token);
+    let daemon = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    assert_ne!(
+        env.read_token("bot").as_deref(),
+        Some(planted.access_token.as_str()),
+        "the planted access token was published at start-up"
+    );
+    let token = wait_for("a new token for bot", Duration::from_secs(20), || {
+        env.read_token("bot")
+    });
+    assert_ne!(token, planted.access_token);
+    assert!(env.provider.access_token_valid(&token));
+    drop(daemon);
+    // Overwritten, sealed (the old bytes may linger in free pages until a
+    // VACUUM, as README "Secrets at rest" says of a store sealed late).
+    let stored: String = env
+        .raw_store()
+        .query_row(
+            "SELECT access_token FROM credentials WHERE name = 'bot'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(stored.starts_with(SEALED), "bot's access token");
 }
 
 #[test]
@@ -502,6 +631,19 @@ fn postgresql_rows_hold_no_plaintext_and_a_second_host_reads_them() {
     let out = cli_with(&env, &second, &["refresh", "other"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("plaintext in a sealed store"));
+    // It stops that credential alone: the others are still read, and
+    // `status` shows it stopped with the reason.
+    let said = ok(&cli_with(&env, &second, &["status"]), "status");
+    assert!(
+        said.contains("bot") && said.contains("needs_reauthorization"),
+        "{said}"
+    );
+    assert!(said.contains("plaintext in a sealed store"), "{said}");
+    assert!(!said.contains(&planted.refresh_token));
+    ok(
+        &cli_with(&env, &second, &["refresh", "bot"]),
+        "the other credential",
+    );
 }
 
 /// A daemon that missed a rotation of the data key (run from another host,

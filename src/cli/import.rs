@@ -58,7 +58,7 @@ pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
     match store.insert(&new, args.force) {
         Ok(c) => {
             let kind = match c.grant {
-                Grant::RefreshToken(_) => "",
+                Grant::RefreshToken(_) | Grant::Refused => "",
                 Grant::ClientCredentials => ", client_credentials",
             };
             println!(

@@ -167,6 +167,15 @@ fn revoke(
             "revoked the access token at the provider (a client_credentials credential has no \
              other grant: the client's registration stays)",
         ),
+        // Never sent to the provider: the row's value may have been planted
+        // (a lease's read refuses such a row before this is reached).
+        (Grant::Refused, _) => {
+            return Err(Exit::failure(format!(
+                "nothing was revoked or removed: {name}'s stored refresh token was refused \
+                 ({}); run 'tokend remove {name}' without --revoke",
+                cred.last_error.as_deref().unwrap_or("it cannot be read")
+            )));
+        }
         (Grant::ClientCredentials, None) => {
             return Ok(
                 "there was no token to revoke (a client_credentials credential without \

@@ -278,6 +278,20 @@ impl Refresher {
                 return;
             }
             Ok(Lease::Gone) => return,
+            // A token value of the row does not open (say, one planted in
+            // plaintext by someone with write access to the database, which
+            // changes no `rev` for the store watch to see): read the row
+            // again as a plain read does, which refuses that credential
+            // alone (src/store/keys.rs `refuse`), so that it stops, its
+            // files go and the operator is told, instead of failing here
+            // at every attempt.
+            Err(e @ (StoreError::Plaintext { .. } | StoreError::Seal(_))) => {
+                drop(ahead);
+                tracing::warn!(credential = %name, error = %e, "cannot take the lease: a stored token does not open");
+                self.reload_row(name, entry).await;
+                entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
+                return;
+            }
             Err(e) => return self.store_failed(entry, name, &e),
         };
         let slot = ctx.slots.acquire().await;
@@ -334,6 +348,13 @@ impl Refresher {
             let r = match &cred.grant {
                 Grant::RefreshToken(token) => self.client.refresh(p, token, timeout).await,
                 Grant::ClientCredentials => self.client.client_credentials(p, timeout).await,
+                // A lease's read fails on a row it cannot open rather than
+                // refuse it (src/store/keys.rs), so this is not reached;
+                // were it, nothing would be sent.
+                Grant::Refused => {
+                    self.give_back(name, fence, &cred).await;
+                    return;
+                }
             };
             self.metrics
                 .provider_latency(Endpoint::Token, started.elapsed());

@@ -26,7 +26,9 @@ use std::sync::{Arc, RwLock};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Commit, Credential, Grant, Lease, NewCredential, Result, StoreError, TokenUpdate};
+use super::{
+    Commit, Credential, Grant, Lease, NewCredential, Result, State, StoreError, TokenUpdate,
+};
 use crate::clock::now_ms;
 use crate::seal::{self, Column, Kek, Keyring, WrappedKey};
 use crate::secret::Secret;
@@ -287,6 +289,15 @@ pub fn fingerprint_of(k: &WrappedKey) -> Option<&str> {
 /// A value that would be returned or written as a token: what the store
 /// seals and opens.
 pub(super) trait Tokens {
+    /// Rows read for their own sake (a load, a read of some rows), not the
+    /// answer to a write: a refresh token there that is at fault itself
+    /// ([`Unopened::Value`]) refuses its credential alone ([`refuse`])
+    /// instead of failing the whole read,
+    /// so that one planted or damaged row cannot stop a start-up or hide
+    /// every other credential from `tokend status`. A write's answer (a
+    /// lease, a commit) fails instead: its caller must not act on the row.
+    const ROWS: bool = false;
+
     fn credentials(&mut self) -> Vec<&mut Credential>;
 }
 
@@ -297,12 +308,16 @@ impl Tokens for Credential {
 }
 
 impl Tokens for Option<Credential> {
+    const ROWS: bool = true;
+
     fn credentials(&mut self) -> Vec<&mut Credential> {
         self.iter_mut().collect()
     }
 }
 
 impl Tokens for Vec<Credential> {
+    const ROWS: bool = true;
+
     fn credentials(&mut self) -> Vec<&mut Credential> {
         self.iter_mut().collect()
     }
@@ -393,25 +408,43 @@ impl Sealer {
         })
     }
 
-    /// Opens every token in `v`, all or none.
-    pub(super) fn open(&self, v: &mut impl Tokens) -> Result<()> {
+    /// Opens every token in `v`. A value at fault itself ([`Unopened`]) is
+    /// refused with its credential ([`refuse`]): an access token in every
+    /// read; a refresh token in rows read for their own sake
+    /// ([`Tokens::ROWS`]), while it fails the whole read otherwise. Any
+    /// other value that does not open fails the whole read.
+    pub(super) fn open<T: Tokens>(&self, v: &mut T) -> Result<()> {
         let ring = self.ring();
         let mut creds = v.credentials();
         let mut opened = Vec::with_capacity(creds.len());
         for c in creds.iter() {
             let mut pair: BTreeMap<u8, Secret> = BTreeMap::new();
+            let mut refused = Vec::new();
             for (column, s) in stored_values(c) {
-                let value = open_value(ring.as_deref(), self.kek.is_some(), &c.name, column, s)?;
-                pair.insert(column as u8, value);
+                match open_value(ring.as_deref(), self.kek.is_some(), &c.name, column, s) {
+                    Ok(value) => {
+                        pair.insert(column as u8, value);
+                    }
+                    // An access token at fault is never used, whatever the
+                    // read: the refresh token (or the client's credentials)
+                    // brings a new one.
+                    Err(Unopened::Value(e)) if T::ROWS || column == Column::AccessToken => {
+                        refused.push((column, e));
+                    }
+                    Err(Unopened::Value(e) | Unopened::Store(e)) => return Err(e),
+                }
             }
-            opened.push(pair);
+            opened.push((pair, refused));
         }
-        for (c, mut pair) in creds.iter_mut().zip(opened) {
+        for (c, (mut pair, refused)) in creds.iter_mut().zip(opened) {
             if let Some(a) = pair.remove(&(Column::AccessToken as u8)) {
                 c.access_token = Some(a);
             }
             if let Some(r) = pair.remove(&(Column::RefreshToken as u8)) {
                 c.grant = Grant::RefreshToken(r);
+            }
+            if !refused.is_empty() {
+                refuse(c, refused);
             }
         }
         Ok(())
@@ -474,6 +507,34 @@ impl Sealer {
     }
 }
 
+/// Takes the token values of `c` at fault ([`Unopened::Value`]) out of it, and says
+/// why in its `last_error`, naming the credential and column, never the
+/// value. Nothing is written to the row: it is left for the operator, and
+/// this is only how this process sees it until the row changes.
+///
+/// - The access token alone: `c` has none. A refresh (its refresh token
+///   opened) or a client_credentials fetch brings a new one; nothing from
+///   the row is ever published.
+/// - The refresh token: its grant is [`Grant::Refused`] and its state
+///   `needs_reauthorization`. Nothing is sent for it and its files are
+///   removed, until `tokend authorize NAME --force` or `import --force`
+///   writes a row that opens (or `tokend remove NAME`).
+fn refuse(c: &mut Credential, refused: Vec<(Column, StoreError)>) {
+    let why: Vec<String> = refused.iter().map(|(_, e)| e.to_string()).collect();
+    let why = why.join("; ");
+    // Whatever the row holds there is not ours to use, opened or not.
+    c.access_token = None;
+    if refused.iter().any(|(col, _)| *col == Column::RefreshToken) {
+        c.grant = Grant::Refused;
+        c.state = State::NeedsReauthorization;
+        c.next_attempt_at = None;
+        tracing::error!(credential = %c.name, error = %why, "credential refused: its refresh token cannot be used");
+    } else {
+        tracing::warn!(credential = %c.name, error = %why, "stored access token refused; a new one will be fetched");
+    }
+    c.last_error = Some(why);
+}
+
 /// The token columns a credential read from the store holds.
 fn stored_values(c: &Credential) -> Vec<(Column, &str)> {
     let mut v = Vec::new();
@@ -486,20 +547,38 @@ fn stored_values(c: &Credential) -> Vec<(Column, &str)> {
     v
 }
 
+/// Why a stored value did not open.
+enum Unopened {
+    /// The value itself is at fault, whatever this process learns later:
+    /// plaintext in a sealed store, or a sealed value that does not
+    /// authenticate with the key it names (altered, or copied from another
+    /// row or column). Refused with its credential alone ([`refuse`]).
+    Value(StoreError),
+    /// This process may be: a key it has not loaded (a rotation it read
+    /// in the middle of: `keys rotate` re-seals a row, then deletes the old
+    /// key), a store sealed since without a key here, a newer tokend's
+    /// format. The read fails, as it would for a database error, rather
+    /// than stop credentials that another read may find sound.
+    Store(StoreError),
+}
+
 fn open_value(
     ring: Option<&Keyring>,
     has_kek: bool,
     name: &str,
     column: Column,
     stored: &str,
-) -> Result<Secret> {
+) -> std::result::Result<Secret, Unopened> {
     match ring {
-        Some(_) if !seal::is_sealed(stored) => Err(StoreError::Plaintext {
+        Some(_) if !seal::is_sealed(stored) => Err(Unopened::Value(StoreError::Plaintext {
             name: name.to_owned(),
             column,
+        })),
+        Some(r) => r.open(name, column, stored).map_err(|e| match e {
+            seal::SealError::Corrupt { .. } => Unopened::Value(seal_error(e)),
+            _ => Unopened::Store(seal_error(e)),
         }),
-        Some(r) => r.open(name, column, stored).map_err(seal_error),
-        None if seal::is_sealed(stored) => Err(StoreError::Seal(format!(
+        None if seal::is_sealed(stored) => Err(Unopened::Store(StoreError::Seal(format!(
             "the {column} of {name} is sealed, but {}",
             if has_kek {
                 "the store holds no data key to open it with"
@@ -507,7 +586,7 @@ fn open_value(
                 "the config gives no encryption key (encryption_key_file or \
                  encryption_key_credential)"
             }
-        ))),
+        )))),
         None => Ok(Secret::new(stored)),
     }
 }

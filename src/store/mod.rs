@@ -133,19 +133,24 @@ pub enum Grant {
     /// credentials, from the config. Nothing the provider answers can make
     /// it need a new authorization.
     ClientCredentials,
+    /// A refresh_token grant whose stored refresh token was refused when
+    /// read: plaintext in a sealed store, or a sealed value that does not
+    /// open (README "Secrets at rest"; the reason is in `last_error`).
+    /// Nothing can be sent for it until it is authorized again.
+    Refused,
 }
 
 impl Grant {
     pub fn refresh_token(&self) -> Option<&Secret> {
         match self {
             Grant::RefreshToken(t) => Some(t),
-            Grant::ClientCredentials => None,
+            Grant::ClientCredentials | Grant::Refused => None,
         }
     }
 
     pub fn kind(&self) -> GrantKind {
         match self {
-            Grant::RefreshToken(_) => GrantKind::RefreshToken,
+            Grant::RefreshToken(_) | Grant::Refused => GrantKind::RefreshToken,
             Grant::ClientCredentials => GrantKind::ClientCredentials,
         }
     }
