@@ -189,6 +189,20 @@ async fn reload(current: &Config, path: &Path) -> Option<Arc<Config>> {
         );
         new.database = current.database.clone();
     }
+    // The store unwrapped its data keys with the key it opened with, and
+    // keeps them: a new key (after `tokend keys rewrap`) is read at the
+    // next start (README "Secrets at rest"). Fingerprints only, never a key.
+    let print = |c: &Config| c.sealing.as_ref().map(|s| s.kek.fingerprint().to_owned());
+    let (old_print, new_print) = (print(current), print(&new));
+    if new_print != old_print {
+        let show = |p: &Option<String>| p.clone().unwrap_or_else(|| "none".into());
+        tracing::warn!(
+            now = %show(&old_print),
+            configured = %show(&new_print),
+            "a new encryption key takes effect only after a restart; keeping the current one"
+        );
+        new.sealing = current.sealing.clone();
+    }
     if new.refresh.max_concurrency != current.refresh.max_concurrency {
         tracing::warn!(
             "a new max_concurrency takes effect for provider requests now, for worker count after a restart"

@@ -511,6 +511,47 @@ fn a_planted_plaintext_access_token_is_never_published() {
     assert!(stored.starts_with(SEALED), "bot's access token");
 }
 
+/// SIGHUP with another key in the config (say, before `keys rewrap`)
+/// keeps the key the store was opened with, says so by fingerprint, and
+/// keeps refreshing: the new key is read at the next start.
+#[test]
+fn a_new_key_on_reload_waits_for_a_restart() {
+    let env = Env::bare(Knobs::default());
+    let key = key_file(&env, "key");
+    write_config(&env, Some(&key));
+    import_expiring(&env, "bot", 3600);
+    let daemon = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let other = key_file(&env, "other-key");
+    write_config(&env, Some(&other));
+    let said = ok(&env.cli(&["check-config"], ""), "check-config");
+    let configured = said
+        .split("key fingerprint ")
+        .nth(1)
+        .map(|s| s[..16].to_owned())
+        .unwrap_or_else(|| panic!("no fingerprint in {said:?}"));
+    daemon.signal(libc::SIGHUP);
+    daemon.wait_log(
+        "a new encryption key takes effect only after a restart",
+        Duration::from_secs(10),
+    );
+    assert!(daemon.log().contains(&configured), "{}", daemon.log());
+    let before = env.read_token("bot").unwrap();
+    let r = request(&env.socket, "POST", "/v1/credentials/bot/refresh");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let after = wait_for("the refreshed token", Duration::from_secs(10), || {
+        env.read_token("bot").filter(|t| *t != before)
+    });
+    assert!(env.provider.access_token_valid(&after));
+    drop(daemon);
+    // Sealed with the store's own data key, which the first key opens.
+    write_config(&env, Some(&key));
+    ok(
+        &env.cli(&["refresh", "bot"], ""),
+        "refresh with the first key",
+    );
+}
+
 #[test]
 fn turning_sealing_on_for_an_existing_installation_loses_nothing() {
     let env = Env::bare(Knobs::default());
