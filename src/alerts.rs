@@ -87,7 +87,8 @@ pub fn transition(
         error,
         failures,
         stopped,
-        authorizable: next.grant.refresh_token().is_some(),
+        // A refused refresh token is mended by authorizing again, too.
+        authorizable: next.grant.kind() == crate::store::GrantKind::RefreshToken,
     };
     let mut note = |stop: bool| {
         let t = trouble.get_or_insert_with(Trouble::default);

@@ -276,4 +276,22 @@ fn a_sealed_store_moves_sealed_and_opens_with_the_same_key() {
         server.psql(&db, "SELECT count(*) FROM credentials").trim(),
         "2"
     );
+    // Nor the sealed store into that plaintext one: its own rows would be
+    // plaintext in a sealed store, refused on every read.
+    let out = env.cli(
+        &["migrate", "--from", &pg, "--to", &format!("sqlite:{plain}")],
+        "",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the source is sealed and the destination holds credentials in plaintext"),
+        "{err}"
+    );
+    let said = ok(&env.cli(&["status"], ""));
+    assert!(
+        said.contains("valid") && !said.contains("needs_reauthorization"),
+        "{said}"
+    );
+    assert!(!said.contains("\na\n"), "{said}");
 }

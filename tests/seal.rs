@@ -394,6 +394,18 @@ fn a_planted_plaintext_token_is_refused() {
     assert!(r.text().contains("needs_reauthorization"), "{}", r.text());
     assert_eq!(get(&env.socket, "/v1/tokens/other").status, 200);
     assert_status_refused(&env, "bot", &planted.refresh_token);
+    // The lease the refresh took on the row was given back, unmarked: no
+    // other process is kept out, nor told a refresh was cut off.
+    let (leases, state, mark): (i64, String, Option<i64>) = env
+        .raw_store()
+        .query_row(
+            "SELECT (SELECT count(*) FROM leases), state, refresh_started_at \
+             FROM credentials WHERE name = 'bot'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((leases, state.as_str(), mark), (0, "valid", None));
     daemon.stop();
 
     // A start-up that finds the planted row serves every other credential
@@ -419,9 +431,36 @@ fn a_planted_plaintext_token_is_refused() {
         "{}",
         text(&out.stderr)
     );
-    // Revoking would send the planted token to the provider: refused.
-    let out = env.cli(&["remove", "bot", "--revoke"], "");
+    // Revoking would send the planted token to the provider: refused,
+    // with a provider that can revoke, and the lease it took given back.
+    let config = fs::read_to_string(&env.config_path).unwrap();
+    let revoking = env.dir.path().join("revoking.toml");
+    fs::write(
+        &revoking,
+        config.replace(
+            "[providers.fake]\n",
+            &format!(
+                "[providers.fake]\nrevocation_url = \"{}/oauth2/revoke\"\n",
+                env.provider.url()
+            ),
+        ),
+    )
+    .unwrap();
+    let out = cli_with(&env, &revoking, &["remove", "bot", "--revoke"]);
     assert!(!out.status.success(), "remove --revoke of a planted token");
+    let e = text(&out.stderr);
+    assert!(e.contains("stored in plaintext in a sealed store"), "{e}");
+    assert!(!e.contains(&planted.refresh_token));
+    assert_eq!(
+        env.provider.stats().grants_revoked,
+        0,
+        "something was revoked"
+    );
+    let leases: i64 = env
+        .raw_store()
+        .query_row("SELECT count(*) FROM leases", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(leases, 0, "a lease on the refused row was kept");
 
     // The planted token never reached the provider, nor was it sealed.
     let grant = env
@@ -469,6 +508,17 @@ fn a_planted_plaintext_token_is_refused() {
         .unwrap();
     let said = ok(&env.cli(&["status"], ""), "status with a copied value");
     assert!(said.contains("copied from another credential"), "{said}");
+    assert!(said.contains("needs_reauthorization"), "{said}");
+    // So is one naming a data key that never existed (keys are stored
+    // before anything is sealed with them).
+    plant(
+        &env,
+        "bot",
+        "refresh_token",
+        "tokend-seal:v1:99:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    );
+    let said = ok(&env.cli(&["status"], ""), "status with a made-up key id");
+    assert!(said.contains("data key 99"), "{said}");
     assert!(said.contains("needs_reauthorization"), "{said}");
     ok(&env.cli(&["refresh", "other"], ""), "the other credential");
     ok(&env.cli(&["remove", "bot"], ""), "remove");
@@ -675,16 +725,23 @@ fn postgresql_rows_hold_no_plaintext_and_a_second_host_reads_them() {
     // It stops that credential alone: the others are still read, and
     // `status` shows it stopped with the reason.
     let said = ok(&cli_with(&env, &second, &["status"]), "status");
-    assert!(
-        said.contains("bot") && said.contains("needs_reauthorization"),
-        "{said}"
-    );
-    assert!(said.contains("plaintext in a sealed store"), "{said}");
     assert!(!said.contains(&planted.refresh_token));
+    let of = |name: &str| {
+        said.split("\n\n")
+            .find(|block| block.starts_with(&format!("{name}\n")))
+            .unwrap_or_else(|| panic!("no {name} in {said}"))
+            .to_owned()
+    };
+    let other = of("other");
+    assert!(other.contains("needs_reauthorization"), "{other}");
+    assert!(other.contains("plaintext in a sealed store"), "{other}");
+    assert!(!of("bot").contains("needs_reauthorization"), "{said}");
     ok(
         &cli_with(&env, &second, &["refresh", "bot"]),
-        "the other credential",
+        "bot beside it",
     );
+    // No lease of the failed refresh above was kept.
+    assert_eq!(server.psql("t0", "SELECT count(*) FROM leases").trim(), "0");
 }
 
 /// A daemon that missed a rotation of the data key (run from another host,

@@ -371,7 +371,10 @@ impl Refresher {
             Ok(tokens) => return self.commit(ctx, entry, &cred, fence, tokens).await,
             Err(Failure::Permanent { reason }) => {
                 // A peer may have rotated the token under us: re-read first.
+                // (A row whose refresh token is refused on reading is no
+                // peer's rotation: ours is dead all the same.)
                 if let Ok(Some(row)) = self.store.get(name).await
+                    && matches!(row.grant, Grant::RefreshToken(_))
                     && row.grant != cred.grant
                 {
                     tracing::info!(credential = %name, "refresh token was rotated by another process meanwhile");

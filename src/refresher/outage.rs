@@ -12,7 +12,7 @@ use super::entry::Entry;
 use super::policy::{Gate, gate, next_deadline};
 use super::scheduler::Sched;
 use crate::clock::now_ms;
-use crate::store::{Credential, State};
+use crate::store::{Credential, Grant, State};
 
 /// When a credential of a provider succeeds after failures, the provider is
 /// back: its other `retrying` credentials are tried again within this long,
@@ -187,6 +187,11 @@ impl Refresher {
                 return;
             };
             for row in rows {
+                // A row refused on reading stops at its next attempt,
+                // where its files are removed too (attempt.rs).
+                if matches!(row.grant, Grant::Refused) {
+                    continue;
+                }
                 let Some(e) = entries.get(&row.name) else {
                     continue;
                 };

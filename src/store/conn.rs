@@ -145,10 +145,16 @@ impl StoreConn {
     /// of its values needs a key added since.
     fn opened<T: keys::Tokens>(&self, v: Result<T>) -> Result<T> {
         let mut v = v?;
-        if self.sealer.needs_reload(&mut v) {
+        let reload = self.sealer.needs_reload(&mut v);
+        if reload {
             self.reload_keys()?;
         }
-        self.sealer.open(&mut v)?;
+        if !self.sealer.open(&mut v, reload)? {
+            // A value that does not authenticate with the key its id names
+            // here: refused only once the keys are read again.
+            self.reload_keys()?;
+            self.sealer.open(&mut v, true)?;
+        }
         Ok(v)
     }
 
@@ -411,11 +417,19 @@ impl StoreConn {
     /// is not a refresh (`tokend remove --revoke`): while it is held no
     /// refresh starts anywhere, and none is in flight.
     pub fn hold_lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<super::Lease> {
-        self.opened(match &self.backend {
+        let lease = match &self.backend {
             Backend::Sqlite(c) => immediate(c, |c| ops::hold_lease(c, name, holder, ttl)),
             Backend::Postgres(j) => {
                 let (name, holder) = (name.to_owned(), holder.to_owned());
                 j.call(move |c| pg::ops::hold_lease(c, &name, &holder, ttl))
+            }
+        }?;
+        let taken = matches!(lease, super::Lease::Taken { .. });
+        // A lease on a row whose tokens do not open is of no use: given
+        // back at once (it marked nothing), not left to keep others out.
+        self.opened(Ok(lease)).inspect_err(|_| {
+            if taken {
+                let _ = self.release_lease(name, holder);
             }
         })
     }

@@ -184,11 +184,20 @@ fn column_list(cols: &[(&str, Kind)]) -> String {
     cols.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
 }
 
-/// Whether the destination, holding data keys or not (`dest_sealed`), can
-/// take `dump`: a store is all sealed or all plaintext, so plaintext rows
-/// cannot go into a sealed store, and two sets of data keys cannot be one.
-fn check_sealing(dump: &Dump, dest_sealed: bool) -> Result<()> {
+/// Whether the destination, holding data keys or not (`dest_sealed`) and
+/// credentials or not (`dest_used`), can take `dump`: a store is all
+/// sealed or all plaintext, so plaintext rows cannot go into a sealed
+/// store (nor sealed ones, with their keys, into a store of plaintext
+/// rows, which would then be refused on every read), and two sets of data
+/// keys cannot be one.
+fn check_sealing(dump: &Dump, dest_sealed: bool, dest_used: bool) -> Result<()> {
     match (dump.keys.is_empty(), dest_sealed) {
+        (false, false) if dest_used => Err(StoreError::Seal(
+            "the source is sealed and the destination holds credentials in plaintext: \
+             move into an empty store, or seal the destination first and move into a \
+             store without data keys"
+                .into(),
+        )),
         (_, false) => Ok(()),
         (true, true) => Err(StoreError::Seal(
             "the destination is sealed and the source is not: seal the source first \
@@ -301,7 +310,10 @@ mod sqlite {
 
     pub(super) fn restore(c: &Connection, dump: &Dump) -> Result<()> {
         let sealed: bool = c.query_row("SELECT EXISTS (SELECT 1 FROM keys)", [], |r| r.get(0))?;
-        check_sealing(dump, sealed)?;
+        let used: bool = c.query_row("SELECT EXISTS (SELECT 1 FROM credentials)", [], |r| {
+            r.get(0)
+        })?;
+        check_sealing(dump, sealed, used)?;
         for name in dump.names() {
             if ops::get(c, &name)?.is_some() {
                 return Err(taken(&name));
@@ -411,7 +423,10 @@ mod pg {
         let sealed: bool = tx
             .query_one("SELECT EXISTS (SELECT 1 FROM keys)", &[])?
             .get(0);
-        check_sealing(dump, sealed)?;
+        let used: bool = tx
+            .query_one("SELECT EXISTS (SELECT 1 FROM credentials)", &[])?
+            .get(0);
+        check_sealing(dump, sealed, used)?;
         let names = dump.names();
         if let Some(r) = tx.query_opt(
             "SELECT name FROM credentials WHERE name = ANY($1) ORDER BY name LIMIT 1",

@@ -412,8 +412,10 @@ impl Sealer {
     /// refused with its credential ([`refuse`]): an access token in every
     /// read; a refresh token in rows read for their own sake
     /// ([`Tokens::ROWS`]), while it fails the whole read otherwise. Any
-    /// other value that does not open fails the whole read.
-    pub(super) fn open<T: Tokens>(&self, v: &mut T) -> Result<()> {
+    /// other value that does not open fails the whole read. Returns false,
+    /// and changes nothing, if a value is [`Unopened::Suspect`] and the
+    /// keys were not `reloaded` for this read: read them, then call again.
+    pub(super) fn open<T: Tokens>(&self, v: &mut T, reloaded: bool) -> Result<bool> {
         let ring = self.ring();
         let mut creds = v.credentials();
         let mut opened = Vec::with_capacity(creds.len());
@@ -421,17 +423,22 @@ impl Sealer {
             let mut pair: BTreeMap<u8, Secret> = BTreeMap::new();
             let mut refused = Vec::new();
             for (column, s) in stored_values(c) {
-                match open_value(ring.as_deref(), self.kek.is_some(), &c.name, column, s) {
+                let e = match open_value(ring.as_deref(), self.kek.is_some(), &c.name, column, s) {
                     Ok(value) => {
                         pair.insert(column as u8, value);
+                        continue;
                     }
-                    // An access token at fault is never used, whatever the
-                    // read: the refresh token (or the client's credentials)
-                    // brings a new one.
-                    Err(Unopened::Value(e)) if T::ROWS || column == Column::AccessToken => {
-                        refused.push((column, e));
-                    }
-                    Err(Unopened::Value(e) | Unopened::Store(e)) => return Err(e),
+                    Err(Unopened::Suspect(_)) if !reloaded => return Ok(false),
+                    Err(Unopened::Value(e) | Unopened::Suspect(e)) => e,
+                    Err(Unopened::Store(e)) => return Err(e),
+                };
+                // An access token at fault is never used, whatever the
+                // read: the refresh token (or the client's credentials)
+                // brings a new one.
+                if T::ROWS || column == Column::AccessToken {
+                    refused.push((column, e));
+                } else {
+                    return Err(e);
                 }
             }
             opened.push((pair, refused));
@@ -447,7 +454,7 @@ impl Sealer {
                 refuse(c, refused);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// `value` as it is stored: sealed when the store is.
@@ -507,7 +514,7 @@ impl Sealer {
     }
 }
 
-/// Takes the token values of `c` at fault ([`Unopened::Value`]) out of it, and says
+/// Takes the token values of `c` at fault ([`Unopened`]) out of it, and says
 /// why in its `last_error`, naming the credential and column, never the
 /// value. Nothing is written to the row: it is left for the operator, and
 /// this is only how this process sees it until the row changes.
@@ -550,15 +557,24 @@ fn stored_values(c: &Credential) -> Vec<(Column, &str)> {
 /// Why a stored value did not open.
 enum Unopened {
     /// The value itself is at fault, whatever this process learns later:
-    /// plaintext in a sealed store, or a sealed value that does not
-    /// authenticate with the key it names (altered, or copied from another
-    /// row or column). Refused with its credential alone ([`refuse`]).
+    /// plaintext in a sealed store, a sealed value that does not parse, or
+    /// one naming a data key newer than any in the table (read again just
+    /// before: keys are stored before anything is sealed with them, so
+    /// that id never existed). Refused with its credential alone
+    /// ([`refuse`]).
     Value(StoreError),
-    /// This process may be: a key it has not loaded (a rotation it read
-    /// in the middle of: `keys rotate` re-seals a row, then deletes the old
-    /// key), a store sealed since without a key here, a newer tokend's
-    /// format. The read fails, as it would for a database error, rather
-    /// than stop credentials that another read may find sound.
+    /// A sealed value that does not authenticate with the data key of its
+    /// id: altered, or copied from another row or column, unless that id
+    /// names another key in the table since this process read it (a
+    /// database restored, then a rotation). Refused like [`Self::Value`]
+    /// once the keys have been read again.
+    Suspect(StoreError),
+    /// This process may be at fault: a retired key it no longer holds (a
+    /// read in the middle of `keys rotate`, which re-seals a row, then
+    /// deletes the old key), a store sealed since without a key here, a
+    /// newer tokend's format (a rolling upgrade). The read fails, as it
+    /// would for a database error, rather than stop credentials that
+    /// another read, or another version, finds sound.
     Store(StoreError),
 }
 
@@ -575,7 +591,11 @@ fn open_value(
             column,
         })),
         Some(r) => r.open(name, column, stored).map_err(|e| match e {
-            seal::SealError::Corrupt { .. } => Unopened::Value(seal_error(e)),
+            seal::SealError::Corrupt { key: None, .. } => Unopened::Value(seal_error(e)),
+            seal::SealError::Corrupt { .. } => Unopened::Suspect(seal_error(e)),
+            seal::SealError::UnknownKey { key, .. } if key > r.active_key() => {
+                Unopened::Value(seal_error(e))
+            }
             _ => Unopened::Store(seal_error(e)),
         }),
         None if seal::is_sealed(stored) => Err(Unopened::Store(StoreError::Seal(format!(

@@ -391,10 +391,16 @@ impl Store {
     /// of its values needs a key added since).
     async fn opened<T: keys::Tokens>(&self, v: Result<T>) -> Result<T> {
         let mut v = v?;
-        if self.sealer.needs_reload(&mut v) {
+        let reload = self.sealer.needs_reload(&mut v);
+        if reload {
             self.reload_keys().await?;
         }
-        self.sealer.open(&mut v)?;
+        if !self.sealer.open(&mut v, reload)? {
+            // A value that does not authenticate with the key its id names
+            // here: refused only once the keys are read again.
+            self.reload_keys().await?;
+            self.sealer.open(&mut v, true)?;
+        }
         Ok(v)
     }
 
@@ -457,14 +463,33 @@ impl Store {
         ttl: Duration,
         version: i64,
     ) -> Result<Lease> {
-        let (name, holder) = (name.to_owned(), holder.to_owned());
+        let (owned, holder_owned) = (name.to_owned(), holder.to_owned());
         let lease = run!(
             self,
-            on name.clone(),
-            move |c| ops::take_lease(c, &name, &holder, ttl, version),
-            move |c| pg::ops::take_lease(c, &name, &holder, ttl, version)
-        );
-        self.opened(lease).await
+            on owned.clone(),
+            move |c| ops::take_lease(c, &owned, &holder_owned, ttl, version),
+            move |c| pg::ops::take_lease(c, &owned, &holder_owned, ttl, version)
+        )?;
+        // The row as the lease found it, to put back should its tokens not
+        // open: a lease nobody can use must not leave the row marked as
+        // refreshing, nor keep other processes out until it expires.
+        let taken = match &lease {
+            Lease::Taken {
+                credential, fence, ..
+            } => Some((*fence, credential.state, credential.refresh_started_at)),
+            _ => None,
+        };
+        match self.opened(Ok(lease)).await {
+            Err(e) => {
+                if let Some((fence, state, started)) = taken
+                    && let Err(back) = self.abandon(name, holder, fence, state, started).await
+                {
+                    tracing::warn!(credential = name, error = %back, "could not give back a lease whose row does not open");
+                }
+                Err(e)
+            }
+            ok => ok,
+        }
     }
 
     /// Gives back lease `fence`, taken for a refresh whose request was
@@ -478,8 +503,19 @@ impl Store {
         fence: i64,
         before: &Credential,
     ) -> Result<()> {
+        self.abandon(name, holder, fence, before.state, before.refresh_started_at)
+            .await
+    }
+
+    async fn abandon(
+        &self,
+        name: &str,
+        holder: &str,
+        fence: i64,
+        state: State,
+        started: Option<i64>,
+    ) -> Result<()> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
-        let (state, started) = (before.state, before.refresh_started_at);
         run!(
             self,
             on name.clone(),
