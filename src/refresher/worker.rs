@@ -11,7 +11,7 @@ use super::entry::Entry;
 use super::policy::{Do, Gate, decide, gate, publishable};
 use super::scheduler::Sched;
 use crate::clock::now_ms;
-use crate::store::{Commit, Credential, State};
+use crate::store::{Commit, Credential, Grant, State};
 
 impl Refresher {
     pub(super) async fn worker(
@@ -83,7 +83,9 @@ impl Refresher {
         } else {
             action
         };
-        if cred.access_token.is_some() && publishable(&cred, now).is_none() {
+        if (cred.access_token.is_some() || cred.grant == Grant::Refused)
+            && publishable(&cred, now).is_none()
+        {
             // Expired (or dead) tokens are not left for consumers to trip on.
             self.unpublish(name).await;
         }

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use super::keys::{self, KeyTx, KeysReport, Lite, Sealer, StoredTokens};
+use super::keys::{self, KeyTx, Keys, KeysReport, Lite, Sealer, StoredTokens};
 use super::{Credential, Database, NewCredential, Result, StoreError, ops, pg};
-use crate::seal::{Kek, WrappedKey};
+use crate::seal::{Kek, Keyring, WrappedKey};
 
 /// The schema version this build writes; `PRAGMA user_version` holds the file's.
 pub(super) const SCHEMA_VERSION: i64 = 4;
@@ -145,20 +145,22 @@ impl StoreConn {
     /// of its values needs a key added since.
     fn opened<T: keys::Tokens>(&self, v: Result<T>) -> Result<T> {
         let mut v = v?;
-        let reload = self.sealer.needs_reload(&mut v);
-        if reload {
-            self.reload_keys()?;
-        }
-        if !self.sealer.open(&mut v, reload)? {
-            // A value that does not authenticate with the key its id names
-            // here: refused only once the keys are read again.
-            self.reload_keys()?;
-            self.sealer.open(&mut v, true)?;
+        let keys = if self.sealer.needs_reload(&mut v) {
+            Keys::Fresh(self.reload_keys()?)
+        } else {
+            Keys::Loaded
+        };
+        if !self.sealer.open(&mut v, keys)? {
+            // A value the keys held do not open: refused, or not, only
+            // with the keys as the table holds them now.
+            let fresh = self.reload_keys()?;
+            self.sealer.open(&mut v, Keys::Fresh(fresh))?;
         }
         Ok(v)
     }
 
-    fn reload_keys(&self) -> Result<()> {
+    /// Reads the data keys again; returns those it read.
+    fn reload_keys(&self) -> Result<Option<Arc<Keyring>>> {
         let found = self.in_keys_tx(|tx| tx.keys())?;
         self.sealer.install(&found)
     }

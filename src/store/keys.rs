@@ -289,13 +289,13 @@ pub fn fingerprint_of(k: &WrappedKey) -> Option<&str> {
 /// A value that would be returned or written as a token: what the store
 /// seals and opens.
 pub(super) trait Tokens {
-    /// Rows read for their own sake (a load, a read of some rows), not the
-    /// answer to a write: a refresh token there that is at fault itself
-    /// ([`Unopened::Value`]) refuses its credential alone ([`refuse`])
-    /// instead of failing the whole read,
-    /// so that one planted or damaged row cannot stop a start-up or hide
-    /// every other credential from `tokend status`. A write's answer (a
-    /// lease, a commit) fails instead: its caller must not act on the row.
+    /// Rows read for their own sake (a load, a read of some rows, the row
+    /// a write left), not a lease, whose caller sends the refresh token: a
+    /// refresh token there that is at fault itself ([`Unopened::Value`])
+    /// refuses its credential alone ([`refuse`]) instead of failing the
+    /// whole read, so that one planted or damaged row cannot stop a
+    /// start-up or hide every other credential from `tokend status`. A
+    /// lease's answer fails instead: its caller must not act on the row.
     const ROWS: bool = false;
 
     fn credentials(&mut self) -> Vec<&mut Credential>;
@@ -332,7 +332,11 @@ impl Tokens for Lease {
     }
 }
 
+/// The row a write left, which its caller adopts as it would a read: no
+/// caller sends its tokens (a lease's answer is the one that is acted on).
 impl Tokens for Commit {
+    const ROWS: bool = true;
+
     fn credentials(&mut self) -> Vec<&mut Credential> {
         match self {
             Commit::Done(c) => vec![c],
@@ -372,7 +376,7 @@ impl Sealer {
     }
 
     /// Loads the data keys read from the `keys` table.
-    pub(super) fn install(&self, keys: &[WrappedKey]) -> Result<()> {
+    pub(super) fn install(&self, keys: &[WrappedKey]) -> Result<Option<Arc<Keyring>>> {
         let ring = match (&self.kek, keys.is_empty()) {
             (_, true) => None,
             (None, false) => {
@@ -384,8 +388,8 @@ impl Sealer {
             }
             (Some(kek), false) => Some(Arc::new(Keyring::load(kek, keys).map_err(seal_error)?)),
         };
-        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = ring;
-        Ok(())
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = ring.clone();
+        Ok(ring)
     }
 
     fn ring(&self) -> Option<Arc<Keyring>> {
@@ -408,28 +412,32 @@ impl Sealer {
         })
     }
 
-    /// Opens every token in `v`. A value at fault itself ([`Unopened`]) is
-    /// refused with its credential ([`refuse`]): an access token in every
-    /// read; a refresh token in rows read for their own sake
-    /// ([`Tokens::ROWS`]), while it fails the whole read otherwise. Any
-    /// other value that does not open fails the whole read. Returns false,
-    /// and changes nothing, if a value is [`Unopened::Suspect`] and the
-    /// keys were not `reloaded` for this read: read them, then call again.
-    pub(super) fn open<T: Tokens>(&self, v: &mut T, reloaded: bool) -> Result<bool> {
-        let ring = self.ring();
+    /// Opens every token in `v` with `keys`. A value at fault itself
+    /// ([`Unopened`]) is refused with its credential ([`refuse`]): an
+    /// access token in every read; a refresh token in rows read for their
+    /// own sake ([`Tokens::ROWS`]), while it fails the whole read
+    /// otherwise. Any other value that does not open fails the whole read.
+    /// Returns false, and changes nothing, if a value is
+    /// [`Unopened::Suspect`]: read the keys, then call again with them.
+    pub(super) fn open<T: Tokens>(&self, v: &mut T, keys: Keys) -> Result<bool> {
+        let (ring, reloaded) = match keys {
+            Keys::Loaded => (self.ring(), false),
+            Keys::Fresh(ring) => (ring, true),
+        };
         let mut creds = v.credentials();
         let mut opened = Vec::with_capacity(creds.len());
         for c in creds.iter() {
             let mut pair: BTreeMap<u8, Secret> = BTreeMap::new();
             let mut refused = Vec::new();
             for (column, s) in stored_values(c) {
-                let e = match open_value(ring.as_deref(), self.kek.is_some(), &c.name, column, s) {
+                let kek = self.kek.is_some();
+                let e = match open_value(ring.as_deref(), kek, reloaded, &c.name, column, s) {
                     Ok(value) => {
                         pair.insert(column as u8, value);
                         continue;
                     }
-                    Err(Unopened::Suspect(_)) if !reloaded => return Ok(false),
-                    Err(Unopened::Value(e) | Unopened::Suspect(e)) => e,
+                    Err(Unopened::Suspect) => return Ok(false),
+                    Err(Unopened::Value(e)) => e,
                     Err(Unopened::Store(e)) => return Err(e),
                 };
                 // An access token at fault is never used, whatever the
@@ -554,50 +562,63 @@ fn stored_values(c: &Credential) -> Vec<(Column, &str)> {
     v
 }
 
+/// The data keys a read opens its values with.
+pub(super) enum Keys {
+    /// Those this process holds now.
+    Loaded,
+    /// Those this read has just read from the `keys` table itself (None: it
+    /// holds none). Not the process's keys, which another task may have
+    /// replaced since with keys it read earlier.
+    Fresh(Option<Arc<Keyring>>),
+}
+
 /// Why a stored value did not open.
 enum Unopened {
     /// The value itself is at fault, whatever this process learns later:
-    /// plaintext in a sealed store, a sealed value that does not parse, or
-    /// one naming a data key newer than any in the table (read again just
-    /// before: keys are stored before anything is sealed with them, so
-    /// that id never existed). Refused with its credential alone
+    /// plaintext in a sealed store, a sealed value that does not parse, or,
+    /// with keys just read ([`Keys::Fresh`]), one naming a data key newer
+    /// than any in the table (keys are stored before anything is sealed
+    /// with them, so that key never existed) or one that does not
+    /// authenticate with the key its id names (altered, or copied from
+    /// another row or column). Refused with its credential alone
     /// ([`refuse`]).
     Value(StoreError),
-    /// A sealed value that does not authenticate with the data key of its
-    /// id: altered, or copied from another row or column, unless that id
-    /// names another key in the table since this process read it (a
-    /// database restored, then a rotation). Refused like [`Self::Value`]
-    /// once the keys have been read again.
-    Suspect(StoreError),
-    /// This process may be at fault: a retired key it no longer holds (a
-    /// read in the middle of `keys rotate`, which re-seals a row, then
-    /// deletes the old key), a store sealed since without a key here, a
-    /// newer tokend's format (a rolling upgrade). The read fails, as it
-    /// would for a database error, rather than stop credentials that
-    /// another read, or another version, finds sound.
+    /// Not known until the keys are read again: a key this process does not
+    /// hold, or one that does not open the value, may be a key the table
+    /// holds now (another process rotated, or a restored database was
+    /// rotated since, so that an id names another key).
+    Suspect,
+    /// This process may be at fault, even with keys just read: a retired
+    /// key it no longer holds (a read in the middle of `keys rotate`, which
+    /// re-seals a row, then deletes the old key), a store sealed without a
+    /// key here, a newer tokend's format (a rolling upgrade). The read
+    /// fails, as it would for a database error, rather than stop
+    /// credentials that another read, or another version, finds sound.
     Store(StoreError),
 }
 
 fn open_value(
     ring: Option<&Keyring>,
     has_kek: bool,
+    reloaded: bool,
     name: &str,
     column: Column,
     stored: &str,
 ) -> std::result::Result<Secret, Unopened> {
+    use seal::SealError::{Corrupt, UnknownKey};
     match ring {
         Some(_) if !seal::is_sealed(stored) => Err(Unopened::Value(StoreError::Plaintext {
             name: name.to_owned(),
             column,
         })),
         Some(r) => r.open(name, column, stored).map_err(|e| match e {
-            seal::SealError::Corrupt { key: None, .. } => Unopened::Value(seal_error(e)),
-            seal::SealError::Corrupt { .. } => Unopened::Suspect(seal_error(e)),
-            seal::SealError::UnknownKey { key, .. } if key > r.active_key() => {
-                Unopened::Value(seal_error(e))
-            }
+            Corrupt { key: None, .. } => Unopened::Value(seal_error(e)),
+            Corrupt { .. } | UnknownKey { .. } if !reloaded => Unopened::Suspect,
+            Corrupt { .. } => Unopened::Value(seal_error(e)),
+            UnknownKey { key, .. } if key > r.active_key() => Unopened::Value(seal_error(e)),
             _ => Unopened::Store(seal_error(e)),
         }),
+        None if seal::is_sealed(stored) && has_kek && !reloaded => Err(Unopened::Suspect),
         None if seal::is_sealed(stored) => Err(Unopened::Store(StoreError::Seal(format!(
             "the {column} of {name} is sealed, but {}",
             if has_kek {

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::seal::{Column, Kek};
+use crate::seal::{Column, Kek, Keyring};
 use crate::secret::Secret;
 
 mod conn;
@@ -380,7 +380,8 @@ impl Store {
 
     /// Reads the `keys` table again: another process added a data key (a
     /// rotation) or sealed the store.
-    async fn reload_keys(&self) -> Result<()> {
+    /// Reads the data keys again; returns those it read.
+    async fn reload_keys(&self) -> Result<Option<Arc<Keyring>>> {
         let found = run!(self, READ, |c| keys::KeyTx::keys(&mut keys::Lite(c)), |c| {
             keys::KeyTx::keys(c)
         })?;
@@ -391,15 +392,16 @@ impl Store {
     /// of its values needs a key added since).
     async fn opened<T: keys::Tokens>(&self, v: Result<T>) -> Result<T> {
         let mut v = v?;
-        let reload = self.sealer.needs_reload(&mut v);
-        if reload {
-            self.reload_keys().await?;
-        }
-        if !self.sealer.open(&mut v, reload)? {
-            // A value that does not authenticate with the key its id names
-            // here: refused only once the keys are read again.
-            self.reload_keys().await?;
-            self.sealer.open(&mut v, true)?;
+        let keys = if self.sealer.needs_reload(&mut v) {
+            keys::Keys::Fresh(self.reload_keys().await?)
+        } else {
+            keys::Keys::Loaded
+        };
+        if !self.sealer.open(&mut v, keys)? {
+            // A value the keys held do not open: refused, or not, only
+            // with the keys as the table holds them now.
+            let fresh = self.reload_keys().await?;
+            self.sealer.open(&mut v, keys::Keys::Fresh(fresh))?;
         }
         Ok(v)
     }
