@@ -524,6 +524,36 @@ fn a_planted_plaintext_token_is_refused() {
     ok(&env.cli(&["remove", "bot"], ""), "remove");
 }
 
+/// A planted refresh token found by a validation (the row it writes back
+/// is read with the planted value) stops the credential there too.
+#[test]
+fn a_planted_plaintext_token_found_by_a_validation_stops_the_credential() {
+    let env = Env::bare(Knobs::default());
+    let key = key_file(&env, "key");
+    write_config(&env, Some(&key));
+    import_expiring(&env, "bot", 3600);
+    let daemon = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let validations = env.provider.stats().validations;
+    let planted = env.provider.mint_grant(env.provider.client_id(), "read");
+    plant(&env, "bot", "refresh_token", &planted.refresh_token);
+    // A consumer reports the token refused: tokend validates it again.
+    let r = request(&env.socket, "POST", "/v1/tokens/bot/rejected");
+    assert_eq!(r.status, 202, "{}", r.text());
+    wait_for("bot's file removed", Duration::from_secs(10), || {
+        (!env.token_file("bot").exists()).then_some(())
+    });
+    assert!(env.provider.stats().validations > validations);
+    assert_eq!(get(&env.socket, "/v1/tokens/bot").status, 503);
+    assert_status_refused(&env, "bot", &planted.refresh_token);
+    drop(daemon);
+    let grant = env
+        .provider
+        .grant_of_refresh_token(&planted.refresh_token)
+        .unwrap();
+    assert_eq!(grant.rotations, 0, "the planted token was used");
+}
+
 /// An access token planted in plaintext is never published: the row's
 /// refresh token still opens, so the daemon fetches a new access token
 /// with it, and the planted one is overwritten.

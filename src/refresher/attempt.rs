@@ -133,9 +133,7 @@ impl Refresher {
                     .record_note(&cred.name, cred.version, error)
                     .await
                 {
-                    Ok(Commit::Done(c)) => {
-                        entry.adopt(*c);
-                    }
+                    Ok(Commit::Done(c)) => self.adopt_written(entry, *c).await,
                     Ok(_) => {}
                     Err(e) => self.store_failed(entry, &cred.name, &e),
                 }
@@ -146,9 +144,7 @@ impl Refresher {
         match result {
             Ok(()) => {
                 match self.store.record_validated(&cred.name, cred.version).await {
-                    Ok(Commit::Done(c)) => {
-                        entry.adopt(*c);
-                    }
+                    Ok(Commit::Done(c)) => self.adopt_written(entry, *c).await,
                     Ok(Commit::Conflict | Commit::LeaseLost) => {}
                     Err(e) => self.store_failed(entry, &cred.name, &e),
                 }
@@ -584,9 +580,7 @@ impl Refresher {
             .record_failure(&cred.name, &self.holder, cred.version, update)
             .await
         {
-            Ok(Commit::Done(c)) => {
-                entry.adopt(*c);
-            }
+            Ok(Commit::Done(c)) => self.adopt_written(entry, *c).await,
             Ok(Commit::Conflict) => self.enqueue(&cred.name, |p| p.reload = true),
             Ok(Commit::LeaseLost) => {
                 tracing::error!(
@@ -600,6 +594,19 @@ impl Refresher {
         }
         if state == State::NeedsReauthorization {
             self.unpublish(&cred.name).await;
+        }
+    }
+
+    /// Adopts the row a write left (a validation, a note, a failure). One
+    /// whose refresh token was refused on reading (src/store/keys.rs
+    /// `refuse`: planted, say, since the credential was last read) stops
+    /// the credential here, and its files go with it.
+    async fn adopt_written(&self, entry: &Entry, row: Credential) {
+        let refused = row.grant == Grant::Refused;
+        let name = row.name.clone();
+        entry.adopt(row);
+        if refused {
+            self.unpublish(&name).await;
         }
     }
 
