@@ -330,6 +330,17 @@ fn rotating_the_data_key_and_the_kek_keeps_every_credential_usable() {
     assert_sealed_sqlite(&env, &[&g]);
 }
 
+/// A sealed store holding `bot` (its token good for an hour), and a
+/// daemon serving it; with the key file.
+fn sealed_daemon(env: &Env) -> (PathBuf, Daemon) {
+    let key = key_file(env, "key");
+    write_config(env, Some(&key));
+    import_expiring(env, "bot", 3600);
+    let daemon = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    (key, daemon)
+}
+
 /// Plants `token` in plaintext as `name`'s `column`, with SQL, as someone
 /// with write access to the database would: no `rev` is bumped, so no
 /// store watch sees it.
@@ -529,11 +540,7 @@ fn a_planted_plaintext_token_is_refused() {
 #[test]
 fn a_planted_plaintext_token_found_by_a_validation_stops_the_credential() {
     let env = Env::bare(Knobs::default());
-    let key = key_file(&env, "key");
-    write_config(&env, Some(&key));
-    import_expiring(&env, "bot", 3600);
-    let daemon = env.start();
-    wait_serving(&env.socket, Duration::from_secs(20));
+    let (_, daemon) = sealed_daemon(&env);
     let validations = env.provider.stats().validations;
     let planted = env.provider.mint_grant(env.provider.client_id(), "read");
     plant(&env, "bot", "refresh_token", &planted.refresh_token);
@@ -597,11 +604,7 @@ fn a_planted_plaintext_access_token_is_never_published() {
 #[test]
 fn a_new_key_on_reload_waits_for_a_restart() {
     let env = Env::bare(Knobs::default());
-    let key = key_file(&env, "key");
-    write_config(&env, Some(&key));
-    import_expiring(&env, "bot", 3600);
-    let daemon = env.start();
-    wait_serving(&env.socket, Duration::from_secs(20));
+    let (key, daemon) = sealed_daemon(&env);
     let other = key_file(&env, "other-key");
     write_config(&env, Some(&other));
     let said = ok(&env.cli(&["check-config"], ""), "check-config");
