@@ -401,7 +401,8 @@ fn a_planted_plaintext_token_is_refused() {
         (!env.token_file("bot").exists()).then_some(())
     });
     let r = get(&env.socket, "/v1/tokens/bot");
-    assert_eq!(r.status, 503, "{}", r.text());
+    // Not the body in the message: a 200 would carry the token.
+    assert_eq!(r.status, 503, "GET /v1/tokens/bot");
     assert!(r.text().contains("needs_reauthorization"), "{}", r.text());
     assert_eq!(get(&env.socket, "/v1/tokens/other").status, 200);
     assert_status_refused(&env, "bot", &planted.refresh_token);
