@@ -491,8 +491,9 @@ fn a_planted_plaintext_token_is_refused() {
             |r| r.get(0),
         )
         .unwrap();
-    assert_eq!(
-        stored, planted.refresh_token,
+    // Compared, never printed: a failure message must not show a token.
+    assert!(
+        stored == planted.refresh_token,
         "rotate sealed a planted token"
     );
 
@@ -575,15 +576,17 @@ fn a_planted_plaintext_access_token_is_never_published() {
     plant(&env, "bot", "access_token", &planted.access_token);
     let daemon = env.start();
     wait_serving(&env.socket, Duration::from_secs(20));
-    assert_ne!(
-        env.read_token("bot").as_deref(),
-        Some(planted.access_token.as_str()),
+    assert!(
+        env.read_token("bot").as_deref() != Some(planted.access_token.as_str()),
         "the planted access token was published at start-up"
     );
     let token = wait_for("a new token for bot", Duration::from_secs(20), || {
         env.read_token("bot")
     });
-    assert_ne!(token, planted.access_token);
+    assert!(
+        token != planted.access_token,
+        "the planted access token was published"
+    );
     assert!(env.provider.access_token_valid(&token));
     drop(daemon);
     // Overwritten, sealed (the old bytes may linger in free pages until a
@@ -810,7 +813,10 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
         log,
     );
     wait_serving(&env.socket, Duration::from_secs(20));
-    assert_eq!(env.read_token("bot").as_deref(), Some(&*g.access_token));
+    assert!(
+        env.read_token("bot").as_deref() == Some(&*g.access_token),
+        "bot's file does not hold the provider's token"
+    );
 
     // A refresh whose answer takes 5 s; while the provider holds it,
     // another host rotates: every value sealed with key 2, key 1 deleted.
@@ -863,7 +869,10 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
         Duration::from_secs(5),
     );
     let published = env.read_token("bot").unwrap_or_default();
-    assert_ne!(published, g.access_token);
+    assert!(
+        published != g.access_token,
+        "the old access token is still published"
+    );
     assert!(env.provider.access_token_valid(&published));
     daemon.stop();
     // A host that starts now opens the row and refreshes it again.

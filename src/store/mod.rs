@@ -378,9 +378,9 @@ impl Store {
         })
     }
 
-    /// Reads the `keys` table again: another process added a data key (a
-    /// rotation) or sealed the store.
-    /// Reads the data keys again; returns those it read.
+    /// Reads the `keys` table again (another process added a data key, a
+    /// rotation, or sealed the store); returns the keys it read, which a
+    /// read then opens its values with (`keys::Keys::Fresh`).
     async fn reload_keys(&self) -> Result<Option<Arc<Keyring>>> {
         let found = run!(self, READ, |c| keys::KeyTx::keys(&mut keys::Lite(c)), |c| {
             keys::KeyTx::keys(c)
