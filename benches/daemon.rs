@@ -56,6 +56,7 @@ fn main() {
     let baseline = baseline_client(n, LATENCY_MS, CONCURRENCY);
     let plain = sweep(n, Sink::None, 0);
     let sinks = sweep(n, Sink::Disk, idle_secs);
+    let replacing = sweep(n, Sink::DiskReplacing, 0);
     let tmpfs = Path::new(TMPFS).is_dir().then(|| sweep(n, Sink::Tmpfs, 0));
 
     println!("| measure | result | ratio |");
@@ -71,7 +72,8 @@ fn main() {
     );
     let mut sweeps = vec![
         ("tokend sweep, no sinks", &plain),
-        ("tokend sweep, raw file sink", &sinks),
+        ("tokend sweep, raw file sink, first files", &sinks),
+        ("tokend sweep, raw file sink, replacing files", &replacing),
     ];
     if let Some(t) = &tmpfs {
         sweeps.push(("tokend sweep, raw file sink on tmpfs (as /run)", t));
@@ -127,8 +129,13 @@ struct Idle {
 #[derive(Clone, Copy, PartialEq)]
 enum Sink {
     None,
-    /// The bench's temporary directory, on the disk.
+    /// The bench's temporary directory, on the disk; each file is new.
     Disk,
+    /// The same, but each credential starts with a live token inside its
+    /// refresh window, published at start-up: the sweep replaces every
+    /// file, as a daemon's every later rotation does, and the file system
+    /// deletes each file replaced.
+    DiskReplacing,
     /// A directory under [`TMPFS`]: a systemd host's /run is tmpfs, where
     /// an fsync costs nothing, so this is the publishing path's CPU alone.
     Tmpfs,
@@ -156,9 +163,18 @@ fn sweep(n: usize, at: Sink, idle_secs: u64) -> SweepResult {
         &format!("[refresh]\nmax_concurrency = {CONCURRENCY}\n{QUIET_SWEEP}\n"),
         &sink,
     );
-    // Each needs a refresh now (no access token). One transaction: importing
-    // ten thousand one by one would only time our fsyncs.
-    env.seed(n, None);
+    // Each needs a refresh now (no access token, or one that expires within
+    // `refresh_before_expiry` but is still served). One transaction:
+    // importing ten thousand one by one would only time our fsyncs.
+    let seeded = (at == Sink::DiskReplacing).then(|| tokend::clock::now_ms() + 300_000);
+    env.seed(n, seeded);
+    if seeded.is_some() {
+        // Issued an hour ago: tokend never refreshes a token in the first
+        // half of its life (README, "What tokend does").
+        env.raw_store()
+            .execute("UPDATE credentials SET issued_at = issued_at - 3600000", [])
+            .unwrap();
+    }
 
     let mut daemon = Daemon::start_with(&env, "bench", |cmd, _| {
         cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
@@ -169,13 +185,14 @@ fn sweep(n: usize, at: Sink, idle_secs: u64) -> SweepResult {
     });
     let first = Instant::now();
     let conn = env.raw_store();
-    wait_committed(&env.provider, &conn, n);
+    wait_committed(&env.provider, &conn, n, seeded.unwrap_or(0));
     let sweep = first.elapsed();
     eprintln!(
         "sweep ({}): start-up {:.3} s, sweep {:.3} s",
         match at {
             Sink::None => "no sink",
             Sink::Disk => "sink",
+            Sink::DiskReplacing => "sink, replacing",
             Sink::Tmpfs => "tmpfs sink",
         },
         (first - started).as_secs_f64(),
@@ -185,12 +202,24 @@ fn sweep(n: usize, at: Sink, idle_secs: u64) -> SweepResult {
     assert_eq!(stats.refreshes_ok as usize, n, "one refresh each");
     assert_eq!(stats.reuse_detected, 0);
     if at != Sink::None {
-        let count = || fs::read_dir(&tokens).unwrap().count();
-        let files = count();
+        // Every file holds its row's committed token.
+        let stale = || {
+            let mut q = conn
+                .prepare("SELECT name, access_token FROM credentials")
+                .unwrap();
+            let rows = q
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .unwrap();
+            rows.map(Result::unwrap)
+                .filter(|(name, token)| {
+                    fs::read(tokens.join(name)).ok().as_deref() != Some(token.as_bytes())
+                })
+                .count()
+        };
+        eprintln!("files not yet written at commit time: {}", stale());
         wait_for("every file written", Duration::from_secs(60), || {
-            (count() >= n).then_some(())
+            (stale() == 0).then_some(())
         });
-        eprintln!("files written at commit time: {files}");
     }
     let pid = daemon.child.id();
     let (rss_mib, hwm_mib) = memory(pid);

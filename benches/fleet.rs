@@ -233,7 +233,7 @@ fn sqlite_sweep(n: usize) -> Sweep {
     let cpu = Cpu::start(&[daemon.child.id()], None);
     let first = Instant::now();
     let conn = env.raw_store();
-    wait_committed(&env.provider, &conn, n);
+    wait_committed(&env.provider, &conn, n, 0);
     let sweep = first.elapsed();
     let (daemon_cpu, server_cpu, busy) = cpu.stop();
     wait_for("every file written", Duration::from_secs(120), || {

@@ -186,7 +186,7 @@ fn scale(n: usize) -> Row {
     });
     let first = Instant::now();
     let conn = env.raw_store();
-    wait_committed(&env.provider, &conn, n);
+    wait_committed(&env.provider, &conn, n, 0);
     let sweep = first.elapsed();
     assert_eq!(env.provider.stats().refreshes_ok as usize, n);
     let (rss_mib, hwm_mib) = memory(daemon.child.id());

@@ -210,7 +210,11 @@ pub fn render(format: Format, token: &Secret, expires_at: Option<i64>) -> Vec<u8
 /// write, fsync, rename over, fsync the directory. Returns false, writing
 /// nothing, when the file already holds exactly this, with this mode and group.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> io::Result<bool> {
-    if unchanged(path, content, mode, gid) {
+    let mut current = open_current(path);
+    if current
+        .as_mut()
+        .is_some_and(|f| holds(f, content, mode, gid))
+    {
         return Ok(false);
     }
     let dir = path
@@ -244,6 +248,14 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) ->
         f.write_all(content)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;
+        // The replaced file is deleted (its blocks freed, its inode evicted)
+        // when its last descriptor closes. Were ours closed already, that
+        // would happen inside rename(2), under the directory's lock that
+        // every writer of this directory takes in turn: on ext4 that
+        // deletion is most of a replacement's time. Closed now, it runs
+        // beside the other writers' renames (BENCHMARKS.md "Replacing
+        // files").
+        drop(current.take());
         // Shared with the other writers of this directory (src/dirsync.rs).
         crate::dirsync::sync(dir)
     })();
@@ -253,14 +265,18 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) ->
     result.map(|()| true)
 }
 
-fn unchanged(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> bool {
-    let Ok(mut f) = OpenOptions::new()
+/// The file now at `path`, if one can be opened: never through a symlink,
+/// and without waiting for a writer if someone left a FIFO there.
+fn open_current(path: &Path) -> Option<File> {
+    OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)
-    else {
-        return false;
-    };
+        .ok()
+}
+
+/// Does `f` already hold exactly `content`, with this mode and group?
+fn holds(f: &mut File, content: &[u8], mode: u32, gid: Option<u32>) -> bool {
     let Ok(meta) = f.metadata() else { return false };
     if !meta.is_file()
         || meta.permissions().mode() & 0o7777 != mode
@@ -562,6 +578,39 @@ mod tests {
         assert_eq!(fs::read(&path).unwrap(), b"two");
         // No temp files are left behind.
         assert_eq!(fs::read_dir(path.parent().unwrap()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_replaced_file_is_let_go_and_a_fifo_is_replaced_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tok");
+        fs::write(&path, "old").unwrap();
+        assert!(write_atomic(&path, b"new", 0o600, None).unwrap());
+        // The old file is held open across the rename, then closed: once
+        // the write returns, no descriptor of ours keeps it (and its disk
+        // blocks) alive.
+        let held: Vec<_> = fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| fs::read_link(e.path()).ok())
+            .filter(|l| l.starts_with(dir.path()))
+            .collect();
+        assert!(held.is_empty(), "still open: {held:?}");
+
+        // A FIFO with no writer must not hang the publication.
+        fs::remove_file(&path).unwrap();
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || tx.send(write_atomic(&p, b"new", 0o600, None).unwrap()));
+        let written = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the write waited on the FIFO");
+        assert!(written);
+        assert!(fs::metadata(&path).unwrap().is_file());
+        assert_eq!(fs::read(&path).unwrap(), b"new");
     }
 
     #[test]

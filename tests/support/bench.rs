@@ -88,20 +88,23 @@ pub fn baseline_client(n: usize, latency_ms: u64, concurrency: usize) -> Duratio
 /// count reads every row, and doing it every 20 ms through the sweep took
 /// the machine's CPU and disk from the daemon it measures, more the more
 /// rows (at 100,000, a 21 MiB scan each time; BENCHMARKS.md "Scale").
-pub fn wait_committed(provider: &FakeProvider, conn: &rusqlite::Connection, n: usize) {
+/// `past`: the expiry the rows were seeded with (0 for none), which a
+/// committed refresh's later one replaces.
+pub fn wait_committed(provider: &FakeProvider, conn: &rusqlite::Connection, n: usize, past: i64) {
     super::wait_for("every refresh answered", Duration::from_secs(600), || {
         (provider.stats().refreshes_ok as usize >= n).then_some(())
     });
     super::wait_for("every refresh committed", Duration::from_secs(600), || {
-        (committed(conn) >= n).then_some(())
+        (committed(conn, past) >= n).then_some(())
     });
 }
 
-pub fn committed(conn: &rusqlite::Connection) -> usize {
+pub fn committed(conn: &rusqlite::Connection, past: i64) -> usize {
     conn.query_row(
         "SELECT count(*) FROM credentials
-         WHERE access_token IS NOT NULL AND refresh_started_at IS NULL",
-        [],
+         WHERE access_token IS NOT NULL AND refresh_started_at IS NULL
+           AND expires_at > ?1",
+        [past],
         |r| r.get::<_, i64>(0),
     )
     .unwrap_or(0) as usize
