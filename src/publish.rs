@@ -156,7 +156,8 @@ impl Publisher {
                 Ok(()) => {
                     tracing::info!(credential = name, path = %path.display(), "removed token file");
                     if let Some(dir) = path.parent() {
-                        let _ = sync_dir(dir);
+                        // Shared, as a write's is (src/dirsync.rs).
+                        let _ = crate::dirsync::sync(dir);
                     }
                     true
                 }

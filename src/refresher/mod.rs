@@ -58,7 +58,7 @@ pub use policy::{Gate, backoff, gate};
 pub use status::StatusCursor;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -86,6 +86,51 @@ pub const SHUTDOWN_COMMIT_GRACE: Duration = Duration::from_secs(30);
 /// New rows beyond which the store watch reads every row at once instead
 /// of one query each (a bulk import: README "Bulk import").
 const BULK_READ: usize = 64;
+
+/// Threads that write the files at start-up. A disk's fsyncs overlap (the
+/// file system shares journal commits between them, and src/dirsync.rs
+/// shares the directory's), so a few writers put ten thousand files on the
+/// disk in a fraction of one's time (BENCHMARKS.md "Replacing files"); the
+/// socket and READY wait for them all.
+const START_WRITERS: usize = 16;
+
+/// Every credential's files as the store has them at start-up: written when
+/// alive, removed otherwise. Returns (published, unpublished, failures).
+fn publish_all(
+    publisher: &Publisher,
+    creds: &[Arc<Credential>],
+    now: i64,
+) -> (usize, usize, Vec<(String, Vec<String>)>) {
+    let next = AtomicUsize::new(0);
+    // One writer for every 64 files, up to START_WRITERS.
+    let writers = creds.len().div_ceil(64).clamp(1, START_WRITERS);
+    std::thread::scope(|s| {
+        let work = || {
+            let (mut p, mut u, mut failed) = (0, 0, Vec::new());
+            while let Some(c) = creds.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let errors = if let Some(token) = publishable(c, now) {
+                    p += 1;
+                    publisher.publish(&c.name, token, c.expires_at)
+                } else {
+                    u += 1;
+                    publisher.unpublish(&c.name)
+                };
+                if !errors.is_empty() {
+                    failed.push((c.name.clone(), errors));
+                }
+            }
+            (p, u, failed)
+        };
+        let handles: Vec<_> = (0..writers).map(|_| s.spawn(work)).collect();
+        handles.into_iter().fold((0, 0, Vec::new()), |mut all, h| {
+            let (p, u, failed) = h.join().expect("a start-up writer panicked");
+            all.0 += p;
+            all.1 += u;
+            all.2.extend(failed);
+            all
+        })
+    })
+}
 
 /// What the config decides, swapped as a whole on reload.
 struct Ctx {
@@ -259,21 +304,7 @@ impl Refresher {
             let names: Vec<Arc<Credential>> = all.iter().map(|e| e.cred()).collect();
             ctx.publisher
                 .sweep_temp_files(names.iter().map(|c| c.name.as_str()));
-            let (mut p, mut u, mut failed) = (0, 0, Vec::new());
-            for e in &all {
-                let c = e.cred();
-                let errors = if let Some(token) = publishable(&c, now) {
-                    p += 1;
-                    ctx.publisher.publish(&c.name, token, c.expires_at)
-                } else {
-                    u += 1;
-                    ctx.publisher.unpublish(&c.name)
-                };
-                if !errors.is_empty() {
-                    failed.push((c.name.clone(), errors));
-                }
-            }
-            (p, u, failed)
+            publish_all(&ctx.publisher, &names, now)
         })
         .await
         .unwrap_or_default();
