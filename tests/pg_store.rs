@@ -224,6 +224,38 @@ async fn contract(db: &Database) {
     ));
     store.release_lease("c", peer).await.unwrap();
 
+    // A lease given back after its row was replaced (`authorize --force`
+    // while the daemon stops) leaves the new row as its writer made it,
+    // and is given back all the same.
+    conn.insert(&new_cred("e", "re1"), false).unwrap();
+    let Commit::Done(before) = store.record_failure("e", me, 1, failure(None)).await.unwrap()
+    else {
+        panic!("failure not recorded")
+    };
+    assert_eq!(before.state, State::Retrying);
+    let Lease::Taken { fence, .. } = store
+        .take_lease("e", me, ttl, before.version)
+        .await
+        .unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    let replaced = conn.insert(&new_cred("e", "re2"), true).unwrap();
+    store.abandon_lease("e", me, fence, &before).await.unwrap();
+    let after = store.get("e").await.unwrap().unwrap();
+    assert_eq!(
+        (after.state, after.refresh_started_at, after.version),
+        (State::Valid, None, replaced.version),
+        "the replaced row was put back to the old one's state"
+    );
+    assert_eq!(rt(&after), "re2");
+    assert!(matches!(
+        store.take_lease("e", peer, ttl, replaced.version).await.unwrap(),
+        Lease::Taken { .. }
+    ));
+    store.release_lease("e", peer).await.unwrap();
+    assert!(conn.remove("e").unwrap());
+
     // `remove --revoke` holds the lease without marking a refresh.
     assert!(matches!(
         conn.hold_lease("c", me, ttl).unwrap(),

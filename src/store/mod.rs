@@ -478,13 +478,20 @@ impl Store {
         let taken = match &lease {
             Lease::Taken {
                 credential, fence, ..
-            } => Some((*fence, credential.state, credential.refresh_started_at)),
+            } => Some((
+                *fence,
+                credential.version,
+                credential.state,
+                credential.refresh_started_at,
+            )),
             _ => None,
         };
         match self.opened(Ok(lease)).await {
             Err(e) => {
-                if let Some((fence, state, started)) = taken
-                    && let Err(back) = self.abandon(name, holder, fence, state, started).await
+                if let Some((fence, version, state, started)) = taken
+                    && let Err(back) = self
+                        .abandon(name, holder, fence, version, state, started)
+                        .await
                 {
                     tracing::warn!(credential = name, error = %back, "could not give back a lease whose row does not open");
                 }
@@ -497,7 +504,9 @@ impl Store {
     /// Gives back lease `fence`, taken for a refresh whose request was
     /// never sent (the daemon is stopping): the row's state and "refresh
     /// started" mark return to those of `before`, the row as the lease
-    /// found it.
+    /// found it, unless the row was replaced meanwhile (`authorize
+    /// --force`, `import --force`): a new grant's row is not ours to
+    /// mark.
     pub async fn abandon_lease(
         &self,
         name: &str,
@@ -505,8 +514,15 @@ impl Store {
         fence: i64,
         before: &Credential,
     ) -> Result<()> {
-        self.abandon(name, holder, fence, before.state, before.refresh_started_at)
-            .await
+        self.abandon(
+            name,
+            holder,
+            fence,
+            before.version,
+            before.state,
+            before.refresh_started_at,
+        )
+        .await
     }
 
     async fn abandon(
@@ -514,15 +530,22 @@ impl Store {
         name: &str,
         holder: &str,
         fence: i64,
+        version: i64,
         state: State,
         started: Option<i64>,
     ) -> Result<()> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
+        let back = ops::Back {
+            fence,
+            version,
+            state,
+            started,
+        };
         run!(
             self,
             on name.clone(),
-            move |c| ops::abandon(c, &name, &holder, fence, state, started),
-            move |c| pg::ops::abandon(c, &name, &holder, fence, state, started)
+            move |c| ops::abandon(c, &name, &holder, back),
+            move |c| pg::ops::abandon(c, &name, &holder, back)
         )
     }
 

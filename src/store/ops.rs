@@ -423,24 +423,28 @@ pub fn reset_backoff(c: &Connection, name: &str) -> Result<Commit> {
     done(c, name)
 }
 
+/// A lease given back unused: lease `fence`, on the row at `version`, to
+/// be put back to `state` and `started` (its "refresh started" mark).
+#[derive(Clone, Copy)]
+pub struct Back {
+    pub fence: i64,
+    pub version: i64,
+    pub state: State,
+    pub started: Option<i64>,
+}
+
 /// See [`super::Store::abandon_lease`]. A lease no longer ours leaves the
-/// row to its new holder.
-pub fn abandon(
-    c: &Connection,
-    name: &str,
-    holder: &str,
-    fence: i64,
-    state: State,
-    started: Option<i64>,
-) -> Result<()> {
-    if !holds(c, name, holder, fence)? {
+/// row to its new holder; a row replaced meanwhile (a new version) is left
+/// as its writer made it.
+pub fn abandon(c: &Connection, name: &str, holder: &str, b: Back) -> Result<()> {
+    if !holds(c, name, holder, b.fence)? {
         return Ok(());
     }
     c.prepare_cached(
         "UPDATE credentials SET state = ?2, refresh_started_at = ?3, updated_at = ?4,
-            rev = rev + 1 WHERE name = ?1",
+            rev = rev + 1 WHERE name = ?1 AND version = ?5",
     )?
-    .execute(params![name, state.as_str(), started, now_ms()])?;
+    .execute(params![name, b.state.as_str(), b.started, now_ms(), b.version])?;
     release(c, name, holder)
 }
 

@@ -37,6 +37,7 @@ use super::super::{
 };
 use super::Tx;
 use super::keys::active_key;
+use crate::store::ops::Back;
 use crate::clock::now_ms;
 use crate::secret::Secret;
 use crate::store::keys::check_key;
@@ -639,24 +640,26 @@ pub fn reset_backoff(c: &mut Tx<'_>, name: &str) -> Result<Commit> {
     written(c, name, row, None)
 }
 
-pub fn abandon(
-    c: &mut Tx<'_>,
-    name: &str,
-    holder: &str,
-    fence: i64,
-    state: State,
-    started: Option<i64>,
-) -> Result<()> {
+/// See [`crate::store::ops::abandon`].
+pub fn abandon(c: &mut Tx<'_>, name: &str, holder: &str, b: Back) -> Result<()> {
     lock_only(c, name)?;
-    if !holds(c, name, holder, fence)? {
+    if !holds(c, name, holder, b.fence)? {
         return Ok(());
     }
-    c.execute(
+    let n = c.execute(
         "UPDATE credentials SET state = $2, refresh_started_at = $3, updated_at = $4,
-            rev = rev + 1 WHERE name = $1",
-        &[&name, &state.as_str(), &started, &now_ms()],
+            rev = rev + 1 WHERE name = $1 AND version = $5",
+        &[
+            &name,
+            &b.state.as_str(),
+            &b.started,
+            &now_ms(),
+            &b.version,
+        ],
     )?;
-    changed(c, name)?;
+    if n > 0 {
+        changed(c, name)?;
+    }
     release(c, name, holder)
 }
 
