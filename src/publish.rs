@@ -218,6 +218,8 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) ->
     {
         return Ok(false);
     }
+    // Only where that helps and is safe: see below.
+    let mut current = current.filter(deleted_in_kernel);
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
@@ -267,13 +269,41 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) ->
 }
 
 /// The file now at `path`, if one can be opened: never through a symlink,
-/// and without waiting for a writer if someone left a FIFO there.
+/// without waiting for a writer if someone left a FIFO there, and never
+/// taking a terminal left there as tokend's controlling one (whose hangup
+/// would be SIGHUP, a reload).
 fn open_current(path: &Path) -> Option<File> {
     OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .ok()
+}
+
+/// Is `f` a regular file on a local disk file system, whose kernel deletes
+/// a replaced file at its last close? Holding it across the rename pays
+/// there (ext4 measured; xfs and btrfs delete the same way). Not on a
+/// network file system: NFS's client renames a file still open elsewhere
+/// out of the way (`.nfsXXXX`) before replacing it, and between the two
+/// another client can find no file at all.
+fn deleted_in_kernel(f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    // SAFETY: statfs is plain old data, filled in by fstatfs on success.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and a pointer to a statfs we own.
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    let t = st.f_type as i64;
+    [
+        libc::EXT4_SUPER_MAGIC as i64,
+        libc::XFS_SUPER_MAGIC as i64,
+        libc::BTRFS_SUPER_MAGIC as i64,
+    ]
+    .contains(&t)
 }
 
 /// Does `f` already hold exactly `content`, with this mode and group?
@@ -587,9 +617,9 @@ mod tests {
         let path = dir.path().join("tok");
         fs::write(&path, "old").unwrap();
         assert!(write_atomic(&path, b"new", 0o600, None).unwrap());
-        // The old file is held open across the rename, then closed: once
-        // the write returns, no descriptor of ours keeps it (and its disk
-        // blocks) alive.
+        // Held across the rename or not (deleted_in_kernel), the old file
+        // is let go once the write returns: no descriptor of ours keeps it,
+        // and its disk blocks, alive.
         let held: Vec<_> = fs::read_dir("/proc/self/fd")
             .unwrap()
             .flatten()
@@ -605,13 +635,25 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let (tx, rx) = std::sync::mpsc::channel();
         let p = path.clone();
-        std::thread::spawn(move || tx.send(write_atomic(&p, b"new", 0o600, None).unwrap()));
+        std::thread::spawn(move || tx.send(write_atomic(&p, b"new", 0o600, None)));
         let written = rx
             .recv_timeout(Duration::from_secs(10))
             .expect("the write waited on the FIFO");
-        assert!(written);
+        assert!(written.unwrap());
         assert!(fs::metadata(&path).unwrap().is_file());
         assert_eq!(fs::read(&path).unwrap(), b"new");
+
+        // Never held: a FIFO, nor a file on tmpfs (nothing to gain there).
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(!deleted_in_kernel(&open_current(&fifo).unwrap()));
+        if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
+            let f = shm.path().join("tok");
+            fs::write(&f, "x").unwrap();
+            assert!(!deleted_in_kernel(&open_current(&f).unwrap()));
+        }
     }
 
     #[test]

@@ -121,14 +121,31 @@ fn publish_all(
             }
             (p, u, failed)
         };
-        let handles: Vec<_> = (0..writers).map(|_| s.spawn(work)).collect();
-        handles.into_iter().fold((0, 0, Vec::new()), |mut all, h| {
-            let (p, u, failed) = h.join().expect("a start-up writer panicked");
-            all.0 += p;
-            all.1 += u;
-            all.2.extend(failed);
-            all
-        })
+        // As many helpers as can be had; this thread writes too, so every
+        // file is written even if none can.
+        let helpers: Vec<_> = (1..writers)
+            .filter_map(|_| {
+                std::thread::Builder::new()
+                    .name("tokend-publish".into())
+                    .spawn_scoped(s, work)
+                    .ok()
+            })
+            .collect();
+        let mut all = work();
+        for h in helpers {
+            match h.join() {
+                Ok((p, u, failed)) => {
+                    all.0 += p;
+                    all.1 += u;
+                    all.2.extend(failed);
+                }
+                // A bug; the others' results still count, and a file it
+                // left unwritten is put back by its credential's next
+                // validation (README "File sinks").
+                Err(_) => tracing::error!("a start-up file writer failed"),
+            }
+        }
+        all
     })
 }
 
