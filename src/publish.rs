@@ -297,13 +297,13 @@ fn deleted_in_kernel(f: &File) -> bool {
     if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } != 0 {
         return false;
     }
-    let t = st.f_type as i64;
+    // libc types these as the kernel's f_type on each architecture.
     [
-        libc::EXT4_SUPER_MAGIC as i64,
-        libc::XFS_SUPER_MAGIC as i64,
-        libc::BTRFS_SUPER_MAGIC as i64,
+        libc::EXT4_SUPER_MAGIC,
+        libc::XFS_SUPER_MAGIC,
+        libc::BTRFS_SUPER_MAGIC,
     ]
-    .contains(&t)
+    .contains(&st.f_type)
 }
 
 /// Does `f` already hold exactly `content`, with this mode and group?

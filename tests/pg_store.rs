@@ -228,7 +228,10 @@ async fn contract(db: &Database) {
     // while the daemon stops) leaves the new row as its writer made it,
     // and is given back all the same.
     conn.insert(&new_cred("e", "re1"), false).unwrap();
-    let Commit::Done(before) = store.record_failure("e", me, 1, failure(None)).await.unwrap()
+    let Commit::Done(before) = store
+        .record_failure("e", me, 1, failure(None))
+        .await
+        .unwrap()
     else {
         panic!("failure not recorded")
     };
@@ -250,7 +253,10 @@ async fn contract(db: &Database) {
     );
     assert_eq!(rt(&after), "re2");
     assert!(matches!(
-        store.take_lease("e", peer, ttl, replaced.version).await.unwrap(),
+        store
+            .take_lease("e", peer, ttl, replaced.version)
+            .await
+            .unwrap(),
         Lease::Taken { .. }
     ));
     store.release_lease("e", peer).await.unwrap();

@@ -444,7 +444,13 @@ pub fn abandon(c: &Connection, name: &str, holder: &str, b: Back) -> Result<()> 
         "UPDATE credentials SET state = ?2, refresh_started_at = ?3, updated_at = ?4,
             rev = rev + 1 WHERE name = ?1 AND version = ?5",
     )?
-    .execute(params![name, b.state.as_str(), b.started, now_ms(), b.version])?;
+    .execute(params![
+        name,
+        b.state.as_str(),
+        b.started,
+        now_ms(),
+        b.version
+    ])?;
     release(c, name, holder)
 }
 

@@ -37,10 +37,10 @@ use super::super::{
 };
 use super::Tx;
 use super::keys::active_key;
-use crate::store::ops::Back;
 use crate::clock::now_ms;
 use crate::secret::Secret;
 use crate::store::keys::check_key;
+use crate::store::ops::Back;
 
 /// Events kept per credential, as SQLite keeps.
 const EVENTS_KEPT: i64 = 20;
@@ -649,13 +649,7 @@ pub fn abandon(c: &mut Tx<'_>, name: &str, holder: &str, b: Back) -> Result<()> 
     let n = c.execute(
         "UPDATE credentials SET state = $2, refresh_started_at = $3, updated_at = $4,
             rev = rev + 1 WHERE name = $1 AND version = $5",
-        &[
-            &name,
-            &b.state.as_str(),
-            &b.started,
-            &now_ms(),
-            &b.version,
-        ],
+        &[&name, &b.state.as_str(), &b.started, &now_ms(), &b.version],
     )?;
     if n > 0 {
         changed(c, name)?;
