@@ -252,13 +252,18 @@ async fn contract(db: &Database) {
         "the replaced row was put back to the old one's state"
     );
     assert_eq!(rt(&after), "re2");
-    assert!(matches!(
-        store
-            .take_lease("e", peer, ttl, replaced.version)
-            .await
-            .unwrap(),
-        Lease::Taken { .. }
-    ));
+    // The replaced row kept its fence: the next lease's is still higher.
+    let Lease::Taken { fence: next, .. } = store
+        .take_lease("e", peer, ttl, replaced.version)
+        .await
+        .unwrap()
+    else {
+        panic!("the lease was not given back")
+    };
+    assert!(
+        next > fence,
+        "fence {next} after {fence}: a replace reset it"
+    );
     store.release_lease("e", peer).await.unwrap();
     assert!(conn.remove("e").unwrap());
 
