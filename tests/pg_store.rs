@@ -226,22 +226,29 @@ async fn contract(db: &Database) {
 
     // A lease given back after its row was replaced (`authorize --force`
     // while the daemon stops) leaves the new row as its writer made it,
-    // and is given back all the same.
+    // and is given back all the same. The row it took carries an earlier
+    // holder's "refresh started" mark (a lease that ran out).
     conn.insert(&new_cred("e", "re1"), false).unwrap();
-    let Commit::Done(before) = store
-        .record_failure("e", me, 1, failure(None))
-        .await
-        .unwrap()
-    else {
-        panic!("failure not recorded")
-    };
-    assert_eq!(before.state, State::Retrying);
-    let Lease::Taken { fence, .. } = store
-        .take_lease("e", me, ttl, before.version)
+    let Lease::Taken { .. } = store
+        .take_lease("e", peer, Duration::from_millis(1), 1)
         .await
         .unwrap()
     else {
         panic!("lease not taken")
+    };
+    std::thread::sleep(Duration::from_millis(20));
+    let before = store.get("e").await.unwrap().unwrap();
+    assert!(before.refresh_started_at.is_some());
+    let Lease::Taken {
+        fence,
+        interrupted: true,
+        ..
+    } = store
+        .take_lease("e", me, ttl, before.version)
+        .await
+        .unwrap()
+    else {
+        panic!("lease not taken, or the earlier mark not seen")
     };
     let replaced = conn.insert(&new_cred("e", "re2"), true).unwrap();
     store.abandon_lease("e", me, fence, &before).await.unwrap();
@@ -253,17 +260,34 @@ async fn contract(db: &Database) {
     );
     assert_eq!(rt(&after), "re2");
     // The replaced row kept its fence: the next lease's is still higher.
-    let Lease::Taken { fence: next, .. } = store
+    let Lease::Taken {
+        fence: next,
+        interrupted: false,
+        ..
+    } = store
         .take_lease("e", peer, ttl, replaced.version)
         .await
         .unwrap()
     else {
-        panic!("the lease was not given back")
+        panic!("the lease was not given back, or the new row carries a mark")
     };
     assert!(
         next > fence,
         "fence {next} after {fence}: a replace reset it"
     );
+    store.release_lease("e", peer).await.unwrap();
+    // Removed and added again, it hands out no fence the old row did (an
+    // attempt on the old row may still be in flight, under this holder).
+    assert!(conn.remove("e").unwrap());
+    let again = conn.insert(&new_cred("e", "re3"), false).unwrap();
+    let Lease::Taken { fence: anew, .. } = store
+        .take_lease("e", peer, ttl, again.version)
+        .await
+        .unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    assert!(anew > next, "fence {anew} after {next}: a re-add reset it");
     store.release_lease("e", peer).await.unwrap();
     assert!(conn.remove("e").unwrap());
 

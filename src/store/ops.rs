@@ -115,14 +115,19 @@ pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Creden
     // A replaced credential keeps its creation time; its version moves on.
     let (version, rev, created) =
         existing.map_or((1, 1, now), |e| (e.version + 1, e.rev + 1, e.created_at));
-    // It keeps its fence too, which only ever grows: the value is read
-    // before REPLACE deletes the old row.
+    // It keeps its fence too, read before REPLACE deletes the old row. A
+    // new name's fence starts at the clock in ms, not at 0: fences are
+    // compared for equality only, and a holder's id is its process's, so a
+    // credential removed and added again while an attempt on the old row is
+    // still in flight must not hand out a fence that attempt carries. The
+    // old row's fence started at its own creation's clock and grew by one
+    // per lease, far slower than the clock (docs/design.md section 3).
     c.execute(
         "INSERT OR REPLACE INTO credentials (name, provider, access_token, refresh_token,
             scope, expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
             grant_type, fence)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'valid', 0, ?10, ?7, ?8, ?9, ?11,
-            COALESCE((SELECT fence FROM credentials WHERE name = ?1), 0))",
+            COALESCE((SELECT fence FROM credentials WHERE name = ?1), ?7))",
         params![
             n.name,
             n.provider,

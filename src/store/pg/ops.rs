@@ -187,13 +187,14 @@ pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Creden
     ];
     // A replaced credential keeps its creation time and its fence (a lease
     // taken before cannot commit: the version moves on); everything else
-    // starts again, as in SQLite.
+    // starts again, as in SQLite. A new name's fence starts at the clock,
+    // as in SQLite (src/store/ops.rs `insert` says why).
     let row = c.query_opt(
         concat!(
             "INSERT INTO credentials (name, provider, access_token, refresh_token, scope,
                 expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
-                grant_type)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, 1, $8)
+                grant_type, fence)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, 1, $8, $7)
              ON CONFLICT (name) DO UPDATE SET provider = EXCLUDED.provider,
                 access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token,
                 scope = EXCLUDED.scope, expires_at = EXCLUDED.expires_at,
