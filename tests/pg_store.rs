@@ -218,11 +218,10 @@ async fn contract(db: &Database) {
         (after.state, after.refresh_started_at),
         (before.state, None)
     );
-    assert!(matches!(
-        store.take_lease("c", peer, ttl, 2).await.unwrap(),
-        Lease::Taken { .. }
-    ));
-    store.release_lease("c", peer).await.unwrap();
+    let Lease::Taken { fence, .. } = store.take_lease("c", peer, ttl, 2).await.unwrap() else {
+        panic!("the lease was not given back")
+    };
+    store.release_lease("c", peer, fence).await.unwrap();
 
     // A lease given back after its row was replaced (`authorize --force`
     // while the daemon stops) leaves the new row as its writer made it,
@@ -236,7 +235,7 @@ async fn contract(db: &Database) {
     else {
         panic!("lease not taken")
     };
-    std::thread::sleep(Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(20)).await;
     let before = store.get("e").await.unwrap().unwrap();
     assert!(before.refresh_started_at.is_some());
     let Lease::Taken {
@@ -275,7 +274,7 @@ async fn contract(db: &Database) {
         next > fence,
         "fence {next} after {fence}: a replace reset it"
     );
-    store.release_lease("e", peer).await.unwrap();
+    store.release_lease("e", peer, next).await.unwrap();
     // Removed and added again, it hands out no fence the old row did (an
     // attempt on the old row may still be in flight, under this holder).
     assert!(conn.remove("e").unwrap());
@@ -288,7 +287,21 @@ async fn contract(db: &Database) {
         panic!("lease not taken")
     };
     assert!(anew > next, "fence {anew} after {next}: a re-add reset it");
-    store.release_lease("e", peer).await.unwrap();
+    // An attempt that outlived the removed row, under the same holder,
+    // can neither commit onto the new row nor give back its lease.
+    assert!(matches!(
+        store
+            .commit_refresh("e", peer, next, 1, update("re-stale"))
+            .await
+            .unwrap(),
+        Commit::LeaseLost
+    ));
+    store.release_lease("e", peer, next).await.unwrap();
+    assert!(matches!(
+        store.take_lease("e", me, ttl, again.version).await.unwrap(),
+        Lease::Busy { .. }
+    ));
+    store.release_lease("e", peer, anew).await.unwrap();
     assert!(conn.remove("e").unwrap());
 
     // `remove --revoke` holds the lease without marking a refresh.

@@ -374,7 +374,7 @@ impl Refresher {
                     && row.grant != cred.grant
                 {
                     tracing::info!(credential = %name, "refresh token was rotated by another process meanwhile");
-                    let _ = self.store.release_lease(name, &self.holder).await;
+                    let _ = self.store.release_lease(name, &self.holder, fence).await;
                     if entry.adopt(row) {
                         let c = entry.cred();
                         self.publish(&c).await;

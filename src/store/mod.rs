@@ -549,13 +549,15 @@ impl Store {
         )
     }
 
-    pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+    /// Gives back `holder`'s lease `fence` on `name`, and no other: not one
+    /// the same process took on a row of that name added since.
+    pub async fn release_lease(&self, name: &str, holder: &str, fence: i64) -> Result<()> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         run!(
             self,
             on name.clone(),
-            move |c| ops::release(c, &name, &holder),
-            move |c| pg::ops::release(c, &name, &holder)
+            move |c| ops::release_fenced(c, &name, &holder, fence),
+            move |c| pg::ops::release_fenced(c, &name, &holder, fence)
         )
     }
 

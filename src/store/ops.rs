@@ -120,8 +120,9 @@ pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Creden
     // compared for equality only, and a holder's id is its process's, so a
     // credential removed and added again while an attempt on the old row is
     // still in flight must not hand out a fence that attempt carries. The
-    // old row's fence started at its own creation's clock and grew by one
-    // per lease, far slower than the clock (docs/design.md section 3).
+    // old row's fence started at its own creation's clock (or at 0, made
+    // before this rule) and grew by one per lease, far slower than the
+    // clock (docs/design.md section 3).
     c.execute(
         "INSERT OR REPLACE INTO credentials (name, provider, access_token, refresh_token,
             scope, expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
@@ -460,6 +461,15 @@ pub fn abandon(c: &Connection, name: &str, holder: &str, b: Back) -> Result<()> 
         b.version
     ])?;
     release(c, name, holder)
+}
+
+/// Gives back lease `fence` only: an attempt that outlived its row (removed
+/// and added again meanwhile) must not release the new row's lease, which
+/// the same process may hold under the same holder id.
+pub fn release_fenced(c: &Connection, name: &str, holder: &str, fence: i64) -> Result<()> {
+    c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2 AND fence = ?3")?
+        .execute(params![name, holder, fence])?;
+    Ok(())
 }
 
 pub fn release(c: &Connection, name: &str, holder: &str) -> Result<()> {

@@ -188,13 +188,16 @@ pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Creden
     // A replaced credential keeps its creation time and its fence (a lease
     // taken before cannot commit: the version moves on); everything else
     // starts again, as in SQLite. A new name's fence starts at the clock,
-    // as in SQLite (src/store/ops.rs `insert` says why).
+    // as in SQLite (src/store/ops.rs `insert` says why): the database's, as
+    // every host shares it.
     let row = c.query_opt(
         concat!(
             "INSERT INTO credentials (name, provider, access_token, refresh_token, scope,
                 expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
                 grant_type, fence)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, 1, $8, $7)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, 1, $8, ",
+            db_now!(),
+            ")
              ON CONFLICT (name) DO UPDATE SET provider = EXCLUDED.provider,
                 access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token,
                 scope = EXCLUDED.scope, expires_at = EXCLUDED.expires_at,
@@ -656,6 +659,15 @@ pub fn abandon(c: &mut Tx<'_>, name: &str, holder: &str, b: Back) -> Result<()> 
         changed(c, name)?;
     }
     release(c, name, holder)
+}
+
+/// See [`crate::store::ops::release_fenced`].
+pub fn release_fenced(c: &mut Tx<'_>, name: &str, holder: &str, fence: i64) -> Result<()> {
+    c.execute(
+        "DELETE FROM leases WHERE name = $1 AND holder = $2 AND fence = $3",
+        &[&name, &holder, &fence],
+    )?;
+    Ok(())
 }
 
 pub fn release(c: &mut Tx<'_>, name: &str, holder: &str) -> Result<()> {
