@@ -89,9 +89,9 @@ const BULK_READ: usize = 64;
 
 /// Threads that write the files at start-up. A disk's fsyncs overlap (the
 /// file system shares journal commits between them, and src/dirsync.rs
-/// shares the directory's), so a few writers put ten thousand files on the
-/// disk in a fraction of one's time (BENCHMARKS.md "Replacing files"); the
-/// socket and READY wait for them all.
+/// shares the directory's), so sixteen writers put ten thousand new files
+/// on this disk in about half one's time, 8 s, not 14 (BENCHMARKS.md
+/// "Replacing files"); the socket and READY wait for them all.
 const START_WRITERS: usize = 16;
 
 /// Every credential's files as the store has them at start-up: written when
