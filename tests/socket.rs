@@ -670,6 +670,35 @@ fn closed_within(s: &mut UnixStream, timeout: Duration) -> Result<(), String> {
     }
 }
 
+/// The header bound (README "Bounds": a head within 10 s, which also
+/// closes idle keep-alive connections) counts from each request, not from
+/// the connection's first: a connection busy past its first 10 s stays
+/// open, and once idle it is closed 10 s after its last answer.
+#[test]
+fn an_idle_keep_alive_connection_is_closed_10_s_after_its_last_request() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let _d = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let mut s = UnixStream::connect(&env.socket).unwrap();
+    let opened = Instant::now();
+    let mut last = opened;
+    while opened.elapsed() < Duration::from_secs(13) {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap_or_else(|e| panic!("closed after {:?}: {e}", opened.elapsed()));
+        let r = read_one_reply(&mut s);
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+        last = Instant::now();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    closed_within(&mut s, Duration::from_secs(20)).unwrap();
+    let idle = last.elapsed();
+    assert!(
+        idle >= Duration::from_millis(9500) && idle < Duration::from_secs(15),
+        "closed {idle:?} after the last answer"
+    );
+}
+
 #[test]
 fn hostile_clients_do_not_stop_a_well_behaved_one() {
     let env = Env::new(Knobs::default());
@@ -1220,6 +1249,37 @@ fn sigterm_closes_the_listener_first_and_finishes_a_request_in_flight() {
     assert_eq!(
         env.row("bot").unwrap().access_token.as_deref(),
         Some(new.as_str())
+    );
+}
+
+/// An idle keep-alive connection does not hold shutdown up: the drain
+/// reaches it at once (hyper's graceful shutdown closes an idle
+/// connection), not when the drain's 5 s bound runs out.
+#[test]
+fn sigterm_closes_an_idle_keep_alive_connection_at_once() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let mut d = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    let mut s = UnixStream::connect(&env.socket).unwrap();
+    // Several requests: the connection's task has been woken many times
+    // before the drain comes.
+    for _ in 0..3 {
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let r = read_one_reply(&mut s);
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+    }
+    let stopping = Instant::now();
+    d.signal(libc::SIGTERM);
+    closed_within(&mut s, Duration::from_secs(3))
+        .unwrap_or_else(|e| panic!("the idle connection at shutdown: {e}"));
+    let status = d.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+    assert!(
+        stopping.elapsed() < Duration::from_secs(4),
+        "shutdown took {:?}",
+        stopping.elapsed()
     );
 }
 

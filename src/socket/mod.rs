@@ -11,6 +11,7 @@
 //! with a bare 400 or 431 before any route runs: [`guard::Guard`] checks each
 //! request head (with hyper's own parser and rules) before hyper sees it.
 
+mod alarm;
 mod guard;
 mod peer;
 mod routes;
@@ -19,12 +20,14 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
@@ -328,34 +331,33 @@ async fn serve<S>(
     io: S,
     state: Arc<routes::State>,
     client: Arc<Client>,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = guard::Guard::new(io, client.clone());
     let (service_state, service_client) = (state.clone(), client.clone());
     let service = hyper::service::service_fn(move |req| {
+        // Taken apart now, before hyper reads on (routes::Call says why).
+        let call = routes::Call::new(req);
         let state = service_state.clone();
         let client = service_client.clone();
         async move {
-            let resp = routes::handle(&state, &client.caller, req).await;
+            let resp = routes::handle(&state, &client.caller, call).await;
             client.answered.fetch_add(1, Ordering::Release);
             Ok::<_, std::convert::Infallible>(resp)
         }
     });
     let conn = http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(alarm::Alarm::default())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEAD)
         .keep_alive(true)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = drain.changed() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(DRAIN, conn).await;
-        }
+    if until_drained(conn.as_mut(), drain).await {
+        conn.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(DRAIN, conn).await;
     }
     // A head the guard refused is counted like any answer.
     let refused = client.refused.load(Ordering::Relaxed);
@@ -365,6 +367,40 @@ async fn serve<S>(
             .metrics()
             .socket_request("bad_request", refused);
     }
+}
+
+/// Polls `conn` to its end (false) or until `drain` says the daemon is
+/// stopping (true).
+///
+/// Unlike a `select!` of the two, which polls the drain's `changed()` on
+/// every wake of the connection (a lock of the channel's waiter list each
+/// time, on every request), the drain is polled only when it has changed
+/// or the task's waker is not the one it holds: once registered, its
+/// notification wakes this task, and a version check (one atomic load)
+/// tells the wake that is for it.
+async fn until_drained<F: Future>(mut conn: Pin<&mut F>, drain: watch::Receiver<bool>) -> bool {
+    let probe = drain.clone();
+    let mut drain = drain;
+    let changed = drain.changed();
+    tokio::pin!(changed);
+    let mut registered: Option<Waker> = None;
+    std::future::poll_fn(|cx| {
+        if conn.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        let stale = registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker()));
+        // A closed channel (Err) ends serving as a drain does.
+        if stale || probe.has_changed().unwrap_or(true) {
+            if changed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(true);
+            }
+            if stale {
+                registered = Some(cx.waker().clone());
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// Serves one connection over any byte stream exactly as the socket serves

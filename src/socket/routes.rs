@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::peer::Caller;
 use crate::clock::rfc3339;
+use crate::metrics::TOKEN_ROUTE;
 use crate::names::check_name;
 use crate::refresher::{Refresher, StatusCursor, TokenError};
 use crate::wire::{self, ErrorCode, Refreshed};
@@ -105,9 +106,38 @@ fn error(status: StatusCode, code: ErrorCode, message: impl AsRef<str>) -> Resp 
     )
 }
 
+/// What the routes need of a request, taken out of it as soon as hyper
+/// hands it over. The request's head lives in hyper's read buffer (its URI
+/// and header values are slices of it): while any of it is alive, hyper
+/// cannot reuse that buffer for the next request's bytes and allocates a
+/// new one, which on a keep-alive connection was the largest single cost
+/// of a token read after hyper's own work (BENCHMARKS.md, "Socket API").
+pub struct Call {
+    method: Method,
+    path: String,
+    wants_json: bool,
+    body: Incoming,
+}
+
+impl Call {
+    pub fn new(req: Request<Incoming>) -> Call {
+        let (head, body) = req.into_parts();
+        let wants_json = head
+            .headers
+            .get(ACCEPT)
+            .is_some_and(|v| v.as_bytes().windows(16).any(|w| w == b"application/json"));
+        Call {
+            method: head.method,
+            path: head.uri.path().to_owned(),
+            wants_json,
+            body,
+        }
+    }
+}
+
 /// Routes a request; records it in the metrics under its route template.
-pub async fn handle(state: &State, caller: &Caller, req: Request<Incoming>) -> Resp {
-    let (route, resp) = route(state, caller, req).await;
+pub async fn handle(state: &State, caller: &Caller, call: Call) -> Resp {
+    let (route, resp) = route(state, caller, call).await;
     state
         .refresher
         .metrics()
@@ -118,13 +148,14 @@ pub async fn handle(state: &State, caller: &Caller, req: Request<Incoming>) -> R
 /// The most path segments a route has; a longer path is no route.
 const MAX_SEGMENTS: usize = 4;
 
-async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'static str, Resp) {
-    let (head, body) = req.into_parts();
-    let (method, path) = (&head.method, head.uri.path());
-    let wants_json = head
-        .headers
-        .get(ACCEPT)
-        .is_some_and(|v| v.as_bytes().windows(16).any(|w| w == b"application/json"));
+async fn route(state: &State, caller: &Caller, call: Call) -> (&'static str, Resp) {
+    let Call {
+        method,
+        path,
+        wants_json,
+        body,
+    } = call;
+    let (method, path) = (&method, path.as_str());
     // Drain (and bound) any body, so a keep-alive connection stays in step.
     // Most requests have none: skip the timer then.
     let empty = hyper::body::Body::is_end_stream(&body)
@@ -144,16 +175,8 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             ),
         );
     }
-    // Split without allocating: this runs for every request.
     let mut segments = [""; MAX_SEGMENTS + 1];
-    let mut n = 0;
-    for s in path.trim_start_matches('/').split('/') {
-        segments[n] = s;
-        n += 1;
-        if n > MAX_SEGMENTS {
-            break;
-        }
-    }
+    let n = split_path(path, &mut segments);
     match (method, &segments[..n]) {
         // Serving either way: degraded only says the database is out of
         // reach (README "Running a fleet").
@@ -205,7 +228,7 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             .await,
         ),
         (&Method::GET, ["v1", "tokens", name]) => (
-            "/v1/tokens/{name}",
+            TOKEN_ROUTE,
             guarded(state, caller, name, |name| token(state, name, wants_json)).await,
         ),
         (&Method::POST, ["v1", "tokens", name, "rejected"]) => (
@@ -239,6 +262,31 @@ async fn route(state: &State, caller: &Caller, req: Request<Incoming>) -> (&'sta
             ),
         ),
     }
+}
+
+/// Splits `path` at its slashes (leading ones skipped) into `segments`,
+/// as `path.trim_start_matches('/').split('/')` would, up to their number;
+/// returns how many it filled. It runs for every request, so it splits on
+/// bytes and allocates nothing (`str`'s char patterns cost several times
+/// more for a path this short).
+fn split_path<'p>(path: &'p str, segments: &mut [&'p str]) -> usize {
+    let bytes = path.as_bytes();
+    let mut start = bytes.iter().position(|&b| b != b'/').unwrap_or(bytes.len());
+    let mut n = 0;
+    while n < segments.len() {
+        let end = bytes[start..]
+            .iter()
+            .position(|&b| b == b'/')
+            .map_or(bytes.len(), |i| start + i);
+        // '/' is ASCII: both ends are character boundaries.
+        segments[n] = &path[start..end];
+        n += 1;
+        if end == bytes.len() {
+            break;
+        }
+        start = end + 1;
+    }
+    n
 }
 
 fn not_allowed(method: &Method, path: &str, allow: &'static str) -> Resp {
@@ -326,6 +374,38 @@ async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
                 ErrorCode::NoValidToken,
                 message,
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_split_as_str_split_does() {
+        for path in [
+            "",
+            "/",
+            "//",
+            "/health",
+            "health",
+            "/v1/tokens/a",
+            "//v1//tokens/",
+            "/v1/tokens/a/",
+            "/v1/credentials/a/refresh",
+            "/a/b/c/d/e/f/g",
+            "/é/ü/x",
+            "/v1/tokens/a%2Fb",
+        ] {
+            let mut segments = [""; MAX_SEGMENTS + 1];
+            let n = split_path(path, &mut segments);
+            let want: Vec<&str> = path
+                .trim_start_matches('/')
+                .split('/')
+                .take(MAX_SEGMENTS + 1)
+                .collect();
+            assert_eq!(&segments[..n], &want[..], "{path:?}");
         }
     }
 }
