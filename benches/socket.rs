@@ -12,6 +12,15 @@
 //! TOKEND_BENCH_ROUNDS (alternating rounds of each, default 5: the
 //! medians then move by up to 0.2 between runs of one build, so telling
 //! two builds apart takes more, BENCHMARKS.md "Socket API").
+//!
+//! With TOKEND_BENCH_INSTRUCTIONS set, the bench instead counts the
+//! instructions each server runs in user space per keep-alive request,
+//! under valgrind's callgrind: two runs of each server, 2,000 and 12,000
+//! requests on one connection, the difference divided by 10,000, so that
+//! start-up and shutdown cancel out. Unlike requests per second, the count
+//! moves by well under 1 % between runs, so it tells apart changes worth
+//! a few percent that the load runs cannot; it does not see the kernel's
+//! share (reads and writes), which is the same for both servers.
 //! BENCHMARKS.md holds the latest report.
 
 #[path = "../tests/support/mod.rs"]
@@ -63,6 +72,10 @@ fn main() {
     wait_serving(&base_sock, Duration::from_secs(30));
 
     import_expiring(&env, "bench", 31_535_999);
+    if std::env::var_os("TOKEND_BENCH_INSTRUCTIONS").is_some() {
+        kill(&mut base);
+        return instructions(&env);
+    }
     let mut daemon = Daemon::start_with(&env, "bench", |cmd, _| {
         cmd.env("RUST_LOG", "warn").stderr(Stdio::inherit());
     });
@@ -171,6 +184,102 @@ fn main() {
     println!();
     daemon.stop();
     kill(&mut base);
+}
+
+/// Requests on one keep-alive connection in the two runs of each server
+/// that `instructions` compares.
+const COUNTED: [u64; 2] = [2_000, 12_000];
+
+/// Instructions per keep-alive request, baseline and tokend, each server
+/// run under callgrind (module doc).
+fn instructions(env: &Env) {
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        println!("valgrind is not installed (apt-get install valgrind): no instruction count");
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let base_sock = env.dir.path().join("baseline-counted.sock");
+    let exe = std::env::current_exe().unwrap();
+    let mut baseline = Command::new(&exe);
+    baseline.arg(BASELINE_FLAG).arg(&base_sock);
+    let servers = [
+        (
+            "baseline (hyper, 40-byte constant)",
+            baseline,
+            base_sock,
+            "/",
+        ),
+        (
+            "tokend GET /v1/tokens/bench",
+            env.tokend(&["run"]),
+            env.socket.clone(),
+            "/v1/tokens/bench",
+        ),
+    ];
+    println!(
+        "## Instructions per keep-alive request (callgrind, user space; {} and {} requests on one connection)\n",
+        COUNTED[0], COUNTED[1]
+    );
+    println!("| server | instructions per request | ratio to baseline |");
+    println!("|---|---|---|");
+    let mut base_count = None;
+    for (label, cmd, sock, path) in servers {
+        let mut totals = Vec::new();
+        for n in COUNTED {
+            let out = env.dir.path().join(format!("counted-{n}.callgrind"));
+            let mut child = under_callgrind(&cmd, &out).spawn().unwrap();
+            wait_serving(&sock, Duration::from_secs(120));
+            rt.block_on(sequential(&sock, path, n));
+            kill(&mut child);
+            totals.push(callgrind_total(&out));
+        }
+        let per = (totals[1] - totals[0]) as f64 / (COUNTED[1] - COUNTED[0]) as f64;
+        let base = *base_count.get_or_insert(per);
+        println!("| {label} | {per:.0} | {:.2} |", per / base);
+    }
+    println!();
+}
+
+/// `cmd` run under callgrind, its counts written to `out`.
+fn under_callgrind(cmd: &Command, out: &Path) -> Command {
+    let mut c = Command::new("valgrind");
+    c.arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// The instructions a callgrind run counted in all (its `summary:` line).
+fn callgrind_total(out: &Path) -> u64 {
+    let text = fs::read_to_string(out).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no summary in {}", out.display()))
+}
+
+/// `n` requests for `path`, one after another on one connection.
+async fn sequential(sock: &Path, path: &str, n: u64) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").into_bytes();
+    let mut s = UnixStream::connect(sock).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    for _ in 0..n {
+        s.write_all(&request).await.unwrap();
+        read_reply(&mut s, &mut buf).await;
+    }
 }
 
 fn cores() -> usize {

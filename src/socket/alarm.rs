@@ -13,7 +13,9 @@
 //! that is not reached never touches the wheel.
 //!
 //! What hyper sees is unchanged: a bound completes at or after its
-//! deadline, never before, and wakes its task when it does.
+//! deadline, never before, and wakes its task when it does. The alarm holds
+//! one waker, the last bound's: hyper's HTTP/1 server has at most one bound
+//! per connection at a time, polled from the connection's task.
 //!
 //! [`HEADER_TIMEOUT`]: super::HEADER_TIMEOUT
 
@@ -35,7 +37,13 @@ pub(super) struct Alarm {
 
 impl Timer for Alarm {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn Sleep>> {
-        self.sleep_until(Instant::now() + duration)
+        self.sleep_until(self.now() + duration)
+    }
+
+    /// tokio's clock, which the alarm runs on (the same as the system's
+    /// unless a test pauses it).
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
     }
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
@@ -61,8 +69,8 @@ impl Future for Bound {
         let deadline = tokio::time::Instant::from_std(self.deadline);
         let mut bell = self.bell.lock().unwrap_or_else(|e| e.into_inner());
         let bell = bell.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        // Set for a later deadline (only a bound reset backwards): ring
-        // at ours instead.
+        // Set for a later deadline (a bound polled after a later one; hyper
+        // never does, its deadlines only grow): ring at ours instead.
         if bell.deadline() > deadline {
             bell.as_mut().reset(deadline);
         }
@@ -83,6 +91,14 @@ impl Future for Bound {
 mod tests {
     use super::*;
 
+    /// Awaits `bound`, failing the test rather than hanging if it is never
+    /// woken.
+    async fn complete(bound: Pin<Box<dyn Sleep>>) {
+        tokio::time::timeout(Duration::from_secs(10), bound)
+            .await
+            .expect("a bound that is never woken");
+    }
+
     /// Polls `bound` once: whether it is still pending.
     async fn pending(bound: &mut Pin<Box<dyn Sleep>>) -> bool {
         std::future::poll_fn(|cx| Poll::Ready(bound.as_mut().poll(cx).is_pending())).await
@@ -101,23 +117,23 @@ mod tests {
         let mut second = alarm.sleep_until(at(300));
         assert!(pending(&mut first).await);
         assert!(pending(&mut second).await);
-        second.await;
+        complete(second).await;
         assert!(Instant::now() >= at(300), "completed before its deadline");
 
         // The alarm last rang at 300: a later bound moves it.
-        alarm.sleep_until(at(500)).await;
+        complete(alarm.sleep_until(at(500))).await;
         assert!(Instant::now() >= at(500), "completed before its deadline");
 
-        // A bound earlier than the one the alarm is set for (hyper's reset
-        // backwards) is not held until the later deadline.
+        // A bound earlier than the one the alarm is set for is not held
+        // until the later deadline.
         let mut later = alarm.sleep_until(at(2000));
         assert!(pending(&mut later).await);
-        alarm.sleep_until(at(700)).await;
+        complete(alarm.sleep_until(at(700))).await;
         let now = Instant::now();
         assert!(now >= at(700), "completed before its deadline");
         assert!(now < at(1800), "held until the later deadline");
         // The later one still completes, at its own deadline.
-        later.await;
+        complete(later).await;
         assert!(Instant::now() >= at(2000), "completed before its deadline");
     }
 
@@ -132,7 +148,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(60)).await;
         }
         let start = Instant::now();
-        alarm.sleep(Duration::from_millis(300)).await;
+        complete(alarm.sleep(Duration::from_millis(300))).await;
         let took = start.elapsed();
         assert!(took >= Duration::from_millis(300), "took {took:?}");
         assert!(took < Duration::from_secs(2), "took {took:?}");

@@ -377,11 +377,14 @@ async fn serve<S>(
 /// time, on every request), the drain is polled only when it has changed
 /// or the task's waker is not the one it holds: once registered, its
 /// notification wakes this task, and a version check (one atomic load)
-/// tells the wake that is for it.
+/// tells the wake that is for it. It is polled outside tokio's cooperative
+/// budget: a connection that used the task's budget up would otherwise
+/// make that poll return without registering, and the drain would never
+/// wake this task.
 async fn until_drained<F: Future>(mut conn: Pin<&mut F>, drain: watch::Receiver<bool>) -> bool {
     let probe = drain.clone();
     let mut drain = drain;
-    let changed = drain.changed();
+    let changed = tokio::task::unconstrained(drain.changed());
     tokio::pin!(changed);
     let mut registered: Option<Waker> = None;
     std::future::poll_fn(|cx| {
@@ -421,4 +424,51 @@ where
     let (_running, drain) = watch::channel(false);
     let client = Arc::new(Client::new(peer::Caller::new(uid, gid)));
     serve(io, state, client, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// A connection whose polls use up the task's cooperative budget (here
+    /// by receiving a backlog, as a busy connection reads) still sees the
+    /// drain once it goes quiet.
+    #[tokio::test]
+    async fn a_drain_reaches_a_connection_that_used_up_its_budget() {
+        const BACKLOG: usize = 1000;
+        let (stop, drain) = watch::channel(false);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        for _ in 0..BACKLOG {
+            tx.send(()).unwrap();
+        }
+        let taken = Arc::new(AtomicUsize::new(0));
+        let counted = taken.clone();
+        let serving = tokio::spawn(async move {
+            let conn = std::future::poll_fn(move |cx| {
+                while let Poll::Ready(Some(())) = rx.poll_recv(cx) {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+                Poll::<()>::Pending
+            });
+            tokio::pin!(conn);
+            until_drained(conn, drain).await
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while taken.load(Ordering::Relaxed) < BACKLOG {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the backlog was not taken"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        let drained = tokio::time::timeout(Duration::from_secs(5), serving)
+            .await
+            .expect("the drain never reached the connection")
+            .unwrap();
+        assert!(drained);
+        drop(tx);
+    }
 }

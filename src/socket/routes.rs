@@ -110,8 +110,9 @@ fn error(status: StatusCode, code: ErrorCode, message: impl AsRef<str>) -> Resp 
 /// hands it over. The request's head lives in hyper's read buffer (its URI
 /// and header values are slices of it): while any of it is alive, hyper
 /// cannot reuse that buffer for the next request's bytes and allocates a
-/// new one, which on a keep-alive connection was the largest single cost
-/// of a token read after hyper's own work (BENCHMARKS.md, "Socket API").
+/// new one: about 600 instructions a request, the largest single piece the
+/// instruction count found outside hyper (BENCHMARKS.md, "Socket API",
+/// "Instructions per request").
 pub struct Call {
     method: Method,
     path: String,
