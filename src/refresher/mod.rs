@@ -159,6 +159,12 @@ struct Ctx {
     ahead: Arc<Semaphore>,
 }
 
+/// The credentials by name. Every socket read looks its name up here:
+/// foldhash (seeded per process) hashes a short name in a fraction of the
+/// time of std's SipHash: about 150 of a token read's 12,000 instructions
+/// (BENCHMARKS.md, "Socket API", "Instructions per request").
+type Entries = HashMap<String, Arc<Entry>, foldhash::fast::RandomState>;
+
 /// The running refresher. Cheap to share (`Arc`).
 pub struct Refresher {
     store: Store,
@@ -166,7 +172,7 @@ pub struct Refresher {
     /// Our id in the store's leases.
     holder: String,
     ctx: RwLock<Arc<Ctx>>,
-    entries: RwLock<HashMap<String, Arc<Entry>>>,
+    entries: RwLock<Entries>,
     queue: mpsc::UnboundedSender<String>,
     sched: mpsc::UnboundedSender<Sched>,
     /// What `GET /metrics` reports.
@@ -294,7 +300,7 @@ impl Refresher {
             client,
             holder: crate::lease::holder_id(),
             ctx: RwLock::new(Arc::new(ctx)),
-            entries: RwLock::new(HashMap::new()),
+            entries: RwLock::new(Entries::default()),
             queue: queue_tx,
             sched: sched_tx,
             metrics: Metrics::default(),
@@ -375,7 +381,7 @@ impl Refresher {
             client,
             holder: crate::lease::holder_id(),
             ctx: RwLock::new(Arc::new(Ctx::new(config))),
-            entries: RwLock::new(HashMap::from([(
+            entries: RwLock::new(Entries::from_iter([(
                 name.to_owned(),
                 Arc::new(Entry::new(cred, Alerts::none())),
             )])),
