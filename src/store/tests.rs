@@ -254,3 +254,35 @@ fn sqlite_records_its_schema_version_in_tokend_schema_as_postgresql_does() {
         .unwrap();
     assert_eq!(versions, vec![conn::SCHEMA_VERSION]);
 }
+
+/// Every refresh records an event and trims the credential's events: the
+/// statements doing it are prepared once, not parsed again on every run
+/// (which cost a refresh about a sixth of its instructions, BENCHMARKS.md
+/// "Store").
+#[test]
+fn recording_an_event_does_not_prepare_its_statements_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    StoreConn::open(&path, true)
+        .unwrap()
+        .insert(&new_cred("a"), false)
+        .unwrap();
+    let c = Connection::open(&path).unwrap();
+    for i in 0..30 {
+        ops::event(&c, "a", "refreshed", Some(&format!("n{i}"))).unwrap();
+    }
+    let prepared_again = c
+        .prepare_cached(ops::TRIM_EVENTS)
+        .unwrap()
+        .get_status(rusqlite::StatementStatus::RePrepare);
+    assert_eq!(
+        prepared_again, 0,
+        "the trimming statement was prepared again"
+    );
+    let kept: i64 = c
+        .query_row("SELECT count(*) FROM events WHERE name = 'a'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(kept, 20);
+}
