@@ -316,11 +316,22 @@ pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<C
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "cache_size", -tuning.cache_kib)?;
     conn.pragma_update(None, "wal_autocheckpoint", tuning.wal_autocheckpoint)?;
-    // Every statement the store runs is prepared once and kept (about 30,
-    // the transaction statements included): rusqlite's default of 16 would
-    // have the rarer ones push out the ones every refresh runs, and each
-    // of those parsed again costs more than running it.
+    // The store caches 31 statements (the transaction statements
+    // included): rusqlite's default of 16 would have the rarer ones push
+    // out the ones every refresh runs, to be parsed again.
     conn.set_prepared_statement_cache_capacity(64);
+    // Plans chosen without looking at bound values: otherwise SQLite marks
+    // a parameter whose value it consulted, and rusqlite's cache clearing
+    // the bindings (each time a statement goes back to it) expires the
+    // statement, to be parsed and planned again on its next run. That
+    // happened to the events' trimming on every refresh, a sixth of a
+    // refresh's instructions (BENCHMARKS.md, "Store"), and statistics
+    // from an ANALYZE would do it to every lookup by name. Our statements
+    // are lookups by key, planned the same either way.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     migrate(&conn)?;
     Ok(conn)
 }

@@ -103,17 +103,11 @@ pub fn event(c: &Connection, name: &str, kind: &str, detail: Option<&str>) -> Re
     Ok(())
 }
 
-/// The trimming of a credential's events after each one recorded.
-///
-/// The subquery's `CAST(?1 AS TEXT)` is the same name; written as a bare
-/// `name = ?1` followed by `ORDER BY id`, the parameter counts for SQLite
-/// as one the plan depends on, so that rebinding it (every run: the
-/// statement cache clears the bindings) has SQLite parse and plan the
-/// statement anew, about a sixth of a refresh's instructions (BENCHMARKS.md,
-/// "Store"). The plan is the same either way: both lookups search the
-/// covering index `events_by_name`.
+/// The trimming of a credential's events after each one recorded. It must
+/// stay prepared (the connection's planner stability, src/store/conn.rs,
+/// says why it would not).
 pub(super) const TRIM_EVENTS: &str = "DELETE FROM events WHERE name = ?1 AND id <
-           (SELECT id FROM events WHERE name = CAST(?1 AS TEXT) ORDER BY id DESC LIMIT 1 OFFSET ?2)";
+           (SELECT id FROM events WHERE name = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)";
 
 pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Credential> {
     let now = now_ms();

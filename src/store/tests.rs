@@ -258,7 +258,8 @@ fn sqlite_records_its_schema_version_in_tokend_schema_as_postgresql_does() {
 /// Every refresh records an event and trims the credential's events: the
 /// statements doing it are prepared once, not parsed again on every run
 /// (which cost a refresh about a sixth of its instructions, BENCHMARKS.md
-/// "Store").
+/// "Store"), and the trimming finds the events to keep in the index,
+/// without sorting them.
 #[test]
 fn recording_an_event_does_not_prepare_its_statements_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -267,7 +268,8 @@ fn recording_an_event_does_not_prepare_its_statements_again() {
         .unwrap()
         .insert(&new_cred("a"), false)
         .unwrap();
-    let c = Connection::open(&path).unwrap();
+    // The daemon's connection, as the store opens it.
+    let c = conn::open_sqlite(&path, false, conn::Tuning::default()).unwrap();
     for i in 0..30 {
         ops::event(&c, "a", "refreshed", Some(&format!("n{i}"))).unwrap();
     }
@@ -285,4 +287,20 @@ fn recording_an_event_does_not_prepare_its_statements_again() {
         })
         .unwrap();
     assert_eq!(kept, 20);
+    let plan: Vec<String> = c
+        .prepare(&format!("EXPLAIN QUERY PLAN {}", ops::TRIM_EVENTS))
+        .unwrap()
+        .query_map(rusqlite::params!["a", 19], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert!(
+        plan.iter().all(|step| !step.contains("TEMP B-TREE"))
+            && plan
+                .iter()
+                .filter(|step| step.contains("events_by_name"))
+                .count()
+                == 2,
+        "{plan:?}"
+    );
 }

@@ -141,9 +141,10 @@ fn run_transaction(c: &Connection, mut ops: Vec<Box<dyn Op>>, begin: &str) {
     }
 }
 
-/// Runs one transaction-control statement, prepared once: parsed anew
-/// each time (`execute_batch`), the four of a refresh's transactions cost
-/// more than running them.
+/// Runs one transaction-control statement, prepared once: through
+/// `execute_batch`, the four or five of a refresh were parsed on every run,
+/// about 4,700 of a refresh's 277,000 instructions (BENCHMARKS.md,
+/// "Store").
 fn control(c: &Connection, sql: &str) -> rusqlite::Result<()> {
     c.prepare_cached(sql)?.execute([])?;
     Ok(())

@@ -3,6 +3,7 @@
 //! too, where it is unused.)
 
 use std::fs;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -122,4 +123,42 @@ pub fn memory(pid: u32) -> (f64, f64) {
             .unwrap_or(0.0)
     };
     (kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0)
+}
+
+/// Whether valgrind is installed, for the benches' instruction counts
+/// (TOKEND_BENCH_INSTRUCTIONS); they say so and skip when it is not.
+pub fn valgrind_present() -> bool {
+    std::process::Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `cmd` run under valgrind's callgrind, its counts written to `out`:
+/// the same program, arguments and environment.
+pub fn under_callgrind(cmd: &std::process::Command, out: &Path) -> std::process::Command {
+    let mut c = std::process::Command::new("valgrind");
+    c.arg("--tool=callgrind")
+        .arg(format!("--callgrind-out-file={}", out.display()))
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c
+}
+
+/// The instructions a callgrind run counted in all (its `summary:` line).
+pub fn callgrind_total(out: &Path) -> u64 {
+    let text = fs::read_to_string(out).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no summary in {}", out.display()))
 }
