@@ -16,6 +16,15 @@
 //! Environment: TOKEND_BENCH_CREDENTIALS (default 10000),
 //! TOKEND_BENCH_IDLE_SECS (default 60). Prints a Markdown report to stdout;
 //! BENCHMARKS.md holds the latest one.
+//!
+//! With TOKEND_BENCH_INSTRUCTIONS set, the bench instead counts the
+//! instructions the daemon runs in user space per refresh, under
+//! valgrind's callgrind: a fresh store of 1,000 and then 3,000 credentials
+//! all due at start, no sinks, the provider answering at once; the
+//! difference of the two counts divided by 2,000, so that start-up and
+//! shutdown cancel out. The count moves by well under 1 % between runs,
+//! where a sweep's seconds move by far more: it is the figure to compare
+//! two builds' refresh path with (BENCHMARKS.md, "Store").
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -26,7 +35,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use support::bench::{baseline_client, memory, wait_committed};
+use support::bench::{
+    baseline_client, callgrind_total, memory, under_callgrind, valgrind_present, wait_committed,
+};
 use support::{Daemon, Env, Knobs, QUIET_SWEEP, wait_for};
 
 const LATENCY_MS: u64 = 20;
@@ -43,6 +54,9 @@ fn main() {
     // `cargo bench` passes --bench; nothing else is taken.
     let n = env_or("TOKEND_BENCH_CREDENTIALS", 10_000) as usize;
     let idle_secs = env_or("TOKEND_BENCH_IDLE_SECS", 60);
+    if std::env::var_os("TOKEND_BENCH_INSTRUCTIONS").is_some() {
+        return instructions();
+    }
     let ideal = Duration::from_millis(n as u64 * LATENCY_MS) / CONCURRENCY as u32;
     println!(
         "## Daemon benchmark ({n} credentials, {LATENCY_MS} ms provider latency, max_concurrency {CONCURRENCY})\n"
@@ -107,6 +121,51 @@ fn main() {
 
 fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64()
+}
+
+/// Credentials refreshed in the two runs that `instructions` compares.
+const COUNTED: [usize; 2] = [1_000, 3_000];
+
+/// Instructions per refresh (module doc).
+fn instructions() {
+    if !valgrind_present() {
+        println!("valgrind is not installed (apt-get install valgrind): no instruction count");
+        return;
+    }
+    let mut totals = Vec::new();
+    for n in COUNTED {
+        let env = Env::bench(Knobs::default());
+        env.write_config(
+            &format!("[refresh]\nmax_concurrency = {CONCURRENCY}\n{QUIET_SWEEP}\n"),
+            "",
+        );
+        env.seed(n, None);
+        let out = env.dir.path().join("sweep.callgrind");
+        let mut run = env.tokend(&["run"]);
+        run.env("RUST_LOG", "warn");
+        let mut daemon = under_callgrind(&run, &out).spawn().unwrap();
+        wait_committed(&env.provider, &env.raw_store(), n, 0);
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+        assert!(
+            daemon.wait().unwrap().success(),
+            "the daemon under callgrind failed"
+        );
+        assert_eq!(
+            env.provider.stats().refreshes_ok as usize,
+            n,
+            "one refresh each"
+        );
+        totals.push(callgrind_total(&out));
+    }
+    let per = (totals[1] - totals[0]) as f64 / (COUNTED[1] - COUNTED[0]) as f64;
+    println!(
+        "## Instructions per refresh (callgrind, user space; {} and {} credentials due at start, no sinks)\n",
+        COUNTED[0], COUNTED[1]
+    );
+    println!("| measure | instructions |");
+    println!("|---|---|");
+    println!("| per refresh | {per:.0} |\n");
 }
 
 fn cores() -> usize {

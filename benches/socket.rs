@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use support::bench::{callgrind_total, under_callgrind, valgrind_present};
 use support::{Daemon, Env, Knobs, bin, import_expiring, wait_serving};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
@@ -193,7 +194,7 @@ const COUNTED: [u64; 2] = [2_000, 12_000];
 /// Instructions per keep-alive request, baseline and tokend, each server
 /// run under callgrind (module doc).
 fn instructions(env: &Env) {
-    if Command::new("valgrind").arg("--version").output().is_err() {
+    if !valgrind_present() {
         println!("valgrind is not installed (apt-get install valgrind): no instruction count");
         return;
     }
@@ -241,34 +242,6 @@ fn instructions(env: &Env) {
         println!("| {label} | {per:.0} | {:.2} |", per / base);
     }
     println!();
-}
-
-/// `cmd` run under callgrind, its counts written to `out`.
-fn under_callgrind(cmd: &Command, out: &Path) -> Command {
-    let mut c = Command::new("valgrind");
-    c.arg("--tool=callgrind")
-        .arg(format!("--callgrind-out-file={}", out.display()))
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    c
-}
-
-/// The instructions a callgrind run counted in all (its `summary:` line).
-fn callgrind_total(out: &Path) -> u64 {
-    let text = fs::read_to_string(out).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("summary:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no summary in {}", out.display()))
 }
 
 /// `n` requests for `path`, one after another on one connection.
