@@ -103,9 +103,10 @@ pub fn event(c: &Connection, name: &str, kind: &str, detail: Option<&str>) -> Re
     Ok(())
 }
 
-/// The trimming of a credential's events after each one recorded. It must
-/// stay prepared (the connection's planner stability, src/store/conn.rs,
-/// says why it would not).
+/// The trimming of a credential's events after each one recorded. It stays
+/// prepared across runs only because the connection asks SQLite for plans
+/// that do not depend on bound values (src/store/conn.rs, `open_sqlite`,
+/// says why).
 pub(super) const TRIM_EVENTS: &str = "DELETE FROM events WHERE name = ?1 AND id <
            (SELECT id FROM events WHERE name = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)";
 
