@@ -22,14 +22,21 @@ pub(super) fn new_cred(name: &str) -> NewCredential {
     }
 }
 
-#[tokio::test]
-async fn refresh_commit_is_a_compare_and_swap() {
+/// A fresh store file holding credential "a", as `import` leaves it; the
+/// directory goes when the first value is dropped.
+pub(super) fn store_of_a() -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     StoreConn::open(&path, true)
         .unwrap()
         .insert(&new_cred("a"), false)
         .unwrap();
+    (dir, path)
+}
+
+#[tokio::test]
+async fn refresh_commit_is_a_compare_and_swap() {
+    let (_dir, path) = store_of_a();
     let store = Store::open(&path).unwrap();
     let me = crate::lease::holder_id();
     let Lease::Taken {
@@ -88,12 +95,7 @@ async fn refresh_commit_is_a_compare_and_swap() {
 
 #[tokio::test]
 async fn a_holder_whose_lease_passed_on_writes_nothing_but_an_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    StoreConn::open(&path, true)
-        .unwrap()
-        .insert(&new_cred("a"), false)
-        .unwrap();
+    let (_dir, path) = store_of_a();
     let store = Store::open(&path).unwrap();
     let stale = "other-host/1/1";
     let Lease::Taken { fence: old, .. } = store
@@ -176,12 +178,7 @@ async fn a_holder_whose_lease_passed_on_writes_nothing_but_an_event() {
 
 #[tokio::test]
 async fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    StoreConn::open(&path, true)
-        .unwrap()
-        .insert(&new_cred("a"), false)
-        .unwrap();
+    let (_dir, path) = store_of_a();
     let store = Store::open(&path).unwrap();
     let _ = store
         .take_lease("a", "peer-host/1/1", Duration::from_secs(60), 1)
@@ -213,12 +210,7 @@ async fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
 
 #[tokio::test]
 async fn an_unfinished_refresh_is_reported_to_the_next_holder() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    StoreConn::open(&path, true)
-        .unwrap()
-        .insert(&new_cred("a"), false)
-        .unwrap();
+    let (_dir, path) = store_of_a();
     let store = Store::open(&path).unwrap();
     // A holder from a process that no longer exists.
     let dead = "other-host/1/1";
@@ -262,12 +254,7 @@ fn sqlite_records_its_schema_version_in_tokend_schema_as_postgresql_does() {
 /// without sorting them.
 #[test]
 fn recording_an_event_does_not_prepare_its_statements_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    StoreConn::open(&path, true)
-        .unwrap()
-        .insert(&new_cred("a"), false)
-        .unwrap();
+    let (_dir, path) = store_of_a();
     // The daemon's connection, as the store opens it.
     let c = conn::open_sqlite(&path, false, conn::Tuning::default()).unwrap();
     for i in 0..30 {

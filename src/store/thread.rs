@@ -155,17 +155,12 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::store::tests::new_cred;
-    use crate::store::{Lease, Store, StoreConn};
+    use crate::store::tests::store_of_a;
+    use crate::store::{Lease, Store};
 
     #[tokio::test]
     async fn reads_do_not_wait_for_another_process_holding_the_write_lock() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        StoreConn::open(&path, true)
-            .unwrap()
-            .insert(&new_cred("a"), false)
-            .unwrap();
+        let (_dir, path) = store_of_a();
         let other = Connection::open(&path).unwrap();
         other.execute_batch("BEGIN EXCLUSIVE").unwrap();
         let started = std::time::Instant::now();
