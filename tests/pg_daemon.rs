@@ -390,10 +390,17 @@ fn a_lease_renewal_answered_late_is_not_trusted() {
     let env = Env::bare(Knobs::default());
     write_pg_config(&env, &server);
     // One provider slot: `y`'s lease, taken ahead of the slot while `x`'s
-    // request holds it for 3 s, is renewed before `y`'s request.
+    // request holds it for 3 s, is renewed before `y`'s request. The
+    // request timeout is well above that latency: with the usual 3 s, a
+    // loaded machine let the provider finish `x`'s refresh (and rotate)
+    // after tokend had given up on it, and the retry of the stored token
+    // that follows a lost answer (README, "How it keeps its promises": the
+    // one loss no client can prevent) spent a rotated-out token.
     let config = std::fs::read_to_string(&env.config_path)
         .unwrap()
-        .replace("[refresh]\n", "[refresh]\nmax_concurrency = 1\n");
+        .replace("[refresh]\n", "[refresh]\nmax_concurrency = 1\n")
+        .replace("request_timeout = \"3s\"", "request_timeout = \"10s\"");
+    assert!(config.contains("request_timeout = \"10s\""), "{config}");
     std::fs::write(&env.config_path, config).unwrap();
     server.psql(
         "t0",
