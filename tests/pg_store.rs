@@ -756,6 +756,46 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
     }
 }
 
+/// A daemon write whose statement runs past its 500 ms bound (here a
+/// trigger that sleeps; in service a stalled server) is treated like one
+/// waiting on a row held elsewhere: tried again for a while, then answered
+/// with an error that says why, not with the server's bare "canceling
+/// statement". Nothing of it lands, other credentials' writes go on, and
+/// it lands once the statement is quick again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_past_its_time_limit_is_tried_again_then_says_why() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let (dbname, b, _c) = two_hosts(&server, &["a", "s"]);
+    server.psql(
+        &dbname,
+        "CREATE FUNCTION slow() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.7); RETURN NEW; END $$;
+         CREATE TRIGGER slow BEFORE UPDATE ON credentials
+           FOR EACH ROW WHEN (NEW.name = 's') EXECUTE FUNCTION slow();",
+    );
+    let asked = Instant::now();
+    let b2 = b.clone();
+    let slow = tokio::spawn(async move { b2.record_validated("s", 1).await });
+    assert!(matches!(
+        b.record_validated("a", 1).await.unwrap(),
+        Commit::Done(_)
+    ));
+    let Err(e) = slow.await.unwrap() else {
+        panic!("a write past its time limit landed");
+    };
+    let took = asked.elapsed();
+    assert!(e.to_string().contains("run past their time limit"), "{e}");
+    assert!(took >= Duration::from_secs(2), "gave up after {took:?}");
+    assert_eq!(b.get("s").await.unwrap().unwrap().version, 1);
+    server.psql(&dbname, "DROP TRIGGER slow ON credentials");
+    assert!(matches!(
+        b.record_validated("s", 1).await.unwrap(),
+        Commit::Done(_)
+    ));
+}
+
 #[tokio::test]
 async fn the_last_twenty_events_are_kept() {
     let Some(server) = Server::start() else {

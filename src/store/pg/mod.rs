@@ -575,7 +575,8 @@ struct Link {
     pids: Arc<Pids>,
     slot: usize,
     health: Arc<Health>,
-    /// The last [`run`](Self::run) failed on a bounded row lock wait.
+    /// The last [`run`](Self::run) failed on a bounded wait: a row lock
+    /// held elsewhere, or a statement past its 500 ms.
     locked: bool,
 }
 
@@ -687,8 +688,9 @@ impl Link {
                     continue;
                 }
                 op.job.answer(Some(StoreError::Postgres(format!(
-                    "the credential {:?} is locked by another database session \
-                     (for {} s now); trying again later",
+                    "the credential {:?} is locked by another database session, \
+                     or its writes run past their time limit (for {} s now); \
+                     trying again later",
                     op.key.unwrap_or_default(),
                     LOCK_PATIENCE.as_secs()
                 ))));
@@ -822,7 +824,7 @@ pub(super) struct Tx<'a> {
     retry: bool,
     /// Row lock waits are bounded ([`BEGIN_BOUNDED`]).
     bounded: bool,
-    /// A bounded row lock wait timed out.
+    /// A bounded wait (a row lock's, or a statement's) ran out.
     locked: bool,
 }
 
@@ -857,7 +859,16 @@ impl<'a> Tx<'a> {
                 {
                     self.retry = true;
                 }
-                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE) {
+                // A bounded wait that ran out: the row lock's (55P03), or
+                // the statement's (57014). The server also reports a lock
+                // timeout as 57014 "canceling statement due to user
+                // request" when its timer's mark was cleared before the
+                // cancel was acted on, as one CI run saw; tokend sends no
+                // cancel of its own, so in a bounded transaction every
+                // 57014 is one of its bounds.
+                if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+                    || (self.bounded && e.code() == Some(&SqlState::QUERY_CANCELED))
+                {
                     self.locked = true;
                 }
                 Err(e.into())
