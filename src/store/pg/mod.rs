@@ -39,9 +39,10 @@
 //! they were queued, for [`BATCH_TIME`] at most: the writes not reached by
 //! then go back to the front of the queue, each to run alone on whichever
 //! connection is free (a write that failed a batch never joins another).
-//! A write whose row is still locked goes to the back of its lane, to
-//! run alone, for [`LOCK_PATIENCE`], then answers an error its caller
-//! retries (the refresher renews its lease meanwhile).
+//! A write whose row is still locked, or whose statement ran past its
+//! 500 ms, goes to the back of its lane, to run alone, for
+//! [`LOCK_PATIENCE`], then answers an error its caller retries (the
+//! refresher renews its lease meanwhile).
 //! Without the bound the same happened with no batch at all: four writes
 //! waiting for rows held elsewhere took all four connections, and every
 //! other credential's commit waited behind them.
@@ -142,8 +143,8 @@ const COMMIT_BOUNDED: &str = "SET LOCAL lock_timeout = 0; SET LOCAL statement_ti
 /// refresher also counts a lease's time from before it asked, and renews
 /// one that came late before using it.
 const BATCH_TIME: Duration = Duration::from_millis(500);
-/// How long a daemon write keeps trying for a row locked elsewhere before
-/// it answers an error. Its caller tries again later: the refresher holds
+/// How long a daemon write keeps trying for a row locked elsewhere (or a
+/// statement that runs past its bound) before it answers an error. Its caller tries again later: the refresher holds
 /// the credential for a moment, and a commit renews its lease between tries.
 const LOCK_PATIENCE: Duration = Duration::from_secs(2);
 
@@ -746,8 +747,8 @@ impl Link {
     }
 
     /// Runs `f` in a transaction of its own, its row lock waits bounded by
-    /// 50 ms ([`BEGIN_BOUNDED`]) if `bounded` (then [`locked`](Self::locked) says
-    /// whether one timed out).
+    /// 50 ms and its statements by 500 ms ([`BEGIN_BOUNDED`]) if `bounded`
+    /// (then [`locked`](Self::locked) says whether one ran out).
     fn run<T>(&mut self, bounded: bool, mut f: impl FnMut(&mut Tx<'_>) -> Result<T>) -> Result<T> {
         self.locked = false;
         let mut retries = 0;
@@ -863,9 +864,10 @@ impl<'a> Tx<'a> {
                 // the statement's (57014). The server also reports a lock
                 // timeout as 57014 "canceling statement due to user
                 // request" when its timer's mark was cleared before the
-                // cancel was acted on, as one CI run saw; tokend sends no
-                // cancel of its own, so in a bounded transaction every
-                // 57014 is one of its bounds.
+                // cancel was acted on, as one CI run saw. tokend sends no
+                // cancel of its own; an operator's `pg_cancel_backend` is
+                // taken for a bound too, which is safe: the transaction
+                // rolled back, and the write is tried again.
                 if e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
                     || (self.bounded && e.code() == Some(&SqlState::QUERY_CANCELED))
                 {
@@ -909,7 +911,11 @@ impl<'a> Tx<'a> {
                 } else {
                     "COMMIT"
                 })
-                .map_err(|e| StoreError::Commit(StoreError::from(e).to_string()))?;
+                .map_err(|e| {
+                    // Its outcome is unknown: never a bound to try again.
+                    self.locked = false;
+                    StoreError::Commit(StoreError::from(e).to_string())
+                })?;
         }
         Ok(())
     }
