@@ -389,8 +389,8 @@ fn a_lease_renewal_answered_late_is_not_trusted() {
     };
     let env = Env::bare(Knobs::default());
     write_pg_config(&env, &server);
-    // One provider slot: `y`'s lease, taken ahead of the slot while `x`'s
-    // request holds it for 3 s, is renewed before `y`'s request. The
+    // One provider slot, held by `x`'s refresh for 6 s: `y`'s lease, taken
+    // ahead of the slot meanwhile, is renewed before `y`'s request. The
     // request timeout is well above that latency: with the usual 3 s, a
     // loaded machine let the provider finish `x`'s refresh (and rotate)
     // after tokend had given up on it, and the retry of the stored token
@@ -399,18 +399,17 @@ fn a_lease_renewal_answered_late_is_not_trusted() {
     let config = std::fs::read_to_string(&env.config_path)
         .unwrap()
         .replace("[refresh]\n", "[refresh]\nmax_concurrency = 1\n")
-        .replace("request_timeout = \"3s\"", "request_timeout = \"10s\"");
-    assert!(config.contains("request_timeout = \"10s\""), "{config}");
+        .replace("request_timeout = \"3s\"", "request_timeout = \"15s\"");
+    assert!(config.contains("request_timeout = \"15s\""), "{config}");
     std::fs::write(&env.config_path, config).unwrap();
     server.psql(
         "t0",
         "CREATE FUNCTION stall() RETURNS trigger LANGUAGE plpgsql AS
            $$ BEGIN PERFORM pg_sleep(6); RETURN NULL; END $$;",
     );
-    import_expiring(&env, "x", 1);
-    env.provider.update_knobs(|k| k.latency_ms = 3000);
-    // Due a second after x: once x's request holds the slot.
-    let y = import_expiring(&env, "y", 3);
+    // Both tokens expired when imported: each is refreshed at once, with no
+    // validation first (which would take the slot too, in no set order).
+    import_expiring(&env, "x", 0);
     // A renewal keeps the lease's fence; a new lease bumps it.
     server.psql(
         "t0",
@@ -418,7 +417,16 @@ fn a_lease_renewal_answered_late_is_not_trusted() {
            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
            WHEN (NEW.name = 'y' AND OLD.fence = NEW.fence) EXECUTE FUNCTION stall();",
     );
+    env.provider.update_knobs(|k| k.latency_ms = 6000);
     let daemon = env.start();
+    wait_for("x's refresh under way", Duration::from_secs(20), || {
+        server
+            .psql("t0", "SELECT state FROM credentials WHERE name = 'x'")
+            .contains("refreshing")
+            .then_some(())
+    });
+    // Added while x's request holds the slot; the daemon hears of it at once.
+    let y = import_expiring(&env, "y", 0);
     wait_for(
         "the lease given back after three late renewals",
         Duration::from_secs(60),
