@@ -512,10 +512,11 @@ fn readers_never_see_a_torn_empty_or_wrongly_moded_file() {
 fn a_kill_after_the_provider_rotated_is_detected_and_reported() {
     let env = Env::bare(Knobs {
         strict_reuse: true,
-        latency_ms: 1500,
+        latency_ms: 5000,
         ..Knobs::default()
     });
-    env.write_config(FAST_REFRESH, &env.sink("raw", "0600"));
+    // The SIGSTOP lands while the request waits its 5 s at the provider.
+    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
     // No access token: the daemon refreshes at once.
     let g = env.import("bot", false);
     let mut d = env.start();

@@ -68,10 +68,11 @@ fn is_root() -> bool {
 /// the stored refresh token is the provider's, none was reused.
 #[test]
 fn a_database_locked_by_another_process_delays_a_refresh_but_loses_nothing() {
-    let env = Env::new(Knobs {
-        latency_ms: 2000,
+    let env = Env::bare(Knobs {
+        latency_ms: 5000,
         ..Knobs::default()
     });
+    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
     // No access token: a refresh is due the moment the daemon starts.
     let g = env.import("bot", false);
 
@@ -94,7 +95,7 @@ fn a_database_locked_by_another_process_delays_a_refresh_but_loses_nothing() {
     drop(lock);
 
     // The held-back refresh runs; lock the database while its request waits
-    // at the provider (2 s), so that its commit meets the lock.
+    // at the provider (5 s), so that its commit meets the lock.
     wait_for("the refresh request", Duration::from_secs(15), || {
         (env.provider.stats().refresh_requests == 1).then_some(())
     });

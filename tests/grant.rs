@@ -247,8 +247,8 @@ fn second_daemon(env: &Env) -> (Daemon, PathBuf) {
 #[test]
 fn a_holder_whose_lease_passed_on_stores_nothing() {
     let env = Env::bare(Knobs::default());
-    // request_timeout 3s: a lease lives 13 s.
-    env.write_config(&section("3s", "1s"), &env.sink("raw", "0600"));
+    // request_timeout 10s: a lease lives 20 s.
+    env.write_config(&section("10s", "1s"), &env.sink("raw", "0600"));
     let g = env.import("bot", true);
     let a = env.start();
     wait_serving(&env.socket, PATIENCE);
@@ -257,8 +257,9 @@ fn a_holder_whose_lease_passed_on_stores_nothing() {
         (env.provider.stats().validations_ok >= 1).then_some(())
     });
 
-    // A refreshes; the provider takes a second before it rotates.
-    env.provider.update_knobs(|k| k.latency_ms = 1000);
+    // A refreshes; the provider takes 3 s before it rotates, time enough
+    // to lock the store however loaded the machine.
+    env.provider.update_knobs(|k| k.latency_ms = 3000);
     let a_socket = env.socket.clone();
     let _caller = std::thread::spawn(move || {
         let _ = socket_request(

@@ -43,8 +43,11 @@ fn config_sealed(env: &Env, db: &str, key: Option<&std::path::Path>) {
     let key = key.map_or(String::new(), |k| {
         format!("encryption_key_file = \"{}\"\n", k.display())
     });
+    // A request timeout well above the slow provider below: a refresh that
+    // timed out while the provider went on to rotate would lose the grant.
+    let refresh = FAST_REFRESH.replace("request_timeout = \"3s\"", "request_timeout = \"15s\"");
     let text = format!(
-        "database = \"{db}\"\nsocket = \"{}\"\n{key}{FAST_REFRESH}\n{}\n{}",
+        "database = \"{db}\"\nsocket = \"{}\"\n{key}{refresh}\n{}\n{}",
         env.socket.display(),
         env.provider_block(),
         env.sink("raw", "0600")
@@ -173,9 +176,9 @@ fn a_move_that_cannot_be_done_changes_nothing() {
     ok(&env.cli(&["refresh", "kept"], ""));
 
     // A refresh in flight on the source (a slow provider, within the
-    // config's 3 s request timeout) refuses the move.
+    // config's 15 s request timeout) refuses the move.
     let pg = server.fresh_db();
-    env.provider.update_knobs(|k| k.latency_ms = 2500);
+    env.provider.update_knobs(|k| k.latency_ms = 6000);
     let refresh = env
         .tokend(&["refresh", "kept"])
         .stdout(std::process::Stdio::null())

@@ -188,7 +188,9 @@ async fn a_lease_is_answered_at_once_whatever_else_the_connection_does() {
             !also_granted,
             "{case}: a second host was granted the lease host B was told it holds"
         );
-        let floor = TTL.as_millis() as i64 - 300;
+        // A second of slack for a loaded machine; the faults this catches
+        // left a few hundred ms of the lease, or none.
+        let floor = TTL.as_millis() as i64 - 1000;
         assert!(
             left.is_some_and(|ms| ms >= floor),
             "{case}: the lease reached host B with {left:?} ms of its {TTL:?} left"

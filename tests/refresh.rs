@@ -69,13 +69,15 @@ fn list(env: &Env) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// README "What it does" and "File sinks": with 2 s tokens the daemon rotates about every second;
-/// each rotation is one successful refresh at the provider, committed before
-/// it is published, and every token the provider issued reaches the file.
+/// README "What it does" and "File sinks": with 6 s tokens the daemon
+/// rotates about every 3 s; each rotation is one successful refresh at the
+/// provider, committed before it is published, and every token the
+/// provider issued reaches the file. (With 2 s tokens, a loaded machine
+/// that held this poller up for a second missed a token.)
 #[test]
 fn short_lived_tokens_rotate_and_every_rotation_is_published_once() {
     let env = Env::new(Knobs {
-        token_lifetime_secs: 2,
+        token_lifetime_secs: 6,
         ..Knobs::default()
     });
     let g = env.import("bot", false);
@@ -86,11 +88,11 @@ fn short_lived_tokens_rotate_and_every_rotation_is_published_once() {
     let mut seen: Vec<String> = Vec::new();
     let mut settled_db: Vec<bool> = Vec::new();
     let mut settled_provider: Vec<bool> = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(40);
+    let deadline = Instant::now() + Duration::from_secs(90);
     while seen.len() < 6 {
         assert!(
             Instant::now() < deadline,
-            "only {} tokens published in 40 s",
+            "only {} tokens published in 90 s",
             seen.len()
         );
         // Read in publication order reversed (file, then DB, then provider):
@@ -684,7 +686,8 @@ fn two_daemons_on_one_database_rotate_each_token_exactly_once() {
         // A refresh token presented twice kills the grant: fail at once.
         let stats = env.provider.stats();
         assert_eq!(stats.reuse_detected, 0, "{stats:?}");
-        assert_eq!(stats.refresh_requests - stats.refreshes_ok, 0, "{stats:?}");
+        // (Requests against successes only once both have stopped, below:
+        // the provider counts a request before it answers it.)
         grants
             .iter()
             .all(|g| grant(&env, g.grant_id).rotations >= 8)
@@ -744,10 +747,11 @@ fn two_daemons_on_one_database_rotate_each_token_exactly_once() {
 /// committed before the daemon exits, so the rotated refresh token is not lost.
 #[test]
 fn sigterm_lets_a_refresh_in_flight_commit() {
-    let env = Env::new(Knobs {
-        latency_ms: 2000,
+    let env = Env::bare(Knobs {
+        latency_ms: 4000,
         ..Knobs::default()
     });
+    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
     let g = env.import("bot", false);
     let mut d = env.start();
     wait_for(
@@ -758,10 +762,10 @@ fn sigterm_lets_a_refresh_in_flight_commit() {
     assert_eq!(env.provider.stats().refreshes_ok, 0, "still in flight");
     let signalled = Instant::now();
     d.signal(libc::SIGTERM);
-    let status = d.wait_exit(Duration::from_secs(10));
+    let status = d.wait_exit(Duration::from_secs(20));
     let took = signalled.elapsed();
     assert!(status.success(), "exit status {status:?}");
-    assert!(took < Duration::from_secs(6), "took {took:?} to stop");
+    assert!(took < Duration::from_secs(12), "took {took:?} to stop");
 
     let info = grant(&env, g.grant_id);
     assert_eq!(info.rotations, 1);

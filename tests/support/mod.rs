@@ -126,6 +126,19 @@ retry_max = "2s"
 request_timeout = "3s"
 "#;
 
+/// [`FAST_REFRESH`] with another request timeout, for a test whose provider
+/// answers slowly on purpose: well above its latency, so that a loaded
+/// machine cannot turn a slow answer into one tokend gave up on while the
+/// provider went on to rotate (a lost answer, which spends a grant).
+pub fn fast_refresh_timeout(timeout: &str) -> String {
+    let text = FAST_REFRESH.replace(
+        "request_timeout = \"3s\"",
+        &format!("request_timeout = \"{timeout}\""),
+    );
+    assert_ne!(text, FAST_REFRESH);
+    text
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         if self.audit && !std::thread::panicking() {
