@@ -539,8 +539,9 @@ fn invalid_client_is_misconfigured_without_a_retry_loop() {
         ..Knobs::default()
     });
     env.write_config(FAST_REFRESH, &env.sink("raw", "0600"));
-    let g = env.import("bot", true);
+    // Counted from before the import: the token's lifetime starts there.
     let expires = Instant::now() + Duration::from_secs(8);
+    let g = env.import("bot", true);
     let d = env.start();
     let r = wait_for("misconfigured", Duration::from_secs(20), || {
         env.row("bot").filter(|r| r.state == "misconfigured")

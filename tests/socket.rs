@@ -799,8 +799,10 @@ fn hostile_clients_do_not_stop_a_well_behaved_one() {
         let took = t.elapsed();
         assert_eq!(r.status, 200, "{r:?}");
         assert_eq!(r.text(), g.access_token);
+        // A stuck accept loop or a starved runtime would hold a read for
+        // the 5 s of its client's timeout; a loaded machine, for less.
         assert!(
-            took < Duration::from_secs(1),
+            took < Duration::from_secs(3),
             "a read took {took:?} during the storm"
         );
         slowest = slowest.max(took);
