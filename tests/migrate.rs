@@ -45,7 +45,7 @@ fn config_sealed(env: &Env, db: &str, key: Option<&std::path::Path>) {
     });
     // A request timeout well above the slow provider below: a refresh that
     // timed out while the provider went on to rotate would lose the grant.
-    let refresh = FAST_REFRESH.replace("request_timeout = \"3s\"", "request_timeout = \"15s\"");
+    let refresh = fast_refresh_timeout("15s");
     let text = format!(
         "database = \"{db}\"\nsocket = \"{}\"\n{key}{refresh}\n{}\n{}",
         env.socket.display(),

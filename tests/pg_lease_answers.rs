@@ -188,9 +188,10 @@ async fn a_lease_is_answered_at_once_whatever_else_the_connection_does() {
             !also_granted,
             "{case}: a second host was granted the lease host B was told it holds"
         );
-        // A second of slack for a loaded machine; the faults this catches
-        // left a few hundred ms of the lease, or none.
-        let floor = TTL.as_millis() as i64 - 1000;
+        // Slack for a loaded machine, under the 500 ms a statement may run:
+        // an answer held for the next write (a fault this catches) comes
+        // at least that late.
+        let floor = TTL.as_millis() as i64 - 450;
         assert!(
             left.is_some_and(|ms| ms >= floor),
             "{case}: the lease reached host B with {left:?} ms of its {TTL:?} left"

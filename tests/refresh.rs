@@ -70,7 +70,7 @@ fn list(env: &Env) -> Vec<(String, String, String)> {
 }
 
 /// README "What it does" and "File sinks": with 6 s tokens the daemon
-/// rotates about every 3 s; each rotation is one successful refresh at the
+/// rotates every 3.5 to 4 s (2 s ahead of expiry, jittered); each rotation is one successful refresh at the
 /// provider, committed before it is published, and every token the
 /// provider issued reaches the file. (With 2 s tokens, a loaded machine
 /// that held this poller up for a second missed a token.)
