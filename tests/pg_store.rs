@@ -304,19 +304,29 @@ async fn contract(db: &Database) {
     store.release_lease("e", peer, anew).await.unwrap();
     assert!(conn.remove("e").unwrap());
 
-    // `remove --revoke` holds the lease without marking a refresh.
-    assert!(matches!(
-        conn.hold_lease("c", me, ttl).unwrap(),
-        Lease::Taken {
-            interrupted: false,
-            ..
-        }
-    ));
+    // `remove --revoke` holds the lease without marking a refresh, and
+    // gives back that lease only.
+    let Lease::Taken {
+        interrupted: false,
+        fence: held,
+        ..
+    } = conn.hold_lease("c", me, ttl).unwrap()
+    else {
+        panic!("remove --revoke's lease not taken")
+    };
     assert!(matches!(
         store.take_lease("c", peer, ttl, 2).await.unwrap(),
         Lease::Busy { .. }
     ));
-    conn.release_lease("c", me).unwrap();
+    conn.release_lease("c", me, held - 1).unwrap();
+    assert!(
+        matches!(
+            store.take_lease("c", peer, ttl, 2).await.unwrap(),
+            Lease::Busy { .. }
+        ),
+        "another fence's release gave the lease back"
+    );
+    conn.release_lease("c", me, held).unwrap();
 
     // Rows changed since a read show in their revisions.
     let revs = store.revisions().await.unwrap();

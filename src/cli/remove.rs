@@ -103,7 +103,7 @@ fn revoke_and_remove(config: &Config, store: &StoreConn, name: &str) -> Result<S
     let timeout = config.refresh.request_timeout;
     // Long enough for every attempt and the waits between them.
     let ttl = (timeout + REVOKE_WAIT_MAX) * REVOKE_ATTEMPTS;
-    let cred = take_lease(store, name, &holder, ttl, timeout)?;
+    let (cred, fence) = take_lease(store, name, &holder, ttl, timeout)?;
     let outcome = revoke(p, url, &cred, timeout);
     let result = match outcome {
         Ok(what) => store.remove(name).map(|_| what).map_err(|e| {
@@ -115,24 +115,27 @@ fn revoke_and_remove(config: &Config, store: &StoreConn, name: &str) -> Result<S
         Err(e) => Err(e),
     };
     if result.is_err() {
-        let _ = store.release_lease(name, &holder);
+        let _ = store.release_lease(name, &holder, fence);
     }
     result
 }
 
 /// The lease, waiting out a refresh in flight (its lease lasts the
-/// request's timeout and a margin); the row as it is under the lease.
+/// request's timeout and a margin); the row as it is under the lease, and
+/// the lease's fence.
 fn take_lease(
     store: &StoreConn,
     name: &str,
     holder: &str,
     ttl: Duration,
     request_timeout: Duration,
-) -> Result<Credential, Exit> {
+) -> Result<(Credential, i64), Exit> {
     let deadline = Instant::now() + request_timeout + Duration::from_secs(10);
     loop {
         match store.hold_lease(name, holder, ttl) {
-            Ok(Lease::Taken { credential, .. }) => return Ok(*credential),
+            Ok(Lease::Taken {
+                credential, fence, ..
+            }) => return Ok((*credential, fence)),
             Ok(Lease::Gone) => return Err(missing(name)),
             Ok(Lease::Busy { .. } | Lease::Changed(_)) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(200));

@@ -442,23 +442,27 @@ impl StoreConn {
                 j.call(move |c| pg::ops::hold_lease(c, &name, &holder, ttl))
             }
         }?;
-        let taken = matches!(lease, super::Lease::Taken { .. });
+        let fence = match &lease {
+            super::Lease::Taken { fence, .. } => Some(*fence),
+            _ => None,
+        };
         // A lease on a row whose tokens do not open is of no use: given
         // back at once (it marked nothing), not left to keep others out.
         self.opened(Ok(lease)).inspect_err(|_| {
-            if taken {
-                let _ = self.release_lease(name, holder);
+            if let Some(fence) = fence {
+                let _ = self.release_lease(name, holder, fence);
             }
         })
     }
 
-    /// Gives back `holder`'s lease on a credential.
-    pub fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+    /// Gives back `holder`'s lease `fence` on a credential, and no other
+    /// (see `ops::release`).
+    pub fn release_lease(&self, name: &str, holder: &str, fence: i64) -> Result<()> {
         match &self.backend {
-            Backend::Sqlite(c) => immediate(c, |c| ops::release(c, name, holder)),
+            Backend::Sqlite(c) => immediate(c, |c| ops::release(c, name, holder, fence)),
             Backend::Postgres(j) => {
                 let (name, holder) = (name.to_owned(), holder.to_owned());
-                j.call(move |c| pg::ops::release(c, &name, &holder))
+                j.call(move |c| pg::ops::release(c, &name, &holder, fence))
             }
         }
     }

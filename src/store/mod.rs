@@ -556,8 +556,8 @@ impl Store {
         run!(
             self,
             on name.clone(),
-            move |c| ops::release_fenced(c, &name, &holder, fence),
-            move |c| pg::ops::release_fenced(c, &name, &holder, fence)
+            move |c| ops::release(c, &name, &holder, fence),
+            move |c| pg::ops::release(c, &name, &holder, fence)
         )
     }
 

@@ -317,7 +317,7 @@ pub fn commit_refresh(
             u.expires_at,
             now
         ])?;
-    release(c, name, holder)?;
+    release(c, name, holder, fence)?;
     if n == 0 {
         return Ok(Commit::Conflict);
     }
@@ -358,8 +358,8 @@ pub fn record_failure(
             clear_mark,
             f.not_before
         ])?;
-    if f.lease.is_some() {
-        release(c, name, holder)?;
+    if let Some(fence) = f.lease {
+        release(c, name, holder, fence)?;
     }
     if n == 0 {
         return Ok(Commit::Conflict);
@@ -464,21 +464,15 @@ pub fn abandon(c: &Connection, name: &str, holder: &str, b: Back) -> Result<()> 
         now_ms(),
         b.version
     ])?;
-    release(c, name, holder)
+    release(c, name, holder, b.fence)
 }
 
 /// Gives back lease `fence` only: an attempt that outlived its row (removed
 /// and added again meanwhile) must not release the new row's lease, which
 /// the same process may hold under the same holder id.
-pub fn release_fenced(c: &Connection, name: &str, holder: &str, fence: i64) -> Result<()> {
+pub fn release(c: &Connection, name: &str, holder: &str, fence: i64) -> Result<()> {
     c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2 AND fence = ?3")?
         .execute(params![name, holder, fence])?;
-    Ok(())
-}
-
-pub fn release(c: &Connection, name: &str, holder: &str) -> Result<()> {
-    c.prepare_cached("DELETE FROM leases WHERE name = ?1 AND holder = ?2")?
-        .execute(params![name, holder])?;
     Ok(())
 }
 

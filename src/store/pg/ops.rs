@@ -567,8 +567,8 @@ pub fn record_failure(
             &f.not_before,
         ],
     )?;
-    if f.lease.is_some() {
-        release(c, name, holder)?;
+    if let Some(fence) = f.lease {
+        release(c, name, holder, fence)?;
     }
     written(c, name, row, Some((f.event, Some(&f.error))))
 }
@@ -658,22 +658,14 @@ pub fn abandon(c: &mut Tx<'_>, name: &str, holder: &str, b: Back) -> Result<()> 
     if n > 0 {
         changed(c, name)?;
     }
-    release(c, name, holder)
+    release(c, name, holder, b.fence)
 }
 
-/// See [`crate::store::ops::release_fenced`].
-pub fn release_fenced(c: &mut Tx<'_>, name: &str, holder: &str, fence: i64) -> Result<()> {
+/// See [`crate::store::ops::release`].
+pub fn release(c: &mut Tx<'_>, name: &str, holder: &str, fence: i64) -> Result<()> {
     c.execute(
         "DELETE FROM leases WHERE name = $1 AND holder = $2 AND fence = $3",
         &[&name, &holder, &fence],
-    )?;
-    Ok(())
-}
-
-pub fn release(c: &mut Tx<'_>, name: &str, holder: &str) -> Result<()> {
-    c.execute(
-        "DELETE FROM leases WHERE name = $1 AND holder = $2",
-        &[&name, &holder],
     )?;
     Ok(())
 }
