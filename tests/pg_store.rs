@@ -327,6 +327,11 @@ async fn contract(db: &Database) {
         "another fence's release gave the lease back"
     );
     conn.release_lease("c", me, held).unwrap();
+    // ... and gives it back.
+    let Lease::Taken { fence: peers, .. } = conn.hold_lease("c", peer, ttl).unwrap() else {
+        panic!("remove --revoke's lease was not given back")
+    };
+    conn.release_lease("c", peer, peers).unwrap();
 
     // Rows changed since a read show in their revisions.
     let revs = store.revisions().await.unwrap();

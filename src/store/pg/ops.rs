@@ -460,7 +460,7 @@ const COMMIT_REFRESH: &str = concat!(
     columns!(),
     "
     ), released AS (
-        DELETE FROM leases WHERE name = $1 AND holder = $2 AND EXISTS (SELECT 1 FROM held)
+        DELETE FROM leases WHERE name = $1 AND holder = $2 AND fence = $3
     ), added AS (
         INSERT INTO events (name, at, kind) SELECT name, $9, 'refreshed' FROM written
     ), trimmed AS (
