@@ -144,8 +144,9 @@ const COMMIT_BOUNDED: &str = "SET LOCAL lock_timeout = 0; SET LOCAL statement_ti
 /// one that came late before using it.
 const BATCH_TIME: Duration = Duration::from_millis(500);
 /// How long a daemon write keeps trying for a row locked elsewhere (or a
-/// statement that runs past its bound) before it answers an error. Its caller tries again later: the refresher holds
-/// the credential for a moment, and a commit renews its lease between tries.
+/// statement that runs past its bound) before it answers an error. Its
+/// caller tries again later: the refresher holds the credential for a
+/// moment, and a commit renews its lease between tries.
 const LOCK_PATIENCE: Duration = Duration::from_secs(2);
 
 impl From<postgres::Error> for StoreError {
@@ -861,10 +862,10 @@ impl<'a> Tx<'a> {
                     self.retry = true;
                 }
                 // A bounded wait that ran out: the row lock's (55P03), or
-                // the statement's (57014). The server also reports a lock
-                // timeout as 57014 "canceling statement due to user
-                // request" when its timer's mark was cleared before the
-                // cancel was acted on, as one CI run saw. tokend sends no
+                // the statement's (57014). One CI run also got 57014
+                // "canceling statement due to user request" where a lock
+                // timeout was due (most likely the server's timeout mark
+                // cleared before it acted on the cancel). tokend sends no
                 // cancel of its own; an operator's `pg_cancel_backend` is
                 // taken for a bound too, which is safe: the transaction
                 // rolled back, and the write is tried again.
