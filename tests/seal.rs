@@ -331,13 +331,19 @@ fn rotating_the_data_key_and_the_kek_keeps_every_credential_usable() {
 }
 
 /// A sealed store holding `bot` (its token good for an hour), and a
-/// daemon serving it; with the key file.
+/// daemon serving it, its start-up validation done; with the key file.
 fn sealed_daemon(env: &Env) -> (PathBuf, Daemon) {
     let key = key_file(env, "key");
     write_config(env, Some(&key));
     import_expiring(env, "bot", 3600);
     let daemon = env.start();
     wait_serving(&env.socket, Duration::from_secs(20));
+    // The start-up validation done: one still in flight would read back a
+    // value a test plants, and stop the credential before the test acts.
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        let s = get(&env.socket, "/v1/credentials/bot").json();
+        (!s["last_validated_at"].is_null()).then_some(())
+    });
     (key, daemon)
 }
 
