@@ -57,6 +57,48 @@ fn assert_clean(run: &HashMap<String, String>) {
     }
 }
 
+/// `tokend remove` while the credential's validation is at the provider:
+/// the validation's answer finds the row gone, and must not write the
+/// token it holds in memory back to the files (before, it did, until the
+/// removal's reload took them down again: a second `written` run, and a
+/// removed credential's file on disk meanwhile).
+#[test]
+fn a_validation_answered_after_a_removal_writes_no_file() {
+    let env = Env::bare(Knobs::default());
+    let out = env.dir.path().join("hooked");
+    let sinks = format!(
+        "{}on_change = {}\n",
+        env.sink("raw", "0600"),
+        env_dump(&out)
+    );
+    env.write_config(FAST_REFRESH, &sinks);
+    env.import("bot", true);
+    // The start-up validation waits 2 s at the provider.
+    env.provider.update_knobs(|k| k.latency_ms = 2000);
+    let d = env.start();
+    wait_for("the start-up publish", Duration::from_secs(10), || {
+        runs_of(&out, "written").pop()
+    });
+    wait_for(
+        "the validation at the provider",
+        Duration::from_secs(10),
+        || (env.provider.stats().validations == 1).then_some(()),
+    );
+    assert!(env.cli(&["remove", "bot"], "").status.success());
+    d.wait_log("credential removed from the store", Duration::from_secs(20));
+    assert_eq!(env.provider.stats().validations_ok, 1, "answered by then");
+    assert!(
+        !env.token_file("bot").exists(),
+        "the removed credential's file is back"
+    );
+    assert_eq!(
+        runs_of(&out, "written").len(),
+        1,
+        "the validation's answer wrote the removed credential's file"
+    );
+    drop(d);
+}
+
 fn notify_block(events: &str, command: &str, extra: &str) -> String {
     format!("[[notify]]\nevents = [{events}]\ncommand = {command}\n{extra}\n")
 }

@@ -143,18 +143,34 @@ impl Refresher {
         };
         match result {
             Ok(()) => {
-                match self.store.record_validated(&cred.name, cred.version).await {
-                    Ok(Commit::Done(c)) => self.adopt_written(entry, *c).await,
-                    Ok(Commit::Conflict | Commit::LeaseLost) => {}
-                    Err(e) => self.store_failed(entry, &cred.name, &e),
-                }
+                let current = match self.store.record_validated(&cred.name, cred.version).await {
+                    Ok(Commit::Done(c)) => {
+                        self.adopt_written(entry, *c).await;
+                        true
+                    }
+                    // The row changed or went while the request was out
+                    // (`tokend remove`, a forced import): its reload
+                    // publishes what it holds now. Writing the token in
+                    // memory here would bring a removed credential's
+                    // files back until that reload.
+                    Ok(Commit::Conflict | Commit::LeaseLost) => {
+                        self.enqueue(&cred.name, |p| p.reload = true);
+                        false
+                    }
+                    Err(e) => {
+                        self.store_failed(entry, &cred.name, &e);
+                        true
+                    }
+                };
                 tracing::debug!(credential = %cred.name, "token validated");
                 self.answered(&cred.provider, cred.failures > 0);
                 // The validation sweep doubles as a check of the files: one
                 // that was removed (a cleaned /run, a deleted directory) or
                 // altered is written again; an intact one costs a read.
-                let c = entry.cred();
-                self.publish(&c).await;
+                if current {
+                    let c = entry.cred();
+                    self.publish(&c).await;
+                }
             }
             Err(Failure::Unauthorized) => {
                 tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");
