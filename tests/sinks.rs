@@ -54,6 +54,10 @@ fn every_format_has_the_exact_content_and_mode() {
     assert_eq!(mode(&env.tokens.join("sales-bot.json")), 0o440);
     // No temp files left next to them.
     assert_eq!(fs::read_dir(&env.tokens).unwrap().count(), 4);
+    // The files come before the start-up validation: wait for it, then stop.
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        (env.provider.stats().validations_ok == 1).then_some(())
+    });
     assert!(d.stop().success());
     // The token was valid for a year: no refresh, one validation.
     let s = env.provider.stats();
