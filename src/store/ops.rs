@@ -117,8 +117,12 @@ pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Creden
         return Err(StoreError::Exists(n.name.clone()));
     }
     // A replaced credential keeps its creation time; its version moves on.
+    // A new name's revision starts at the clock in ms, not at 1: a daemon
+    // that has not yet seen the old row go (`tokend remove` and `import`
+    // of the same name between two of its looks) reloads a row only when
+    // its revision rose, and would keep serving the removed credential.
     let (version, rev, created) =
-        existing.map_or((1, 1, now), |e| (e.version + 1, e.rev + 1, e.created_at));
+        existing.map_or((1, now, now), |e| (e.version + 1, e.rev + 1, e.created_at));
     // It keeps its fence too, read before REPLACE deletes the old row. A
     // new name's fence starts at the clock in ms, not at 0: fences are
     // compared for equality only, and a holder's id is its process's, so a

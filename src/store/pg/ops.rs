@@ -189,13 +189,16 @@ pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Creden
     // taken before cannot commit: the version moves on); everything else
     // starts again, as in SQLite. A new name's fence starts at the clock,
     // as in SQLite (src/store/ops.rs `insert` says why): the database's, as
-    // every host shares it.
+    // every host shares it. So does a new name's revision (src/store/ops.rs
+    // `insert` says why).
     let row = c.query_opt(
         concat!(
             "INSERT INTO credentials (name, provider, access_token, refresh_token, scope,
                 expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
                 grant_type, fence)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, 1, $8, ",
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, ",
+            db_now!(),
+            ", $8, ",
             db_now!(),
             ")
              ON CONFLICT (name) DO UPDATE SET provider = EXCLUDED.provider,
