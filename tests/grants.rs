@@ -102,6 +102,55 @@ fn a_name_removed_and_imported_again_reaches_the_daemon() {
     }
 }
 
+/// The same, with nothing in flight: the removal and the new import both
+/// land while the daemon is frozen (SIGSTOP), so it sees one change, a row
+/// at version 1 where a row at version 1 was. Its token is a different
+/// one, and the file must get it at once, not at its first refresh (an
+/// hour away here), even while the provider's validation endpoint fails
+/// (a validation that succeeds writes the files anyway). Before
+/// `Entry::adopt` told rows apart by their creation too, the socket served
+/// the new token and the file kept the removed credential's.
+#[test]
+fn a_name_replaced_at_the_same_version_is_published_at_once() {
+    let env = Env::new(Knobs::default());
+    let old = import_expiring(&env, "bot", 3600);
+    let d = env.start();
+    // Recorded, not only answered: frozen in its write, the daemon would
+    // hold the store's lock and `remove` wait for it.
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        env.credential("bot")?.last_validated_at.map(drop)
+    });
+    wait_for("the token in the file", Duration::from_secs(20), || {
+        (env.read_token("bot")? == old.access_token).then_some(())
+    });
+    // The provider's validation is down: no validation of the new row
+    // succeeds, and so none publishes it.
+    env.provider.update_knobs(|k| {
+        k.fault = Some(Fault::Status503);
+        k.fault_on = FaultTarget::Validate;
+    });
+    d.signal(libc::SIGSTOP);
+    assert!(env.cli(&["remove", "bot"], "").status.success());
+    let new = import_expiring(&env, "bot", 3600);
+    d.signal(libc::SIGCONT);
+    wait_for(
+        "the socket serving the new grant's token",
+        Duration::from_secs(20),
+        || (get(&env.socket, "/v1/tokens/bot").text() == new.access_token).then_some(()),
+    );
+    wait_for(
+        "the new grant's token in the file",
+        Duration::from_secs(20),
+        || (env.read_token("bot")? == new.access_token).then_some(()),
+    );
+    assert_eq!(
+        env.provider.stats().token_requests,
+        0,
+        "the file waited for a refresh"
+    );
+    drop(d);
+}
+
 #[test]
 fn client_credentials_import_publishes_and_refreshes_before_expiry() {
     let env = Env::bare(Knobs {

@@ -175,7 +175,8 @@ impl Entry {
         self.state.lock().unwrap().cred.clone()
     }
 
-    /// Adopts a newer row (by `rev`); returns whether the token changed.
+    /// Adopts a newer row (by `rev`); returns whether the token changed, so
+    /// that the caller writes the files again.
     pub(super) fn adopt(&self, cred: Credential) -> bool {
         let mut st = self.state.lock().unwrap();
         if cred.rev < st.cred.rev && cred.version <= st.cred.version {
@@ -191,7 +192,10 @@ impl Entry {
         if let Some(change) = transition(&st.cred, &cred, &mut st.trouble) {
             self.alerts.changed(change);
         }
-        let token_changed = cred.version != st.cred.version;
+        // A row removed and imported again starts at version 1 anew: its
+        // creation tells it from the row it replaced.
+        let token_changed =
+            cred.version != st.cred.version || cred.created_at != st.cred.created_at;
         if token_changed {
             st.jitter = fastrand::f64();
             // Whatever held us back (a peer's lease) has produced a new token.
