@@ -311,8 +311,8 @@ pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<C
     }
     keep_private(path)?;
     let conn = Connection::open(path)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    set_wal(&conn)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "cache_size", -tuning.cache_kib)?;
     conn.pragma_update(None, "wal_autocheckpoint", tuning.wal_autocheckpoint)?;
@@ -336,19 +336,51 @@ pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<C
     Ok(conn)
 }
 
+/// How long a statement waits for another connection's lock.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Puts the database in WAL mode (a no-op once it is: the mode is kept in
+/// the file). The switch takes the database's exclusive lock, and while
+/// another connection switches it too (two processes opening a new store
+/// at once, say `tokend import` and the daemon's first start), SQLite
+/// answers SQLITE_BUSY at once, without waiting as the busy timeout says:
+/// so it is tried again here, for as long.
+fn set_wal(conn: &Connection) -> Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 fn migrate(conn: &Connection) -> Result<()> {
     let v = ops::user_version(conn)?;
     if v > SCHEMA_VERSION {
         return Err(StoreError::TooNew(v));
     }
+    // Each step looks at the version again once it holds the write lock:
+    // another process may have migrated while we waited for it. Step 1
+    // run again would set the version back to 1 under a newer schema,
+    // and every later open would fail on step 2's columns.
     if v < 1 {
-        immediate(conn, ops::migrate_to_1)?;
+        immediate(conn, |c| {
+            if ops::user_version(c)? >= 1 {
+                return Ok(());
+            }
+            ops::migrate_to_1(c)
+        })?;
     }
     if v < 2 {
         // Lease fencing, and the provider's Retry-After kept apart from
         // the backoff so that nothing brings an attempt before it.
         immediate(conn, |c| {
-            // Another process may have migrated while we waited for the lock.
             if ops::user_version(c)? >= 2 {
                 return Ok(());
             }
@@ -759,6 +791,37 @@ mod tests {
             Err(StoreError::Exists(_))
         ));
         assert_eq!(names(&sc), ["a", "b"]);
+    }
+
+    /// A new store opened by several processes at once (`tokend import`
+    /// beside the daemon's first start): every one opens it, and it is
+    /// left at the current schema. Before, switching the file to WAL,
+    /// SQLite answered "database is locked" at once to all but one; and a
+    /// process that had read version 0 created the schema again after
+    /// another had migrated it, set the version back to 1, and failed on
+    /// the next step's columns, as every later open then did.
+    #[test]
+    fn a_new_store_opened_by_many_at_once_opens_for_all() {
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tokend.db");
+            let barrier = Arc::new(std::sync::Barrier::new(8));
+            let opened: Vec<_> = (0..8)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        StoreConn::open(&path, true).map(drop)
+                    })
+                })
+                .collect();
+            for t in opened {
+                t.join().unwrap().unwrap();
+            }
+            let c = Connection::open(&path).unwrap();
+            assert_eq!(ops::user_version(&c).unwrap(), SCHEMA_VERSION);
+            StoreConn::open(&path, false).unwrap();
+        }
     }
 
     /// Issue 13: a version 2 file (before the grant column) opens as
