@@ -24,28 +24,54 @@ const RESEAL_BATCH: usize = 200;
 
 /// SQLite's page cache and WAL checkpoint interval. The page cache is
 /// SQLite's default: a larger one gave nothing worth its memory at
-/// 100,000 credentials (BENCHMARKS.md "Store"). The checkpoint interval is
-/// ten times SQLite's: a sweep of 100,000 credentials commits all over the
-/// file, and each checkpoint copies every page changed since the last one
-/// and syncs the database file on the store thread, while leases and
-/// commits wait. Fewer, longer checkpoints copy a page changed many times
-/// once, and took that sweep from 1.42 to 1.22 times the bare client's
-/// time, for a WAL of up to about 40 MiB (BENCHMARKS.md "Scale").
+/// 100,000 credentials (BENCHMARKS.md "Store"). The checkpoint interval
+/// follows the database's size ([`checkpoint_interval`]) unless fixed here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// `PRAGMA cache_size`, in KiB.
     pub cache_kib: i64,
-    /// `PRAGMA wal_autocheckpoint`: WAL pages between automatic checkpoints.
-    pub wal_autocheckpoint: i64,
+    /// `PRAGMA wal_autocheckpoint`, WAL pages between automatic
+    /// checkpoints: fixed, or None for [`checkpoint_interval`] of the
+    /// database's size, followed as it grows.
+    pub wal_autocheckpoint: Option<i64>,
 }
 
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             cache_kib: 2000,
-            wal_autocheckpoint: 10_000,
+            wal_autocheckpoint: None,
         }
     }
+}
+
+/// WAL pages between automatic checkpoints, for a database of `pages`
+/// pages: eight times its size, at least 10,000 pages (40 MiB, ten times
+/// SQLite's default) and at most 64,000 (250 MiB).
+///
+/// Each checkpoint copies every page changed since the last one back into
+/// the database file and syncs it, on the store thread, while leases and
+/// commits wait. A sweep commits all over the file, so a checkpoint copies
+/// up to the whole database however long the interval: an interval of a
+/// fixed multiple of the database keeps that copy to a fixed share of the
+/// WAL's writes whatever the number of credentials, and keeps the WAL in
+/// proportion to the database. At 100,000 credentials (5,400 pages) the
+/// sweep took 1.11–1.12 times the bare client's time with 10,000 pages,
+/// 1.07–1.09 with 20,000 and 1.05–1.06 with 40,000 (BENCHMARKS.md
+/// "Scale"); a store of 10,000 credentials stays at the floor, as before.
+pub(super) fn checkpoint_interval(pages: i64) -> i64 {
+    pages.saturating_mul(8).clamp(10_000, 64_000)
+}
+
+/// Sets the connection's checkpoint interval: `tuning`'s if fixed, else
+/// [`checkpoint_interval`] of the database's size now. Returns it.
+pub(super) fn set_checkpoint_interval(c: &Connection, tuning: Tuning) -> Result<i64> {
+    let pages = match tuning.wal_autocheckpoint {
+        Some(fixed) => fixed,
+        None => checkpoint_interval(c.pragma_query_value(None, "page_count", |r| r.get(0))?),
+    };
+    c.pragma_update(None, "wal_autocheckpoint", pages)?;
+    Ok(pages)
 }
 
 /// A synchronous connection, for the command line.
@@ -315,7 +341,7 @@ pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<C
     set_wal(&conn)?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "cache_size", -tuning.cache_kib)?;
-    conn.pragma_update(None, "wal_autocheckpoint", tuning.wal_autocheckpoint)?;
+    set_checkpoint_interval(&conn, tuning)?;
     // The store caches 31 statements (the transaction statements
     // included): rusqlite's default of 16 would have the rarer ones push
     // out the ones every refresh runs, to be parsed again.

@@ -364,7 +364,10 @@ impl Store {
             Database::Sqlite(path) => {
                 let conn = conn::open_sqlite(path, true, tuning)?;
                 let found = conn::sqlite_open_keys(&conn, k.as_deref())?;
-                (Backend::Sqlite(thread::Jobs::start(conn, path)?), found)
+                (
+                    Backend::Sqlite(thread::Jobs::start(conn, path, tuning)?),
+                    found,
+                )
             }
             Database::Postgres(url) => {
                 let j = pg::Jobs::start(url)?;

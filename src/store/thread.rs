@@ -8,23 +8,32 @@ use std::sync::mpsc;
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
+use super::conn::{Tuning, set_checkpoint_interval};
 use super::{Result, StoreError};
 
 /// Operations grouped into one transaction at most.
 const MAX_BATCH: usize = 1024;
+
+/// Write transactions between two looks at the database's size, to scale
+/// the checkpoint interval with it (`conn::checkpoint_interval`): a bulk
+/// import or a sweep of 100,000 credentials runs thousands, a small store
+/// a few an hour, and staying at the interval it was opened with then
+/// costs nothing.
+const RESCALE_EVERY: u32 = 1000;
 
 /// The store thread's queue: what a [`Store`](super::Store) holds.
 #[derive(Clone)]
 pub(super) struct Jobs(mpsc::Sender<Box<dyn Op>>);
 
 impl Jobs {
-    /// Starts the store thread, which owns `conn` from now on; `path` names
-    /// the database if the thread cannot be started.
-    pub(super) fn start(conn: Connection, path: &Path) -> Result<Jobs> {
+    /// Starts the store thread, which owns `conn` (opened with `tuning`)
+    /// from now on; `path` names the database if the thread cannot be
+    /// started.
+    pub(super) fn start(conn: Connection, path: &Path, tuning: Tuning) -> Result<Jobs> {
         let (tx, rx) = mpsc::channel::<Box<dyn Op>>();
         std::thread::Builder::new()
             .name("tokend-store".into())
-            .spawn(move || run_batches(conn, rx))
+            .spawn(move || run_batches(conn, rx, tuning))
             .map_err(|e| StoreError::Io(path.to_owned(), e))?;
         Ok(Jobs(tx))
     }
@@ -91,8 +100,9 @@ where
     }
 }
 
-fn run_batches(conn: Connection, rx: mpsc::Receiver<Box<dyn Op>>) {
+fn run_batches(conn: Connection, rx: mpsc::Receiver<Box<dyn Op>>, tuning: Tuning) {
     let c = &conn;
+    let mut writes_since_rescale = 0;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -107,7 +117,18 @@ fn run_batches(conn: Connection, rx: mpsc::Receiver<Box<dyn Op>>) {
         // that no other process's write lock can hold up.
         let (writes, reads): (Vec<_>, Vec<_>) = batch.into_iter().partition(|op| op.writes());
         run_transaction(c, reads, "BEGIN");
-        run_transaction(c, writes, "BEGIN IMMEDIATE");
+        if !writes.is_empty() {
+            run_transaction(c, writes, "BEGIN IMMEDIATE");
+            writes_since_rescale += 1;
+        }
+        if writes_since_rescale == RESCALE_EVERY {
+            writes_since_rescale = 0;
+            // Outside any transaction. Should it fail, the interval in
+            // force stays: only the checkpoints' spacing depends on it.
+            if let Err(e) = set_checkpoint_interval(c, tuning) {
+                tracing::debug!(error = %e, "cannot set the checkpoint interval");
+            }
+        }
     }
 }
 
@@ -157,6 +178,62 @@ mod tests {
     use super::*;
     use crate::store::tests::store_of_a;
     use crate::store::{Lease, Store};
+
+    /// The checkpoint interval is set from the database's size when the
+    /// store opens, and followed as the database grows (a bulk import
+    /// into a running daemon's store), unless the tuning fixes it.
+    #[tokio::test]
+    async fn the_checkpoint_interval_follows_the_database_s_size() {
+        let interval = |jobs: Jobs| async move {
+            jobs.send(
+                |c| Ok(c.pragma_query_value(None, "wal_autocheckpoint", |r| r.get::<_, i64>(0))?),
+                false,
+            )
+            .await
+            .unwrap()
+        };
+        let pad = |path: &Path, mib: usize| {
+            let other = Connection::open(path).unwrap();
+            other
+                .execute_batch(&format!(
+                    "CREATE TABLE IF NOT EXISTS pad(b BLOB); INSERT INTO pad VALUES (zeroblob({}));",
+                    mib << 20
+                ))
+                .unwrap();
+        };
+        let (_dir, path) = store_of_a();
+        let open = |tuning| {
+            let c = super::super::conn::open_sqlite(&path, false, tuning).unwrap();
+            // The test's thousand commits need no fsync each.
+            c.pragma_update(None, "synchronous", "OFF").unwrap();
+            Jobs::start(c, &path, tuning).unwrap()
+        };
+        // A small database: the floor.
+        let jobs = open(Tuning::default());
+        assert_eq!(interval(jobs.clone()).await, 10_000);
+        // 8 MiB more (2,048 pages of 4 KiB and some): eight times that,
+        // once the thread looks again.
+        pad(&path, 8);
+        for _ in 0..RESCALE_EVERY {
+            jobs.send(|_| Ok(()), true).await.unwrap();
+        }
+        let grown = interval(jobs.clone()).await;
+        assert!((16_400..17_000).contains(&grown), "{grown}");
+        // Opened on the grown database: at once.
+        assert_eq!(interval(open(Tuning::default())).await, grown);
+        // Fixed: kept whatever the size.
+        let fixed = Tuning {
+            wal_autocheckpoint: Some(1_000),
+            ..Tuning::default()
+        };
+        let jobs = open(fixed);
+        for _ in 0..RESCALE_EVERY {
+            jobs.send(|_| Ok(()), true).await.unwrap();
+        }
+        assert_eq!(interval(jobs).await, 1_000);
+        // Bounded: 250 MiB of WAL at most.
+        assert_eq!(super::super::conn::checkpoint_interval(1 << 20), 64_000);
+    }
 
     #[tokio::test]
     async fn reads_do_not_wait_for_another_process_holding_the_write_lock() {
