@@ -151,6 +151,55 @@ fn a_name_replaced_at_the_same_version_is_published_at_once() {
     drop(d);
 }
 
+/// The same with a validation of the old token in flight, which then
+/// fails (503): its failure is about the old token, and does not land on
+/// the new row (which is at version 1 too). Before results were matched
+/// to the row's creation as well as its version, the failure was recorded
+/// on the new row, the daemon took that row as the one it had published,
+/// and the file kept the removed credential's token while the socket
+/// served the new one.
+#[test]
+fn a_failed_validation_of_a_replaced_token_does_not_land_on_the_new_row() {
+    let env = Env::new(Knobs::default());
+    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
+    let old = import_expiring(&env, "bot", 3600);
+    let d = env.start();
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        env.credential("bot")?.last_validated_at.map(drop)
+    });
+    wait_for("the token in the file", Duration::from_secs(20), || {
+        (env.read_token("bot")? == old.access_token).then_some(())
+    });
+    env.provider.update_knobs(|k| {
+        k.latency_ms = 3000;
+        k.fault = Some(Fault::Status503);
+        k.fault_on = FaultTarget::Validate;
+    });
+    let validations = env.provider.stats().validations;
+    assert_eq!(
+        request(&env.socket, "POST", "/v1/tokens/bot/rejected").status,
+        202
+    );
+    wait_for(
+        "the validation at the provider",
+        Duration::from_secs(10),
+        || (env.provider.stats().validations > validations).then_some(()),
+    );
+    assert!(env.cli(&["remove", "bot"], "").status.success());
+    let new = import_expiring(&env, "bot", 3600);
+    wait_for(
+        "the socket serving the new grant's token",
+        Duration::from_secs(20),
+        || (get(&env.socket, "/v1/tokens/bot").text() == new.access_token).then_some(()),
+    );
+    wait_for(
+        "the new grant's token in the file",
+        Duration::from_secs(20),
+        || (env.read_token("bot")? == new.access_token).then_some(()),
+    );
+    drop(d);
+}
+
 #[test]
 fn client_credentials_import_publishes_and_refreshes_before_expiry() {
     let env = Env::bare(Knobs {

@@ -14,9 +14,11 @@ mod support;
 
 use std::time::Duration;
 
+use std::collections::HashMap;
 use support::pg::{Server, new_cred, update};
 use tokend::clock::now_ms;
-use tokend::store::{Commit, Database, Lease, PgUrl, Store, StoreConn};
+
+use tokend::store::{Commit, Database, Lease, PgUrl, Store, StoreConn, TokenAt};
 
 const TTL: Duration = Duration::from_secs(2);
 
@@ -33,9 +35,15 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
     let dbname = Server::db_name(&url);
     let db = Database::Postgres(PgUrl::parse(&url).unwrap());
     let conn = StoreConn::open_database(&db, true).unwrap();
-    for n in ["a", "b", "c"] {
-        conn.insert(&new_cred(n, "rt0"), false).unwrap();
-    }
+    let at: HashMap<&str, TokenAt> = ["a", "b", "c"]
+        .into_iter()
+        .map(|n| {
+            (
+                n,
+                conn.insert(&new_cred(n, "rt0"), false).unwrap().token_at(),
+            )
+        })
+        .collect();
     server.slow_updates(&dbname, "c", 3.0);
     let free_a = held_a.then(|| server.hold_row(&dbname, "a"));
     let (b, c) = (
@@ -43,15 +51,15 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
         Store::open_database(&db).unwrap(),
     );
     let mut writes = Vec::new();
-    let b0 = b.clone();
+    let (b0, c_at) = (b.clone(), at["c"]);
     writes.push(tokio::spawn(
-        async move { b0.record_validated("c", 1).await },
+        async move { b0.record_validated("c", c_at).await },
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
     if held_a {
-        let b1 = b.clone();
+        let (b1, a_at) = (b.clone(), at["a"]);
         writes.push(tokio::spawn(
-            async move { b1.record_validated("a", 1).await },
+            async move { b1.record_validated("a", a_at).await },
         ));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -63,7 +71,7 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
     tokio::time::sleep(Duration::from_millis(20)).await;
     let b3 = b.clone();
     writes.push(tokio::spawn(
-        async move { b3.record_validated("c", 1).await },
+        async move { b3.record_validated("c", c_at).await },
     ));
     let (l, answered_at) = lease.await.unwrap();
     let Lease::Taken { fence, .. } = l.unwrap() else {
@@ -109,8 +117,10 @@ async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
     let db = Database::Postgres(PgUrl::parse(&url).unwrap());
     let conn = StoreConn::open_database(&db, true).unwrap();
     let slow: Vec<String> = (0..=8).map(|i| format!("c{i}")).collect();
+    let mut at = HashMap::new();
     for n in slow.iter().map(String::as_str).chain(["a", "z"]) {
-        conn.insert(&new_cred(n, "rt0"), false).unwrap();
+        let row = conn.insert(&new_cred(n, "rt0"), false).unwrap();
+        at.insert(n, row.token_at());
     }
     server.slow_updates(&dbname, "c%", 0.45);
     let b = Store::open_database(&db).unwrap();
@@ -134,10 +144,10 @@ async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
         .chain(["a"])
         .chain(slow[1..].iter().map(String::as_str))
     {
-        let (b, name) = (b.clone(), n.to_owned());
+        let (b, name, token) = (b.clone(), n.to_owned(), at[n]);
         writes.push((
             n,
-            tokio::spawn(async move { b.record_validated(&name, 1).await }),
+            tokio::spawn(async move { b.record_validated(&name, token).await }),
         ));
         if n == "c0" {
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -12,7 +12,7 @@ use support::pg::{Server, new_cred, update};
 use tokend::clock::now_ms;
 use tokend::store::{
     Changed, Commit, Database, FailureUpdate, Grant, Lease, PgUrl, State, Store, StoreConn,
-    StoreError,
+    StoreError, TokenAt,
 };
 
 fn pg(url: &str) -> Database {
@@ -167,7 +167,12 @@ async fn contract(db: &Database) {
     ));
     assert!(matches!(
         store
-            .record_failure("b", peer, 1, failure(Some(old)))
+            .record_failure(
+                "b",
+                peer,
+                token_of(&store, "b", 1).await,
+                failure(Some(old))
+            )
             .await
             .unwrap(),
         Commit::LeaseLost
@@ -176,7 +181,7 @@ async fn contract(db: &Database) {
 
     // A failure under the current lease is recorded and releases it.
     let Commit::Done(failed) = store
-        .record_failure("b", me, 1, failure(Some(new)))
+        .record_failure("b", me, token_of(&store, "b", 1).await, failure(Some(new)))
         .await
         .unwrap()
     else {
@@ -193,16 +198,26 @@ async fn contract(db: &Database) {
         .unwrap();
     assert_eq!(moved.len(), 1);
     assert_eq!(moved[0].next_attempt_at, Some(at));
-    let Commit::Done(v) = store.record_validated("b", 1).await.unwrap() else {
+    let Commit::Done(v) = store
+        .record_validated("b", token_of(&store, "b", 1).await)
+        .await
+        .unwrap()
+    else {
         panic!("validation not recorded")
     };
     assert_eq!((v.state, v.failures, v.last_error), (State::Valid, 0, None));
     assert!(matches!(
-        store.record_validated("b", 9).await.unwrap(),
+        store
+            .record_validated("b", token_of(&store, "b", 9).await)
+            .await
+            .unwrap(),
         Commit::Conflict
     ));
     assert!(matches!(
-        store.record_note("b", 1, "forbidden".into()).await.unwrap(),
+        store
+            .record_note("b", token_of(&store, "b", 1).await, "forbidden".into())
+            .await
+            .unwrap(),
         Commit::Done(n) if n.last_error.as_deref() == Some("forbidden")
     ));
     assert!(matches!(
@@ -349,6 +364,62 @@ async fn contract(db: &Database) {
         store.take_lease("c", me, ttl, 2).await.unwrap(),
         Lease::Gone
     ));
+
+    // A name removed and imported again is at version 1 anew: what was
+    // found about the token it replaced (a validation's answer, a failure)
+    // does not land on it.
+    let old = conn.insert(&new_cred("r", "rt-old"), false).unwrap();
+    assert!(conn.remove("r").unwrap());
+    // Processes of their own in service, each taking far longer than the
+    // millisecond that tells two creations apart.
+    while now_ms() <= old.created_at {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let new = conn.insert(&new_cred("r", "rt-new"), false).unwrap();
+    assert_eq!(new.version, old.version);
+    assert_ne!(new.created_at, old.created_at);
+    let stale = old.token_at();
+    assert!(matches!(
+        store.record_validated("r", stale).await.unwrap(),
+        Commit::Conflict
+    ));
+    assert!(matches!(
+        store
+            .record_note("r", stale, "forbidden".into())
+            .await
+            .unwrap(),
+        Commit::Conflict
+    ));
+    assert!(matches!(
+        store
+            .record_failure("r", me, stale, failure(None))
+            .await
+            .unwrap(),
+        Commit::Conflict
+    ));
+    let row = store.get("r").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            row.state,
+            row.last_validated_at,
+            row.last_error,
+            row.failures
+        ),
+        (State::Valid, None, None, 0)
+    );
+    assert!(matches!(
+        store.record_validated("r", new.token_at()).await.unwrap(),
+        Commit::Done(_)
+    ));
+}
+
+/// `name`'s token at `version`, its creation read back from the store.
+async fn token_of(store: &Store, name: &str, version: i64) -> TokenAt {
+    let created_at = store.get(name).await.unwrap().unwrap().created_at;
+    TokenAt {
+        version,
+        created_at,
+    }
 }
 
 #[tokio::test]
@@ -585,7 +656,7 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
 
     // Multi-row writes in opposite orders, at once.
     for n in &names {
-        let v = store.get(n).await.unwrap().unwrap().version;
+        let v = store.get(n).await.unwrap().unwrap().token_at();
         assert!(matches!(
             store
                 .record_failure(n, "x/1/1", v, failure(None))
@@ -670,13 +741,16 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
     let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", ttl, 1).await.unwrap() else {
         panic!("z's lease not taken");
     };
+    let (y, m) = (token_of(&b, "y", 1).await, token_of(&b, "m", 1).await);
     let (free_y, free_m) = (server.hold_row(dbname, "y"), server.hold_row(dbname, "m"));
     let mut waiting = Vec::new();
     // Four keep the pool's threads waiting for `y`; `m` and the commit
     // then wait in its queue together.
     for n in ["y", "y", "y", "y", "m"] {
-        let b = b.clone();
-        waiting.push(tokio::spawn(async move { b.record_validated(n, 1).await }));
+        let (b, token) = (b.clone(), if n == "y" { y } else { m });
+        waiting.push(tokio::spawn(
+            async move { b.record_validated(n, token).await },
+        ));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let b2 = b.clone();
@@ -724,11 +798,14 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
     };
     let (dbname, b, c) = two_hosts(&server, &["a", "m", "y"]);
     let dbname = dbname.as_str();
+    let (y, m) = (token_of(&b, "y", 1).await, token_of(&b, "m", 1).await);
     let (free_y, free_m) = (server.hold_row(dbname, "y"), server.hold_row(dbname, "m"));
     let mut waiting = Vec::new();
     for n in ["y", "y", "y", "y", "m", "y", "m"] {
-        let b = b.clone();
-        waiting.push(tokio::spawn(async move { b.record_validated(n, 1).await }));
+        let (b, token) = (b.clone(), if n == "y" { y } else { m });
+        waiting.push(tokio::spawn(
+            async move { b.record_validated(n, token).await },
+        ));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ttl = Duration::from_secs(2);
@@ -768,9 +845,9 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
         );
     }
     drop((free_y, free_m));
-    for n in ["y", "m"] {
+    for (n, token) in [("y", y), ("m", m)] {
         assert!(matches!(
-            b.record_validated(n, 1).await.unwrap(),
+            b.record_validated(n, token).await.unwrap(),
             Commit::Done(_)
         ));
     }
@@ -795,11 +872,12 @@ async fn a_write_past_its_time_limit_is_tried_again_then_says_why() {
          CREATE TRIGGER slow BEFORE UPDATE ON credentials
            FOR EACH ROW WHEN (NEW.name = 's') EXECUTE FUNCTION slow();",
     );
+    let (a, s) = (token_of(&b, "a", 1).await, token_of(&b, "s", 1).await);
     let asked = Instant::now();
     let b2 = b.clone();
-    let slow = tokio::spawn(async move { b2.record_validated("s", 1).await });
+    let slow = tokio::spawn(async move { b2.record_validated("s", s).await });
     assert!(matches!(
-        b.record_validated("a", 1).await.unwrap(),
+        b.record_validated("a", a).await.unwrap(),
         Commit::Done(_)
     ));
     assert!(!slow.is_finished(), "a's write waited for s's to give up");
@@ -820,7 +898,7 @@ async fn a_write_past_its_time_limit_is_tried_again_then_says_why() {
     );
     server.psql(&dbname, "DROP TRIGGER slow ON credentials");
     assert!(matches!(
-        b.record_validated("s", 1).await.unwrap(),
+        b.record_validated("s", s).await.unwrap(),
         Commit::Done(_)
     ));
 }
@@ -832,15 +910,18 @@ async fn the_last_twenty_events_are_kept() {
     };
     let db = pg(&server.fresh_db());
     let conn = StoreConn::open_database(&db, true).unwrap();
-    conn.insert(&new_cred("a", "rt1"), false).unwrap();
+    let a = conn
+        .insert(&new_cred("a", "rt1"), false)
+        .unwrap()
+        .token_at();
     let store = Store::open_database(&db).unwrap();
     for _ in 0..25 {
         assert!(matches!(
-            store.record_validated("a", 1).await.unwrap(),
+            store.record_validated("a", a).await.unwrap(),
             Commit::Done(_)
         ));
     }
-    store.record_note("a", 1, "forbidden".into()).await.unwrap();
+    store.record_note("a", a, "forbidden".into()).await.unwrap();
     let kinds = server.psql(
         "t0",
         "SELECT count(*), max(kind) FILTER (WHERE id = (SELECT max(id) FROM events))
@@ -859,8 +940,10 @@ async fn a_store_hears_other_hosts_commits_not_its_own() {
     let db = pg(&server.fresh_db());
     let conn = StoreConn::open_database(&db, true).unwrap();
     let names: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
+    let mut tokens = std::collections::HashMap::new();
     for n in &names {
-        conn.insert(&new_cred(n, "rt1"), false).unwrap();
+        let row = conn.insert(&new_cred(n, "rt1"), false).unwrap();
+        tokens.insert(n.clone(), row.token_at());
     }
     let store = Store::open_database(&db).unwrap();
     let mut wakes = store.subscribe().expect("PostgreSQL announces its commits");
@@ -870,10 +953,10 @@ async fn a_store_hears_other_hosts_commits_not_its_own() {
     assert!(matches!(wakes.take(), Changed::Everything));
     let mut tasks = Vec::new();
     for n in names.iter().cycle().take(64) {
-        let (store, n) = (store.clone(), n.clone());
-        tasks.push(tokio::spawn(
-            async move { store.record_validated(&n, 1).await },
-        ));
+        let (store, n, token) = (store.clone(), n.clone(), tokens[n]);
+        tasks.push(tokio::spawn(async move {
+            store.record_validated(&n, token).await
+        }));
     }
     for t in tasks {
         assert!(matches!(t.await.unwrap().unwrap(), Commit::Done(_)));
@@ -885,7 +968,7 @@ async fn a_store_hears_other_hosts_commits_not_its_own() {
     );
     // Another host's commit wakes it, naming the row it changed.
     let other = Store::open_database(&db).unwrap();
-    other.record_validated("c0", 1).await.unwrap();
+    other.record_validated("c0", tokens["c0"]).await.unwrap();
     let woke = tokio::time::timeout(Duration::from_secs(5), wakes.changed()).await;
     assert_eq!(
         woke.ok(),

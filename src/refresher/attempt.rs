@@ -130,7 +130,7 @@ impl Refresher {
                 tracing::warn!(credential = %cred.name, error = %error, "validation refused");
                 match self
                     .store
-                    .record_note(&cred.name, cred.version, error)
+                    .record_note(&cred.name, cred.token_at(), error)
                     .await
                 {
                     Ok(Commit::Done(c)) => self.adopt_written(entry, *c).await,
@@ -143,7 +143,11 @@ impl Refresher {
         };
         match result {
             Ok(()) => {
-                let current = match self.store.record_validated(&cred.name, cred.version).await {
+                let current = match self
+                    .store
+                    .record_validated(&cred.name, cred.token_at())
+                    .await
+                {
                     Ok(Commit::Done(c)) => {
                         self.adopt_written(entry, *c).await;
                         true
@@ -593,7 +597,7 @@ impl Refresher {
         }
         match self
             .store
-            .record_failure(&cred.name, &self.holder, cred.version, update)
+            .record_failure(&cred.name, &self.holder, cred.token_at(), update)
             .await
         {
             Ok(Commit::Done(c)) => self.adopt_written(entry, *c).await,
@@ -620,9 +624,15 @@ impl Refresher {
     async fn adopt_written(&self, entry: &Entry, row: Credential) {
         let refused = row.grant == Grant::Refused;
         let name = row.name.clone();
-        entry.adopt(row);
+        // Such a write lands only on the token it was about (`TokenAt`),
+        // so its row holds the token published already; should it not,
+        // the files follow the row.
+        let changed = entry.adopt(row);
         if refused {
             self.unpublish(&name).await;
+        } else if changed {
+            let c = entry.cred();
+            self.publish(&c).await;
         }
     }
 

@@ -179,7 +179,11 @@ impl Entry {
     /// that the caller writes the files again.
     pub(super) fn adopt(&self, cred: Credential) -> bool {
         let mut st = self.state.lock().unwrap();
-        if cred.rev < st.cred.rev && cred.version <= st.cred.version {
+        // A name removed and imported again starts at version 1 anew: its
+        // creation tells it from the row it replaced, and only `rev` tells
+        // which of the two is newer.
+        let replaced = cred.created_at != st.cred.created_at;
+        if cred.rev < st.cred.rev && (replaced || cred.version <= st.cred.version) {
             return false;
         }
         // A row that no longer says `refreshing` carries the refresh's
@@ -192,14 +196,18 @@ impl Entry {
         if let Some(change) = transition(&st.cred, &cred, &mut st.trouble) {
             self.alerts.changed(change);
         }
-        // A row removed and imported again starts at version 1 anew: its
-        // creation tells it from the row it replaced.
-        let token_changed =
-            cred.version != st.cred.version || cred.created_at != st.cred.created_at;
+        let token_changed = replaced || cred.version != st.cred.version;
         if token_changed {
             st.jitter = fastrand::f64();
             // Whatever held us back (a peer's lease) has produced a new token.
             st.hold_until = 0;
+        }
+        if replaced {
+            // What this process noted of the old grant's tokens is not
+            // about the new one's (a 403 after a refresh for a 403 is
+            // keyed by version, which starts over).
+            st.refreshed_for_403 = None;
+            st.last_rejected = 0;
         }
         st.cred = Arc::new(cred);
         token_changed

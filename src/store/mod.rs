@@ -192,6 +192,27 @@ pub struct Credential {
     pub rev: i64,
 }
 
+/// Which token a result is about, for the writes that record it (a
+/// validation's answer, a failed refresh): the row's version, and its
+/// creation, which tells a name removed and imported again (at version
+/// 1 anew) from the row it replaced. Such a write lands only on that
+/// token's row; otherwise it answers [`Commit::Conflict`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenAt {
+    pub version: i64,
+    pub created_at: i64,
+}
+
+impl Credential {
+    /// The token this row holds now, for [`TokenAt`]'s writes.
+    pub fn token_at(&self) -> TokenAt {
+        TokenAt {
+            version: self.version,
+            created_at: self.created_at,
+        }
+    }
+}
+
 /// What `import` and `authorize` store.
 #[derive(Clone)]
 pub struct NewCredential {
@@ -643,47 +664,47 @@ impl Store {
         self.opened(moved).await
     }
 
-    /// Records a failed refresh or validation against the token `version` it
+    /// Records a failed refresh or validation against the token `at` it
     /// was about, and releases the lease if `holder` has it.
     pub async fn record_failure(
         &self,
         name: &str,
         holder: &str,
-        version: i64,
+        at: TokenAt,
         failure: FailureUpdate,
     ) -> Result<Commit> {
         let (name, holder) = (name.to_owned(), holder.to_owned());
         let done = run!(
             self,
             on name.clone(),
-            move |c| ops::record_failure(c, &name, &holder, version, &failure),
-            move |c| pg::ops::record_failure(c, &name, &holder, version, &failure)
+            move |c| ops::record_failure(c, &name, &holder, at, &failure),
+            move |c| pg::ops::record_failure(c, &name, &holder, at, &failure)
         );
         self.opened(done).await
     }
 
-    /// Records that the token at `version` passed validation.
-    pub async fn record_validated(&self, name: &str, version: i64) -> Result<Commit> {
+    /// Records that the token `at` passed validation.
+    pub async fn record_validated(&self, name: &str, at: TokenAt) -> Result<Commit> {
         let name = name.to_owned();
         let done = run!(
             self,
             on name.clone(),
-            move |c| ops::record_validated(c, &name, version),
-            move |c| pg::ops::record_validated(c, &name, version)
+            move |c| ops::record_validated(c, &name, at),
+            move |c| pg::ops::record_validated(c, &name, at)
         );
         self.opened(done).await
     }
 
-    /// Records `error` as the last error of the token at `version` without
+    /// Records `error` as the last error of the token `at` without
     /// changing its state: a problem the token cannot fix (a 403 from a
     /// fresh token), shown in the status while it lasts.
-    pub async fn record_note(&self, name: &str, version: i64, error: String) -> Result<Commit> {
+    pub async fn record_note(&self, name: &str, at: TokenAt, error: String) -> Result<Commit> {
         let name = name.to_owned();
         let done = run!(
             self,
             on name.clone(),
-            move |c| ops::record_note(c, &name, version, &error),
-            move |c| pg::ops::record_note(c, &name, version, &error)
+            move |c| ops::record_note(c, &name, at, &error),
+            move |c| pg::ops::record_note(c, &name, at, &error)
         );
         self.opened(done).await
     }

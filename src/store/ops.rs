@@ -10,7 +10,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Result, State, StoreError,
-    TokenUpdate,
+    TokenAt, TokenUpdate,
 };
 use crate::clock::now_ms;
 use crate::secret::Secret;
@@ -333,7 +333,7 @@ pub fn record_failure(
     c: &Connection,
     name: &str,
     holder: &str,
-    version: i64,
+    at: TokenAt,
     f: &FailureUpdate,
 ) -> Result<Commit> {
     if let Some(fence) = f.lease
@@ -349,18 +349,19 @@ pub fn record_failure(
             "UPDATE credentials SET state = ?3, failures = ?4, next_attempt_at = ?5,
                 last_error = ?6, updated_at = ?7, rev = rev + 1, not_before = ?9,
                 refresh_started_at = CASE WHEN ?8 THEN NULL ELSE refresh_started_at END
-             WHERE name = ?1 AND version = ?2",
+             WHERE name = ?1 AND version = ?2 AND created_at = ?10",
         )?
         .execute(params![
             name,
-            version,
+            at.version,
             f.state.as_str(),
             f.failures,
             f.next_attempt_at,
             f.error,
             now,
             clear_mark,
-            f.not_before
+            f.not_before,
+            at.created_at
         ])?;
     if let Some(fence) = f.lease {
         release(c, name, holder, fence)?;
@@ -372,7 +373,7 @@ pub fn record_failure(
     done(c, name)
 }
 
-pub fn record_validated(c: &Connection, name: &str, version: i64) -> Result<Commit> {
+pub fn record_validated(c: &Connection, name: &str, at: TokenAt) -> Result<Commit> {
     let now = now_ms();
     let n = c
         .prepare_cached(
@@ -382,9 +383,9 @@ pub fn record_validated(c: &Connection, name: &str, version: i64) -> Result<Comm
                 next_attempt_at = CASE WHEN state = 'retrying' THEN NULL ELSE next_attempt_at END,
                 not_before = CASE WHEN state = 'retrying' THEN NULL ELSE not_before END,
                 last_error = NULL
-             WHERE name = ?1 AND version = ?2",
+             WHERE name = ?1 AND version = ?2 AND created_at = ?4",
         )?
-        .execute(params![name, version, now])?;
+        .execute(params![name, at.version, now, at.created_at])?;
     if n == 0 {
         return Ok(Commit::Conflict);
     }
@@ -392,14 +393,15 @@ pub fn record_validated(c: &Connection, name: &str, version: i64) -> Result<Comm
     done(c, name)
 }
 
-/// Sets the last error of the token at `version`, its state untouched.
-pub fn record_note(c: &Connection, name: &str, version: i64, error: &str) -> Result<Commit> {
+/// Sets the last error of the token `at`, its state untouched.
+pub fn record_note(c: &Connection, name: &str, at: TokenAt, error: &str) -> Result<Commit> {
     let n = c
         .prepare_cached(
             "UPDATE credentials SET last_error = ?3, last_validated_at = ?4,
-                updated_at = ?4, rev = rev + 1 WHERE name = ?1 AND version = ?2",
+                updated_at = ?4, rev = rev + 1
+             WHERE name = ?1 AND version = ?2 AND created_at = ?5",
         )?
-        .execute(params![name, version, error, now_ms()])?;
+        .execute(params![name, at.version, error, now_ms(), at.created_at])?;
     if n == 0 {
         return Ok(Commit::Conflict);
     }

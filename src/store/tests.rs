@@ -139,7 +139,10 @@ async fn a_holder_whose_lease_passed_on_writes_nothing_but_an_event() {
         event: "refresh_failed",
     };
     assert!(matches!(
-        store.record_failure("a", stale, 1, failure).await.unwrap(),
+        store
+            .record_failure("a", stale, a_at(&store).await, failure)
+            .await
+            .unwrap(),
         Commit::LeaseLost
     ));
     let row = store.get("a").await.unwrap().unwrap();
@@ -194,7 +197,11 @@ async fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
         outcome_unknown: false,
         event: "validation_failed",
     };
-    let Commit::Done(row) = store.record_failure("a", "me", 1, failure).await.unwrap() else {
+    let Commit::Done(row) = store
+        .record_failure("a", "me", a_at(&store).await, failure)
+        .await
+        .unwrap()
+    else {
         panic!("not recorded")
     };
     assert!(row.refresh_started_at.is_some());
@@ -290,4 +297,12 @@ fn recording_an_event_does_not_prepare_its_statements_again() {
                 == 2,
         "{plan:?}"
     );
+}
+
+/// `a`'s token at version 1 (as `store_of_a` made it), its creation read
+/// back from the store.
+async fn a_at(store: &Store) -> TokenAt {
+    let a = store.get("a").await.unwrap().unwrap();
+    assert_eq!(a.version, 1);
+    a.token_at()
 }

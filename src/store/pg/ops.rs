@@ -33,7 +33,7 @@ use postgres::types::ToSql;
 
 use super::super::{
     Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Result, State, StoreError,
-    TokenUpdate,
+    TokenAt, TokenUpdate,
 };
 use super::Tx;
 use super::keys::active_key;
@@ -539,7 +539,7 @@ pub fn record_failure(
     c: &mut Tx<'_>,
     name: &str,
     holder: &str,
-    version: i64,
+    at: TokenAt,
     f: &FailureUpdate,
 ) -> Result<Commit> {
     lock_only(c, name)?;
@@ -554,13 +554,13 @@ pub fn record_failure(
             "UPDATE credentials SET state = $3, failures = $4, next_attempt_at = $5,
                 last_error = $6, updated_at = $7, rev = rev + 1, not_before = $9,
                 refresh_started_at = CASE WHEN $8 THEN NULL ELSE refresh_started_at END
-             WHERE name = $1 AND version = $2
+             WHERE name = $1 AND version = $2 AND created_at = $10
              RETURNING ",
             columns!()
         ),
         &[
             &name,
-            &version,
+            &at.version,
             &f.state.as_str(),
             &i64::from(f.failures),
             &f.next_attempt_at,
@@ -568,6 +568,7 @@ pub fn record_failure(
             &now_ms(),
             &clear_mark,
             &f.not_before,
+            &at.created_at,
         ],
     )?;
     if let Some(fence) = f.lease {
@@ -576,7 +577,7 @@ pub fn record_failure(
     written(c, name, row, Some((f.event, Some(&f.error))))
 }
 
-pub fn record_validated(c: &mut Tx<'_>, name: &str, version: i64) -> Result<Commit> {
+pub fn record_validated(c: &mut Tx<'_>, name: &str, at: TokenAt) -> Result<Commit> {
     let row = c.query_opt(
         concat!(
             "UPDATE credentials SET last_validated_at = $3, updated_at = $3, rev = rev + 1,
@@ -585,24 +586,25 @@ pub fn record_validated(c: &mut Tx<'_>, name: &str, version: i64) -> Result<Comm
                 next_attempt_at = CASE WHEN state = 'retrying' THEN NULL ELSE next_attempt_at END,
                 not_before = CASE WHEN state = 'retrying' THEN NULL ELSE not_before END,
                 last_error = NULL
-             WHERE name = $1 AND version = $2
+             WHERE name = $1 AND version = $2 AND created_at = $4
              RETURNING ",
             columns!()
         ),
-        &[&name, &version, &now_ms()],
+        &[&name, &at.version, &now_ms(), &at.created_at],
     )?;
     written(c, name, row, Some(("validated", None)))
 }
 
-pub fn record_note(c: &mut Tx<'_>, name: &str, version: i64, error: &str) -> Result<Commit> {
+pub fn record_note(c: &mut Tx<'_>, name: &str, at: TokenAt, error: &str) -> Result<Commit> {
     let row = c.query_opt(
         concat!(
             "UPDATE credentials SET last_error = $3, last_validated_at = $4,
-                updated_at = $4, rev = rev + 1 WHERE name = $1 AND version = $2
+                updated_at = $4, rev = rev + 1
+             WHERE name = $1 AND version = $2 AND created_at = $5
              RETURNING ",
             columns!()
         ),
-        &[&name, &version, &error, &now_ms()],
+        &[&name, &at.version, &error, &now_ms(), &at.created_at],
     )?;
     written(c, name, row, Some(("validation_forbidden", Some(error))))
 }
