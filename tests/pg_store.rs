@@ -193,7 +193,7 @@ async fn contract(db: &Database) {
     // Brought forward, never before its Retry-After; then validated.
     let at = now_ms() + 1_000;
     let moved = store
-        .bring_forward(vec![("b".into(), 1, at)])
+        .bring_forward(vec![("b".into(), token_of(&store, "b", 1).await, at)])
         .await
         .unwrap();
     assert_eq!(moved.len(), 1);
@@ -406,6 +406,34 @@ async fn contract(db: &Database) {
             row.failures
         ),
         (State::Valid, None, None, 0)
+    );
+    // Nor does an earlier retry brought forward for it.
+    let Commit::Done(retrying) = store
+        .record_failure("r", me, new.token_at(), failure(None))
+        .await
+        .unwrap()
+    else {
+        panic!("the new token's failure not recorded")
+    };
+    let soon = now_ms() + 1_000;
+    assert!(
+        store
+            .bring_forward(vec![("r".into(), stale, soon)])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.get("r").await.unwrap().unwrap().next_attempt_at,
+        retrying.next_attempt_at
+    );
+    assert_eq!(
+        store
+            .bring_forward(vec![("r".into(), new.token_at(), soon)])
+            .await
+            .unwrap()
+            .len(),
+        1
     );
     assert!(matches!(
         store.record_validated("r", new.token_at()).await.unwrap(),
@@ -668,9 +696,9 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
     let mut tasks = Vec::new();
     for t in 0..8i64 {
         let store = store.clone();
-        let mut items: Vec<(String, i64, i64)> = Vec::new();
+        let mut items: Vec<(String, TokenAt, i64)> = Vec::new();
         for n in &names {
-            let v = store.get(n).await.unwrap().unwrap().version;
+            let v = store.get(n).await.unwrap().unwrap().token_at();
             items.push((n.clone(), v, 0));
         }
         if t % 2 == 1 {

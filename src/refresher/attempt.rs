@@ -158,7 +158,7 @@ impl Refresher {
                     // memory here would bring a removed credential's
                     // files back until that reload.
                     Ok(Commit::Conflict | Commit::LeaseLost) => {
-                        self.enqueue(&cred.name, |p| p.reload = true);
+                        self.conflict(entry, &cred.name);
                         false
                     }
                     Err(e) => {
@@ -184,7 +184,9 @@ impl Refresher {
                 tracing::info!(credential = %cred.name, "the provider refused the access token (403); refreshing once");
                 self.refresh(ctx, entry, cred, p).await;
                 let now = entry.cred();
-                if now.version != cred.version {
+                // A new token of this grant (not of a grant that replaced
+                // it meanwhile, whose tokens this 403 says nothing about).
+                if now.version != cred.version && now.created_at == cred.created_at {
                     entry.state.lock().unwrap().refreshed_for_403 = Some(now.version);
                 }
             }
@@ -601,7 +603,9 @@ impl Refresher {
             .await
         {
             Ok(Commit::Done(c)) => self.adopt_written(entry, *c).await,
-            Ok(Commit::Conflict) => self.enqueue(&cred.name, |p| p.reload = true),
+            // About a token the row no longer holds: nothing of it is
+            // recorded, and the files stay those of the row's token.
+            Ok(Commit::Conflict) => return self.conflict(entry, &cred.name),
             Ok(Commit::LeaseLost) => {
                 tracing::error!(
                     credential = %cred.name,
@@ -646,6 +650,16 @@ impl Refresher {
         {
             tracing::warn!(credential = %name, error = %e, "could not give back an unused lease");
         }
+    }
+
+    /// A result about a token the row no longer holds (it changed or went
+    /// while the request was out): read the row again. The hold keeps a
+    /// row that is somehow never taken (a clock stepped back between two
+    /// creations of one name, docs/design.md §3) from being asked about in
+    /// a loop; taking a new token lifts it (`Entry::adopt`).
+    fn conflict(&self, entry: &Entry, name: &str) {
+        entry.hold(now_ms() + STORE_RETRY.as_millis() as i64);
+        self.enqueue(name, |p| p.reload = true);
     }
 
     pub(super) fn store_failed(&self, entry: &Entry, name: &str, e: &StoreError) {

@@ -12,7 +12,7 @@ use super::entry::Entry;
 use super::policy::{Gate, gate, next_deadline};
 use super::scheduler::Sched;
 use crate::clock::now_ms;
-use crate::store::{Credential, Grant, State};
+use crate::store::{Credential, Grant, State, TokenAt};
 
 /// When a credential of a provider succeeds after failures, the provider is
 /// back: its other `retrying` credentials are tried again within this long,
@@ -152,7 +152,7 @@ impl Refresher {
             let name = e.cred().name.clone();
             self.reschedule(&name);
         }
-        let items: Vec<(String, i64, i64)> = self
+        let items: Vec<(String, TokenAt, i64)> = self
             .entries
             .read()
             .unwrap()
@@ -165,7 +165,7 @@ impl Refresher {
             })
             .map(|c| {
                 let at = now + (spread as f64 * fastrand::f64()) as i64;
-                (c.name.clone(), c.version, at)
+                (c.name.clone(), c.token_at(), at)
             })
             .collect();
         if items.is_empty() {

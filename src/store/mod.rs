@@ -652,9 +652,12 @@ impl Store {
 
     /// Brings the next attempt of `retrying` credentials forward to the
     /// given instants (never before their Retry-After), each only while its
-    /// token is still at the given version and its attempt is later. Returns
-    /// the rows that moved.
-    pub async fn bring_forward(&self, items: Vec<(String, i64, i64)>) -> Result<Vec<Credential>> {
+    /// token is still the given one and its attempt is later. Returns the
+    /// rows that moved.
+    pub async fn bring_forward(
+        &self,
+        items: Vec<(String, TokenAt, i64)>,
+    ) -> Result<Vec<Credential>> {
         let moved = run!(
             self,
             WRITE,

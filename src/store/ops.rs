@@ -409,19 +409,19 @@ pub fn record_note(c: &Connection, name: &str, at: TokenAt, error: &str) -> Resu
     done(c, name)
 }
 
-/// Moves the next attempt of each `retrying` `(name, version, at)` forward
+/// Moves the next attempt of each `retrying` `(name, token, at)` forward
 /// to `at`, never before its Retry-After; returns the rows that moved.
-pub fn bring_forward(c: &Connection, items: &[(String, i64, i64)]) -> Result<Vec<Credential>> {
+pub fn bring_forward(c: &Connection, items: &[(String, TokenAt, i64)]) -> Result<Vec<Credential>> {
     let mut moved = Vec::new();
-    for (name, version, at) in items {
+    for (name, token, at) in items {
         let n = c
             .prepare_cached(
                 "UPDATE credentials SET next_attempt_at = MAX(?3, COALESCE(not_before, 0)),
                     rev = rev + 1
-                 WHERE name = ?1 AND version = ?2 AND state = 'retrying'
+                 WHERE name = ?1 AND version = ?2 AND created_at = ?4 AND state = 'retrying'
                     AND next_attempt_at > MAX(?3, COALESCE(not_before, 0))",
             )?
-            .execute(params![name, version, at])?;
+            .execute(params![name, token.version, at, token.created_at])?;
         if n > 0 {
             moved.extend(get(c, name)?);
         }

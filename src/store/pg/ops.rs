@@ -611,21 +611,21 @@ pub fn record_note(c: &mut Tx<'_>, name: &str, at: TokenAt, error: &str) -> Resu
 
 /// Rows are written in name order, as every multi-row write is, so that
 /// two of them lock their rows in the same order.
-pub fn bring_forward(c: &mut Tx<'_>, items: &[(String, i64, i64)]) -> Result<Vec<Credential>> {
-    let mut sorted: Vec<&(String, i64, i64)> = items.iter().collect();
+pub fn bring_forward(c: &mut Tx<'_>, items: &[(String, TokenAt, i64)]) -> Result<Vec<Credential>> {
+    let mut sorted: Vec<&(String, TokenAt, i64)> = items.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut moved = Vec::new();
-    for (name, version, at) in sorted {
+    for (name, token, at) in sorted {
         let rows = c.query(
             concat!(
                 "UPDATE credentials SET next_attempt_at = GREATEST($3, COALESCE(not_before, 0)),
                     rev = rev + 1
-                 WHERE name = $1 AND version = $2 AND state = 'retrying'
+                 WHERE name = $1 AND version = $2 AND created_at = $4 AND state = 'retrying'
                     AND next_attempt_at > GREATEST($3, COALESCE(not_before, 0))
                  RETURNING ",
                 columns!()
             ),
-            &[name, version, at],
+            &[name, &token.version, at, &token.created_at],
         )?;
         if !rows.is_empty() {
             changed(c, name)?;
