@@ -64,14 +64,13 @@ pub(super) fn checkpoint_interval(pages: i64) -> i64 {
 }
 
 /// Sets the connection's checkpoint interval: `tuning`'s if fixed, else
-/// [`checkpoint_interval`] of the database's size now. Returns it.
-pub(super) fn set_checkpoint_interval(c: &Connection, tuning: Tuning) -> Result<i64> {
+/// [`checkpoint_interval`] of the database's size now.
+pub(super) fn set_checkpoint_interval(c: &Connection, tuning: Tuning) -> Result<()> {
     let pages = match tuning.wal_autocheckpoint {
         Some(fixed) => fixed,
         None => checkpoint_interval(c.pragma_query_value(None, "page_count", |r| r.get(0))?),
     };
-    c.pragma_update(None, "wal_autocheckpoint", pages)?;
-    Ok(pages)
+    Ok(c.pragma_update(None, "wal_autocheckpoint", pages)?)
 }
 
 /// A synchronous connection, for the command line.
