@@ -76,16 +76,7 @@ fn a_name_removed_and_imported_again_reaches_the_daemon() {
             env.read_token("bot")
         });
         env.provider.update_knobs(|k| k.latency_ms = 2000);
-        let validations = env.provider.stats().validations;
-        assert_eq!(
-            request(&env.socket, "POST", "/v1/tokens/bot/rejected").status,
-            202
-        );
-        wait_for(
-            "the validation at the provider",
-            Duration::from_secs(10),
-            || (env.provider.stats().validations > validations).then_some(()),
-        );
+        validation_out(&env);
         assert!(env.cli(&["remove", "bot"], "").status.success());
         let g = import_expiring(&env, "bot", 3600);
         env.provider.update_knobs(|k| k.latency_ms = 0);
@@ -115,14 +106,7 @@ fn a_name_replaced_at_the_same_version_is_published_at_once() {
     let env = Env::new(Knobs::default());
     let old = import_expiring(&env, "bot", 3600);
     let d = env.start();
-    // Recorded, not only answered: frozen in its write, the daemon would
-    // hold the store's lock and `remove` wait for it.
-    wait_for("the start-up validation", Duration::from_secs(20), || {
-        env.credential("bot")?.last_validated_at.map(drop)
-    });
-    wait_for("the token in the file", Duration::from_secs(20), || {
-        (env.read_token("bot")? == old.access_token).then_some(())
-    });
+    validated_and_published(&env, &old.access_token);
     // The provider's validation is down: no validation of the new row
     // succeeds, and so none publishes it.
     env.provider.update_knobs(|k| {
@@ -133,16 +117,7 @@ fn a_name_replaced_at_the_same_version_is_published_at_once() {
     assert!(env.cli(&["remove", "bot"], "").status.success());
     let new = import_expiring(&env, "bot", 3600);
     d.signal(libc::SIGCONT);
-    wait_for(
-        "the socket serving the new grant's token",
-        Duration::from_secs(20),
-        || (get(&env.socket, "/v1/tokens/bot").text() == new.access_token).then_some(()),
-    );
-    wait_for(
-        "the new grant's token in the file",
-        Duration::from_secs(20),
-        || (env.read_token("bot")? == new.access_token).then_some(()),
-    );
+    served_and_published(&env, &new.access_token);
     assert_eq!(
         env.provider.stats().token_requests,
         0,
@@ -164,17 +139,22 @@ fn a_failed_validation_of_a_replaced_token_does_not_land_on_the_new_row() {
     env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
     let old = import_expiring(&env, "bot", 3600);
     let d = env.start();
-    wait_for("the start-up validation", Duration::from_secs(20), || {
-        env.credential("bot")?.last_validated_at.map(drop)
-    });
-    wait_for("the token in the file", Duration::from_secs(20), || {
-        (env.read_token("bot")? == old.access_token).then_some(())
-    });
+    validated_and_published(&env, &old.access_token);
     env.provider.update_knobs(|k| {
         k.latency_ms = 3000;
         k.fault = Some(Fault::Status503);
         k.fault_on = FaultTarget::Validate;
     });
+    validation_out(&env);
+    assert!(env.cli(&["remove", "bot"], "").status.success());
+    let new = import_expiring(&env, "bot", 3600);
+    served_and_published(&env, &new.access_token);
+    drop(d);
+}
+
+/// Reports `bot`'s token refused, and waits for the validation this asks
+/// for to reach the provider (where it waits out the provider's latency).
+fn validation_out(env: &Env) {
     let validations = env.provider.stats().validations;
     assert_eq!(
         request(&env.socket, "POST", "/v1/tokens/bot/rejected").status,
@@ -185,19 +165,32 @@ fn a_failed_validation_of_a_replaced_token_does_not_land_on_the_new_row() {
         Duration::from_secs(10),
         || (env.provider.stats().validations > validations).then_some(()),
     );
-    assert!(env.cli(&["remove", "bot"], "").status.success());
-    let new = import_expiring(&env, "bot", 3600);
+}
+
+/// Waits for `bot`'s start-up validation to be recorded (not only
+/// answered: a daemon frozen in that write would hold the store's lock,
+/// and `remove` wait for it) and for `token` in its file.
+fn validated_and_published(env: &Env, token: &str) {
+    wait_for("the start-up validation", Duration::from_secs(20), || {
+        env.credential("bot")?.last_validated_at.map(drop)
+    });
+    wait_for("the token in the file", Duration::from_secs(20), || {
+        (env.read_token("bot")? == token).then_some(())
+    });
+}
+
+/// Waits for the socket, then the file, to give `bot`'s new `token`.
+fn served_and_published(env: &Env, token: &str) {
     wait_for(
         "the socket serving the new grant's token",
         Duration::from_secs(20),
-        || (get(&env.socket, "/v1/tokens/bot").text() == new.access_token).then_some(()),
+        || (get(&env.socket, "/v1/tokens/bot").text() == token).then_some(()),
     );
     wait_for(
         "the new grant's token in the file",
         Duration::from_secs(20),
-        || (env.read_token("bot")? == new.access_token).then_some(()),
+        || (env.read_token("bot")? == token).then_some(()),
     );
-    drop(d);
 }
 
 #[test]
