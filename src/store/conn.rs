@@ -390,6 +390,11 @@ fn migrate(conn: &Connection) -> Result<()> {
     if v > SCHEMA_VERSION {
         return Err(StoreError::TooNew(v));
     }
+    let v = if (1..SCHEMA_VERSION).contains(&v) {
+        immediate(conn, repair_version)?
+    } else {
+        v
+    };
     // Each step looks at the version again once it holds the write lock:
     // another process may have migrated while we waited for it. Step 1
     // run again would set the version back to 1 under a newer schema,
@@ -432,6 +437,41 @@ fn migrate(conn: &Connection) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// The file's version, set right where an earlier build's first-open race
+/// set it back: a process that had read version 0 ran step 1 again after
+/// another had migrated further, which left `user_version` at 1 under a
+/// newer schema, and every later open failed on step 2's columns. Each
+/// step adds its columns or table and its version in one transaction, so
+/// the schema itself tells the version it reached.
+fn repair_version(c: &Connection) -> Result<i64> {
+    let v = ops::user_version(c)?;
+    let has = |table: &str, column: &str| -> Result<bool> {
+        let n: i64 = c
+            .prepare("SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2")?
+            .query_row([table, column], |r| r.get(0))?;
+        Ok(n > 0)
+    };
+    let found = if has("keys", "wrapped")? {
+        4
+    } else if has("credentials", "grant_type")? {
+        3
+    } else if has("credentials", "fence")? {
+        2
+    } else {
+        v
+    };
+    if found <= v {
+        return Ok(v);
+    }
+    tracing::warn!(
+        from = v,
+        to = found,
+        "the store's schema version was behind its schema (an interrupted first open); set to the schema's"
+    );
+    c.pragma_update(None, "user_version", found)?;
+    Ok(found)
 }
 
 /// Writes the schema version into `tokend_schema`, the table PostgreSQL's
@@ -846,6 +886,51 @@ mod tests {
             let c = Connection::open(&path).unwrap();
             assert_eq!(ops::user_version(&c).unwrap(), SCHEMA_VERSION);
             StoreConn::open(&path, false).unwrap();
+        }
+    }
+
+    /// A store left at version 1 under a newer schema by an earlier
+    /// build's first-open race (the test above) opens again: its version
+    /// is read from the schema, and its rows are kept.
+    #[test]
+    fn a_store_set_back_to_version_1_by_the_old_race_opens() {
+        for reached in 2..=SCHEMA_VERSION {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tokend.db");
+            {
+                std::fs::File::create(&path).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+                    .unwrap();
+                let c = Connection::open(&path).unwrap();
+                ops::migrate_to_1(&c).unwrap();
+                ops::migrate_to_2(&c).unwrap();
+                if reached >= 3 {
+                    ops::migrate_to_3(&c).unwrap();
+                }
+                if reached >= 4 {
+                    keys::migrate_to_4(&c).unwrap();
+                    record_version(&c, 4).unwrap();
+                }
+                c.execute(
+                    "INSERT INTO credentials (name, provider, access_token, refresh_token,
+                        issued_at, state, created_at, updated_at, version, rev)
+                     VALUES ('old', 'p', 'at', 'rt-old', 1, 'valid', 1, 1, 1, 1)",
+                    [],
+                )
+                .unwrap();
+                // What the race's second step 1 left.
+                ops::migrate_to_1(&c).unwrap();
+                assert_eq!(ops::user_version(&c).unwrap(), 1);
+            }
+            let sc = StoreConn::open(&path, false)
+                .unwrap_or_else(|e| panic!("a store at schema {reached} does not open: {e}"));
+            assert_eq!(
+                ops::user_version(&Connection::open(&path).unwrap()).unwrap(),
+                SCHEMA_VERSION
+            );
+            let old = sc.get("old").unwrap().unwrap();
+            assert_eq!(old.grant, Grant::RefreshToken(Secret::new("rt-old")));
         }
     }
 
