@@ -211,39 +211,47 @@ pub fn render(format: Format, token: &Secret, expires_at: Option<i64>) -> Vec<u8
 /// write, fsync, rename over, fsync the directory. Returns false, writing
 /// nothing, when the file already holds exactly this, with this mode and group.
 pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) -> io::Result<bool> {
-    let mut current = open_current(path);
-    if current
-        .as_mut()
-        .is_some_and(|f| holds(f, content, mode, gid))
+    let mut current = open_current(path).and_then(|f| Some((f.metadata().ok()?, f)));
+    if let Some((meta, f)) = current.as_mut()
+        && holds(f, meta, content, mode, gid)
     {
         return Ok(false);
     }
     // Only where that helps and is safe: see below.
-    let mut current = current.filter(deleted_in_kernel);
+    let mut current = current
+        .filter(|(meta, f)| deleted_in_kernel(f, meta))
+        .map(|(_, f)| f);
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no parent directory"))?;
-    if !dir.exists() {
-        create_dirs(dir)?;
-    }
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(
         ".{file_name}.tokend-{}-{:08x}",
-        std::process::id(),
+        own_pid(),
         fastrand::u32(..)
     ));
     let result = (|| {
         // 0600 whatever the umask (no group or other bits yet); then the
         // group, then the exact final mode, all before the content.
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&tmp)
+        };
+        // A directory that depends on `{name}` is made on its first file.
+        let mut f = match create() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                create_dirs(dir)?;
+                create()?
+            }
+            r => r?,
+        };
         if let Some(gid) = gid {
             std::os::unix::fs::fchown(&f, None, Some(gid))?;
         }
@@ -268,6 +276,13 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32, gid: Option<u32>) ->
     result.map(|()| true)
 }
 
+/// This process's pid, for its temp files' names: asked of the kernel
+/// once, not on every write (glibc does not cache it).
+fn own_pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
+}
+
 /// The file now at `path`, if one can be opened: never through a symlink,
 /// without waiting for a writer if someone left a FIFO there, and never
 /// taking a terminal left there as tokend's controlling one (whose hangup
@@ -286,9 +301,9 @@ fn open_current(path: &Path) -> Option<File> {
 /// network file system: NFS's client renames a file still open elsewhere
 /// out of the way (`.nfsXXXX`) before replacing it, and between the two
 /// another client can find no file at all.
-fn deleted_in_kernel(f: &File) -> bool {
+fn deleted_in_kernel(f: &File, meta: &fs::Metadata) -> bool {
     use std::os::fd::AsRawFd;
-    if !f.metadata().is_ok_and(|m| m.is_file()) {
+    if !meta.is_file() {
         return false;
     }
     // SAFETY: statfs is plain old data, filled in by fstatfs on success.
@@ -307,8 +322,7 @@ fn deleted_in_kernel(f: &File) -> bool {
 }
 
 /// Does `f` already hold exactly `content`, with this mode and group?
-fn holds(f: &mut File, content: &[u8], mode: u32, gid: Option<u32>) -> bool {
-    let Ok(meta) = f.metadata() else { return false };
+fn holds(f: &mut File, meta: &fs::Metadata, content: &[u8], mode: u32, gid: Option<u32>) -> bool {
     if !meta.is_file()
         || meta.permissions().mode() & 0o7777 != mode
         || gid.is_some_and(|g| meta.gid() != g)
@@ -648,11 +662,15 @@ mod tests {
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        assert!(!deleted_in_kernel(&open_current(&fifo).unwrap()));
+        let held = |path: &Path| {
+            let f = open_current(path).unwrap();
+            deleted_in_kernel(&f, &f.metadata().unwrap())
+        };
+        assert!(!held(&fifo));
         if let Ok(shm) = tempfile::tempdir_in("/dev/shm") {
             let f = shm.path().join("tok");
             fs::write(&f, "x").unwrap();
-            assert!(!deleted_in_kernel(&open_current(&f).unwrap()));
+            assert!(!held(&f));
         }
     }
 
