@@ -135,9 +135,10 @@ fn run(n: usize, tuning: Tuning) -> Run {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(name) = names.get(i) else { return };
                         let ttl = Duration::from_secs(60);
-                        let version = store.get(name).await.unwrap().unwrap().version;
+                        let at = store.get(name).await.unwrap().unwrap().token_at();
+                        let version = at.version;
                         let Ok(Lease::Taken { fence, .. }) =
-                            store.take_lease(name, "bench", ttl, version).await
+                            store.take_lease(name, "bench", ttl, at).await
                         else {
                             panic!("no lease on {name}");
                         };

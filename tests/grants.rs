@@ -152,6 +152,45 @@ fn a_failed_validation_of_a_replaced_token_does_not_land_on_the_new_row() {
     drop(d);
 }
 
+/// The same with the validation of the old token in flight refused (401),
+/// which asks for a refresh: a refresh decided on the removed grant's
+/// token does not spend the new grant's refresh token (at version 1 too).
+/// Before the lease was matched to the row's creation as well as its
+/// version, the daemon refreshed the new grant it had never looked at.
+#[test]
+fn a_refused_token_of_a_replaced_grant_does_not_refresh_the_new_one() {
+    let env = Env::new(Knobs::default());
+    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
+    let old = import_expiring(&env, "bot", 3600);
+    let d = env.start();
+    validated_and_published(&env, &old.access_token);
+    env.provider.update_knobs(|k| {
+        k.latency_ms = 3000;
+        k.fault = Some(Fault::OauthError {
+            status: 401,
+            error: "invalid_token".into(),
+        });
+        k.fault_on = FaultTarget::Validate;
+        k.fault_count = Some(1);
+    });
+    validation_out(&env);
+    assert!(env.cli(&["remove", "bot"], "").status.success());
+    let new = import_expiring(&env, "bot", 3600);
+    env.provider.update_knobs(|k| k.latency_ms = 0);
+    // The refresh the 401 asked for meets the new row and takes it.
+    d.wait_log(
+        "already refreshed by another process",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        env.provider.stats().token_requests,
+        0,
+        "the new grant was refreshed"
+    );
+    served_and_published(&env, &new.access_token);
+    drop(d);
+}
+
 /// Reports `bot`'s token refused, and waits for the validation this asks
 /// for to reach the provider (where it waits out the provider's latency).
 fn validation_out(env: &Env) {

@@ -63,9 +63,9 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
         ));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let b2 = b.clone();
+    let (b2, b_at) = (b.clone(), at["b"]);
     let lease = tokio::spawn(async move {
-        let l = b2.take_lease("b", "hostB/1/1", TTL, 1).await;
+        let l = b2.take_lease("b", "hostB/1/1", TTL, b_at).await;
         (l, now_ms())
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -77,7 +77,7 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
     let Lease::Taken { fence, .. } = l.unwrap() else {
         panic!("b's lease not taken");
     };
-    let second = c.take_lease("b", "hostC/2/2", TTL, 1).await.unwrap();
+    let second = c.take_lease("b", "hostC/2/2", TTL, at["b"]).await.unwrap();
     // The lease's expiry as the database set it (the same machine's clock).
     let expires_at: Option<i64> = server
         .psql(
@@ -124,7 +124,10 @@ async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
     }
     server.slow_updates(&dbname, "c%", 0.45);
     let b = Store::open_database(&db).unwrap();
-    let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", COMMIT_TTL, 1).await.unwrap()
+    let Lease::Taken { fence, .. } = b
+        .take_lease("z", "hostB/1/1", COMMIT_TTL, at["z"])
+        .await
+        .unwrap()
     else {
         panic!("z's lease not taken");
     };

@@ -86,7 +86,10 @@ async fn contract(db: &Database) {
         credential,
         interrupted,
         fence,
-    } = store.take_lease("a", me, ttl, 1).await.unwrap()
+    } = store
+        .take_lease("a", me, ttl, token_of(&store, "a", 1).await)
+        .await
+        .unwrap()
     else {
         panic!("lease not taken")
     };
@@ -95,17 +98,21 @@ async fn contract(db: &Database) {
     let marked = store.get("a").await.unwrap().unwrap();
     assert_eq!(marked.state, State::Refreshing);
     assert!(marked.refresh_started_at.is_some());
-    let Lease::Busy { until } = store.take_lease("a", peer, ttl, 1).await.unwrap() else {
+    let Lease::Busy { until } = store
+        .take_lease("a", peer, ttl, token_of(&store, "a", 1).await)
+        .await
+        .unwrap()
+    else {
         panic!("a live lease was handed to another holder")
     };
     let left = until - now_ms();
     assert!((50_000..=61_000).contains(&left), "busy for {left} ms");
     assert!(matches!(
-        store.take_lease("c", me, ttl, 1).await.unwrap(),
+        store.take_lease("c", me, ttl, token_of(&store, "c", 1).await).await.unwrap(),
         Lease::Changed(c) if c.version == 2
     ));
     assert!(matches!(
-        store.take_lease("nope", me, ttl, 1).await.unwrap(),
+        store.take_lease("nope", me, ttl, NO_ROW).await.unwrap(),
         Lease::Gone
     ));
     assert!(store.renew_lease("a", me, fence, ttl).await.unwrap());
@@ -126,7 +133,11 @@ async fn contract(db: &Database) {
     assert_eq!(done.access_token.as_ref().unwrap().expose(), "at-rt2");
     assert_eq!(done.refresh_started_at, None);
     // The lease was released with the commit: the peer may take it now.
-    let Lease::Taken { fence: f2, .. } = store.take_lease("a", peer, ttl, 2).await.unwrap() else {
+    let Lease::Taken { fence: f2, .. } = store
+        .take_lease("a", peer, ttl, token_of(&store, "a", 2).await)
+        .await
+        .unwrap()
+    else {
         panic!("lease not released by the commit")
     };
     assert!(f2 > fence);
@@ -142,7 +153,12 @@ async fn contract(db: &Database) {
 
     // A stale fence: the holder lost its lease, nothing but an event.
     let Lease::Taken { fence: old, .. } = store
-        .take_lease("b", peer, Duration::from_millis(1), 1)
+        .take_lease(
+            "b",
+            peer,
+            Duration::from_millis(1),
+            token_of(&store, "b", 1).await,
+        )
         .await
         .unwrap()
     else {
@@ -153,7 +169,10 @@ async fn contract(db: &Database) {
         fence: new,
         interrupted,
         ..
-    } = store.take_lease("b", me, ttl, 1).await.unwrap()
+    } = store
+        .take_lease("b", me, ttl, token_of(&store, "b", 1).await)
+        .await
+        .unwrap()
     else {
         panic!("an expired lease was not taken over")
     };
@@ -227,7 +246,11 @@ async fn contract(db: &Database) {
 
     // A lease given back unused leaves the row as it was.
     let before = store.get("c").await.unwrap().unwrap();
-    let Lease::Taken { fence, .. } = store.take_lease("c", me, ttl, 2).await.unwrap() else {
+    let Lease::Taken { fence, .. } = store
+        .take_lease("c", me, ttl, token_of(&store, "c", 2).await)
+        .await
+        .unwrap()
+    else {
         panic!("lease not taken")
     };
     store.abandon_lease("c", me, fence, &before).await.unwrap();
@@ -236,7 +259,11 @@ async fn contract(db: &Database) {
         (after.state, after.refresh_started_at),
         (before.state, None)
     );
-    let Lease::Taken { fence, .. } = store.take_lease("c", peer, ttl, 2).await.unwrap() else {
+    let Lease::Taken { fence, .. } = store
+        .take_lease("c", peer, ttl, token_of(&store, "c", 2).await)
+        .await
+        .unwrap()
+    else {
         panic!("the lease was not given back")
     };
     store.release_lease("c", peer, fence).await.unwrap();
@@ -247,7 +274,12 @@ async fn contract(db: &Database) {
     // holder's "refresh started" mark (a lease that ran out).
     conn.insert(&new_cred("e", "re1"), false).unwrap();
     let Lease::Taken { .. } = store
-        .take_lease("e", peer, Duration::from_millis(1), 1)
+        .take_lease(
+            "e",
+            peer,
+            Duration::from_millis(1),
+            token_of(&store, "e", 1).await,
+        )
         .await
         .unwrap()
     else {
@@ -261,7 +293,7 @@ async fn contract(db: &Database) {
         interrupted: true,
         ..
     } = store
-        .take_lease("e", me, ttl, before.version)
+        .take_lease("e", me, ttl, before.token_at())
         .await
         .unwrap()
     else {
@@ -282,7 +314,7 @@ async fn contract(db: &Database) {
         interrupted: false,
         ..
     } = store
-        .take_lease("e", peer, ttl, replaced.version)
+        .take_lease("e", peer, ttl, replaced.token_at())
         .await
         .unwrap()
     else {
@@ -298,7 +330,7 @@ async fn contract(db: &Database) {
     assert!(conn.remove("e").unwrap());
     let again = conn.insert(&new_cred("e", "re3"), false).unwrap();
     let Lease::Taken { fence: anew, .. } = store
-        .take_lease("e", peer, ttl, again.version)
+        .take_lease("e", peer, ttl, again.token_at())
         .await
         .unwrap()
     else {
@@ -316,7 +348,10 @@ async fn contract(db: &Database) {
     ));
     store.release_lease("e", peer, next).await.unwrap();
     assert!(matches!(
-        store.take_lease("e", me, ttl, again.version).await.unwrap(),
+        store
+            .take_lease("e", me, ttl, again.token_at())
+            .await
+            .unwrap(),
         Lease::Busy { .. }
     ));
     store.release_lease("e", peer, anew).await.unwrap();
@@ -333,13 +368,19 @@ async fn contract(db: &Database) {
         panic!("remove --revoke's lease not taken")
     };
     assert!(matches!(
-        store.take_lease("c", peer, ttl, 2).await.unwrap(),
+        store
+            .take_lease("c", peer, ttl, token_of(&store, "c", 2).await)
+            .await
+            .unwrap(),
         Lease::Busy { .. }
     ));
     conn.release_lease("c", me, held - 1).unwrap();
     assert!(
         matches!(
-            store.take_lease("c", peer, ttl, 2).await.unwrap(),
+            store
+                .take_lease("c", peer, ttl, token_of(&store, "c", 2).await)
+                .await
+                .unwrap(),
             Lease::Busy { .. }
         ),
         "another fence's release gave the lease back"
@@ -361,7 +402,7 @@ async fn contract(db: &Database) {
     assert!(!conn.remove("c").unwrap());
     assert!(store.get("c").await.unwrap().is_none());
     assert!(matches!(
-        store.take_lease("c", me, ttl, 2).await.unwrap(),
+        store.take_lease("c", me, ttl, NO_ROW).await.unwrap(),
         Lease::Gone
     ));
 
@@ -439,9 +480,31 @@ async fn contract(db: &Database) {
         store.record_validated("r", new.token_at()).await.unwrap(),
         Commit::Done(_)
     ));
+    // Nor is a refresh decided on the old token's answer (a 401) a lease
+    // on the new grant: the row is handed back, nothing taken.
+    let Lease::Changed(row) = store.take_lease("r", me, ttl, stale).await.unwrap() else {
+        panic!("a lease on the new grant for the old token's refresh")
+    };
+    assert_eq!(row.token_at(), new.token_at());
+    assert!(
+        store
+            .get("r")
+            .await
+            .unwrap()
+            .unwrap()
+            .refresh_started_at
+            .is_none()
+    );
 }
 
 /// `name`'s token at `version`, its creation read back from the store.
+/// A token of no row: a lease asked on a name not stored answers `Gone`
+/// before it looks at the token.
+const NO_ROW: TokenAt = TokenAt {
+    version: 1,
+    created_at: 0,
+};
+
 async fn token_of(store: &Store, name: &str, version: i64) -> TokenAt {
     let created_at = store.get(name).await.unwrap().unwrap().created_at;
     TokenAt {
@@ -501,13 +564,21 @@ async fn two_hosts_take_turns_by_lease_expiry() {
     // From before the ask: the lease runs from its statement, and its
     // answer may come late on a loaded machine.
     let taken = Instant::now();
-    let Lease::Taken { fence, .. } = host_a.take_lease("a", "host-a/1/1", ttl, 1).await.unwrap()
+    let Lease::Taken { fence, .. } = host_a
+        .take_lease("a", "host-a/1/1", ttl, token_of(&host_a, "a", 1).await)
+        .await
+        .unwrap()
     else {
         panic!("lease not taken")
     };
     let until = loop {
         match host_b
-            .take_lease("a", "host-b/1/1", Duration::from_secs(60), 1)
+            .take_lease(
+                "a",
+                "host-b/1/1",
+                Duration::from_secs(60),
+                token_of(&host_b, "a", 1).await,
+            )
             .await
             .unwrap()
         {
@@ -645,8 +716,9 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
             let mut committed = 0;
             for i in 0..20 {
                 let name = &names[(t + i) % names.len()];
-                let version = store.get(name).await.unwrap().unwrap().version;
-                match store.take_lease(name, &holder, ttl, version).await.unwrap() {
+                let at = store.get(name).await.unwrap().unwrap().token_at();
+                let version = at.version;
+                match store.take_lease(name, &holder, ttl, at).await.unwrap() {
                     Lease::Taken { fence, .. } => {
                         let rt = format!("rt-{t}-{i}");
                         match store
@@ -766,7 +838,11 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
     let (dbname, b, c) = two_hosts(&server, &["m", "y", "z"]);
     let dbname = dbname.as_str();
     let ttl = Duration::from_secs(2);
-    let Lease::Taken { fence, .. } = b.take_lease("z", "hostB/1/1", ttl, 1).await.unwrap() else {
+    let Lease::Taken { fence, .. } = b
+        .take_lease("z", "hostB/1/1", ttl, token_of(&b, "z", 1).await)
+        .await
+        .unwrap()
+    else {
         panic!("z's lease not taken");
     };
     let (y, m) = (token_of(&b, "y", 1).await, token_of(&b, "m", 1).await);
@@ -791,7 +867,9 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
     // Past the lease: had the commit not landed, host C would take it.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let c_took = matches!(
-        c.take_lease("z", "hostC/2/2", ttl, 1).await.unwrap(),
+        c.take_lease("z", "hostC/2/2", ttl, token_of(&c, "z", 1).await)
+            .await
+            .unwrap(),
         Lease::Taken { .. }
     );
     drop(free_m);
@@ -838,15 +916,21 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
     }
     let ttl = Duration::from_secs(2);
     let asked = Instant::now();
-    let lease = tokio::time::timeout(ttl * 2, b.take_lease("a", "hostB/1/1", ttl, 1))
-        .await
-        .expect("the lease on a waited behind rows held elsewhere")
-        .unwrap();
+    let lease = tokio::time::timeout(
+        ttl * 2,
+        b.take_lease("a", "hostB/1/1", ttl, token_of(&b, "a", 1).await),
+    )
+    .await
+    .expect("the lease on a waited behind rows held elsewhere")
+    .unwrap();
     let answered = asked.elapsed();
     let Lease::Taken { fence, .. } = lease else {
         panic!("a's lease not taken");
     };
-    let other = c.take_lease("a", "hostC/2/2", ttl, 1).await.unwrap();
+    let other = c
+        .take_lease("a", "hostC/2/2", ttl, token_of(&c, "a", 1).await)
+        .await
+        .unwrap();
     assert!(
         matches!(other, Lease::Busy { .. }),
         "a second host was granted a's lease {answered:?} after the first asked"
@@ -1025,7 +1109,11 @@ async fn a_commit_behind_slow_commits_lands_inside_its_lease() {
     let mut fences = std::collections::HashMap::new();
     for n in &names {
         let ttl = Duration::from_secs(if *n == "z" { 6 } else { 60 });
-        let Lease::Taken { fence, .. } = b.take_lease(n, "hostB/1/1", ttl, 1).await.unwrap() else {
+        let Lease::Taken { fence, .. } = b
+            .take_lease(n, "hostB/1/1", ttl, token_of(&b, n, 1).await)
+            .await
+            .unwrap()
+        else {
             panic!("{n}'s lease not taken");
         };
         fences.insert(n.to_string(), fence);
@@ -1092,7 +1180,12 @@ async fn a_commit_blocked_for_a_moment_does_not_wait_behind_the_leases() {
     let names: Vec<&str> = slow.iter().map(String::as_str).chain(["z"]).collect();
     let (dbname, b, _) = two_hosts(&server, &names);
     let Lease::Taken { fence, .. } = b
-        .take_lease("z", "hostB/1/1", Duration::from_secs(10), 1)
+        .take_lease(
+            "z",
+            "hostB/1/1",
+            Duration::from_secs(10),
+            token_of(&b, "z", 1).await,
+        )
         .await
         .unwrap()
     else {
@@ -1103,8 +1196,13 @@ async fn a_commit_blocked_for_a_moment_does_not_wait_behind_the_leases() {
     for n in &slow {
         let (b, n) = (b.clone(), n.clone());
         leases.push(tokio::spawn(async move {
-            b.take_lease(&n, "hostB/1/1", Duration::from_secs(60), 1)
-                .await
+            b.take_lease(
+                &n,
+                "hostB/1/1",
+                Duration::from_secs(60),
+                token_of(&b, &n, 1).await,
+            )
+            .await
         }));
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

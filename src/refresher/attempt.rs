@@ -265,7 +265,7 @@ impl Refresher {
         let leased = Instant::now();
         let (cred, interrupted, fence) = match self
             .store
-            .take_lease(name, &self.holder, ttl, seen.version)
+            .take_lease(name, &self.holder, ttl, seen.token_at())
             .await
         {
             Ok(Lease::Taken {

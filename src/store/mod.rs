@@ -481,20 +481,22 @@ impl Store {
     /// Takes the cross-process lease on a credential for `ttl`, so that only
     /// one process refreshes it, and notes that a refresh is starting (see
     /// [`Credential::refresh_started_at`]) — unless the row has moved on from
-    /// token `version`, in which case nothing is taken and the row returned.
+    /// the token `at` (rotated, or the name removed and imported again), in
+    /// which case nothing is taken and the row returned: a refresh decided
+    /// on one grant's token never spends another grant's.
     pub async fn take_lease(
         &self,
         name: &str,
         holder: &str,
         ttl: Duration,
-        version: i64,
+        at: TokenAt,
     ) -> Result<Lease> {
         let (owned, holder_owned) = (name.to_owned(), holder.to_owned());
         let lease = run!(
             self,
             on owned.clone(),
-            move |c| ops::take_lease(c, &owned, &holder_owned, ttl, version),
-            move |c| pg::ops::take_lease(c, &owned, &holder_owned, ttl, version)
+            move |c| ops::take_lease(c, &owned, &holder_owned, ttl, at),
+            move |c| pg::ops::take_lease(c, &owned, &holder_owned, ttl, at)
         )?;
         // The row as the lease found it, to put back should its tokens not
         // open: a lease nobody can use must not leave the row marked as

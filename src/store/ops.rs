@@ -162,7 +162,7 @@ pub fn take_lease(
     name: &str,
     holder: &str,
     ttl: Duration,
-    version: i64,
+    at: TokenAt,
 ) -> Result<Lease> {
     let now = now_ms();
     let current: Option<(String, i64)> = c
@@ -180,7 +180,7 @@ pub fn take_lease(
         c.execute("DELETE FROM leases WHERE name = ?1", [name])?;
         return Ok(Lease::Gone);
     };
-    if cred.version != version {
+    if cred.token_at() != at {
         return Ok(Lease::Changed(Box::new(cred)));
     }
     let fence: i64 = c

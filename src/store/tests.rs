@@ -44,7 +44,7 @@ async fn refresh_commit_is_a_compare_and_swap() {
         interrupted,
         fence,
     } = store
-        .take_lease("a", &me, Duration::from_secs(60), 1)
+        .take_lease("a", &me, Duration::from_secs(60), a_at(&store).await)
         .await
         .unwrap()
     else {
@@ -54,7 +54,12 @@ async fn refresh_commit_is_a_compare_and_swap() {
     // Another live holder (one we cannot check, on another host) is refused.
     assert!(matches!(
         store
-            .take_lease("a", "other-host/1/1", Duration::from_secs(60), 1)
+            .take_lease(
+                "a",
+                "other-host/1/1",
+                Duration::from_secs(60),
+                a_at(&store).await
+            )
             .await
             .unwrap(),
         Lease::Busy { .. }
@@ -77,7 +82,7 @@ async fn refresh_commit_is_a_compare_and_swap() {
     assert_eq!(c.refresh_started_at, None);
     // The same old version again is a conflict and writes nothing.
     let Lease::Taken { fence, .. } = store
-        .take_lease("a", &me, Duration::from_secs(60), c.version)
+        .take_lease("a", &me, Duration::from_secs(60), c.token_at())
         .await
         .unwrap()
     else {
@@ -99,7 +104,7 @@ async fn a_holder_whose_lease_passed_on_writes_nothing_but_an_event() {
     let store = Store::open(&path).unwrap();
     let stale = "other-host/1/1";
     let Lease::Taken { fence: old, .. } = store
-        .take_lease("a", stale, Duration::from_millis(1), 1)
+        .take_lease("a", stale, Duration::from_millis(1), a_at(&store).await)
         .await
         .unwrap()
     else {
@@ -108,7 +113,7 @@ async fn a_holder_whose_lease_passed_on_writes_nothing_but_an_event() {
     std::thread::sleep(Duration::from_millis(5));
     // The lease expired; another holder takes it.
     let Lease::Taken { fence: new, .. } = store
-        .take_lease("a", "next", Duration::from_secs(60), 1)
+        .take_lease("a", "next", Duration::from_secs(60), a_at(&store).await)
         .await
         .unwrap()
     else {
@@ -184,7 +189,12 @@ async fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
     let (_dir, path) = store_of_a();
     let store = Store::open(&path).unwrap();
     let _ = store
-        .take_lease("a", "peer-host/1/1", Duration::from_secs(60), 1)
+        .take_lease(
+            "a",
+            "peer-host/1/1",
+            Duration::from_secs(60),
+            a_at(&store).await,
+        )
         .await
         .unwrap();
     let failure = FailureUpdate {
@@ -208,7 +218,7 @@ async fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
     // Nor the peer's lease.
     assert!(matches!(
         store
-            .take_lease("a", "me", Duration::from_secs(60), 1)
+            .take_lease("a", "me", Duration::from_secs(60), a_at(&store).await)
             .await
             .unwrap(),
         Lease::Busy { .. }
@@ -222,12 +232,12 @@ async fn an_unfinished_refresh_is_reported_to_the_next_holder() {
     // A holder from a process that no longer exists.
     let dead = "other-host/1/1";
     let _ = store
-        .take_lease("a", dead, Duration::from_millis(1), 1)
+        .take_lease("a", dead, Duration::from_millis(1), a_at(&store).await)
         .await
         .unwrap();
     std::thread::sleep(Duration::from_millis(5));
     match store
-        .take_lease("a", "next", Duration::from_secs(60), 1)
+        .take_lease("a", "next", Duration::from_secs(60), a_at(&store).await)
         .await
         .unwrap()
     {

@@ -243,13 +243,13 @@ mod tests {
         let started = std::time::Instant::now();
         let store = Store::open(&path).unwrap();
         assert_eq!(store.load_all().await.unwrap().len(), 1);
-        assert!(store.get("a").await.unwrap().is_some());
+        let at = store.get("a").await.unwrap().unwrap().token_at();
         // A read stuck behind the lock would take the 5 s busy timeout.
         assert!(started.elapsed() < Duration::from_secs(3));
         other.execute_batch("COMMIT").unwrap();
         assert!(matches!(
             store
-                .take_lease("a", "me", Duration::from_secs(60), 1)
+                .take_lease("a", "me", Duration::from_secs(60), at)
                 .await
                 .unwrap(),
             Lease::Taken { .. }

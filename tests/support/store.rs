@@ -74,17 +74,17 @@ impl Env {
     /// `take_lease`, which also marks a refresh as started. Panics unless
     /// the lease was taken.
     pub fn take_lease(&self, name: &str, holder: &str, ttl: Duration) {
-        let version = self
+        let at = self
             .credential(name)
             .unwrap_or_else(|| panic!("no row for {name}"))
-            .version;
+            .token_at();
         let store = Store::open(&self.db).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let lease = rt
-            .block_on(store.take_lease(name, holder, ttl, version))
+            .block_on(store.take_lease(name, holder, ttl, at))
             .unwrap();
         assert!(
             matches!(lease, Lease::Taken { .. }),

@@ -345,7 +345,7 @@ pub fn take_lease(
     name: &str,
     holder: &str,
     ttl: Duration,
-    version: i64,
+    at: TokenAt,
 ) -> Result<Lease> {
     let Some(cred) = lock(c, name)? else {
         if let Some(until) = busy(c, name, holder)? {
@@ -354,7 +354,7 @@ pub fn take_lease(
         c.execute("DELETE FROM leases WHERE name = $1", &[&name])?;
         return Ok(Lease::Gone);
     };
-    if cred.version != version {
+    if cred.token_at() != at {
         if let Some(until) = busy(c, name, holder)? {
             return Ok(Lease::Busy { until });
         }
