@@ -1,5 +1,7 @@
 //! README "Bulk import" (issue 14): `tokend import --from FILE|-`, JSON
-//! lines checked whole before one transaction stores them all, or none.
+//! lines checked whole before one transaction stores them all, or none;
+//! and what `--force` may replace (README "Onboarding"): never the live
+//! token with the one tokend rotated away, never during a refresh.
 
 mod support;
 
@@ -250,4 +252,102 @@ fn a_running_daemon_publishes_a_batch() {
     assert!(daemon.log().contains("credentials added to the store"));
     // Its tokens were stored, not fetched again.
     assert_eq!(env.provider.stats().refresh_requests, 0);
+}
+
+/// `tokend import NAME --force` with the refresh token of `g`, on stdin.
+fn import_force(env: &Env, name: &str, refresh_token: &str) -> Output {
+    env.cli(
+        &[
+            "import",
+            name,
+            "--provider",
+            "fake",
+            "--refresh-token",
+            "-",
+            "--force",
+        ],
+        refresh_token,
+    )
+}
+
+/// A configuration job that runs `import --force` with the refresh token
+/// it was first given, again and again: before tokend's first refresh
+/// that changes nothing; after it, when the provider has rotated that
+/// token away and would revoke the whole grant if it came back, it is
+/// refused, the credential keeps its live token and the grant lives on.
+/// Before, the live token was replaced by the dead one.
+#[test]
+fn the_given_refresh_token_is_refused_once_rotated_and_a_rerun_changes_nothing() {
+    let env = Env::new(Knobs::default());
+    let g = env.import("bot", false);
+    let out = import_force(&env, "bot", &g.refresh_token);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("nothing changed"), "{}", stdout(&out));
+    assert_eq!(env.row("bot").unwrap().version, 1, "the row was written");
+
+    let d = env.start();
+    wait_for("the start-up refresh", Duration::from_secs(20), || {
+        (env.row("bot")?.version == 2).then_some(())
+    });
+    let out = import_force(&env, "bot", &g.refresh_token);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("refused") && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    assert!(!err.contains(&g.refresh_token), "the token in the error");
+    let live = env.row("bot").unwrap();
+    assert_eq!(live.version, 2, "the live token was replaced");
+    assert!(
+        live.refresh_token != g.refresh_token,
+        "the stored refresh token is the spent one"
+    );
+    // The grant lives: a refresh now succeeds, and sends no token twice.
+    assert!(env.cli(&["refresh", "bot"], "").status.success());
+    let stats = env.provider.stats();
+    assert_eq!((stats.reuse_detected, stats.grants_revoked), (0, 0));
+    drop(d);
+}
+
+/// `import --force` of another grant while a refresh of the credential is
+/// at the provider waits for that refresh to commit, then replaces it.
+/// Before, it replaced the row at once, and the refresh's rotated token
+/// pair was thrown away: the old grant stayed alive at the provider with
+/// a refresh token nobody held.
+#[test]
+fn a_replacement_waits_for_the_refresh_in_flight() {
+    let env = Env::new(Knobs::default());
+    env.write_config(&fast_refresh_timeout("15s"), "");
+    env.import("bot", false);
+    env.provider.update_knobs(|k| k.latency_ms = 3000);
+    let d = env.start();
+    wait_for(
+        "the refresh at the provider",
+        Duration::from_secs(20),
+        || (env.provider.stats().refresh_requests > 0).then_some(()),
+    );
+    let next = env
+        .provider
+        .mint_grant(env.provider.client_id(), "read+write");
+    let out = import_force(&env, "bot", &next.refresh_token);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("waiting for that refresh to finish"), "{err}");
+    assert_eq!(
+        env.provider.stats().refreshes_ok,
+        1,
+        "replaced before the refresh answered"
+    );
+    let row = env.row("bot").unwrap();
+    assert!(
+        row.refresh_token == next.refresh_token,
+        "the new grant not stored"
+    );
+    assert_eq!(
+        row.version, 3,
+        "the refresh's commit and then the replacement"
+    );
+    assert!(!d.log().contains("new token pair was discarded"));
+    drop(d);
 }

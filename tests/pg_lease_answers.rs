@@ -37,12 +37,7 @@ async fn lease_beside_slow_writes(server: &Server, held_a: bool) -> (Option<i64>
     let conn = StoreConn::open_database(&db, true).unwrap();
     let at: HashMap<&str, TokenAt> = ["a", "b", "c"]
         .into_iter()
-        .map(|n| {
-            (
-                n,
-                conn.insert(&new_cred(n, "rt0"), false).unwrap().token_at(),
-            )
-        })
+        .map(|n| (n, conn.insert(&new_cred(n, "rt0")).unwrap().token_at()))
         .collect();
     server.slow_updates(&dbname, "c", 3.0);
     let free_a = held_a.then(|| server.hold_row(&dbname, "a"));
@@ -119,7 +114,7 @@ async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
     let slow: Vec<String> = (0..=8).map(|i| format!("c{i}")).collect();
     let mut at = HashMap::new();
     for n in slow.iter().map(String::as_str).chain(["a", "z"]) {
-        let row = conn.insert(&new_cred(n, "rt0"), false).unwrap();
+        let row = conn.insert(&new_cred(n, "rt0")).unwrap();
         at.insert(n, row.token_at());
     }
     server.slow_updates(&dbname, "c%", 0.45);

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use support::pg::{Server, new_cred, update};
 use tokend::clock::now_ms;
 use tokend::store::{
-    Changed, Commit, Database, FailureUpdate, Grant, Lease, PgUrl, State, Store, StoreConn,
-    StoreError, TokenAt,
+    Changed, Commit, Database, FailureUpdate, Grant, Lease, PgUrl, Replaced, State, Store,
+    StoreConn, StoreError, TokenAt,
 };
 
 fn pg(url: &str) -> Database {
@@ -47,12 +47,12 @@ async fn contract(db: &Database) {
     // Import, one and in a batch, all or none. A new name's revision
     // starts at the clock (the store's own or the database's).
     let before = now_ms() - 60_000;
-    let a = conn.insert(&new_cred("a", "rt1"), false).unwrap();
+    let a = conn.insert(&new_cred("a", "rt1")).unwrap();
     assert_eq!((a.version, a.state), (1, State::Valid));
     assert!(a.rev >= before, "a new row's revision {}", a.rev);
     assert_eq!(a.scope.as_deref(), Some("read"));
     assert!(matches!(
-        conn.insert(&new_cred("a", "rt-x"), false),
+        conn.insert(&new_cred("a", "rt-x")),
         Err(StoreError::Exists(n)) if n == "a"
     ));
     conn.insert_all(&[new_cred("b", "rb1"), new_cred("c", "rc1")])
@@ -69,15 +69,23 @@ async fn contract(db: &Database) {
     assert!(store.get("nope").await.unwrap().is_none());
     let mut cc = new_cred("machine", "");
     cc.grant = Grant::ClientCredentials;
-    conn.insert(&cc, false).unwrap();
+    conn.insert(&cc).unwrap();
     assert_eq!(
         conn.get("machine").unwrap().unwrap().grant,
         Grant::ClientCredentials
     );
-    // A forced re-import moves the version on and keeps the creation time.
-    let c2 = conn.insert(&new_cred("c", "rc2"), true).unwrap();
+    // A forced re-import moves the version on and keeps the creation time;
+    // the same one again writes nothing.
+    let Replaced::Stored(c2) = conn.replace(&new_cred("c", "rc2")).unwrap() else {
+        panic!("a new refresh token left unchanged")
+    };
     assert_eq!(c2.version, 2);
     assert_eq!(rt(&c2), "rc2");
+    assert!(matches!(
+        conn.replace(&new_cred("c", "rc2")).unwrap(),
+        Replaced::Unchanged
+    ));
+    assert_eq!(conn.get("c").unwrap().unwrap().rev, c2.rev);
 
     // Leases: taken (marking the refresh started), busy for another
     // holder, changed when the version moved, gone when the row did.
@@ -272,7 +280,7 @@ async fn contract(db: &Database) {
     // while the daemon stops) leaves the new row as its writer made it,
     // and is given back all the same. The row it took carries an earlier
     // holder's "refresh started" mark (a lease that ran out).
-    conn.insert(&new_cred("e", "re1"), false).unwrap();
+    conn.insert(&new_cred("e", "re1")).unwrap();
     let Lease::Taken { .. } = store
         .take_lease(
             "e",
@@ -293,13 +301,18 @@ async fn contract(db: &Database) {
         interrupted: true,
         ..
     } = store
-        .take_lease("e", me, ttl, before.token_at())
+        .take_lease("e", me, Duration::from_millis(1), before.token_at())
         .await
         .unwrap()
     else {
         panic!("lease not taken, or the earlier mark not seen")
     };
-    let replaced = conn.insert(&new_cred("e", "re2"), true).unwrap();
+    // A replacement waits out a live lease: this one ran out (its holder
+    // slow, not gone).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let Replaced::Stored(replaced) = conn.replace(&new_cred("e", "re2")).unwrap() else {
+        panic!("not replaced")
+    };
     store.abandon_lease("e", me, fence, &before).await.unwrap();
     let after = store.get("e").await.unwrap().unwrap();
     assert_eq!(
@@ -328,7 +341,7 @@ async fn contract(db: &Database) {
     // Removed and added again, it hands out no fence the old row did (an
     // attempt on the old row may still be in flight, under this holder).
     assert!(conn.remove("e").unwrap());
-    let again = conn.insert(&new_cred("e", "re3"), false).unwrap();
+    let again = conn.insert(&new_cred("e", "re3")).unwrap();
     let Lease::Taken { fence: anew, .. } = store
         .take_lease("e", peer, ttl, again.token_at())
         .await
@@ -409,14 +422,14 @@ async fn contract(db: &Database) {
     // A name removed and imported again is at version 1 anew: what was
     // found about the token it replaced (a validation's answer, a failure)
     // does not land on it.
-    let old = conn.insert(&new_cred("r", "rt-old"), false).unwrap();
+    let old = conn.insert(&new_cred("r", "rt-old")).unwrap();
     assert!(conn.remove("r").unwrap());
     // Processes of their own in service, each taking far longer than the
     // millisecond that tells two creations apart.
     while now_ms() <= old.created_at {
         std::thread::sleep(Duration::from_millis(1));
     }
-    let new = conn.insert(&new_cred("r", "rt-new"), false).unwrap();
+    let new = conn.insert(&new_cred("r", "rt-new")).unwrap();
     assert_eq!(new.version, old.version);
     assert_ne!(new.created_at, old.created_at);
     let stale = old.token_at();
@@ -495,6 +508,76 @@ async fn contract(db: &Database) {
             .refresh_started_at
             .is_none()
     );
+
+    replacing(&conn, &store).await;
+}
+
+/// `import --force` (README "Onboarding"): the refresh token a credential
+/// was given is refused once tokend has rotated it away, and nothing is
+/// replaced while a refresh is in flight.
+async fn replacing(conn: &StoreConn, store: &Store) {
+    let (me, peer, ttl) = ("this-host/1/1", "other-host/2/2", Duration::from_secs(60));
+    let g = conn.insert(&new_cred("g", "rg1")).unwrap();
+    // Given again before any refresh: nothing to do.
+    assert!(matches!(
+        conn.replace(&new_cred("g", "rg1")).unwrap(),
+        Replaced::Unchanged
+    ));
+    let Lease::Taken { fence, .. } = store.take_lease("g", me, ttl, g.token_at()).await.unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    let Commit::Done(rotated) = store
+        .commit_refresh("g", me, fence, g.version, update("rg2"))
+        .await
+        .unwrap()
+    else {
+        panic!("not committed")
+    };
+    // Given again after tokend rotated it: refused, the live token kept,
+    // in one and in a batch.
+    assert!(matches!(
+        conn.replace(&new_cred("g", "rg1")),
+        Err(StoreError::Spent(n)) if n == "g"
+    ));
+    assert!(matches!(
+        conn.insert_batch(&[new_cred("h", "rh1"), new_cred("g", "rg1")], true),
+        Err(StoreError::Spent(n)) if n == "g"
+    ));
+    assert!(conn.get("h").unwrap().is_none(), "half a batch stored");
+    let kept = conn.get("g").unwrap().unwrap();
+    assert_eq!((rt(&kept), kept.version), ("rg2", rotated.version));
+    // A batch leaves the credentials that hold its tokens as they are (an
+    // import that gives no access token keeps the one there).
+    let mut held = new_cred("g", "rg2");
+    held.access_token = None;
+    assert_eq!(
+        conn.insert_batch(&[new_cred("h", "rh1"), held], true)
+            .unwrap(),
+        1
+    );
+    assert_eq!(conn.get("g").unwrap().unwrap().rev, kept.rev);
+    // Not while a refresh of it is in flight (a live lease); then yes.
+    let Lease::Taken { fence, .. } = store
+        .take_lease("g", peer, ttl, kept.token_at())
+        .await
+        .unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    assert!(matches!(
+        conn.replace(&new_cred("g", "rg3")),
+        Err(StoreError::InUse(_))
+    ));
+    assert!(matches!(
+        conn.insert_batch(&[new_cred("g", "rg3")], true),
+        Err(StoreError::InUse(_))
+    ));
+    store.release_lease("g", peer, fence).await.unwrap();
+    let Replaced::Stored(g3) = conn.replace(&new_cred("g", "rg3")).unwrap() else {
+        panic!("not replaced")
+    };
+    assert_eq!((rt(&g3), g3.version), ("rg3", kept.version + 1));
 }
 
 /// `name`'s token at `version`, its creation read back from the store.
@@ -554,7 +637,7 @@ async fn two_hosts_take_turns_by_lease_expiry() {
     let db = pg(&server.fresh_db());
     StoreConn::open_database(&db, true)
         .unwrap()
-        .insert(&new_cred("a", "rt1"), false)
+        .insert(&new_cred("a", "rt1"))
         .unwrap();
     let (host_a, host_b) = (
         Store::open_database(&db).unwrap(),
@@ -632,7 +715,7 @@ fn hosts_starting_at_once_migrate_once_and_a_newer_schema_is_refused() {
                 "SELECT string_agg(version::text, ',') FROM tokend_schema"
             )
             .trim(),
-        "4"
+        "5"
     );
     server.psql("t0", "UPDATE tokend_schema SET version = 99");
     let e = StoreConn::open_database(&pg(&url), false)
@@ -704,7 +787,7 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
     let names: Vec<String> = (0..4).map(|i| format!("c{i}")).collect();
     let conn = StoreConn::open_database(&db, true).unwrap();
     for n in &names {
-        conn.insert(&new_cred(n, "rt0"), false).unwrap();
+        conn.insert(&new_cred(n, "rt0")).unwrap();
     }
     let store = Store::open_database(&db).unwrap();
     let ttl = Duration::from_secs(60);
@@ -816,7 +899,7 @@ fn two_hosts(server: &Server, names: &[&str]) -> (String, Store, Store) {
     let dbname = Server::db_name(&url);
     let conn = StoreConn::open_database(&db, true).unwrap();
     for n in names {
-        conn.insert(&new_cred(n, "rt0"), false).unwrap();
+        conn.insert(&new_cred(n, "rt0")).unwrap();
     }
     (
         dbname,
@@ -1022,10 +1105,7 @@ async fn the_last_twenty_events_are_kept() {
     };
     let db = pg(&server.fresh_db());
     let conn = StoreConn::open_database(&db, true).unwrap();
-    let a = conn
-        .insert(&new_cred("a", "rt1"), false)
-        .unwrap()
-        .token_at();
+    let a = conn.insert(&new_cred("a", "rt1")).unwrap().token_at();
     let store = Store::open_database(&db).unwrap();
     for _ in 0..25 {
         assert!(matches!(
@@ -1054,7 +1134,7 @@ async fn a_store_hears_other_hosts_commits_not_its_own() {
     let names: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
     let mut tokens = std::collections::HashMap::new();
     for n in &names {
-        let row = conn.insert(&new_cred(n, "rt1"), false).unwrap();
+        let row = conn.insert(&new_cred(n, "rt1")).unwrap();
         tokens.insert(n.clone(), row.token_at());
     }
     let store = Store::open_database(&db).unwrap();

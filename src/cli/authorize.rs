@@ -411,8 +411,13 @@ impl Flow<'_> {
         let lost = "the new tokens are lost: run 'tokend authorize' again";
         let store = StoreConn::open_config(self.config, true)
             .map_err(|e| Exit::failure(format!("cannot open the database: {e}; {lost}")))?;
-        match store.insert(&new, self.force) {
-            Ok(_) => Ok(format!(
+        let stored = if self.force {
+            super::past_refreshes(self.config, || store.replace(&new)).map(drop)
+        } else {
+            store.insert(&new).map(drop)
+        };
+        match stored {
+            Ok(()) => Ok(format!(
                 "authorized {} (provider {}){}; a running daemon picks it up within seconds",
                 self.name,
                 self.p.name,

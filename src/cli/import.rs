@@ -10,7 +10,7 @@ use super::args::{Global, Import};
 use crate::clock::now_ms;
 use crate::config;
 use crate::secret::Secret;
-use crate::store::{Grant, NewCredential, StoreConn, StoreError};
+use crate::store::{Grant, NewCredential, Replaced, StoreConn, StoreError};
 
 pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
     if let Some(from) = &args.from {
@@ -55,8 +55,13 @@ pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
         expires_at: args.expires_in.map(|s| now_ms() + s as i64 * 1000),
         event: "imported",
     };
-    match store.insert(&new, args.force) {
-        Ok(c) => {
+    let stored = if args.force {
+        super::past_refreshes(&config, || store.replace(&new))
+    } else {
+        store.insert(&new).map(|c| Replaced::Stored(Box::new(c)))
+    };
+    match stored {
+        Ok(Replaced::Stored(c)) => {
             let kind = match c.grant {
                 Grant::RefreshToken(_) | Grant::Refused => "",
                 Grant::ClientCredentials => ", client_credentials",
@@ -66,8 +71,16 @@ pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
             );
             Ok(())
         }
+        Ok(Replaced::Unchanged) => {
+            println!("{name} already holds these tokens: nothing changed");
+            Ok(())
+        }
         Err(StoreError::Exists(_)) => Err(Exit::failure(format!(
             "a credential named {name:?} already exists; add --force to replace its tokens"
+        ))),
+        Err(e @ StoreError::Spent(_)) => Err(Exit::failure(format!("refused: {e}"))),
+        Err(e @ StoreError::InUse(_)) => Err(Exit::failure(format!(
+            "{e}, longer than a refresh may take: nothing was changed; try again"
         ))),
         Err(e) => Err(Exit::failure(format!("cannot store the credential: {e}"))),
     }

@@ -24,12 +24,14 @@ mod token;
 use std::ffi::OsString;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 
 use crate::config::{Config, ProviderConfig};
 use crate::exit::Exit;
 use crate::logging::{self, LogFormat};
+use crate::store::StoreError;
 use args::{Cli, Command};
 
 pub use client::{Reply, parse_reply};
@@ -56,6 +58,30 @@ fn provider_config<'c>(
 }
 
 /// Runs the command line; returns the process exit code.
+/// Runs a store write that replaces credentials, again while a refresh in
+/// flight keeps it out ([`StoreError::InUse`]: that refresh's rotated
+/// token would be thrown away), for as long as that refresh's lease can
+/// last: the request's timeout and a margin, as `remove --revoke` waits.
+fn past_refreshes<T>(
+    config: &Config,
+    mut write: impl FnMut() -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let deadline = Instant::now() + config.refresh.request_timeout + Duration::from_secs(10);
+    let mut told = false;
+    loop {
+        match write() {
+            Err(StoreError::InUse(why)) if Instant::now() < deadline => {
+                if !told {
+                    eprintln!("tokend: {why}: waiting for that refresh to finish");
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            r => return r,
+        }
+    }
+}
+
 pub fn main() -> u8 {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let parsed = match token_fast_path(&argv) {

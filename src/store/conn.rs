@@ -12,11 +12,14 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 use super::keys::{self, KeyTx, Keys, KeysReport, Lite, Sealer, StoredTokens};
-use super::{Credential, Database, NewCredential, Result, StoreError, ops, pg};
+use super::{
+    Credential, Database, NewCredential, Over, Replaced, Result, StoreError, given_fingerprint,
+    ops, pg,
+};
 use crate::seal::{Kek, Keyring, WrappedKey};
 
 /// The schema version this build writes; `PRAGMA user_version` holds the file's.
-pub(super) const SCHEMA_VERSION: i64 = 4;
+pub(super) const SCHEMA_VERSION: i64 = 5;
 
 /// Rows re-sealed per transaction by `tokend keys rotate`: few enough that
 /// no row lock is held long, many enough that SQLite's fsyncs stay few.
@@ -436,6 +439,16 @@ fn migrate(conn: &Connection) -> Result<()> {
             record_version(c, 4)
         })?;
     }
+    if v < 5 {
+        // The fingerprint of the refresh token each credential was given.
+        immediate(conn, |c| {
+            if ops::user_version(c)? >= 5 {
+                return Ok(());
+            }
+            ops::migrate_to_5(c)?;
+            record_version(c, 5)
+        })?;
+    }
     Ok(())
 }
 
@@ -453,7 +466,9 @@ fn repair_version(c: &Connection) -> Result<i64> {
             .query_row([table, column], |r| r.get(0))?;
         Ok(n > 0)
     };
-    let found = if has("keys", "wrapped")? {
+    let found = if has("credentials", "given_fp")? {
+        5
+    } else if has("keys", "wrapped")? {
         4
     } else if has("credentials", "grant_type")? {
         3
@@ -576,19 +591,64 @@ impl StoreConn {
         })
     }
 
-    /// Stores a new credential; with `replace`, overwrites one of that name
-    /// (its version moves on, so a refresh in flight cannot overwrite it back).
-    pub fn insert(&self, new: &NewCredential, replace: bool) -> Result<Credential> {
+    /// Stores a new credential; a name already stored is refused
+    /// ([`StoreError::Exists`]).
+    pub fn insert(&self, new: &NewCredential) -> Result<Credential> {
+        self.write_new(new, Over::No)
+    }
+
+    /// Stores `new` in place of the credential of that name, if there is
+    /// one (`import --force`, `authorize --force`): its version moves on,
+    /// so an attempt that read the old row cannot write over it. Never
+    /// while a refresh of it is in flight ([`StoreError::InUse`]: that
+    /// refresh's rotated token would be thrown away; its caller waits);
+    /// never with the refresh token the credential was given if tokend
+    /// has rotated it since ([`StoreError::Spent`]); and not at all when
+    /// the credential holds these tokens already ([`Replaced::Unchanged`]).
+    pub fn replace(&self, new: &NewCredential) -> Result<Replaced> {
+        let mut tries = 0;
+        loop {
+            let current = self.get(&new.name)?;
+            let given = match &current {
+                Some(_) => self.given_fp(&new.name)?,
+                None => None,
+            };
+            let Plan::Over(at) = plan_replace(new, current.as_ref(), given.as_deref())? else {
+                return Ok(Replaced::Unchanged);
+            };
+            match self.write_new(new, Over::Row(at)) {
+                // Written by another between the look and the write: look
+                // again, a few times.
+                Err(StoreError::Moved) if tries < REPLACE_TRIES => tries += 1,
+                r => return r.map(|c| Replaced::Stored(Box::new(c))),
+            }
+        }
+    }
+
+    /// The fingerprint of the refresh token `name` was given (schema 5).
+    fn given_fp(&self, name: &str) -> Result<Option<String>> {
+        match &self.backend {
+            Backend::Sqlite(c) => ops::given_fp(c, name),
+            Backend::Postgres(j) => {
+                let name = name.to_owned();
+                j.call(move |c| pg::ops::given_fp(c, &name))
+            }
+        }
+    }
+
+    fn write_new(&self, new: &NewCredential, over: Over) -> Result<Credential> {
+        let given = new.grant.refresh_token().map(given_fingerprint);
         self.with_keys_reloaded(|| {
             let (new, with) = self.sealer.seal_new(new)?;
+            let given = given.clone();
             self.opened(match &self.backend {
                 Backend::Sqlite(c) => immediate(c, |c| {
-                    let r = ops::insert(c, &new, replace)?;
+                    let r = ops::insert(c, &new, over, given.as_deref())?;
                     keys::check_active(&mut Lite(c), with)?;
                     Ok(r)
                 }),
                 Backend::Postgres(j) => j.call(move |c| {
-                    let r = pg::ops::insert(c, &new, replace)?;
+                    let r = pg::ops::insert(c, &new, over, given.as_deref())?;
                     keys::check_active(c, with)?;
                     Ok(r)
                 }),
@@ -612,40 +672,117 @@ impl StoreConn {
     /// that is already stored (or comes twice) refuses the whole batch. One
     /// [`insert`](Self::insert) each would wait for one sync each.
     pub fn insert_all(&self, new: &[NewCredential]) -> Result<()> {
-        self.insert_batch(new, false)
+        self.insert_batch(new, false).map(drop)
     }
 
-    /// [`insert_all`](Self::insert_all), where `replace` overwrites stored
-    /// credentials of the same names as [`insert`](Self::insert) does
-    /// (`tokend import --from FILE --force`).
-    pub fn insert_batch(&self, new: &[NewCredential], replace: bool) -> Result<()> {
-        if new.is_empty() {
+    /// [`insert_all`](Self::insert_all), where `replace` stores credentials
+    /// in place of those of the same names as [`replace`](Self::replace)
+    /// does, all or none (`tokend import --from FILE --force`). Returns how
+    /// many were left as they were, holding these tokens already.
+    pub fn insert_batch(&self, new: &[NewCredential], replace: bool) -> Result<usize> {
+        let mut tries = 0;
+        loop {
+            let (mut plans, mut unchanged) = (Vec::with_capacity(new.len()), 0);
+            if replace {
+                let names: std::collections::HashSet<&str> =
+                    new.iter().map(|n| n.name.as_str()).collect();
+                let mut current: std::collections::HashMap<String, Credential> = self
+                    .load_all()?
+                    .into_iter()
+                    .filter(|c| names.contains(c.name.as_str()))
+                    .map(|c| (c.name.clone(), c))
+                    .collect();
+                let given = match &self.backend {
+                    Backend::Sqlite(c) => ops::given_fps(c)?,
+                    Backend::Postgres(j) => j.call(pg::ops::given_fps)?,
+                };
+                for n in new {
+                    let cur = current.remove(&n.name);
+                    match plan_replace(n, cur.as_ref(), given.get(&n.name).map(String::as_str))? {
+                        Plan::Over(at) => plans.push((n, Over::Row(at))),
+                        Plan::Unchanged => unchanged += 1,
+                    }
+                }
+            } else {
+                plans.extend(new.iter().map(|n| (n, Over::No)));
+            }
+            match self.write_batch(&plans) {
+                Err(StoreError::Moved) if tries < REPLACE_TRIES => tries += 1,
+                r => return r.map(|()| unchanged),
+            }
+        }
+    }
+
+    fn write_batch(&self, plans: &[(&NewCredential, Over)]) -> Result<()> {
+        if plans.is_empty() {
             return Ok(());
         }
         self.with_keys_reloaded(|| {
             let mut with = None;
-            let mut sealed = Vec::with_capacity(new.len());
-            for n in new {
+            let mut sealed = Vec::with_capacity(plans.len());
+            for (n, over) in plans {
+                let given = n.grant.refresh_token().map(given_fingerprint);
                 let (n, w) = self.sealer.seal_new(n)?;
                 with = w;
-                sealed.push(n);
+                sealed.push((n, *over, given));
             }
             match &self.backend {
                 Backend::Sqlite(c) => immediate(c, |c| {
-                    sealed
-                        .iter()
-                        .try_for_each(|n| ops::insert(c, n, replace).map(drop))?;
+                    sealed.iter().try_for_each(|(n, over, given)| {
+                        ops::insert(c, n, *over, given.as_deref()).map(drop)
+                    })?;
                     keys::check_active(&mut Lite(c), with)
                 }),
                 Backend::Postgres(j) => j.call(move |c| {
-                    sealed
-                        .iter()
-                        .try_for_each(|n| pg::ops::insert(c, n, replace).map(drop))?;
+                    sealed.iter().try_for_each(|(n, over, given)| {
+                        pg::ops::insert(c, n, *over, given.as_deref()).map(drop)
+                    })?;
                     keys::check_active(c, with)
                 }),
             }
         })
     }
+}
+
+/// How often a replacement looks again at a row written by another
+/// between its look and its write, before it gives up.
+const REPLACE_TRIES: u32 = 5;
+
+/// What replacing a credential does.
+enum Plan {
+    /// Nothing: it holds these tokens already.
+    Unchanged,
+    /// Writes, provided the row still holds this token (None: no row).
+    Over(Option<super::TokenAt>),
+}
+
+/// What replacing the credential `current` (None: there is none) with
+/// `new` does, from its tokens as they are and the fingerprint of the
+/// refresh token it was `given`.
+fn plan_replace(
+    new: &NewCredential,
+    current: Option<&Credential>,
+    given: Option<&str>,
+) -> Result<Plan> {
+    let Some(cur) = current else {
+        return Ok(Plan::Over(None));
+    };
+    if let (Some(incoming), Some(held)) = (new.grant.refresh_token(), cur.grant.refresh_token()) {
+        if incoming == held {
+            let same_access = new
+                .access_token
+                .as_ref()
+                .is_none_or(|a| cur.access_token.as_ref() == Some(a));
+            if same_access && cur.provider == new.provider && cur.scope == new.scope {
+                return Ok(Plan::Unchanged);
+            }
+        } else if given == Some(given_fingerprint(incoming).as_str()) {
+            // The credential was given this token, and holds another now:
+            // only a refresh changes it without a new `given`.
+            return Err(StoreError::Spent(new.name.clone()));
+        }
+    }
+    Ok(Plan::Over(Some(cur.token_at())))
 }
 
 /// An existing store is kept as private as a new one: its directory 0700,
@@ -758,7 +895,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/tokend.db");
         let sc = StoreConn::open(&path, true).unwrap();
-        sc.insert(&new_cred("a"), false).unwrap();
+        sc.insert(&new_cred("a")).unwrap();
         drop(sc);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
@@ -826,12 +963,16 @@ mod tests {
     fn insert_refuses_duplicates_unless_replacing() {
         let dir = tempfile::tempdir().unwrap();
         let sc = StoreConn::open(&dir.path().join("t.db"), true).unwrap();
-        let a = sc.insert(&new_cred("a"), false).unwrap();
+        let a = sc.insert(&new_cred("a")).unwrap();
         assert!(matches!(
-            sc.insert(&new_cred("a"), false),
+            sc.insert(&new_cred("a")),
             Err(StoreError::Exists(_))
         ));
-        let b = sc.insert(&new_cred("a"), true).unwrap();
+        let mut other = new_cred("a");
+        other.grant = Grant::RefreshToken(Secret::new("rt-other"));
+        let Replaced::Stored(b) = sc.replace(&other).unwrap() else {
+            panic!("not replaced")
+        };
         assert_eq!(b.version, a.version + 1);
         assert_eq!(b.created_at, a.created_at);
     }
@@ -912,6 +1053,10 @@ mod tests {
                     keys::migrate_to_4(&c).unwrap();
                     record_version(&c, 4).unwrap();
                 }
+                if reached >= 5 {
+                    ops::migrate_to_5(&c).unwrap();
+                    record_version(&c, 5).unwrap();
+                }
                 c.execute(
                     "INSERT INTO credentials (name, provider, access_token, refresh_token,
                         issued_at, state, created_at, updated_at, version, rev)
@@ -974,7 +1119,7 @@ mod tests {
         assert_eq!(old.grant, Grant::RefreshToken(Secret::new("rt-old")));
         let mut cc = new_cred("machine");
         cc.grant = Grant::ClientCredentials;
-        sc.insert(&cc, false).unwrap();
+        sc.insert(&cc).unwrap();
         assert_eq!(
             sc.get("machine").unwrap().unwrap().grant,
             Grant::ClientCredentials

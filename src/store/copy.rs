@@ -59,6 +59,7 @@ const CREDENTIAL_COLUMNS: &[(&str, Kind)] = &[
     ("not_before", Kind::Int),
     ("fence", Kind::Int),
     ("grant_type", Kind::Text),
+    ("given_fp", Kind::Text),
 ];
 
 /// The columns of `events` that mean something outside one database (its

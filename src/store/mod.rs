@@ -52,8 +52,17 @@ pub enum StoreError {
     /// `import` of a name that is already there, without `--force`.
     Exists(String),
     NotFound(String),
-    /// A live lease stands in the way (`tokend migrate`): what, and what to do.
+    /// A live lease stands in the way (`tokend migrate`, or a replacement
+    /// while the credential is being refreshed): what, and what to do.
     InUse(String),
+    /// A replacement (`import --force`) brought back the refresh token the
+    /// credential was given, which tokend has rotated since: refused, as a
+    /// rotating provider no longer accepts it and one that detects reuse
+    /// would revoke the grant (README "Onboarding").
+    Spent(String),
+    /// The row changed between a replacement's look at it and its write:
+    /// looked at again ([`StoreConn::replace`]).
+    Moved,
     /// The file was written by a newer tokend.
     TooNew(i64),
     /// The transaction holding the operation did not commit.
@@ -86,6 +95,16 @@ impl std::fmt::Display for StoreError {
             StoreError::Exists(n) => write!(f, "a credential named {n:?} already exists"),
             StoreError::NotFound(n) => write!(f, "no credential named {n:?}"),
             StoreError::InUse(why) => f.write_str(why),
+            StoreError::Spent(n) => write!(
+                f,
+                "this is the refresh token {n:?} was imported or authorized with, and tokend has \
+                 refreshed it since: a provider that rotates refresh tokens no longer accepts \
+                 it, and one that detects reuse would revoke the whole grant if it came back. \
+                 Nothing was changed; {n:?} keeps its current tokens. To replace the grant, give \
+                 a refresh token tokend has not held, or run 'tokend authorize {n} --provider \
+                 PROVIDER --force'"
+            ),
+            StoreError::Moved => write!(f, "the credential changed while it was being replaced"),
             StoreError::TooNew(v) => write!(
                 f,
                 "the database has schema version {v}, newer than this tokend understands ({}): upgrade tokend",
@@ -211,6 +230,35 @@ impl Credential {
             created_at: self.created_at,
         }
     }
+}
+
+/// What [`StoreConn::replace`] did.
+#[derive(Debug)]
+pub enum Replaced {
+    Stored(Box<Credential>),
+    /// The credential already held this refresh token (and access token,
+    /// provider and scope): nothing was written, so its state, backoff and
+    /// Retry-After stand. A re-run of the same `import --force` is a no-op.
+    Unchanged,
+}
+
+/// How an insert treats a row already stored under the name.
+#[derive(Debug, Clone, Copy)]
+enum Over {
+    /// Refused ([`StoreError::Exists`]).
+    No,
+    /// Replaced, provided the row holds this token (None: no row), as
+    /// the replacement saw it; otherwise [`StoreError::Moved`].
+    Row(Option<TokenAt>),
+}
+
+/// The fingerprint kept of the refresh token a credential was given
+/// (`given_fp`): SHA-256, which tells nothing usable about a random token,
+/// so that a replacement can recognise that token after tokend rotated
+/// it away.
+fn given_fingerprint(token: &Secret) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, token.expose().as_bytes());
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What `import` and `authorize` store.

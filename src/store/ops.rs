@@ -4,13 +4,14 @@
 //! caller holds (a [`StoreConn`](super::StoreConn)'s `immediate`, or the
 //! store thread's batch), and returns the store's own types.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Result, State, StoreError,
-    TokenAt, TokenUpdate,
+    Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Over, Result, State,
+    StoreError, TokenAt, TokenUpdate,
 };
 use crate::clock::now_ms;
 use crate::secret::Secret;
@@ -110,11 +111,50 @@ pub fn event(c: &Connection, name: &str, kind: &str, detail: Option<&str>) -> Re
 pub(super) const TRIM_EVENTS: &str = "DELETE FROM events WHERE name = ?1 AND id <
            (SELECT id FROM events WHERE name = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)";
 
-pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Credential> {
+/// Until when another live holder than `holder` has `name`'s lease; None
+/// if none does.
+fn busy(c: &Connection, name: &str, holder: &str) -> Result<Option<i64>> {
+    let current: Option<(String, i64)> = c
+        .prepare_cached("SELECT holder, expires_at FROM leases WHERE name = ?1")?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(current.and_then(|(other, until)| {
+        (other != holder && until > now_ms() && crate::lease::holder_alive(&other)).then_some(until)
+    }))
+}
+
+/// What a replacement must not run into: a refresh in flight, whose
+/// rotated token it would throw away (the commit finds another row).
+pub(super) fn refreshing(name: &str, until: i64) -> StoreError {
+    StoreError::InUse(format!(
+        "{name:?} is being refreshed (its lease runs for {} s more)",
+        ((until - now_ms()).max(0) + 999) / 1000
+    ))
+}
+
+/// Stores `n` (see [`Over`]); `given` is the fingerprint of its refresh
+/// token, kept to recognise it after rotation ([`given_fp`]).
+pub fn insert(
+    c: &Connection,
+    n: &NewCredential,
+    over: Over,
+    given: Option<&str>,
+) -> Result<Credential> {
     let now = now_ms();
     let existing = get(c, &n.name)?;
-    if existing.is_some() && !replace {
-        return Err(StoreError::Exists(n.name.clone()));
+    match over {
+        Over::No if existing.is_some() => return Err(StoreError::Exists(n.name.clone())),
+        Over::No => {}
+        Over::Row(at) => {
+            if existing.as_ref().map(Credential::token_at) != at {
+                return Err(StoreError::Moved);
+            }
+            if existing.is_some()
+                && let Some(until) = busy(c, &n.name, &crate::lease::holder_id())?
+            {
+                return Err(refreshing(&n.name, until));
+            }
+        }
     }
     // A replaced credential keeps its creation time; its version moves on.
     // A new name's revision starts at the clock in ms, not at 1: a daemon
@@ -134,9 +174,9 @@ pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Creden
     c.execute(
         "INSERT OR REPLACE INTO credentials (name, provider, access_token, refresh_token,
             scope, expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
-            grant_type, fence)
+            grant_type, fence, given_fp)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'valid', 0, ?10, ?7, ?8, ?9, ?11,
-            COALESCE((SELECT fence FROM credentials WHERE name = ?1), ?7))",
+            COALESCE((SELECT fence FROM credentials WHERE name = ?1), ?7), ?12)",
         params![
             n.name,
             n.provider,
@@ -150,11 +190,32 @@ pub fn insert(c: &Connection, n: &NewCredential, replace: bool) -> Result<Creden
             version,
             rev,
             created,
-            n.grant.kind().as_str()
+            n.grant.kind().as_str(),
+            given
         ],
     )?;
     event(c, &n.name, n.event, None)?;
     get(c, &n.name)?.ok_or_else(|| StoreError::NotFound(n.name.clone()))
+}
+
+/// The fingerprint of the refresh token `name` was last given (by
+/// `import` or `authorize`); None for a row stored before schema 5, or
+/// given none.
+pub fn given_fp(c: &Connection, name: &str) -> Result<Option<String>> {
+    Ok(
+        c.prepare_cached("SELECT given_fp FROM credentials WHERE name = ?1")?
+            .query_row([name], |r| r.get(0))
+            .optional()?
+            .flatten(),
+    )
+}
+
+/// [`given_fp`] of every credential that has one.
+pub fn given_fps(c: &Connection) -> Result<HashMap<String, String>> {
+    let mut st =
+        c.prepare_cached("SELECT name, given_fp FROM credentials WHERE given_fp IS NOT NULL")?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 pub fn take_lease(
@@ -165,15 +226,7 @@ pub fn take_lease(
     at: TokenAt,
 ) -> Result<Lease> {
     let now = now_ms();
-    let current: Option<(String, i64)> = c
-        .prepare_cached("SELECT holder, expires_at FROM leases WHERE name = ?1")?
-        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    if let Some((other, until)) = current
-        && other != holder
-        && until > now
-        && crate::lease::holder_alive(&other)
-    {
+    if let Some(until) = busy(c, name, holder)? {
         return Ok(Lease::Busy { until });
     }
     let Some(cred) = get(c, name)? else {
@@ -217,15 +270,7 @@ pub fn take_lease(
 /// holder whose lease expired can commit nothing meanwhile.
 pub fn hold_lease(c: &Connection, name: &str, holder: &str, ttl: Duration) -> Result<Lease> {
     let now = now_ms();
-    let current: Option<(String, i64)> = c
-        .prepare_cached("SELECT holder, expires_at FROM leases WHERE name = ?1")?
-        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    if let Some((other, until)) = current
-        && other != holder
-        && until > now
-        && crate::lease::holder_alive(&other)
-    {
+    if let Some(until) = busy(c, name, holder)? {
         return Ok(Lease::Busy { until });
     }
     let Some(cred) = get(c, name)? else {
@@ -556,6 +601,17 @@ pub fn migrate_to_2(c: &Connection) -> Result<()> {
                     ALTER TABLE credentials ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
                     ALTER TABLE leases ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
                     PRAGMA user_version = 2;",
+    )?;
+    Ok(())
+}
+
+/// Version 5: the fingerprint of the refresh token each credential was
+/// given, so that `import --force` can refuse that token once tokend has
+/// rotated it away (README "Onboarding").
+pub fn migrate_to_5(c: &Connection) -> Result<()> {
+    c.execute_batch(
+        "ALTER TABLE credentials ADD COLUMN given_fp TEXT;
+                    PRAGMA user_version = 5;",
     )?;
     Ok(())
 }

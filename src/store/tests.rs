@@ -29,7 +29,7 @@ pub(super) fn store_of_a() -> (tempfile::TempDir, std::path::PathBuf) {
     let path = dir.path().join("t.db");
     StoreConn::open(&path, true)
         .unwrap()
-        .insert(&new_cred("a"), false)
+        .insert(&new_cred("a"))
         .unwrap();
     (dir, path)
 }

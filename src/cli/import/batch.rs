@@ -28,14 +28,30 @@ pub fn run(global: &Global, from: &str, force: bool) -> Result<(), Exit> {
     let (batch, lines) = read(&config, from)?;
     let store = StoreConn::open_config(&config, true)
         .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
-    match store.insert_batch(&batch, force) {
-        Ok(()) => {
+    match super::super::past_refreshes(&config, || store.insert_batch(&batch, force)) {
+        Ok(0) => {
             println!(
                 "imported {} credentials; a running daemon picks them up within seconds",
                 batch.len()
             );
             Ok(())
         }
+        Ok(unchanged) => {
+            println!(
+                "imported {} credentials ({unchanged} held these tokens already and were left \
+                 as they were); a running daemon picks them up within seconds",
+                batch.len() - unchanged
+            );
+            Ok(())
+        }
+        Err(StoreError::Spent(name)) => Err(Exit::failure(format!(
+            "line {}: refused: {}; nothing was imported",
+            lines.get(&name).copied().unwrap_or_default(),
+            StoreError::Spent(name.clone())
+        ))),
+        Err(e @ StoreError::InUse(_)) => Err(Exit::failure(format!(
+            "{e}, longer than a refresh may take: nothing was imported; try again"
+        ))),
         Err(StoreError::Exists(name)) => Err(Exit::failure(format!(
             "line {}: a credential named {name:?} already exists; nothing was imported \
              (add --force to replace the stored ones)",

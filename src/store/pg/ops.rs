@@ -32,8 +32,8 @@ use postgres::Transaction;
 use postgres::types::ToSql;
 
 use super::super::{
-    Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Result, State, StoreError,
-    TokenAt, TokenUpdate,
+    Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Over, Result, State,
+    StoreError, TokenAt, TokenUpdate,
 };
 use super::Tx;
 use super::keys::active_key;
@@ -166,13 +166,31 @@ fn event(c: &mut Tx<'_>, name: &str, kind: &str, detail: Option<&str>) -> Result
     Ok(())
 }
 
-pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Credential> {
+/// See `../ops.rs`'s `insert`.
+pub fn insert(
+    c: &mut Tx<'_>,
+    n: &NewCredential,
+    over: Over,
+    given: Option<&str>,
+) -> Result<Credential> {
     let now = now_ms();
     let existing = lock(c, &n.name)?;
-    if existing.is_some() && !replace {
-        return Err(StoreError::Exists(n.name.clone()));
-    }
-    let params: [&(dyn ToSql + Sync); 9] = [
+    let replace = match over {
+        Over::No if existing.is_some() => return Err(StoreError::Exists(n.name.clone())),
+        Over::No => false,
+        Over::Row(at) => {
+            if existing.as_ref().map(Credential::token_at) != at {
+                return Err(StoreError::Moved);
+            }
+            if existing.is_some()
+                && let Some(until) = busy(c, &n.name, &crate::lease::holder_id())?
+            {
+                return Err(crate::store::ops::refreshing(&n.name, until));
+            }
+            true
+        }
+    };
+    let params: [&(dyn ToSql + Sync); 10] = [
         &n.name,
         &n.provider,
         &n.access_token.as_ref().map(Secret::expose),
@@ -184,6 +202,7 @@ pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Creden
         &now,
         &n.grant.kind().as_str(),
         &replace,
+        &given,
     ];
     // A replaced credential keeps its creation time and its fence (a lease
     // taken before cannot commit: the version moves on); everything else
@@ -195,12 +214,12 @@ pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Creden
         concat!(
             "INSERT INTO credentials (name, provider, access_token, refresh_token, scope,
                 expires_at, issued_at, state, failures, created_at, updated_at, version, rev,
-                grant_type, fence)
+                grant_type, fence, given_fp)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'valid', 0, $7, $7, 1, ",
             db_now!(),
             ", $8, ",
             db_now!(),
-            ")
+            ", $10)
              ON CONFLICT (name) DO UPDATE SET provider = EXCLUDED.provider,
                 access_token = EXCLUDED.access_token, refresh_token = EXCLUDED.refresh_token,
                 scope = EXCLUDED.scope, expires_at = EXCLUDED.expires_at,
@@ -208,7 +227,8 @@ pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Creden
                 next_attempt_at = NULL, last_error = NULL, last_refresh_at = NULL,
                 last_validated_at = NULL, refresh_started_at = NULL, not_before = NULL,
                 updated_at = EXCLUDED.updated_at, version = credentials.version + 1,
-                rev = credentials.rev + 1, grant_type = EXCLUDED.grant_type
+                rev = credentials.rev + 1, grant_type = EXCLUDED.grant_type,
+                given_fp = EXCLUDED.given_fp
              WHERE $9
              RETURNING ",
             columns!()
@@ -223,6 +243,21 @@ pub fn insert(c: &mut Tx<'_>, n: &NewCredential, replace: bool) -> Result<Creden
     event(c, &n.name, n.event, None)?;
     changed(c, &n.name)?;
     Ok(from_row(&row))
+}
+
+/// See `../ops.rs`'s `given_fp`.
+pub fn given_fp(c: &mut Tx<'_>, name: &str) -> Result<Option<String>> {
+    let row = c.query_opt("SELECT given_fp FROM credentials WHERE name = $1", &[&name])?;
+    Ok(row.and_then(|r| r.get(0)))
+}
+
+/// See `../ops.rs`'s `given_fps`.
+pub fn given_fps(c: &mut Tx<'_>) -> Result<std::collections::HashMap<String, String>> {
+    let rows = c.query(
+        "SELECT name, given_fp FROM credentials WHERE given_fp IS NOT NULL",
+        &[],
+    )?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Whether another live holder has `name`'s lease: until when, in this
@@ -728,8 +763,11 @@ pub fn create_schema(c: &mut Transaction<'_>, version: i64) -> Result<()> {
              rev BIGINT NOT NULL,
              not_before BIGINT,
              fence BIGINT NOT NULL DEFAULT 0,
-             grant_type TEXT NOT NULL DEFAULT 'refresh_token'
+             grant_type TEXT NOT NULL DEFAULT 'refresh_token',
+             given_fp TEXT
          );
+         -- Schema 5 (src/store/ops.rs, migrate_to_5).
+         ALTER TABLE credentials ADD COLUMN IF NOT EXISTS given_fp TEXT;
          CREATE TABLE IF NOT EXISTS events (
              id BIGSERIAL PRIMARY KEY,
              name TEXT NOT NULL,
