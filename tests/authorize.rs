@@ -843,3 +843,30 @@ fn a_standard_openid_provider_is_onboarded_and_refreshed_without_scope_on_refres
     );
     assert_eq!(env.provider.stats().scope_refused, 1);
 }
+
+/// README "Other grants": PandaDoc has no client_credentials grant for its
+/// API users, and tokend sends it none. `import --client-credentials` for
+/// a PandaDoc provider was stored, and the daemon then sent PandaDoc that
+/// grant.
+#[test]
+fn a_pandadoc_provider_takes_no_client_credentials_import() {
+    let env = Env::bare(Knobs::default());
+    configure(
+        &env,
+        &pandadoc_provider(&env, "http://127.0.0.1:8765/callback"),
+    );
+    let out = cli(
+        &env,
+        &["import", "cc", "--provider", "pd", "--client-credentials"],
+        "",
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr
+            .contains("PandaDoc has no client_credentials grant")
+            && out.stderr.contains("tokend authorize cc --provider pd"),
+        "{}",
+        out.stderr
+    );
+    assert!(env.store().is_none_or(|s| s.get("cc").unwrap().is_none()));
+}

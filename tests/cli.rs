@@ -476,3 +476,75 @@ fn completions_and_the_man_page_cover_every_command() {
     assert!(page.contains(r"\-\-refresh\-token"), "{page}");
     assert!(page.contains("Exit codes: 0 success"), "{page}");
 }
+
+/// A store that cannot be read is an error to show, not an empty store.
+/// With `database` under a plain file, `list` said "no credentials yet"
+/// and `status --json` printed `[]`, both exiting 0.
+#[test]
+fn a_store_that_cannot_be_read_is_an_error_not_an_empty_store() {
+    let env = Env::new(Knobs::default());
+    let plain = env.dir.path().join("plain-file");
+    fs::write(&plain, "").unwrap();
+    let text = fs::read_to_string(&env.config_path).unwrap();
+    let moved = text.replace(
+        &env.db.display().to_string(),
+        &plain.join("tokend.db").display().to_string(),
+    );
+    assert_ne!(moved, text);
+    fs::write(&env.config_path, moved).unwrap();
+    for args in [&["list"][..], &["status", "--json"], &["status", "bot"]] {
+        let err = fails(&env, args);
+        assert!(
+            err.contains("cannot open the database") && err.contains("Not a directory"),
+            "tokend {args:?}: {err}"
+        );
+    }
+}
+
+const NOBODY: u32 = 65534;
+
+/// A user who may not connect to the daemon's socket is told that, not
+/// that tokend is not running; one who may not reach the store is told
+/// that, not that it holds no credentials.
+#[test]
+fn a_user_kept_out_of_the_socket_and_the_store_is_told_so() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && skip("needs root (to run as nobody)") {
+        return;
+    }
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    // nobody may search the test's directory and read the config (which
+    // holds no secret), nothing more.
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    fs::set_permissions(&env.config_path, fs::Permissions::from_mode(0o644)).unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = env.tokend(args);
+        cmd.uid(NOBODY).gid(NOBODY).env("HOME", "/");
+        cmd.output().unwrap()
+    };
+    let mut d = env.start();
+    wait_serving(&env.socket, Duration::from_secs(20));
+    for args in [&["token", "bot"][..], &["list"], &["refresh", "bot"]] {
+        let o = as_nobody(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "tokend {args:?}: {err}");
+        assert!(
+            err.contains("Permission denied") && err.contains("socket_group"),
+            "tokend {args:?}: {err}"
+        );
+        assert!(!err.contains("not running"), "tokend {args:?}: {err}");
+    }
+    d.stop();
+    for args in [&["list"][..], &["status", "bot"]] {
+        let o = as_nobody(args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "tokend {args:?}: {err}");
+        assert!(
+            err.contains("cannot open the database") && err.contains("Permission denied"),
+            "tokend {args:?}: {err}"
+        );
+    }
+}

@@ -27,6 +27,9 @@ impl Reply {
 pub enum Unreachable {
     /// No socket, or nobody listening: the daemon is not running.
     NotRunning(io::Error),
+    /// The socket is there, but this user may not connect to it: the
+    /// daemon may well be running (and must not be worked around).
+    Denied(io::Error),
     /// Connected, but the exchange failed.
     Broken(io::Error),
 }
@@ -40,7 +43,10 @@ pub fn request(
     json: bool,
     timeout: Duration,
 ) -> Result<Reply, Unreachable> {
-    let mut s = UnixStream::connect(socket).map_err(Unreachable::NotRunning)?;
+    let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        io::ErrorKind::PermissionDenied => Unreachable::Denied(e),
+        _ => Unreachable::NotRunning(e),
+    })?;
     let mut exchange = || -> io::Result<Reply> {
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;

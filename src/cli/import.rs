@@ -38,6 +38,13 @@ pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
     // clap makes it exactly one of --refresh-token and --client-credentials.
     let grant = match refresh_from {
         Some(from) => Grant::RefreshToken(read_secret("--refresh-token", from)?),
+        None if p.preset.is_some() => {
+            return Err(Exit::config_message(format!(
+                "nothing was stored: PandaDoc has no client_credentials grant for its API \
+                 users (README \"Other grants\"), so tokend sends it none; onboard {name} \
+                 with 'tokend authorize {name} --provider {provider}'"
+            )));
+        }
         None => Grant::ClientCredentials,
     };
     let access_token = match &args.access_token {

@@ -74,6 +74,11 @@ pub fn unreachable(socket: &std::path::Path, e: Unreachable) -> Exit {
             "tokend is not running (cannot connect to {}: {e}); start it with 'systemctl start tokend' or 'tokend run'",
             socket.display()
         )),
+        Unreachable::Denied(e) => Exit::failure(format!(
+            "cannot connect to {}: {e}; the daemon's socket admits its owner and the \
+             members of its group (socket_mode, socket_group): run this as one of them",
+            socket.display()
+        )),
         Unreachable::Broken(e) => Exit::failure(format!(
             "the daemon at {} did not answer properly: {e}",
             socket.display()

@@ -308,6 +308,17 @@ pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<C
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && !dir.exists()
         {
+            // The store's own directory is private; the ones above it
+            // that are missing are made as `mkdir -p` would (0755 less
+            // the umask): a sink's directory beside the store's must stay
+            // reachable by its consumers.
+            if let Some(up) = dir.parent().filter(|d| !d.as_os_str().is_empty()) {
+                DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(up)
+                    .map_err(|e| StoreError::Io(up.to_owned(), e))?;
+            }
             DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -326,11 +337,20 @@ pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<C
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io(e)),
         }
-    } else if !path.exists() {
-        return Err(io(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no database here yet (tokend import or tokend authorize creates it)",
-        )));
+    } else {
+        // Only a file that is not there is "no database yet": one this
+        // user may not reach (or a path through a file) is an error to
+        // show, not an empty store.
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no database here yet (tokend import or tokend authorize creates it)",
+                )));
+            }
+            Err(e) => return Err(io(e)),
+            Ok(_) => {}
+        }
     }
     let meta = std::fs::metadata(path).map_err(io)?;
     if meta.permissions().mode() & 0o077 != 0 {
@@ -1027,6 +1047,27 @@ mod tests {
             let c = Connection::open(&path).unwrap();
             assert_eq!(ops::user_version(&c).unwrap(), SCHEMA_VERSION);
             StoreConn::open(&path, false).unwrap();
+        }
+    }
+
+    /// A new store's own directory is made 0700; the missing ones above it
+    /// as `mkdir -p` makes them, so that a sink under one of them stays
+    /// reachable. All were made 0700.
+    #[test]
+    fn only_the_store_s_own_directory_is_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("srv/app/state");
+        StoreConn::open(&state.join("tokend.db"), true).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&state), 0o700);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let umask = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .map(|m| u32::from_str_radix(m.trim(), 8).unwrap())
+            .unwrap();
+        for up in [dir.path().join("srv"), dir.path().join("srv/app")] {
+            assert_eq!(mode(&up), 0o755 & !umask, "{}", up.display());
         }
     }
 
