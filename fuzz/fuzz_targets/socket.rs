@@ -89,19 +89,16 @@ fn harness() -> &'static Harness {
         let config = config::parse(&text, Path::new("fuzz.toml"), &FuzzEnv).unwrap();
         StoreConn::open(&db, true)
             .unwrap()
-            .insert(
-                &NewCredential {
-                    name: "bot".into(),
-                    provider: "fake".into(),
-                    access_token: Some(Secret::new(TOKEN)),
-                    grant: Grant::RefreshToken(Secret::new("fuzz-refresh-token")),
-                    scope: None,
-                    // Valid for a year: handed out without a refresh.
-                    expires_at: Some(tokend::clock::now_ms() + 365 * 86_400_000),
-                    event: "imported",
-                },
-                false,
-            )
+            .insert(&NewCredential {
+                name: "bot".into(),
+                provider: "fake".into(),
+                access_token: Some(Secret::new(TOKEN)),
+                grant: Grant::RefreshToken(Secret::new("fuzz-refresh-token")),
+                scope: None,
+                // Valid for a year: handed out without a refresh.
+                expires_at: Some(tokend::clock::now_ms() + 365 * 86_400_000),
+                event: "imported",
+            })
             .unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
