@@ -744,6 +744,61 @@ fn two_daemons_on_one_database_rotate_each_token_exactly_once() {
     );
 }
 
+/// `tokend refresh NAME` with no daemon, interrupted while its request is
+/// at the provider (Ctrl-C; a terminal closed): it finishes, stores the
+/// rotated refresh token and only then exits. Before, the signal ended the
+/// process with the new token in its memory only, and the next refresh
+/// sent the rotated-out one, which a provider that detects reuse answers
+/// by revoking the grant.
+#[test]
+fn a_direct_refresh_interrupted_mid_request_stores_its_answer() {
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::Stdio;
+    for sig in [libc::SIGINT, libc::SIGHUP] {
+        let env = Env::bare(Knobs {
+            latency_ms: 3000,
+            ..Knobs::default()
+        });
+        env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
+        let g = env.import("bot", true);
+        let child = env
+            .tokend(&["refresh", "bot"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_for(
+            "the refresh request to arrive",
+            Duration::from_secs(15),
+            || (env.provider.stats().refresh_requests == 1).then_some(()),
+        );
+        // SAFETY: a plain kill(2) of our own child.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.signal(), None, "signal {sig} ended it: {stderr}");
+        assert!(
+            out.status.success(),
+            "signal {sig}: {:?}: {stderr}",
+            out.status
+        );
+        assert!(
+            stderr.contains("after storing the refresh in flight"),
+            "{stderr}"
+        );
+        let info = grant(&env, g.grant_id);
+        assert_eq!(info.rotations, 1);
+        let r = row(&env, "bot");
+        assert!(
+            r.refresh_token == info.refresh_token,
+            "signal {sig}: the rotated refresh token was not stored"
+        );
+        assert_eq!(env.credential("bot").unwrap().refresh_started_at, None);
+        assert_eq!(env.provider.stats().reuse_detected, 0);
+    }
+}
+
 /// README "What it does" and the SIGTERM contract: a refresh in flight completes and is
 /// committed before the daemon exits, so the rotated refresh token is not lost.
 #[test]

@@ -1,7 +1,9 @@
 //! `tokend refresh NAME`: a refresh now, through the daemon; without one,
 //! directly, under the store's lease (so never racing a daemon that starts).
 
+use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use super::Exit;
@@ -94,8 +96,68 @@ fn directly(global: &Global, name: &str) -> Result<(Status, bool), Exit> {
                 ))
             })?;
         eprintln!("tokend is not running; refreshing {name} directly");
-        r.refresh_now(name)
+        let caught = Arc::new(AtomicI32::new(0));
+        let held = hold_signals(&r, &caught)
+            .map_err(|e| Exit::failure(format!("cannot handle signals: {e}")))?;
+        let out = r
+            .refresh_now(name)
             .await
-            .ok_or_else(|| Exit::failure(format!("no credential named {name:?}")))
+            .ok_or_else(|| Exit::failure(format!("no credential named {name:?}")));
+        held.abort();
+        match caught.load(Ordering::SeqCst) {
+            0 => out,
+            sig => match out {
+                Ok((status, true)) => {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "tokend: signal {sig}: stopped after storing the refresh in flight"
+                    );
+                    Ok((status, true))
+                }
+                _ => Err(Exit::failure(format!(
+                    "signal {sig}: stopped; {name} was not refreshed"
+                ))),
+            },
+        }
     })
+}
+
+/// A signal that would end this process (Ctrl-C, a terminal closed, a
+/// job runner's TERM) could land after the provider rotated the refresh
+/// token and before the new one is stored: only this process would have
+/// held it, and the grant would be lost. While the refresh runs, those
+/// signals only stop a request not yet sent; one sent is finished and
+/// its answer stored first, within `request_timeout` (README "Commands").
+/// The first one is recorded in `caught`.
+fn hold_signals(
+    r: &Arc<Refresher>,
+    caught: &Arc<AtomicI32>,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut quit = signal(SignalKind::quit())?;
+    let (r, caught) = (r.clone(), caught.clone());
+    Ok(tokio::spawn(async move {
+        loop {
+            let sig = tokio::select! {
+                _ = int.recv() => libc::SIGINT,
+                _ = term.recv() => libc::SIGTERM,
+                _ = hup.recv() => libc::SIGHUP,
+                _ = quit.recv() => libc::SIGQUIT,
+            };
+            r.stop();
+            // Not eprintln!: after a hangup, stderr may be a closed
+            // terminal, and a failed write must not end the task.
+            if caught.swap(sig, Ordering::SeqCst) == 0 {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "tokend: signal {sig}: sending nothing more; a refresh already at the \
+                     provider is finished and stored first (its rotated token would \
+                     otherwise be lost)"
+                );
+            }
+        }
+    }))
 }
