@@ -311,43 +311,108 @@ fn the_given_refresh_token_is_refused_once_rotated_and_a_rerun_changes_nothing()
 }
 
 /// `import --force` of another grant while a refresh of the credential is
-/// at the provider waits for that refresh to commit, then replaces it.
-/// Before, it replaced the row at once, and the refresh's rotated token
-/// pair was thrown away: the old grant stayed alive at the provider with
-/// a refresh token nobody held.
+/// at the provider waits for that refresh to commit, then replaces it;
+/// so does a batch (`--from FILE --force`), which leases its credentials
+/// first. Before, the replacement was written at once, and the refresh's
+/// rotated token pair was thrown away: the old grant stayed alive at the
+/// provider with a refresh token nobody held.
 #[test]
 fn a_replacement_waits_for_the_refresh_in_flight() {
-    let env = Env::new(Knobs::default());
+    for batch in [false, true] {
+        let env = Env::new(Knobs::default());
+        env.write_config(&fast_refresh_timeout("15s"), "");
+        env.import("bot", false);
+        env.provider.update_knobs(|k| k.latency_ms = 3000);
+        let d = env.start();
+        wait_for(
+            "the refresh at the provider",
+            Duration::from_secs(20),
+            || (env.provider.stats().refresh_requests > 0).then_some(()),
+        );
+        let (out, next) = if batch {
+            let (line, next) = line(&env, "bot", false);
+            let file = batch_file(&env, &[line]);
+            (env.cli(&["import", "--from", &file, "--force"], ""), next)
+        } else {
+            let next = env
+                .provider
+                .mint_grant(env.provider.client_id(), "read+write");
+            (import_force(&env, "bot", &next.refresh_token), next)
+        };
+        let err = stderr(&out);
+        assert!(out.status.success(), "batch {batch}: {err}");
+        assert!(
+            err.contains("being refreshed") && err.contains("waiting for th"),
+            "batch {batch}: {err}"
+        );
+        assert_eq!(
+            env.provider.stats().refreshes_ok,
+            1,
+            "batch {batch}: replaced before the refresh answered"
+        );
+        let row = env.row("bot").unwrap();
+        assert!(
+            row.refresh_token == next.refresh_token,
+            "batch {batch}: the new grant not stored"
+        );
+        assert_eq!(
+            row.version, 3,
+            "batch {batch}: the refresh's commit and then the replacement"
+        );
+        assert!(!d.log().contains("new token pair was discarded"));
+        drop(d);
+    }
+}
+
+/// A batch replacing credentials that are being refreshed all the time
+/// (tokens of 4 s, refreshed at 2 s left, each request held 1 s by the
+/// provider: a third of them leased at any moment) gets through: it leases
+/// each one as its refresh ends, instead of waiting for a moment when none
+/// of them is leased, which does not come.
+#[test]
+fn a_batch_replacement_gets_through_a_store_always_refreshing() {
+    const N: usize = 40;
+    let env = Env::new(Knobs {
+        token_lifetime_secs: 4,
+        ..Knobs::default()
+    });
     env.write_config(&fast_refresh_timeout("15s"), "");
-    env.import("bot", false);
-    env.provider.update_knobs(|k| k.latency_ms = 3000);
+    let names: Vec<String> = (0..N).map(|i| format!("bot-{i:02}")).collect();
+    let first: Vec<String> = names.iter().map(|n| line(&env, n, false).0).collect();
+    let out = env.cli(&["import", "--from", &batch_file(&env, &first)], "");
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.provider.update_knobs(|k| k.latency_ms = 1000);
     let d = env.start();
     wait_for(
-        "the refresh at the provider",
-        Duration::from_secs(20),
-        || (env.provider.stats().refresh_requests > 0).then_some(()),
+        "every credential refreshed twice",
+        Duration::from_secs(60),
+        || (env.provider.stats().refreshes_ok as usize >= 2 * N).then_some(()),
     );
-    let next = env
-        .provider
-        .mint_grant(env.provider.client_id(), "read+write");
-    let out = import_force(&env, "bot", &next.refresh_token);
-    let err = stderr(&out);
-    assert!(out.status.success(), "{err}");
-    assert!(err.contains("waiting for that refresh to finish"), "{err}");
-    assert_eq!(
-        env.provider.stats().refreshes_ok,
-        1,
-        "replaced before the refresh answered"
+    let (lines, grants): (Vec<String>, Vec<MintedGrant>) =
+        names.iter().map(|n| line(&env, n, false)).unzip();
+    let out = env.cli(
+        &["import", "--from", &batch_file(&env, &lines), "--force"],
+        "",
     );
-    let row = env.row("bot").unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        row.refresh_token == next.refresh_token,
-        "the new grant not stored"
+        stdout(&out).contains(&format!("imported {N} credentials")),
+        "{}",
+        stdout(&out)
     );
-    assert_eq!(
-        row.version, 3,
-        "the refresh's commit and then the replacement"
-    );
+    // Each new grant is the one the daemon refreshes from now on.
+    wait_for("every new grant refreshed", Duration::from_secs(60), || {
+        grants
+            .iter()
+            .all(|g| {
+                env.provider
+                    .grant(g.grant_id)
+                    .is_some_and(|i| i.rotations > 0)
+            })
+            .then_some(())
+    });
+    let stats = env.provider.stats();
+    assert_eq!((stats.reuse_detected, stats.grants_revoked), (0, 0));
     assert!(!d.log().contains("new token pair was discarded"));
     drop(d);
 }

@@ -578,6 +578,52 @@ async fn replacing(conn: &StoreConn, store: &Store) {
         panic!("not replaced")
     };
     assert_eq!((rt(&g3), g3.version), ("rg3", kept.version + 1));
+
+    // A provider that does not rotate, and answers with its own spelling
+    // of the scope: the same import again is still nothing to do.
+    let n = conn.insert(&new_cred("n", "rn1")).unwrap();
+    let Lease::Taken { fence, .. } = store.take_lease("n", me, ttl, n.token_at()).await.unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    let mut same = update("rn1");
+    same.scope = Some("read offline_access".into());
+    let Commit::Done(n2) = store
+        .commit_refresh("n", me, fence, n.version, same)
+        .await
+        .unwrap()
+    else {
+        panic!("not committed")
+    };
+    let mut again = new_cred("n", "rn1");
+    again.access_token = None;
+    assert!(matches!(conn.replace(&again).unwrap(), Replaced::Unchanged));
+    // But a stopped credential given its token again is tried again.
+    let dead = FailureUpdate {
+        state: State::NeedsReauthorization,
+        event: "refresh_failed",
+        ..failure(None)
+    };
+    assert!(matches!(
+        store
+            .record_failure("n", me, n2.token_at(), dead)
+            .await
+            .unwrap(),
+        Commit::Done(_)
+    ));
+    let Replaced::Stored(n3) = conn.replace(&again).unwrap() else {
+        panic!("a stopped credential left stopped")
+    };
+    assert_eq!((n3.state, n3.version), (State::Valid, n2.version + 1));
+
+    // A store `tokend migrate` moved away takes no replacement.
+    let Lease::Taken { .. } = conn.hold_lease("n", tokend::store::MOVED, ttl).unwrap() else {
+        panic!("lease not taken")
+    };
+    assert!(matches!(
+        conn.replace(&new_cred("n", "rn9")),
+        Err(StoreError::MovedOut(n)) if n == "n"
+    ));
 }
 
 /// `name`'s token at `version`, its creation read back from the store.

@@ -57,7 +57,6 @@ fn provider_config<'c>(
     })
 }
 
-/// Runs the command line; returns the process exit code.
 /// Runs a store write that replaces credentials, again while a refresh in
 /// flight keeps it out ([`StoreError::InUse`]: that refresh's rotated
 /// token would be thrown away), for as long as that refresh's lease can
@@ -82,6 +81,7 @@ fn past_refreshes<T>(
     }
 }
 
+/// Runs the command line; returns the process exit code.
 pub fn main() -> u8 {
     let argv: Vec<OsString> = std::env::args_os().collect();
     let parsed = match token_fast_path(&argv) {

@@ -13,8 +13,8 @@ use rusqlite::Connection;
 
 use super::keys::{self, KeyTx, Keys, KeysReport, Lite, Sealer, StoredTokens};
 use super::{
-    Credential, Database, NewCredential, Over, Replaced, Result, StoreError, given_fingerprint,
-    ops, pg,
+    Credential, Database, Looked, NewCredential, Over, Replaced, Result, StoreError,
+    given_fingerprint, ops, pg,
 };
 use crate::seal::{Kek, Keyring, WrappedKey};
 
@@ -589,6 +589,65 @@ impl StoreConn {
 
     /// Gives back `holder`'s lease `fence` on a credential, and no other
     /// (see `ops::release`).
+    /// [`hold_lease`](Self::hold_lease) on many credentials in one
+    /// transaction (`import --from FILE --force`): the fences of those
+    /// taken, and the names another holder has (a refresh in flight).
+    /// Names not stored are skipped.
+    pub fn hold_leases(
+        &self,
+        names: &[String],
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<(Held, Vec<String>)> {
+        let sort = |leases: Vec<(String, super::Lease)>| {
+            let (mut held, mut busy) = (Vec::new(), Vec::new());
+            for (name, lease) in leases {
+                match lease {
+                    super::Lease::Taken { fence, .. } => held.push((name, fence)),
+                    super::Lease::Busy { .. } => busy.push(name),
+                    super::Lease::Gone | super::Lease::Changed(_) => {}
+                }
+            }
+            (held, busy)
+        };
+        let leases = match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| {
+                names
+                    .iter()
+                    .map(|n| Ok((n.clone(), ops::hold_lease(c, n, holder, ttl)?)))
+                    .collect::<Result<Vec<_>>>()
+            })?,
+            Backend::Postgres(j) => {
+                let (names, holder) = (names.to_vec(), holder.to_owned());
+                j.call(move |c| {
+                    names
+                        .iter()
+                        .map(|n| Ok((n.clone(), pg::ops::hold_lease(c, n, &holder, ttl)?)))
+                        .collect::<Result<Vec<_>>>()
+                })?
+            }
+        };
+        Ok(sort(leases))
+    }
+
+    /// Gives back leases [`hold_leases`](Self::hold_leases) took, in one
+    /// transaction.
+    pub fn release_leases(&self, held: &[(String, i64)], holder: &str) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| {
+                held.iter()
+                    .try_for_each(|(n, fence)| ops::release(c, n, holder, *fence))
+            }),
+            Backend::Postgres(j) => {
+                let (held, holder) = (held.to_vec(), holder.to_owned());
+                j.call(move |c| {
+                    held.iter()
+                        .try_for_each(|(n, fence)| pg::ops::release(c, n, &holder, *fence))
+                })
+            }
+        }
+    }
+
     pub fn release_lease(&self, name: &str, holder: &str, fence: i64) -> Result<()> {
         match &self.backend {
             Backend::Sqlite(c) => immediate(c, |c| ops::release(c, name, holder, fence)),
@@ -628,10 +687,9 @@ impl StoreConn {
     pub fn replace(&self, new: &NewCredential) -> Result<Replaced> {
         let mut tries = 0;
         loop {
-            let current = self.get(&new.name)?;
-            let given = match &current {
-                Some(_) => self.given_fp(&new.name)?,
-                None => None,
+            let (current, given) = match self.look(Some(&new.name))?.0.pop() {
+                Some((c, g)) => (Some(c), g),
+                None => (None, None),
             };
             let Plan::Over(at) = plan_replace(new, current.as_ref(), given.as_deref())? else {
                 return Ok(Replaced::Unchanged);
@@ -645,15 +703,16 @@ impl StoreConn {
         }
     }
 
-    /// The fingerprint of the refresh token `name` was given (schema 5).
-    fn given_fp(&self, name: &str) -> Result<Option<String>> {
-        match &self.backend {
-            Backend::Sqlite(c) => ops::given_fp(c, name),
+    /// The rows named (all, for None) with the fingerprints of the
+    /// refresh tokens they were given (schema 5), their tokens opened.
+    fn look(&self, name: Option<&str>) -> Result<Looked> {
+        self.opened(match &self.backend {
+            Backend::Sqlite(c) => ops::looked(c, name),
             Backend::Postgres(j) => {
-                let name = name.to_owned();
-                j.call(move |c| pg::ops::given_fp(c, &name))
+                let name = name.map(str::to_owned);
+                j.call(move |c| pg::ops::looked(c, name.as_deref()))
             }
-        }
+        })
     }
 
     fn write_new(&self, new: &NewCredential, over: Over) -> Result<Credential> {
@@ -706,19 +765,19 @@ impl StoreConn {
             if replace {
                 let names: std::collections::HashSet<&str> =
                     new.iter().map(|n| n.name.as_str()).collect();
-                let mut current: std::collections::HashMap<String, Credential> = self
-                    .load_all()?
-                    .into_iter()
-                    .filter(|c| names.contains(c.name.as_str()))
-                    .map(|c| (c.name.clone(), c))
-                    .collect();
-                let given = match &self.backend {
-                    Backend::Sqlite(c) => ops::given_fps(c)?,
-                    Backend::Postgres(j) => j.call(pg::ops::given_fps)?,
-                };
+                let mut current: std::collections::HashMap<String, (Credential, Option<String>)> =
+                    self.look(None)?
+                        .0
+                        .into_iter()
+                        .filter(|(c, _)| names.contains(c.name.as_str()))
+                        .map(|row| (row.0.name.clone(), row))
+                        .collect();
                 for n in new {
-                    let cur = current.remove(&n.name);
-                    match plan_replace(n, cur.as_ref(), given.get(&n.name).map(String::as_str))? {
+                    let (cur, given) = match current.remove(&n.name) {
+                        Some((c, g)) => (Some(c), g),
+                        None => (None, None),
+                    };
+                    match plan_replace(n, cur.as_ref(), given.as_deref())? {
                         Plan::Over(at) => plans.push((n, Over::Row(at))),
                         Plan::Unchanged => unchanged += 1,
                     }
@@ -764,6 +823,9 @@ impl StoreConn {
     }
 }
 
+/// Leases taken by [`StoreConn::hold_leases`]: each name and its fence.
+pub type Held = Vec<(String, i64)>;
+
 /// How often a replacement looks again at a row written by another
 /// between its look and its write, before it gives up.
 const REPLACE_TRIES: u32 = 5;
@@ -789,11 +851,20 @@ fn plan_replace(
     };
     if let (Some(incoming), Some(held)) = (new.grant.refresh_token(), cur.grant.refresh_token()) {
         if incoming == held {
+            // Not the scope: an import fills it from the config, a
+            // refresh from the provider's answer, and the same grant's
+            // token is the same grant. Not a stopped credential either:
+            // the same token imported again after its configuration was
+            // mended is how it is tried again.
             let same_access = new
                 .access_token
                 .as_ref()
                 .is_none_or(|a| cur.access_token.as_ref() == Some(a));
-            if same_access && cur.provider == new.provider && cur.scope == new.scope {
+            let stopped = matches!(
+                cur.state,
+                super::State::NeedsReauthorization | super::State::Misconfigured
+            );
+            if same_access && cur.provider == new.provider && !stopped {
                 return Ok(Plan::Unchanged);
             }
         } else if given == Some(given_fingerprint(incoming).as_str()) {

@@ -323,6 +323,14 @@ impl Tokens for Vec<Credential> {
     }
 }
 
+impl Tokens for super::Looked {
+    const ROWS: bool = true;
+
+    fn credentials(&mut self) -> Vec<&mut Credential> {
+        self.0.iter_mut().map(|(c, _)| c).collect()
+    }
+}
+
 impl Tokens for Lease {
     fn credentials(&mut self) -> Vec<&mut Credential> {
         match self {

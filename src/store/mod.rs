@@ -63,6 +63,9 @@ pub enum StoreError {
     /// The row changed between a replacement's look at it and its write:
     /// looked at again ([`StoreConn::replace`]).
     Moved,
+    /// A replacement in a store `tokend migrate` moved away (its rows
+    /// leased to [`MOVED`] for good).
+    MovedOut(String),
     /// The file was written by a newer tokend.
     TooNew(i64),
     /// The transaction holding the operation did not commit.
@@ -105,6 +108,11 @@ impl std::fmt::Display for StoreError {
                  PROVIDER --force'"
             ),
             StoreError::Moved => write!(f, "the credential changed while it was being replaced"),
+            StoreError::MovedOut(n) => write!(
+                f,
+                "{n:?} was moved to another store by 'tokend migrate', and this one is kept \
+                 only as a backup: import into the store the config names now"
+            ),
             StoreError::TooNew(v) => write!(
                 f,
                 "the database has schema version {v}, newer than this tokend understands ({}): upgrade tokend",
@@ -241,6 +249,12 @@ pub enum Replaced {
     /// Retry-After stand. A re-run of the same `import --force` is a no-op.
     Unchanged,
 }
+
+/// Rows as a replacement looks at them, each with the fingerprint of the
+/// refresh token it was last given (`given_fp`), read in one transaction:
+/// read apart, an import landing between the two reads would pair a row
+/// with another row's fingerprint.
+pub(super) struct Looked(pub Vec<(Credential, Option<String>)>);
 
 /// How an insert treats a row already stored under the name.
 #[derive(Debug, Clone, Copy)]

@@ -4,13 +4,12 @@
 //! caller holds (a [`StoreConn`](super::StoreConn)'s `immediate`, or the
 //! store thread's batch), and returns the store's own types.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Over, Result, State,
+    Commit, Credential, FailureUpdate, Grant, Lease, Looked, NewCredential, Over, Result, State,
     StoreError, TokenAt, TokenUpdate,
 };
 use crate::clock::now_ms;
@@ -123,6 +122,22 @@ fn busy(c: &Connection, name: &str, holder: &str) -> Result<Option<i64>> {
     }))
 }
 
+/// Whether a replacement of `name` must wait ([`refreshing`]) or give up
+/// ([`StoreError::MovedOut`]) for the lease on it.
+fn held_off(c: &Connection, name: &str) -> Result<()> {
+    let holder: Option<String> = c
+        .prepare_cached("SELECT holder FROM leases WHERE name = ?1")?
+        .query_row([name], |r| r.get(0))
+        .optional()?;
+    if holder.as_deref() == Some(super::MOVED) {
+        return Err(StoreError::MovedOut(name.to_owned()));
+    }
+    match busy(c, name, &crate::lease::holder_id())? {
+        Some(until) => Err(refreshing(name, until)),
+        None => Ok(()),
+    }
+}
+
 /// What a replacement must not run into: a refresh in flight, whose
 /// rotated token it would throw away (the commit finds another row).
 pub(super) fn refreshing(name: &str, until: i64) -> StoreError {
@@ -149,10 +164,8 @@ pub fn insert(
             if existing.as_ref().map(Credential::token_at) != at {
                 return Err(StoreError::Moved);
             }
-            if existing.is_some()
-                && let Some(until) = busy(c, &n.name, &crate::lease::holder_id())?
-            {
-                return Err(refreshing(&n.name, until));
+            if existing.is_some() {
+                held_off(c, &n.name)?;
             }
         }
     }
@@ -198,24 +211,25 @@ pub fn insert(
     get(c, &n.name)?.ok_or_else(|| StoreError::NotFound(n.name.clone()))
 }
 
-/// The fingerprint of the refresh token `name` was last given (by
-/// `import` or `authorize`); None for a row stored before schema 5, or
-/// given none.
-pub fn given_fp(c: &Connection, name: &str) -> Result<Option<String>> {
-    Ok(
-        c.prepare_cached("SELECT given_fp FROM credentials WHERE name = ?1")?
-            .query_row([name], |r| r.get(0))
-            .optional()?
-            .flatten(),
-    )
-}
-
-/// [`given_fp`] of every credential that has one.
-pub fn given_fps(c: &Connection) -> Result<HashMap<String, String>> {
-    let mut st =
-        c.prepare_cached("SELECT name, given_fp FROM credentials WHERE given_fp IS NOT NULL")?;
-    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+/// The rows named (all, for None), each with the fingerprint of the
+/// refresh token it was last given by `import` or `authorize` (None for
+/// a row stored before schema 5, or given none).
+pub fn looked(c: &Connection, name: Option<&str>) -> Result<Looked> {
+    let (sql, args): (String, Vec<&str>) = match name {
+        Some(n) => (
+            format!("SELECT {COLUMNS}, given_fp FROM credentials WHERE name = ?1"),
+            vec![n],
+        ),
+        None => (
+            format!("SELECT {COLUMNS}, given_fp FROM credentials"),
+            vec![],
+        ),
+    };
+    let mut st = c.prepare(&sql)?;
+    let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+        Ok((from_row(r)?, r.get(20)?))
+    })?;
+    Ok(Looked(rows.collect::<rusqlite::Result<_>>()?))
 }
 
 pub fn take_lease(

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
@@ -28,7 +29,12 @@ pub fn run(global: &Global, from: &str, force: bool) -> Result<(), Exit> {
     let (batch, lines) = read(&config, from)?;
     let store = StoreConn::open_config(&config, true)
         .map_err(|e| Exit::failure(format!("cannot open the database: {e}")))?;
-    match super::super::past_refreshes(&config, || store.insert_batch(&batch, force)) {
+    let stored = if force {
+        under_leases(&config, &store, &batch)
+    } else {
+        store.insert_batch(&batch, false)
+    };
+    match stored {
         Ok(0) => {
             println!(
                 "imported {} credentials; a running daemon picks them up within seconds",
@@ -61,6 +67,56 @@ pub fn run(global: &Global, from: &str, force: bool) -> Result<(), Exit> {
             "cannot store the credentials: {e}; nothing was imported"
         ))),
     }
+}
+
+/// `--force`: the batch's stored credentials are leased first, as a
+/// refresh leases one, waiting out the refreshes in flight (for as long
+/// as one may last); then no refresh starts on them until the batch is
+/// written and the leases given back. Waiting for a moment when none of
+/// them is leased would seldom come in a large store whose daemon is
+/// refreshing.
+fn under_leases(
+    config: &Config,
+    store: &StoreConn,
+    batch: &[NewCredential],
+) -> Result<usize, StoreError> {
+    let names: Vec<String> = batch.iter().map(|n| n.name.clone()).collect();
+    let holder = crate::lease::holder_id();
+    let wait = config.refresh.request_timeout + Duration::from_secs(10);
+    // Through the waits and the write of a large batch.
+    let ttl = wait * 2 + Duration::from_secs(60);
+    let deadline = Instant::now() + wait;
+    let (mut held, mut busy) = store.hold_leases(&names, &holder, ttl)?;
+    let mut told = false;
+    while !busy.is_empty() && Instant::now() < deadline {
+        if !told {
+            eprintln!(
+                "tokend: {} of these credentials are being refreshed: waiting for those \
+                 refreshes to finish",
+                busy.len()
+            );
+            told = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let (more, still) = store.hold_leases(&busy, &holder, ttl)?;
+        held.extend(more);
+        busy = still;
+    }
+    let stored = match busy.first() {
+        None => store.insert_batch(batch, true),
+        Some(name) => Err(StoreError::InUse(format!(
+            "{name:?} and {} more of these credentials are being refreshed",
+            busy.len() - 1
+        ))),
+    };
+    if let Err(e) = store.release_leases(&held, &holder) {
+        eprintln!(
+            "tokend: cannot give back the leases of the batch ({e}); they run out by themselves \
+             within {} s",
+            ttl.as_secs()
+        );
+    }
+    stored
 }
 
 /// The whole batch, checked, and the line each name came from.

@@ -32,7 +32,7 @@ use postgres::Transaction;
 use postgres::types::ToSql;
 
 use super::super::{
-    Commit, Credential, FailureUpdate, Grant, Lease, NewCredential, Over, Result, State,
+    Commit, Credential, FailureUpdate, Grant, Lease, Looked, NewCredential, Over, Result, State,
     StoreError, TokenAt, TokenUpdate,
 };
 use super::Tx;
@@ -182,12 +182,13 @@ pub fn insert(
             if existing.as_ref().map(Credential::token_at) != at {
                 return Err(StoreError::Moved);
             }
-            if existing.is_some()
-                && let Some(until) = busy(c, &n.name, &crate::lease::holder_id())?
-            {
-                return Err(crate::store::ops::refreshing(&n.name, until));
+            if existing.is_some() {
+                held_off(c, &n.name)?;
             }
-            true
+            // No row when looked at: one another host adds meanwhile (not
+            // yet committed, so not locked above) is no row to write over
+            // unchecked, but one to look at (below).
+            at.is_some()
         }
     };
     let params: [&(dyn ToSql + Sync); 10] = [
@@ -236,28 +237,50 @@ pub fn insert(
         &params,
     )?;
     let Some(row) = row else {
-        // Another host stored the name after we looked, and this is no
-        // replacement.
-        return Err(StoreError::Exists(n.name.clone()));
+        // Another host stored the name after we looked.
+        return Err(match over {
+            Over::No => StoreError::Exists(n.name.clone()),
+            Over::Row(_) => StoreError::Moved,
+        });
     };
     event(c, &n.name, n.event, None)?;
     changed(c, &n.name)?;
     Ok(from_row(&row))
 }
 
-/// See `../ops.rs`'s `given_fp`.
-pub fn given_fp(c: &mut Tx<'_>, name: &str) -> Result<Option<String>> {
-    let row = c.query_opt("SELECT given_fp FROM credentials WHERE name = $1", &[&name])?;
-    Ok(row.and_then(|r| r.get(0)))
+/// See `../ops.rs`'s `looked`.
+pub fn looked(c: &mut Tx<'_>, name: Option<&str>) -> Result<Looked> {
+    let rows = match name {
+        Some(n) => c.read(
+            concat!(
+                "SELECT ",
+                columns!(),
+                ", given_fp FROM credentials WHERE name = $1"
+            ),
+            &[&n],
+        )?,
+        None => c.read(
+            concat!("SELECT ", columns!(), ", given_fp FROM credentials"),
+            &[],
+        )?,
+    };
+    Ok(Looked(
+        rows.iter().map(|r| (from_row(r), r.get(20))).collect(),
+    ))
 }
 
-/// See `../ops.rs`'s `given_fps`.
-pub fn given_fps(c: &mut Tx<'_>) -> Result<std::collections::HashMap<String, String>> {
-    let rows = c.query(
-        "SELECT name, given_fp FROM credentials WHERE given_fp IS NOT NULL",
-        &[],
-    )?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+/// See `../ops.rs`'s `held_off`.
+fn held_off(c: &mut Tx<'_>, name: &str) -> Result<()> {
+    let holder: Option<String> = c
+        .query_opt("SELECT holder FROM leases WHERE name = $1", &[&name])?
+        .map(|r| r.get(0));
+    if holder.as_deref() == Some(crate::store::MOVED) {
+        return Err(StoreError::MovedOut(name.to_owned()));
+    }
+    match busy(c, name, &crate::lease::holder_id())? {
+        Some(until) => Err(crate::store::ops::refreshing(name, until)),
+        None => Ok(()),
+    }
 }
 
 /// Whether another live holder has `name`'s lease: until when, in this
