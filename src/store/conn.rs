@@ -856,10 +856,12 @@ fn plan_replace(
             // token is the same grant. Not a stopped credential either:
             // the same token imported again after its configuration was
             // mended is how it is tried again.
-            let same_access = new
-                .access_token
-                .as_ref()
-                .is_none_or(|a| cur.access_token.as_ref() == Some(a));
+            // An access token given is a change unless it is the one
+            // held, with no other expiry.
+            let same_access = new.access_token.as_ref().is_none_or(|a| {
+                cur.access_token.as_ref() == Some(a)
+                    && new.expires_at.is_none_or(|e| cur.expires_at == Some(e))
+            });
             let stopped = matches!(
                 cur.state,
                 super::State::NeedsReauthorization | super::State::Misconfigured
