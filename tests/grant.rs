@@ -588,10 +588,33 @@ fn an_outage_costs_a_provider_one_probe_per_interval_and_its_return_is_seen_soon
     d.wait_log("the provider looks down", PATIENCE);
     let before = env.provider.stats().token_requests;
     let window = Instant::now();
-    // Consumers keep asking meanwhile: nothing of theirs reaches the provider.
+    // Consumers keep asking meanwhile: nothing of theirs reaches the provider,
+    // and each is told when the next attempt is due as the status says it,
+    // not a time gone by (the held credentials were told their own
+    // backoff's end, seconds past, while the status gave the hold's).
+    let due_at = |text: &str| {
+        let due = text.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+        humantime::parse_rfc3339(due).unwrap_or_else(|e| panic!("{text:?}: {e}"))
+    };
     while window.elapsed() < Duration::from_secs(8) {
         for n in &names {
-            assert_eq!(get(&env.socket, &format!("/v1/tokens/{n}")).status, 503);
+            let status = get(&env.socket, &format!("/v1/credentials/{n}")).json();
+            let told = status["next_attempt_at"].as_str().map(due_at);
+            let r = get(&env.socket, &format!("/v1/tokens/{n}"));
+            assert_eq!(r.status, 503);
+            let message = r.json()["message"].as_str().unwrap().to_owned();
+            let due = message
+                .split_once("the next attempt is due at ")
+                .map(|(_, t)| due_at(t))
+                .unwrap_or_else(|| panic!("no next attempt: {message}"));
+            let late = std::time::SystemTime::now()
+                .duration_since(due)
+                .unwrap_or_default();
+            assert!(
+                late < Duration::from_millis(1500) || told.is_none_or(|t| due >= t),
+                "{n}: due {late:?} ago, before the status's {}: {message}",
+                status["next_attempt_at"]
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     }

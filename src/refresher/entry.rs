@@ -117,6 +117,13 @@ pub(super) struct EntryState {
     trouble: Option<Trouble>,
 }
 
+/// A retrying credential held back past its backoff (its provider looks
+/// down, and another credential probes it): until when.
+fn held_past_backoff(cred: &Credential, hold: i64, now: i64) -> Option<i64> {
+    (cred.state == State::Retrying && hold > now && cred.next_attempt_at.is_none_or(|t| t < hold))
+        .then_some(hold)
+}
+
 impl Entry {
     pub(super) fn new(cred: Credential, alerts: Alerts) -> Entry {
         Entry {
@@ -159,16 +166,21 @@ impl Entry {
         if refreshing {
             status.state = State::Refreshing;
         }
-        // Held back (its provider is down and probed by another credential):
-        // the next attempt is the later of the two.
-        if cred.state == State::Retrying
-            && hold > now
-            && cred.next_attempt_at.is_none_or(|t| t < hold)
-        {
+        if let Some(hold) = held_past_backoff(&cred, hold, now) {
             status.next_attempt_at = Some(rfc3339(hold));
         }
         status.last_publish_error = publish_error;
         status
+    }
+
+    /// When a retrying credential's next attempt is due, as every answer
+    /// tells it: its backoff's end, or its hold if that is later.
+    pub(super) fn next_attempt(&self, cred: &Credential, now: i64) -> Option<i64> {
+        if cred.state != State::Retrying {
+            return None;
+        }
+        let hold = self.state.lock().unwrap().hold_until;
+        held_past_backoff(cred, hold, now).or(cred.next_attempt_at)
     }
 
     pub(super) fn cred(&self) -> Arc<Credential> {

@@ -59,7 +59,8 @@ impl Refresher {
             Some(t) => Ok((t.clone(), c.expires_at)),
             _ => Err(TokenError::NoValidToken {
                 why: c.last_error.clone(),
-                next_attempt: c.next_attempt_at.filter(|_| c.state == State::Retrying),
+                // As the status says it: a hold past the backoff included.
+                next_attempt: entry.next_attempt(&c, now_ms()),
             }),
         }
     }
