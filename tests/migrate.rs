@@ -298,3 +298,41 @@ fn a_sealed_store_moves_sealed_and_opens_with_the_same_key() {
     );
     assert!(!said.contains("\na\n"), "{said}");
 }
+
+/// A source moved already, moved again into the store that holds its
+/// copies: the write fails (the names are there), and the source stays
+/// leased to the move. Before, a failed write always unsealed the source,
+/// so that both stores held live copies of every token, and daemons on
+/// both would have refreshed them, each rotating the other's dead.
+#[test]
+fn a_source_moved_before_stays_sealed_when_moved_again() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let env = Env::new(Knobs::default());
+    import_expiring(&env, "a", 3600);
+    import_expiring(&env, "b", 3600);
+    let sqlite = env.db.display().to_string();
+    let from = format!("sqlite:{sqlite}");
+    let pg = server.fresh_db();
+    config_with(&env, &pg);
+    ok(&env.cli(&["migrate", "--from", &from], ""));
+
+    let out = env.cli(&["migrate", "--from", &from], "");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already holds") && err.contains("stays leased"),
+        "{err}"
+    );
+    let moved: i64 = env
+        .raw_store()
+        .query_row(
+            "SELECT count(*) FROM leases WHERE holder = ?1",
+            [tokend::store::MOVED],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(moved, 2, "the source was unsealed beside its live copy");
+    assert_eq!(open(&pg).dump().unwrap().credentials(), 2);
+}

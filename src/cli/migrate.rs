@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use super::Exit;
 use super::args::{Global, Migrate};
 use crate::config;
-use crate::store::{Database, PgUrl, StoreConn, StoreError};
+use crate::store::{Database, Dump, PgUrl, StoreConn, StoreError};
 
 pub fn run(global: &Global, args: &Migrate) -> Result<(), Exit> {
     let from = parse(&args.from, "--from")?;
@@ -48,21 +48,7 @@ pub fn run(global: &Global, args: &Migrate) -> Result<(), Exit> {
         ))
     })?;
     if let Err(e) = dest.restore(&dump) {
-        let undone = source.unseal_after_failed_move();
-        let source_state = match undone {
-            Ok(()) => "the source is as it was".to_owned(),
-            Err(u) => format!(
-                "and the source's credentials are still leased to the move ({u}): run tokend migrate again, or wait for a fix"
-            ),
-        };
-        let why = match e {
-            StoreError::Exists(name) => format!("{} already holds {name:?}", to.display()),
-            e => e.to_string(),
-        };
-        return Err(Exit::failure(format!(
-            "cannot write to {}: {why}; nothing was copied, {source_state}",
-            to.display()
-        )));
+        failed_write(&source, &dest, &dump, &to, e)?;
     }
     println!(
         "moved {} credential(s) and {} event(s) from {} to {}",
@@ -79,6 +65,64 @@ pub fn run(global: &Global, args: &Migrate) -> Result<(), Exit> {
         );
     }
     Ok(())
+}
+
+/// A write to the destination that failed: the source is unsealed only
+/// when the copy surely did not land and the source was not moved before.
+/// Unsealed beside a live copy, both stores would refresh the same tokens,
+/// and the provider would revoke the grants. Ok when the write turns out
+/// to have landed after all.
+fn failed_write(
+    source: &StoreConn,
+    dest: &StoreConn,
+    dump: &Dump,
+    to: &Database,
+    e: StoreError,
+) -> Result<(), Exit> {
+    // A commit whose answer was lost (the connection dropped) may have
+    // landed. The copy is one transaction: its first name tells.
+    if let StoreError::Commit(_) = e {
+        let first = dump.names().into_iter().next();
+        match first.map(|n| dest.get(&n)).transpose() {
+            Ok(Some(Some(_))) => return Ok(()),
+            Ok(_) => {}
+            Err(look) => {
+                return Err(Exit::failure(format!(
+                    "cannot tell whether the copy reached {}: {e}, then {look}. The source's \
+                     credentials stay leased to the move, so nothing refreshes them: run \
+                     'tokend migrate' again once {} answers (it copies them, or says they are \
+                     there)",
+                    to.display(),
+                    to.display()
+                )));
+            }
+        }
+    }
+    let why = match e {
+        StoreError::Exists(name) => format!("{} already holds {name:?}", to.display()),
+        e => e.to_string(),
+    };
+    if dump.moved_before() {
+        return Err(Exit::failure(format!(
+            "cannot write to {}: {why}. This source had been leased to a move before this \
+             run (an earlier move, or one that failed and could not be undone), so it stays \
+             leased: another store may hold the live copies. If {} holds these credentials \
+             already, it is the live store and nothing needs doing; otherwise fix what made \
+             the write fail and run 'tokend migrate' again",
+            to.display(),
+            to.display()
+        )));
+    }
+    let source_state = match source.unseal_after_failed_move() {
+        Ok(()) => "the source is as it was".to_owned(),
+        Err(u) => format!(
+            "and the source's credentials are still leased to the move ({u}): run tokend migrate again, or wait for a fix"
+        ),
+    };
+    Err(Exit::failure(format!(
+        "cannot write to {}: {why}; nothing was copied, {source_state}",
+        to.display()
+    )))
 }
 
 /// `sqlite:PATH`, an absolute path, or a PostgreSQL URL without a password.

@@ -95,6 +95,10 @@ pub struct Dump {
     credentials: Vec<Vec<Value>>,
     events: Vec<Vec<Value>>,
     keys: Vec<Vec<Value>>,
+    /// Some of its credentials were leased to [`MOVED`] already when it
+    /// was read: an earlier move, or one whose source could not be
+    /// unsealed after it failed.
+    moved_before: bool,
 }
 
 impl Drop for Dump {
@@ -121,6 +125,12 @@ impl Dump {
     /// How many events it holds.
     pub fn events(&self) -> usize {
         self.events.len()
+    }
+
+    /// Whether the source was moved (or half-moved) before: see
+    /// `tokend migrate`'s handling of a failed write.
+    pub fn moved_before(&self) -> bool {
+        self.moved_before
     }
 
     /// The credentials' names, in order.
@@ -256,6 +266,7 @@ mod sqlite {
             credentials: rows(c, "credentials", CREDENTIAL_COLUMNS, "name")?,
             events: rows(c, "events", EVENT_COLUMNS, "id")?,
             keys: rows(c, "keys", KEY_COLUMNS, "id")?,
+            moved_before: false,
         })
     }
 
@@ -273,12 +284,15 @@ mod sqlite {
         {
             return Err(in_use(name));
         }
+        let moved_before = live.iter().any(|(_, h)| h == MOVED);
         c.execute(
             "INSERT OR REPLACE INTO leases (name, holder, expires_at, fence)
              SELECT name, ?1, ?2, fence FROM credentials",
             rusqlite::params![MOVED, now + MOVED_FOR.as_millis() as i64],
         )?;
-        read(c)
+        let mut dump = read(c)?;
+        dump.moved_before = moved_before;
+        Ok(dump)
     }
 
     fn insert(
@@ -358,6 +372,7 @@ mod pg {
             credentials: rows(tx, "credentials", CREDENTIAL_COLUMNS, "name")?,
             events: rows(tx, "events", EVENT_COLUMNS, "id")?,
             keys: rows(tx, "keys", KEY_COLUMNS, "id")?,
+            moved_before: false,
         })
     }
 
@@ -372,11 +387,13 @@ mod pg {
             ),
             &[],
         )?;
+        let mut moved_before = false;
         for r in &live {
             let (name, holder): (String, String) = (r.get(0), r.get(1));
             if holder != MOVED && crate::lease::holder_alive(&holder) {
                 return Err(in_use(&name));
             }
+            moved_before |= holder == MOVED;
         }
         tx.execute(
             "INSERT INTO leases (name, holder, expires_at, fence)
@@ -388,7 +405,9 @@ mod pg {
         )?;
         // Hosts following this database re-read the leased rows.
         tx.execute("SELECT pg_notify('tokend_changes', '')", &[])?;
-        read(tx)
+        let mut dump = read(tx)?;
+        dump.moved_before = moved_before;
+        Ok(dump)
     }
 
     fn insert(
