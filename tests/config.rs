@@ -323,6 +323,34 @@ fn check_config_on_a_good_config_says_ok_and_creates_nothing() {
     assert_nothing_created(&env, "check-config");
 }
 
+/// What `run` and the commands would refuse at once, `check-config` finds
+/// first: a `database` that is a directory, a `socket` path that holds a
+/// plain file. It said `ok` to both.
+#[test]
+fn check_config_finds_a_database_directory_and_a_file_at_the_socket_path() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::bare(Knobs::default());
+    base_config(&env);
+    fs::create_dir_all(&env.db).unwrap();
+    let state = env.db.parent().unwrap();
+    fs::set_permissions(state, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::write(&env.socket, "").unwrap();
+    let (status, _, stderr) =
+        run_bounded(&env, env.tokend(&["check-config"]), Duration::from_secs(20));
+    assert_eq!(status.code(), Some(2), "stderr: {stderr}");
+    assert!(
+        stderr.contains("database") && stderr.contains("a directory, not a database file"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("socket") && stderr.contains("a regular file, not a socket"),
+        "{stderr}"
+    );
+    // What the env's audit of its files would take for a store.
+    fs::remove_dir(&env.db).unwrap();
+    fs::remove_file(&env.socket).unwrap();
+}
+
 /// Issue 10, item 4: a PandaDoc preset with `token_auth =
 /// "client_secret_basic"` or `pkce = true` would send requests PandaDoc's
 /// OpenAPI description does not describe: check-config (and run) refuse

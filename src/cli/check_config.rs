@@ -10,7 +10,7 @@
 //! tokend must give a file or the socket.
 
 use std::fs::{self, Metadata};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::Exit;
@@ -35,6 +35,35 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
         problems.push(Problem {
             key: "database".into(),
             message: format!("cannot create or write {}: {e}", db.display()),
+        });
+    }
+    // What the daemon or the commands would refuse at once, found here
+    // before they meet it.
+    if let Some(db) = config.database.file()
+        && let Ok(meta) = fs::metadata(db)
+        && !meta.is_file()
+    {
+        problems.push(Problem {
+            key: "database".into(),
+            message: format!(
+                "{} is {}, not a database file",
+                db.display(),
+                crate::socket::describe(db, &meta)
+            ),
+        });
+    }
+    let socket = &config.socket.path;
+    if let Ok(meta) = fs::symlink_metadata(socket)
+        && !meta.file_type().is_socket()
+    {
+        problems.push(Problem {
+            key: "socket".into(),
+            message: format!(
+                "{} is {}, not a socket; tokend replaces only a stale socket and leaves \
+                 anything else alone: set `socket` to another path",
+                socket.display(),
+                crate::socket::describe(socket, &meta)
+            ),
         });
     }
     if let Some(user) = &user {

@@ -195,8 +195,9 @@ async fn bind(cfg: &SocketConfig) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// What a file that is not a socket is, for the error that names it.
-fn describe(path: &Path, meta: &std::fs::Metadata) -> String {
+/// What a file that is not a socket is, for the error that names it
+/// (here, and `check-config`'s).
+pub(crate) fn describe(path: &Path, meta: &std::fs::Metadata) -> String {
     let t = meta.file_type();
     if t.is_symlink() {
         match std::fs::read_link(path) {
