@@ -508,6 +508,25 @@ async fn contract(db: &Database) {
             .is_none()
     );
 
+    // `remove --revoke` removes the row only under the lease it revoked
+    // under: not once that lease has passed to another.
+    let Lease::Taken { fence: mine, .. } =
+        conn.hold_lease("r", me, Duration::from_millis(1)).unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let Lease::Taken { fence: theirs, .. } = conn.hold_lease("r", peer, ttl).unwrap() else {
+        panic!("an expired lease not taken over")
+    };
+    assert!(!conn.remove_held("r", me, mine).unwrap());
+    assert!(
+        conn.get("r").unwrap().is_some(),
+        "removed under a lost lease"
+    );
+    assert!(conn.remove_held("r", peer, theirs).unwrap());
+    assert!(conn.get("r").unwrap().is_none());
+
     replacing(&conn, &store).await;
 }
 

@@ -106,12 +106,19 @@ fn revoke_and_remove(config: &Config, store: &StoreConn, name: &str) -> Result<S
     let (cred, fence) = take_lease(store, name, &holder, ttl, timeout)?;
     let outcome = revoke(p, url, &cred, timeout);
     let result = match outcome {
-        Ok(what) => store.remove(name).map(|_| what).map_err(|e| {
-            Exit::failure(format!(
+        Ok(what) => match store.remove_held(name, &holder, fence) {
+            Ok(true) => Ok(what),
+            Ok(false) => Err(Exit::failure(format!(
+                "the revocation was sent, but {name}'s lease passed to another process meanwhile \
+                 (this command was stopped longer than it): that process may have refreshed \
+                 {name}, so its current grant may not be the one revoked. Nothing was removed: \
+                 run 'tokend remove {name} --revoke' again"
+            ))),
+            Err(e) => Err(Exit::failure(format!(
                 "the grant was revoked, but the credential could not be removed: {e}; run \
                      'tokend remove {name}' to forget it"
-            ))
-        }),
+            ))),
+        },
         Err(e) => Err(e),
     };
     if result.is_err() {

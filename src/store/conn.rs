@@ -563,6 +563,20 @@ impl StoreConn {
         }
     }
 
+    /// Forgets a credential as [`remove`](Self::remove) does, only while
+    /// `holder` still has its lease `fence`: whether it did. A holder
+    /// stopped longer than its lease (a VM paused) finds another process
+    /// may have refreshed the credential meanwhile.
+    pub fn remove_held(&self, name: &str, holder: &str, fence: i64) -> Result<bool> {
+        match &self.backend {
+            Backend::Sqlite(c) => immediate(c, |c| ops::remove_held(c, name, holder, fence)),
+            Backend::Postgres(j) => {
+                let (name, holder) = (name.to_owned(), holder.to_owned());
+                j.call(move |c| pg::ops::remove_held(c, &name, &holder, fence))
+            }
+        }
+    }
+
     /// Takes the credential's lease, as the refresher does, for work that
     /// is not a refresh (`tokend remove --revoke`): while it is held no
     /// refresh starts anywhere, and none is in flight.

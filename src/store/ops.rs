@@ -548,6 +548,19 @@ pub fn done(c: &Connection, name: &str) -> Result<Commit> {
 }
 
 /// Forgets a credential: its row, events and lease. Returns whether it existed.
+/// [`remove`], only while `holder` still has the lease `fence` on it
+/// (`remove --revoke`, after revoking): false, removing nothing, if the
+/// lease passed to another meanwhile.
+pub fn remove_held(c: &Connection, name: &str, holder: &str, fence: i64) -> Result<bool> {
+    let held = c
+        .prepare_cached("SELECT 1 FROM leases WHERE name = ?1 AND holder = ?2 AND fence = ?3")?
+        .exists(params![name, holder, fence])?;
+    if !held {
+        return Ok(false);
+    }
+    remove(c, name)
+}
+
 pub fn remove(c: &Connection, name: &str) -> Result<bool> {
     let n = c.execute("DELETE FROM credentials WHERE name = ?1", [name])?;
     c.execute("DELETE FROM events WHERE name = ?1", [name])?;

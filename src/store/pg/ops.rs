@@ -733,6 +733,23 @@ pub fn release(c: &mut Tx<'_>, name: &str, holder: &str, fence: i64) -> Result<(
     Ok(())
 }
 
+/// See `../ops.rs`'s `remove_held`: the row locked first, as every write
+/// locks it, so that no lease changes hands between the check and the
+/// removal.
+pub fn remove_held(c: &mut Tx<'_>, name: &str, holder: &str, fence: i64) -> Result<bool> {
+    lock_only(c, name)?;
+    let held = c
+        .query_opt(
+            "SELECT 1 FROM leases WHERE name = $1 AND holder = $2 AND fence = $3",
+            &[&name, &holder, &fence],
+        )?
+        .is_some();
+    if !held {
+        return Ok(false);
+    }
+    remove(c, name)
+}
+
 pub fn remove(c: &mut Tx<'_>, name: &str) -> Result<bool> {
     let n = c.execute("DELETE FROM credentials WHERE name = $1", &[&name])?;
     c.execute("DELETE FROM events WHERE name = $1", &[&name])?;
