@@ -647,6 +647,33 @@ async fn replacing(conn: &StoreConn, store: &Store) {
         conn.replace(&new_cred("n", "rn9")),
         Err(StoreError::MovedOut(n)) if n == "n"
     ));
+    assert!(matches!(
+        conn.hold_leases(&["n".into()], me, ttl),
+        Err(StoreError::MovedOut(n)) if n == "n"
+    ));
+
+    // A batch's leases, over more than one transaction's worth: all taken
+    // (a name not stored skipped, a leased one reported), all given back.
+    let many: Vec<_> = (0..1500)
+        .map(|i| new_cred(&format!("m{i:04}"), "rm"))
+        .collect();
+    conn.insert_all(&many).unwrap();
+    let Lease::Taken { fence, .. } = conn.hold_lease("m0777", peer, ttl).unwrap() else {
+        panic!("lease not taken")
+    };
+    let mut names: Vec<String> = many.iter().map(|n| n.name.clone()).collect();
+    names.push("not-stored".into());
+    let (held, busy) = conn.hold_leases(&names, me, ttl).unwrap();
+    assert_eq!((held.len(), busy), (1499, vec!["m0777".to_string()]));
+    assert!(matches!(
+        conn.hold_lease("m1234", peer, ttl).unwrap(),
+        Lease::Busy { .. }
+    ));
+    conn.release_leases(&held, me).unwrap();
+    conn.release_lease("m0777", peer, fence).unwrap();
+    let (held, busy) = conn.hold_leases(&names, peer, ttl).unwrap();
+    assert_eq!((held.len(), busy.len()), (1500, 0));
+    conn.release_leases(&held, peer).unwrap();
 }
 
 /// `name`'s token at `version`, its creation read back from the store.

@@ -754,14 +754,14 @@ fn two_daemons_on_one_database_rotate_each_token_exactly_once() {
 fn a_direct_refresh_interrupted_mid_request_stores_its_answer() {
     use std::os::unix::process::ExitStatusExt;
     use std::process::Stdio;
-    for sig in [libc::SIGINT, libc::SIGHUP] {
+    for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGTSTP] {
         let env = Env::bare(Knobs {
             latency_ms: 3000,
             ..Knobs::default()
         });
         env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
         let g = env.import("bot", true);
-        let child = env
+        let mut child = env
             .tokend(&["refresh", "bot"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -775,6 +775,10 @@ fn a_direct_refresh_interrupted_mid_request_stores_its_answer() {
         );
         // SAFETY: a plain kill(2) of our own child.
         assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        // Ctrl-Z stopped it, before: it would never exit.
+        wait_for("the command to exit", Duration::from_secs(30), || {
+            child.try_wait().unwrap()
+        });
         let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.signal(), None, "signal {sig} ended it: {stderr}");

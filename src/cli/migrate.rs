@@ -80,23 +80,22 @@ fn failed_write(
     e: StoreError,
 ) -> Result<(), Exit> {
     // A commit whose answer was lost (the connection dropped) may have
-    // landed. The copy is one transaction: its first name tells.
+    // landed, or may land still (the server can be finishing it): the
+    // copy found there is the move done; not found proves nothing, so the
+    // source stays leased either way. The copy is one transaction: its
+    // first name tells.
     if let StoreError::Commit(_) = e {
         let first = dump.names().into_iter().next();
-        match first.map(|n| dest.get(&n)).transpose() {
-            Ok(Some(Some(_))) => return Ok(()),
-            Ok(_) => {}
-            Err(look) => {
-                return Err(Exit::failure(format!(
-                    "cannot tell whether the copy reached {}: {e}, then {look}. The source's \
-                     credentials stay leased to the move, so nothing refreshes them: run \
-                     'tokend migrate' again once {} answers (it copies them, or says they are \
-                     there)",
-                    to.display(),
-                    to.display()
-                )));
-            }
+        if let Ok(Some(Some(_))) = first.map(|n| dest.get(&n)).transpose() {
+            return Ok(());
         }
+        return Err(Exit::failure(format!(
+            "cannot tell whether the copy reached {}: {e}. The source's credentials stay \
+             leased to the move, so nothing refreshes them: run 'tokend migrate' again once \
+             {} answers (it copies them, or says they are there)",
+            to.display(),
+            to.display()
+        )));
     }
     let why = match e {
         StoreError::Exists(name) => format!("{} already holds {name:?}", to.display()),

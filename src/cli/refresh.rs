@@ -37,7 +37,11 @@ pub fn run(global: &Global, args: &Refresh) -> Result<(), Exit> {
 
 fn report(s: &Status, refreshed: bool) -> Result<(), Exit> {
     if refreshed {
-        println!(
+        // Not println!: after a hangup (a direct refresh holds SIGHUP
+        // until its token is stored) stdout may be a closed terminal, and
+        // the refresh is done.
+        let _ = writeln!(
+            std::io::stdout(),
             "refreshed {}: the new token expires {}",
             s.name,
             s.expires_at.as_deref().unwrap_or("at an unknown time")
@@ -114,9 +118,11 @@ fn directly(global: &Global, name: &str) -> Result<(Status, bool), Exit> {
                     );
                     Ok((status, true))
                 }
-                _ => Err(Exit::failure(format!(
-                    "signal {sig}: stopped; {name} was not refreshed"
-                ))),
+                Ok((status, false)) => Err(Exit::failure(match report(&status, false) {
+                    Err(e) => format!("signal {sig}: stopped. {}", e.message),
+                    Ok(()) => format!("signal {sig}: stopped"),
+                })),
+                Err(e) => Err(e),
             },
         }
     })
@@ -126,9 +132,10 @@ fn directly(global: &Global, name: &str) -> Result<(Status, bool), Exit> {
 /// job runner's TERM) could land after the provider rotated the refresh
 /// token and before the new one is stored: only this process would have
 /// held it, and the grant would be lost. While the refresh runs, those
-/// signals only stop a request not yet sent; one sent is finished and
-/// its answer stored first, within `request_timeout` (README "Commands").
-/// The first one is recorded in `caught`.
+/// signals (and Ctrl-Z's) only stop a request not yet sent; one sent is
+/// finished (within `request_timeout`) and its answer stored first
+/// (README "Commands"). A second one does no more: the stored answer is
+/// what the first waits for. The first one is recorded in `caught`.
 fn hold_signals(
     r: &Arc<Refresher>,
     caught: &Arc<AtomicI32>,
@@ -138,6 +145,9 @@ fn hold_signals(
     let mut term = signal(SignalKind::terminate())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut quit = signal(SignalKind::quit())?;
+    // Ctrl-Z too: stopped with its request out, it could outlive its
+    // lease and see another process take the credential over.
+    let mut tstp = signal(SignalKind::from_raw(libc::SIGTSTP))?;
     let (r, caught) = (r.clone(), caught.clone());
     Ok(tokio::spawn(async move {
         loop {
@@ -146,6 +156,7 @@ fn hold_signals(
                 _ = term.recv() => libc::SIGTERM,
                 _ = hup.recv() => libc::SIGHUP,
                 _ = quit.recv() => libc::SIGQUIT,
+                _ = tstp.recv() => libc::SIGTSTP,
             };
             r.stop();
             // Not eprintln!: after a hangup, stderr may be a closed

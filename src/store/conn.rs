@@ -601,20 +601,56 @@ impl StoreConn {
         })
     }
 
-    /// Gives back `holder`'s lease `fence` on a credential, and no other
-    /// (see `ops::release`).
-    /// [`hold_lease`](Self::hold_lease) on many credentials in one
-    /// transaction (`import --from FILE --force`): the fences of those
-    /// taken, and the names another holder has (a refresh in flight).
-    /// Names not stored are skipped.
+    /// [`hold_lease`](Self::hold_lease) on many credentials
+    /// (`import --from FILE --force`): the fences of those taken, and the
+    /// names another holder has (a refresh in flight). Names not stored
+    /// are skipped; a store `tokend migrate` moved away answers
+    /// [`StoreError::MovedOut`]. Taken a thousand to a transaction, in
+    /// name order as every batch locks rows: one transaction for a large
+    /// batch would hold SQLite's write lock long enough for a refresh in
+    /// flight elsewhere to miss its lease's renewal, and lose its lease
+    /// (and its rotated token) to this batch.
     pub fn hold_leases(
         &self,
         names: &[String],
         holder: &str,
         ttl: Duration,
     ) -> Result<(Held, Vec<String>)> {
-        let sort = |leases: Vec<(String, super::Lease)>| {
-            let (mut held, mut busy) = (Vec::new(), Vec::new());
+        let mut names = names.to_vec();
+        names.sort();
+        let (mut held, mut busy) = (Vec::new(), Vec::new());
+        for chunk in names.chunks(LEASES_PER_TRANSACTION) {
+            let leases = match &self.backend {
+                Backend::Sqlite(c) => immediate(c, |c| {
+                    chunk
+                        .iter()
+                        .map(|n| {
+                            ops::moved_away(c, n)?;
+                            Ok((n.clone(), ops::hold_lease(c, n, holder, ttl)?))
+                        })
+                        .collect::<Result<Vec<_>>>()
+                }),
+                Backend::Postgres(j) => {
+                    let (chunk, holder) = (chunk.to_vec(), holder.to_owned());
+                    j.call(move |c| {
+                        chunk
+                            .iter()
+                            .map(|n| {
+                                pg::ops::moved_away(c, n)?;
+                                Ok((n.clone(), pg::ops::hold_lease(c, n, &holder, ttl)?))
+                            })
+                            .collect::<Result<Vec<_>>>()
+                    })
+                }
+            };
+            let leases = match leases {
+                Ok(l) => l,
+                Err(e) => {
+                    // Those taken before are given back, not left to run out.
+                    let _ = self.release_leases(&held, holder);
+                    return Err(e);
+                }
+            };
             for (name, lease) in leases {
                 match lease {
                     super::Lease::Taken { fence, .. } => held.push((name, fence)),
@@ -622,46 +658,35 @@ impl StoreConn {
                     super::Lease::Gone | super::Lease::Changed(_) => {}
                 }
             }
-            (held, busy)
-        };
-        let leases = match &self.backend {
-            Backend::Sqlite(c) => immediate(c, |c| {
-                names
-                    .iter()
-                    .map(|n| Ok((n.clone(), ops::hold_lease(c, n, holder, ttl)?)))
-                    .collect::<Result<Vec<_>>>()
-            })?,
-            Backend::Postgres(j) => {
-                let (names, holder) = (names.to_vec(), holder.to_owned());
-                j.call(move |c| {
-                    names
-                        .iter()
-                        .map(|n| Ok((n.clone(), pg::ops::hold_lease(c, n, &holder, ttl)?)))
-                        .collect::<Result<Vec<_>>>()
-                })?
-            }
-        };
-        Ok(sort(leases))
+        }
+        Ok((held, busy))
     }
 
-    /// Gives back leases [`hold_leases`](Self::hold_leases) took, in one
-    /// transaction.
+    /// Gives back leases [`hold_leases`](Self::hold_leases) took, a
+    /// thousand to a transaction.
     pub fn release_leases(&self, held: &[(String, i64)], holder: &str) -> Result<()> {
-        match &self.backend {
-            Backend::Sqlite(c) => immediate(c, |c| {
-                held.iter()
-                    .try_for_each(|(n, fence)| ops::release(c, n, holder, *fence))
-            }),
-            Backend::Postgres(j) => {
-                let (held, holder) = (held.to_vec(), holder.to_owned());
-                j.call(move |c| {
-                    held.iter()
-                        .try_for_each(|(n, fence)| pg::ops::release(c, n, &holder, *fence))
-                })
+        for chunk in held.chunks(LEASES_PER_TRANSACTION) {
+            match &self.backend {
+                Backend::Sqlite(c) => immediate(c, |c| {
+                    chunk
+                        .iter()
+                        .try_for_each(|(n, fence)| ops::release(c, n, holder, *fence))
+                })?,
+                Backend::Postgres(j) => {
+                    let (chunk, holder) = (chunk.to_vec(), holder.to_owned());
+                    j.call(move |c| {
+                        chunk
+                            .iter()
+                            .try_for_each(|(n, fence)| pg::ops::release(c, n, &holder, *fence))
+                    })?
+                }
             }
         }
+        Ok(())
     }
 
+    /// Gives back `holder`'s lease `fence` on a credential, and no other
+    /// (see `ops::release`).
     pub fn release_lease(&self, name: &str, holder: &str, fence: i64) -> Result<()> {
         match &self.backend {
             Backend::Sqlite(c) => immediate(c, |c| ops::release(c, name, holder, fence)),
@@ -836,6 +861,10 @@ impl StoreConn {
         })
     }
 }
+
+/// How many leases [`StoreConn::hold_leases`] takes (or gives back) in one
+/// transaction.
+const LEASES_PER_TRANSACTION: usize = 1000;
 
 /// Leases taken by [`StoreConn::hold_leases`]: each name and its fence.
 pub type Held = Vec<(String, i64)>;

@@ -125,16 +125,22 @@ fn busy(c: &Connection, name: &str, holder: &str) -> Result<Option<i64>> {
 /// Whether a replacement of `name` must wait ([`refreshing`]) or give up
 /// ([`StoreError::MovedOut`]) for the lease on it.
 fn held_off(c: &Connection, name: &str) -> Result<()> {
+    moved_away(c, name)?;
+    match busy(c, name, &crate::lease::holder_id())? {
+        Some(until) => Err(refreshing(name, until)),
+        None => Ok(()),
+    }
+}
+
+/// [`StoreError::MovedOut`] if `tokend migrate` moved `name` away.
+pub fn moved_away(c: &Connection, name: &str) -> Result<()> {
     let holder: Option<String> = c
         .prepare_cached("SELECT holder FROM leases WHERE name = ?1")?
         .query_row([name], |r| r.get(0))
         .optional()?;
-    if holder.as_deref() == Some(super::MOVED) {
-        return Err(StoreError::MovedOut(name.to_owned()));
-    }
-    match busy(c, name, &crate::lease::holder_id())? {
-        Some(until) => Err(refreshing(name, until)),
-        None => Ok(()),
+    match holder.as_deref() == Some(super::MOVED) {
+        true => Err(StoreError::MovedOut(name.to_owned())),
+        false => Ok(()),
     }
 }
 

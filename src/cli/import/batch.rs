@@ -81,12 +81,19 @@ fn under_leases(
     batch: &[NewCredential],
 ) -> Result<usize, StoreError> {
     let names: Vec<String> = batch.iter().map(|n| n.name.clone()).collect();
-    let holder = crate::lease::holder_id();
     let wait = config.refresh.request_timeout + Duration::from_secs(10);
-    // Through the waits and the write of a large batch.
-    let ttl = wait * 2 + Duration::from_secs(60);
+    // Through the waits and the write of a large batch: the write reads
+    // and writes each row (on PostgreSQL, a few round trips each).
+    let ttl = wait * 2 + Duration::from_secs(60) + Duration::from_millis(5) * batch.len() as u32;
     let deadline = Instant::now() + wait;
-    let (mut held, mut busy) = store.hold_leases(&names, &holder, ttl)?;
+    let mut leased = Leased {
+        store,
+        holder: crate::lease::holder_id(),
+        held: Vec::new(),
+        ttl,
+    };
+    let (held, mut busy) = store.hold_leases(&names, &leased.holder, ttl)?;
+    leased.held = held;
     let mut told = false;
     while !busy.is_empty() && Instant::now() < deadline {
         if !told {
@@ -98,25 +105,39 @@ fn under_leases(
             told = true;
         }
         std::thread::sleep(Duration::from_millis(200));
-        let (more, still) = store.hold_leases(&busy, &holder, ttl)?;
-        held.extend(more);
+        let (more, still) = store.hold_leases(&busy, &leased.holder, ttl)?;
+        leased.held.extend(more);
         busy = still;
     }
-    let stored = match busy.first() {
+    match busy.first() {
         None => store.insert_batch(batch, true),
         Some(name) => Err(StoreError::InUse(format!(
             "{name:?} and {} more of these credentials are being refreshed",
             busy.len() - 1
         ))),
-    };
-    if let Err(e) = store.release_leases(&held, &holder) {
-        eprintln!(
-            "tokend: cannot give back the leases of the batch ({e}); they run out by themselves \
-             within {} s",
-            ttl.as_secs()
-        );
     }
-    stored
+}
+
+/// The batch's leases, given back however `under_leases` ends: left
+/// behind, they would keep other hosts from refreshing these credentials
+/// until they ran out.
+struct Leased<'s> {
+    store: &'s StoreConn,
+    holder: String,
+    held: Vec<(String, i64)>,
+    ttl: Duration,
+}
+
+impl Drop for Leased<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.store.release_leases(&self.held, &self.holder) {
+            eprintln!(
+                "tokend: cannot give back the leases of the batch ({e}); they run out by \
+                 themselves within {} s",
+                self.ttl.as_secs()
+            );
+        }
+    }
 }
 
 /// The whole batch, checked, and the line each name came from.

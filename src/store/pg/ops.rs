@@ -269,14 +269,20 @@ pub fn looked(c: &mut Tx<'_>, name: Option<&str>) -> Result<Looked> {
     ))
 }
 
-/// See `../ops.rs`'s `held_off`.
-fn held_off(c: &mut Tx<'_>, name: &str) -> Result<()> {
+/// See `../ops.rs`'s `moved_away`.
+pub fn moved_away(c: &mut Tx<'_>, name: &str) -> Result<()> {
     let holder: Option<String> = c
         .query_opt("SELECT holder FROM leases WHERE name = $1", &[&name])?
         .map(|r| r.get(0));
-    if holder.as_deref() == Some(crate::store::MOVED) {
-        return Err(StoreError::MovedOut(name.to_owned()));
+    match holder.as_deref() == Some(crate::store::MOVED) {
+        true => Err(StoreError::MovedOut(name.to_owned())),
+        false => Ok(()),
     }
+}
+
+/// See `../ops.rs`'s `held_off`.
+fn held_off(c: &mut Tx<'_>, name: &str) -> Result<()> {
+    moved_away(c, name)?;
     match busy(c, name, &crate::lease::holder_id())? {
         Some(until) => Err(crate::store::ops::refreshing(name, until)),
         None => Ok(()),
