@@ -243,7 +243,7 @@ async fn runner(mut config: Arc<Config>, mut rx: mpsc::UnboundedReceiver<Msg>) {
 /// credential, which has none). Never a token or a secret.
 pub fn variables(c: &Change, config: &Path) -> Vec<(&'static str, String)> {
     let authorize = if c.authorizable {
-        authorize_line(c, config)
+        authorize_command(&c.name, &c.provider, config)
     } else {
         String::new()
     };
@@ -262,12 +262,13 @@ pub fn variables(c: &Change, config: &Path) -> Vec<(&'static str, String)> {
 }
 
 /// `tokend authorize NAME --provider P --force`, with `--config PATH` when
-/// the daemon's config is not the default one.
-fn authorize_line(c: &Change, config: &Path) -> String {
+/// the config is not the default one: the command that brings a dead grant
+/// back, as every hint gives it, ready to paste.
+pub fn authorize_command(name: &str, provider: &str, config: &Path) -> String {
     let mut authorize = format!(
         "tokend authorize {} --provider {} --force",
-        quoted(&c.name),
-        quoted(&c.provider)
+        quoted(name),
+        quoted(provider)
     );
     if config != Path::new(DEFAULT_CONFIG) {
         let path = std::path::absolute(config).unwrap_or_else(|_| PathBuf::from(config));

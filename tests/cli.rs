@@ -197,17 +197,18 @@ fn every_command_against_a_running_daemon() {
         k.fault_on = FaultTarget::Token;
         k.fault_count = Some(1);
     });
-    let e = fails(&env, &["refresh", "bot"]);
-    assert!(
-        e.contains("tokend authorize bot --provider fake --force"),
-        "{e}"
+    // The command to paste names the config, which is not the default.
+    let fix = format!(
+        "tokend authorize bot --provider fake --force --config {}",
+        env.config_path.display()
     );
+    let e = fails(&env, &["refresh", "bot"]);
+    assert!(e.contains(&fix), "{e}");
     let e = fails(&env, &["token", "bot"]);
     assert!(e.contains("needs re-authorization"), "{e}");
-    assert!(
-        e.contains("tokend authorize bot --provider fake --force"),
-        "{e}"
-    );
+    assert!(e.contains(&fix), "{e}");
+    let out = ok(&env, &["status", "bot"]);
+    assert!(out.contains(&format!("to fix:          {fix}")), "{out}");
     assert_eq!(list(&env), [("bot".into(), "needs_reauthorization".into())]);
     drop(d);
 }

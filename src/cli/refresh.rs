@@ -32,10 +32,10 @@ pub fn run(global: &Global, args: &Refresh) -> Result<(), Exit> {
             Err(Unreachable::NotRunning(_)) => directly(global, name)?,
             Err(e) => return Err(super::token::unreachable(&socket, e)),
         };
-    report(&status, refreshed)
+    report(&status, refreshed, &global.config_path())
 }
 
-fn report(s: &Status, refreshed: bool) -> Result<(), Exit> {
+fn report(s: &Status, refreshed: bool, config: &std::path::Path) -> Result<(), Exit> {
     if refreshed {
         // Not println!: after a hangup (a direct refresh holds SIGHUP
         // until its token is stored) stdout may be a closed terminal, and
@@ -57,8 +57,8 @@ fn report(s: &Status, refreshed: bool) -> Result<(), Exit> {
     let why = s.last_error.as_deref().unwrap_or("no new token");
     let next = match s.state {
         State::NeedsReauthorization => format!(
-            "; re-authorize with 'tokend authorize {} --provider {} --force'",
-            s.name, s.provider
+            "; re-authorize with '{}'",
+            crate::alerts::authorize_command(&s.name, &s.provider, config)
         ),
         State::Misconfigured => {
             "; nothing is sent until the provider's config is fixed and reloaded ('systemctl reload tokend')".into()
@@ -118,10 +118,12 @@ fn directly(global: &Global, name: &str) -> Result<(Status, bool), Exit> {
                     );
                     Ok((status, true))
                 }
-                Ok((status, false)) => Err(Exit::failure(match report(&status, false) {
-                    Err(e) => format!("signal {sig}: stopped. {}", e.message),
-                    Ok(()) => format!("signal {sig}: stopped"),
-                })),
+                Ok((status, false)) => Err(Exit::failure(
+                    match report(&status, false, &global.config_path()) {
+                        Err(e) => format!("signal {sig}: stopped. {}", e.message),
+                        Ok(()) => format!("signal {sig}: stopped"),
+                    },
+                )),
                 Err(e) => Err(e),
             },
         }

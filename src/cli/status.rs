@@ -162,8 +162,8 @@ pub fn status(global: &Global, args: &args::Status) -> Result<(), Exit> {
         }
         if s.state == State::NeedsReauthorization {
             println!(
-                "  to fix:          tokend authorize {} --provider {} --force",
-                s.name, s.provider
+                "  to fix:          {}",
+                crate::alerts::authorize_command(&s.name, &s.provider, &global.config_path())
             );
         }
     }

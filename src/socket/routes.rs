@@ -356,8 +356,13 @@ async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::NeedsReauthorization,
                 format!(
-                    "{name} needs re-authorization ({}): run 'tokend authorize {name} --provider {provider} --force'",
-                    why.unwrap_or_else(|| "the grant is dead".into())
+                    "{name} needs re-authorization ({}): run '{}'",
+                    why.unwrap_or_else(|| "the grant is dead".into()),
+                    crate::alerts::authorize_command(
+                        name,
+                        &provider,
+                        &state.refresher.config().path
+                    )
                 ),
             )
         }
