@@ -150,6 +150,10 @@ fn a_bad_line_is_named_and_nothing_is_stored() {
         assert_eq!(o.status.code(), Some(2), "{bad}: {err}");
         assert!(err.contains("line 3"), "{bad}: {err}");
         assert!(err.contains(field), "{bad}: {err}");
+        assert!(
+            !err.contains("--help"),
+            "the file at fault, not the usage: {err}"
+        );
         assert_no_secrets(&stdout(&o), "import stdout");
         assert_eq!(stored(&env), 0, "{bad}: nothing of the batch is stored");
     }

@@ -158,7 +158,9 @@ pub fn status(global: &Global, args: &args::Status) -> Result<(), Exit> {
             s.last_error.as_deref().unwrap_or("-")
         );
         if let Some(e) = &s.last_publish_error {
-            println!("  publish error:   {e} (the files hold an older token; tokend retries)");
+            println!(
+                "  publish error:   {e} (its files hold an older token, or none yet; tokend retries)"
+            );
         }
         if s.state == State::NeedsReauthorization {
             println!(

@@ -217,12 +217,14 @@ fn validate_socket(raw: &RawConfig, env: &dyn Env, p: &mut Problems) -> SocketCo
         }
         None => systemd_path(env, "RUNTIME_DIRECTORY", "tokend.sock", DEFAULT_SOCKET),
     };
+    // Connecting takes write permission: a mode that shuts out the
+    // socket's owner (tokend's own commands, as its user) is a mistake.
     let mode = p.mode(
         "socket_mode",
         raw.socket_mode.as_deref(),
         0o660,
         "0660",
-        |_| None,
+        |m| (m & 0o600 != 0o600).then_some("must let the owner read and write, e.g. \"0660\""),
     );
     let group = raw
         .socket_group
@@ -598,6 +600,10 @@ mod tests {
             (
                 "socket_mode = \"1777\"\n",
                 "socket_mode: \"1777\" is not an octal mode like \"0660\"",
+            ),
+            (
+                "socket_mode = \"0066\"\n",
+                "socket_mode: \"0066\" must let the owner read and write, e.g. \"0660\"",
             ),
             (
                 "socket_group = \"no-such-group-tokend\"\n",

@@ -147,14 +147,16 @@ fn read(config: &Config, from: &str) -> Result<(Vec<NewCredential>, HashMap<Stri
     } else {
         // The path is not echoed: a token given here by mistake would be.
         let f = std::fs::File::open(from)
-            .map_err(|e| Exit::usage(format!("--from: cannot read the file: {e}")))?;
+            .map_err(|e| Exit::config_message(format!("--from: cannot read the file: {e}")))?;
         Box::new(BufReader::with_capacity(1 << 16, f))
     };
     let now = now_ms();
     let (mut batch, mut lines) = (Vec::new(), HashMap::new());
     for (i, line) in input.lines().enumerate() {
         let number = i + 1;
-        let bad = |why: String| Exit::usage(format!("--from: line {number}: {why}"));
+        // Exit 2 as a usage error, without its "Run 'tokend --help'":
+        // the file is at fault, not the command line.
+        let bad = |why: String| Exit::config_message(format!("--from: line {number}: {why}"));
         let line = line.map_err(|e| bad(format!("cannot read it: {e}")))?;
         if line.trim().is_empty() {
             continue;
@@ -169,7 +171,7 @@ fn read(config: &Config, from: &str) -> Result<(Vec<NewCredential>, HashMap<Stri
         batch.push(new);
     }
     if batch.is_empty() {
-        return Err(Exit::usage(
+        return Err(Exit::config_message(
             "--from: no credentials in the input (one JSON object a line)",
         ));
     }
