@@ -136,18 +136,7 @@ fn a_name_replaced_at_the_same_version_is_published_at_once() {
 #[test]
 fn a_failed_validation_of_a_replaced_token_does_not_land_on_the_new_row() {
     let env = Env::new(Knobs::default());
-    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
-    let old = import_expiring(&env, "bot", 3600);
-    let d = env.start();
-    validated_and_published(&env, &old.access_token);
-    env.provider.update_knobs(|k| {
-        k.latency_ms = 3000;
-        k.fault = Some(Fault::Status503);
-        k.fault_on = FaultTarget::Validate;
-    });
-    validation_out(&env);
-    assert!(env.cli(&["remove", "bot"], "").status.success());
-    let new = import_expiring(&env, "bot", 3600);
+    let (d, new) = replaced_during_a_validation(&env, Fault::Status503, None);
     served_and_published(&env, &new.access_token);
     drop(d);
 }
@@ -160,22 +149,11 @@ fn a_failed_validation_of_a_replaced_token_does_not_land_on_the_new_row() {
 #[test]
 fn a_refused_token_of_a_replaced_grant_does_not_refresh_the_new_one() {
     let env = Env::new(Knobs::default());
-    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
-    let old = import_expiring(&env, "bot", 3600);
-    let d = env.start();
-    validated_and_published(&env, &old.access_token);
-    env.provider.update_knobs(|k| {
-        k.latency_ms = 3000;
-        k.fault = Some(Fault::OauthError {
-            status: 401,
-            error: "invalid_token".into(),
-        });
-        k.fault_on = FaultTarget::Validate;
-        k.fault_count = Some(1);
-    });
-    validation_out(&env);
-    assert!(env.cli(&["remove", "bot"], "").status.success());
-    let new = import_expiring(&env, "bot", 3600);
+    let refused = Fault::OauthError {
+        status: 401,
+        error: "invalid_token".into(),
+    };
+    let (d, new) = replaced_during_a_validation(&env, refused, Some(1));
     env.provider.update_knobs(|k| k.latency_ms = 0);
     // The refresh the 401 asked for meets the new row and takes it.
     d.wait_log(
@@ -189,6 +167,30 @@ fn a_refused_token_of_a_replaced_grant_does_not_refresh_the_new_one() {
     );
     served_and_published(&env, &new.access_token);
     drop(d);
+}
+
+/// `bot` imported, validated and published; then a validation of its
+/// token held 3 s by the provider and answered with `fault` (`count`
+/// times, or until cleared), while `bot` is removed and imported anew.
+/// Returns the daemon and the new grant.
+fn replaced_during_a_validation(
+    env: &Env,
+    fault: Fault,
+    count: Option<u64>,
+) -> (Daemon, MintedGrant) {
+    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
+    let old = import_expiring(env, "bot", 3600);
+    let d = env.start();
+    validated_and_published(env, &old.access_token);
+    env.provider.update_knobs(|k| {
+        k.latency_ms = 3000;
+        k.fault = Some(fault);
+        k.fault_on = FaultTarget::Validate;
+        k.fault_count = count;
+    });
+    validation_out(env);
+    assert!(env.cli(&["remove", "bot"], "").status.success());
+    (d, import_expiring(env, "bot", 3600))
 }
 
 /// Reports `bot`'s token refused, and waits for the validation this asks

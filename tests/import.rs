@@ -258,22 +258,6 @@ fn a_running_daemon_publishes_a_batch() {
     assert_eq!(env.provider.stats().refresh_requests, 0);
 }
 
-/// `tokend import NAME --force` with the refresh token of `g`, on stdin.
-fn import_force(env: &Env, name: &str, refresh_token: &str) -> Output {
-    env.cli(
-        &[
-            "import",
-            name,
-            "--provider",
-            "fake",
-            "--refresh-token",
-            "-",
-            "--force",
-        ],
-        refresh_token,
-    )
-}
-
 /// A configuration job that runs `import --force` with the refresh token
 /// it was first given, again and again: before tokend's first refresh
 /// that changes nothing; after it, when the provider has rotated that
@@ -284,7 +268,7 @@ fn import_force(env: &Env, name: &str, refresh_token: &str) -> Output {
 fn the_given_refresh_token_is_refused_once_rotated_and_a_rerun_changes_nothing() {
     let env = Env::new(Knobs::default());
     let g = env.import("bot", false);
-    let out = import_force(&env, "bot", &g.refresh_token);
+    let out = env.import_force("bot", &g.refresh_token);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("nothing changed"), "{}", stdout(&out));
     assert_eq!(env.row("bot").unwrap().version, 1, "the row was written");
@@ -293,7 +277,7 @@ fn the_given_refresh_token_is_refused_once_rotated_and_a_rerun_changes_nothing()
     wait_for("the start-up refresh", Duration::from_secs(20), || {
         (env.row("bot")?.version == 2).then_some(())
     });
-    let out = import_force(&env, "bot", &g.refresh_token);
+    let out = env.import_force("bot", &g.refresh_token);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
@@ -341,7 +325,7 @@ fn a_replacement_waits_for_the_refresh_in_flight() {
             let next = env
                 .provider
                 .mint_grant(env.provider.client_id(), "read+write");
-            (import_force(&env, "bot", &next.refresh_token), next)
+            (env.import_force("bot", &next.refresh_token), next)
         };
         let err = stderr(&out);
         assert!(out.status.success(), "batch {batch}: {err}");

@@ -252,13 +252,9 @@ impl Env {
         g
     }
 
-    /// Mints a fresh grant and imports it over `name` (`--force`), as an
-    /// operator re-authorizing by hand would.
-    pub fn reimport(&self, name: &str) -> MintedGrant {
-        let g = self
-            .provider
-            .mint_grant(self.provider.client_id(), "read+write");
-        let out = self.cli(
+    /// `tokend import NAME --force` with `refresh_token` on stdin.
+    pub fn import_force(&self, name: &str, refresh_token: &str) -> Output {
+        self.cli(
             &[
                 "import",
                 name,
@@ -268,8 +264,17 @@ impl Env {
                 "-",
                 "--force",
             ],
-            &g.refresh_token,
-        );
+            refresh_token,
+        )
+    }
+
+    /// Mints a fresh grant and imports it over `name` (`--force`), as an
+    /// operator re-authorizing by hand would.
+    pub fn reimport(&self, name: &str) -> MintedGrant {
+        let g = self
+            .provider
+            .mint_grant(self.provider.client_id(), "read+write");
+        let out = self.import_force(name, &g.refresh_token);
         assert!(
             out.status.success(),
             "re-import of {name} failed: {}",
