@@ -163,7 +163,10 @@ fn hold_signals(
             r.stop();
             // Not eprintln!: after a hangup, stderr may be a closed
             // terminal, and a failed write must not end the task.
-            if caught.swap(sig, Ordering::SeqCst) == 0 {
+            if caught
+                .compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
                 let _ = writeln!(
                     std::io::stderr(),
                     "tokend: signal {sig}: sending nothing more; a refresh already at the \
