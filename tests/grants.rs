@@ -635,6 +635,28 @@ fn remove_revoke_without_revocation_url_keeps_the_credential() {
     assert!(env.provider.grant(g.grant_id).unwrap().alive);
 }
 
+/// A Retry-After longer than `remove --revoke` waits between attempts is
+/// not cut short: one request, and the user is told when to try again.
+/// Before, it was cut to 10 s, and two more requests went out.
+#[test]
+fn remove_revoke_keeps_a_long_retry_after() {
+    let env = Env::bare(Knobs {
+        fault: Some(Fault::TooManyRequests {
+            retry_after_secs: Some(60),
+        }),
+        fault_on: FaultTarget::Token,
+        ..Knobs::default()
+    });
+    configure(&env, &endpoints(&env));
+    env.import("bot", true);
+    let out = env.cli(&["remove", "bot", "--revoke"], "");
+    let e = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{e}");
+    assert!(e.contains("The credential is kept: try again in 1m"), "{e}");
+    assert_eq!(env.provider.stats().faults_injected, 1);
+    assert!(env.credential("bot").is_some());
+}
+
 #[test]
 fn remove_revoke_failure_keeps_the_credential() {
     let env = Env::bare(Knobs {

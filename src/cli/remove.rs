@@ -207,10 +207,13 @@ fn revoke(
             Err(f) => f,
         };
         match &failure {
-            Failure::Transient { retry_after, .. } if attempt < REVOKE_ATTEMPTS => {
-                let wait = retry_after
-                    .unwrap_or(Duration::from_secs(u64::from(attempt)))
-                    .min(REVOKE_WAIT_MAX);
+            // A Retry-After longer than this command waits is the
+            // provider's to keep: it is told, not cut short.
+            Failure::Transient { retry_after, .. }
+                if attempt < REVOKE_ATTEMPTS
+                    && retry_after.is_none_or(|r| r <= REVOKE_WAIT_MAX) =>
+            {
+                let wait = retry_after.unwrap_or(Duration::from_secs(u64::from(attempt)));
                 eprintln!(
                     "tokend: revocation attempt {attempt} failed ({}); trying again in {}",
                     failure.describe(),
@@ -220,9 +223,16 @@ fn revoke(
                 attempt += 1;
             }
             _ => {
+                let again = match &failure {
+                    Failure::Transient {
+                        retry_after: Some(r),
+                        ..
+                    } => format!("try again in {}", humantime::format_duration(*r)),
+                    _ => "try again".to_owned(),
+                };
                 return Err(Exit::failure(format!(
                     "nothing was removed: revoking {name}'s {} at providers.{}.revocation_url \
-                     failed: {}. The credential is kept: try again, or run 'tokend remove \
+                     failed: {}. The credential is kept: {again}, or run 'tokend remove \
                      {name}' without --revoke to forget it (its grant then stays alive at the \
                      provider)",
                     hint.replace('_', " "),
