@@ -285,6 +285,11 @@ fn the_given_refresh_token_is_refused_once_rotated_and_a_rerun_changes_nothing()
         "{err}"
     );
     assert!(!err.contains(&g.refresh_token), "the token in the error");
+    let authorize = format!(
+        "tokend authorize bot --provider fake --force --config {}",
+        env.config_path.display()
+    );
+    assert!(err.contains(&authorize), "{err}");
     let live = env.row("bot").unwrap();
     assert_eq!(live.version, 2, "the live token was replaced");
     assert!(

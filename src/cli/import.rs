@@ -85,7 +85,10 @@ pub fn run(global: &Global, args: &Import) -> Result<(), Exit> {
         Err(StoreError::Exists(_)) => Err(Exit::failure(format!(
             "a credential named {name:?} already exists; add --force to replace its tokens"
         ))),
-        Err(e @ StoreError::Spent(_)) => Err(Exit::failure(format!("refused: {e}"))),
+        Err(e @ StoreError::Spent(_)) => Err(Exit::failure(format!(
+            "refused: {e}: {}",
+            crate::alerts::authorize_command(name, provider, &path)
+        ))),
         Err(e @ StoreError::InUse(_)) => Err(Exit::failure(format!(
             "{e}, longer than a refresh may take: nothing was changed; try again"
         ))),

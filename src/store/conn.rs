@@ -894,13 +894,13 @@ fn plan_replace(
     };
     if let (Some(incoming), Some(held)) = (new.grant.refresh_token(), cur.grant.refresh_token()) {
         if incoming == held {
-            // Not the scope: an import fills it from the config, a
-            // refresh from the provider's answer, and the same grant's
-            // token is the same grant. Not a stopped credential either:
-            // the same token imported again after its configuration was
-            // mended is how it is tried again.
             // An access token given is a change unless it is the one
-            // held, with no other expiry.
+            // held, with no other expiry. The scope is not compared: an
+            // import fills it from the config, a refresh from the
+            // provider's answer, and the same token is the same grant.
+            // Nor is a stopped credential left as it is: the same token
+            // imported again once its configuration was mended is how it
+            // is tried again.
             let same_access = new.access_token.as_ref().is_none_or(|a| {
                 cur.access_token.as_ref() == Some(a)
                     && new.expires_at.is_none_or(|e| cur.expires_at == Some(e))
@@ -1188,7 +1188,8 @@ mod tests {
     }
 
     /// A store left at version 1 under a newer schema by an earlier
-    /// build's first-open race (the test above) opens again: its version
+    /// build's first-open race (`a_new_store_opened_by_many_at_once_opens_for_all`)
+    /// opens again: its version
     /// is read from the schema, and its rows are kept.
     #[test]
     fn a_store_set_back_to_version_1_by_the_old_race_opens() {

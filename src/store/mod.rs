@@ -104,8 +104,7 @@ impl std::fmt::Display for StoreError {
                  refreshed it since: a provider that rotates refresh tokens no longer accepts \
                  it, and one that detects reuse would revoke the whole grant if it came back. \
                  Nothing was changed; {n:?} keeps its current tokens. To replace the grant, give \
-                 a refresh token tokend has not held, or run 'tokend authorize {n} --provider \
-                 PROVIDER --force'"
+                 a refresh token tokend has not held, or authorize it again"
             ),
             StoreError::Moved => write!(f, "the credential changed while it was being replaced"),
             StoreError::MovedOut(n) => write!(
@@ -244,9 +243,10 @@ impl Credential {
 #[derive(Debug)]
 pub enum Replaced {
     Stored(Box<Credential>),
-    /// The credential already held this refresh token (and access token,
-    /// provider and scope): nothing was written, so its state, backoff and
-    /// Retry-After stand. A re-run of the same `import --force` is a no-op.
+    /// The credential already held this refresh token (for the same
+    /// provider, and no other access token or expiry was given): nothing
+    /// was written, so its state, backoff and Retry-After stand. A re-run
+    /// of the same `import --force` is a no-op.
     Unchanged,
 }
 

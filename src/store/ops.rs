@@ -553,7 +553,6 @@ pub fn done(c: &Connection, name: &str) -> Result<Commit> {
         .ok_or_else(|| StoreError::NotFound(name.to_owned()))
 }
 
-/// Forgets a credential: its row, events and lease. Returns whether it existed.
 /// [`remove`], only while `holder` still has the lease `fence` on it
 /// (`remove --revoke`, after revoking): false, removing nothing, if the
 /// lease passed to another meanwhile.
@@ -567,6 +566,7 @@ pub fn remove_held(c: &Connection, name: &str, holder: &str, fence: i64) -> Resu
     remove(c, name)
 }
 
+/// Forgets a credential: its row, events and lease. Returns whether it existed.
 pub fn remove(c: &Connection, name: &str) -> Result<bool> {
     let n = c.execute("DELETE FROM credentials WHERE name = ?1", [name])?;
     c.execute("DELETE FROM events WHERE name = ?1", [name])?;
@@ -638,6 +638,16 @@ pub fn migrate_to_2(c: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Version 3: the grant a credential's tokens come from (README "Other
+/// grants"); every earlier row holds a refresh token.
+pub fn migrate_to_3(c: &Connection) -> Result<()> {
+    c.execute_batch(
+        "ALTER TABLE credentials ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token';
+                    PRAGMA user_version = 3;",
+    )?;
+    Ok(())
+}
+
 /// Version 5: the fingerprint of the refresh token each credential was
 /// given, so that `import --force` can refuse that token once tokend has
 /// rotated it away (README "Onboarding").
@@ -645,16 +655,6 @@ pub fn migrate_to_5(c: &Connection) -> Result<()> {
     c.execute_batch(
         "ALTER TABLE credentials ADD COLUMN given_fp TEXT;
                     PRAGMA user_version = 5;",
-    )?;
-    Ok(())
-}
-
-/// Version 3: the grant a credential's tokens come from (README "Other
-/// grants"); every earlier row holds a refresh token.
-pub fn migrate_to_3(c: &Connection) -> Result<()> {
-    c.execute_batch(
-        "ALTER TABLE credentials ADD COLUMN grant_type TEXT NOT NULL DEFAULT 'refresh_token';
-                    PRAGMA user_version = 3;",
     )?;
     Ok(())
 }
