@@ -885,3 +885,111 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
     let out = ok(&env.cli(&["refresh", "bot"], ""), "refresh after restart");
     assert!(out.contains("refreshed bot"), "{out}");
 }
+
+/// `tokend keys rotate` must not delete the data key that a credential
+/// being imported under a new name was sealed with. The new row is
+/// invisible to the rotation until its transaction commits, so without a
+/// lock the rotation re-seals every row it can see, deletes the old key,
+/// and the import then commits a row no host can open: a grant lost. The
+/// import's commit is held here the way a slow disk or a synchronous
+/// standby holds it: `synchronous_standby_names` names a standby that
+/// never answers, and only the importing role waits for it.
+#[test]
+fn postgresql_a_rotation_during_an_import_of_a_new_name_keeps_its_key() {
+    let Some(server) = Server::start() else {
+        return;
+    };
+    let env = Env::bare(Knobs::default());
+    let url = server.fresh_db();
+    let db = Server::db_name(&url);
+    let key = key_file(&env, "key");
+    write_config_at(&env, &env.config_path, &url, Some(&key));
+    import_expiring(&env, "bot", 3600);
+    assert_eq!(server.psql(&db, "SELECT id FROM keys").trim(), "1");
+
+    // A second host's config, connecting as a role whose commits wait
+    // for the standby; this one's (and psql's) do not.
+    server.psql(&db, "CREATE ROLE importer LOGIN SUPERUSER");
+    server.psql(&db, "ALTER ROLE tokend SET synchronous_commit = local");
+    let importing = env.dir.path().join("importer.toml");
+    assert!(url.starts_with("postgresql://tokend@"), "{url}");
+    let importer_url = url.replacen("tokend@", "importer@", 1);
+    write_config_at(&env, &importing, &importer_url, Some(&key));
+    server.psql(&db, "ALTER SYSTEM SET synchronous_standby_names = 'nobody'");
+    server.psql(&db, "SELECT pg_reload_conf()");
+
+    let g = env
+        .provider
+        .mint_grant(env.provider.client_id(), "read+write");
+    let import = {
+        let (env_dir, refresh) = (env.dir.path().to_owned(), g.refresh_token.clone());
+        let cmd = tokend_command(
+            &importing,
+            &env_dir,
+            &[
+                "import",
+                "newbie",
+                "--provider",
+                "fake",
+                "--refresh-token",
+                "-",
+            ],
+        );
+        std::thread::spawn(move || run_cli(cmd, &refresh))
+    };
+    let waiting = |event: &str| {
+        let sql = format!("SELECT count(*) FROM pg_stat_activity WHERE wait_event = '{event}'");
+        server.psql(&db, &sql).trim() != "0"
+    };
+    wait_for(
+        "the import's commit waiting for the standby",
+        Duration::from_secs(20),
+        || waiting("SyncRep").then_some(()),
+    );
+    let rotate = {
+        let cmd = tokend_at(&env, &env.config_path, &["keys", "rotate"]);
+        std::thread::spawn(move || run_cli(cmd, ""))
+    };
+    // The rotation must wait for the import (or have finished, which is
+    // the loss this test is about: it is caught below).
+    wait_for(
+        "the rotation waiting for the import, or done",
+        Duration::from_secs(20),
+        || {
+            (rotate.is_finished()
+                || server
+                    .psql(
+                        &db,
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+                         AND query LIKE '%keys%'",
+                    )
+                    .trim()
+                    != "0")
+                .then_some(())
+        },
+    );
+    server.psql(&db, "ALTER SYSTEM RESET synchronous_standby_names");
+    server.psql(&db, "SELECT pg_reload_conf()");
+    ok(&import.join().unwrap(), "import");
+    ok(&rotate.join().unwrap(), "keys rotate");
+
+    // Every row sealed with the active key, and the old one gone.
+    assert_eq!(server.psql(&db, "SELECT id FROM keys").trim(), "2");
+    let on_2 = format!(
+        "SELECT name FROM credentials WHERE refresh_token LIKE '{SEALED}2:%' ORDER BY name"
+    );
+    assert_eq!(
+        server.psql(&db, &on_2).trim(),
+        "bot\nnewbie",
+        "a credential is not sealed with the active key: {}",
+        server.psql(
+            &db,
+            // The seal's prefix and key id only: never a token's characters.
+            "SELECT name, coalesce(substring(refresh_token FROM '^tokend-seal:v1:[0-9]+'), \
+             'not sealed') FROM credentials"
+        )
+    );
+    // And the new credential opens and refreshes with the provider.
+    let out = ok(&env.cli(&["refresh", "newbie"], ""), "refresh newbie");
+    assert!(out.contains("refreshed newbie"), "{out}");
+}

@@ -66,6 +66,16 @@ pub(super) trait KeyTx {
     fn keys(&mut self) -> Result<Vec<WrappedKey>>;
     /// The active data key's id: the highest; None for a plaintext store.
     fn active(&mut self) -> Result<Option<u32>>;
+    /// [`active`](Self::active), read by a write that sealed new values
+    /// ([`check_active`]) and, on PostgreSQL, held until that write
+    /// commits: a new name's row is invisible to `tokend keys rotate` and
+    /// `seal` until then, so they must not change the keys under it (the
+    /// rotation would delete the key it sealed with; the sealing would
+    /// leave it plaintext in a sealed store). SQLite's write transaction
+    /// holds the whole file already.
+    fn active_held(&mut self) -> Result<Option<u32>> {
+        self.active()
+    }
     /// Adds a data key; false if its id is taken (another host rotated).
     fn insert_key(&mut self, k: &WrappedKey, kek_fingerprint: &str) -> Result<bool>;
     /// Replaces a key's wrapping if it is still `old`'s.
@@ -217,7 +227,7 @@ pub(super) fn migrate_to_4(c: &Connection) -> Result<()> {
 /// row lock, so that on PostgreSQL it sees any rotation or sealing that
 /// committed before this write could.
 pub(super) fn check_active(tx: &mut dyn KeyTx, sealed_with: Option<u32>) -> Result<()> {
-    check_key(tx.active()?, sealed_with)
+    check_key(tx.active_held()?, sealed_with)
 }
 
 /// [`check_active`] with the active key already read, by a statement that

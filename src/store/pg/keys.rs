@@ -66,6 +66,18 @@ impl KeyTx for super::Tx<'_> {
         Ok(active_key(&r, 0))
     }
 
+    /// The table locked in SHARE mode first. The mode is shared, so such
+    /// writes do not wait for each other; but a change of the keys (a key
+    /// added, rewrapped or deleted) waits until every such write has
+    /// committed, and a write waits for a change under way. A rotation
+    /// thus adds its key only once the rows sealed with the old one are
+    /// there for its re-sealing to find, and a write after it reads the
+    /// new key and seals again.
+    fn active_held(&mut self) -> Result<Option<u32>> {
+        self.execute("LOCK TABLE keys IN SHARE MODE", &[])?;
+        self.active()
+    }
+
     fn insert_key(&mut self, k: &WrappedKey, kek_fingerprint: &str) -> Result<bool> {
         let n = self.execute(
             "INSERT INTO keys (id, wrapped, kek_fingerprint, created_at) VALUES ($1, $2, $3, $4)
