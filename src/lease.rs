@@ -5,32 +5,50 @@
 //! restart would delay the first refresh needlessly. A holder id names the
 //! host, the pid and the process's start time, so a holder on this host can
 //! be seen to be gone (pid absent, or reused by a younger process) at once.
+//!
+//! A pid means something only in its pid namespace and its boot, and a
+//! host name is not unique: two containers on one machine with the host's
+//! network share its name (`docker run --network host`, Kubernetes'
+//! `hostNetwork`), and so may two machines given one name. Judged by our
+//! own pids, the other's live holder would look gone, its lease would be
+//! taken while its request is at the provider, and the refresh token sent
+//! twice. So the id also names the place its pid means something in: the
+//! boot (as the moment it began) and the pid namespace. A holder from
+//! another place is left to its lease's expiry.
 
 use std::sync::OnceLock;
 
-/// This process's holder id: `host/pid/starttime`.
+/// This process's holder id: `host/pid/starttime/place`.
 pub fn holder_id() -> String {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
         let pid = std::process::id();
         format!(
-            "{}/{pid}/{}",
+            "{}/{pid}/{}/{}",
             hostname(),
-            start_time(pid).unwrap_or_default()
+            start_time(pid).unwrap_or_default(),
+            this_place().map_or_else(|| "?".to_owned(), |p| p.to_string())
         )
     })
     .clone()
 }
 
-/// Whether the holder may still be running. Holders on other hosts, and ids
-/// we cannot read, are presumed alive: only the lease's expiry frees them.
+/// Whether the holder may still be running. Holders on other hosts, boots
+/// or pid namespaces, and ids we cannot read, are presumed alive: only the
+/// lease's expiry frees them.
 pub fn holder_alive(holder: &str) -> bool {
-    let mut parts = holder.rsplitn(3, '/');
-    let (Some(start), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+    let mut parts = holder.rsplitn(4, '/');
+    let (Some(place), Some(start), Some(pid), Some(host)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return true;
     };
     if host != hostname() {
         return true;
+    }
+    match (Place::parse(place), this_place()) {
+        (Some(theirs), Some(ours)) if theirs.same_as(ours) => {}
+        _ => return true,
     }
     let Ok(pid) = pid.parse::<u32>() else {
         return true;
@@ -42,6 +60,60 @@ pub fn holder_alive(holder: &str) -> bool {
         // that does not exist at all is known to be gone.
         None => pid_exists(pid),
     }
+}
+
+/// Where a pid means what it says: the boot and the pid namespace.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Place {
+    /// When the machine booted, in seconds since the epoch: the wall clock
+    /// less the time since boot. The wall clock may be stepped between two
+    /// readings, so two readings of one boot are taken as the same within
+    /// [`BOOT_SLACK`]; two machines of one name booted that close together
+    /// would be taken for one.
+    boot: i64,
+    /// The inode of /proc/self/ns/pid, which names the namespace while it
+    /// exists. /proc/sys (the kernel's boot id) is out of reach under the
+    /// unit's ProcSubset=pid; /proc/self is not.
+    pid_ns: u64,
+}
+
+/// How far apart two readings of one boot's start may be.
+const BOOT_SLACK: i64 = 2;
+
+impl Place {
+    fn parse(s: &str) -> Option<Place> {
+        let (boot, ns) = s.split_once(':')?;
+        Some(Place {
+            boot: boot.parse().ok()?,
+            pid_ns: ns.parse().ok()?,
+        })
+    }
+
+    fn same_as(self, other: Place) -> bool {
+        self.pid_ns == other.pid_ns && (self.boot - other.boot).abs() <= BOOT_SLACK
+    }
+}
+
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.boot, self.pid_ns)
+    }
+}
+
+/// This process's place, read again on each call (the wall clock moves).
+fn this_place() -> Option<Place> {
+    use std::os::unix::fs::MetadataExt;
+    let pid_ns = std::fs::metadata("/proc/self/ns/pid").ok()?.ino();
+    let secs = |clock| {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime fills the timespec we own.
+        (unsafe { libc::clock_gettime(clock, &mut t) } == 0).then_some(t.tv_sec)
+    };
+    let boot = secs(libc::CLOCK_REALTIME)? - secs(libc::CLOCK_BOOTTIME)?;
+    Some(Place { boot, pid_ns })
 }
 
 /// Whether any process has this pid, ours to see in /proc or not.
@@ -87,12 +159,43 @@ mod tests {
         let me = holder_id();
         assert!(holder_alive(&me));
         let host = hostname();
-        assert!(!holder_alive(&format!("{host}/999999999/1")));
+        let here = this_place().unwrap();
+        assert!(!holder_alive(&format!("{host}/999999999/1/{here}")));
         // Our pid with another start time: a reused pid, so the holder is gone.
         let pid = std::process::id();
-        assert!(!holder_alive(&format!("{host}/{pid}/1")));
-        assert!(holder_alive("other-host/1/1"));
+        assert!(!holder_alive(&format!("{host}/{pid}/1/{here}")));
+        assert!(holder_alive(&format!("other-host/1/1/{here}")));
         assert!(holder_alive("garbage"));
+    }
+
+    #[test]
+    fn a_pid_of_another_boot_or_pid_namespace_is_not_judged() {
+        let (host, pid) = (hostname(), std::process::id());
+        let here = this_place().unwrap();
+        let gone = |place: &str| !holder_alive(&format!("{host}/999999999/1/{place}"));
+        assert!(gone(&here.to_string()));
+        // The wall clock stepped a second between the readings: one boot.
+        let stepped = Place {
+            boot: here.boot + 1,
+            ..here
+        };
+        assert!(gone(&stepped.to_string()));
+        // Another boot, another pid namespace, or a place not read: the
+        // holder is presumed alive, whatever our own pids say.
+        let later = Place {
+            boot: here.boot + 600,
+            ..here
+        };
+        let inside = Place {
+            pid_ns: here.pid_ns + 1,
+            ..here
+        };
+        for place in [later.to_string(), inside.to_string(), "?".into()] {
+            assert!(!gone(&place), "{place}");
+            assert!(holder_alive(&format!("{host}/{pid}/1/{place}")), "{place}");
+        }
+        // An id of the older form, without a place.
+        assert!(holder_alive(&format!("{host}/999999999/1")));
     }
 
     #[test]

@@ -246,7 +246,7 @@ impl Fleet {
 
     /// Backends connected to the test's database, other than ours.
     /// The database connections of `host`'s daemons, told by the
-    /// `application_name` tokend gives them (`tokend HOST/PID/START`).
+    /// `application_name` tokend gives them (`tokend HOST/PID/START/PLACE`).
     fn backends_of(&mut self, host: usize) -> i64 {
         let db = self.db.clone();
         let name = format!("tokend {}%", self.hosts[host].holder_prefix());

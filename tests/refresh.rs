@@ -744,6 +744,96 @@ fn two_daemons_on_one_database_rotate_each_token_exactly_once() {
     );
 }
 
+/// Two tokend processes on one host name, each in its own pid namespace:
+/// containers sharing the host's network (`docker run --network host`)
+/// and a store. A lease holder's pid means nothing in the other's
+/// namespace, where that pid is another process or none: judged by it, the
+/// daemon's lease looked abandoned, `tokend refresh` took it while the
+/// daemon's request was at the provider and sent the same refresh token,
+/// and the provider revoked the grant for its reuse. Runs the daemon under
+/// `unshare --pid` (root).
+#[test]
+fn a_lease_holder_in_another_pid_namespace_is_not_taken_for_gone() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && skip("a pid namespace of its own: root") {
+        return;
+    }
+    let env = Env::bare(Knobs::default());
+    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
+    let g = env.import("bot", true);
+    let inner = env.tokend(&["run"]);
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--pid", "--fork", "--mount-proc", "--kill-child"])
+        .arg(inner.get_program())
+        .args(inner.get_args());
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let mut daemon = Daemon::spawn(cmd, &env.config_path, env.dir.path().join("daemon.log"));
+    wait_serving(&env.socket, Duration::from_secs(20));
+
+    // The daemon's refresh, held at the provider for 4 s.
+    env.provider.update_knobs(|k| k.answer_delay_ms = 4000);
+    let socket = env.socket.clone();
+    let refresh =
+        std::thread::spawn(move || request(&socket, "POST", "/v1/credentials/bot/refresh"));
+    wait_for(
+        "the daemon's refresh at the provider",
+        Duration::from_secs(20),
+        || (env.provider.stats().refresh_requests == 1).then_some(()),
+    );
+    // Meanwhile, a refresh of its own from the host: another config that
+    // names no running daemon's socket, so the command refreshes directly.
+    let direct = env.dir.path().join("direct.toml");
+    let text = fs::read_to_string(&env.config_path).unwrap();
+    let socket_line = format!("socket = \"{}\"", env.socket.display());
+    assert!(text.contains(&socket_line), "{text}");
+    let elsewhere = format!(
+        "socket = \"{}\"",
+        env.dir.path().join("none.sock").display()
+    );
+    fs::write(&direct, text.replace(&socket_line, &elsewhere)).unwrap();
+    let out = run_cli(
+        tokend_command(&direct, env.dir.path(), &["refresh", "bot"]),
+        "",
+    );
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reply = refresh.join().unwrap();
+    env.provider.update_knobs(|k| k.answer_delay_ms = 0);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+
+    let stats = env.provider.stats();
+    assert_eq!(
+        stats.reuse_detected, 0,
+        "{stats:?}; the command said: {said}"
+    );
+    assert_eq!(
+        stats.refresh_requests, 1,
+        "{stats:?}; the command said: {said}"
+    );
+    let info = grant(&env, g.grant_id);
+    assert!(info.alive, "{:?}", info.revoked_reason);
+    assert!(
+        row(&env, "bot").refresh_token == info.refresh_token,
+        "the stored refresh token is not the provider's"
+    );
+    // The daemon is pid 1 of its namespace; unshare waits for it.
+    let inner = children(daemon.pid())
+        .into_iter()
+        .next()
+        .expect("no daemon");
+    // SAFETY: kill(2) of our own grandchild.
+    assert_eq!(unsafe { libc::kill(inner, libc::SIGTERM) }, 0);
+    assert!(daemon.wait_exit(Duration::from_secs(20)).success());
+}
+
 /// `tokend refresh NAME` with no daemon, interrupted while its request is
 /// at the provider (Ctrl-C; a terminal closed): it finishes, stores the
 /// rotated refresh token and only then exits. Before, the signal ended the

@@ -101,7 +101,7 @@ impl PgUrl {
     }
 
     /// The connection settings, password included, with this process's
-    /// lease holder id (host/pid/start) as `application_name`, so that a
+    /// lease holder id (`lease::holder_id`) as `application_name`, so that a
     /// DBA's `pg_stat_activity` tells every tokend's connections apart.
     pub(super) fn config(&self) -> postgres::Config {
         let mut c = postgres::Config::from_str(self.url.expose()).expect("parsed when it was made");

@@ -179,7 +179,7 @@ impl Daemon {
 }
 
 /// The pids whose parent is `pid`.
-fn children(pid: i32) -> Vec<i32> {
+pub fn children(pid: i32) -> Vec<i32> {
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };

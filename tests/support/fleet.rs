@@ -2,7 +2,7 @@
 //! run` with a directory, config, sink, socket and log of its own, and a
 //! host name of its own, all on one PostgreSQL database.
 //!
-//! The host name matters: a lease holder's id is `host/pid/start`, and a
+//! The host name matters: a lease holder's id is `host/pid/start/place`, and a
 //! holder on the same host is seen dead at once by its pid, one on another
 //! host only when its lease expires (docs/design.md, "Leases across
 //! hosts"). So that a SIGKILLed host's leases are freed as on a real fleet,

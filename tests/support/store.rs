@@ -69,7 +69,7 @@ impl Env {
         DbLock(c)
     }
 
-    /// Takes `name`'s lease for `holder` (a peer's id, `host/pid/start`)
+    /// Takes `name`'s lease for `holder` (a peer's id, `host/pid/start/place`)
     /// for `ttl`, as that peer's tokend would: the store's own
     /// `take_lease`, which also marks a refresh as started. Panics unless
     /// the lease was taken.
