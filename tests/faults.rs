@@ -547,6 +547,7 @@ fn every_bad_token_answer_is_transient_and_the_grant_survives() {
         ),
         (Fault::Garbage, "not a JSON token response"),
         (Fault::Truncated, "not a JSON token response"),
+        (Fault::Oversized, "is larger than"),
         (Fault::Drop, "connection closed"),
         (Fault::Hang, "no answer within the request timeout"),
     ];
@@ -593,7 +594,11 @@ fn every_bad_token_answer_is_transient_and_the_grant_survives() {
             .filter(|(f, _)| {
                 matches!(
                     f,
-                    Fault::Drop | Fault::Hang | Fault::Garbage | Fault::Truncated
+                    Fault::Drop
+                        | Fault::Hang
+                        | Fault::Garbage
+                        | Fault::Truncated
+                        | Fault::Oversized
                 )
             })
             .count();

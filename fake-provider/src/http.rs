@@ -561,6 +561,14 @@ fn fault_reply(fault: &Fault) -> Reply {
             "application/json",
             r#"{"access_token":"fat_3f9a0c2e7b","token_type":"Bea"#,
         ),
+        Fault::Oversized => respond(
+            200,
+            "application/json",
+            format!(
+                r#"{{"access_token":"fat_3f9a0c2e7b","token_type":"Bearer","padding":"{}"}}"#,
+                "x".repeat(80 * 1024)
+            ),
+        ),
         Fault::Drop => return Reply::Drop,
         Fault::Hang => return Reply::Hang,
         Fault::InvalidClient => json(401, &json!({"error": "invalid_client"})),

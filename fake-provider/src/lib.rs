@@ -81,7 +81,7 @@
 //! ```
 //!
 //! `kind` is one of `status500`, `status503`, `too_many_requests`, `garbage`,
-//! `truncated`, `drop`, `hang`, `invalid_client`, `invalid_grant`,
+//! `truncated`, `oversized`, `drop`, `hang`, `invalid_client`, `invalid_grant`,
 //! `oauth_error` (with `status` and `error`), `token_type` (with
 //! `token_type`: processed as usual, answered with that type); `fault_on`
 //! one of `token`, `validate`, `both`.
@@ -244,6 +244,9 @@ pub enum Fault {
     Garbage,
     /// 200 `application/json` whose JSON body is cut off.
     Truncated,
+    /// 200 `application/json` of 80 KiB (a token response padded out):
+    /// more than a client should read, yet a success.
+    Oversized,
     /// The connection is closed without an answer.
     Drop,
     /// No answer ever; the connection stays open until the client gives up.

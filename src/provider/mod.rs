@@ -409,9 +409,20 @@ async fn read(
         match resp.chunk().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY {
-                    return Err(Failure::transient(format!(
-                        "the provider's answer ({status}) is larger than {MAX_BODY} bytes"
-                    )));
+                    return Err(Failure::Transient {
+                        reason: format!(
+                            "the provider's answer ({status}) is larger than {MAX_BODY} bytes"
+                        ),
+                        retry_after: None,
+                        // Unread, a success (or a gateway's 502 or 504) may
+                        // hold a rotated token, as in classify.rs; a plain
+                        // error did nothing.
+                        outcome_unknown: !(status.is_client_error()
+                            || (status.is_server_error()
+                                && status != StatusCode::BAD_GATEWAY
+                                && status != StatusCode::GATEWAY_TIMEOUT)),
+                        provider_down: status.is_server_error(),
+                    });
                 }
                 body.extend_from_slice(&chunk);
             }
