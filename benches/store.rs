@@ -136,7 +136,6 @@ fn run(n: usize, tuning: Tuning) -> Run {
                         let Some(name) = names.get(i) else { return };
                         let ttl = Duration::from_secs(60);
                         let at = store.get(name).await.unwrap().unwrap().token_at();
-                        let version = at.version;
                         let Ok(Lease::Taken { fence, .. }) =
                             store.take_lease(name, "bench", ttl, at).await
                         else {
@@ -153,7 +152,7 @@ fn run(n: usize, tuning: Tuning) -> Run {
                             expires_at: Some(tokend::clock::now_ms() + 3_600_000),
                         };
                         let c = store
-                            .commit_refresh(name, "bench", fence, version, update)
+                            .commit_refresh(name, "bench", fence, at, update)
                             .await
                             .unwrap();
                         assert!(matches!(c, Commit::Done(_)));

@@ -312,6 +312,95 @@ fn a_holder_whose_lease_passed_on_stores_nothing() {
     drop(a);
 }
 
+/// The same stall, but the lease's next holder gave it back without
+/// sending anything: `import --from FILE --force`, run by a configuration
+/// tool with the tokens the credential already holds, leases every
+/// credential it names and, finding nothing to change, gives the leases
+/// back. The stalled holder's pair is then all that is left of the grant:
+/// the provider rotated the stored refresh token for it. Before, it was
+/// thrown away like a pair whose lease another holder had used, and the
+/// next refresh spent the rotated-out token.
+#[test]
+fn a_holder_whose_lease_was_given_back_unused_stores_its_pair() {
+    let env = Env::bare(Knobs::default());
+    // request_timeout 5s: a lease lives 15 s.
+    env.write_config(&section("5s", "1s"), &env.sink("raw", "0600"));
+    let g = env.import("bot", true);
+    let a = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    wait_for("the start-up validation", PATIENCE, || {
+        (env.provider.stats().validations_ok >= 1).then_some(())
+    });
+
+    env.provider.update_knobs(|k| k.latency_ms = 2000);
+    let a_socket = env.socket.clone();
+    let _caller = std::thread::spawn(move || {
+        let _ = socket_request(
+            &a_socket,
+            "POST",
+            "/v1/credentials/bot/refresh",
+            &[],
+            b"",
+            Duration::from_secs(60),
+        );
+    });
+    wait_for("A's request", PATIENCE, || {
+        (env.provider.stats().refresh_requests == 1).then_some(())
+    });
+    let lock = env.lock_store(Duration::from_secs(5));
+    a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
+    a.signal(libc::SIGSTOP);
+    drop(lock);
+    env.provider.update_knobs(|k| k.latency_ms = 0);
+    assert_eq!(env.provider.grant(g.grant_id).unwrap().rotations, 1);
+
+    // Once A's lease has expired, the import leases bot and gives it back.
+    wait_for("A's lease to expire", Duration::from_secs(40), || {
+        let until: i64 = env
+            .raw_store()
+            .query_row(
+                "SELECT expires_at FROM leases WHERE name = 'bot'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (until < tokend::clock::now_ms()).then_some(())
+    });
+    let line = format!(
+        "{{\"name\":\"bot\",\"provider\":\"fake\",\"refresh_token\":\"{}\"}}\n",
+        g.refresh_token
+    );
+    let out = env.cli(&["import", "--from", "-", "--force"], &line);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let leases: i64 = env
+        .raw_store()
+        .query_row("SELECT count(*) FROM leases", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(leases, 0, "the import kept a lease");
+
+    // A wakes up and stores the pair the provider rotated to.
+    a.signal(libc::SIGCONT);
+    wait_for("A's pair in the store", PATIENCE, || {
+        let info = env.provider.grant(g.grant_id).unwrap();
+        (env.row("bot").unwrap().refresh_token == info.refresh_token).then_some(())
+    });
+    assert_eq!(env.events("bot", "lease_lost"), 0);
+    // And it is the grant's live token: a refresh now rotates it once more.
+    let out = env.cli(&["refresh", "bot"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.provider.stats().reuse_detected, 0);
+    assert_grant_kept(&env, g.grant_id, "bot");
+    drop(a);
+}
+
 // ---- 3. on-demand requests obey the backoff, Retry-After and misconfigured ----
 
 #[test]

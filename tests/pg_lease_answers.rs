@@ -155,7 +155,7 @@ async fn commit_beside_a_failed_batch(server: &Server, late: bool) -> i64 {
         tokio::time::sleep(Duration::from_millis(1600).saturating_sub(started.elapsed())).await;
     }
     let commit = b
-        .commit_refresh("z", "hostB/1/1", fence, 1, update("rt2"))
+        .commit_refresh("z", "hostB/1/1", fence, at["z"], update("rt2"))
         .await
         .unwrap();
     let answered_at = now_ms();

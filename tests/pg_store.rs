@@ -127,7 +127,13 @@ async fn contract(db: &Database) {
 
     // The commit: a compare-and-swap on the version and the lease.
     let Commit::Done(done) = store
-        .commit_refresh("a", me, fence, 1, update("rt2"))
+        .commit_refresh(
+            "a",
+            me,
+            fence,
+            token_of(&store, "a", 1).await,
+            update("rt2"),
+        )
         .await
         .unwrap()
     else {
@@ -151,7 +157,13 @@ async fn contract(db: &Database) {
     // A stale version under a current lease: Conflict, nothing written.
     assert!(matches!(
         store
-            .commit_refresh("a", peer, f2, 1, update("rt-stale"))
+            .commit_refresh(
+                "a",
+                peer,
+                f2,
+                token_of(&store, "a", 1).await,
+                update("rt-stale")
+            )
             .await
             .unwrap(),
         Commit::Conflict
@@ -186,7 +198,13 @@ async fn contract(db: &Database) {
     assert!(interrupted, "the peer's refresh never finished");
     assert!(matches!(
         store
-            .commit_refresh("b", peer, old, 1, update("rb-stale"))
+            .commit_refresh(
+                "b",
+                peer,
+                old,
+                token_of(&store, "b", 1).await,
+                update("rb-stale")
+            )
             .await
             .unwrap(),
         Commit::LeaseLost
@@ -353,7 +371,13 @@ async fn contract(db: &Database) {
     // can neither commit onto the new row nor give back its lease.
     assert!(matches!(
         store
-            .commit_refresh("e", peer, next, 1, update("re-stale"))
+            .commit_refresh(
+                "e",
+                peer,
+                next,
+                token_of(&store, "e", 1).await,
+                update("re-stale")
+            )
             .await
             .unwrap(),
         Commit::LeaseLost
@@ -528,6 +552,105 @@ async fn contract(db: &Database) {
     assert!(conn.get("r").unwrap().is_none());
 
     replacing(&conn, &store).await;
+    given_back(&conn, &store).await;
+}
+
+/// A holder whose request rotated the token while it could not reach the
+/// store, and whose lease meanwhile passed to another holder: its pair is
+/// all that is left of the grant unless that holder acted. Stored when
+/// the other gave the lease back without sending anything (stopping, or
+/// its renewals answered too late); not when it recorded an outcome of
+/// its own, still has the lease, or the row was replaced.
+async fn given_back(conn: &StoreConn, store: &Store) {
+    let (a, b, ttl) = ("host-a/1/1", "host-b/2/2", Duration::from_secs(60));
+    let expiring = Duration::from_millis(1);
+    // The first holder's lease, expired by the time the second asks.
+    let first = |name: &'static str| async move {
+        let at = token_of(store, name, 1).await;
+        let Lease::Taken { fence, .. } = store.take_lease(name, a, expiring, at).await.unwrap()
+        else {
+            panic!("lease not taken")
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let Lease::Taken {
+            credential,
+            interrupted,
+            fence: theirs,
+        } = store.take_lease(name, b, ttl, at).await.unwrap()
+        else {
+            panic!("an expired lease was not taken over")
+        };
+        assert!(interrupted);
+        (at, fence, *credential, theirs)
+    };
+
+    // Given back unused: the late pair is stored, the mark cleared.
+    conn.insert(&new_cred("u", "ru1")).unwrap();
+    let (at, fence, before, theirs) = first("u").await;
+    store.abandon_lease("u", b, theirs, &before).await.unwrap();
+    let Commit::Done(c) = store
+        .commit_refresh("u", a, fence, at, update("ru2"))
+        .await
+        .unwrap()
+    else {
+        panic!("the pair of a lease given back unused was not stored")
+    };
+    assert_eq!((rt(&c), c.version, c.state), ("ru2", 2, State::Valid));
+    assert_eq!(c.refresh_started_at, None);
+
+    // The second holder's request failed (an answer: the token was sent).
+    conn.insert(&new_cred("v", "rv1")).unwrap();
+    let (at, fence, _, theirs) = first("v").await;
+    store
+        .record_failure("v", b, at, failure(Some(theirs)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .commit_refresh("v", a, fence, at, update("rv2"))
+            .await
+            .unwrap(),
+        Commit::LeaseLost
+    ));
+    assert_eq!(rt(&store.get("v").await.unwrap().unwrap()), "rv1");
+
+    // The second holder still has the lease (its request may be out).
+    conn.insert(&new_cred("w", "rw1")).unwrap();
+    let (at, fence, _, _) = first("w").await;
+    assert!(matches!(
+        store
+            .commit_refresh("w", a, fence, at, update("rw2"))
+            .await
+            .unwrap(),
+        Commit::LeaseLost
+    ));
+    assert_eq!(rt(&store.get("w").await.unwrap().unwrap()), "rw1");
+
+    // Removed and imported again: another grant, at version 1 too, marked
+    // as being refreshed, its lease given back (a lease released without
+    // putting the row back: only its creation tells the two grants apart).
+    conn.insert(&new_cred("x", "rx1")).unwrap();
+    let (at, fence, _, _) = first("x").await;
+    assert!(conn.remove("x").unwrap());
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    conn.insert(&new_cred("x", "rx-new")).unwrap();
+    let new = token_of(store, "x", 1).await;
+    assert_ne!(new, at);
+    let Lease::Taken { fence: theirs, .. } = store.take_lease("x", b, ttl, new).await.unwrap()
+    else {
+        panic!("lease not taken")
+    };
+    store.release_lease("x", b, theirs).await.unwrap();
+    let x = store.get("x").await.unwrap().unwrap();
+    assert!(x.refresh_started_at.is_some() && x.state == State::Refreshing);
+    assert!(matches!(
+        store
+            .commit_refresh("x", a, fence, at, update("rx2"))
+            .await
+            .unwrap(),
+        Commit::LeaseLost
+    ));
+    assert_eq!(rt(&store.get("x").await.unwrap().unwrap()), "rx-new");
 }
 
 /// `import --force` (README "Onboarding"): the refresh token a credential
@@ -546,7 +669,7 @@ async fn replacing(conn: &StoreConn, store: &Store) {
         panic!("lease not taken")
     };
     let Commit::Done(rotated) = store
-        .commit_refresh("g", me, fence, g.version, update("rg2"))
+        .commit_refresh("g", me, fence, g.token_at(), update("rg2"))
         .await
         .unwrap()
     else {
@@ -612,7 +735,7 @@ async fn replacing(conn: &StoreConn, store: &Store) {
     let mut same = update("rn1");
     same.scope = Some("read offline_access".into());
     let Commit::Done(n2) = store
-        .commit_refresh("n", me, fence, n.version, same)
+        .commit_refresh("n", me, fence, n.token_at(), same)
         .await
         .unwrap()
     else {
@@ -779,7 +902,13 @@ async fn two_hosts_take_turns_by_lease_expiry() {
     );
     assert!(matches!(
         host_a
-            .commit_refresh("a", "host-a/1/1", fence, 1, update("rt-late"))
+            .commit_refresh(
+                "a",
+                "host-a/1/1",
+                fence,
+                token_of(&host_a, "a", 1).await,
+                update("rt-late")
+            )
             .await
             .unwrap(),
         Commit::LeaseLost
@@ -901,7 +1030,7 @@ async fn the_pool_runs_operations_at_once_on_the_same_rows() {
                     Lease::Taken { fence, .. } => {
                         let rt = format!("rt-{t}-{i}");
                         match store
-                            .commit_refresh(name, &holder, fence, version, update(&rt))
+                            .commit_refresh(name, &holder, fence, at, update(&rt))
                             .await
                             .unwrap()
                         {
@@ -1036,9 +1165,9 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let b2 = b.clone();
+    let (b2, z_at) = (b.clone(), token_of(&b, "z", 1).await);
     let commit = tokio::spawn(async move {
-        b2.commit_refresh("z", "hostB/1/1", fence, 1, update("rt-z"))
+        b2.commit_refresh("z", "hostB/1/1", fence, z_at, update("rt-z"))
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1115,9 +1244,10 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
         "a second host was granted a's lease {answered:?} after the first asked"
     );
     assert!(answered < ttl / 2, "the lease took {answered:?}");
+    let a_at = token_of(&b, "a", 1).await;
     let commit = tokio::time::timeout(
         ttl,
-        b.commit_refresh("a", "hostB/1/1", fence, 1, update("rt-a")),
+        b.commit_refresh("a", "hostB/1/1", fence, a_at, update("rt-a")),
     )
     .await
     .expect("the commit of a waited behind rows held elsewhere")
@@ -1310,8 +1440,9 @@ async fn a_commit_behind_slow_commits_lands_inside_its_lease() {
     for (i, n) in slow.iter().enumerate() {
         let (b, n, fence) = (b.clone(), n.clone(), fences[n]);
         commits.push(tokio::spawn(async move {
+            let at = token_of(&b, &n, 1).await;
             let r = b
-                .commit_refresh(&n, "hostB/1/1", fence, 1, update("rt1"))
+                .commit_refresh(&n, "hostB/1/1", fence, at, update("rt1"))
                 .await;
             (n, r)
         }));
@@ -1320,7 +1451,13 @@ async fn a_commit_behind_slow_commits_lands_inside_its_lease() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let z = b
-        .commit_refresh("z", "hostB/1/1", fences["z"], 1, update("rt-z"))
+        .commit_refresh(
+            "z",
+            "hostB/1/1",
+            fences["z"],
+            token_of(&b, "z", 1).await,
+            update("rt-z"),
+        )
         .await
         .unwrap();
     let left = expires_at - now_ms();
@@ -1386,10 +1523,10 @@ async fn a_commit_blocked_for_a_moment_does_not_wait_behind_the_leases() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let free_z = server.hold_row(&dbname, "z");
     let asked = Instant::now();
-    let b2 = b.clone();
+    let (b2, z_at) = (b.clone(), token_of(&b, "z", 1).await);
     let commit = tokio::spawn(async move {
         let r = b2
-            .commit_refresh("z", "hostB/1/1", fence, 1, update("rt-z"))
+            .commit_refresh("z", "hostB/1/1", fence, z_at, update("rt-z"))
             .await;
         (r, asked.elapsed())
     });

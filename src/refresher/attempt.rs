@@ -476,7 +476,7 @@ impl Refresher {
         for attempt in 1u64.. {
             match self
                 .store
-                .commit_refresh(name, &self.holder, fence, cred.version, update())
+                .commit_refresh(name, &self.holder, fence, cred.token_at(), update())
                 .await
             {
                 Ok(Commit::Done(c)) => {

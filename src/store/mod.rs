@@ -649,15 +649,19 @@ impl Store {
         )
     }
 
-    /// Stores a refreshed token pair if the row is still at `version` and the
-    /// lease `fence` is still `holder`'s, and releases the lease, in one
-    /// transaction.
+    /// Stores a refreshed token pair if the row still holds the token `at`
+    /// and the lease `fence` is still `holder`'s, and releases the lease, in
+    /// one transaction. A lease that passed to another holder who gave it
+    /// back without acting (the row has no lease, is still marked as being
+    /// refreshed, and holds the same token) still takes the pair: nobody
+    /// sent the refresh token since, and the pair may be all that is left
+    /// of the grant (docs/design.md §3).
     pub async fn commit_refresh(
         &self,
         name: &str,
         holder: &str,
         fence: i64,
-        version: i64,
+        at: TokenAt,
         update: TokenUpdate,
     ) -> Result<Commit> {
         let mut reloaded = false;
@@ -673,11 +677,11 @@ impl Store {
                 self,
                 urgent on n.clone(),
                 move |c| {
-                    let r = ops::commit_refresh(c, &n, &h, fence, version, &sealed)?;
+                    let r = ops::commit_refresh(c, &n, &h, fence, at, &sealed)?;
                     keys::check_active(&mut keys::Lite(c), with)?;
                     Ok(r)
                 },
-                move |c| pg::ops::commit_refresh(c, &n, &h, fence, version, &sealed, with)
+                move |c| pg::ops::commit_refresh(c, &n, &h, fence, at, &sealed, with)
             );
             match done {
                 Err(StoreError::KeysChanged) if !reloaded => {

@@ -351,15 +351,25 @@ fn lease_lost(c: &Connection, name: &str, what: &str) -> Result<Commit> {
     Ok(Commit::LeaseLost)
 }
 
+/// Whether no lease of `name` is held, live or expired: the last holder
+/// gave it back.
+fn unleased(c: &Connection, name: &str) -> Result<bool> {
+    Ok(c.prepare_cached("SELECT 1 FROM leases WHERE name = ?1")?
+        .query_row([name], |_| Ok(()))
+        .optional()?
+        .is_none())
+}
+
 pub fn commit_refresh(
     c: &Connection,
     name: &str,
     holder: &str,
     fence: i64,
-    version: i64,
+    at: TokenAt,
     u: &TokenUpdate,
 ) -> Result<Commit> {
-    if !holds(c, name, holder, fence)? {
+    let held = holds(c, name, holder, fence)?;
+    if !held && !unleased(c, name)? {
         return lease_lost(c, name, "a refreshed token pair");
     }
     let now = now_ms();
@@ -375,18 +385,24 @@ pub fn commit_refresh(
                 next_attempt_at = NULL, not_before = NULL, last_error = NULL, last_refresh_at = ?7,
                 last_validated_at = ?7, refresh_started_at = NULL, updated_at = ?7,
                 version = version + 1, rev = rev + 1
-             WHERE name = ?1 AND version = ?2",
+             WHERE name = ?1 AND version = ?2 AND created_at = ?8
+                AND (?9 OR (state = 'refreshing' AND refresh_started_at IS NOT NULL))",
         )?
         .execute(params![
             name,
-            version,
+            at.version,
             u.access_token.as_ref().map(Secret::expose),
             u.refresh_token.as_ref().map(Secret::expose),
             u.scope,
             u.expires_at,
-            now
+            now,
+            at.created_at,
+            held
         ])?;
     release(c, name, holder, fence)?;
+    if n == 0 && !held {
+        return lease_lost(c, name, "a refreshed token pair");
+    }
     if n == 0 {
         return Ok(Commit::Conflict);
     }

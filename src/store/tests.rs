@@ -71,7 +71,7 @@ async fn refresh_commit_is_a_compare_and_swap() {
         expires_at: None,
     };
     let Commit::Done(c) = store
-        .commit_refresh("a", &me, fence, credential.version, update())
+        .commit_refresh("a", &me, fence, credential.token_at(), update())
         .await
         .unwrap()
     else {
@@ -90,7 +90,7 @@ async fn refresh_commit_is_a_compare_and_swap() {
     };
     assert!(matches!(
         store
-            .commit_refresh("a", &me, fence, credential.version, update())
+            .commit_refresh("a", &me, fence, credential.token_at(), update())
             .await
             .unwrap(),
         Commit::Conflict
@@ -128,7 +128,7 @@ async fn a_holder_whose_lease_passed_on_writes_nothing_but_an_event() {
     };
     assert!(matches!(
         store
-            .commit_refresh("a", stale, old, 1, update)
+            .commit_refresh("a", stale, old, a_at(&store).await, update)
             .await
             .unwrap(),
         Commit::LeaseLost

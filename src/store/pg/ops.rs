@@ -504,8 +504,10 @@ fn lease_lost(c: &mut Tx<'_>, name: &str, what: &str) -> Result<Commit> {
 }
 
 /// The commit of a refresh, after the row's lock: if `$2` holds lease
-/// `$3`, stores the pair if the row is still at version `$4`, releases
-/// the lease, records the event (trimmed as [`event`] does) and notifies.
+/// `$3` (or no one does, and the row is still marked as being refreshed:
+/// `Store::commit_refresh` says why), stores the pair if the row still
+/// holds the token of version `$4` and creation `$12`, releases the
+/// lease, records the event (trimmed as [`event`] does) and notifies.
 /// Answers whether the lease was held, the active data key (what
 /// `keys::check_active` would read in a statement of its own: this one
 /// too starts after the row's lock), then the row as written (NULLs if
@@ -513,6 +515,8 @@ fn lease_lost(c: &mut Tx<'_>, name: &str, what: &str) -> Result<Commit> {
 const COMMIT_REFRESH: &str = concat!(
     "WITH held AS (
         SELECT 1 FROM leases WHERE name = $1 AND holder = $2 AND fence = $3
+    ), given_back AS (
+        SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM leases WHERE name = $1)
     ), written AS (
         UPDATE credentials SET access_token = COALESCE($5, access_token),
             refresh_token = COALESCE($6, refresh_token), scope = COALESCE($7, scope),
@@ -522,7 +526,9 @@ const COMMIT_REFRESH: &str = concat!(
             next_attempt_at = NULL, not_before = NULL, last_error = NULL, last_refresh_at = $9,
             last_validated_at = $9, refresh_started_at = NULL, updated_at = $9,
             version = version + 1, rev = rev + 1
-        WHERE name = $1 AND version = $4 AND EXISTS (SELECT 1 FROM held)
+        WHERE name = $1 AND version = $4 AND created_at = $12 AND (EXISTS (SELECT 1 FROM held)
+            OR (EXISTS (SELECT 1 FROM given_back) AND state = 'refreshing'
+                AND refresh_started_at IS NOT NULL))
         RETURNING ",
     columns!(),
     "
@@ -549,7 +555,7 @@ pub fn commit_refresh(
     name: &str,
     holder: &str,
     fence: i64,
-    version: i64,
+    at: TokenAt,
     u: &TokenUpdate,
     sealed_with: Option<u32>,
 ) -> Result<Commit> {
@@ -560,7 +566,7 @@ pub fn commit_refresh(
             &name,
             &holder,
             &fence,
-            &version,
+            &at.version,
             &u.access_token.as_ref().map(Secret::expose),
             &u.refresh_token.as_ref().map(Secret::expose),
             &u.scope,
@@ -568,16 +574,17 @@ pub fn commit_refresh(
             &now_ms(),
             &(EVENTS_KEPT - 2),
             &super::listen::CHANNEL,
+            &at.created_at,
         ],
     )?;
     check_key(active_key(&row, 2), sealed_with)?;
+    if row.get::<_, Option<&str>>(3).is_some() {
+        return Ok(Commit::Done(Box::new(from_row_at(&row, 3))));
+    }
     if !row.get::<_, bool>(0) {
         return lease_lost(c, name, "a refreshed token pair");
     }
-    if row.get::<_, Option<&str>>(3).is_none() {
-        return Ok(Commit::Conflict);
-    }
-    Ok(Commit::Done(Box::new(from_row_at(&row, 3))))
+    Ok(Commit::Conflict)
 }
 
 /// The end of a compare-and-swap write that returned `row` (None: the row
