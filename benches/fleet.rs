@@ -30,6 +30,7 @@
 //!
 //! Environment: TOKEND_BENCH_CREDENTIALS (default 10000),
 //! TOKEND_BENCH_HOSTS (default 3; 1 runs the one-host sweeps only),
+//! TOKEND_BENCH_CONCURRENCY (`max_concurrency` per host, default 64),
 //! TOKEND_BENCH_PROPAGATION (refreshes measured, default 200), and, read
 //! by the daemons, TOKEND_PG_POOL (their pool's size, `src/store/pg/`). Prints a Markdown report to stdout; BENCHMARKS.md ("Fleet
 //! on PostgreSQL") holds the latest one.
@@ -51,8 +52,14 @@ use tokend::secret::Secret;
 use tokend::store::{Database, Grant, NewCredential, PgUrl, StoreConn};
 
 const LATENCY_MS: u64 = 20;
-const CONCURRENCY: usize = 64;
 const TMPFS: &str = "/dev/shm";
+
+/// `max_concurrency` per host: 64, as in the daemon benchmark, unless
+/// TOKEND_BENCH_CONCURRENCY says otherwise (fewer makes the sweep wait on
+/// the provider rather than the machine, so more hosts can show it).
+fn concurrency() -> usize {
+    env_or("TOKEND_BENCH_CONCURRENCY", 64).max(1) as usize
+}
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -66,9 +73,10 @@ fn main() {
     let n = env_or("TOKEND_BENCH_CREDENTIALS", 10_000) as usize;
     let hosts = env_or("TOKEND_BENCH_HOSTS", 3).max(1) as usize;
     let samples = env_or("TOKEND_BENCH_PROPAGATION", 200) as usize;
-    let ideal = Duration::from_millis(n as u64 * LATENCY_MS) / CONCURRENCY as u32;
+    let per_host = concurrency();
+    let ideal = Duration::from_millis(n as u64 * LATENCY_MS) / per_host as u32;
     println!(
-        "## Fleet benchmark ({n} credentials, {LATENCY_MS} ms provider latency, max_concurrency {CONCURRENCY} per host)\n"
+        "## Fleet benchmark ({n} credentials, {LATENCY_MS} ms provider latency, max_concurrency {per_host} per host)\n"
     );
     println!(
         "Machine: {} cores, load average {} at the start; run: {}\n",
@@ -120,6 +128,11 @@ fn main() {
         println!();
         return;
     };
+    println!(
+        "| ideal sweep of {hosts} hosts (n × latency / ({hosts} × concurrency)) | {:.3} s | {:.2} × ideal |",
+        (ideal / hosts as u32).as_secs_f64(),
+        1.0 / hosts as f64
+    );
     println!(
         "| PostgreSQL, {hosts} hosts | {:.3} s | {:.2} × ideal, {:.2} × one host |",
         many.sweep.as_secs_f64(),
@@ -204,7 +217,10 @@ fn sink_block(dir: &Path) -> String {
 }
 
 fn refresh_block() -> String {
-    format!("[refresh]\nmax_concurrency = {CONCURRENCY}\n{QUIET_SWEEP}\n")
+    format!(
+        "[refresh]\nmax_concurrency = {}\n{QUIET_SWEEP}\n",
+        concurrency()
+    )
 }
 
 fn start_daemon(env: &Env) -> Daemon {
