@@ -626,9 +626,48 @@ async fn given_back(conn: &StoreConn, store: &Store) {
     ));
     assert_eq!(rt(&store.get("w").await.unwrap().unwrap()), "rw1");
 
+    // The second holder sent the token and died with its lease; a third
+    // took that lease over and gave it back unused, putting back the
+    // second's mark. The row looks as after a lone give-back, but the
+    // token was sent after the first holder's request: its fence tells.
+    conn.insert(&new_cred("y", "ry1")).unwrap();
+    let expired = Duration::from_millis(1);
+    let at = token_of(store, "y", 1).await;
+    let Lease::Taken { fence, .. } = store.take_lease("y", a, expired, at).await.unwrap() else {
+        panic!("lease not taken")
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let Lease::Taken { .. } = store.take_lease("y", b, expired, at).await.unwrap() else {
+        panic!("an expired lease was not taken over")
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let Lease::Taken {
+        credential: before,
+        fence: third,
+        ..
+    } = store.take_lease("y", "host-c/3/3", ttl, at).await.unwrap()
+    else {
+        panic!("an expired lease was not taken over")
+    };
+    store
+        .abandon_lease("y", "host-c/3/3", third, &before)
+        .await
+        .unwrap();
+    let y = store.get("y").await.unwrap().unwrap();
+    assert!(y.refresh_started_at.is_some() && y.state == State::Refreshing);
+    assert!(matches!(
+        store
+            .commit_refresh("y", a, fence, at, update("ry2"))
+            .await
+            .unwrap(),
+        Commit::LeaseLost
+    ));
+    assert_eq!(rt(&store.get("y").await.unwrap().unwrap()), "ry1");
+
     // Removed and imported again: another grant, at version 1 too, marked
     // as being refreshed, its lease given back (a lease released without
-    // putting the row back: only its creation tells the two grants apart).
+    // putting the row back). Its creation tells the two grants apart, and
+    // so does its fence (a name added anew starts it at the clock).
     conn.insert(&new_cred("x", "rx1")).unwrap();
     let (at, fence, _, _) = first("x").await;
     assert!(conn.remove("x").unwrap());

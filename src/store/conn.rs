@@ -765,10 +765,11 @@ impl StoreConn {
                     keys::check_active(&mut Lite(c), with)?;
                     Ok(r)
                 }),
+                // The keys first, as every change of the keys does, then
+                // the row: `keys seal` locks `keys`, then every row.
                 Backend::Postgres(j) => j.call(move |c| {
-                    let r = pg::ops::insert(c, &new, over, given.as_deref())?;
                     keys::check_active(c, with)?;
-                    Ok(r)
+                    pg::ops::insert(c, &new, over, given.as_deref())
                 }),
             })
         })
@@ -852,10 +853,10 @@ impl StoreConn {
                     keys::check_active(&mut Lite(c), with)
                 }),
                 Backend::Postgres(j) => j.call(move |c| {
+                    keys::check_active(c, with)?;
                     sealed.iter().try_for_each(|(n, over, given)| {
                         pg::ops::insert(c, n, *over, given.as_deref()).map(drop)
-                    })?;
-                    keys::check_active(c, with)
+                    })
                 }),
             }
         })

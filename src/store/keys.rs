@@ -223,9 +223,10 @@ pub(super) fn migrate_to_4(c: &Connection) -> Result<()> {
 
 /// Fails with [`StoreError::KeysChanged`] unless the table's active key is
 /// `sealed_with` (None: the store is plaintext, and so were the values).
-/// Called at the end of every transaction that writes a token, after its
-/// row lock, so that on PostgreSQL it sees any rotation or sealing that
-/// committed before this write could.
+/// Called in every transaction that writes a token: on PostgreSQL either
+/// first, holding `keys` until the commit ([`KeyTx::active_held`]: no key
+/// can change meanwhile), or after the row's lock, so that it sees any
+/// rotation or sealing that committed before this write could.
 pub(super) fn check_active(tx: &mut dyn KeyTx, sealed_with: Option<u32>) -> Result<()> {
     check_key(tx.active_held()?, sealed_with)
 }

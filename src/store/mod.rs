@@ -651,11 +651,12 @@ impl Store {
 
     /// Stores a refreshed token pair if the row still holds the token `at`
     /// and the lease `fence` is still `holder`'s, and releases the lease, in
-    /// one transaction. A lease that passed to another holder who gave it
-    /// back without acting (the row has no lease, is still marked as being
-    /// refreshed, and holds the same token) still takes the pair: nobody
-    /// sent the refresh token since, and the pair may be all that is left
-    /// of the grant (docs/design.md §3).
+    /// one transaction. A lease that passed to one other holder who gave it
+    /// back without acting still takes the pair: the row has no lease, is
+    /// still marked as being refreshed, holds the same token, and its fence
+    /// moved on by that one lease only. Nobody sent the refresh token
+    /// since, and the pair may be all that is left of the grant
+    /// (docs/design.md §3).
     pub async fn commit_refresh(
         &self,
         name: &str,

@@ -386,7 +386,8 @@ pub fn commit_refresh(
                 last_validated_at = ?7, refresh_started_at = NULL, updated_at = ?7,
                 version = version + 1, rev = rev + 1
              WHERE name = ?1 AND version = ?2 AND created_at = ?8
-                AND (?9 OR (state = 'refreshing' AND refresh_started_at IS NOT NULL))",
+                AND (?9 OR (state = 'refreshing' AND refresh_started_at IS NOT NULL
+                    AND fence = ?10))",
         )?
         .execute(params![
             name,
@@ -397,7 +398,8 @@ pub fn commit_refresh(
             u.expires_at,
             now,
             at.created_at,
-            held
+            held,
+            fence + 1
         ])?;
     release(c, name, holder, fence)?;
     if n == 0 && !held {

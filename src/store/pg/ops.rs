@@ -504,8 +504,8 @@ fn lease_lost(c: &mut Tx<'_>, name: &str, what: &str) -> Result<Commit> {
 }
 
 /// The commit of a refresh, after the row's lock: if `$2` holds lease
-/// `$3` (or no one does, and the row is still marked as being refreshed:
-/// `Store::commit_refresh` says why), stores the pair if the row still
+/// `$3` (or no one does, the row is still marked as being refreshed, and
+/// one lease only was taken since: `Store::commit_refresh` says why), stores the pair if the row still
 /// holds the token of version `$4` and creation `$12`, releases the
 /// lease, records the event (trimmed as [`event`] does) and notifies.
 /// Answers whether the lease was held, the active data key (what
@@ -528,7 +528,7 @@ const COMMIT_REFRESH: &str = concat!(
             version = version + 1, rev = rev + 1
         WHERE name = $1 AND version = $4 AND created_at = $12 AND (EXISTS (SELECT 1 FROM held)
             OR (EXISTS (SELECT 1 FROM given_back) AND state = 'refreshing'
-                AND refresh_started_at IS NOT NULL))
+                AND refresh_started_at IS NOT NULL AND fence = $3 + 1))
         RETURNING ",
     columns!(),
     "
