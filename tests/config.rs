@@ -877,6 +877,8 @@ fn check_config_as_root_checks_paths_and_groups_as_the_service_user() {
     let env = Env::bare(Knobs::default());
     // nobody may search the test's directory, not read it.
     fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o711)).unwrap();
+    // The client secret is the service user's, as installed (0600).
+    std::os::unix::fs::chown(&env.secret_file, Some(NOBODY), Some(NOBODY)).unwrap();
     let state = dir_owned(&env, "state-nobody", NOBODY, NOBODY, 0o700);
     let root_dir = dir_owned(&env, "root-0755", 0, 0, 0o755);
     let nobody_dir = dir_owned(&env, "nobody-0755", NOBODY, NOBODY, 0o755);
@@ -957,6 +959,27 @@ fn check_config_as_root_checks_paths_and_groups_as_the_service_user() {
     assert_eq!(status.code(), Some(2), "{stderr}");
     let line = format!("tokend: {path}: database: user nobody ");
     assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+
+    // Files the daemon reads at start: the client secret, and the config
+    // itself, each root's alone.
+    config(&db, &nobody_dir, None);
+    std::os::unix::fs::chown(&env.secret_file, Some(0), Some(0)).unwrap();
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = format!(
+        "tokend: {path}: providers.fake.client_secret_file: user nobody (uid {NOBODY}) cannot \
+         read {}: it has owner uid 0, group gid 0, mode 0600",
+        env.secret_file.display()
+    );
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one problem: {stderr}");
+    std::os::unix::fs::chown(&env.secret_file, Some(NOBODY), Some(NOBODY)).unwrap();
+    fs::set_permissions(&env.config_path, fs::Permissions::from_mode(0o600)).unwrap();
+    let (status, _, stderr) = check(&["--as-user", "nobody"]);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    let line = format!("tokend: {path}: user nobody (uid {NOBODY}) cannot read {path}: it has");
+    assert!(stderr.contains(&line), "no {line:?} in: {stderr}");
+    fs::set_permissions(&env.config_path, fs::Permissions::from_mode(0o644)).unwrap();
 
     // As root, for root, as before: everything is writable.
     config(&root_dir.join("tokend.db"), &root_dir, Some("root"));

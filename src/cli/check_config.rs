@@ -191,6 +191,16 @@ impl AsUser {
         {
             add("socket_group".into(), self.not_in(name, *gid, "the socket"));
         }
+        // The daemon reads these at start, as this user.
+        let files = std::iter::once((String::new(), config.path.clone()))
+            .chain(config.secret_files.iter().cloned());
+        for (key, path) in files {
+            if !known(&key)
+                && let Err(e) = self.can_read(&path)
+            {
+                add(key, e);
+            }
+        }
         if !known("database")
             && let Some(db) = config.database.file()
         {
@@ -242,6 +252,52 @@ impl AsUser {
         bits & want == want
     }
 
+    /// Whether the user can read `file`: search on every directory on the
+    /// way to it, as written and as symlinks resolve, then read on it.
+    fn can_read(&self, file: &Path) -> Result<(), String> {
+        let file = &std::path::absolute(file)
+            .map_err(|e| format!("cannot resolve {}: {e}", file.display()))?;
+        let resolved = self.can_reach(file, file)?;
+        let meta =
+            fs::metadata(&resolved).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        if self.may(&meta, R) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} cannot read {}: it has {}",
+                self.who(),
+                file.display(),
+                described(&meta)
+            ))
+        }
+    }
+
+    /// Search on every directory on the way to `path` (which exists), as
+    /// written and as symlinks resolve; `goal` names what the way leads
+    /// to, for the message. Returns `path` resolved.
+    fn can_reach(&self, path: &Path, goal: &Path) -> Result<PathBuf, String> {
+        let resolved = fs::canonicalize(path)
+            .map_err(|e| format!("cannot resolve {}: {e}", path.display()))?;
+        let mut on_the_way: Vec<&Path> = path.ancestors().skip(1).collect();
+        on_the_way.reverse();
+        let mut real: Vec<&Path> = resolved.ancestors().skip(1).collect();
+        real.reverse();
+        on_the_way.extend(real);
+        for d in on_the_way {
+            let meta = fs::metadata(d).map_err(|e| format!("cannot read {}: {e}", d.display()))?;
+            if !self.may(&meta, X) {
+                return Err(format!(
+                    "{} cannot reach {}: {} has {}",
+                    self.who(),
+                    goal.display(),
+                    d.display(),
+                    described(&meta)
+                ));
+            }
+        }
+        Ok(resolved)
+    }
+
     /// Whether the user can create files in `dir` (tokend writes a temp
     /// file there and renames it over the last): search on every directory
     /// on the way, as written and as symlinks resolve, then write and search
@@ -253,25 +309,7 @@ impl AsUser {
         while !existing.exists() {
             existing = existing.parent().unwrap_or(Path::new("/"));
         }
-        let resolved = fs::canonicalize(existing)
-            .map_err(|e| format!("cannot resolve {}: {e}", existing.display()))?;
-        let mut on_the_way: Vec<&Path> = existing.ancestors().skip(1).collect();
-        on_the_way.reverse();
-        let mut real: Vec<&Path> = resolved.ancestors().skip(1).collect();
-        real.reverse();
-        on_the_way.extend(real);
-        for d in on_the_way {
-            let meta = fs::metadata(d).map_err(|e| format!("cannot read {}: {e}", d.display()))?;
-            if !self.may(&meta, X) {
-                return Err(format!(
-                    "{} cannot reach {}: {} has {}",
-                    self.who(),
-                    dir.display(),
-                    d.display(),
-                    described(&meta)
-                ));
-            }
-        }
+        let resolved = self.can_reach(existing, dir)?;
         let meta = fs::metadata(&resolved)
             .map_err(|e| format!("cannot read {}: {e}", resolved.display()))?;
         if !meta.is_dir() {

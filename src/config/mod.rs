@@ -102,6 +102,12 @@ pub struct Config {
     /// `encryption_key_file` or `encryption_key_credential`: the key that
     /// seals the token columns (README "Secrets at rest"); None: off.
     pub sealing: Option<Sealing>,
+    /// The files secrets are read from at start (`client_secret_file`,
+    /// `database_file`, `encryption_key_file`), each with its key: the
+    /// service user must be able to read them, which `check-config
+    /// --as-user` checks. systemd's credentials are not among them: systemd
+    /// reads those as root and hands them over.
+    pub secret_files: Vec<(String, PathBuf)>,
 }
 
 /// The key-encryption key, loaded and checked with the config (its file's

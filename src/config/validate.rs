@@ -35,6 +35,7 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
     let mut p = Problems::default();
 
     let database = validate_database(&raw, env, &mut p);
+    let secret_files = secret_files(&raw);
 
     let sealing = super::secrets::load_encryption_key(&raw, env)
         .map_err(|(key, why)| p.add(key, why))
@@ -88,7 +89,29 @@ pub(super) fn validate(raw: RawConfig, path: &Path, env: &dyn Env) -> Result<Con
         access,
         notify,
         sealing,
+        secret_files,
     })
+}
+
+/// [`Config::secret_files`], as given (relative paths as the process
+/// resolves them).
+fn secret_files(raw: &RawConfig) -> Vec<(String, PathBuf)> {
+    let mut files: Vec<(String, PathBuf)> = [
+        ("database_file", &raw.database_file),
+        ("encryption_key_file", &raw.encryption_key_file),
+    ]
+    .into_iter()
+    .filter_map(|(key, f)| Some((key.to_owned(), PathBuf::from(f.as_ref()?))))
+    .collect();
+    for (name, rp) in &raw.providers {
+        if let Some(f) = &rp.client_secret_file {
+            files.push((
+                format!("providers.{name}.client_secret_file"),
+                PathBuf::from(f),
+            ));
+        }
+    }
+    files
 }
 
 #[derive(Default)]
