@@ -278,7 +278,7 @@ fn a_holder_whose_lease_passed_on_stores_nothing() {
     // then A stalls (a VM paused, a swap storm) past its lease.
     let lock = env.lock_store(Duration::from_secs(5));
     a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
-    a.signal(libc::SIGSTOP);
+    a.pause();
     drop(lock);
     env.provider.update_knobs(|k| k.latency_ms = 0);
 
@@ -349,7 +349,7 @@ fn a_holder_whose_lease_was_given_back_unused_stores_its_pair() {
     });
     let lock = env.lock_store(Duration::from_secs(5));
     a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
-    a.signal(libc::SIGSTOP);
+    a.pause();
     drop(lock);
     env.provider.update_knobs(|k| k.latency_ms = 0);
     assert_eq!(env.provider.grant(g.grant_id).unwrap().rotations, 1);
@@ -399,6 +399,76 @@ fn a_holder_whose_lease_was_given_back_unused_stores_its_pair() {
     assert_eq!(env.provider.stats().reuse_detected, 0);
     assert_grant_kept(&env, g.grant_id, "bot");
     drop(a);
+}
+
+/// A refresh whose commit cannot land (the store locked by another
+/// process) keeps its pair in a file, 0600, until one does; killed
+/// meanwhile (SIGKILL: an OOM kill, systemd's stop timeout), the daemon
+/// stores that pair at its next start, before anything else. Before, the
+/// pair died with the process, and the next start sent the refresh token
+/// the provider had already rotated: a provider that detects reuse then
+/// revoked the grant.
+#[test]
+fn a_pair_the_store_would_not_take_survives_a_kill() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::bare(Knobs::default());
+    env.write_config(&section("5s", "1s"), &env.sink("raw", "0600"));
+    let g = env.import("bot", true);
+    let mut a = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    wait_for("the start-up validation", PATIENCE, || {
+        (env.provider.stats().validations_ok >= 1).then_some(())
+    });
+
+    env.provider.update_knobs(|k| k.latency_ms = 2000);
+    let a_socket = env.socket.clone();
+    let _caller = std::thread::spawn(move || {
+        let _ = socket_request(
+            &a_socket,
+            "POST",
+            "/v1/credentials/bot/refresh",
+            &[],
+            b"",
+            Duration::from_secs(60),
+        );
+    });
+    wait_for("the daemon's request", PATIENCE, || {
+        (env.provider.stats().refresh_requests == 1).then_some(())
+    });
+    let lock = env.lock_store(Duration::from_secs(5));
+    a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
+    let dir = env.db.parent().unwrap().join("tokend-pending");
+    let kept = dir.join("bot.json");
+    wait_for("the pair kept in a file", PATIENCE, || {
+        kept.exists().then_some(())
+    });
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&kept), 0o600);
+    assert_eq!(mode(&dir), 0o700);
+    a.kill9();
+    drop(lock);
+    env.provider.update_knobs(|k| k.latency_ms = 0);
+    let info = env.provider.grant(g.grant_id).unwrap();
+    assert_eq!(info.rotations, 1);
+    assert!(
+        env.row("bot").unwrap().refresh_token != info.refresh_token,
+        "the pair was stored before the kill: this test tests nothing"
+    );
+
+    let b = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    wait_committed(&env, g.grant_id, "bot");
+    b.wait_log(
+        "stored the token pair a refresh got before tokend stopped",
+        PATIENCE,
+    );
+    assert!(!kept.exists(), "the kept pair's file stayed");
+    wait_for("the new token published", PATIENCE, || {
+        let info = env.provider.grant(g.grant_id)?;
+        (env.read_token("bot")? == info.access_token).then_some(())
+    });
+    assert_grant_kept(&env, g.grant_id, "bot");
+    drop(b);
 }
 
 // ---- 3. on-demand requests obey the backoff, Retry-After and misconfigured ----

@@ -113,7 +113,7 @@ fn a_name_replaced_at_the_same_version_is_published_at_once() {
         k.fault = Some(Fault::Status503);
         k.fault_on = FaultTarget::Validate;
     });
-    d.signal(libc::SIGSTOP);
+    d.pause();
     assert!(env.cli(&["remove", "bot"], "").status.success());
     let new = import_expiring(&env, "bot", 3600);
     d.signal(libc::SIGCONT);

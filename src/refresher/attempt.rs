@@ -473,12 +473,16 @@ impl Refresher {
         };
         let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
         let mut delay = Duration::from_millis(250);
+        let mut kept = false;
         for attempt in 1u64.. {
-            match self
+            let committed = self
                 .store
                 .commit_refresh(name, &self.holder, fence, cred.token_at(), update())
-                .await
-            {
+                .await;
+            if kept && committed.is_ok() {
+                self.unstored.forget(name);
+            }
+            match committed {
                 Ok(Commit::Done(c)) => {
                     let expires = c.expires_at.map(|e| crate::clock::span(e - now));
                     entry.adopt(*c);
@@ -516,6 +520,22 @@ impl Refresher {
                 Err(StoreError::Closed) => break,
                 Err(e) => {
                     tracing::error!(credential = %name, attempt, error = %e, "cannot store the refreshed token pair; retrying");
+                    // Should this process end before a commit lands, the
+                    // next start stores the pair from this file.
+                    if !kept {
+                        match self.unstored.keep(
+                            name,
+                            &self.holder,
+                            fence,
+                            cred.token_at(),
+                            &update(),
+                        ) {
+                            Ok(()) => kept = true,
+                            Err(e) => {
+                                tracing::error!(credential = %name, error = %e, "cannot keep the refreshed token pair in a file while the store is away")
+                            }
+                        }
+                    }
                     // Keep the lease while we retry, so that no peer takes
                     // over and spends the old refresh token meanwhile.
                     let _ = self.store.renew_lease(name, &self.holder, fence, ttl).await;

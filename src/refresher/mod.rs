@@ -52,6 +52,7 @@ mod policy;
 mod scheduler;
 mod serve;
 mod status;
+mod unstored;
 mod worker;
 
 pub use policy::{Gate, backoff, gate};
@@ -195,6 +196,8 @@ pub struct Refresher {
     /// while a reload swaps the sinks and retires the old paths: no file
     /// is written to a path a reload has retired.
     publishing: tokio::sync::RwLock<()>,
+    /// Where a pair whose commit failed is kept until one lands.
+    unstored: unstored::Unstored,
 }
 
 /// Counts tasks that may hold a provider's answer not yet committed, so that
@@ -237,6 +240,31 @@ pub enum TokenError {
         why: Option<String>,
         next_attempt: Option<i64>,
     },
+}
+
+/// Stores the pairs an earlier run could not (`unstored`), before anything
+/// reads the store: each as its commit would have, under the lease it was
+/// refreshed with. One the store still refuses to take for now stays for
+/// the next start; a start that cannot store it does not start.
+async fn store_kept(store: &Store, unstored: &unstored::Unstored) -> Result<(), StoreError> {
+    for k in unstored.kept() {
+        let name = k.name;
+        match store
+            .commit_refresh(&name, &k.holder, k.fence, k.at, k.update)
+            .await?
+        {
+            crate::store::Commit::Done(_) => tracing::warn!(
+                credential = %name,
+                "stored the token pair a refresh got before tokend stopped, which the store did not take then"
+            ),
+            crate::store::Commit::Conflict | crate::store::Commit::LeaseLost => tracing::error!(
+                credential = %name,
+                "a token pair a refresh got before tokend stopped was not stored: the credential changed since (replaced, removed, or refreshed by another process); discarded"
+            ),
+        }
+        unstored.forget(&name);
+    }
+    Ok(())
 }
 
 /// Handles to the refresher's tasks, for shutdown.
@@ -291,6 +319,8 @@ impl Refresher {
         client: provider::Client,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Arc<Refresher>, Tasks), StoreError> {
+        let unstored = unstored::Unstored::for_daemon(&config);
+        store_kept(&store, &unstored).await?;
         let creds = store.load_all().await?;
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let (sched_tx, sched_rx) = mpsc::unbounded_channel();
@@ -311,6 +341,7 @@ impl Refresher {
             outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
             alerts: Alerts::start(config.clone()),
+            unstored,
         });
         {
             let mut entries = r.entries.write().unwrap();
@@ -395,6 +426,8 @@ impl Refresher {
             outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
             alerts: Alerts::none(),
+            // Its commit is retried for as long as it runs, signals held.
+            unstored: unstored::Unstored::default(),
         };
         Ok(Some(Arc::new(r)))
     }

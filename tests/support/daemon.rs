@@ -96,6 +96,22 @@ impl Daemon {
         self.wait_exit(Duration::from_secs(10))
     }
 
+    /// SIGSTOP, and waits until the kernel has stopped it: a signal is
+    /// delivered after kill(2) returns, and a daemon that ran on for a
+    /// moment may have taken a lock it would then hold while stopped.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+        let stat = format!("/proc/{}/stat", self.pid());
+        wait_for("the daemon to stop", Duration::from_secs(10), || {
+            let s = fs::read_to_string(&stat).ok()?;
+            s.rsplit(')')
+                .next()?
+                .trim_start()
+                .starts_with('T')
+                .then_some(())
+        });
+    }
+
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
