@@ -362,7 +362,7 @@ fn temp_file_pid(name: &str) -> Option<u32> {
 }
 
 /// Removes `dir`'s stale temp files of ours (see `sweep_temp_files`).
-fn sweep_dir(dir: &Path) -> usize {
+pub(crate) fn sweep_dir(dir: &Path) -> usize {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };

@@ -244,8 +244,24 @@ fn second_daemon(env: &Env) -> (Daemon, PathBuf) {
     (d, socket)
 }
 
+/// A holder stalled past its lease, its rotated pair unstored: the next
+/// holder is on another host (it cannot see the pair this host kept, see
+/// `a_pair_the_store_would_not_take_survives_a_kill`), so it spends the
+/// stored token; the stalled holder, woken, writes nothing over its
+/// outcome.
 #[test]
 fn a_holder_whose_lease_passed_on_stores_nothing() {
+    lease_passed_on(false);
+}
+
+/// The same, the next holder on the same host: it finds the pair the
+/// stalled holder kept and stores it, instead of sending the spent token.
+#[test]
+fn a_holder_on_this_host_stores_the_pair_a_stalled_holder_kept() {
+    lease_passed_on(true);
+}
+
+fn lease_passed_on(same_host: bool) {
     let env = Env::bare(Knobs::default());
     // request_timeout 10s: a lease lives 20 s.
     env.write_config(&section("10s", "1s"), &env.sink("raw", "0600"));
@@ -281,6 +297,26 @@ fn a_holder_whose_lease_passed_on_stores_nothing() {
     a.pause();
     drop(lock);
     env.provider.update_knobs(|k| k.latency_ms = 0);
+    let kept = env.db.parent().unwrap().join("tokend-pending/bot.json");
+    assert!(kept.exists(), "A kept no pair");
+    if same_host {
+        wait_for("B to take over", Duration::from_secs(60), || {
+            let r = request(&b_socket, "POST", "/v1/credentials/bot/refresh");
+            (r.status == 200 && !kept.exists()).then_some(())
+        });
+        wait_committed(&env, g.grant_id, "bot");
+        wait_for("B to show it valid", PATIENCE, || {
+            let r = request(&b_socket, "GET", "/v1/credentials/bot");
+            (r.json()["state"] == "valid").then_some(())
+        });
+        a.signal(libc::SIGCONT);
+        assert_grant_kept(&env, g.grant_id, "bot");
+        drop(b);
+        drop(a);
+        return;
+    }
+    // Another host's view: none of this host's files.
+    std::fs::remove_file(&kept).unwrap();
 
     // B takes the lease once it expires and spends the refresh token the
     // store still holds: the provider sees the reuse and revokes the grant.
@@ -401,17 +437,13 @@ fn a_holder_whose_lease_was_given_back_unused_stores_its_pair() {
     drop(a);
 }
 
-/// A refresh whose commit cannot land (the store locked by another
-/// process) keeps its pair in a file, 0600, until one does; killed
-/// meanwhile (SIGKILL: an OOM kill, systemd's stop timeout), the daemon
-/// stores that pair at its next start, before anything else. Before, the
-/// pair died with the process, and the next start sent the refresh token
-/// the provider had already rotated: a provider that detects reuse then
-/// revoked the grant.
-#[test]
-fn a_pair_the_store_would_not_take_survives_a_kill() {
+/// Kills the daemon (SIGKILL: an OOM kill, systemd's stop timeout) while
+/// its commit of `bot`'s refreshed pair waits for a store another process
+/// has locked. The pair is in a file of its own by then (0600, in a 0700
+/// directory), and nowhere else: the store holds the token it replaced,
+/// which the provider has spent. Returns the grant and the file.
+fn killed_with_a_kept_pair(env: &Env) -> (MintedGrant, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
-    let env = Env::bare(Knobs::default());
     env.write_config(&section("5s", "1s"), &env.sink("raw", "0600"));
     let g = env.import("bot", true);
     let mut a = env.start();
@@ -454,7 +486,17 @@ fn a_pair_the_store_would_not_take_survives_a_kill() {
         env.row("bot").unwrap().refresh_token != info.refresh_token,
         "the pair was stored before the kill: this test tests nothing"
     );
+    (g, kept)
+}
 
+/// The daemon's next start stores the kept pair before anything else.
+/// Before, the pair died with the process, and the next start sent the
+/// refresh token the provider had already rotated: a provider that
+/// detects reuse then revoked the grant.
+#[test]
+fn a_pair_the_store_would_not_take_survives_a_kill() {
+    let env = Env::bare(Knobs::default());
+    let (g, kept) = killed_with_a_kept_pair(&env);
     let b = env.start();
     wait_serving(&env.socket, PATIENCE);
     wait_committed(&env, g.grant_id, "bot");
@@ -469,6 +511,44 @@ fn a_pair_the_store_would_not_take_survives_a_kill() {
     });
     assert_grant_kept(&env, g.grant_id, "bot");
     drop(b);
+}
+
+/// Without a daemon, `tokend refresh` stores the kept pair first and
+/// refreshes from it; `tokend migrate` refuses to move a store while a
+/// pair waits to be stored in it (the copy would hold the spent token).
+#[test]
+fn a_direct_refresh_stores_a_kept_pair_first_and_migrate_waits_for_it() {
+    let env = Env::bare(Knobs::default());
+    let (g, kept) = killed_with_a_kept_pair(&env);
+    let elsewhere = env.dir.path().join("moved/moved.db");
+    let out = env.cli(
+        &[
+            "migrate",
+            "--from",
+            &format!("sqlite:{}", env.db.display()),
+            "--to",
+            &format!("sqlite:{}", elsewhere.display()),
+        ],
+        "",
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("wait to be stored") && said.contains("nothing was copied"),
+        "{said}"
+    );
+    assert!(kept.exists());
+
+    let out = env.cli(&["refresh", "bot"], "");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!kept.exists(), "the kept pair's file stayed");
+    let info = env.provider.grant(g.grant_id).unwrap();
+    assert_eq!(info.rotations, 2, "refreshed from the kept pair");
+    assert_grant_kept(&env, g.grant_id, "bot");
 }
 
 // ---- 3. on-demand requests obey the backoff, Retry-After and misconfigured ----

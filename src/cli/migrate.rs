@@ -41,6 +41,22 @@ pub fn run(global: &Global, args: &Migrate) -> Result<(), Exit> {
     let dest = StoreConn::open_as_is(&to, true)
         .map_err(|e| Exit::failure(format!("cannot open {}: {e}", to.display())))?;
 
+    // A pair a daemon kept because the source would not take it (the
+    // daemon stopped first) is stored only by a daemon on the source: moved
+    // without it, the copy would hold the token that pair replaced.
+    match crate::refresher::unstored::Unstored::of(&from, false).kept() {
+        Ok(kept) if kept.is_empty() => {}
+        Ok(kept) => {
+            return Err(Exit::failure(format!(
+                "{} refreshed token pair(s) that {} did not take before tokend stopped wait to be \
+                 stored in it: start tokend on it once (it stores them first), stop it, then \
+                 migrate; nothing was copied",
+                kept.len(),
+                from.display()
+            )));
+        }
+        Err(why) => return Err(Exit::failure(format!("{why}; nothing was copied"))),
+    }
     let dump = source.seal_for_move().map_err(|e| {
         Exit::failure(format!(
             "cannot move from {}: {e}; nothing was copied",

@@ -312,6 +312,29 @@ impl Refresher {
             }
             Err(e) => return self.store_failed(entry, name, &e),
         };
+        // A holder that died mid-refresh may have kept its pair for the
+        // next start (`unstored`), which is not this process: store that
+        // pair instead of sending the token it replaced. The lease goes
+        // back unused first, so that the dead holder's commit may land.
+        if interrupted {
+            match self.unstored.kept() {
+                Ok(kept) if kept.iter().any(|k| &k.name == name) => {
+                    drop(ahead);
+                    self.give_back(name, fence, &cred).await;
+                    if let Err(e) = self.unstored.store_kept(&self.store, Some(name)).await {
+                        return self.store_failed(entry, name, &e);
+                    }
+                    self.enqueue(name, |p| p.reload = true);
+                    return;
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    drop(ahead);
+                    self.give_back(name, fence, &cred).await;
+                    return self.store_failed(entry, name, &StoreError::Unstored(why));
+                }
+            }
+        }
         let slot = ctx.slots.acquire().await;
         drop(ahead);
         if self.stopping.load(Ordering::SeqCst) {
@@ -473,7 +496,7 @@ impl Refresher {
         };
         let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
         let mut delay = Duration::from_millis(250);
-        let mut kept = false;
+        let (mut kept, mut tried_keeping) = (false, false);
         for attempt in 1u64.. {
             let committed = self
                 .store
@@ -522,7 +545,8 @@ impl Refresher {
                     tracing::error!(credential = %name, attempt, error = %e, "cannot store the refreshed token pair; retrying");
                     // Should this process end before a commit lands, the
                     // next start stores the pair from this file.
-                    if !kept {
+                    if !tried_keeping {
+                        tried_keeping = true;
                         match self.unstored.keep(
                             name,
                             &self.holder,

@@ -52,7 +52,7 @@ mod policy;
 mod scheduler;
 mod serve;
 mod status;
-mod unstored;
+pub mod unstored;
 mod worker;
 
 pub use policy::{Gate, backoff, gate};
@@ -242,31 +242,6 @@ pub enum TokenError {
     },
 }
 
-/// Stores the pairs an earlier run could not (`unstored`), before anything
-/// reads the store: each as its commit would have, under the lease it was
-/// refreshed with. One the store still refuses to take for now stays for
-/// the next start; a start that cannot store it does not start.
-async fn store_kept(store: &Store, unstored: &unstored::Unstored) -> Result<(), StoreError> {
-    for k in unstored.kept() {
-        let name = k.name;
-        match store
-            .commit_refresh(&name, &k.holder, k.fence, k.at, k.update)
-            .await?
-        {
-            crate::store::Commit::Done(_) => tracing::warn!(
-                credential = %name,
-                "stored the token pair a refresh got before tokend stopped, which the store did not take then"
-            ),
-            crate::store::Commit::Conflict | crate::store::Commit::LeaseLost => tracing::error!(
-                credential = %name,
-                "a token pair a refresh got before tokend stopped was not stored: the credential changed since (replaced, removed, or refreshed by another process); discarded"
-            ),
-        }
-        unstored.forget(&name);
-    }
-    Ok(())
-}
-
 /// Handles to the refresher's tasks, for shutdown.
 pub struct Tasks {
     workers: Vec<JoinHandle<()>>,
@@ -319,8 +294,11 @@ impl Refresher {
         client: provider::Client,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Arc<Refresher>, Tasks), StoreError> {
-        let unstored = unstored::Unstored::for_daemon(&config);
-        store_kept(&store, &unstored).await?;
+        // Before anything reads the store: a pair an earlier run could not
+        // store replaces the token it rotated, which must never be sent.
+        let unstored = unstored::Unstored::new(&config, true);
+        unstored.announce();
+        unstored.store_kept(&store, None).await?;
         let creds = store.load_all().await?;
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let (sched_tx, sched_rx) = mpsc::unbounded_channel();
@@ -401,6 +379,13 @@ impl Refresher {
         client: provider::Client,
         name: &str,
     ) -> Result<Option<Arc<Refresher>>, StoreError> {
+        // A daemon that died with this credential's pair kept left it for
+        // its next start; store it now, before the token it replaced is
+        // sent (this command writes no such file of its own: it retries
+        // its commit for as long as it runs, signals held).
+        unstored::Unstored::new(&config, false)
+            .store_kept(&store, Some(name))
+            .await?;
         let Some(cred) = store.get(name).await? else {
             return Ok(None);
         };
@@ -426,7 +411,6 @@ impl Refresher {
             outages: Mutex::new(HashMap::new()),
             publishing: tokio::sync::RwLock::new(()),
             alerts: Alerts::none(),
-            // Its commit is retried for as long as it runs, signals held.
             unstored: unstored::Unstored::default(),
         };
         Ok(Some(Arc::new(r)))

@@ -4,41 +4,55 @@
 //! keeps retrying, but only for as long as the process lives: stopped at
 //! the end of the shutdown grace, killed by systemd or the OOM killer, it
 //! took the rotated refresh token with it, and the provider had already
-//! spent the stored one. So once a commit has failed, the pair is also
-//! written to a file of its own (mode 0600, in a 0700 directory, synced)
-//! until a commit answers; the next start of the daemon stores it first,
-//! as the commit would have (the same lease and token checks: a pair is
-//! never written over a credential that changed since), and removes it.
+//! spent the stored one. So once a commit has failed, the daemon also
+//! writes the pair to a file of its own (mode 0600, in a 0700 directory,
+//! synced) until a commit answers. Before anything refreshes a credential
+//! again, the pair is stored as its commit would have been (the same lease
+//! and token checks: never over a credential that changed since): at the
+//! daemon's start, by `tokend refresh` without a daemon, and by a daemon
+//! that takes over the lease of a holder that died with a pair kept.
 //!
 //! The file holds the tokens as the provider sent them, like the sink
 //! files and a plaintext store: on this host, readable by tokend's user
-//! only, which also reads the key file of a sealed store.
+//! only, which also reads the key file of a sealed store. It names its
+//! store, so that a directory two stores share (a SQLite file and a
+//! PostgreSQL store in one state directory, after `tokend migrate`) never
+//! has one store's pairs judged, or deleted, by the other.
 
 use std::fs;
-use std::io;
-use std::os::unix::fs::DirBuilderExt;
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::secret::Secret;
-use crate::store::{Database, TokenAt, TokenUpdate};
+use crate::store::{Commit, Database, Store, StoreError, TokenAt, TokenUpdate};
 
 /// The directory's name, beside a SQLite store or in the state directory.
 const DIR: &str = "tokend-pending";
 
-/// Where unstored pairs are kept; None: nowhere (no place to keep them,
-/// or not the daemon).
+/// Where unstored pairs are kept, and for which store.
 #[derive(Debug, Clone, Default)]
 pub struct Unstored {
+    /// None: nowhere to keep them (a PostgreSQL store with neither
+    /// `$STATE_DIRECTORY` nor `$RUNTIME_DIRECTORY`).
     dir: Option<PathBuf>,
+    /// The store's name as shown (a SQLite path; a PostgreSQL URL without
+    /// its password).
+    store: String,
+    /// Whether this process writes pairs (the daemon), or only stores
+    /// those it finds (`tokend refresh`, often run as root: a file of
+    /// root's would be one the daemon cannot read).
+    writes: bool,
 }
 
 /// One pair and what its commit needs: the lease it was refreshed under
 /// and the token it replaces.
 #[derive(Serialize, Deserialize)]
 struct Record {
+    store: String,
     name: String,
     holder: String,
     fence: i64,
@@ -50,7 +64,7 @@ struct Record {
     expires_at: Option<i64>,
 }
 
-/// A pair read back at start.
+/// A pair read back.
 pub struct Kept {
     pub name: String,
     pub holder: String,
@@ -60,10 +74,16 @@ pub struct Kept {
 }
 
 impl Unstored {
-    /// The daemon's: beside a SQLite store, or in `$STATE_DIRECTORY` (then
-    /// `$RUNTIME_DIRECTORY`) for PostgreSQL.
-    pub fn for_daemon(config: &Config) -> Unstored {
-        let base = match &config.database {
+    /// Beside a SQLite store; in `$STATE_DIRECTORY` (then
+    /// `$RUNTIME_DIRECTORY`) for PostgreSQL. `writes`: see the field.
+    pub fn new(config: &Config, writes: bool) -> Unstored {
+        Unstored::of(&config.database, writes)
+    }
+
+    /// [`new`](Self::new) for a store given apart from a config (`tokend
+    /// migrate`'s source).
+    pub fn of(database: &Database, writes: bool) -> Unstored {
+        let base = match database {
             Database::Sqlite(p) => p.parent().map(Path::to_path_buf),
             Database::Postgres(_) => ["STATE_DIRECTORY", "RUNTIME_DIRECTORY"]
                 .iter()
@@ -73,13 +93,38 @@ impl Unstored {
                     (!first.is_empty()).then(|| PathBuf::from(first))
                 }),
         };
+        // A SQLite file as the kernel resolves it: one store, however
+        // the path to it is spelled.
+        let store = match database {
+            Database::Sqlite(p) => fs::canonicalize(p)
+                .unwrap_or_else(|_| p.clone())
+                .display()
+                .to_string(),
+            Database::Postgres(_) => database.display().to_string(),
+        };
         Unstored {
             dir: base.map(|b| b.join(DIR)),
+            store,
+            writes,
         }
     }
 
     fn path(&self, name: &str) -> Option<PathBuf> {
         Some(self.dir.as_ref()?.join(format!("{name}.json")))
+    }
+
+    /// Says where pairs are kept, or that they cannot be; removes the temp
+    /// files of a write a crash cut short (they hold tokens).
+    pub fn announce(&self) {
+        match &self.dir {
+            Some(dir) => {
+                crate::publish::sweep_dir(dir);
+            }
+            None => tracing::warn!(
+                "neither $STATE_DIRECTORY nor $RUNTIME_DIRECTORY is set: a refreshed token pair \
+                 the database does not take before tokend stops cannot be kept for the next start"
+            ),
+        }
     }
 
     /// Writes `name`'s pair, durably, before its commit is retried.
@@ -91,14 +136,17 @@ impl Unstored {
         at: TokenAt,
         u: &TokenUpdate,
     ) -> io::Result<()> {
-        let (Some(dir), Some(path)) = (&self.dir, self.path(name)) else {
+        if !self.writes {
             return Ok(());
-        };
-        match fs::DirBuilder::new().mode(0o700).create(dir) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
-            _ => {}
         }
+        let (Some(dir), Some(path)) = (&self.dir, self.path(name)) else {
+            return Err(io::Error::other(
+                "no directory to keep it in ($STATE_DIRECTORY is not set)",
+            ));
+        };
+        private_dir(dir)?;
         let record = Record {
+            store: self.store.clone(),
             name: name.to_owned(),
             holder: holder.to_owned(),
             fence,
@@ -121,56 +169,141 @@ impl Unstored {
         }
     }
 
-    /// Every pair kept; a file that cannot be read back is logged (never
-    /// its content) and left where it is for a human.
-    pub fn kept(&self) -> Vec<Kept> {
+    /// Whether a pair of `name` is kept (read or not).
+    pub fn has(&self, name: &str) -> bool {
+        self.path(name)
+            .is_some_and(|p| p.symlink_metadata().is_ok())
+    }
+
+    /// Every pair kept for this store. A directory or a file that cannot
+    /// be read is an error naming it, never its content: its pair must not
+    /// be passed over, or the next refresh spends the token it replaced.
+    /// Another store's pairs are left where they are, untouched.
+    pub fn kept(&self) -> Result<Vec<Kept>, String> {
         let Some(dir) = &self.dir else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
-        let Ok(entries) = fs::read_dir(dir) else {
-            return Vec::new();
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
         };
         let mut kept = Vec::new();
-        for e in entries.flatten() {
-            let path = e.path();
+        for e in entries {
+            let path = e
+                .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+                .path();
             if path.extension().is_none_or(|x| x != "json") {
                 continue;
             }
-            let text = fs::read_to_string(&path).map(Secret::new);
-            match text.map(|t| serde_json::from_str::<Record>(t.expose())) {
-                Ok(Ok(r)) if self.path(&r.name).as_ref() != Some(&path) => tracing::error!(
+            let r = read_record(&path).map_err(|why| {
+                format!(
+                    "{} holds a token pair tokend could not store, but {why}: move it away to \
+                     go on without it (the credential may then need authorizing again)",
+                    path.display()
+                )
+            })?;
+            if r.store != self.store {
+                tracing::info!(
                     file = %path.display(),
-                    "an unstored token pair's file is not named after its credential; left as it is"
+                    store = %r.store,
+                    "a token pair kept for another store: left for it"
+                );
+                continue;
+            }
+            if self.path(&r.name).as_ref() != Some(&path) {
+                return Err(format!(
+                    "{} is not named after the credential it holds a pair of",
+                    path.display()
+                ));
+            }
+            kept.push(Kept {
+                at: TokenAt {
+                    version: r.version,
+                    created_at: r.created_at,
+                },
+                update: TokenUpdate {
+                    access_token: r.access_token.map(Secret::new),
+                    refresh_token: r.refresh_token.map(Secret::new),
+                    scope: r.scope,
+                    expires_at: r.expires_at,
+                },
+                name: r.name,
+                holder: r.holder,
+                fence: r.fence,
+            });
+        }
+        Ok(kept)
+    }
+
+    /// Stores the pairs kept for this store (all, or `name`'s), each as
+    /// its commit would have been; removes each file once the store
+    /// answered. A pair the store refused for good (the credential changed
+    /// since) is said so and dropped.
+    pub async fn store_kept(&self, store: &Store, name: Option<&str>) -> Result<(), StoreError> {
+        let kept = self.kept().map_err(StoreError::Unstored)?;
+        for k in kept
+            .into_iter()
+            .filter(|k| name.is_none_or(|n| n == k.name))
+        {
+            let name = k.name;
+            match store
+                .commit_refresh(&name, &k.holder, k.fence, k.at, k.update)
+                .await?
+            {
+                Commit::Done(_) => tracing::warn!(
+                    credential = %name,
+                    "stored the token pair a refresh got before tokend stopped, which the store did not take then"
                 ),
-                Ok(Ok(r)) => kept.push(Kept {
-                    at: TokenAt {
-                        version: r.version,
-                        created_at: r.created_at,
-                    },
-                    update: TokenUpdate {
-                        access_token: r.access_token.map(Secret::new),
-                        refresh_token: r.refresh_token.map(Secret::new),
-                        scope: r.scope,
-                        expires_at: r.expires_at,
-                    },
-                    name: r.name,
-                    holder: r.holder,
-                    fence: r.fence,
-                }),
-                Ok(Err(e)) => tracing::error!(
-                    file = %path.display(),
-                    error = what(&e),
-                    "an unstored token pair's file does not parse; left as it is"
-                ),
-                Err(e) => tracing::error!(
-                    file = %path.display(),
-                    error = %e,
-                    "cannot read an unstored token pair's file; left as it is"
+                Commit::Conflict | Commit::LeaseLost => tracing::error!(
+                    credential = %name,
+                    "a token pair a refresh got before tokend stopped was not stored: the credential changed since (replaced, removed, or refreshed by another process; or that pair was stored after all, its answer lost); discarded"
                 ),
             }
+            self.forget(&name);
         }
-        kept
+        Ok(())
     }
+}
+
+/// The directory, made 0700 if missing; refused if it is not a directory
+/// of ours, and closed to others if it is ours but open.
+fn private_dir(dir: &Path) -> io::Result<()> {
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    let meta = dir.symlink_metadata()?;
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if !meta.is_dir() || meta.uid() != uid {
+        return Err(io::Error::other(format!(
+            "{} is not a directory of this user's",
+            dir.display()
+        )));
+    }
+    if meta.mode() & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// A kept file's record: a regular file (never a symlink followed, nor a
+/// FIFO waited on). The reason it is not, without its content.
+fn read_record(path: &Path) -> Result<Record, String> {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    if !f.metadata().map_err(|e| e.to_string())?.is_file() {
+        return Err("is not a regular file".into());
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    let text = Secret::new(text);
+    serde_json::from_str(text.expose()).map_err(|e| format!("does not parse ({})", what(&e)))
 }
 
 fn remove(path: &Path) {
@@ -195,5 +328,101 @@ fn what(e: &serde_json::Error) -> &'static str {
         serde_json::error::Category::Syntax => "not JSON",
         serde_json::error::Category::Data => "not a token pair",
         serde_json::error::Category::Eof => "cut short",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> TokenAt {
+        TokenAt {
+            version: 3,
+            created_at: 42,
+        }
+    }
+
+    fn update() -> TokenUpdate {
+        TokenUpdate {
+            access_token: Some(Secret::new("at-kept")),
+            refresh_token: Some(Secret::new("rt-kept")),
+            scope: None,
+            expires_at: Some(7),
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn a_kept_pair_reads_back_private_and_another_store_s_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = Unstored::of(&Database::Sqlite(dir.path().join("a.db")), true);
+        ours.keep("bot", "h/1/1/?", 9, at(), &update()).unwrap();
+        let kept_dir = dir.path().join(DIR);
+        assert_eq!(mode(&kept_dir), 0o700);
+        assert_eq!(mode(&kept_dir.join("bot.json")), 0o600);
+        let kept = ours.kept().unwrap();
+        assert_eq!(kept.len(), 1);
+        let k = &kept[0];
+        assert_eq!(
+            (k.name.as_str(), k.holder.as_str(), k.fence),
+            ("bot", "h/1/1/?", 9)
+        );
+        assert_eq!(k.at, at());
+        assert_eq!(k.update.refresh_token.as_ref().unwrap().expose(), "rt-kept");
+        assert_eq!(k.update.expires_at, Some(7));
+
+        // Another store beside it sees none of it, and deletes nothing.
+        let other = Unstored::of(&Database::Sqlite(dir.path().join("b.db")), true);
+        assert!(other.kept().unwrap().is_empty());
+        assert!(kept_dir.join("bot.json").exists());
+
+        // A directory opened to others meanwhile is closed before a write.
+        fs::set_permissions(&kept_dir, fs::Permissions::from_mode(0o755)).unwrap();
+        ours.keep("bot", "h/1/1/?", 10, at(), &update()).unwrap();
+        assert_eq!(mode(&kept_dir), 0o700);
+        assert_eq!(ours.kept().unwrap()[0].fence, 10);
+        ours.forget("bot");
+        assert!(ours.kept().unwrap().is_empty());
+        // Commands only store what they find; they write nothing.
+        let command = Unstored::of(&Database::Sqlite(dir.path().join("a.db")), false);
+        command.keep("bot", "h/1/1/?", 9, at(), &update()).unwrap();
+        assert!(command.kept().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_kept_file_that_cannot_be_read_is_an_error_naming_it_never_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = Unstored::of(&Database::Sqlite(dir.path().join("a.db")), true);
+        let kept_dir = dir.path().join(DIR);
+        fs::DirBuilder::new().mode(0o700).create(&kept_dir).unwrap();
+        let file = kept_dir.join("bot.json");
+        // Cut short by a disk that filled up, say.
+        fs::write(&file, r#"{"store":"x","refresh_token":"rt-secret-part"#).unwrap();
+        let e = ours.kept().err().unwrap();
+        assert!(
+            e.contains("bot.json") && e.contains("does not parse"),
+            "{e}"
+        );
+        assert!(!e.contains("rt-secret"), "the content in the message");
+        // Not followed, nor waited on.
+        fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), &file).unwrap();
+        fs::write(dir.path().join("elsewhere"), "{}").unwrap();
+        let e = ours.kept().err().unwrap();
+        assert!(e.contains("cannot be read"), "{e}");
+        fs::remove_file(&file).unwrap();
+        let c = std::ffi::CString::new(file.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo on a NUL-terminated path we own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = ours.kept().err().unwrap();
+        assert!(e.contains("not a regular file"), "{e}");
+        // A directory this user may not read is an error too, not "none".
+        fs::remove_file(&file).unwrap();
+        fs::remove_dir(&kept_dir).unwrap();
+        fs::write(&kept_dir, "").unwrap();
+        assert!(ours.kept().is_err());
     }
 }

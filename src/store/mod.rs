@@ -87,6 +87,10 @@ pub enum StoreError {
     /// (another process rotated it, or sealed the store): the write was
     /// rolled back, to be sealed again after the keys are read again.
     KeysChanged,
+    /// A token pair kept by an earlier run that could not be stored then
+    /// cannot be read now (src/refresher/unstored.rs): the text names its
+    /// file, never its content.
+    Unstored(String),
 }
 
 impl std::fmt::Display for StoreError {
@@ -131,6 +135,7 @@ impl std::fmt::Display for StoreError {
                 "the store's data keys changed during the operation (another process rotated \
                  them): run it again"
             ),
+            StoreError::Unstored(why) => f.write_str(why),
         }
     }
 }
