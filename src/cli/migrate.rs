@@ -32,15 +32,6 @@ pub fn run(global: &Global, args: &Migrate) -> Result<(), Exit> {
             to.display()
         )));
     }
-    let source = StoreConn::open_as_is(&from, false).map_err(|e| match e {
-        StoreError::Io(_, e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Exit::failure(format!("{}: no database there", from.display()))
-        }
-        e => Exit::failure(format!("cannot open {}: {e}", from.display())),
-    })?;
-    let dest = StoreConn::open_as_is(&to, true)
-        .map_err(|e| Exit::failure(format!("cannot open {}: {e}", to.display())))?;
-
     // A pair a daemon kept because the source would not take it (the
     // daemon stopped first) is stored only by a daemon on the source: moved
     // without it, the copy would hold the token that pair replaced.
@@ -57,6 +48,15 @@ pub fn run(global: &Global, args: &Migrate) -> Result<(), Exit> {
         }
         Err(why) => return Err(Exit::failure(format!("{why}; nothing was copied"))),
     }
+    let source = StoreConn::open_as_is(&from, false).map_err(|e| match e {
+        StoreError::Io(_, e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Exit::failure(format!("{}: no database there", from.display()))
+        }
+        e => Exit::failure(format!("cannot open {}: {e}", from.display())),
+    })?;
+    let dest = StoreConn::open_as_is(&to, true)
+        .map_err(|e| Exit::failure(format!("cannot open {}: {e}", to.display())))?;
+
     let dump = source.seal_for_move().map_err(|e| {
         Exit::failure(format!(
             "cannot move from {}: {e}; nothing was copied",

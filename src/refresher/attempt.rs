@@ -314,20 +314,28 @@ impl Refresher {
         };
         // A holder that died mid-refresh may have kept its pair for the
         // next start (`unstored`), which is not this process: store that
-        // pair instead of sending the token it replaced. The lease goes
-        // back unused first, so that the dead holder's commit may land.
+        // pair, under this lease, instead of sending the token it replaced.
         if interrupted {
             match self.unstored.kept() {
-                Ok(kept) if kept.iter().any(|k| &k.name == name) => {
-                    drop(ahead);
-                    self.give_back(name, fence, &cred).await;
-                    if let Err(e) = self.unstored.store_kept(&self.store, Some(name)).await {
-                        return self.store_failed(entry, name, &e);
+                Ok(kept) => {
+                    if let Some(k) = kept.into_iter().find(|k| &k.name == name) {
+                        drop(ahead);
+                        match self
+                            .unstored
+                            .store_under(&self.store, &self.holder, fence, k)
+                            .await
+                        {
+                            Ok(Some(c)) => {
+                                entry.adopt(c);
+                                let c = entry.cred();
+                                self.publish(&c).await;
+                            }
+                            Ok(None) => self.conflict(entry, name),
+                            Err(e) => self.store_failed(entry, name, &e),
+                        }
+                        return;
                     }
-                    self.enqueue(name, |p| p.reload = true);
-                    return;
                 }
-                Ok(_) => {}
                 Err(why) => {
                     drop(ahead);
                     self.give_back(name, fence, &cred).await;
@@ -502,7 +510,9 @@ impl Refresher {
                 .store
                 .commit_refresh(name, &self.holder, fence, cred.token_at(), update())
                 .await;
-            if kept && committed.is_ok() {
+            // Not on LeaseLost: the pair was not stored, and the holder
+            // after this one may be of this host and store it from the file.
+            if kept && matches!(committed, Ok(Commit::Done(_) | Commit::Conflict)) {
                 self.unstored.forget(name);
             }
             match committed {

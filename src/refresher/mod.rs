@@ -298,7 +298,9 @@ impl Refresher {
         // store replaces the token it rotated, which must never be sent.
         let unstored = unstored::Unstored::new(&config, true);
         unstored.announce();
-        unstored.store_kept(&store, None).await?;
+        unstored
+            .store_kept(&store, &crate::lease::holder_id(), None)
+            .await?;
         let creds = store.load_all().await?;
         let (queue_tx, queue_rx) = mpsc::unbounded_channel();
         let (sched_tx, sched_rx) = mpsc::unbounded_channel();
@@ -384,7 +386,7 @@ impl Refresher {
         // sent (this command writes no such file of its own: it retries
         // its commit for as long as it runs, signals held).
         unstored::Unstored::new(&config, false)
-            .store_kept(&store, Some(name))
+            .store_kept(&store, &crate::lease::holder_id(), Some(name))
             .await?;
         let Some(cred) = store.get(name).await? else {
             return Ok(None);

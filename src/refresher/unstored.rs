@@ -7,10 +7,11 @@
 //! spent the stored one. So once a commit has failed, the daemon also
 //! writes the pair to a file of its own (mode 0600, in a 0700 directory,
 //! synced) until a commit answers. Before anything refreshes a credential
-//! again, the pair is stored as its commit would have been (the same lease
-//! and token checks: never over a credential that changed since): at the
-//! daemon's start, by `tokend refresh` without a daemon, and by a daemon
-//! that takes over the lease of a holder that died with a pair kept.
+//! again, the pair is stored, under a lease of the storer's own and only
+//! over the token it replaced (never over a credential that changed
+//! since): at the daemon's start, by `tokend refresh` without a daemon, and
+//! by a daemon that takes over the lease of a holder that died with a pair
+//! kept.
 //!
 //! The file holds the tokens as the provider sent them, like the sink
 //! files and a plaintext store: on this host, readable by tokend's user
@@ -28,10 +29,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::secret::Secret;
-use crate::store::{Commit, Database, Store, StoreError, TokenAt, TokenUpdate};
+use crate::store::{Commit, Database, Lease, Store, StoreError, TokenAt, TokenUpdate};
 
 /// The directory's name, beside a SQLite store or in the state directory.
 const DIR: &str = "tokend-pending";
+
+/// The unit's state directory (`StateDirectory=tokend`): where a
+/// PostgreSQL daemon under it keeps its pairs, and where a command run
+/// from a shell (no `$STATE_DIRECTORY`) looks for them.
+const UNIT_STATE: &str = "/var/lib/tokend";
+
+/// How long a lease taken to store a kept pair lasts: one commit.
+const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Where unstored pairs are kept, and for which store.
 #[derive(Debug, Clone, Default)]
@@ -91,7 +100,8 @@ impl Unstored {
                 .and_then(|v| {
                     let first = v.to_string_lossy().split(':').next()?.to_owned();
                     (!first.is_empty()).then(|| PathBuf::from(first))
-                }),
+                })
+                .or_else(|| Some(PathBuf::from(UNIT_STATE)).filter(|d| d.is_dir())),
         };
         // A SQLite file as the kernel resolves it: one store, however
         // the path to it is spelled.
@@ -121,8 +131,9 @@ impl Unstored {
                 crate::publish::sweep_dir(dir);
             }
             None => tracing::warn!(
-                "neither $STATE_DIRECTORY nor $RUNTIME_DIRECTORY is set: a refreshed token pair \
-                 the database does not take before tokend stops cannot be kept for the next start"
+                "neither $STATE_DIRECTORY nor $RUNTIME_DIRECTORY is set, and there is no \
+                 {UNIT_STATE}: a refreshed token pair the database does not take before tokend \
+                 stops cannot be kept for the next start"
             ),
         }
     }
@@ -144,7 +155,7 @@ impl Unstored {
                 "no directory to keep it in ($STATE_DIRECTORY is not set)",
             ));
         };
-        private_dir(dir)?;
+        let owner = private_dir(dir)?;
         let record = Record {
             store: self.store.clone(),
             name: name.to_owned(),
@@ -158,7 +169,11 @@ impl Unstored {
             expires_at: u.expires_at,
         };
         let bytes = Secret::new(serde_json::to_string(&record).map_err(io::Error::other)?);
-        crate::publish::write_atomic(&path, bytes.expose().as_bytes(), 0o600, None).map(drop)
+        crate::publish::write_atomic(&path, bytes.expose().as_bytes(), 0o600, None)?;
+        if let Some(uid) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), None)?;
+        }
+        Ok(())
     }
 
     /// Removes `name`'s pair once a commit answered (stored, or refused
@@ -167,12 +182,6 @@ impl Unstored {
         if let Some(path) = self.path(name) {
             remove(&path);
         }
-    }
-
-    /// Whether a pair of `name` is kept (read or not).
-    pub fn has(&self, name: &str) -> bool {
-        self.path(name)
-            .is_some_and(|p| p.symlink_metadata().is_ok())
     }
 
     /// Every pair kept for this store. A directory or a file that cannot
@@ -186,7 +195,13 @@ impl Unstored {
         let entries = match fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
+            Err(e) => {
+                return Err(format!(
+                    "cannot read {}, where token pairs tokend could not store are kept: {e} \
+                     (it must be the service user's: chown it and its files to that user)",
+                    dir.display()
+                ));
+            }
         };
         let mut kept = Vec::new();
         for e in entries {
@@ -236,47 +251,99 @@ impl Unstored {
         Ok(kept)
     }
 
-    /// Stores the pairs kept for this store (all, or `name`'s), each as
-    /// its commit would have been; removes each file once the store
-    /// answered. A pair the store refused for good (the credential changed
-    /// since) is said so and dropped.
-    pub async fn store_kept(&self, store: &Store, name: Option<&str>) -> Result<(), StoreError> {
+    /// Stores the pairs kept for this store (all, or `name`'s), each under
+    /// a lease `holder` takes for it, and only over the token it replaced;
+    /// removes each file once it is stored, or once the credential has
+    /// changed since (its pair can no longer be the current one). A pair
+    /// whose credential another live process is refreshing is left for
+    /// later: that process may be the one that kept it, still retrying.
+    pub async fn store_kept(
+        &self,
+        store: &Store,
+        holder: &str,
+        name: Option<&str>,
+    ) -> Result<(), StoreError> {
         let kept = self.kept().map_err(StoreError::Unstored)?;
-        for k in kept
-            .into_iter()
-            .filter(|k| name.is_none_or(|n| n == k.name))
-        {
-            let name = k.name;
-            match store
-                .commit_refresh(&name, &k.holder, k.fence, k.at, k.update)
-                .await?
-            {
-                Commit::Done(_) => tracing::warn!(
-                    credential = %name,
-                    "stored the token pair a refresh got before tokend stopped, which the store did not take then"
-                ),
-                Commit::Conflict | Commit::LeaseLost => tracing::error!(
-                    credential = %name,
-                    "a token pair a refresh got before tokend stopped was not stored: the credential changed since (replaced, removed, or refreshed by another process; or that pair was stored after all, its answer lost); discarded"
+        for k in kept.into_iter().filter(|k| name.is_none_or(|n| n == k.name)) {
+            match store.take_lease(&k.name, holder, LEASE, k.at).await? {
+                Lease::Taken { fence, .. } => {
+                    self.store_under(store, holder, fence, k).await?;
+                }
+                Lease::Changed(_) | Lease::Gone => {
+                    discarded(&k.name);
+                    self.forget(&k.name);
+                }
+                Lease::Busy { .. } => tracing::info!(
+                    credential = %k.name,
+                    "a token pair kept by a process that stopped waits: another process is refreshing this credential"
                 ),
             }
-            self.forget(&name);
         }
         Ok(())
     }
+
+    /// Stores `k` under lease `fence`, which `holder` took on its token;
+    /// the file goes once the store has answered. Returns what it stored.
+    pub async fn store_under(
+        &self,
+        store: &Store,
+        holder: &str,
+        fence: i64,
+        k: Kept,
+    ) -> Result<Option<crate::store::Credential>, StoreError> {
+        let name = k.name;
+        let stored = match store
+            .commit_refresh(&name, holder, fence, k.at, k.update)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = store.release_lease(&name, holder, fence).await;
+                return Err(e);
+            }
+        };
+        let stored = match stored {
+            Commit::Done(c) => {
+                tracing::warn!(
+                    credential = %name,
+                    "stored the token pair a refresh got before tokend stopped, which the store did not take then"
+                );
+                Some(*c)
+            }
+            Commit::Conflict | Commit::LeaseLost => {
+                discarded(&name);
+                None
+            }
+        };
+        self.forget(&name);
+        Ok(stored)
+    }
+}
+
+fn discarded(name: &str) {
+    tracing::error!(
+        credential = %name,
+        "a token pair a refresh got before tokend stopped was not stored: the credential changed since (replaced, removed, or refreshed by another process; or that pair was stored after all, its answer lost); discarded"
+    );
 }
 
 /// The directory, made 0700 if missing; refused if it is not a directory
-/// of ours, and closed to others if it is ours but open.
-fn private_dir(dir: &Path) -> io::Result<()> {
+/// of ours, and closed to others if it is ours but open. Root (a daemon
+/// started by hand as root, by mistake) keeps its files as the owner of
+/// the directory they sit in would, so that the service user can still
+/// read them: returns that owner for the files when it is not root.
+fn private_dir(dir: &Path) -> io::Result<Option<u32>> {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    let base = dir.parent().unwrap_or(Path::new("/")).metadata()?.uid();
+    let owner = if uid == 0 { base } else { uid };
     match fs::DirBuilder::new().mode(0o700).create(dir) {
         Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        Ok(()) if owner != uid => std::os::unix::fs::chown(dir, Some(owner), None)?,
         _ => {}
     }
     let meta = dir.symlink_metadata()?;
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if !meta.is_dir() || meta.uid() != uid {
+    if !meta.is_dir() || meta.uid() != owner {
         return Err(io::Error::other(format!(
             "{} is not a directory of this user's",
             dir.display()
@@ -285,7 +352,7 @@ fn private_dir(dir: &Path) -> io::Result<()> {
     if meta.mode() & 0o077 != 0 {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))?;
     }
-    Ok(())
+    Ok((owner != uid).then_some(owner))
 }
 
 /// A kept file's record: a regular file (never a symlink followed, nor a
@@ -390,6 +457,27 @@ mod tests {
         let command = Unstored::of(&Database::Sqlite(dir.path().join("a.db")), false);
         command.keep("bot", "h/1/1/?", 9, at(), &update()).unwrap();
         assert!(command.kept().unwrap().is_empty());
+    }
+
+    /// A daemon run as root by mistake keeps its pairs as the service user
+    /// (the owner of the store's directory), who must read them next.
+    #[test]
+    fn root_keeps_pairs_as_the_owner_of_the_store_s_directory() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let nobody = 65534;
+        std::os::unix::fs::chown(dir.path(), Some(nobody), None).unwrap();
+        let ours = Unstored::of(&Database::Sqlite(dir.path().join("a.db")), true);
+        ours.keep("bot", "h/1/1/?", 9, at(), &update()).unwrap();
+        let kept_dir = dir.path().join(DIR);
+        assert_eq!(fs::metadata(&kept_dir).unwrap().uid(), nobody);
+        assert_eq!(fs::metadata(kept_dir.join("bot.json")).unwrap().uid(), nobody);
+        // And again, into the directory that is nobody's now.
+        ours.keep("bot", "h/1/1/?", 10, at(), &update()).unwrap();
+        assert_eq!(ours.kept().unwrap()[0].fence, 10);
     }
 
     #[test]
