@@ -264,7 +264,10 @@ impl Unstored {
         name: Option<&str>,
     ) -> Result<(), StoreError> {
         let kept = self.kept().map_err(StoreError::Unstored)?;
-        for k in kept.into_iter().filter(|k| name.is_none_or(|n| n == k.name)) {
+        for k in kept
+            .into_iter()
+            .filter(|k| name.is_none_or(|n| n == k.name))
+        {
             match store.take_lease(&k.name, holder, LEASE, k.at).await? {
                 Lease::Taken { fence, .. } => {
                     self.store_under(store, holder, fence, k).await?;
@@ -474,7 +477,10 @@ mod tests {
         ours.keep("bot", "h/1/1/?", 9, at(), &update()).unwrap();
         let kept_dir = dir.path().join(DIR);
         assert_eq!(fs::metadata(&kept_dir).unwrap().uid(), nobody);
-        assert_eq!(fs::metadata(kept_dir.join("bot.json")).unwrap().uid(), nobody);
+        assert_eq!(
+            fs::metadata(kept_dir.join("bot.json")).unwrap().uid(),
+            nobody
+        );
         // And again, into the directory that is nobody's now.
         ours.keep("bot", "h/1/1/?", 10, at(), &update()).unwrap();
         assert_eq!(ours.kept().unwrap()[0].fence, 10);
