@@ -76,6 +76,7 @@ struct Record {
 /// A pair read back.
 pub struct Kept {
     pub name: String,
+    /// The process that kept it, and its lease: for the log.
     pub holder: String,
     pub fence: i64,
     pub at: TokenAt,
@@ -278,7 +279,8 @@ impl Unstored {
                 }
                 Lease::Busy { .. } => tracing::info!(
                     credential = %k.name,
-                    "a token pair kept by a process that stopped waits: another process is refreshing this credential"
+                    kept_by = %k.holder,
+                    "a kept token pair waits: another process is refreshing this credential"
                 ),
             }
         }
@@ -294,7 +296,7 @@ impl Unstored {
         fence: i64,
         k: Kept,
     ) -> Result<Option<crate::store::Credential>, StoreError> {
-        let name = k.name;
+        let (name, by, lease) = (k.name, k.holder, k.fence);
         let stored = match store
             .commit_refresh(&name, holder, fence, k.at, k.update)
             .await
@@ -309,6 +311,8 @@ impl Unstored {
             Commit::Done(c) => {
                 tracing::warn!(
                     credential = %name,
+                    kept_by = %by,
+                    lease,
                     "stored the token pair a refresh got before tokend stopped, which the store did not take then"
                 );
                 Some(*c)
