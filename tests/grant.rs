@@ -225,6 +225,31 @@ fn sigterm_gives_back_the_leases_waiting_for_a_provider_slot() {
     drop(d);
 }
 
+/// Asks daemon `a` to refresh `bot` through its socket, the provider
+/// rotating after `latency_ms`, and locks the store as another process
+/// would (a `sqlite3` shell): returns once `a`'s commit of the rotated
+/// pair has failed, with the lock, which its caller drops.
+fn refreshed_while_the_store_is_locked(env: &Env, a: &Daemon, latency_ms: u64) -> DbLock {
+    env.provider.update_knobs(|k| k.latency_ms = latency_ms);
+    let a_socket = env.socket.clone();
+    let _caller = std::thread::spawn(move || {
+        let _ = socket_request(
+            &a_socket,
+            "POST",
+            "/v1/credentials/bot/refresh",
+            &[],
+            b"",
+            Duration::from_secs(60),
+        );
+    });
+    wait_for("the daemon's request", PATIENCE, || {
+        (env.provider.stats().refresh_requests == 1).then_some(())
+    });
+    let lock = env.lock_store(Duration::from_secs(5));
+    a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
+    lock
+}
+
 /// A second daemon on the same database, with its own socket.
 fn second_daemon(env: &Env) -> (Daemon, PathBuf) {
     let text = std::fs::read_to_string(&env.config_path).unwrap();
@@ -275,25 +300,9 @@ fn lease_passed_on(same_host: bool) {
 
     // A refreshes; the provider takes 3 s before it rotates, time enough
     // to lock the store however loaded the machine.
-    env.provider.update_knobs(|k| k.latency_ms = 3000);
-    let a_socket = env.socket.clone();
-    let _caller = std::thread::spawn(move || {
-        let _ = socket_request(
-            &a_socket,
-            "POST",
-            "/v1/credentials/bot/refresh",
-            &[],
-            b"",
-            Duration::from_secs(60),
-        );
-    });
-    wait_for("A's request", PATIENCE, || {
-        (env.provider.stats().refresh_requests == 1).then_some(())
-    });
     // Someone holds the database, so A's commit of the rotated pair waits;
     // then A stalls (a VM paused, a swap storm) past its lease.
-    let lock = env.lock_store(Duration::from_secs(5));
-    a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
+    let lock = refreshed_while_the_store_is_locked(&env, &a, 3000);
     a.pause();
     drop(lock);
     env.provider.update_knobs(|k| k.latency_ms = 0);
@@ -368,23 +377,7 @@ fn a_holder_whose_lease_was_given_back_unused_stores_its_pair() {
         (env.provider.stats().validations_ok >= 1).then_some(())
     });
 
-    env.provider.update_knobs(|k| k.latency_ms = 2000);
-    let a_socket = env.socket.clone();
-    let _caller = std::thread::spawn(move || {
-        let _ = socket_request(
-            &a_socket,
-            "POST",
-            "/v1/credentials/bot/refresh",
-            &[],
-            b"",
-            Duration::from_secs(60),
-        );
-    });
-    wait_for("A's request", PATIENCE, || {
-        (env.provider.stats().refresh_requests == 1).then_some(())
-    });
-    let lock = env.lock_store(Duration::from_secs(5));
-    a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
+    let lock = refreshed_while_the_store_is_locked(&env, &a, 2000);
     a.pause();
     drop(lock);
     env.provider.update_knobs(|k| k.latency_ms = 0);
@@ -452,23 +445,7 @@ fn killed_with_a_kept_pair(env: &Env) -> (MintedGrant, PathBuf) {
         (env.provider.stats().validations_ok >= 1).then_some(())
     });
 
-    env.provider.update_knobs(|k| k.latency_ms = 2000);
-    let a_socket = env.socket.clone();
-    let _caller = std::thread::spawn(move || {
-        let _ = socket_request(
-            &a_socket,
-            "POST",
-            "/v1/credentials/bot/refresh",
-            &[],
-            b"",
-            Duration::from_secs(60),
-        );
-    });
-    wait_for("the daemon's request", PATIENCE, || {
-        (env.provider.stats().refresh_requests == 1).then_some(())
-    });
-    let lock = env.lock_store(Duration::from_secs(5));
-    a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
+    let lock = refreshed_while_the_store_is_locked(env, &a, 2000);
     let dir = env.db.parent().unwrap().join("tokend-pending");
     let kept = dir.join("bot.json");
     wait_for("the pair kept in a file", PATIENCE, || {

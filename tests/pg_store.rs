@@ -1193,6 +1193,7 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
         panic!("z's lease not taken");
     };
     let (y, m) = (token_of(&b, "y", 1).await, token_of(&b, "m", 1).await);
+    let z_at = token_of(&b, "z", 1).await;
     let (free_y, free_m) = (server.hold_row(dbname, "y"), server.hold_row(dbname, "m"));
     let mut waiting = Vec::new();
     // Four keep the pool's threads waiting for `y`; `m` and the commit
@@ -1204,7 +1205,7 @@ async fn a_commit_never_waits_behind_another_credential_s_lock() {
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (b2, z_at) = (b.clone(), token_of(&b, "z", 1).await);
+    let b2 = b.clone();
     let commit = tokio::spawn(async move {
         b2.commit_refresh("z", "hostB/1/1", fence, z_at, update("rt-z"))
             .await
@@ -1252,6 +1253,7 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
     let (dbname, b, c) = two_hosts(&server, &["a", "m", "y"]);
     let dbname = dbname.as_str();
     let (y, m) = (token_of(&b, "y", 1).await, token_of(&b, "m", 1).await);
+    let a_at = token_of(&b, "a", 1).await;
     let (free_y, free_m) = (server.hold_row(dbname, "y"), server.hold_row(dbname, "m"));
     let mut waiting = Vec::new();
     for n in ["y", "y", "y", "y", "m", "y", "m"] {
@@ -1283,7 +1285,6 @@ async fn rows_held_elsewhere_hold_up_no_other_credential() {
         "a second host was granted a's lease {answered:?} after the first asked"
     );
     assert!(answered < ttl / 2, "the lease took {answered:?}");
-    let a_at = token_of(&b, "a", 1).await;
     let commit = tokio::time::timeout(
         ttl,
         b.commit_refresh("a", "hostB/1/1", fence, a_at, update("rt-a")),
@@ -1451,24 +1452,23 @@ async fn a_commit_behind_slow_commits_lands_inside_its_lease() {
     let slow: Vec<String> = (0..20).map(|i| format!("c{i:02}")).collect();
     let names: Vec<&str> = slow.iter().map(String::as_str).chain(["z"]).collect();
     let (dbname, b, _) = two_hosts(&server, &names);
+    // Each lease's fence and token, read before anything is slow.
     let mut fences = std::collections::HashMap::new();
     for n in &names {
         let ttl = Duration::from_secs(if *n == "z" { 6 } else { 60 });
-        let Lease::Taken { fence, .. } = b
-            .take_lease(n, "hostB/1/1", ttl, token_of(&b, n, 1).await)
-            .await
-            .unwrap()
+        let at = token_of(&b, n, 1).await;
+        let Lease::Taken { fence, .. } = b.take_lease(n, "hostB/1/1", ttl, at).await.unwrap()
         else {
             panic!("{n}'s lease not taken");
         };
-        fences.insert(n.to_string(), fence);
+        fences.insert(n.to_string(), (fence, at));
     }
     let expires_at: i64 = server
         .psql(
             &dbname,
             &format!(
                 "SELECT expires_at FROM leases WHERE name = 'z' AND fence = {}",
-                fences["z"]
+                fences["z"].0
             ),
         )
         .trim()
@@ -1477,9 +1477,8 @@ async fn a_commit_behind_slow_commits_lands_inside_its_lease() {
     server.slow_updates(&dbname, "c%", 0.45);
     let mut commits = Vec::new();
     for (i, n) in slow.iter().enumerate() {
-        let (b, n, fence) = (b.clone(), n.clone(), fences[n]);
+        let (b, n, (fence, at)) = (b.clone(), n.clone(), fences[n]);
         commits.push(tokio::spawn(async move {
-            let at = token_of(&b, &n, 1).await;
             let r = b
                 .commit_refresh(&n, "hostB/1/1", fence, at, update("rt1"))
                 .await;
@@ -1493,8 +1492,8 @@ async fn a_commit_behind_slow_commits_lands_inside_its_lease() {
         .commit_refresh(
             "z",
             "hostB/1/1",
-            fences["z"],
-            token_of(&b, "z", 1).await,
+            fences["z"].0,
+            fences["z"].1,
             update("rt-z"),
         )
         .await
@@ -1531,13 +1530,9 @@ async fn a_commit_blocked_for_a_moment_does_not_wait_behind_the_leases() {
     let slow: Vec<String> = (0..64).map(|i| format!("c{i:02}")).collect();
     let names: Vec<&str> = slow.iter().map(String::as_str).chain(["z"]).collect();
     let (dbname, b, _) = two_hosts(&server, &names);
+    let z_at = token_of(&b, "z", 1).await;
     let Lease::Taken { fence, .. } = b
-        .take_lease(
-            "z",
-            "hostB/1/1",
-            Duration::from_secs(10),
-            token_of(&b, "z", 1).await,
-        )
+        .take_lease("z", "hostB/1/1", Duration::from_secs(10), z_at)
         .await
         .unwrap()
     else {
@@ -1562,7 +1557,7 @@ async fn a_commit_blocked_for_a_moment_does_not_wait_behind_the_leases() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let free_z = server.hold_row(&dbname, "z");
     let asked = Instant::now();
-    let (b2, z_at) = (b.clone(), token_of(&b, "z", 1).await);
+    let b2 = b.clone();
     let commit = tokio::spawn(async move {
         let r = b2
             .commit_refresh("z", "hostB/1/1", fence, z_at, update("rt-z"))
