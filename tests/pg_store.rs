@@ -758,8 +758,11 @@ async fn replacing(conn: &StoreConn, store: &Store) {
         panic!("not replaced")
     };
     assert_eq!((rt(&g3), g3.version), ("rg3", kept.version + 1));
-    // The same refresh token with an access token's new expiry is a change.
-    let Replaced::Stored(g4) = conn.replace(&new_cred("g", "rg3")).unwrap() else {
+    // The same refresh token with an access token's new expiry is a change
+    // (a second later: two calls in one millisecond gave the same one).
+    let mut later = new_cred("g", "rg3");
+    later.expires_at = g3.expires_at.map(|e| e + 1000);
+    let Replaced::Stored(g4) = conn.replace(&later).unwrap() else {
         panic!("a new expiry left unchanged")
     };
     assert_eq!(g4.version, g3.version + 1);
