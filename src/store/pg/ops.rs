@@ -505,9 +505,10 @@ fn lease_lost(c: &mut Tx<'_>, name: &str, what: &str) -> Result<Commit> {
 
 /// The commit of a refresh, after the row's lock: if `$2` holds lease
 /// `$3` (or no one does, the row is still marked as being refreshed, and
-/// one lease only was taken since: `Store::commit_refresh` says why), stores the pair if the row still
-/// holds the token of version `$4` and creation `$12`, releases the
-/// lease, records the event (trimmed as [`event`] does) and notifies.
+/// one lease only was taken since: `Store::commit_refresh` says why),
+/// stores the pair if the row still holds the token of version `$4` and
+/// creation `$12`, releases the lease, records the event (trimmed as
+/// [`event`] does) and notifies.
 /// Answers whether the lease was held, the active data key (what
 /// `keys::check_active` would read in a statement of its own: this one
 /// too starts after the row's lock), then the row as written (NULLs if
