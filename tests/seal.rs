@@ -787,6 +787,17 @@ fn postgresql_rows_hold_no_plaintext_and_a_second_host_reads_them() {
     assert_eq!(server.psql("t0", "SELECT count(*) FROM leases").trim(), "0");
 }
 
+/// Each credential's name and the key its refresh token is sealed with: the
+/// seal's prefix and key id only, never a token's characters, for a
+/// failure message.
+fn seals(server: &Server, db: &str) -> String {
+    server.psql(
+        db,
+        "SELECT name, coalesce(substring(refresh_token FROM '^tokend-seal:v1:[0-9]+'), \
+         'not sealed') FROM credentials",
+    )
+}
+
 /// A daemon that missed a rotation of the data key (run from another host,
 /// which then deletes the old key once no value uses it) must not commit a
 /// refresh sealed with the retired key, which no host could open again:
@@ -861,12 +872,7 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
         server.psql(&db, &on_2).trim(),
         "1",
         "the refresh was not sealed with the active key: {}",
-        server.psql(
-            &db,
-            // The seal's prefix and key id only: never a token's characters.
-            "SELECT coalesce(substring(refresh_token FROM '^tokend-seal:v1:[0-9]+'), \
-             'not sealed') FROM credentials"
-        )
+        seals(&server, &db)
     );
     assert_eq!(server.psql(&db, "SELECT id FROM keys").trim(), "2");
     // And it was this test's case: the commit, not the lease, met the new key.
@@ -982,12 +988,7 @@ fn postgresql_a_rotation_during_an_import_of_a_new_name_keeps_its_key() {
         server.psql(&db, &on_2).trim(),
         "bot\nnewbie",
         "a credential is not sealed with the active key: {}",
-        server.psql(
-            &db,
-            // The seal's prefix and key id only: never a token's characters.
-            "SELECT name, coalesce(substring(refresh_token FROM '^tokend-seal:v1:[0-9]+'), \
-             'not sealed') FROM credentials"
-        )
+        seals(&server, &db)
     );
     // And the new credential opens and refreshes with the provider.
     let out = ok(&env.cli(&["refresh", "newbie"], ""), "refresh newbie");

@@ -93,7 +93,9 @@ fn directly(global: &Global, name: &str) -> Result<(Status, bool), Exit> {
         let client = provider::Client::new().map_err(Exit::failure)?;
         let r = Refresher::single(config, store, client, name)
             .await
-            .map_err(|e| Exit::failure(format!("cannot read the database: {e}")))?
+            // Also what stores a pair a stopped daemon kept (its file's
+            // error names the file), not only a read.
+            .map_err(|e| Exit::failure(format!("cannot refresh {name}: {e}")))?
             .ok_or_else(|| {
                 Exit::failure(format!(
                     "no credential named {name:?}; 'tokend list' shows those there are"
