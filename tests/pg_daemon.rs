@@ -389,8 +389,11 @@ fn a_lease_renewal_answered_late_is_not_trusted() {
     };
     let env = Env::bare(Knobs::default());
     write_pg_config(&env, &server);
-    // One provider slot, held by `x`'s refresh for 6 s: `y`'s lease, taken
-    // ahead of the slot meanwhile, is renewed before `y`'s request. The
+    // One provider slot, held by `x`'s refresh for 10 s: `y`'s lease, taken
+    // ahead of the slot meanwhile, is renewed before `y`'s request (a lease
+    // taken under a second before the slot frees is not: with 6 s, a
+    // loaded machine took that long to see x under way and import y, and
+    // y's refresh went out on its fresh lease). The
     // request timeout is well above that latency: with the usual 3 s, a
     // loaded machine let the provider finish `x`'s refresh (and rotate)
     // after tokend had given up on it, and the retry of the stored token
@@ -399,8 +402,8 @@ fn a_lease_renewal_answered_late_is_not_trusted() {
     let config = std::fs::read_to_string(&env.config_path)
         .unwrap()
         .replace("[refresh]\n", "[refresh]\nmax_concurrency = 1\n")
-        .replace("request_timeout = \"3s\"", "request_timeout = \"15s\"");
-    assert!(config.contains("request_timeout = \"15s\""), "{config}");
+        .replace("request_timeout = \"3s\"", "request_timeout = \"20s\"");
+    assert!(config.contains("request_timeout = \"20s\""), "{config}");
     std::fs::write(&env.config_path, config).unwrap();
     server.psql(
         "t0",
@@ -417,7 +420,7 @@ fn a_lease_renewal_answered_late_is_not_trusted() {
            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW
            WHEN (NEW.name = 'y' AND OLD.fence = NEW.fence) EXECUTE FUNCTION stall();",
     );
-    env.provider.update_knobs(|k| k.latency_ms = 6000);
+    env.provider.update_knobs(|k| k.latency_ms = 10_000);
     let daemon = env.start();
     wait_for("x's refresh under way", Duration::from_secs(20), || {
         server
