@@ -1187,6 +1187,102 @@ fn malformed_and_oversized_heads_get_json_errors() {
     drop(d);
 }
 
+/// The HTTP/1.1 a client may rely on beyond one request and its answer:
+/// a HEAD answer has no body and the connection goes on after it,
+/// `Expect: 100-continue` gets its go-ahead, an HTTP/1.0 client is kept
+/// only when it asks and gets the list of credentials close-delimited, an
+/// HTTP/1.1 one gets it chunked, and a body too large or malformed gets
+/// the JSON error and the connection closes.
+#[test]
+fn http_framing_a_client_may_rely_on() {
+    let env = Env::new(Knobs::default());
+    env.import("bot", true);
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    // Under the 10 s a connection may idle: an answer whose end is not
+    // marked (or a connection not closed after it) fails the read.
+    let read_all = |s: &mut UnixStream| {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).expect("the answers, then the end");
+        raw
+    };
+
+    // HEAD: the head of the 405 with its length, no body, and the next
+    // request on the same connection answered right after it.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(
+        b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let raw = read_all(&mut s);
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 405 "), "{head:?}");
+    assert!(
+        head.contains("\r\ncontent-length: ") && !head.contains("content-length: 0\r\n"),
+        "{head:?}"
+    );
+    assert!(head.contains("\r\ndate: "), "{head:?}");
+    let next = parse_reply(&raw[end..]).unwrap();
+    assert_eq!((next.status, next.text().as_str()), (200, "ok"), "{next:?}");
+    assert_eq!(next.header("connection"), Some("close"));
+
+    // Expect: 100-continue: the go-ahead comes before the body is sent.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(
+        b"POST /v1/tokens/bot/rejected HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let go = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut got = vec![0u8; go.len()];
+    s.read_exact(&mut got)
+        .expect("the go-ahead before the body");
+    assert_eq!(got, go, "{:?}", String::from_utf8_lossy(&got));
+    s.write_all(b"hello").unwrap();
+    let r = parse_reply(&read_all(&mut s)).unwrap();
+    assert_eq!(r.status, 202, "{r:?}");
+
+    // HTTP/1.0: kept only when asked, and the list ends with the connection.
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET /health HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let r = read_one_reply(&mut s);
+    assert_eq!(
+        (r.status, r.header("connection")),
+        (200, Some("keep-alive"))
+    );
+    s.write_all(b"GET /v1/credentials HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let raw = read_all(&mut s);
+    let r = parse_reply(&raw).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("transfer-encoding"), None);
+    assert_eq!(r.json()[0]["name"], "bot", "{:?}", r.text());
+
+    // HTTP/1.1: the list is chunked (parse_reply follows the chunks).
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.write_all(b"GET /v1/credentials HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let r = parse_reply(&read_all(&mut s)).unwrap();
+    assert_eq!(r.header("transfer-encoding"), Some("chunked"), "{r:?}");
+    assert_eq!(r.json()[0]["name"], "bot", "{:?}", r.text());
+
+    // Bodies: over 4096 bytes, or chunked wrongly: 400, and the end.
+    for bad in [
+        &b"POST /v1/tokens/bot/rejected HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n"[..],
+        b"POST /v1/tokens/bot/rejected HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ] {
+        let replies = exchange(&sock, bad);
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        assert_json_error(&replies[0], 400, "bad_request");
+        assert_eq!(replies[0].header("connection"), Some("close"));
+    }
+    drop(d);
+}
+
 // ---- 5. the socket file's lifecycle ----
 
 #[test]

@@ -7,12 +7,10 @@
 //! that does not read it. A silent, slow, garbage, oversized or non-reading
 //! client costs one connection slot for a few seconds at most.
 //!
-//! Every error is answered in JSON, including the heads hyper would refuse
-//! with a bare 400 or 431 before any route runs: [`guard::Guard`] checks each
-//! request head (with hyper's own parser and rules) before hyper sees it.
+//! Every error is answered in JSON, a request head that cannot be parsed
+//! included: [`conn`] serves HTTP/1.1 itself, and says why not hyper.
 
-mod alarm;
-mod guard;
+mod conn;
 mod peer;
 mod routes;
 
@@ -22,12 +20,10 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, watch};
@@ -40,32 +36,13 @@ use crate::refresher::Refresher;
 const MAX_CONNECTIONS: usize = 512;
 /// A request's headers must arrive within this (also closes idle keep-alive).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest request head we accept (also hyper's read buffer).
+/// The largest request head we accept.
 const MAX_HEAD: usize = 16 * 1024;
 /// How long an answer may wait for a client that does not read it: from the
 /// moment the socket buffer is full until the answer is all written.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
-
-/// One client connection: who it is, how many of its requests have been
-/// answered (the guard waits for those before it answers a bad head), and
-/// the status of the guard's answer to a bad head, if it gave one.
-struct Client {
-    caller: peer::Caller,
-    answered: AtomicU64,
-    refused: AtomicU16,
-}
-
-impl Client {
-    fn new(caller: peer::Caller) -> Client {
-        Client {
-            caller,
-            answered: AtomicU64::new(0),
-            refused: AtomicU16::new(0),
-        }
-    }
-}
 
 /// Why the socket could not be taken.
 #[derive(Debug)]
@@ -296,23 +273,23 @@ async fn accept_loop(
         let drain = drain_rx.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let client = match peer::Caller::of(&stream) {
-                Ok(c) => Arc::new(Client::new(c)),
+            let caller = match peer::Caller::of(&stream) {
+                Ok(c) => Arc::new(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot identify a socket peer; closing");
                     return;
                 }
             };
-            if client.caller.uid != 0 && client.caller.uid != state.own_uid {
+            if caller.uid != 0 && caller.uid != state.own_uid {
                 // Access rules will need the caller's groups: look them up
                 // off the runtime's threads (the user database may be LDAP).
-                let c = client.clone();
+                let c = caller.clone();
                 let _ = tokio::task::spawn_blocking(move || {
-                    c.caller.groups();
+                    c.groups();
                 })
                 .await;
             }
-            serve(stream, state, client, drain).await;
+            serve(stream, &state, &caller, drain).await;
         });
     }
     // Stop accepting first (the listener drops here), then let requests in
@@ -327,46 +304,19 @@ async fn accept_loop(
 }
 
 /// Serves one connection: HTTP/1.1 with the daemon's limits, our routes,
-/// until the client is done or `drain` says the daemon is stopping.
-async fn serve<S>(
-    io: S,
-    state: Arc<routes::State>,
-    client: Arc<Client>,
-    drain: watch::Receiver<bool>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+/// until the client is done or `drain` says the daemon is stopping; then
+/// a request in progress has DRAIN to be answered, and an idle connection
+/// closes at once.
+async fn serve<S>(io: S, state: &routes::State, caller: &peer::Caller, drain: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let io = guard::Guard::new(io, client.clone());
-    let (service_state, service_client) = (state.clone(), client.clone());
-    let service = hyper::service::service_fn(move |req| {
-        // Taken apart now, before hyper reads on (routes::Call says why).
-        let call = routes::Call::new(req);
-        let state = service_state.clone();
-        let client = service_client.clone();
-        async move {
-            let resp = routes::handle(&state, &client.caller, call).await;
-            client.answered.fetch_add(1, Ordering::Release);
-            Ok::<_, std::convert::Infallible>(resp)
-        }
-    });
-    let conn = http1::Builder::new()
-        .timer(alarm::Alarm::default())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEAD)
-        .keep_alive(true)
-        .serve_connection(TokioIo::new(io), service);
+    let stop = AtomicBool::new(false);
+    let conn = conn::serve(io, state, caller, &stop);
     tokio::pin!(conn);
     if until_drained(conn.as_mut(), drain).await {
-        conn.as_mut().graceful_shutdown();
+        stop.store(true, Ordering::Relaxed);
         let _ = tokio::time::timeout(DRAIN, conn).await;
-    }
-    // A head the guard refused is counted like any answer.
-    let refused = client.refused.load(Ordering::Relaxed);
-    if refused != 0 {
-        state
-            .refresher
-            .metrics()
-            .socket_request("bad_request", refused);
     }
 }
 
@@ -423,8 +373,7 @@ where
     });
     // Held open so that `serve` sees no shutdown.
     let (_running, drain) = watch::channel(false);
-    let client = Arc::new(Client::new(peer::Caller::new(uid, gid)));
-    serve(io, state, client, drain).await;
+    serve(io, &state, &peer::Caller::new(uid, gid), drain).await;
 }
 
 #[cfg(test)]

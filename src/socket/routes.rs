@@ -1,16 +1,9 @@
 //! The routes of the README's "The socket API". They ask the refresher; they never write tokens.
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Either, Full, Limited, StreamBody};
-use hyper::body::{Frame, Incoming};
-use hyper::header::{ACCEPT, CONTENT_TYPE, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use serde::Serialize;
 
 use super::peer::Caller;
@@ -19,10 +12,6 @@ use crate::metrics::TOKEN_ROUTE;
 use crate::names::check_name;
 use crate::refresher::{Refresher, StatusCursor, TokenError};
 use crate::wire::{self, ErrorCode, Refreshed};
-
-/// The largest request body read (no route needs one).
-const MAX_BODY: usize = 4096;
-const BODY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What every request handler shares.
 pub struct State {
@@ -45,60 +34,83 @@ impl State {
     }
 }
 
-/// A whole answer, or one streamed in chunks (the list of credentials):
-/// only the rare stream is boxed, not every answer.
-type Resp = Response<Either<Full<Bytes>, UnsyncBoxBody<Bytes, Infallible>>>;
-
-/// Statuses per chunk of a streamed list: about 30 KiB of JSON.
-const LIST_CHUNK: usize = 100;
-
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
-    let mut r = Response::new(Either::Left(Full::new(body.into())));
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    r
+/// A route's answer, which the connection frames and writes.
+pub struct Answer {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    /// The `allow` header of a 405.
+    pub allow: Option<&'static str>,
+    pub payload: Payload,
 }
 
-/// `GET /v1/credentials`: one JSON array, written [`LIST_CHUNK`] statuses
+pub enum Payload {
+    Whole(Vec<u8>),
+    /// The list of credentials, written a part at a time.
+    List(List),
+}
+
+/// Statuses per part of the streamed list: about 30 KiB of JSON.
+const LIST_PART: usize = 100;
+
+/// `GET /v1/credentials`: one JSON array, written [`LIST_PART`] statuses
 /// at a time as the connection takes them, so that the daemon never holds
 /// the whole answer for 100,000 credentials.
-fn list(mut cursor: StatusCursor) -> Resp {
-    let (mut opened, mut closed) = (false, false);
-    let chunks = futures_util::stream::poll_fn(move |_| {
-        if closed {
-            return Poll::Ready(None);
-        }
-        let mut buf = Vec::with_capacity(32 * 1024);
-        let mut n = 0;
-        for s in cursor.by_ref().take(LIST_CHUNK) {
-            buf.push(if opened { b',' } else { b'[' });
-            opened = true;
-            n += 1;
-            // A status is plain data: serializing it cannot fail.
-            let _ = serde_json::to_writer(&mut buf, &s);
-        }
-        if n < LIST_CHUNK {
-            if !opened {
-                buf.push(b'[');
-            }
-            buf.push(b']');
-            closed = true;
-        }
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from(buf)))))
-    });
-    let mut r = Response::new(Either::Right(StreamBody::new(chunks).boxed_unsync()));
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
+pub struct List {
+    cursor: StatusCursor,
+    opened: bool,
 }
 
-fn json(status: StatusCode, value: &impl Serialize) -> Resp {
+impl List {
+    /// Appends the next part of the array to `out`; false once it was the
+    /// last.
+    pub fn next_part(&mut self, out: &mut Vec<u8>) -> bool {
+        let mut n = 0;
+        for s in self.cursor.by_ref().take(LIST_PART) {
+            out.push(if self.opened { b',' } else { b'[' });
+            self.opened = true;
+            n += 1;
+            // A status is plain data: serializing it cannot fail.
+            let _ = serde_json::to_writer(&mut *out, &s);
+        }
+        if n < LIST_PART {
+            if !self.opened {
+                out.push(b'[');
+            }
+            out.push(b']');
+            return false;
+        }
+        true
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Vec<u8>>) -> Answer {
+    Answer {
+        status,
+        content_type,
+        allow: None,
+        payload: Payload::Whole(body.into()),
+    }
+}
+
+fn list(cursor: StatusCursor) -> Answer {
+    Answer {
+        status: StatusCode::OK,
+        content_type: "application/json",
+        allow: None,
+        payload: Payload::List(List {
+            cursor,
+            opened: false,
+        }),
+    }
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Answer {
     let body = serde_json::to_vec(value).unwrap_or_default();
     text(status, "application/json", body)
 }
 
-fn error(status: StatusCode, code: ErrorCode, message: impl AsRef<str>) -> Resp {
+/// A JSON error, the contract's shape (README "The socket API").
+pub fn error(status: StatusCode, code: ErrorCode, message: impl AsRef<str>) -> Answer {
     text(
         status,
         "application/json",
@@ -106,76 +118,32 @@ fn error(status: StatusCode, code: ErrorCode, message: impl AsRef<str>) -> Resp 
     )
 }
 
-/// What the routes need of a request, taken out of it as soon as hyper
-/// hands it over. The request's head lives in hyper's read buffer (its URI
-/// and header values are slices of it): while any of it is alive, hyper
-/// cannot reuse that buffer for the next request's bytes and allocates a
-/// new one: about 600 instructions a request, the largest single piece the
-/// instruction count found outside hyper (BENCHMARKS.md, "Socket API",
-/// "Instructions per request").
-pub struct Call {
-    method: Method,
-    path: String,
-    wants_json: bool,
-    body: Incoming,
-}
-
-impl Call {
-    pub fn new(req: Request<Incoming>) -> Call {
-        let (head, body) = req.into_parts();
-        let wants_json = head
-            .headers
-            .get(ACCEPT)
-            .is_some_and(|v| v.as_bytes().windows(16).any(|w| w == b"application/json"));
-        Call {
-            method: head.method,
-            path: head.uri.path().to_owned(),
-            wants_json,
-            body,
-        }
-    }
+/// What the routes need of a request.
+pub struct Call<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub wants_json: bool,
 }
 
 /// Routes a request; records it in the metrics under its route template.
-pub async fn handle(state: &State, caller: &Caller, call: Call) -> Resp {
-    let (route, resp) = route(state, caller, call).await;
+pub async fn handle(state: &State, caller: &Caller, call: Call<'_>) -> Answer {
+    let (route, answer) = route(state, caller, call).await;
     state
         .refresher
         .metrics()
-        .socket_request(route, resp.status().as_u16());
-    resp
+        .socket_request(route, answer.status.as_u16());
+    answer
 }
 
 /// The most path segments a route has; a longer path is no route.
 const MAX_SEGMENTS: usize = 4;
 
-async fn route(state: &State, caller: &Caller, call: Call) -> (&'static str, Resp) {
+async fn route(state: &State, caller: &Caller, call: Call<'_>) -> (&'static str, Answer) {
     let Call {
         method,
         path,
         wants_json,
-        body,
     } = call;
-    let (method, path) = (&method, path.as_str());
-    // Drain (and bound) any body, so a keep-alive connection stays in step.
-    // Most requests have none: skip the timer then.
-    let empty = hyper::body::Body::is_end_stream(&body)
-        || hyper::body::Body::size_hint(&body).exact() == Some(0);
-    if !empty
-        && !matches!(
-            tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await,
-            Ok(Ok(_))
-        )
-    {
-        return (
-            "bad_request",
-            error(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::BadRequest,
-                "request body too large or too slow",
-            ),
-        );
-    }
     let mut segments = [""; MAX_SEGMENTS + 1];
     let n = split_path(path, &mut segments);
     match (method, &segments[..n]) {
@@ -290,23 +258,22 @@ fn split_path<'p>(path: &'p str, segments: &mut [&'p str]) -> usize {
     n
 }
 
-fn not_allowed(method: &Method, path: &str, allow: &'static str) -> Resp {
+fn not_allowed(method: &Method, path: &str, allow: &'static str) -> Answer {
     let mut r = error(
         StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::MethodNotAllowed,
         format!("{method} is not allowed on {path}; use {allow}"),
     );
-    r.headers_mut()
-        .insert(hyper::header::ALLOW, HeaderValue::from_static(allow));
+    r.allow = Some(allow);
     r
 }
 
 /// Runs `f` if the caller may read `name`: 403 otherwise (whether or not it
 /// exists, so names are not revealed to those without a grant).
-async fn guarded<'a, F, Fut>(state: &State, caller: &Caller, name: &'a str, f: F) -> Resp
+async fn guarded<'a, F, Fut>(state: &State, caller: &Caller, name: &'a str, f: F) -> Answer
 where
     F: FnOnce(&'a str) -> Fut,
-    Fut: Future<Output = Resp>,
+    Fut: Future<Output = Answer>,
 {
     if !state.may_read(caller, name) {
         return error(
@@ -324,7 +291,7 @@ where
     f(name).await
 }
 
-fn unknown(name: &str) -> Resp {
+fn unknown(name: &str) -> Answer {
     error(
         StatusCode::NOT_FOUND,
         ErrorCode::UnknownCredential,
@@ -332,7 +299,7 @@ fn unknown(name: &str) -> Resp {
     )
 }
 
-async fn token(state: &State, name: &str, wants_json: bool) -> Resp {
+async fn token(state: &State, name: &str, wants_json: bool) -> Answer {
     let wait = state.refresher.config().refresh.request_timeout + Duration::from_secs(2);
     match state.refresher.fresh_token(name, wait).await {
         Ok((token, expires_at)) if wants_json => json(

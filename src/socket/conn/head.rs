@@ -1,19 +1,26 @@
-//! The request-head check: a head parsed with hyper's own parser
-//! (httparse) and held to hyper's rules, so that the guard knows which
-//! heads hyper would refuse (400 or 431) and how long each body is.
+//! The request head: parsed with httparse and held to the rules of
+//! RFC 9112 on method, target, Content-Length, Transfer-Encoding and
+//! Connection, which decide whether a head is refused (400 or 431), how
+//! long its body is and whether the connection goes on after it.
+//!
+//! The rules are hyper's server's, whose limits the socket served with
+//! until it answered requests itself (BENCHMARKS.md, "Socket API"): a
+//! client that hyper served is served the same.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
-use hyper::{Method, Uri};
+use http::{Method, Uri};
 
 use crate::socket::MAX_HEAD;
 
-/// hyper's limit on header fields (its DEFAULT_MAX_HEADERS).
+/// The most header fields a head may have.
 pub(super) const MAX_HEADERS: usize = 100;
-/// hyper's largest Content-Length (its MAX_LEN).
+/// The largest Content-Length read as a number (a larger one is refused
+/// as too large, a body this long later as over the body limit).
 const MAX_BODY_LEN: u64 = u64::MAX - 2;
 
-/// Why a head is refused, as hyper would have.
+/// Why a head is refused.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Bad {
     /// 400, saying what is wrong.
@@ -25,16 +32,53 @@ pub(super) enum Bad {
 /// What a head's checks decided.
 #[derive(Debug, PartialEq)]
 pub(super) enum Head {
-    /// A head of `len` bytes hyper will take, then `body`; `last` when
-    /// hyper will read no request after it.
-    Good {
-        len: usize,
-        body: Body,
-        last: bool,
-    },
+    Good(Request),
     /// Not complete yet.
     Partial,
     Bad(Bad),
+}
+
+/// What a good head says, as offsets into its bytes rather than slices of
+/// them, so that the connection's buffer can take more bytes (its body)
+/// while the request is held.
+#[derive(Debug, PartialEq)]
+pub(super) struct Request {
+    /// The head's length in bytes; its body (if any) follows.
+    pub len: usize,
+    pub method: Method,
+    pub path: Target,
+    pub body: Body,
+    /// No request is read after this one: the connection closes once it
+    /// is answered.
+    pub last: bool,
+    /// An HTTP/1.0 request: it cannot take a chunked answer.
+    pub http10: bool,
+    /// `Accept` names `application/json`.
+    pub wants_json: bool,
+    /// `Expect: 100-continue`: the client waits for a go-ahead before it
+    /// sends the body.
+    pub expects_continue: bool,
+}
+
+/// The path of the request's target.
+#[derive(Debug, PartialEq)]
+pub(super) enum Target {
+    /// Where it is in the head: an origin-form target (`/a/b?c`), the
+    /// usual case, up to its query.
+    Span(Range<usize>),
+    /// Any other form (`http://host/a`, `*`): its path, as `Uri` gives it.
+    Parsed(String),
+}
+
+impl Request {
+    /// The path, given the head's bytes.
+    pub(super) fn path<'a>(&'a self, head: &'a [u8]) -> &'a str {
+        match &self.path {
+            // The span was checked to be ASCII when the head was parsed.
+            Target::Span(r) => std::str::from_utf8(&head[r.clone()]).unwrap_or_default(),
+            Target::Parsed(p) => p,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq)]
@@ -43,9 +87,7 @@ pub(super) enum Body {
     Chunked,
 }
 
-/// Checks a request head as hyper's server will parse it: the same parser
-/// (httparse), limits and rules (RFC 9112) on method,
-/// target, Content-Length, Transfer-Encoding and Connection.
+/// Parses and checks the request head at the start of `bytes`.
 pub(super) fn check_head(bytes: &[u8]) -> Head {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -68,13 +110,14 @@ pub(super) fn check_head(bytes: &[u8]) -> Head {
         Err(_) => return Head::Bad(Bad::Malformed("malformed request line or header field")),
     };
     let bad = |what| Head::Bad(Bad::Malformed(what));
-    if Method::from_bytes(req.method.unwrap_or("").as_bytes()).is_err() {
+    let Ok(method) = Method::from_bytes(req.method.unwrap_or("").as_bytes()) else {
         return bad("malformed method");
-    }
-    if !target_ok(req.path.unwrap_or("")) {
+    };
+    let Some(path) = target(bytes, req.path.unwrap_or("")) else {
         return bad("malformed request target");
-    }
+    };
     let http11 = req.version == Some(1);
+    let (mut wants_json, mut saw_accept, mut expects_continue) = (false, false, false);
     let mut keep_alive = http11;
     let mut saw_close = false;
     let (mut is_te, mut chunked, mut is_cl) = (false, false, false);
@@ -113,6 +156,14 @@ pub(super) fn check_head(bytes: &[u8]) -> Head {
             } else if !keep_alive {
                 keep_alive = has_token(field.value, "keep-alive");
             }
+        } else if name.eq_ignore_ascii_case("accept") && !saw_accept {
+            // The first Accept field decides, as a header map's `get` would.
+            saw_accept = true;
+            wants_json = field.value.windows(16).any(|w| w == b"application/json");
+        } else if name.eq_ignore_ascii_case("expect") {
+            // Not of HTTP/1.0, whose client would take the go-ahead for
+            // the answer (RFC 9110 §10.1.1).
+            expects_continue = http11 && field.value.eq_ignore_ascii_case(b"100-continue");
         }
     }
     if is_te && !chunked {
@@ -126,19 +177,33 @@ pub(super) fn check_head(bytes: &[u8]) -> Head {
     } else {
         Body::Length(length.unwrap_or(0))
     };
-    Head::Good {
+    Head::Good(Request {
         len,
+        method,
+        path,
         body,
         last: !keep_alive,
-    }
+        http10: !http11,
+        wants_json,
+        expects_continue,
+    })
 }
 
-/// A request target hyper's `Uri` takes. Origin-form targets of plain
-/// characters (all of which it takes) skip the parse, which copies.
-fn target_ok(target: &str) -> bool {
+/// The path of a request target `Uri` takes (None for one it refuses).
+/// Origin-form targets of plain characters (all of which it takes) skip
+/// the parse, which copies: their path is where it is in `head`, up to
+/// the query.
+fn target(head: &[u8], target: &str) -> Option<Target> {
     let b = target.as_bytes();
-    let plain = b.first() == Some(&b'/') && b.iter().all(|&c| PLAIN[usize::from(c)]);
-    plain || Uri::try_from(b).is_ok()
+    if b.first() == Some(&b'/') && b.iter().all(|&c| PLAIN[usize::from(c)]) {
+        // httparse's target is a slice of the head.
+        let start = b.as_ptr() as usize - head.as_ptr() as usize;
+        let len = b.iter().position(|&c| c == b'?').unwrap_or(b.len());
+        return Some(Target::Span(start..start + len));
+    }
+    Uri::try_from(b)
+        .ok()
+        .map(|u| Target::Parsed(u.path().to_owned()))
 }
 
 /// The plain characters of a target, as a table: a lookup per byte instead

@@ -1,7 +1,7 @@
-//! Following a chunked request body byte by byte, as hyper decodes it, to
+//! Following a chunked request body byte by byte (RFC 9112 §7.1), to
 //! find where the next request head starts.
 
-/// Where a chunked body is (as hyper follows one: RFC 9112 §7.1).
+/// Where a chunked body is.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(super) enum Chunk {
     Start,
@@ -22,7 +22,8 @@ pub(super) enum Chunk {
 pub(super) enum ChunkEnd {
     More,
     Done,
-    /// Not a chunked body hyper takes: hyper fails it and closes.
+    /// Not a well-formed chunked body: the request is refused and the
+    /// connection closed.
     Lost,
 }
 

@@ -1,24 +1,28 @@
-//! The head check and the chunk follower, case by case: the heads hyper
-//! takes and their framing, the heads it refuses, chunked bodies.
+//! The head check and the chunk follower, case by case: the heads taken
+//! and their framing, the heads refused, chunked bodies.
 
-use hyper::Uri;
+use http::{Method, Uri};
 
 use super::chunk::{Chunk, ChunkEnd};
 use super::head::{Bad, Body, Head, MAX_HEADERS, check_head};
 use crate::socket::MAX_HEAD;
 
-fn good(len: usize, body: Body, last: bool) -> Head {
-    Head::Good { len, body, last }
+/// A good head's length, body and whether it is the connection's last.
+fn framing(head: &[u8]) -> Option<(usize, Body, bool)> {
+    match check_head(head) {
+        Head::Good(r) => Some((r.len, r.body, r.last)),
+        _ => None,
+    }
 }
 
 #[test]
-fn heads_hyper_takes_are_good_with_their_framing() {
+fn good_heads_are_taken_with_their_framing() {
     let h = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n";
-    assert_eq!(check_head(h), good(h.len(), Body::Length(0), false));
+    assert_eq!(framing(h), Some((h.len(), Body::Length(0), false)));
     // Followed by more (a body, a pipelined request): the head's length.
     let mut more = h.to_vec();
     more.extend_from_slice(b"GET /");
-    assert_eq!(check_head(&more), good(h.len(), Body::Length(0), false));
+    assert_eq!(framing(&more), Some((h.len(), Body::Length(0), false)));
     for (head, body, last) in [
         (
             &b"POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\n"[..],
@@ -71,16 +75,41 @@ fn heads_hyper_takes_are_good_with_their_framing() {
         ),
     ] {
         assert_eq!(
-            check_head(head),
-            good(head.len(), body, last),
+            framing(head),
+            Some((head.len(), body, last)),
             "{:?}",
             String::from_utf8_lossy(head)
         );
     }
 }
 
+/// What the routes are given: the method, the path without its query (of
+/// any form of target), whether JSON is asked for, and the framing facts
+/// the answer needs.
 #[test]
-fn heads_hyper_refuses_are_bad() {
+fn a_good_head_gives_what_its_answer_needs() {
+    let parse = |h: &[u8]| match check_head(h) {
+        Head::Good(r) => r,
+        other => panic!("{:?}: {other:?}", String::from_utf8_lossy(h)),
+    };
+    let h = b"POST /v1/tokens/bot/rejected?x=1 HTTP/1.1\r\nAccept: text/plain, application/json\r\nExpect: 100-Continue\r\nContent-Length: 3\r\n\r\n";
+    let r = parse(h);
+    assert_eq!(r.method, Method::POST);
+    assert_eq!(r.path(h), "/v1/tokens/bot/rejected");
+    assert!(r.wants_json && r.expects_continue && !r.http10 && !r.last);
+    let h = b"GET http://localhost/health?a HTTP/1.0\r\nAccept: text/plain\r\nAccept: application/json\r\n\r\n";
+    let r = parse(h);
+    assert_eq!(r.path(h), "/health");
+    assert!(!r.wants_json, "the first Accept field decides");
+    assert!(r.http10 && r.last && !r.expects_continue);
+    let h = b"HEAD /health HTTP/1.1\r\n\r\n";
+    assert_eq!(parse(h).method, Method::HEAD);
+    let h = b"POST /a HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n";
+    assert!(!parse(h).expects_continue, "HTTP/1.0 has no go-ahead");
+}
+
+#[test]
+fn bad_heads_are_refused() {
     for head in [
         &b"GET /health HTTP/1.1\r\nno colon\r\n\r\n"[..],
         b"GET /health HTTP/1.1\r\nContent-Length: ten\r\n\r\n",
@@ -125,7 +154,7 @@ fn heads_hyper_refuses_are_bad() {
 }
 
 #[test]
-fn plain_targets_are_ones_hyper_takes() {
+fn plain_targets_are_ones_uri_takes() {
     let plain: Vec<u8> = (0u8..=255)
         .filter(
             |&c| matches!(c, b'!' | b'$'..=b';' | b'=' | b'?'..=b'Z' | b'_' | b'a'..=b'z' | b'~'),
