@@ -227,10 +227,17 @@ fn sigterm_gives_back_the_leases_waiting_for_a_provider_slot() {
 
 /// Asks daemon `a` to refresh `bot` through its socket, the provider
 /// rotating after `latency_ms`, and locks the store as another process
-/// would (a `sqlite3` shell): returns once `a`'s commit of the rotated
-/// pair has failed and `a` has kept the pair in its file (the log line
-/// comes first), with the lock, which its caller drops.
-fn refreshed_while_the_store_is_locked(env: &Env, a: &Daemon, latency_ms: u64) -> DbLock {
+/// would (a `sqlite3` shell): returns once `a` has kept the rotated pair in
+/// its file, with the lock, which its caller drops. With `failed`, that is
+/// once the first commit has failed (after the daemon's 5 s busy timeout);
+/// without, it must be while that commit still waits (a commit not landed
+/// within a second keeps its pair).
+fn refreshed_while_the_store_is_locked(
+    env: &Env,
+    a: &Daemon,
+    latency_ms: u64,
+    failed: bool,
+) -> DbLock {
     env.provider.update_knobs(|k| k.latency_ms = latency_ms);
     let a_socket = env.socket.clone();
     let _caller = std::thread::spawn(move || {
@@ -247,11 +254,20 @@ fn refreshed_while_the_store_is_locked(env: &Env, a: &Daemon, latency_ms: u64) -
         (env.provider.stats().refresh_requests == 1).then_some(())
     });
     let lock = env.lock_store(Duration::from_secs(5));
-    a.wait_log("cannot store the refreshed token pair; retrying", PATIENCE);
+    const RETRYING: &str = "cannot store the refreshed token pair; retrying";
+    if failed {
+        a.wait_log(RETRYING, PATIENCE);
+    }
     let kept = env.db.parent().unwrap().join("tokend-pending/bot.json");
     wait_for("the pair kept in a file", PATIENCE, || {
         kept.exists().then_some(())
     });
+    if !failed {
+        assert!(
+            !a.log().contains(RETRYING),
+            "the pair was kept only once the first commit had failed"
+        );
+    }
     lock
 }
 
@@ -307,7 +323,7 @@ fn lease_passed_on(same_host: bool) {
     // to lock the store however loaded the machine.
     // Someone holds the database, so A's commit of the rotated pair waits;
     // then A stalls (a VM paused, a swap storm) past its lease.
-    let lock = refreshed_while_the_store_is_locked(&env, &a, 3000);
+    let lock = refreshed_while_the_store_is_locked(&env, &a, 3000, true);
     a.pause();
     drop(lock);
     env.provider.update_knobs(|k| k.latency_ms = 0);
@@ -381,7 +397,7 @@ fn a_holder_whose_lease_was_given_back_unused_stores_its_pair() {
         (env.provider.stats().validations_ok >= 1).then_some(())
     });
 
-    let lock = refreshed_while_the_store_is_locked(&env, &a, 2000);
+    let lock = refreshed_while_the_store_is_locked(&env, &a, 2000, true);
     a.pause();
     drop(lock);
     env.provider.update_knobs(|k| k.latency_ms = 0);
@@ -436,10 +452,11 @@ fn a_holder_whose_lease_was_given_back_unused_stores_its_pair() {
 
 /// Kills the daemon (SIGKILL: an OOM kill, systemd's stop timeout) while
 /// its commit of `bot`'s refreshed pair waits for a store another process
-/// has locked. The pair is in a file of its own by then (0600, in a 0700
-/// directory), and nowhere else: the store holds the token it replaced,
-/// which the provider has spent. Returns the grant and the file.
-fn killed_with_a_kept_pair(env: &Env) -> (MintedGrant, PathBuf) {
+/// has locked: after the first commit failed, or (`failed` false) while
+/// it still waits. The pair is in a file of its own by then (0600, in a
+/// 0700 directory), and nowhere else: the store holds the token it
+/// replaced, which the provider has spent. Returns the grant and the file.
+fn killed_with_a_kept_pair(env: &Env, failed: bool) -> (MintedGrant, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
     env.write_config(&section("5s", "1s"), &env.sink("raw", "0600"));
     let g = env.import("bot", true);
@@ -449,7 +466,7 @@ fn killed_with_a_kept_pair(env: &Env) -> (MintedGrant, PathBuf) {
         (env.provider.stats().validations_ok >= 1).then_some(())
     });
 
-    let lock = refreshed_while_the_store_is_locked(env, &a, 2000);
+    let lock = refreshed_while_the_store_is_locked(env, &a, 2000, failed);
     let dir = env.db.parent().unwrap().join("tokend-pending");
     let kept = dir.join("bot.json");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
@@ -473,8 +490,21 @@ fn killed_with_a_kept_pair(env: &Env) -> (MintedGrant, PathBuf) {
 /// detects reuse then revoked the grant.
 #[test]
 fn a_pair_the_store_would_not_take_survives_a_kill() {
+    survives_a_kill(true);
+}
+
+/// The same, killed while the first commit still waits for the store:
+/// before, the pair went to the file only once that commit had failed,
+/// after the busy timeout (5 s; on PostgreSQL, a dead connection's
+/// commit waits longer), and a kill in that wait lost it.
+#[test]
+fn a_pair_whose_commit_hangs_survives_a_kill() {
+    survives_a_kill(false);
+}
+
+fn survives_a_kill(failed: bool) {
     let env = Env::bare(Knobs::default());
-    let (g, kept) = killed_with_a_kept_pair(&env);
+    let (g, kept) = killed_with_a_kept_pair(&env, failed);
     let b = env.start();
     wait_serving(&env.socket, PATIENCE);
     wait_committed(&env, g.grant_id, "bot");
@@ -497,7 +527,7 @@ fn a_pair_the_store_would_not_take_survives_a_kill() {
 #[test]
 fn a_direct_refresh_stores_a_kept_pair_first_and_migrate_waits_for_it() {
     let env = Env::bare(Knobs::default());
-    let (g, kept) = killed_with_a_kept_pair(&env);
+    let (g, kept) = killed_with_a_kept_pair(&env, true);
     let elsewhere = env.dir.path().join("moved/moved.db");
     let out = env.cli(
         &[

@@ -41,6 +41,11 @@ pub(super) const LEASE_MARGIN: Duration = Duration::from_secs(10);
 /// of the request.
 const LEASE_RENEW_AFTER: Duration = Duration::from_secs(1);
 
+/// How long the first commit of a refreshed pair may take before the pair
+/// is kept in a file meanwhile (`unstored`): far above a commit's usual
+/// milliseconds, far below the busy timeout or a stop timeout.
+const KEEP_AFTER: Duration = Duration::from_secs(1);
+
 /// Renewals tried before a request while each comes back late
 /// ([`renewed_in_time`]); then the lease is given back, nothing sent.
 const RENEW_TRIES: u32 = 3;
@@ -504,15 +509,48 @@ impl Refresher {
         };
         let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
         let mut delay = Duration::from_millis(250);
-        let (mut kept, mut tried_keeping) = (false, false);
+        // Whether the pair was kept in a file: not tried yet (None), kept,
+        // or not (the error was logged).
+        let mut kept: Option<bool> = None;
+        // Should this process end before a commit lands, the next start
+        // (or the next holder on this host) stores the pair from this file.
+        let keep = |kept: &mut Option<bool>, why: &dyn std::fmt::Display| {
+            if kept.is_some() {
+                return;
+            }
+            let done = self
+                .unstored
+                .keep(name, &self.holder, fence, cred.token_at(), &update());
+            if let Err(e) = &done {
+                tracing::error!(credential = %name, error = %e, store = %why, "cannot keep the refreshed token pair in a file while the store is away");
+            }
+            *kept = Some(done.is_ok());
+        };
         for attempt in 1u64.. {
-            let committed = self
-                .store
-                .commit_refresh(name, &self.holder, fence, cred.token_at(), update())
-                .await;
+            let commit =
+                self.store
+                    .commit_refresh(name, &self.holder, fence, cred.token_at(), update());
+            // A commit that has not landed within KEEP_AFTER (a store that
+            // hangs rather than fails: a busy SQLite for its busy timeout,
+            // PostgreSQL behind a dead connection) is waited for, never
+            // dropped, but the pair goes to the file first: a kill in the
+            // wait (systemd's stop timeout, the OOM killer) keeps it.
+            let committed = if kept.is_some() {
+                commit.await
+            } else {
+                tokio::pin!(commit);
+                tokio::select! {
+                    biased;
+                    c = &mut commit => c,
+                    () = tokio::time::sleep(KEEP_AFTER) => {
+                        keep(&mut kept, &"a commit slower than 1 s");
+                        commit.await
+                    }
+                }
+            };
             // Not on LeaseLost: the pair was not stored, and the holder
             // after this one may be of this host and store it from the file.
-            if kept && matches!(committed, Ok(Commit::Done(_) | Commit::Conflict)) {
+            if kept == Some(true) && matches!(committed, Ok(Commit::Done(_) | Commit::Conflict)) {
                 self.unstored.forget(name);
             }
             match committed {
@@ -553,23 +591,7 @@ impl Refresher {
                 Err(StoreError::Closed) => break,
                 Err(e) => {
                     tracing::error!(credential = %name, attempt, error = %e, "cannot store the refreshed token pair; retrying");
-                    // Should this process end before a commit lands, the
-                    // next start stores the pair from this file.
-                    if !tried_keeping {
-                        tried_keeping = true;
-                        match self.unstored.keep(
-                            name,
-                            &self.holder,
-                            fence,
-                            cred.token_at(),
-                            &update(),
-                        ) {
-                            Ok(()) => kept = true,
-                            Err(e) => {
-                                tracing::error!(credential = %name, error = %e, "cannot keep the refreshed token pair in a file while the store is away")
-                            }
-                        }
-                    }
+                    keep(&mut kept, &e);
                     // Keep the lease while we retry, so that no peer takes
                     // over and spends the old refresh token meanwhile.
                     let _ = self.store.renew_lease(name, &self.holder, fence, ttl).await;
