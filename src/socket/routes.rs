@@ -146,17 +146,20 @@ async fn route(state: &State, caller: &Caller, call: Call<'_>) -> (&'static str,
     } = call;
     let mut segments = [""; MAX_SEGMENTS + 1];
     let n = split_path(path, &mut segments);
+    // HEAD is answered as GET (the connection sends the head alone),
+    // except on the token route, where a read may start a refresh.
+    let get = *method == Method::GET || *method == Method::HEAD;
     match (method, &segments[..n]) {
         // Serving either way: degraded only says the database is out of
         // reach (README "Running a fleet").
-        (&Method::GET, ["health"]) => (
+        (_, ["health"]) if get => (
             "/health",
             match state.refresher.degraded() {
                 Some(line) => text(StatusCode::OK, "text/plain", line),
                 None => text(StatusCode::OK, "text/plain", "ok"),
             },
         ),
-        (&Method::GET, ["metrics"]) => (
+        (_, ["metrics"]) if get => (
             "/metrics",
             text(
                 StatusCode::OK,
@@ -166,7 +169,7 @@ async fn route(state: &State, caller: &Caller, call: Call<'_>) -> (&'static str,
                     .render_metrics(|name| state.may_read(caller, name)),
             ),
         ),
-        (&Method::GET, ["v1", "credentials"]) => (
+        (_, ["v1", "credentials"]) if get => (
             "/v1/credentials",
             list(
                 state
@@ -174,7 +177,7 @@ async fn route(state: &State, caller: &Caller, call: Call<'_>) -> (&'static str,
                     .status_cursor(|name| state.may_read(caller, name)),
             ),
         ),
-        (&Method::GET, ["v1", "credentials", name]) => (
+        (_, ["v1", "credentials", name]) if get => (
             "/v1/credentials/{name}",
             guarded(state, caller, name, |name| async move {
                 match state.refresher.status(name) {
@@ -211,14 +214,10 @@ async fn route(state: &State, caller: &Caller, call: Call<'_>) -> (&'static str,
             })
             .await,
         ),
-        (
-            _,
-            ["health"]
-            | ["metrics"]
-            | ["v1", "credentials"]
-            | ["v1", "credentials", _]
-            | ["v1", "tokens", _],
-        ) => ("method_not_allowed", not_allowed(method, path, "GET")),
+        (_, ["health"] | ["metrics"] | ["v1", "credentials"] | ["v1", "credentials", _]) => {
+            ("method_not_allowed", not_allowed(method, path, "GET, HEAD"))
+        }
+        (_, ["v1", "tokens", _]) => ("method_not_allowed", not_allowed(method, path, "GET")),
         (_, ["v1", "credentials", _, "refresh"] | ["v1", "tokens", _, "rejected"]) => {
             ("method_not_allowed", not_allowed(method, path, "POST"))
         }

@@ -91,7 +91,9 @@ where
         };
         let body = match c.read_body(&req).await {
             Ok(n) => n,
-            Err(why) => {
+            // The client left, or did not take the go-ahead.
+            Err(None) => break,
+            Err(Some(why)) => {
                 tracing::debug!(reason = why, "refusing a socket request body");
                 let answer = routes::error(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, why);
                 state.refresher.metrics().socket_request("bad_request", 400);
@@ -182,9 +184,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     }
 
     /// Reads the request's body and drops it; returns its length on the
-    /// wire, to be consumed with the head.
-    async fn read_body(&mut self, req: &Request) -> Result<usize, &'static str> {
-        const TOO_MUCH: &str = "request body too large or too slow";
+    /// wire, to be consumed with the head. An error says why the body is
+    /// refused, or (None) that the go-ahead could not be written: the
+    /// connection closes without an answer, which would follow part of
+    /// one.
+    async fn read_body(&mut self, req: &Request) -> Result<usize, Option<&'static str>> {
+        const TOO_MUCH: Option<&str> = Some("request body too large or too slow");
         let deadline = Instant::now() + BODY_TIMEOUT;
         match req.body {
             Body::Length(0) => Ok(0),
@@ -194,7 +199,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 if req.expects_continue && self.filled - self.start < want {
                     self.write_all_out(b"HTTP/1.1 100 Continue\r\n\r\n")
                         .await
-                        .map_err(|_| TOO_MUCH)?;
+                        .map_err(|_| None)?;
                 }
                 while self.filled - self.start < want {
                     match self.fill(deadline, false).await {
@@ -208,7 +213,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 if req.expects_continue && self.filled - self.start == req.len {
                     self.write_all_out(b"HTTP/1.1 100 Continue\r\n\r\n")
                         .await
-                        .map_err(|_| TOO_MUCH)?;
+                        .map_err(|_| None)?;
                 }
                 let mut chunk = Chunk::Start;
                 let mut at = req.len;
@@ -217,7 +222,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     at += n;
                     match end {
                         ChunkEnd::Done => return Ok(at - req.len),
-                        ChunkEnd::Lost => return Err("malformed chunked request body"),
+                        ChunkEnd::Lost => return Err(Some("malformed chunked request body")),
                         ChunkEnd::More if at - req.len >= MAX_BODY => return Err(TOO_MUCH),
                         ChunkEnd::More => match self.fill(deadline, false).await {
                             Ok(0) | Err(_) => return Err(TOO_MUCH),
