@@ -509,23 +509,16 @@ impl Refresher {
         };
         let ttl = ctx.config.refresh.request_timeout + LEASE_MARGIN;
         let mut delay = Duration::from_millis(250);
-        // Whether the pair was kept in a file: not tried yet (None), kept,
-        // or not (the error was logged).
-        let mut kept: Option<bool> = None;
-        // Should this process end before a commit lands, the next start
-        // (or the next holder on this host) stores the pair from this file.
-        let keep = |kept: &mut Option<bool>, why: &dyn std::fmt::Display| {
-            if kept.is_some() {
-                return;
-            }
-            let done = self
-                .unstored
-                .keep(name, &self.holder, fence, cred.token_at(), &update());
-            if let Err(e) = &done {
-                tracing::error!(credential = %name, error = %e, store = %why, "cannot keep the refreshed token pair in a file while the store is away");
-            }
-            *kept = Some(done.is_ok());
-        };
+        // Whether the pair was sent to its file (`keep_pair`). A stopping
+        // daemon keeps it before its first commit: the end of the shutdown
+        // grace, or systemd's stop timeout, may come before a commit slower
+        // than KEEP_AFTER is noticed.
+        let mut kept = false;
+        if self.stopping.load(Ordering::SeqCst) {
+            self.keep_pair(name, fence, cred, update(), "the daemon is stopping")
+                .await;
+            kept = true;
+        }
         for attempt in 1u64.. {
             let commit =
                 self.store
@@ -535,7 +528,7 @@ impl Refresher {
             // PostgreSQL behind a dead connection) is waited for, never
             // dropped, but the pair goes to the file first: a kill in the
             // wait (systemd's stop timeout, the OOM killer) keeps it.
-            let committed = if kept.is_some() {
+            let committed = if kept {
                 commit.await
             } else {
                 tokio::pin!(commit);
@@ -543,14 +536,17 @@ impl Refresher {
                     biased;
                     c = &mut commit => c,
                     () = tokio::time::sleep(KEEP_AFTER) => {
-                        keep(&mut kept, &"a commit slower than 1 s");
+                        self.keep_pair(name, fence, cred, update(), "a commit slower than 1 s").await;
+                        kept = true;
                         commit.await
                     }
                 }
             };
             // Not on LeaseLost: the pair was not stored, and the holder
             // after this one may be of this host and store it from the file.
-            if kept == Some(true) && matches!(committed, Ok(Commit::Done(_) | Commit::Conflict)) {
+            // Also after a keep that failed: it may have failed after its
+            // file was in place (a directory sync, a chown).
+            if kept && matches!(committed, Ok(Commit::Done(_) | Commit::Conflict)) {
                 self.unstored.forget(name);
             }
             match committed {
@@ -588,10 +584,22 @@ impl Refresher {
                     self.enqueue(name, |p| p.reload = true);
                     return;
                 }
-                Err(StoreError::Closed) => break,
+                Err(StoreError::Closed) => {
+                    // The store's thread is gone (the daemon stops, or it
+                    // died): the file is what is left of the pair.
+                    if !kept {
+                        self.keep_pair(name, fence, cred, update(), "the store is closed")
+                            .await;
+                    }
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(credential = %name, attempt, error = %e, "cannot store the refreshed token pair; retrying");
-                    keep(&mut kept, &e);
+                    if !kept {
+                        self.keep_pair(name, fence, cred, update(), &e.to_string())
+                            .await;
+                        kept = true;
+                    }
                     // Keep the lease while we retry, so that no peer takes
                     // over and spends the old refresh token meanwhile.
                     let _ = self.store.renew_lease(name, &self.holder, fence, ttl).await;
@@ -604,6 +612,39 @@ impl Refresher {
             credential = %name,
             "tokend is stopping before the refreshed token pair could be stored; the next start will find the refresh unfinished"
         );
+    }
+
+    /// Keeps a refreshed pair in its file (`unstored`) until a commit
+    /// answers, so that a process that ends first leaves it to the next
+    /// start or holder on this host. Off the runtime's threads: a
+    /// directory made, a file written, both synced, on the disk that may
+    /// be what makes the commit slow. A failure is logged, with `why` the
+    /// pair is being kept.
+    async fn keep_pair(
+        &self,
+        name: &str,
+        fence: i64,
+        cred: &Credential,
+        update: TokenUpdate,
+        why: &str,
+    ) {
+        let (unstored, owned, holder, at) = (
+            self.unstored.clone(),
+            name.to_owned(),
+            self.holder.clone(),
+            cred.token_at(),
+        );
+        let done =
+            tokio::task::spawn_blocking(move || unstored.keep(&owned, &holder, fence, at, &update))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(std::io::Error::other(format!(
+                        "the writer did not finish: {e}"
+                    )))
+                });
+        if let Err(e) = done {
+            tracing::error!(credential = %name, error = %e, because = why, "cannot keep the refreshed token pair in a file while it waits for the store");
+        }
     }
 
     /// Records a failed attempt: the state, the backoff (never shorter than

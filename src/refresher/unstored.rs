@@ -140,7 +140,9 @@ impl Unstored {
         }
     }
 
-    /// Writes `name`'s pair, durably, before its commit is retried.
+    /// Writes `name`'s pair, durably, while its commit waits or is
+    /// retried. Without a directory it does nothing: `announce` said at
+    /// start that such pairs cannot be kept, once rather than at each.
     pub fn keep(
         &self,
         name: &str,
@@ -149,13 +151,8 @@ impl Unstored {
         at: TokenAt,
         u: &TokenUpdate,
     ) -> io::Result<()> {
-        if !self.writes {
+        let (true, Some(dir), Some(path)) = (self.writes, &self.dir, self.path(name)) else {
             return Ok(());
-        }
-        let (Some(dir), Some(path)) = (&self.dir, self.path(name)) else {
-            return Err(io::Error::other(
-                "no directory to keep it in ($STATE_DIRECTORY is not set)",
-            ));
         };
         let owner = private_dir(dir)?;
         let record = Record {
