@@ -1082,7 +1082,7 @@ fn exchange(sock: &Path, bytes: &[u8]) -> Vec<Reply> {
     read_replies(&mut s, Duration::from_secs(15))
 }
 
-/// Issue 10: hyper answers a head it cannot parse itself, before any route
+/// Issue 10: a head that cannot be parsed is answered before any route
 /// runs; those answers too are the contract's JSON errors, on the first
 /// request of a connection and on a later one, while well-formed requests
 /// keep their connection alive.
@@ -1368,8 +1368,8 @@ fn sigterm_closes_the_listener_first_and_finishes_a_request_in_flight() {
 }
 
 /// An idle keep-alive connection does not hold shutdown up: the drain
-/// reaches it at once (hyper's graceful shutdown closes an idle
-/// connection), not when the drain's 5 s bound runs out.
+/// reaches it at once (the connection stops waiting for a head once the
+/// daemon stops), not when the drain's 5 s bound runs out.
 #[test]
 fn sigterm_closes_an_idle_keep_alive_connection_at_once() {
     let env = Env::new(Knobs::default());

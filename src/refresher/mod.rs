@@ -18,8 +18,8 @@
 //!
 //! A refresh belongs to the refresher, never to whoever asked for it: the
 //! socket and the CLI start one as a task of its own ([`Refresher::refresh_now`])
-//! and wait for its outcome, and may stop waiting (a client that hangs up,
-//! a wait that times out) without touching the refresh. Once a request may
+//! and wait for its outcome, and may stop waiting (a wait that times out,
+//! a connection cut at shutdown) without touching the refresh. Once a request may
 //! have reached the provider, only its committed answer (or its failure)
 //! ends it; on shutdown no new request starts and those in flight finish
 //! (see `docs/design.md`).

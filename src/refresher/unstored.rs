@@ -6,7 +6,8 @@
 //! took the rotated refresh token with it, and the provider had already
 //! spent the stored one. So once a commit has failed, or has not landed
 //! within a second (a store that hangs rather than fails: the commit goes
-//! on), the daemon also writes the pair to a file of its own (mode 0600,
+//! on), and before the commit when the daemon is stopping or its store has
+//! closed, the daemon also writes the pair to a file of its own (mode 0600,
 //! in a 0700 directory, synced) until a commit answers. Before anything refreshes a credential
 //! again, the pair is stored, under a lease of the storer's own and only
 //! over the token it replaced (never over a credential that changed

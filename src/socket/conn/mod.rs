@@ -4,8 +4,8 @@
 //! Why not a general HTTP server: the socket's routes take no request body,
 //! answer a few hundred bytes and run on a local socket, where the kernel's
 //! share of a request is small and every instruction in user space shows in
-//! the throughput. Serving with hyper cost twice the instructions of a bare
-//! hyper server per request, and a second parse of each head was needed to
+//! the throughput. Serving with hyper cost 1.8 times the instructions of a
+//! bare hyper server per request, and a second parse of each head was needed to
 //! answer a bad one in JSON rather than with hyper's bare 400
 //! (BENCHMARKS.md, "Socket API"). Here each head is parsed once, by
 //! httparse, and the same code answers good and bad ones.
@@ -66,7 +66,7 @@ const KEPT_OUT: usize = 16 * 1024;
 
 /// Serves a connection until the client leaves, a request closes it, a
 /// bound runs out, or `stop` is set (the daemon is stopping: checked while
-/// the connection waits for a head with nothing of one read).
+/// the connection waits for a head, complete or not).
 pub(super) async fn serve<S>(io: S, state: &State, caller: &Caller, stop: &AtomicBool)
 where
     S: AsyncRead + AsyncWrite + Unpin,
