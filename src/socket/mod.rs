@@ -39,7 +39,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest request head we accept.
 const MAX_HEAD: usize = 16 * 1024;
 /// How long an answer may wait for a client that does not read it: from the
-/// moment the socket buffer is full until the answer is all written.
+/// moment the socket buffer is full until the answer is all written (for
+/// the streamed list, each part of it).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
