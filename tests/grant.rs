@@ -164,17 +164,18 @@ fn sigterm_lets_a_refresh_in_flight_commit_and_starts_no_other() {
 #[test]
 fn sigterm_gives_back_the_leases_waiting_for_a_provider_slot() {
     // One slot, three credentials due at once: the first request is in
-    // flight (its answer takes 3 s) and a second credential holds a lease
-    // taken ahead of its slot when SIGTERM comes (one slot, so one lease
-    // ahead: docs/design.md §1); the third waits for that lease's turn.
+    // flight (its answer takes 10 s: time to see the second lease and
+    // signal, however loaded the machine) and a second credential holds a
+    // lease taken ahead of its slot when SIGTERM comes (one slot, so one
+    // lease ahead: docs/design.md §1); the third waits for that lease's turn.
     let env = Env::bare(Knobs::default());
-    let config = format!("{}max_concurrency = 1\n", section("10s", "1s"));
+    let config = format!("{}max_concurrency = 1\n", section("20s", "1s"));
     env.write_config(&config, &env.sink("raw", "0600"));
     let grants: Vec<_> = ["a", "b", "c"]
         .iter()
         .map(|n| (*n, import_expiring(&env, n, 1)))
         .collect();
-    env.provider.update_knobs(|k| k.answer_delay_ms = 3000);
+    env.provider.update_knobs(|k| k.answer_delay_ms = 10_000);
     let mut d = env.start();
     wait_for("the first refresh to reach the provider", PATIENCE, || {
         (env.provider.stats().refreshes_ok == 1).then_some(())

@@ -189,8 +189,14 @@ fn replaced_during_a_validation(
         k.fault_count = count;
     });
     validation_out(env);
+    // Held still while the name is replaced, so that the answer comes
+    // after the replacement however long the commands take (it waits in
+    // the socket buffer if the provider's 3 s have passed).
+    d.pause();
     assert!(env.cli(&["remove", "bot"], "").status.success());
-    (d, import_expiring(env, "bot", 3600))
+    let new = import_expiring(env, "bot", 3600);
+    d.signal(libc::SIGCONT);
+    (d, new)
 }
 
 /// Reports `bot`'s token refused, and waits for the validation this asks

@@ -315,7 +315,9 @@ fn a_replacement_waits_for_the_refresh_in_flight() {
         let env = Env::new(Knobs::default());
         env.write_config(&fast_refresh_timeout("15s"), "");
         env.import("bot", false);
-        env.provider.update_knobs(|k| k.latency_ms = 3000);
+        // 10 s: the import (a CLI run, a batch file first) must find the
+        // lease before the refresh commits, however loaded the machine.
+        env.provider.update_knobs(|k| k.latency_ms = 10_000);
         let d = env.start();
         wait_for(
             "the refresh at the provider",

@@ -188,6 +188,11 @@ fn a_move_that_cannot_be_done_changes_nothing() {
     wait_for("the refresh's lease", Duration::from_secs(10), || {
         (env.state("kept").as_deref() == Some("refreshing")).then_some(())
     });
+    // Held still until the move was tried, so that it meets the lease
+    // however long the steps below take on a loaded machine (the lease
+    // outlives the pause; the process is alive, only stopped).
+    // SAFETY: kill has no memory preconditions; the pid is our child's.
+    unsafe { libc::kill(refresh.id() as libc::pid_t, libc::SIGSTOP) };
     config_with(&env, &pg);
     let out = env.cli(&["migrate", "--from", &from], "");
     assert_eq!(out.status.code(), Some(1));
@@ -198,6 +203,8 @@ fn a_move_that_cannot_be_done_changes_nothing() {
     );
     assert_eq!(open(&pg).dump().unwrap().credentials(), 0);
     let mut refresh = refresh;
+    // SAFETY: as above.
+    unsafe { libc::kill(refresh.id() as libc::pid_t, libc::SIGCONT) };
     assert!(refresh.wait().unwrap().success());
 
     // Usage errors: a password on the command line, the same store twice.

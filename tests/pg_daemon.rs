@@ -338,10 +338,12 @@ fn a_refresh_answered_during_a_database_outage_commits_before_its_lease_passes()
     wait_for("the provider's rotation", Duration::from_secs(20), || {
         (one.provider.stats().refreshes_ok == 1).then_some(())
     });
+    let rotated = std::time::Instant::now();
     server.go_down();
     // The outage: longer than the commit's early retries, shorter than
-    // the lease.
-    std::thread::sleep(Duration::from_secs(10));
+    // the lease; 10 s from the rotation, whatever the stop took (a loaded
+    // machine's `pg_ctl stop` took seconds of the lease).
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(rotated.elapsed()));
     server.come_back();
     one.provider.update_knobs(|k| k.answer_delay_ms = 0);
 

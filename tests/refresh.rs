@@ -759,7 +759,7 @@ fn a_lease_holder_in_another_pid_namespace_is_not_taken_for_gone() {
         return;
     }
     let env = Env::bare(Knobs::default());
-    env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));
+    env.write_config(&fast_refresh_timeout("30s"), &env.sink("raw", "0600"));
     let g = env.import("bot", true);
     let inner = env.tokend(&["run"]);
     let mut cmd = Command::new("unshare");
@@ -775,8 +775,9 @@ fn a_lease_holder_in_another_pid_namespace_is_not_taken_for_gone() {
     let mut daemon = Daemon::spawn(cmd, &env.config_path, env.dir.path().join("daemon.log"));
     wait_serving(&env.socket, Duration::from_secs(20));
 
-    // The daemon's refresh, held at the provider for 4 s.
-    env.provider.update_knobs(|k| k.answer_delay_ms = 4000);
+    // The daemon's refresh, held at the provider for 10 s: the command
+    // below must meet its lease, however loaded the machine.
+    env.provider.update_knobs(|k| k.answer_delay_ms = 10_000);
     let socket = env.socket.clone();
     let refresh =
         std::thread::spawn(move || request(&socket, "POST", "/v1/credentials/bot/refresh"));
@@ -796,6 +797,10 @@ fn a_lease_holder_in_another_pid_namespace_is_not_taken_for_gone() {
         env.dir.path().join("none.sock").display()
     );
     fs::write(&direct, text.replace(&socket_line, &elsewhere)).unwrap();
+    assert!(
+        !refresh.is_finished(),
+        "the daemon's refresh ended before the command ran: the machine was too slow for this test"
+    );
     let out = run_cli(
         tokend_command(&direct, env.dir.path(), &["refresh", "bot"]),
         "",

@@ -819,7 +819,7 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
     assert!(config.contains("request_timeout = \"3s\""));
     fs::write(
         &env.config_path,
-        config.replace("request_timeout = \"3s\"", "request_timeout = \"15s\""),
+        config.replace("request_timeout = \"3s\"", "request_timeout = \"30s\""),
     )
     .unwrap();
     let g = import_expiring(&env, "bot", 3600);
@@ -835,11 +835,11 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
         "bot's file does not hold the provider's token"
     );
 
-    // A refresh whose answer takes 5 s; while the provider holds it,
-    // another host rotates: every value sealed with key 2, key 1 deleted.
-    // The daemon read its row (and the keys) before the rotation and
-    // commits after it.
-    env.provider.update_knobs(|k| k.answer_delay_ms = 5000);
+    // A refresh whose answer takes 12 s (time for the rotation however
+    // loaded the machine); while the provider holds it, another host
+    // rotates: every value sealed with key 2, key 1 deleted. The daemon
+    // read its row (and the keys) before the rotation and commits after it.
+    env.provider.update_knobs(|k| k.answer_delay_ms = 12_000);
     let socket = env.socket.clone();
     let refresh =
         std::thread::spawn(move || request(&socket, "POST", "/v1/credentials/bot/refresh"));
@@ -858,6 +858,10 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
     assert!(
         said.contains("deleted data key(s) no value uses any more: [1]"),
         "{said}"
+    );
+    assert!(
+        !refresh.is_finished(),
+        "the refresh ended before the rotation did: the machine was too slow for this test"
     );
     let reply = refresh.join().unwrap();
     env.provider.update_knobs(|k| k.answer_delay_ms = 0);

@@ -1638,10 +1638,17 @@ fn rejected_reports_revalidate_at_most_once_per_cooldown() {
     let s = env.provider.stats();
     assert_eq!(s.token_requests, 0, "{s:?}");
     assert_eq!(get(&sock, "/v1/tokens/bot").text(), g.access_token);
-    let metrics = get(&sock, "/metrics").text();
-    assert!(
-        metrics.contains("tokend_validations_total{outcome=\"ok\"} 3"),
-        "{metrics}"
+    // The provider counts a validation as it arrives, the daemon once it
+    // has the answer.
+    wait_for(
+        "three validations in the metrics",
+        Duration::from_secs(10),
+        || {
+            get(&sock, "/metrics")
+                .text()
+                .contains("tokend_validations_total{outcome=\"ok\"} 3")
+                .then_some(())
+        },
     );
     drop(d);
 }
