@@ -841,8 +841,19 @@ fn postgresql_a_refresh_after_another_hosts_rotation_is_sealed_with_the_new_key(
     // read its row (and the keys) before the rotation and commits after it.
     env.provider.update_knobs(|k| k.answer_delay_ms = 12_000);
     let socket = env.socket.clone();
-    let refresh =
-        std::thread::spawn(move || request(&socket, "POST", "/v1/credentials/bot/refresh"));
+    // Waited for longer than `request`'s 20 s: the answer's 12 s, then a
+    // commit that meets the new keys, on a machine running the suite.
+    let refresh = std::thread::spawn(move || {
+        socket_request(
+            &socket,
+            "POST",
+            "/v1/credentials/bot/refresh",
+            &[],
+            b"",
+            Duration::from_secs(60),
+        )
+        .expect("the refresh's answer")
+    });
     wait_for(
         "the refresh request at the provider",
         Duration::from_secs(20),
