@@ -522,6 +522,35 @@ fn survives_a_kill(failed: bool) {
     drop(b);
 }
 
+/// A crash after a kept pair's commit landed, before its file went: the
+/// next start finds the pair already in the store, says so, and removes
+/// the file, rather than reporting a pair discarded.
+#[test]
+fn a_kept_pair_found_stored_already_is_not_reported_lost() {
+    let env = Env::bare(Knobs::default());
+    let (g, kept) = killed_with_a_kept_pair(&env, true);
+    let copy = kept.with_extension("copy");
+    std::fs::copy(&kept, &copy).unwrap();
+    let mut b = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    b.wait_log(
+        "stored the token pair a refresh got before tokend stopped",
+        PATIENCE,
+    );
+    assert!(b.stop().success());
+    // As the crash would have left it: stored, and still kept.
+    std::fs::rename(&copy, &kept).unwrap();
+    let c = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    c.wait_log("was stored already; its file is removed", PATIENCE);
+    assert!(!kept.exists(), "the kept pair's file stayed");
+    assert!(
+        !c.log().contains("was not stored"),
+        "a stored pair was reported discarded"
+    );
+    assert_grant_kept(&env, g.grant_id, "bot");
+}
+
 /// Without a daemon, `tokend refresh` stores the kept pair first and
 /// refreshes from it; `tokend migrate` refuses to move a store while a
 /// pair waits to be stored in it (the copy would hold the spent token).

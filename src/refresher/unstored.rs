@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::secret::Secret;
-use crate::store::{Commit, Database, Lease, Store, StoreError, TokenAt, TokenUpdate};
+use crate::store::{
+    Commit, Credential, Database, Grant, Lease, Store, StoreError, TokenAt, TokenUpdate,
+};
 
 /// The directory's name, beside a SQLite store or in the state directory.
 const DIR: &str = "tokend-pending";
@@ -272,6 +274,14 @@ impl Unstored {
                 Lease::Taken { fence, .. } => {
                     self.store_under(store, holder, fence, k).await?;
                 }
+                Lease::Changed(row) if holds(&row, &k.update) => {
+                    // A crash after the commit, before the file went.
+                    tracing::info!(
+                        credential = %k.name,
+                        "the token pair kept before tokend stopped was stored already; its file is removed"
+                    );
+                    self.forget(&k.name);
+                }
                 Lease::Changed(_) | Lease::Gone => {
                     discarded(&k.name);
                     self.forget(&k.name);
@@ -294,7 +304,7 @@ impl Unstored {
         holder: &str,
         fence: i64,
         k: Kept,
-    ) -> Result<Option<crate::store::Credential>, StoreError> {
+    ) -> Result<Option<Credential>, StoreError> {
         let (name, by, lease) = (k.name, k.holder, k.fence);
         let stored = match store
             .commit_refresh(&name, holder, fence, k.at, k.update)
@@ -324,6 +334,21 @@ impl Unstored {
         self.forget(&name);
         Ok(stored)
     }
+}
+
+/// Whether `row` holds the pair `update` would store: the kept pair's own
+/// commit landed, and only the file's removal was lost.
+fn holds(row: &Credential, update: &TokenUpdate) -> bool {
+    let refresh_token = match &row.grant {
+        Grant::RefreshToken(t) => Some(t),
+        _ => None,
+    };
+    update.access_token.is_some()
+        && row.access_token == update.access_token
+        && update
+            .refresh_token
+            .as_ref()
+            .is_none_or(|t| refresh_token == Some(t))
 }
 
 fn discarded(name: &str) {
