@@ -34,8 +34,10 @@ pub enum ValidationOutcome {
     Forbidden,
 }
 
-/// Which provider endpoint a request went to.
-#[derive(Clone, Copy)]
+/// Which provider endpoint a request went to. Also what an outage is
+/// about (src/refresher/outage.rs): one endpoint may fail while the other
+/// answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Endpoint {
     Token,
     Validate,

@@ -839,6 +839,67 @@ fn a_validation_failure_leaves_a_peer_s_refresh_mark() {
     drop(d);
 }
 
+/// A credential that comes due while its provider looks down waits for
+/// another credential's probe. Meanwhile its status and a token read say
+/// why nothing is sent and when the next attempt is due; before, once its
+/// token expired, it showed `valid` with no token and neither.
+#[test]
+fn a_credential_waiting_for_the_probe_says_so() {
+    let env = Env::bare(Knobs {
+        fault: Some(Fault::Status503),
+        fault_on: FaultTarget::Token,
+        ..Knobs::default()
+    });
+    // retry_max 60 s: the provider is probed once a minute.
+    env.write_config(
+        &format!(
+            "\n[refresh]\n{QUIET_SWEEP}\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"1s\"\n\
+             retry_initial = \"500ms\"\nretry_max = \"60s\"\nrequest_timeout = \"3s\"\n"
+        ),
+        &env.sink("raw", "0600"),
+    );
+    for n in ["c0", "c1"] {
+        env.import(n, false);
+    }
+    let d = env.start();
+    wait_serving(&env.socket, PATIENCE);
+    d.wait_log("the provider looks down", PATIENCE);
+    let g = import_expiring(&env, "late", 3);
+    let before = env.provider.stats().token_requests;
+    let status = wait_for("late to wait for the probe", PATIENCE, || {
+        let s = get(&env.socket, "/v1/credentials/late").json();
+        s["next_attempt_at"].is_string().then_some(s)
+    });
+    assert_eq!(status["state"], "valid");
+    let why = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("looks down"),
+        "the status gives no reason: {why:?}"
+    );
+    wait_for("late's token to expire", PATIENCE, || {
+        let s = get(&env.socket, "/v1/credentials/late").json();
+        (s["has_token"] == false).then_some(())
+    });
+    let r = get(&env.socket, "/v1/tokens/late");
+    assert_eq!(r.status, 503);
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("looks down") && message.contains("the next attempt is due at"),
+        "a token read is not told why or when: {message}"
+    );
+    assert_eq!(
+        env.provider.grant(g.grant_id).unwrap().rotations,
+        0,
+        "late was refreshed"
+    );
+    assert!(
+        env.provider.stats().token_requests - before <= 1,
+        "more than one probe: {}",
+        env.provider.stats().token_requests - before
+    );
+    drop(d);
+}
+
 #[test]
 fn an_outage_costs_a_provider_one_probe_per_interval_and_its_return_is_seen_soon() {
     // Six credentials due at once while the provider answers 503. With

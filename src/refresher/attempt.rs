@@ -76,8 +76,8 @@ pub(super) enum Setback {
         retry_after: Option<Duration>,
         /// Keep the "refresh started" mark: the provider may have rotated.
         outcome_unknown: bool,
-        /// The provider itself looks down (a 5xx, no answer): see [`Outage`].
-        provider_down: bool,
+        /// The endpoint asked looks down (a 5xx, no answer): see [`Outage`].
+        provider_down: Option<Endpoint>,
         lease: Option<i64>,
         /// "refresh_failed" or "validation_failed": the event recorded.
         event: &'static str,
@@ -172,7 +172,7 @@ impl Refresher {
                     }
                 };
                 tracing::debug!(credential = %cred.name, "token validated");
-                self.answered(&cred.provider, cred.failures > 0);
+                self.answered(&cred.provider, Endpoint::Validate, cred.failures > 0);
                 // The validation sweep doubles as a check of the files: one
                 // that was removed (a cleaned /run, a deleted directory) or
                 // altered is written again; an intact one costs a read.
@@ -181,12 +181,19 @@ impl Refresher {
                     self.publish(&c).await;
                 }
             }
+            // The validation endpoint answered, but the refresh goes to the
+            // token endpoint, whose outage it obeys like any other.
             Err(Failure::Unauthorized) => {
                 tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");
-                self.refresh(ctx, entry, cred, p).await;
+                if self.may_send(entry, cred, now_ms(), true, Endpoint::Token) {
+                    self.refresh(ctx, entry, cred, p).await;
+                }
             }
             Err(Failure::Forbidden) => {
                 tracing::info!(credential = %cred.name, "the provider refused the access token (403); refreshing once");
+                if !self.may_send(entry, cred, now_ms(), true, Endpoint::Token) {
+                    return;
+                }
                 self.refresh(ctx, entry, cred, p).await;
                 let now = entry.cred();
                 // A new token of this grant (not of a grant that replaced
@@ -201,8 +208,8 @@ impl Refresher {
                         retry_after,
                         provider_down,
                         ..
-                    } => (*retry_after, *provider_down),
-                    _ => (None, false),
+                    } => (*retry_after, provider_down.then_some(Endpoint::Validate)),
+                    _ => (None, None),
                 };
                 // A validation failure that is not a 401 says nothing about
                 // the token: it stays published while we retry.
@@ -462,8 +469,12 @@ impl Refresher {
                         outcome_unknown,
                         provider_down,
                         ..
-                    } => (*retry_after, *outcome_unknown, *provider_down),
-                    _ => (None, false, false),
+                    } => (
+                        *retry_after,
+                        *outcome_unknown,
+                        provider_down.then_some(Endpoint::Token),
+                    ),
+                    _ => (None, false, None),
                 };
                 // Keep the "refresh started" mark while the outcome is unknown,
                 // so a later invalid_grant can be explained.
@@ -565,7 +576,7 @@ impl Refresher {
                     }
                     self.publish(&c).await;
                     tracing::info!(credential = %name, expires_in = expires.as_deref().unwrap_or("unknown"), "token refreshed");
-                    self.answered(&cred.provider, cred.failures > 0);
+                    self.answered(&cred.provider, Endpoint::Token, cred.failures > 0);
                     return;
                 }
                 Ok(Commit::Conflict) => {
@@ -682,8 +693,8 @@ impl Refresher {
                 lease,
                 event,
             } => {
-                if provider_down {
-                    self.provider_failed(&cred.provider, &cred.name);
+                if let Some(endpoint) = provider_down {
+                    self.provider_failed(&cred.provider, endpoint, &cred.name);
                 }
                 let r = &ctx.config.refresh;
                 let delay = backoff(

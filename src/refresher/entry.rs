@@ -94,6 +94,9 @@ pub(super) struct EntryState {
     pub(super) jitter: f64,
     /// Not before this instant (ms): set after a store failure or a busy lease.
     pub(super) hold_until: i64,
+    /// The hold is its provider's outage: the credential is due, but
+    /// another one probes the provider (src/refresher/outage.rs).
+    pub(super) waits_for_probe: bool,
     /// Refresh attempts so far: a caller that waited for the lock while one
     /// ran sees it move, and takes that attempt's outcome (single-flight).
     pub(super) attempts: u64,
@@ -117,11 +120,22 @@ pub(super) struct EntryState {
     trouble: Option<Trouble>,
 }
 
-/// A retrying credential held back past its backoff (its provider looks
-/// down, and another credential probes it): until when.
-fn held_past_backoff(cred: &Credential, hold: i64, now: i64) -> Option<i64> {
-    (cred.state == State::Retrying && hold > now && cred.next_attempt_at.is_none_or(|t| t < hold))
-        .then_some(hold)
+/// Why a `valid` credential that is due sends nothing yet, as its status
+/// and a token read's error say it: without it, a token that expired in an
+/// outage showed `valid`, no token, and neither a reason nor a time.
+pub(super) const WAITS_FOR_PROBE: &str = "not sent yet: its provider looks down and is probed with one request at a time; this credential waits its turn";
+
+/// A credential held back past its own schedule: a retrying one past its
+/// backoff, a valid one that is due, both because its provider looks down
+/// and another credential probes it. Until when.
+fn held_past_backoff(cred: &Credential, hold: i64, waits_for_probe: bool, now: i64) -> Option<i64> {
+    let held = hold > now && cred.next_attempt_at.is_none_or(|t| t < hold);
+    let shown = match cred.state {
+        State::Retrying => true,
+        State::Valid => waits_for_probe,
+        _ => false,
+    };
+    (held && shown).then_some(hold)
 }
 
 impl Entry {
@@ -133,6 +147,7 @@ impl Entry {
                 pending: Pending::default(),
                 jitter: fastrand::f64(),
                 hold_until: 0,
+                waits_for_probe: false,
                 attempts: 0,
                 last_rejected: 0,
                 refreshing: false,
@@ -153,21 +168,24 @@ impl Entry {
         // formats runs while the lock is held, so however that goes, it
         // cannot poison the entry for the scheduler and the workers. (The
         // store clamps every instant it reads, so nothing here overflows.)
-        let (cred, refreshing, publish_error, hold) = {
+        let (cred, refreshing, publish_error, hold, waits) = {
             let st = self.state.lock().unwrap();
             (
                 st.cred.clone(),
                 st.refreshing,
                 st.files.error.clone(),
                 st.hold_until,
+                st.waits_for_probe,
             )
         };
         let mut status = Status::of(&cred, now);
         if refreshing {
             status.state = State::Refreshing;
-        }
-        if let Some(hold) = held_past_backoff(&cred, hold, now) {
+        } else if let Some(hold) = held_past_backoff(&cred, hold, waits, now) {
             status.next_attempt_at = Some(rfc3339(hold));
+            if cred.state == State::Valid && status.last_error.is_none() {
+                status.last_error = Some(WAITS_FOR_PROBE.into());
+            }
         }
         status.last_publish_error = publish_error;
         status
@@ -176,11 +194,22 @@ impl Entry {
     /// When a retrying credential's next attempt is due, as every answer
     /// tells it: its backoff's end, or its hold if that is later.
     pub(super) fn next_attempt(&self, cred: &Credential, now: i64) -> Option<i64> {
-        if cred.state != State::Retrying {
-            return None;
+        let (hold, waits) = {
+            let st = self.state.lock().unwrap();
+            (st.hold_until, st.waits_for_probe)
+        };
+        let held = held_past_backoff(cred, hold, waits, now);
+        match cred.state {
+            State::Retrying => held.or(cred.next_attempt_at),
+            _ => held,
         }
-        let hold = self.state.lock().unwrap().hold_until;
-        held_past_backoff(cred, hold, now).or(cred.next_attempt_at)
+    }
+
+    /// Why no request is sent for a credential now, beyond its row's last
+    /// error: see [`WAITS_FOR_PROBE`].
+    pub(super) fn waiting(&self, cred: &Credential, now: i64) -> Option<&'static str> {
+        (cred.state == State::Valid && self.next_attempt(cred, now).is_some())
+            .then_some(WAITS_FOR_PROBE)
     }
 
     pub(super) fn cred(&self) -> Arc<Credential> {
@@ -213,6 +242,7 @@ impl Entry {
             st.jitter = fastrand::f64();
             // Whatever held us back (a peer's lease) has produced a new token.
             st.hold_until = 0;
+            st.waits_for_probe = false;
         }
         if replaced {
             // What this process noted of the old grant's tokens is not
@@ -226,6 +256,15 @@ impl Entry {
     }
 
     pub(super) fn hold(&self, until: i64) {
-        self.state.lock().unwrap().hold_until = until;
+        let mut st = self.state.lock().unwrap();
+        st.hold_until = until;
+        st.waits_for_probe = false;
+    }
+
+    /// Holds a due credential until its provider's next probe.
+    pub(super) fn wait_for_probe(&self, until: i64) {
+        let mut st = self.state.lock().unwrap();
+        st.hold_until = until;
+        st.waits_for_probe = true;
     }
 }

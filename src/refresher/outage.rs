@@ -2,6 +2,12 @@
 //! credentials failing with a 5xx or no answer since its last success), the
 //! one probe per interval that asks it while it does, and the nudge that
 //! brings its other credentials back soon once it answers again.
+//!
+//! Its token endpoint and its validation endpoint are judged apart: they
+//! are often different servers (PandaDoc's API and its OAuth service), and
+//! a validation answered while the token endpoint fails used to end the
+//! token endpoint's outage, so that every held credential tried it again
+//! at once, at every validation.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -12,6 +18,7 @@ use super::entry::Entry;
 use super::policy::{Gate, gate, next_deadline};
 use super::scheduler::Sched;
 use crate::clock::now_ms;
+use crate::metrics::Endpoint;
 use crate::store::{Credential, Grant, State, TokenAt};
 
 /// When a credential of a provider succeeds after failures, the provider is
@@ -50,9 +57,16 @@ impl Refresher {
     /// [`Outage`]), one request per probe interval: with `claim`, the
     /// caller that gets Go is that probe and the next one is due an
     /// interval later; the others are told when to ask again.
-    pub(super) fn provider_gate(&self, provider: &str, now: i64, claim: bool) -> Gate {
+    pub(super) fn provider_gate(
+        &self,
+        provider: &str,
+        endpoint: Endpoint,
+        now: i64,
+        claim: bool,
+    ) -> Gate {
         let mut outages = self.outages.lock().unwrap();
-        let Some(o) = outages.get_mut(provider).filter(|o| o.down()) else {
+        let key = (provider.to_owned(), endpoint);
+        let Some(o) = outages.get_mut(&key).filter(|o| o.down()) else {
             return Gate::Go;
         };
         if now < o.next_probe {
@@ -61,56 +75,71 @@ impl Refresher {
         if claim {
             let every = PROBE_INTERVAL.min(self.ctx().config.refresh.retry_max);
             o.next_probe = now + every.as_millis() as i64;
-            tracing::debug!(provider, "probing a provider that looks down");
+            tracing::debug!(provider, ?endpoint, "probing a provider that looks down");
         }
         Gate::Go
     }
 
-    /// Both gates, for a request about to be decided on: the credential's
-    /// own backoff ([`gate`]), then its provider's outage. A credential held
-    /// back by the outage is held until the next probe.
-    pub(super) fn may_send(&self, entry: &Entry, cred: &Credential, now: i64, claim: bool) -> bool {
+    /// Both gates, for a request to `endpoint` about to be decided on: the
+    /// credential's own backoff ([`gate`]), then the endpoint's outage. A
+    /// credential held back by the outage is held until the next probe.
+    pub(super) fn may_send(
+        &self,
+        entry: &Entry,
+        cred: &Credential,
+        now: i64,
+        claim: bool,
+        endpoint: Endpoint,
+    ) -> bool {
         let hold = entry.state.lock().unwrap().hold_until;
         if gate(cred, now, hold) != Gate::Go {
             return false;
         }
-        match self.provider_gate(&cred.provider, now, claim) {
+        match self.provider_gate(&cred.provider, endpoint, now, claim) {
             Gate::Go => true,
             Gate::NotBefore(t) => {
-                entry.hold(t);
+                entry.wait_for_probe(t);
                 false
             }
             Gate::Stopped => false,
         }
     }
 
-    /// A request to `provider` failed as if it were down (see [`Outage`]).
-    pub(super) fn provider_failed(&self, provider: &str, name: &str) {
+    /// A request to `provider`'s `endpoint` failed as if it were down (see
+    /// [`Outage`]).
+    pub(super) fn provider_failed(&self, provider: &str, endpoint: Endpoint, name: &str) {
         let mut outages = self.outages.lock().unwrap();
-        let o = outages.entry(provider.to_owned()).or_default();
+        let o = outages.entry((provider.to_owned(), endpoint)).or_default();
         let was_down = o.down();
         o.failing.insert(name.to_owned());
         if o.down() && !was_down {
             tracing::warn!(
                 provider,
+                ?endpoint,
                 "the provider looks down; probing it with one request at a time until it answers"
             );
         }
     }
 
-    /// A request to `provider` succeeded: it is not down. If it looked down,
-    /// or this credential had failed, the provider is back: see [`Refresher::recovered`].
-    pub(super) fn answered(&self, provider: &str, after_failures: bool) {
-        let was_down = self
-            .outages
-            .lock()
-            .unwrap()
-            .remove(provider)
-            .is_some_and(|o| o.down());
+    /// A request to `provider`'s `endpoint` succeeded: that endpoint is not
+    /// down. If it looked down, or this credential had failed, the provider
+    /// is back ([`Refresher::recovered`]), unless its token endpoint still
+    /// looks down: the retrying credentials wait for its probe.
+    pub(super) fn answered(&self, provider: &str, endpoint: Endpoint, after_failures: bool) {
+        let (was_down, token_down) = {
+            let mut outages = self.outages.lock().unwrap();
+            let was_down = outages
+                .remove(&(provider.to_owned(), endpoint))
+                .is_some_and(|o| o.down());
+            let token_down = outages
+                .get(&(provider.to_owned(), Endpoint::Token))
+                .is_some_and(Outage::down);
+            (was_down, token_down)
+        };
         if was_down {
-            tracing::info!(provider, "the provider answers again");
+            tracing::info!(provider, ?endpoint, "the provider answers again");
         }
-        if was_down || after_failures {
+        if (was_down || after_failures) && !token_down {
             self.recovered(provider);
         }
     }
@@ -140,7 +169,7 @@ impl Refresher {
             .filter(|e| {
                 let st = e.state.lock().unwrap();
                 st.cred.provider == provider
-                    && st.cred.state == State::Retrying
+                    && (st.cred.state == State::Retrying || st.waits_for_probe)
                     && st.hold_until > now
                     && st.cred.next_attempt_at.is_none_or(|t| t <= now + spread)
             })

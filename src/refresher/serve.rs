@@ -12,6 +12,7 @@ use super::entry::Entry;
 use super::policy::publishable;
 use super::{Refresher, TokenError};
 use crate::clock::now_ms;
+use crate::metrics::Endpoint;
 use crate::secret::Secret;
 use crate::store::{Credential, State};
 use crate::wire::Status;
@@ -58,7 +59,8 @@ impl Refresher {
         match publishable(&c, now_ms()) {
             Some(t) => Ok((t.clone(), c.expires_at)),
             _ => Err(TokenError::NoValidToken {
-                why: c.last_error.clone(),
+                why: (c.last_error.clone())
+                    .or_else(|| entry.waiting(&c, now_ms()).map(str::to_owned)),
                 // As the status says it: a hold past the backoff included.
                 next_attempt: entry.next_attempt(&c, now_ms()),
             }),
@@ -103,7 +105,7 @@ impl Refresher {
         // says now; otherwise the gates decide.
         let (refreshing, cred) = (st.refreshing, st.cred.clone());
         drop(st);
-        if !refreshing && !self.may_send(entry, &cred, now_ms(), false) {
+        if !refreshing && !self.may_send(entry, &cred, now_ms(), false, Endpoint::Token) {
             return None;
         }
         let mut st = entry.state.lock().unwrap();
@@ -134,7 +136,7 @@ impl Refresher {
             let state_before = entry.cred().state;
             let joined = entry.state.lock().unwrap().attempts != attempts;
             let cred = entry.cred();
-            if !joined && self.may_send(entry, &cred, now_ms(), true) {
+            if !joined && self.may_send(entry, &cred, now_ms(), true, Endpoint::Token) {
                 let ctx = self.ctx();
                 match ctx.config.providers.get(&cred.provider) {
                     Some(p) => self.refresh(&ctx, entry, &cred, p).await,
