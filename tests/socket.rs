@@ -1084,6 +1084,34 @@ fn exchange(sock: &Path, bytes: &[u8]) -> Vec<Reply> {
     read_replies(&mut s, Duration::from_secs(15))
 }
 
+/// Empty lines may come before a request line, and are skipped; a client
+/// that sends nothing else, faster than the daemon reads, gets 431 once
+/// they pass a head's 16 KiB, as an over-long head does. Before, they were
+/// skipped one by one until the head's 10 s bound, which is looked at only
+/// when a read has to wait: a client writing faster than the daemon reads
+/// could hold a slot, and a core, for longer.
+#[test]
+fn a_flood_of_empty_lines_is_an_oversized_head() {
+    let env = Env::new(Knobs::default());
+    let d = env.start();
+    let sock = env.socket.clone();
+    wait_serving(&sock, Duration::from_secs(20));
+    let mut s = UnixStream::connect(&sock).unwrap();
+    let mut writer = s.try_clone().unwrap();
+    let flood = std::thread::spawn(move || {
+        let lines = b"\r\n".repeat(512);
+        let until = Instant::now() + Duration::from_secs(30);
+        // Until the daemon closes the connection (EPIPE), or the bound.
+        while Instant::now() < until && writer.write_all(&lines).is_ok() {}
+    });
+    let replies = read_replies(&mut s, Duration::from_secs(20));
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_json_error(&replies[0], 431, "request_header_fields_too_large");
+    flood.join().unwrap();
+    assert_eq!(get(&sock, "/health").status, 200);
+    drop(d);
+}
+
 /// Issue 10: a head that cannot be parsed is answered before any route
 /// runs; those answers too are the contract's JSON errors, on the first
 /// request of a connection and on a later one, while well-formed requests
@@ -1318,9 +1346,10 @@ fn sigterm_closes_the_listener_first_and_finishes_a_request_in_flight() {
         let s = get(&sock, "/v1/credentials/bot").json();
         (!s["last_validated_at"].is_null()).then_some(())
     });
-    // A silent client, and a read whose refresh takes 3 s.
+    // A silent client, and a read whose refresh takes 2 s: it ends before
+    // the 4 s after which a read is answered without its refresh (below).
     let mut silent = UnixStream::connect(&sock).unwrap();
-    env.provider.update_knobs(|k| k.latency_ms = 3000);
+    env.provider.update_knobs(|k| k.latency_ms = 2000);
     let reader = {
         let sock = sock.clone();
         std::thread::spawn(move || {
@@ -1367,6 +1396,89 @@ fn sigterm_closes_the_listener_first_and_finishes_a_request_in_flight() {
         env.row("bot").unwrap().access_token.as_deref(),
         Some(new.as_str())
     );
+}
+
+/// A token read, or a `tokend refresh`, waiting on a refresh that outlasts
+/// the socket's drain (5 s) is answered before the drain cuts its
+/// connection: the read with the token there is (still unexpired), the
+/// command with why it has no new token. Before, the connection was cut
+/// unanswered. The refresh itself still commits before tokend exits.
+#[test]
+fn sigterm_answers_a_request_whose_refresh_outlasts_the_drain() {
+    let (env, g) = nearly_expired_env();
+    env.write_config(&refresh("30s", "10m", ""), &env.sink("raw", "0600"));
+    let sock = env.socket.clone();
+    let started = || {
+        wait_serving(&sock, Duration::from_secs(20));
+        wait_for("the start-up validation", Duration::from_secs(20), || {
+            let s = get(&sock, "/v1/credentials/bot").json();
+            (!s["last_validated_at"].is_null()).then_some(())
+        });
+        env.provider.update_knobs(|k| k.latency_ms = 8000);
+    };
+    let refreshes = || env.provider.stats().refresh_requests;
+
+    // A read whose refresh takes 8 s.
+    let mut d = env.start();
+    started();
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            socket_request(
+                &sock,
+                "GET",
+                "/v1/tokens/bot",
+                &[],
+                b"",
+                Duration::from_secs(30),
+            )
+        });
+        wait_for("the read's refresh", Duration::from_secs(10), || {
+            (refreshes() == 1).then_some(())
+        });
+        d.signal(libc::SIGTERM);
+        let r = reader
+            .join()
+            .unwrap()
+            .expect("the read is answered before its connection is cut");
+        assert_eq!(r.status, 200, "{r:?}");
+        assert!(
+            r.text() == g.access_token,
+            "not the token there was, unexpired"
+        );
+    });
+    assert!(d.wait_exit(Duration::from_secs(30)).success());
+    let new = env.provider.grant(g.grant_id).unwrap().access_token;
+    assert!(
+        env.row("bot").unwrap().access_token.as_deref() == Some(new.as_str()),
+        "the refresh was not stored before exit"
+    );
+
+    // `tokend refresh` through the daemon, its refresh taking 8 s.
+    env.provider.update_knobs(|k| k.latency_ms = 0);
+    let mut d = env.start();
+    started();
+    std::thread::scope(|s| {
+        let command = s.spawn(|| env.cli(&["refresh", "bot"], ""));
+        wait_for("the command's refresh", Duration::from_secs(10), || {
+            (refreshes() == 2).then_some(())
+        });
+        d.signal(libc::SIGTERM);
+        let out = command.join().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("was not refreshed (refreshing): tokend is stopping"),
+            "{err}"
+        );
+    });
+    assert!(d.wait_exit(Duration::from_secs(30)).success());
+    let info = env.provider.grant(g.grant_id).unwrap();
+    assert_eq!(info.rotations, 2);
+    assert!(
+        env.row("bot").unwrap().access_token.as_deref() == Some(info.access_token.as_str()),
+        "the refresh was not stored before exit"
+    );
+    assert!(info.alive);
 }
 
 /// An idle keep-alive connection does not hold shutdown up: the drain

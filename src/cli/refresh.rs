@@ -71,6 +71,8 @@ fn report(s: &Status, refreshed: bool, config: &std::path::Path) -> Result<(), E
             ),
             None => "; tokend keeps retrying with backoff".into(),
         },
+        // Still in flight (tokend is stopping): its outcome is the status's.
+        State::Refreshing => String::new(),
         _ => "; tokend keeps retrying with backoff".into(),
     };
     Err(Exit::failure(format!(

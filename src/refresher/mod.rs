@@ -84,6 +84,12 @@ use crate::store::{Credential, State, Store, StoreError};
 /// flight to commit. The systemd unit's TimeoutStopSec leaves room for both.
 pub const SHUTDOWN_COMMIT_GRACE: Duration = Duration::from_secs(30);
 
+/// How long after the start of shutdown a consumer waiting for a refresh
+/// is answered without it; the socket's drain (5 s, begun after this
+/// clock starts) leaves a second to write that answer (src/socket/mod.rs
+/// `DRAIN`).
+pub const STOP_ANSWER: Duration = Duration::from_secs(4);
+
 /// New rows beyond which the store watch reads every row at once instead
 /// of one query each (a bulk import: README "Bulk import").
 const BULK_READ: usize = 64;
@@ -183,6 +189,8 @@ pub struct Refresher {
     states: watch::Sender<()>,
     /// Set on shutdown: no new provider request starts.
     stopping: AtomicBool,
+    /// The same, for those who wait on it: see [`Refresher::answer_by`].
+    stopped: watch::Sender<bool>,
     /// On-demand refresh tasks running: shutdown waits for them.
     inflight: InFlight,
     /// When each provider's `retrying` credentials were last brought
@@ -316,6 +324,7 @@ impl Refresher {
             metrics: Metrics::default(),
             states: watch::Sender::new(()),
             stopping: AtomicBool::new(false),
+            stopped: watch::Sender::new(false),
             inflight: InFlight::default(),
             recovered_at: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
@@ -408,6 +417,7 @@ impl Refresher {
             metrics: Metrics::default(),
             states: watch::Sender::new(()),
             stopping: AtomicBool::new(false),
+            stopped: watch::Sender::new(false),
             inflight: InFlight::default(),
             recovered_at: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
@@ -439,6 +449,17 @@ impl Refresher {
     /// ([`Tasks::join`] waits for them). For shutdown.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        self.stopped.send_replace(true);
+    }
+
+    /// Ends [`STOP_ANSWER`] after tokend began to stop (never before): a
+    /// consumer waiting for a refresh is answered by then, with what there
+    /// is, instead of waiting for a refresh that may take `request_timeout`
+    /// and having its connection cut unanswered by the socket's drain.
+    async fn answer_by(&self) {
+        let mut stopped = self.stopped.subscribe();
+        let _ = stopped.wait_for(|s| *s).await;
+        tokio::time::sleep(STOP_ANSWER).await;
     }
 
     /// Marked changed whenever [`Refresher::summary`] may have changed.

@@ -17,6 +17,9 @@ use crate::secret::Secret;
 use crate::store::{Credential, State};
 use crate::wire::Status;
 
+/// Why a consumer waiting for a refresh was answered without its outcome.
+const STOPPING: &str = "tokend is stopping before the refresh ended (it is stored before tokend exits); ask again once tokend is back";
+
 impl Refresher {
     /// A token with at least `min_remaining` left. One with less (or none)
     /// is refreshed first, joining a refresh already in flight, waiting at
@@ -46,8 +49,12 @@ impl Refresher {
         if let Some(t) = fresh(&c) {
             return Ok(t);
         }
+        let mut cut = false;
         if let Some(mut done) = self.start_refresh(name, &entry) {
-            let _ = tokio::time::timeout(wait, done.wait_for(|d| *d)).await;
+            tokio::select! {
+                _ = tokio::time::timeout(wait, done.wait_for(|d| *d)) => {}
+                () = self.answer_by() => cut = true,
+            }
         }
         let c = entry.cred();
         if let Some(t) = fresh(&c) {
@@ -59,8 +66,12 @@ impl Refresher {
         match publishable(&c, now_ms()) {
             Some(t) => Ok((t.clone(), c.expires_at)),
             _ => Err(TokenError::NoValidToken {
-                why: (c.last_error.clone())
-                    .or_else(|| entry.waiting(&c, now_ms()).map(str::to_owned)),
+                why: if cut {
+                    Some(STOPPING.into())
+                } else {
+                    (c.last_error.clone())
+                        .or_else(|| entry.waiting(&c, now_ms()).map(str::to_owned))
+                },
                 // As the status says it: a hold past the backoff included.
                 next_attempt: entry.next_attempt(&c, now_ms()),
             }),
@@ -75,14 +86,22 @@ impl Refresher {
     pub async fn refresh_now(self: &Arc<Self>, name: &str) -> Option<(Status, bool)> {
         let entry = self.entry(name)?;
         let before = entry.cred().version;
+        let mut cut = false;
         if let Some(mut done) = self.start_refresh(name, &entry) {
-            let _ = done.wait_for(|d| *d).await;
+            tokio::select! {
+                _ = done.wait_for(|d| *d) => {}
+                () = self.answer_by() => cut = true,
+            }
         }
         // A pair stored without a usable access token (not Bearer) is no
         // refresh to report: the credential is misconfigured.
         let c = entry.cred();
         let changed = c.version != before && c.state != State::Misconfigured;
-        Some((entry.status(now_ms()), changed))
+        let mut status = entry.status(now_ms());
+        if cut && !changed {
+            status.last_error = Some(STOPPING.into());
+        }
+        Some((status, changed))
     }
 
     /// Starts an on-demand refresh as a task owned by the refresher, or

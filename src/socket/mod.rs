@@ -44,6 +44,8 @@ const MAX_HEAD: usize = 16 * 1024;
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long shutdown lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
+// A consumer waiting for a refresh at shutdown is answered in time.
+const _: () = assert!(DRAIN.as_secs() > crate::refresher::STOP_ANSWER.as_secs());
 
 /// Why the socket could not be taken.
 #[derive(Debug)]

@@ -158,6 +158,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
         // with a new line, so a slow client sending a byte at a time does
         // not make every byte a parse of all before it.
         let mut parsed = 0;
+        // Empty lines skipped before this head, at most as many bytes as a
+        // head may have: a client sending them faster than they are read
+        // would otherwise never fill the buffer, nor let a read wait long
+        // enough for the head's deadline to be seen.
+        let mut skipped = 0;
         loop {
             // Empty lines before a request line are skipped (RFC 9112 §2.2):
             // consumed here, or a client sending only those would have its
@@ -165,6 +170,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             while self.start < self.filled && matches!(self.buf[self.start], b'\r' | b'\n') {
                 self.consume(1);
                 parsed = 0;
+                skipped += 1;
+            }
+            if skipped > MAX_HEAD {
+                return Next::Bad(Bad::TooLarge);
             }
             let data = &self.buf[self.start..self.filled];
             if !data.is_empty()
