@@ -42,6 +42,9 @@ const MAX_HEAD: usize = 16 * 1024;
 /// moment the socket buffer is full until the answer is all written (for
 /// the streamed list, each part of it).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one warning this often while connections are refused at the
+/// limit, with how many were.
+const LIMIT_LOG: Duration = Duration::from_secs(10);
 /// How long shutdown lets requests in progress finish.
 const DRAIN: Duration = Duration::from_secs(5);
 // A consumer waiting for a refresh at shutdown is answered in time.
@@ -254,6 +257,9 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let (drain_tx, drain_rx) = watch::channel(false);
+    // Connections refused at the limit, logged at most every LIMIT_LOG:
+    // a client connecting in a loop would otherwise flood the journal.
+    let (mut refused, mut logged): (u64, Option<tokio::time::Instant>) = (0, None);
     loop {
         let stream = tokio::select! {
             biased;
@@ -269,7 +275,14 @@ async fn accept_loop(
             },
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("socket connection limit reached; closing a new connection");
+            refused += 1;
+            if logged.is_none_or(|t| t.elapsed() >= LIMIT_LOG) {
+                tracing::warn!(
+                    refused,
+                    "socket connection limit reached ({MAX_CONNECTIONS}); closing new connections"
+                );
+                (refused, logged) = (0, Some(tokio::time::Instant::now()));
+            }
             continue;
         };
         let state = state.clone();

@@ -63,6 +63,10 @@ const MAX_BUFFER: usize = MAX_HEAD + MAX_BODY;
 /// The answer buffer's first size, and the most it keeps between answers.
 const FIRST_OUT: usize = 512;
 const KEPT_OUT: usize = 16 * 1024;
+/// How long the whole streamed list may take to be read: each part has
+/// WRITE_TIMEOUT, and a client taking one part just within it would
+/// otherwise hold its slot for an hour on 100,000 credentials.
+const LIST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Serves a connection until the client leaves, a request closes it, a
 /// bound runs out, or `stop` is set (the daemon is stopping: checked while
@@ -206,7 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             Body::Length(n) => {
                 let want = req.len + n as usize;
                 if req.expects_continue && self.filled - self.start < want {
-                    self.write_all_out(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.write_all_out(b"HTTP/1.1 100 Continue\r\n\r\n", None)
                         .await
                         .map_err(|_| None)?;
                 }
@@ -220,7 +224,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             }
             Body::Chunked => {
                 if req.expects_continue && self.filled - self.start == req.len {
-                    self.write_all_out(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.write_all_out(b"HTTP/1.1 100 Continue\r\n\r\n", None)
                         .await
                         .map_err(|_| None)?;
                 }
@@ -252,8 +256,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     }
 
     /// Reads more bytes: how many (0 at the client's end), an error once
-    /// `deadline` has passed, or 0 at once if `between` (requests) and the
-    /// daemon is stopping.
+    /// `deadline` has passed, or 0 if `between` (requests), the daemon is
+    /// stopping and nothing more has come (what a client sent just before
+    /// the shutdown is still read, and answered).
     async fn fill(&mut self, deadline: Instant, between: bool) -> io::Result<usize> {
         if self.filled == self.buf.len() {
             if self.start > 0 {
@@ -267,9 +272,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
             }
         }
         std::future::poll_fn(|cx| {
-            if between && self.stop.load(Ordering::Relaxed) {
-                return Poll::Ready(Ok(0));
-            }
             let mut rb = ReadBuf::new(&mut self.buf[self.filled..]);
             match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
                 Poll::Ready(Ok(())) => {
@@ -278,6 +280,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     Poll::Ready(Ok(n))
                 }
                 Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                Poll::Pending if between && self.stop.load(Ordering::Relaxed) => Poll::Ready(Ok(0)),
                 Poll::Pending => match self.clock.poll(cx, deadline) {
                     Poll::Ready(()) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
                     Poll::Pending => Poll::Pending,
@@ -347,10 +350,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     Length::Known(body.len()),
                     connection,
                 );
-                if !head_only {
-                    self.out.extend_from_slice(&body);
+                if head_only {
+                    return self.send_out().await;
                 }
-                self.send_out().await
+                if body.len() <= KEPT_OUT {
+                    self.out.extend_from_slice(&body);
+                    return self.send_out().await;
+                }
+                // A large answer (the metrics of many credentials) is
+                // written from where it is, not copied next to itself.
+                self.send_out().await?;
+                self.write_all_out(&body, None).await
             }
             Payload::List(mut list) => {
                 // HTTP/1.0 has no chunked framing: the end of the
@@ -372,6 +382,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                 if head_only {
                     return Ok(());
                 }
+                let by = Some(Instant::now() + LIST_TIMEOUT);
                 let mut part = Vec::with_capacity(32 * 1024);
                 loop {
                     part.clear();
@@ -390,7 +401,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                             self.out.extend_from_slice(b"0\r\n\r\n");
                         }
                     }
-                    self.send_out().await?;
+                    self.send_out_by(by).await?;
                     if !more {
                         return Ok(());
                     }
@@ -400,15 +411,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
     }
 
     async fn send_out(&mut self) -> io::Result<()> {
+        self.send_out_by(None).await
+    }
+
+    /// [`send_out`](Self::send_out), failing also once `by` has passed
+    /// while the client does not read.
+    async fn send_out_by(&mut self, by: Option<Instant>) -> io::Result<()> {
         let out = std::mem::take(&mut self.out);
-        let r = self.write_all_out(&out).await;
+        let r = self.write_all_out(&out, by).await;
         self.out = out;
         r
     }
 
     /// Writes all of `bytes`, failing once a write has waited
-    /// WRITE_TIMEOUT for the client to read.
-    async fn write_all_out(&mut self, bytes: &[u8]) -> io::Result<()> {
+    /// WRITE_TIMEOUT for the client to read, or has waited past `by`.
+    async fn write_all_out(&mut self, bytes: &[u8], by: Option<Instant>) -> io::Result<()> {
         let mut sent = 0;
         let mut stalled: Option<Instant> = None;
         std::future::poll_fn(|cx| {
@@ -420,12 +437,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<'_, S> {
                     Poll::Pending => {
                         let deadline = *stalled.get_or_insert_with(|| {
                             tracing::debug!("a socket answer waits: the client is not reading");
-                            Instant::now() + WRITE_TIMEOUT
+                            let stall = Instant::now() + WRITE_TIMEOUT;
+                            by.map_or(stall, |by| by.min(stall))
                         });
                         return match self.clock.poll(cx, deadline) {
                             Poll::Ready(()) => {
                                 tracing::debug!(
-                                    "closing a socket connection whose client has not read its answer for 5 s"
+                                    "closing a socket connection whose client has not read its answer in time"
                                 );
                                 Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
                             }
