@@ -34,10 +34,10 @@ pub enum ValidationOutcome {
     Forbidden,
 }
 
-/// Which provider endpoint a request went to. Also what an outage is
-/// about (src/refresher/outage.rs): one endpoint may fail while the other
-/// answers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Which provider endpoint a request went to. An outage remembers it with
+/// each failure (src/refresher/outage.rs): one endpoint may fail while the
+/// other answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Token,
     Validate,

@@ -181,19 +181,12 @@ impl Refresher {
                     self.publish(&c).await;
                 }
             }
-            // The validation endpoint answered, but the refresh goes to the
-            // token endpoint, whose outage it obeys like any other.
             Err(Failure::Unauthorized) => {
                 tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");
-                if self.may_send(entry, cred, now_ms(), true, Endpoint::Token) {
-                    self.refresh(ctx, entry, cred, p).await;
-                }
+                self.refresh(ctx, entry, cred, p).await;
             }
             Err(Failure::Forbidden) => {
                 tracing::info!(credential = %cred.name, "the provider refused the access token (403); refreshing once");
-                if !self.may_send(entry, cred, now_ms(), true, Endpoint::Token) {
-                    return;
-                }
                 self.refresh(ctx, entry, cred, p).await;
                 let now = entry.cred();
                 // A new token of this grant (not of a grant that replaced

@@ -197,7 +197,7 @@ pub struct Refresher {
     /// forward after one of its credentials recovered (ms).
     recovered_at: Mutex<HashMap<String, i64>>,
     /// Per provider that looks down: see [`Outage`].
-    outages: Mutex<HashMap<(String, crate::metrics::Endpoint), Outage>>,
+    outages: Mutex<HashMap<String, Outage>>,
     /// The `[[notify]]` rules' runner, told of every change of state.
     alerts: Alerts,
     /// Held for reading while files are written or removed, for writing

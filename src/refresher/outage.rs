@@ -3,13 +3,14 @@
 //! one probe per interval that asks it while it does, and the nudge that
 //! brings its other credentials back soon once it answers again.
 //!
-//! Its token endpoint and its validation endpoint are judged apart: they
-//! are often different servers (PandaDoc's API and its OAuth service), and
-//! a validation answered while the token endpoint fails used to end the
-//! token endpoint's outage, so that every held credential tried it again
-//! at once, at every validation.
+//! A failure is remembered with the endpoint it came from. A validation
+//! answered ends only the validation endpoint's part of an outage: one
+//! answered while the token endpoint fails (a 503 from the OAuth service
+//! while the API works) used to end the whole outage, so that every held
+//! credential tried the token endpoint again at once, at every validation.
+//! A refresh answered ends all of it: what tokens need works.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,7 +42,8 @@ pub(super) const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 /// or no answer since its last success, and when it may next be probed.
 #[derive(Default)]
 pub(super) struct Outage {
-    pub(super) failing: HashSet<String>,
+    /// Each failing credential, and the endpoint it last failed on.
+    pub(super) failing: HashMap<String, Endpoint>,
     pub(super) next_probe: i64,
 }
 
@@ -57,16 +59,9 @@ impl Refresher {
     /// [`Outage`]), one request per probe interval: with `claim`, the
     /// caller that gets Go is that probe and the next one is due an
     /// interval later; the others are told when to ask again.
-    pub(super) fn provider_gate(
-        &self,
-        provider: &str,
-        endpoint: Endpoint,
-        now: i64,
-        claim: bool,
-    ) -> Gate {
+    pub(super) fn provider_gate(&self, provider: &str, now: i64, claim: bool) -> Gate {
         let mut outages = self.outages.lock().unwrap();
-        let key = (provider.to_owned(), endpoint);
-        let Some(o) = outages.get_mut(&key).filter(|o| o.down()) else {
+        let Some(o) = outages.get_mut(provider).filter(|o| o.down()) else {
             return Gate::Go;
         };
         if now < o.next_probe {
@@ -75,27 +70,20 @@ impl Refresher {
         if claim {
             let every = PROBE_INTERVAL.min(self.ctx().config.refresh.retry_max);
             o.next_probe = now + every.as_millis() as i64;
-            tracing::debug!(provider, ?endpoint, "probing a provider that looks down");
+            tracing::debug!(provider, "probing a provider that looks down");
         }
         Gate::Go
     }
 
-    /// Both gates, for a request to `endpoint` about to be decided on: the
-    /// credential's own backoff ([`gate`]), then the endpoint's outage. A
-    /// credential held back by the outage is held until the next probe.
-    pub(super) fn may_send(
-        &self,
-        entry: &Entry,
-        cred: &Credential,
-        now: i64,
-        claim: bool,
-        endpoint: Endpoint,
-    ) -> bool {
+    /// Both gates, for a request about to be decided on: the credential's
+    /// own backoff ([`gate`]), then its provider's outage. A credential held
+    /// back by the outage is held until the next probe.
+    pub(super) fn may_send(&self, entry: &Entry, cred: &Credential, now: i64, claim: bool) -> bool {
         let hold = entry.state.lock().unwrap().hold_until;
         if gate(cred, now, hold) != Gate::Go {
             return false;
         }
-        match self.provider_gate(&cred.provider, endpoint, now, claim) {
+        match self.provider_gate(&cred.provider, now, claim) {
             Gate::Go => true,
             Gate::NotBefore(t) => {
                 entry.wait_for_probe(t);
@@ -109,37 +97,45 @@ impl Refresher {
     /// [`Outage`]).
     pub(super) fn provider_failed(&self, provider: &str, endpoint: Endpoint, name: &str) {
         let mut outages = self.outages.lock().unwrap();
-        let o = outages.entry((provider.to_owned(), endpoint)).or_default();
+        let o = outages.entry(provider.to_owned()).or_default();
         let was_down = o.down();
-        o.failing.insert(name.to_owned());
+        o.failing.insert(name.to_owned(), endpoint);
         if o.down() && !was_down {
             tracing::warn!(
                 provider,
-                ?endpoint,
                 "the provider looks down; probing it with one request at a time until it answers"
             );
         }
     }
 
-    /// A request to `provider`'s `endpoint` succeeded: that endpoint is not
-    /// down. If it looked down, or this credential had failed, the provider
-    /// is back ([`Refresher::recovered`]), unless its token endpoint still
-    /// looks down: the retrying credentials wait for its probe.
+    /// A request to `provider`'s `endpoint` succeeded. A refresh ends the
+    /// outage; a validation only the failures of the validation endpoint
+    /// (see the module's docs). If the provider looked down and no longer
+    /// does, or this credential had failed, it is back: see
+    /// [`Refresher::recovered`].
     pub(super) fn answered(&self, provider: &str, endpoint: Endpoint, after_failures: bool) {
-        let (was_down, token_down) = {
+        let (was_down, down) = {
             let mut outages = self.outages.lock().unwrap();
-            let was_down = outages
-                .remove(&(provider.to_owned(), endpoint))
-                .is_some_and(|o| o.down());
-            let token_down = outages
-                .get(&(provider.to_owned(), Endpoint::Token))
-                .is_some_and(Outage::down);
-            (was_down, token_down)
+            let Some(o) = outages.get_mut(provider) else {
+                drop(outages);
+                if after_failures {
+                    self.recovered(provider);
+                }
+                return;
+            };
+            let was_down = o.down();
+            o.failing
+                .retain(|_, failed_on| endpoint == Endpoint::Validate && *failed_on != endpoint);
+            let down = o.down();
+            if o.failing.is_empty() {
+                outages.remove(provider);
+            }
+            (was_down, down)
         };
-        if was_down {
-            tracing::info!(provider, ?endpoint, "the provider answers again");
+        if was_down && !down {
+            tracing::info!(provider, "the provider answers again");
         }
-        if (was_down || after_failures) && !token_down {
+        if (was_down || after_failures) && !down {
             self.recovered(provider);
         }
     }
