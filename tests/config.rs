@@ -351,6 +351,49 @@ fn check_config_finds_a_database_directory_and_a_file_at_the_socket_path() {
     fs::remove_file(&env.socket).unwrap();
 }
 
+/// A store tokend would use, but open to other users (made by hand, or its
+/// directory loosened since): `check-config` still says ok, and warns of
+/// each opening. It said nothing.
+#[test]
+fn check_config_warns_of_a_database_open_to_others() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::bare(Knobs::default());
+    base_config(&env);
+    env.import("bot", true);
+    let state = env.db.parent().unwrap().to_owned();
+    let mode = |p: &Path, m: u32| fs::set_permissions(p, fs::Permissions::from_mode(m)).unwrap();
+    let check = || run_bounded(&env, env.tokend(&["check-config"]), Duration::from_secs(20));
+    let (status, _, stderr) = check();
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+    assert!(
+        !state.join("tokend.db-shm").exists(),
+        "check-config left a journal file"
+    );
+
+    mode(&env.db, 0o644);
+    mode(&state, 0o777);
+    let wal = state.join("tokend.db-wal");
+    assert!(
+        !wal.exists(),
+        "the test's premise: no daemon holds the store"
+    );
+    let (status, stdout, stderr) = check();
+    assert!(!wal.exists(), "check-config left a journal file");
+    assert_eq!(status.code(), Some(0), "stderr: {stderr}");
+    assert!(stdout.contains(": ok ("), "{stdout}");
+    assert!(
+        stderr.contains("readable by others (mode 0644)") && stderr.contains("chmod 600"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("writable by others (mode 0777)"),
+        "{stderr}"
+    );
+    mode(&env.db, 0o600);
+    mode(&state, 0o700);
+}
+
 /// Issue 10, item 4: a PandaDoc preset with `token_auth =
 /// "client_secret_basic"` or `pkce = true` would send requests PandaDoc's
 /// OpenAPI description does not describe: check-config (and run) refuse

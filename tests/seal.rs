@@ -180,6 +180,19 @@ fn a_wrong_or_missing_or_bad_key_is_refused_and_changes_nothing() {
     // Another key: refused with both fingerprints, the store untouched.
     let other = key_file(&env, "other");
     write_config(&env, Some(&other));
+    // check-config finds it first, reading the store only (below: the
+    // store is unchanged).
+    let out = env.cli(&["check-config"], "");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "check-config with the wrong key"
+    );
+    let e = text(&out.stderr);
+    assert!(
+        e.contains("database") && e.contains("wrapped by the key with fingerprint"),
+        "{e}"
+    );
     for args in [&["status"][..], &["refresh", "bot"], &["list"]] {
         let out = env.cli(args, "");
         assert!(!out.status.success(), "{args:?} with the wrong key");
@@ -194,6 +207,13 @@ fn a_wrong_or_missing_or_bad_key_is_refused_and_changes_nothing() {
     assert!(daemon.log().contains("fingerprint"), "{}", daemon.log());
     // No key at all: refused too, never read as plaintext.
     write_config(&env, None);
+    let out = env.cli(&["check-config"], "");
+    assert_eq!(out.status.code(), Some(2), "check-config without a key");
+    assert!(
+        text(&out.stderr).contains("store is sealed"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = env.cli(&["refresh", "bot"], "");
     assert!(!out.status.success());
     assert!(
@@ -660,6 +680,14 @@ fn turning_sealing_on_for_an_existing_installation_loses_nothing() {
 
     let key = key_file(&env, "key");
     write_config(&env, Some(&key));
+    // check-config says so before the daemon would refuse to start.
+    let out = env.cli(&["check-config"], "");
+    assert_eq!(out.status.code(), Some(2), "check-config over plaintext");
+    assert!(
+        text(&out.stderr).contains("2 credentials in plaintext: run `tokend keys seal`"),
+        "{}",
+        text(&out.stderr)
+    );
     // A store with plaintext credentials is not written half sealed: it
     // waits for the one command that seals every row.
     let out = env.cli(&["status"], "");
@@ -686,6 +714,7 @@ fn turning_sealing_on_for_an_existing_installation_loses_nothing() {
     );
     let again = env.cli(&["keys", "seal"], "");
     assert!(!again.status.success(), "sealed twice");
+    ok(&env.cli(&["check-config"], ""), "check-config once sealed");
 
     daemon_publishes(&env, &env.config_path, "a", &a.access_token);
     ok(&env.cli(&["refresh", "b"], ""), "refresh b");

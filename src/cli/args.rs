@@ -123,6 +123,9 @@ pub struct Run {
 /// Check the config, its secrets and paths; exit 0 or 2
 ///
 /// Prints every problem with its key, at once, and changes nothing.
+/// A SQLite store is read, only, to see that the daemon would take it
+/// with the config's encryption key (or without one); a store others may
+/// read, or its directory others may write, is a warning (exit 0).
 /// Run as root, it also checks the sink and database directories and the
 /// sink and socket groups as the service user meets them (by mode bits;
 /// ACLs are not read), if that user exists.

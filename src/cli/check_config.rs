@@ -17,6 +17,7 @@ use super::Exit;
 use super::args::{CheckConfig, Global};
 use crate::config::{self, Config, ConfigError, Problem, SinkConfig};
 use crate::publish;
+use crate::store::{StoreConn, StoreError};
 use crate::users::User;
 
 /// The user systemd/tokend.service runs tokend as.
@@ -52,6 +53,21 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
             ),
         });
     }
+    // A store the daemon would refuse with this config's key, or lack of
+    // one (README "Secrets at rest"). SQLite only: a PostgreSQL server is
+    // not asked.
+    if let Some(db) = config.database.file()
+        && !problems.iter().any(|p| p.key == "database")
+        && let Err(e) = StoreConn::check_sealing(db, config.sealing.as_ref().map(|s| s.kek.clone()))
+    {
+        problems.push(Problem {
+            key: "database".into(),
+            message: match e {
+                StoreError::Seal(why) => why,
+                e => format!("cannot read {} to check its sealing: {e}", db.display()),
+            },
+        });
+    }
     let socket = &config.socket.path;
     if let Ok(meta) = fs::symlink_metadata(socket)
         && !meta.file_type().is_socket()
@@ -73,6 +89,11 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
     if !problems.is_empty() {
         return Err(Exit::config(ConfigError { path, problems }));
     }
+    if let Some(db) = config.database.file() {
+        for w in open_to_others(db) {
+            eprintln!("tokend: warning: {w}");
+        }
+    }
     println!(
         "{}: ok ({} provider{}, {} sink{}, database {}{}{})",
         path.display(),
@@ -93,6 +114,36 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
         user.map_or(String::new(), |u| format!("; checked as user {}", u.name))
     );
     Ok(())
+}
+
+/// What lets other users at a SQLite store that tokend would still use:
+/// warnings, not problems. tokend makes the file 0600 in a 0700
+/// directory; one made by hand, or a directory loosened later, may not be.
+fn open_to_others(db: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let dir = db.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir
+        && let Ok(meta) = fs::metadata(dir)
+        && meta.mode() & 0o002 != 0
+    {
+        found.push(format!(
+            "database: {} is writable by others (mode {:04o}): anyone may replace \
+             the database or its journal files",
+            dir.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    if let Ok(meta) = fs::metadata(db)
+        && meta.mode() & 0o004 != 0
+    {
+        found.push(format!(
+            "database: {} is readable by others (mode {:04o}), and holds the \
+             refresh tokens: chmod 600 it",
+            db.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    found
 }
 
 /// Whom paths and groups are checked for besides ourselves: the service

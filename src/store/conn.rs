@@ -145,6 +145,48 @@ impl StoreConn {
         Ok(conn)
     }
 
+    /// For `tokend check-config`: whether a daemon with `kek` would take
+    /// the SQLite store at `path` as it is (README "Secrets at rest"),
+    /// found by reading it only: nothing is made, migrated or sealed. A
+    /// store not made yet is taken.
+    pub fn check_sealing(path: &Path, kek: Option<Arc<Kek>>) -> Result<()> {
+        if std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        {
+            return Ok(());
+        }
+        let c = open_to_look(path)?;
+        let has = |table: &str| -> Result<bool> {
+            let n: i64 = c.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )?;
+            Ok(n > 0)
+        };
+        if !has("credentials")? {
+            return Ok(());
+        }
+        if !has("keys")? {
+            // Older than sealing (the daemon migrates it first): every
+            // credential is plaintext.
+            let n: i64 = c.query_row("SELECT count(*) FROM credentials", [], |r| r.get(0))?;
+            if kek.is_some() && n > 0 {
+                return Err(StoreError::Seal(format!(
+                    "the config gives an encryption key, but the store holds {n} \
+                     credential{} in plaintext: run `tokend keys seal` once to seal them \
+                     (README \"Secrets at rest\")",
+                    if n == 1 { "" } else { "s" }
+                )));
+            }
+            return Ok(());
+        }
+        let found = Lite(&c).keys()?;
+        keys::judge(&found, || Lite(&c).stored_tokens(), kek.as_deref())?;
+        // The data keys unwrap with this key, as the daemon's would.
+        Sealer::new(kek, &found)?;
+        Ok(())
+    }
+
     /// [`keys::open_keys`]. On SQLite, a read outside any transaction
     /// first: a store that needs no first data key opens (`tokend status`)
     /// while another process holds the write lock.
@@ -302,6 +344,42 @@ pub(super) fn sqlite_open_keys(c: &Connection, kek: Option<&Kek>) -> Result<Vec<
 }
 
 /// See [`StoreConn::open_tuned`]: the SQLite connection, private and migrated.
+/// Opens a SQLite store to read it without leaving a trace. A read-only
+/// connection to a WAL database makes its `-wal` and `-shm` files when
+/// they are missing, and cannot remove them at its close: as root (where
+/// `check-config` runs) in a directory of the service user's, or with the
+/// mode of a store made loose by hand. When they are missing, the main
+/// file holds everything committed, and is read as immutable: no lock, no
+/// other file. When they are there (a daemon has it open), they are used.
+fn open_to_look(path: &Path) -> Result<Connection> {
+    use rusqlite::OpenFlags;
+    let with = |suffix: &str| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        PathBuf::from(p).exists()
+    };
+    if with("-wal") && with("-shm") {
+        return Ok(Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?);
+    }
+    let abs = std::path::absolute(path).map_err(|e| StoreError::Io(path.to_owned(), e))?;
+    let mut uri = String::from("file:");
+    for &b in abs.as_os_str().as_encoded_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b as char);
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    Ok(Connection::open_with_flags(
+        uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+    )?)
+}
+
 pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<Connection> {
     let io = |e| StoreError::Io(path.to_owned(), e);
     if create {

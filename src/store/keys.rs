@@ -252,17 +252,38 @@ fn seal_error(e: seal::SealError) -> StoreError {
 /// tokens is refused, as is a sealed store without `kek`.
 pub(super) fn open_keys(tx: &mut dyn KeyTx, kek: Option<&Kek>) -> Result<Vec<WrappedKey>> {
     let keys = tx.keys()?;
+    match (kek, judge(&keys, || tx.stored_tokens(), kek)?) {
+        (Some(kek), true) => {
+            let (_, first) = Keyring::create(kek, now_ms()).map_err(seal_error)?;
+            // Another host may have made it first: then its key is the one.
+            tx.insert_key(&first, kek.fingerprint())?;
+            tx.keys()
+        }
+        _ => Ok(keys),
+    }
+}
+
+/// Whether a store with these data `keys` opens with `kek`: true if it
+/// is to be sealed now (a key given, and no token stored yet), false if it
+/// opens as it is; an error if it is refused. `stored` is read only when
+/// it decides. Apart from [`open_keys`], so that `tokend check-config`
+/// asks the same question of a store it only reads.
+pub(super) fn judge(
+    keys: &[WrappedKey],
+    stored: impl FnOnce() -> Result<Vec<StoredTokens>>,
+    kek: Option<&Kek>,
+) -> Result<bool> {
     match kek {
-        None if keys.is_empty() => Ok(keys),
+        None if keys.is_empty() => Ok(false),
         None => Err(StoreError::Seal(format!(
             "the store is sealed (its data keys are wrapped by the key with fingerprint {}), \
              but the config gives no encryption key: set encryption_key_file or \
              encryption_key_credential (README \"Secrets at rest\")",
             fingerprint_of(&keys[0]).unwrap_or("?")
         ))),
-        Some(_) if !keys.is_empty() => Ok(keys),
-        Some(kek) => {
-            let stored = tx.stored_tokens()?;
+        Some(_) if !keys.is_empty() => Ok(false),
+        Some(_) => {
+            let stored = stored()?;
             if let Some(t) = stored
                 .iter()
                 .find(|t| t.values().iter().any(|(_, v)| seal::is_sealed(v)))
@@ -282,10 +303,7 @@ pub(super) fn open_keys(tx: &mut dyn KeyTx, kek: Option<&Kek>) -> Result<Vec<Wra
                     if plain == 1 { "" } else { "s" }
                 )));
             }
-            let (_, first) = Keyring::create(kek, now_ms()).map_err(seal_error)?;
-            // Another host may have made it first: then its key is the one.
-            tx.insert_key(&first, kek.fingerprint())?;
-            tx.keys()
+            Ok(true)
         }
     }
 }
