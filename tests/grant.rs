@@ -850,7 +850,8 @@ fn a_credential_waiting_for_the_probe_says_so() {
         fault_on: FaultTarget::Token,
         ..Knobs::default()
     });
-    // retry_max 60 s: the provider is probed once a minute.
+    // retry_max 60 s: the provider is probed every 30 s (the probe's
+    // interval, at most retry_max).
     env.write_config(
         &format!(
             "\n[refresh]\n{QUIET_SWEEP}\nrefresh_before_expiry = \"2s\"\nmin_remaining = \"1s\"\n\
@@ -861,9 +862,15 @@ fn a_credential_waiting_for_the_probe_says_so() {
     for n in ["c0", "c1"] {
         env.import(n, false);
     }
+    env.import("steady", true);
     let d = env.start();
     wait_serving(&env.socket, PATIENCE);
     d.wait_log("the provider looks down", PATIENCE);
+    // The first probe goes at once (c0 or c1, retrying): once it has, the
+    // next is 30 s away, and `late` cannot be it.
+    wait_for("the first probe", PATIENCE, || {
+        (env.provider.stats().token_requests >= 3).then_some(())
+    });
     let g = import_expiring(&env, "late", 3);
     let before = env.provider.stats().token_requests;
     let status = wait_for("late to wait for the probe", PATIENCE, || {
@@ -897,6 +904,17 @@ fn a_credential_waiting_for_the_probe_says_so() {
         "more than one probe: {}",
         env.provider.stats().token_requests - before
     );
+    // Only the token endpoint fails: a validation goes out at once, and
+    // does not wait for (or take) the token endpoint's probe.
+    let validated = env.provider.stats().validations_ok;
+    assert_eq!(
+        request(&env.socket, "POST", "/v1/tokens/steady/rejected").status,
+        202
+    );
+    // Well before the next probe, 30 s away.
+    wait_for("steady's validation", Duration::from_secs(10), || {
+        (env.provider.stats().validations_ok > validated).then_some(())
+    });
     drop(d);
 }
 

@@ -850,8 +850,11 @@ fn a_direct_refresh_interrupted_mid_request_stores_its_answer() {
     use std::os::unix::process::ExitStatusExt;
     use std::process::Stdio;
     for sig in [libc::SIGINT, libc::SIGHUP, libc::SIGTSTP] {
+        // Longer than the 3 s after which the daemon answers those waiting
+        // on a refresh at shutdown: this command has nobody to hand its
+        // refresh to, and waits for it.
         let env = Env::bare(Knobs {
-            latency_ms: 3000,
+            latency_ms: 5000,
             ..Knobs::default()
         });
         env.write_config(&fast_refresh_timeout("15s"), &env.sink("raw", "0600"));

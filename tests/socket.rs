@@ -1346,8 +1346,9 @@ fn sigterm_closes_the_listener_first_and_finishes_a_request_in_flight() {
         let s = get(&sock, "/v1/credentials/bot").json();
         (!s["last_validated_at"].is_null()).then_some(())
     });
-    // A silent client, and a read whose refresh takes 2 s: it ends before
-    // the 4 s after which a read is answered without its refresh (below).
+    // A silent client, and a read whose refresh takes 2 s, begun before
+    // the SIGTERM: it ends before the 3 s after which a read is answered
+    // without its refresh (below).
     let mut silent = UnixStream::connect(&sock).unwrap();
     env.provider.update_knobs(|k| k.latency_ms = 2000);
     let reader = {

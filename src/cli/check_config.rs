@@ -56,17 +56,22 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
     // A store the daemon would refuse with this config's key, or lack of
     // one (README "Secrets at rest"). SQLite only: a PostgreSQL server is
     // not asked.
+    let mut warnings = Vec::new();
     if let Some(db) = config.database.file()
         && !problems.iter().any(|p| p.key == "database")
-        && let Err(e) = StoreConn::check_sealing(db, config.sealing.as_ref().map(|s| s.kek.clone()))
     {
-        problems.push(Problem {
-            key: "database".into(),
-            message: match e {
-                StoreError::Seal(why) => why,
-                e => format!("cannot read {} to check its sealing: {e}", db.display()),
-            },
-        });
+        match StoreConn::check_sealing(db, config.sealing.as_ref().map(|s| s.kek.clone())) {
+            Ok(()) => {}
+            Err(StoreError::Seal(why)) => problems.push(Problem {
+                key: "database".into(),
+                message: why,
+            }),
+            // Not the daemon's problem, perhaps: it may read what we cannot.
+            Err(e) => warnings.push(format!(
+                "database: cannot read {} to check its sealing: {e}",
+                db.display()
+            )),
+        }
     }
     let socket = &config.socket.path;
     if let Ok(meta) = fs::symlink_metadata(socket)
@@ -90,9 +95,10 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
         return Err(Exit::config(ConfigError { path, problems }));
     }
     if let Some(db) = config.database.file() {
-        for w in open_to_others(db) {
-            eprintln!("tokend: warning: {w}");
-        }
+        warnings.extend(open_to_others(db));
+    }
+    for w in warnings {
+        eprintln!("tokend: warning: {w}");
     }
     println!(
         "{}: ok ({} provider{}, {} sink{}, database {}{}{})",

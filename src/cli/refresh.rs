@@ -111,6 +111,8 @@ fn directly(global: &Global, name: &str) -> Result<(Status, bool), Exit> {
             .refresh_now(name)
             .await
             .ok_or_else(|| Exit::failure(format!("no credential named {name:?}")));
+        // Leaving the runtime drops its tasks: the refresh must be over.
+        r.settled().await;
         held.abort();
         match caught.load(Ordering::SeqCst) {
             0 => out,

@@ -86,9 +86,9 @@ pub const SHUTDOWN_COMMIT_GRACE: Duration = Duration::from_secs(30);
 
 /// How long after the start of shutdown a consumer waiting for a refresh
 /// is answered without it; the socket's drain (5 s, begun after this
-/// clock starts) leaves a second to write that answer (src/socket/mod.rs
-/// `DRAIN`).
-pub const STOP_ANSWER: Duration = Duration::from_secs(4);
+/// clock starts) leaves two seconds to write that answer on a loaded
+/// machine (src/socket/mod.rs `DRAIN`).
+pub const STOP_ANSWER: Duration = Duration::from_secs(3);
 
 /// New rows beyond which the store watch reads every row at once instead
 /// of one query each (a bulk import: README "Bulk import").
@@ -189,8 +189,13 @@ pub struct Refresher {
     states: watch::Sender<()>,
     /// Set on shutdown: no new provider request starts.
     stopping: AtomicBool,
-    /// The same, for those who wait on it: see [`Refresher::answer_by`].
-    stopped: watch::Sender<bool>,
+    /// When shutdown began, for those who wait on it: see
+    /// [`Refresher::answer_by`]. Only the daemon's refresher ever sets it:
+    /// `tokend refresh` without a daemon waits for its refresh whatever
+    /// signal it gets (its process is all that holds the answer).
+    stopped: watch::Sender<Option<Instant>>,
+    /// Whether this is the daemon's refresher (see `stopped`).
+    daemon: bool,
     /// On-demand refresh tasks running: shutdown waits for them.
     inflight: InFlight,
     /// When each provider's `retrying` credentials were last brought
@@ -324,7 +329,8 @@ impl Refresher {
             metrics: Metrics::default(),
             states: watch::Sender::new(()),
             stopping: AtomicBool::new(false),
-            stopped: watch::Sender::new(false),
+            stopped: watch::Sender::new(None),
+            daemon: true,
             inflight: InFlight::default(),
             recovered_at: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
@@ -417,7 +423,8 @@ impl Refresher {
             metrics: Metrics::default(),
             states: watch::Sender::new(()),
             stopping: AtomicBool::new(false),
-            stopped: watch::Sender::new(false),
+            stopped: watch::Sender::new(None),
+            daemon: false,
             inflight: InFlight::default(),
             recovered_at: Mutex::new(HashMap::new()),
             outages: Mutex::new(HashMap::new()),
@@ -449,17 +456,37 @@ impl Refresher {
     /// ([`Tasks::join`] waits for them). For shutdown.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.stopped.send_replace(true);
+        if self.daemon {
+            self.stopped.send_if_modified(|at| {
+                at.get_or_insert_with(Instant::now);
+                true
+            });
+        }
     }
 
-    /// Ends [`STOP_ANSWER`] after tokend began to stop (never before): a
-    /// consumer waiting for a refresh is answered by then, with what there
-    /// is, instead of waiting for a refresh that may take `request_timeout`
-    /// and having its connection cut unanswered by the socket's drain.
+    /// Ends [`STOP_ANSWER`] after the daemon began to stop (never before,
+    /// and never in `tokend refresh` without a daemon): a consumer waiting
+    /// for a refresh is answered by then, with what there is, instead of
+    /// waiting for a refresh that may take `request_timeout` and having its
+    /// connection cut unanswered by the socket's drain. Only the wait ends:
+    /// the refresh is a task of its own, which shutdown waits for.
     async fn answer_by(&self) {
         let mut stopped = self.stopped.subscribe();
-        let _ = stopped.wait_for(|s| *s).await;
-        tokio::time::sleep(STOP_ANSWER).await;
+        let at = match stopped.wait_for(Option::is_some).await {
+            Ok(at) => *at,
+            Err(_) => None,
+        };
+        match at {
+            Some(at) => tokio::time::sleep_until(at + STOP_ANSWER).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Waits for the on-demand refresh tasks to end: `tokend refresh`
+    /// without a daemon leaves its runtime only then, since dropping the
+    /// runtime would drop a refresh before its commit.
+    pub async fn settled(&self) {
+        self.inflight.idle().await;
     }
 
     /// Marked changed whenever [`Refresher::summary`] may have changed.

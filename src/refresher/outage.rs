@@ -8,7 +8,9 @@
 //! answered while the token endpoint fails (a 503 from the OAuth service
 //! while the API works) used to end the whole outage, so that every held
 //! credential tried the token endpoint again at once, at every validation.
-//! A refresh answered ends all of it: what tokens need works.
+//! A refresh answered ends all of it: what tokens need works. While only
+//! the token endpoint fails, validations go out as usual, without taking
+//! the probe (which one could not end the outage with).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,7 +45,9 @@ pub(super) const PROBE_INTERVAL: Duration = Duration::from_secs(30);
 #[derive(Default)]
 pub(super) struct Outage {
     /// Each failing credential, and the endpoint it last failed on.
-    pub(super) failing: HashMap<String, Endpoint>,
+    failing: HashMap<String, Endpoint>,
+    /// How many of those failed on the validation endpoint.
+    validating: usize,
     pub(super) next_probe: i64,
 }
 
@@ -52,6 +56,25 @@ impl Outage {
     fn down(&self) -> bool {
         self.failing.len() >= 2
     }
+
+    fn failed(&mut self, name: &str, endpoint: Endpoint) {
+        if self.failing.insert(name.to_owned(), endpoint) == Some(Endpoint::Validate) {
+            self.validating -= 1;
+        }
+        if endpoint == Endpoint::Validate {
+            self.validating += 1;
+        }
+    }
+
+    /// A request to `endpoint` was answered: a refresh ends every failure,
+    /// a validation those of its own endpoint.
+    fn answered(&mut self, endpoint: Endpoint) {
+        match endpoint {
+            Endpoint::Token => self.failing.clear(),
+            Endpoint::Validate => self.failing.retain(|_, e| *e != Endpoint::Validate),
+        }
+        self.validating = 0;
+    }
 }
 
 impl Refresher {
@@ -59,11 +82,23 @@ impl Refresher {
     /// [`Outage`]), one request per probe interval: with `claim`, the
     /// caller that gets Go is that probe and the next one is due an
     /// interval later; the others are told when to ask again.
-    pub(super) fn provider_gate(&self, provider: &str, now: i64, claim: bool) -> Gate {
+    pub(super) fn provider_gate(
+        &self,
+        provider: &str,
+        endpoint: Endpoint,
+        now: i64,
+        claim: bool,
+    ) -> Gate {
         let mut outages = self.outages.lock().unwrap();
         let Some(o) = outages.get_mut(provider).filter(|o| o.down()) else {
             return Gate::Go;
         };
+        // A validation while only the token endpoint fails goes to an
+        // endpoint that answers: it neither waits nor takes the probe,
+        // which it could not end the outage with.
+        if endpoint == Endpoint::Validate && o.validating == 0 {
+            return Gate::Go;
+        }
         if now < o.next_probe {
             return Gate::NotBefore(o.next_probe);
         }
@@ -78,12 +113,19 @@ impl Refresher {
     /// Both gates, for a request about to be decided on: the credential's
     /// own backoff ([`gate`]), then its provider's outage. A credential held
     /// back by the outage is held until the next probe.
-    pub(super) fn may_send(&self, entry: &Entry, cred: &Credential, now: i64, claim: bool) -> bool {
+    pub(super) fn may_send(
+        &self,
+        entry: &Entry,
+        cred: &Credential,
+        now: i64,
+        claim: bool,
+        endpoint: Endpoint,
+    ) -> bool {
         let hold = entry.state.lock().unwrap().hold_until;
         if gate(cred, now, hold) != Gate::Go {
             return false;
         }
-        match self.provider_gate(&cred.provider, now, claim) {
+        match self.provider_gate(&cred.provider, endpoint, now, claim) {
             Gate::Go => true,
             Gate::NotBefore(t) => {
                 entry.wait_for_probe(t);
@@ -99,7 +141,7 @@ impl Refresher {
         let mut outages = self.outages.lock().unwrap();
         let o = outages.entry(provider.to_owned()).or_default();
         let was_down = o.down();
-        o.failing.insert(name.to_owned(), endpoint);
+        o.failed(name, endpoint);
         if o.down() && !was_down {
             tracing::warn!(
                 provider,
@@ -124,8 +166,7 @@ impl Refresher {
                 return;
             };
             let was_down = o.down();
-            o.failing
-                .retain(|_, failed_on| endpoint == Endpoint::Validate && *failed_on != endpoint);
+            o.answered(endpoint);
             let down = o.down();
             if o.failing.is_empty() {
                 outages.remove(provider);
@@ -137,6 +178,16 @@ impl Refresher {
         }
         if (was_down || after_failures) && !down {
             self.recovered(provider);
+        }
+        if was_down && !down {
+            // Those the nudge did not reach (at most one per interval) no
+            // longer wait for a probe: their status stops saying so.
+            for e in self.entries.read().unwrap().values() {
+                let mut st = e.state.lock().unwrap();
+                if st.waits_for_probe && st.cred.provider == provider {
+                    st.waits_for_probe = false;
+                }
+            }
         }
     }
 

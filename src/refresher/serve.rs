@@ -12,6 +12,7 @@ use super::entry::Entry;
 use super::policy::publishable;
 use super::{Refresher, TokenError};
 use crate::clock::now_ms;
+use crate::metrics::Endpoint;
 use crate::secret::Secret;
 use crate::store::{Credential, State};
 use crate::wire::Status;
@@ -123,7 +124,7 @@ impl Refresher {
         // says now; otherwise the gates decide.
         let (refreshing, cred) = (st.refreshing, st.cred.clone());
         drop(st);
-        if !refreshing && !self.may_send(entry, &cred, now_ms(), false) {
+        if !refreshing && !self.may_send(entry, &cred, now_ms(), false, Endpoint::Token) {
             return None;
         }
         let mut st = entry.state.lock().unwrap();
@@ -154,7 +155,7 @@ impl Refresher {
             let state_before = entry.cred().state;
             let joined = entry.state.lock().unwrap().attempts != attempts;
             let cred = entry.cred();
-            if !joined && self.may_send(entry, &cred, now_ms(), true) {
+            if !joined && self.may_send(entry, &cred, now_ms(), true, Endpoint::Token) {
                 let ctx = self.ctx();
                 match ctx.config.providers.get(&cred.provider) {
                     Some(p) => self.refresh(&ctx, entry, &cred, p).await,

@@ -343,8 +343,13 @@ fn holds(row: &Credential, update: &TokenUpdate) -> bool {
         Grant::RefreshToken(t) => Some(t),
         _ => None,
     };
-    update.access_token.is_some()
-        && row.access_token == update.access_token
+    // A pair with no usable access token (not Bearer) stored only its
+    // refresh token: each token the pair has must be the row's.
+    (update.access_token.is_some() || update.refresh_token.is_some())
+        && update
+            .access_token
+            .as_ref()
+            .is_none_or(|a| row.access_token.as_ref() == Some(a))
         && update
             .refresh_token
             .as_ref()

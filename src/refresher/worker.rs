@@ -11,6 +11,7 @@ use super::entry::Entry;
 use super::policy::{Do, Gate, decide, gate, publishable};
 use super::scheduler::Sched;
 use crate::clock::now_ms;
+use crate::metrics::Endpoint;
 use crate::store::{Commit, Credential, Grant, State};
 
 impl Refresher {
@@ -78,7 +79,12 @@ impl Refresher {
             decide(&cred, now, &ctx.config.refresh, jitter, pending.validate)
         };
         // A provider that looks down gets one probe per interval.
-        let action = if action != Do::Nothing && !self.may_send(&entry, &cred, now, true) {
+        let endpoint = match action {
+            Do::Validate => Endpoint::Validate,
+            _ => Endpoint::Token,
+        };
+        let action = if action != Do::Nothing && !self.may_send(&entry, &cred, now, true, endpoint)
+        {
             Do::Nothing
         } else {
             action

@@ -148,13 +148,16 @@ impl StoreConn {
     /// For `tokend check-config`: whether a daemon with `kek` would take
     /// the SQLite store at `path` as it is (README "Secrets at rest"),
     /// found by reading it only: nothing is made, migrated or sealed. A
-    /// store not made yet is taken.
+    /// store not made yet is taken, and so is one that cannot be read
+    /// without a trace (see `open_to_look`).
     pub fn check_sealing(path: &Path, kek: Option<Arc<Kek>>) -> Result<()> {
         if std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
         {
             return Ok(());
         }
-        let c = open_to_look(path)?;
+        let Some(c) = open_to_look(path)? else {
+            return Ok(());
+        };
         let has = |table: &str| -> Result<bool> {
             let n: i64 = c.query_row(
                 "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
@@ -169,7 +172,12 @@ impl StoreConn {
         if !has("keys")? {
             // Older than sealing (the daemon migrates it first): every
             // credential is plaintext.
-            let n: i64 = c.query_row("SELECT count(*) FROM credentials", [], |r| r.get(0))?;
+            let n: i64 = c.query_row(
+                "SELECT count(*) FROM credentials
+                 WHERE refresh_token != '' OR access_token IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
             if kek.is_some() && n > 0 {
                 return Err(StoreError::Seal(format!(
                     "the config gives an encryption key, but the store holds {n} \
@@ -343,29 +351,35 @@ pub(super) fn sqlite_open_keys(c: &Connection, kek: Option<&Kek>) -> Result<Vec<
     immediate(c, |c| keys::open_keys(&mut Lite(c), kek))
 }
 
-/// See [`StoreConn::open_tuned`]: the SQLite connection, private and migrated.
-/// Opens a SQLite store to read it without leaving a trace. A read-only
-/// connection to a WAL database makes its `-wal` and `-shm` files when
-/// they are missing, and cannot remove them at its close: as root (where
-/// `check-config` runs) in a directory of the service user's, or with the
-/// mode of a store made loose by hand. When they are missing, the main
-/// file holds everything committed, and is read as immutable: no lock, no
-/// other file. When they are there (a daemon has it open), they are used.
-fn open_to_look(path: &Path) -> Result<Connection> {
+/// Opens a SQLite store to read it without leaving a trace; None if that
+/// cannot be done. A read-only connection to a WAL database makes its
+/// `-wal` and `-shm` files when they are missing, and cannot remove them at
+/// its close: as root (where `check-config` runs) in a directory of the
+/// service user's, or with the mode of a store made loose by hand. When
+/// neither is there, the main file holds everything committed, and is read
+/// as immutable: no lock, no other file. When both are (a daemon has it
+/// open), they are used. A `-wal` alone (left by a crash) holds commits
+/// the main file lacks, and reading it would make the `-shm`: None.
+fn open_to_look(path: &Path) -> Result<Option<Connection>> {
     use rusqlite::OpenFlags;
     let with = |suffix: &str| {
         let mut p = path.as_os_str().to_owned();
         p.push(suffix);
         PathBuf::from(p).exists()
     };
-    if with("-wal") && with("-shm") {
-        return Ok(Connection::open_with_flags(
-            path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )?);
+    match (with("-wal"), with("-shm")) {
+        (true, true) => {
+            return Ok(Some(Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )?));
+        }
+        (true, false) => return Ok(None),
+        _ => {}
     }
     let abs = std::path::absolute(path).map_err(|e| StoreError::Io(path.to_owned(), e))?;
-    let mut uri = String::from("file:");
+    // An empty authority, then the absolute path (which may start `//`).
+    let mut uri = String::from("file://");
     for &b in abs.as_os_str().as_encoded_bytes() {
         if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
             uri.push(b as char);
@@ -374,12 +388,13 @@ fn open_to_look(path: &Path) -> Result<Connection> {
         }
     }
     uri.push_str("?immutable=1");
-    Ok(Connection::open_with_flags(
+    Ok(Some(Connection::open_with_flags(
         uri,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
-    )?)
+    )?))
 }
 
+/// See [`StoreConn::open_tuned`]: the SQLite connection, private and migrated.
 pub(super) fn open_sqlite(path: &Path, create: bool, tuning: Tuning) -> Result<Connection> {
     let io = |e| StoreError::Io(path.to_owned(), e);
     if create {
