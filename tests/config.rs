@@ -392,6 +392,15 @@ fn check_config_warns_of_a_database_open_to_others() {
     );
     mode(&env.db, 0o600);
     mode(&state, 0o700);
+
+    // Not a database at all: the daemon would refuse it, and so does
+    // check-config (exit 2), naming it.
+    let saved = fs::read(&env.db).unwrap();
+    fs::write(&env.db, vec![7u8; 8192]).unwrap();
+    let (status, _, stderr) = check();
+    assert_eq!(status.code(), Some(2), "stderr: {stderr}");
+    assert!(stderr.contains("not a usable database"), "{stderr}");
+    fs::write(&env.db, saved).unwrap();
 }
 
 /// Issue 10, item 4: a PandaDoc preset with `token_auth =

@@ -868,9 +868,7 @@ fn a_credential_waiting_for_the_probe_says_so() {
     d.wait_log("the provider looks down", PATIENCE);
     // The first probe goes at once (c0 or c1, retrying): once it has, the
     // next is 30 s away, and `late` cannot be it.
-    wait_for("the first probe", PATIENCE, || {
-        (env.provider.stats().token_requests >= 3).then_some(())
-    });
+    d.wait_log("probing a provider that looks down", PATIENCE);
     let g = import_expiring(&env, "late", 3);
     let before = env.provider.stats().token_requests;
     let status = wait_for("late to wait for the probe", PATIENCE, || {

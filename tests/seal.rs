@@ -637,9 +637,13 @@ fn a_new_key_on_reload_waits_for_a_restart() {
     let (key, daemon) = sealed_daemon(&env);
     let other = key_file(&env, "other-key");
     write_config(&env, Some(&other));
-    let said = ok(&env.cli(&["check-config"], ""), "check-config");
+    // check-config says what a restart would meet: the store's data keys
+    // are not wrapped by this key (before `keys rewrap`).
+    let out = env.cli(&["check-config"], "");
+    assert_eq!(out.status.code(), Some(2), "check-config with a new key");
+    let said = text(&out.stderr);
     let configured = said
-        .split("key fingerprint ")
+        .split("this host's key file has fingerprint ")
         .nth(1)
         .map(|s| s[..16].to_owned())
         .unwrap_or_else(|| panic!("no fingerprint in {said:?}"));

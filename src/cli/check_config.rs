@@ -67,10 +67,15 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
                 message: why,
             }),
             // Not the daemon's problem, perhaps: it may read what we cannot.
-            Err(e) => warnings.push(format!(
+            Err(e) if unreadable(&e) => warnings.push(format!(
                 "database: cannot read {} to check its sealing: {e}",
                 db.display()
             )),
+            // Not a database, or a damaged one: the daemon refuses it too.
+            Err(e) => problems.push(Problem {
+                key: "database".into(),
+                message: format!("{} is not a usable database: {e}", db.display()),
+            }),
         }
     }
     let socket = &config.socket.path;
@@ -91,14 +96,14 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
         let found = user.check(&config, &problems);
         problems.extend(found);
     }
-    if !problems.is_empty() {
-        return Err(Exit::config(ConfigError { path, problems }));
-    }
     if let Some(db) = config.database.file() {
         warnings.extend(open_to_others(db));
     }
     for w in warnings {
         eprintln!("tokend: warning: {w}");
+    }
+    if !problems.is_empty() {
+        return Err(Exit::config(ConfigError { path, problems }));
     }
     println!(
         "{}: ok ({} provider{}, {} sink{}, database {}{}{})",
@@ -120,6 +125,19 @@ pub fn run(global: &Global, args: &CheckConfig) -> Result<(), Exit> {
         user.map_or(String::new(), |u| format!("; checked as user {}", u.name))
     );
     Ok(())
+}
+
+/// Whether reading the store failed for want of access (ours, perhaps not
+/// the daemon's), not for what the store holds.
+fn unreadable(e: &StoreError) -> bool {
+    use rusqlite::ErrorCode::{CannotOpen, PermissionDenied};
+    match e {
+        StoreError::Io(..) => true,
+        StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+            matches!(f.code, CannotOpen | PermissionDenied)
+        }
+        _ => false,
+    }
 }
 
 /// What lets other users at a SQLite store that tokend would still use:

@@ -183,10 +183,15 @@ impl Refresher {
             }
             Err(Failure::Unauthorized) => {
                 tracing::info!(credential = %cred.name, "the provider rejected the access token; refreshing now");
-                self.refresh(ctx, entry, cred, p).await;
+                if self.may_refresh_after_validation(entry, cred) {
+                    self.refresh(ctx, entry, cred, p).await;
+                }
             }
             Err(Failure::Forbidden) => {
                 tracing::info!(credential = %cred.name, "the provider refused the access token (403); refreshing once");
+                if !self.may_refresh_after_validation(entry, cred) {
+                    return;
+                }
                 self.refresh(ctx, entry, cred, p).await;
                 let now = entry.cred();
                 // A new token of this grant (not of a grant that replaced

@@ -135,6 +135,21 @@ impl Refresher {
         }
     }
 
+    /// Whether a validation's 401 or 403 may be followed by its refresh now.
+    /// A validation that went out while only the token endpoint fails took
+    /// no probe (see [`Refresher::provider_gate`]): its refresh waits for
+    /// the token endpoint's, as any refresh does. One that was the probe,
+    /// or went out with no outage, goes on.
+    pub(super) fn may_refresh_after_validation(&self, entry: &Entry, cred: &Credential) -> bool {
+        let free = self
+            .outages
+            .lock()
+            .unwrap()
+            .get(&cred.provider)
+            .is_some_and(|o| o.down() && o.validating == 0);
+        !free || self.may_send(entry, cred, now_ms(), true, Endpoint::Token)
+    }
+
     /// A request to `provider`'s `endpoint` failed as if it were down (see
     /// [`Outage`]).
     pub(super) fn provider_failed(&self, provider: &str, endpoint: Endpoint, name: &str) {
@@ -180,13 +195,26 @@ impl Refresher {
             self.recovered(provider);
         }
         if was_down && !down {
-            // Those the nudge did not reach (at most one per interval) no
-            // longer wait for a probe: their status stops saying so.
-            for e in self.entries.read().unwrap().values() {
-                let mut st = e.state.lock().unwrap();
-                if st.waits_for_probe && st.cred.provider == provider {
-                    st.waits_for_probe = false;
-                }
+            // Those held for a probe that the nudge did not reach (it goes
+            // at most once per interval) have nothing left to wait for:
+            // they go within the spread too.
+            let now = now_ms();
+            let spread = RECOVERY_SPREAD.as_millis() as i64;
+            let held: Vec<Arc<Entry>> = self
+                .entries
+                .read()
+                .unwrap()
+                .values()
+                .filter(|e| {
+                    let st = e.state.lock().unwrap();
+                    st.waits_for_probe && st.cred.provider == provider
+                })
+                .cloned()
+                .collect();
+            for e in held {
+                e.hold(now + (spread as f64 * fastrand::f64()) as i64);
+                let name = e.cred().name.clone();
+                self.reschedule(&name);
             }
         }
     }

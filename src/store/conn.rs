@@ -148,15 +148,23 @@ impl StoreConn {
     /// For `tokend check-config`: whether a daemon with `kek` would take
     /// the SQLite store at `path` as it is (README "Secrets at rest"),
     /// found by reading it only: nothing is made, migrated or sealed. A
-    /// store not made yet is taken, and so is one that cannot be read
-    /// without a trace (see `open_to_look`).
+    /// store not made yet is taken. One that cannot be read without a
+    /// trace (see `open_to_look`) is an `Io` error, as is one this process
+    /// may not read: the caller tells those from a store the daemon would
+    /// refuse.
     pub fn check_sealing(path: &Path, kek: Option<Arc<Kek>>) -> Result<()> {
         if std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
         {
             return Ok(());
         }
         let Some(c) = open_to_look(path)? else {
-            return Ok(());
+            return Err(StoreError::Io(
+                path.to_owned(),
+                std::io::Error::other(
+                    "its -wal file is there without its -shm (left by a crash): not read, \
+                     since reading would make one",
+                ),
+            ));
         };
         let has = |table: &str| -> Result<bool> {
             let n: i64 = c.query_row(
