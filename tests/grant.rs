@@ -913,6 +913,15 @@ fn a_credential_waiting_for_the_probe_says_so() {
     wait_for("steady's validation", Duration::from_secs(10), || {
         (env.provider.stats().validations_ok > validated).then_some(())
     });
+    // A validation answered 401 sends its refresh to the token endpoint:
+    // that refresh waits for the probe like any other, instead of going
+    // out (and failing: `retrying`) with the validation.
+    import_with_access(&env, "stale", Some("not-a-token-the-provider-knows"), 3600);
+    let status = wait_for("stale's refresh to wait", Duration::from_secs(10), || {
+        let s = get(&env.socket, "/v1/credentials/stale").json();
+        s["next_attempt_at"].is_string().then_some(s)
+    });
+    assert_eq!(status["state"], "valid", "{status}");
     drop(d);
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Refresher;
-use super::entry::Entry;
+use super::entry::{Entry, EntryState};
 use super::policy::{Gate, gate, next_deadline};
 use super::scheduler::Sched;
 use crate::clock::now_ms;
@@ -198,24 +198,29 @@ impl Refresher {
             // Those held for a probe that the nudge did not reach (it goes
             // at most once per interval) have nothing left to wait for:
             // they go within the spread too.
-            let now = now_ms();
-            let spread = RECOVERY_SPREAD.as_millis() as i64;
-            let held: Vec<Arc<Entry>> = self
-                .entries
-                .read()
-                .unwrap()
-                .values()
-                .filter(|e| {
-                    let st = e.state.lock().unwrap();
-                    st.waits_for_probe && st.cred.provider == provider
-                })
-                .cloned()
-                .collect();
-            for e in held {
-                e.hold(now + (spread as f64 * fastrand::f64()) as i64);
-                let name = e.cred().name.clone();
-                self.reschedule(&name);
-            }
+            self.release(provider, now_ms(), |st| st.waits_for_probe);
+        }
+    }
+
+    /// Lets the credentials of `provider` that `held` picks go, each at a
+    /// random instant within RECOVERY_SPREAD.
+    fn release(&self, provider: &str, now: i64, held: impl Fn(&EntryState) -> bool) {
+        let spread = RECOVERY_SPREAD.as_millis() as i64;
+        let picked: Vec<Arc<Entry>> = self
+            .entries
+            .read()
+            .unwrap()
+            .values()
+            .filter(|e| {
+                let st = e.state.lock().unwrap();
+                st.cred.provider == provider && held(&st)
+            })
+            .cloned()
+            .collect();
+        for e in picked {
+            e.hold(now + (spread as f64 * fastrand::f64()) as i64);
+            let name = e.cred().name.clone();
+            self.reschedule(&name);
         }
     }
 
@@ -236,26 +241,11 @@ impl Refresher {
         let spread = RECOVERY_SPREAD.as_millis() as i64;
         // Those the outage held back (their own next attempt is due): each
         // at a random instant within the spread.
-        let held: Vec<Arc<Entry>> = self
-            .entries
-            .read()
-            .unwrap()
-            .values()
-            .filter(|e| {
-                let st = e.state.lock().unwrap();
-                st.cred.provider == provider
-                    && (st.cred.state == State::Retrying || st.waits_for_probe)
-                    && st.hold_until > now
-                    && st.cred.next_attempt_at.is_none_or(|t| t <= now + spread)
-            })
-            .cloned()
-            .collect();
-        for e in held {
-            let at = now + (spread as f64 * fastrand::f64()) as i64;
-            e.hold(at);
-            let name = e.cred().name.clone();
-            self.reschedule(&name);
-        }
+        self.release(provider, now, |st| {
+            (st.cred.state == State::Retrying || st.waits_for_probe)
+                && st.hold_until > now
+                && st.cred.next_attempt_at.is_none_or(|t| t <= now + spread)
+        });
         let items: Vec<(String, TokenAt, i64)> = self
             .entries
             .read()
