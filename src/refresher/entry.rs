@@ -191,8 +191,9 @@ impl Entry {
         status
     }
 
-    /// When a retrying credential's next attempt is due, as every answer
-    /// tells it: its backoff's end, or its hold if that is later.
+    /// When a credential's next attempt is due, as every answer tells it:
+    /// a retrying one's backoff's end, or its hold if that is later; a
+    /// valid one held for its provider's probe, that hold; else none.
     pub(super) fn next_attempt(&self, cred: &Credential, now: i64) -> Option<i64> {
         let (hold, waits) = {
             let st = self.state.lock().unwrap();
